@@ -1,0 +1,119 @@
+"""The functional surface: `init(rng, config) -> params` and `apply(params, lr) -> sr`.
+
+`params` is the plain parameter tree (no `{"params": ...}` wrapper). `apply` is pure: it can be jitted,
+vmapped and differentiated, and reads the architecture off the parameter shapes when no config is given.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from rnan_jax.model import DEPTHWISE_IMPLS, RNAN, RNANConfig
+
+Params = Mapping[str, Any]
+
+# Chosen by measurement on XLA:CPU (../shared/DESIGN.md): a rolled scan's backward is 8x slower there and
+# `feature_group_count` depthwise is 4x slower than shifted multiply-adds. Elsewhere the rolled scan keeps
+# compile times in seconds; the GPU/TPU depthwise choice is measured by tools/benchmark.py.
+_DEFAULT_KNOBS = {"cpu": (True, "shifted")}
+_ACCELERATOR_KNOBS = (1, "grouped")
+
+
+def default_knobs(backend: str | None = None) -> tuple[int | bool, str]:
+    """(scan_unroll, depthwise) for a backend ("cpu", "gpu", "tpu"; default: JAX's default backend)."""
+    return _DEFAULT_KNOBS.get(backend or jax.default_backend(), _ACCELERATOR_KNOBS)
+
+
+def build(config: RNANConfig, *, scan_unroll: int | bool | None = None, depthwise: str | None = None) -> RNAN:
+    """The linen module for `config` with the execution knobs resolved (None: the backend's default)."""
+    unroll, impl = default_knobs()
+    depthwise = depthwise or impl
+    if depthwise not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {depthwise!r}")
+    return RNAN(config, depthwise=depthwise, scan_unroll=unroll if scan_unroll is None else scan_unroll)
+
+
+def init(rng: jax.Array, config: RNANConfig) -> dict:
+    """Float32 parameters of the network described by `config`.
+
+    The same distribution as `RNAN(config).init` (PyTorch's default: every conv kernel and bias
+    U(+-1/sqrt(fan_in)), LayerNorm scale 1 and bias 0), drawn with one random call: the module's own init
+    compiles hundreds of threefry draws, 10 s on XLA:CPU even for a tiny model.
+    """
+    return _init(rng, config)
+
+
+@partial(jax.jit, static_argnums=1)
+def _init(rng: jax.Array, config: RNANConfig) -> dict:
+    shapes = jax.eval_shape(RNAN(config, scan_unroll=1).init, rng, jnp.zeros((1, 8, 8, 3), jnp.float32))
+    paths_shapes, tree = jax.tree_util.tree_flatten_with_path(shapes["params"])
+    total = sum(math.prod(s.shape) for _, s in paths_shapes)
+    u = jax.random.uniform(rng, (total,), jnp.float32, -1.0, 1.0)
+    leaves, offset = [], 0
+    for path, s in paths_shapes:
+        names = [p.key for p in path]
+        size = math.prod(s.shape)
+        if names[-2] == "ln":
+            leaves.append(jnp.full(s.shape, 1.0 if names[-1] == "scale" else 0.0, jnp.float32))
+            continue
+        kernel = _lookup(shapes["params"], names[:-1] + ["kernel"]).shape
+        bound = 1.0 / math.sqrt(math.prod(kernel[-4:-1]))  # conv kernels end in (kh, kw, in, out)
+        leaves.append(u[offset:offset + size].reshape(s.shape) * bound)
+        offset += size
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def _lookup(tree, names):
+    for n in names:
+        tree = tree[n]
+    return tree
+
+
+def infer_config(params: Params, **overrides) -> RNANConfig:
+    """Reads the architecture off a parameter tree: groups and blocks from the stacked axes, features from
+    the head, the fusion intervals from the fusion convs' widths, the scale from the upsampler. `rgb_mean`
+    and `dtype` are not in the parameters: they take RNANConfig's defaults unless given in `overrides`."""
+    try:
+        c = params["head"]["kernel"].shape[-1]
+        groups = params["groups"]
+        g, b = groups["blocks"]["c1"]["kernel"].shape[:2]
+        group_cat = params["fuse1"]["kernel"].shape[-2]
+        block_cat = groups["fuse1"]["kernel"].shape[-2]
+        cr = groups["gc"]["v1"]["kernel"].shape[-1]
+        if "up_1" in params:
+            scale = 4
+        else:
+            scale = math.isqrt(params["up_0"]["kernel"].shape[-1] // c)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"not an RNAN parameter tree (missing or odd entry: {e})") from None
+    fields = dict(scale=scale, features=c, num_groups=g, num_blocks=b, group_interval=g * c // group_cat,
+                  block_interval=b * c // block_cat, gc_reduction=c // cr)
+    fields.update(overrides)
+    return RNANConfig(**fields)
+
+
+def apply(params: Params, lr: jax.Array, *, config: RNANConfig | None = None, dtype: str | None = None,
+          scan_unroll: int | bool | None = None, depthwise: str | None = None) -> jax.Array:
+    """Super-resolves `lr`, float in [0, 1] of shape [B, h, w, 3] or [h, w, 3], to float32 [.., s*h, s*w, 3].
+
+    config: the architecture (default: read off `params`). dtype: compute dtype override ("bfloat16").
+    scan_unroll, depthwise: execution knobs (same function, different speed; default per backend).
+    """
+    config = config or infer_config(params)
+    if dtype is not None:
+        config = RNANConfig(**{**config.__dict__, "dtype": dtype})
+    lr = jnp.asarray(lr)
+    if lr.ndim not in (3, 4) or lr.shape[-1] != 3:
+        raise ValueError(f"lr must be [B, h, w, 3] or [h, w, 3], got shape {lr.shape}")
+    single = lr.ndim == 3
+    sr = build(config, scan_unroll=scan_unroll, depthwise=depthwise).apply(
+        {"params": params}, lr[None] if single else lr)
+    return sr[0] if single else sr
+
+
+def count_params(params: Params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))

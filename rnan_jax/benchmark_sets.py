@@ -1,0 +1,118 @@
+"""The SR benchmark sets on disk: `<data_dir>/benchmark/<name>/HR/*.png`, optionally `LR_bicubic/X<s>/` beside HR.
+
+An HR image is cropped to a multiple of the scale (top-left); its LR image is read from `LR_bicubic/X<s>`
+when that folder exists (EDSR's layout, `<stem>x<s>.png` or `<stem>.png`), else made with `bicubic_lr`.
+Grayscale images stay [H, W]; alpha is dropped; 16-bit is scaled to 8 bits (all by `images.decode`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+from absl import logging
+
+from rnan_jax import degrade, images
+from rnan_jax.metrics import SSIM_WINDOW
+
+STANDARD_SIZES = {"Set5": 5, "Set14": 14, "B100": 100, "Urban100": 100, "Manga109": 109}
+
+
+def hr_folder(data_dir: str, dataset: str) -> str:
+    return os.path.join(data_dir, "benchmark", dataset, "HR")
+
+
+def list_hr(data_dir: str, dataset: str) -> list[str]:
+    """Sorted HR files of `dataset`; raises `images.ImageError` naming the folder when missing or empty."""
+    return images.list_images(hr_folder(data_dir, dataset))
+
+
+def completeness_warning(dataset: str, count: int) -> str | None:
+    """A message when a standard set holds fewer (or more) images than its published size, else None."""
+    expected = STANDARD_SIZES.get(dataset)
+    if expected is None or count == expected:
+        return None
+    return (
+        f"{dataset} holds {count} images, the standard set has {expected}: its numbers are not comparable "
+        "to published ones"
+    )
+
+
+def image_name(path: str) -> str:
+    """File name without folder or extension, e.g. 'baby' for '.../HR/baby.png'."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def find_image(folder: str, stems: tuple[str, ...]) -> str | None:
+    """The first file in `folder` whose name without extension is one of `stems` (in that order), or None."""
+    if not os.path.isdir(folder):
+        return None
+    by_stem: dict[str, str] = {}
+    for f in sorted(os.listdir(folder)):
+        if f.lower().endswith(images.IMAGE_EXTENSIONS):
+            by_stem.setdefault(os.path.splitext(f)[0], os.path.join(folder, f))
+    return next((by_stem[s] for s in stems if s in by_stem), None)
+
+
+def lr_folder(hr_path: str, scale: int) -> str:
+    """`<set>/LR_bicubic/X<scale>` beside the `<set>/HR` folder holding `hr_path`."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(hr_path))), "LR_bicubic", f"X{scale}")
+
+
+def min_side(scale: int) -> int:
+    """Smallest cropped HR side that can be scored: `scale` shaved from both borders leaves an SSIM window."""
+    return 2 * scale + SSIM_WINDOW
+
+
+@dataclasses.dataclass
+class Pair:
+    """One benchmark image at one scale.
+
+    `hr`: uint8 [H, W, 3] or [H, W] (gray), cropped to multiples of `scale`. `lr`: uint8 [H/s, W/s(, 3)],
+    read from `lr_path` when set, else `bicubic_lr(hr)` computed on first use.
+    """
+
+    dataset: str
+    name: str
+    scale: int
+    hr: np.ndarray
+    lr_path: str | None = None
+
+    @functools.cached_property
+    def lr(self) -> np.ndarray:
+        if self.lr_path is None:
+            return degrade.bicubic_lr(self.hr, self.scale)
+        lr = images.decode(self.lr_path).pixels
+        h, w = self.hr.shape[0] // self.scale, self.hr.shape[1] // self.scale
+        if lr.shape[:2] != (h, w):
+            raise images.ImageError(
+                f"{self.lr_path}: LR image is {lr.shape[1]}x{lr.shape[0]}, expected {w}x{h} "
+                f"(HR {self.hr.shape[1]}x{self.hr.shape[0]} cropped to a multiple of {self.scale}, divided by it)"
+            )
+        if self.hr.ndim == 2 and lr.ndim == 3:
+            return lr[..., 0] if (lr == lr[..., :1]).all() else lr
+        return lr
+
+    @property
+    def is_gray(self) -> bool:
+        return self.hr.ndim == 2
+
+
+def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int) -> Pair:
+    """Crops decoded `hr` for `scale` and finds its LR file; raises `images.ImageError` naming a too-small image."""
+    h, w = hr.shape[:2]
+    if h < scale or w < scale:
+        raise images.ImageError(f"{hr_path}: image is {w}x{h}, smaller than the scale x{scale}")
+    hr = degrade.modcrop(hr, scale)
+    if min(hr.shape[:2]) < min_side(scale):
+        raise images.ImageError(
+            f"{hr_path}: image is {w}x{h}, too small to score at x{scale} (needs {min_side(scale)} px a side: "
+            f"{scale} shaved from each border and an {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window)"
+        )
+    name = image_name(hr_path)
+    folder = lr_folder(hr_path, scale)
+    lr_path = find_image(folder, (f"{name}x{scale}", name))
+    if lr_path is None and os.path.isdir(folder):
+        logging.warning("%s: no LR file for %s, making it with bicubic_lr", folder, name)
+    return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=lr_path)

@@ -1,0 +1,323 @@
+"""Training and validation data: config, the seeded patch transform and the grain pipeline.
+
+Training: a random-access source of full (HR, LR) pairs (`rnan_jax.sources`) -> shuffle -> repeat ->
+random LR patch with the HR patch at the matching place and one of the 8 rot90/flip transforms -> batch ->
+`to_iter_dataset` (+ worker processes), wrapped in `BatchIterator` whose checkpointable state is a batch
+count. Batches are uint8 on the host: {"lr": [b, p, p, 3],
+"hr": [b, s*p, s*p, 3]}; the train step converts to float32 in [0, 1] on the device (a quarter of the bytes
+to transfer). The iterator's state goes into orbax checkpoints via `grain.checkpoint.CheckpointSave`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from rnan_jax import sources
+from rnan_jax.env import default_data_dir
+
+SOURCES = ("tfds", "folder", "demo")
+VAL_SOURCES = ("demo", "benchmark", "folder", "tfds")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section of an experiment config; every key is documented beside its default."""
+    c = ml_collections.ConfigDict()
+    # Training images: "tfds" (DIV2K via tfds.data_source), "folder" (hr_dirs/lr_dirs) or "demo" (the six
+    # images scikit-image ships: astronaut, coffee, chelsea, rocket, immunohistochemistry, hubble_deep_field).
+    c.source = "tfds"
+    c.patch_size = 48  # LR patch side; the HR patch is scale * patch_size (paper: 48)
+    c.augment = True  # one of the 8 rot90/flip transforms per patch, the same on LR and HR
+    c.tfds_name = ""  # "" = f"div2k/bicubic_x{scale}"
+    c.tfds_data_dir = ""  # "" = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets); gs:// works too
+    c.tfds_split = "train"  # any TFDS split string, e.g. "train[:100]"
+    c.hr_dirs = ""  # source="folder": comma-separated HR folders, e.g. ".../train/T91,.../train/BSD200"
+    # source="folder": comma-separated LR folders, one per HR folder, in DIV2K's naming (X4/0001x4.png,
+    # 0001x4.png or 0001.png); "" = make LR from HR with degrade.bicubic_lr (MATLAB bicubic).
+    c.lr_dirs = ""
+    # Decoded (and bicubic-made) training images as .npy, made once and reused by later runs;
+    # "" = $RNAN_CACHE_DIR or ~/.cache/rnan_jax/data. DIV2K x4 takes about 7.3 GB there.
+    c.cache_dir = ""
+    c.num_workers = 0  # grain worker processes making batches (0 = in the training process)
+    c.worker_buffer_size = 2  # batches each worker process keeps ready
+    c.read_threads = 4  # threads per process making batches (grain ReadOptions.num_threads)
+    c.prefetch_buffer_size = 8  # batches read ahead per process (grain ReadOptions.prefetch_buffer_size)
+    # Validation (full images): "benchmark" (val_set under val_dir), "folder" (val_dir, LR from val_lr_dir
+    # or bicubic), "tfds" (the validation split of tfds_name) or "demo" (a held-out crop of
+    # skimage.data.stereo_motorcycle()). LR is made with degrade.bicubic_lr wherever no LR file is given.
+    c.val_source = "benchmark"
+    c.val_set = "Set5"  # val_source="benchmark": Set5, Set14, B100 or Urban100
+    c.val_dir = ""  # "benchmark": the folder holding <val_set>/HR ("" = <data dir>/benchmark); "folder": HR folder
+    c.val_lr_dir = ""  # val_source="folder": LR folder in DIV2K naming; "" = bicubic
+    c.val_max_images = 10  # use the first N validation images (0 = all)
+    return c
+
+
+def _split_dirs(value: str) -> tuple[str, ...]:
+    return tuple(os.path.expanduser(d.strip()) for d in value.split(",") if d.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The typed data settings (see `default_config` for what each means), with defaults resolved."""
+
+    scale: int
+    source: str = "tfds"
+    patch_size: int = 48
+    augment: bool = True
+    tfds_name: str = ""
+    tfds_data_dir: str | None = None
+    tfds_split: str = "train"
+    hr_dirs: tuple[str, ...] = ()
+    lr_dirs: tuple[str, ...] = ()
+    cache_dir: str = ""
+    num_workers: int = 0
+    worker_buffer_size: int = 2
+    read_threads: int = 4
+    prefetch_buffer_size: int = 8
+    val_source: str = "benchmark"
+    val_set: str = "Set5"
+    val_dir: str = ""
+    val_lr_dir: str = ""
+    val_max_images: int = 10
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
+        if self.val_source not in VAL_SOURCES:
+            raise ValueError(f"data.val_source must be one of {', '.join(VAL_SOURCES)}; got {self.val_source!r}")
+        if self.scale < 1 or self.patch_size < 1:
+            raise ValueError(f"scale and data.patch_size must be positive; got {self.scale} and {self.patch_size}")
+        if self.source == "folder" and not self.hr_dirs:
+            raise ValueError("data.source='folder' needs data.hr_dirs (comma-separated HR image folders)")
+        if self.lr_dirs and len(self.lr_dirs) != len(self.hr_dirs):
+            raise ValueError(f"data.lr_dirs names {len(self.lr_dirs)} folders for {len(self.hr_dirs)} in data.hr_dirs")
+        if self.val_source == "folder" and not self.val_dir:
+            raise ValueError("data.val_source='folder' needs data.val_dir (a folder of HR images)")
+        if min(self.num_workers, self.val_max_images) < 0 or min(self.read_threads, self.prefetch_buffer_size,
+                                                                 self.worker_buffer_size) < 1:
+            raise ValueError("data.num_workers and val_max_images must be >= 0, the buffer and thread counts >= 1")
+
+    @classmethod
+    def from_config(cls, cd: ml_collections.ConfigDict | dict[str, Any], *, scale: int) -> DataConfig:
+        """The `data` ConfigDict (or dict) -> DataConfig; unknown keys and values raise ValueError."""
+        values = dict(cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else cd)
+        known = set(default_config().keys())
+        if unknown := sorted(set(values) - known):
+            raise ValueError(f"unknown data config keys {unknown}; known: {sorted(known)}")
+        values = {**default_config().to_dict(), **values}
+        return cls(
+            scale=int(scale),
+            source=values["source"],
+            patch_size=int(values["patch_size"]),
+            augment=bool(values["augment"]),
+            tfds_name=values["tfds_name"] or f"div2k/bicubic_x{scale}",
+            tfds_data_dir=values["tfds_data_dir"] or None,
+            tfds_split=values["tfds_split"],
+            hr_dirs=_split_dirs(values["hr_dirs"]),
+            lr_dirs=_split_dirs(values["lr_dirs"]),
+            cache_dir=os.path.expanduser(values["cache_dir"]) or sources.default_cache_dir(),
+            num_workers=int(values["num_workers"]),
+            worker_buffer_size=int(values["worker_buffer_size"]),
+            read_threads=int(values["read_threads"]),
+            prefetch_buffer_size=int(values["prefetch_buffer_size"]),
+            val_source=values["val_source"],
+            val_set=values["val_set"],
+            val_dir=os.path.expanduser(values["val_dir"]),
+            val_lr_dir=os.path.expanduser(values["val_lr_dir"]),
+            val_max_images=int(values["val_max_images"]),
+        )
+
+
+def transform(image: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 dihedral transforms of [H, W, ...]: rot90 (k % 4) times, then a left-right flip if k >= 4."""
+    image = np.rot90(image, k % 4, axes=(0, 1))
+    return image[:, ::-1] if k >= 4 else image
+
+
+def inverse_transform(image: np.ndarray, k: int) -> np.ndarray:
+    """Undoes `transform(., k)`."""
+    image = image[:, ::-1] if k >= 4 else image
+    return np.rot90(image, -(k % 4), axes=(0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomPatch(grain.transforms.RandomMap):
+    """{"hr", "lr"} full images -> a random LR patch [p, p, 3] and the HR patch [s*p, s*p, 3] at the matching
+    place (LR top-left (y, x) <-> HR top-left (s*y, s*x)), both under the same random dihedral transform."""
+
+    patch_size: int
+    scale: int
+    augment: bool = True
+
+    def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        lr, hr = element["lr"], element["hr"]
+        p, s = self.patch_size, self.scale
+        y = int(rng.integers(0, lr.shape[0] - p + 1))
+        x = int(rng.integers(0, lr.shape[1] - p + 1))
+        k = int(rng.integers(0, 8)) if self.augment else 0
+        lr_patch = lr[y: y + p, x: x + p]
+        hr_patch = hr[s * y: s * (y + p), s * x: s * (x + p)]
+        # np.array copies: the patch owns writable memory, not a view of a read buffer or a cached image.
+        return {"lr": np.array(transform(lr_patch, k)), "hr": np.array(transform(hr_patch, k))}
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def training_pairs(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1):
+    """This process's share (every process_count-th image from process_index) of the full training pairs.
+
+    Returns a grain random-access source of {"hr", "lr"} uint8 full images with `.names`.
+    Raises `sources.DataError` (one line) when no usable image remains.
+    """
+    what = f"training images ({cfg.source}, process {process_index} of {process_count})"
+    min_lr = cfg.patch_size
+    if cfg.source == "demo":
+        pairs = [(n, *sources.make_pair(im, None, cfg.scale, n)) for n, im in sources.demo_train_images()]
+        pairs = [p for p in pairs if min(p[2].shape[:2]) >= min_lr][process_index::process_count]
+        if not pairs:
+            raise sources.DataError(f"{what}: no demo image has an LR side of at least {min_lr} pixels")
+        return sources.ArrayPairs(pairs)
+    if cfg.source == "folder":
+        specs = sources.folder_specs(cfg.hr_dirs, cfg.lr_dirs, cfg.scale)
+    else:
+        specs = sources.tfds_specs(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
+    return sources.prepare_cached(specs[process_index::process_count], scale=cfg.scale, min_lr_size=min_lr,
+                                  cache_dir=cfg.cache_dir, what=what)
+
+
+def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """The infinite MapDataset of this process's batches of `batch_size` patches (before `to_iter_dataset`)."""
+    pairs = training_pairs(cfg, process_index=process_index, process_count=process_count)
+    # Different processes get different crop streams for the same index; shuffle and crops get unrelated seeds.
+    shuffle_seed, crop_seed = (int(v) for v in np.random.SeedSequence([seed, process_index]).generate_state(2))
+    return (
+        grain.MapDataset.source(pairs)
+        .shuffle(seed=shuffle_seed)
+        .repeat()
+        .random_map(RandomPatch(cfg.patch_size, cfg.scale, cfg.augment), seed=crop_seed)
+        .batch(batch_size, drop_remainder=True)
+    )
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Iterates an infinite MapDataset of batches through grain (read threads, optional worker processes).
+
+    Its state is the number of batches taken, {"next_batch": n}, so a checkpoint restores under any
+    num_workers or read_threads (grain's own multiprocess state does not); restoring restarts the
+    pipeline at batch n, and batch n does not depend on how many workers made it.
+    """
+
+    def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions,
+                 multiprocessing_options: grain.MultiprocessingOptions | None = None):
+        super().__init__()
+        self._batches = batches
+        self._read_options = read_options
+        self._multiprocessing_options = multiprocessing_options
+        self._next_batch = 0
+        self._it: grain.DatasetIterator | None = None
+
+    def _pipeline(self) -> grain.DatasetIterator:
+        self._assert_not_closed()
+        if self._it is None:
+            ds = self._batches[self._next_batch:].to_iter_dataset(self._read_options)
+            if self._multiprocessing_options is not None:
+                ds = ds.mp_prefetch(self._multiprocessing_options)
+            self._it = iter(ds)
+        return self._it
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._pipeline())
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_batch": self._next_batch}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._stop()
+        self._next_batch = int(state["next_batch"])
+
+    def start_prefetch(self) -> None:
+        self._pipeline().start_prefetch()
+
+    def close(self) -> None:
+        """Stops the worker processes and threads (also on garbage collection); idempotent."""
+        self._stop()
+        super().close()
+
+    def _stop(self) -> None:
+        if getattr(self, "_it", None) is not None:
+            self._it.close()
+            self._it = None
+
+
+def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, process_index: int | None = None,
+                   process_count: int | None = None) -> BatchIterator:
+    """The infinite, checkpointable iterator of this process's batches.
+
+    Yields {"lr": uint8 [b, p, p, 3], "hr": uint8 [b, s*p, s*p, 3]} with b = global_batch_size //
+    process_count; each process reads only its own share of the images. `get_state()`/`set_state()` and
+    `grain.checkpoint.CheckpointSave/Restore` resume it exactly, also with another num_workers. Call
+    `close()` when done to stop worker processes.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+    ds = train_dataset(cfg, batch_size=global_batch_size // process_count, seed=seed,
+                       process_index=process_index, process_count=process_count)
+    read_options = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
+    mp_options = None
+    if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            # grain's worker start-up reads its absl flags (google/grain#1355); outside an absl app nothing
+            # parses them, so take their defaults.
+            flags.FLAGS.mark_as_parsed()
+        mp_options = grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                  per_worker_buffer_size=cfg.worker_buffer_size)
+    return BatchIterator(ds, read_options, mp_options)
+
+
+def _limit(items: list, n: int) -> list:
+    return items[:n] if n > 0 else items
+
+
+def validation_images(cfg: DataConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Full validation images: (name, lr uint8 [h, w, 3], hr uint8 [s*h, s*w, 3]), the first val_max_images.
+
+    LR is made with `degrade.bicubic_lr` from the HR image (cropped to a multiple of the scale) unless the
+    source has LR images (DIV2K's validation split, val_lr_dir). Grayscale files come back replicated to RGB.
+    """
+    what = f"validation images ({cfg.val_source})"
+    if cfg.val_source == "demo":
+        name, hr = sources.demo_validation_image()
+        pairs = [(name, *sources.make_pair(hr, None, cfg.scale, name))]
+    elif cfg.val_source == "tfds":
+        specs = _limit(sources.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir), cfg.val_max_images)
+        pairs = sources.load_pairs(specs, cfg.scale, what)
+    else:
+        if cfg.val_source == "benchmark":
+            hr_dir = os.path.join(cfg.val_dir or os.path.join(default_data_dir(), "benchmark"), cfg.val_set, "HR")
+        else:
+            hr_dir = cfg.val_dir
+        lr_dirs = (cfg.val_lr_dir,) if cfg.val_source == "folder" and cfg.val_lr_dir else ()
+        specs = _limit(sources.folder_specs((hr_dir,), lr_dirs, cfg.scale, what), cfg.val_max_images)
+        pairs = [(os.path.splitext(os.path.basename(n))[0], hr, lr)
+                 for n, hr, lr in sources.load_pairs(specs, cfg.scale, what)]
+    return [(name, lr, hr) for name, hr, lr in _limit(pairs, cfg.val_max_images)]

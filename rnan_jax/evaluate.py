@@ -1,0 +1,315 @@
+"""Scores SR methods on the benchmark sets with the field's conventions (PSNR/SSIM on Y, shave = scale).
+
+    python -m rnan_jax.evaluate --method bicubic --datasets Set5,Set14 --scales 2,3,4
+    python -m rnan_jax.evaluate --checkpoint WORKDIR --self_ensemble --output results/
+    python -m rnan_jax.evaluate --sr_dir OTHER_METHOD/ --output results/
+
+`--sr_dir` holds `<dataset>/x<scale>/<HR file name>` (the layout that `--save_images` writes under
+`<output>/images/`). From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, config, ...)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from tqdm import tqdm
+
+import rnan_jax
+from rnan_jax import api, benchmark_sets, degrade, ensemble, env, images, metrics, report
+from rnan_jax.benchmark_sets import Pair
+from rnan_jax.model import RNANConfig
+
+DEFAULT_DATASETS = ("Set5", "Set14", "B100", "Urban100")
+DEFAULT_SCALES = (2, 3, 4)
+
+# Maps a Pair to its SR image: uint8 [H, W, 3] or [H, W], the size of `pair.hr`.
+Upscaler = Callable[[Pair], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageScore:
+    dataset: str
+    scale: int
+    name: str
+    psnr: float  # dB; math.inf for an exact reconstruction
+    ssim: float
+    height: int  # of the cropped HR image
+    width: int
+    gray: bool
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Per-image scores plus everything skipped or suspicious, and how the numbers were made."""
+
+    method: str
+    rounded_y: bool = True
+    self_ensemble: bool = False
+    scores: list[ImageScore] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
+        """{dataset: {"x<scale>": {"psnr": mean dB, "ssim": mean, "images": count}}}, in evaluation order."""
+        out: dict[str, dict[str, list[ImageScore]]] = {}
+        for s in self.scores:
+            out.setdefault(s.dataset, {}).setdefault(f"x{s.scale}", []).append(s)
+        return {
+            ds: {
+                key: {
+                    "psnr": float(np.mean([s.psnr for s in group])),
+                    "ssim": float(np.mean([s.ssim for s in group])),
+                    "images": len(group),
+                }
+                for key, group in by_scale.items()
+            }
+            for ds, by_scale in out.items()
+        }
+
+    def conventions(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "self_ensemble": self.self_ensemble,
+            "y_rounding": "rounded" if self.rounded_y else "unrounded",
+            "channel": "Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 (MATLAB rgb2ycbcr); grayscale "
+            "references on their gray values, RGB output reduced to round(0.299 R + 0.587 G + 0.114 B)",
+            "shave": "scale",
+            "psnr": "peak 255, mean over images of per-image PSNR; an exact reconstruction is infinite, written "
+            'as the string "inf"',
+            "ssim": "Wang et al.: Gaussian 11 / sigma 1.5, K1 0.01, K2 0.03, L 255, valid, mean of the map",
+            "quantization": "SR clipped to [0, 1], x255, rounded to uint8 before scoring",
+            "degradation": "HR cropped to a multiple of the scale (top-left), MATLAB imresize(hr, 1/s, 'bicubic') "
+            "with antialiasing, rounded to uint8 (or the LR_bicubic/X<s> files where present)",
+        }
+
+
+def _warn(evaluation: Evaluation, message: str) -> None:
+    logging.warning("%s", message)
+    evaluation.warnings.append(message)
+
+
+def _skip(evaluation: Evaluation, message: str) -> None:
+    logging.error("skipped: %s", message)
+    evaluation.skipped.append(message)
+
+
+def evaluate(
+    upscale: Upscaler,
+    datasets: Sequence[str],
+    scales: Sequence[int],
+    *,
+    data_dir: str,
+    method: str,
+    rounded_y: bool = True,
+    self_ensemble: bool = False,
+    save_dir: str | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Scores `upscale` on every image of `datasets` at every scale in `scales`.
+
+    A missing dataset folder, an unreadable or too-small image, or a failing `upscale` is recorded in
+    `Evaluation.skipped` with its name, and the rest goes on. With `save_dir`, SR images are written to
+    `<save_dir>/<dataset>/x<scale>/<name>.png`.
+    """
+    if any(int(s) != s or s < 1 for s in scales):
+        raise ValueError(f"scales must be positive integers, got {list(scales)}")
+    evaluation = Evaluation(method=method, rounded_y=rounded_y, self_ensemble=self_ensemble)
+    for dataset in datasets:
+        try:
+            files = benchmark_sets.list_hr(data_dir, dataset)
+        except images.ImageError as e:
+            _skip(evaluation, f"dataset {dataset}: {e}")
+            continue
+        if (message := benchmark_sets.completeness_warning(dataset, len(files))) is not None:
+            _warn(evaluation, message)
+        bar = tqdm(files, desc=dataset, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for path in bar:
+            try:
+                hr = images.decode(path).pixels
+            except images.ImageError as e:
+                _skip(evaluation, f"{dataset}: {e}")
+                continue
+            for scale in scales:
+                try:
+                    score = _score_one(upscale, dataset, path, hr, scale, rounded_y, save_dir)
+                except (images.ImageError, ValueError, OSError) as e:
+                    _skip(evaluation, f"{dataset} x{scale}: {e}")
+                    continue
+                evaluation.scores.append(score)
+                bar.set_postfix_str(f"x{scale} {score.name} {score.psnr:.2f} dB", refresh=False)
+        bar.close()
+    return evaluation
+
+
+def _score_one(
+    upscale: Upscaler, dataset: str, path: str, hr: np.ndarray, scale: int, rounded_y: bool, save_dir: str | None
+) -> ImageScore:
+    pair = benchmark_sets.make_pair(dataset, path, hr, scale)
+    sr = np.asarray(upscale(pair))
+    if sr.dtype != np.uint8:
+        raise ValueError(f"{path}: the SR function returned {sr.dtype}, expected uint8")
+    if sr.shape[:2] != pair.hr.shape[:2]:
+        raise ValueError(
+            f"{path}: SR image is {sr.shape[1]}x{sr.shape[0]}, the HR image cropped to a multiple of {scale} "
+            f"is {pair.hr.shape[1]}x{pair.hr.shape[0]}"
+        )
+    if save_dir is not None:
+        images.write_image(os.path.join(save_dir, dataset, f"x{scale}", f"{pair.name}.png"), sr)
+    luma = metrics.luminance_pair(sr, pair.hr, scale, rounded_y=rounded_y)
+    return ImageScore(
+        dataset=dataset,
+        scale=scale,
+        name=pair.name,
+        psnr=metrics.psnr(*luma),
+        ssim=metrics.ssim(*luma),
+        height=pair.hr.shape[0],
+        width=pair.hr.shape[1],
+        gray=pair.is_gray,
+    )
+
+
+def bicubic_upscaler(pair: Pair) -> np.ndarray:
+    """The Bicubic baseline: MATLAB `imresize(lr, scale, 'bicubic')`, uint8."""
+    return degrade.imresize(pair.lr, pair.scale)
+
+
+def sr_dir_upscaler(sr_dir: str) -> Upscaler:
+    """Reads another method's SR image `<sr_dir>/<dataset>/x<scale>/<name>.*` (or `X<scale>`)."""
+
+    def upscale(pair: Pair) -> np.ndarray:
+        folders = [os.path.join(sr_dir, pair.dataset, f"{x}{pair.scale}") for x in ("x", "X")]
+        for folder in folders:
+            if (path := benchmark_sets.find_image(folder, (pair.name,))) is not None:
+                return images.decode(path).pixels
+        raise images.ImageError(f"{folders[0]}: no SR image named {pair.name}")
+
+    return upscale
+
+
+def model_upscaler(params: Mapping[str, Any], config: RNANConfig, *, self_ensemble: bool = False) -> Upscaler:
+    """Runs `rnan_jax.apply` (jitted once; it compiles once per distinct LR size) on one image at a time.
+
+    The LR image is fed as float32 RGB in [0, 1] (gray replicated); the output is quantized to uint8.
+    """
+    forward = jax.jit(lambda p, x: api.apply(p, x, config=config))
+    params = jax.device_put(params)
+
+    def run(lr):
+        return forward(params, lr)
+
+    def upscale(pair: Pair) -> np.ndarray:
+        lr = jnp.asarray(images.as_rgb(pair.lr), dtype=jnp.float32) / 255.0
+        sr = ensemble.self_ensemble(run, lr) if self_ensemble else run(lr)
+        return metrics.quantize(jax.device_get(sr))
+
+    return upscale
+
+
+def evaluate_bicubic(datasets: Sequence[str], scales: Sequence[int] = DEFAULT_SCALES, **kwargs) -> Evaluation:
+    """The paper's Bicubic row: `imresize` up of the bicubic LR image. kwargs as `evaluate`."""
+    return evaluate(bicubic_upscaler, datasets, scales, method="Bicubic", **kwargs)
+
+
+def evaluate_sr_dir(
+    sr_dir: str, datasets: Sequence[str], scales: Sequence[int] = DEFAULT_SCALES, **kwargs
+) -> Evaluation:
+    """Scores the SR images saved under `sr_dir` (see `sr_dir_upscaler`). kwargs as `evaluate`."""
+    return evaluate(sr_dir_upscaler(sr_dir), datasets, scales, method=f"sr_dir:{sr_dir}", **kwargs)
+
+
+def evaluate_model(
+    params: Mapping[str, Any],
+    config: RNANConfig | None = None,
+    datasets: Sequence[str] = DEFAULT_DATASETS,
+    *,
+    self_ensemble: bool = False,
+    method: str = "RNAN",
+    **kwargs,
+) -> Evaluation:
+    """Scores an RNAN (`params` of `rnan_jax.init`/`load`; `config` its `RNANConfig`, default read off
+    `params`) at the model's scale, optionally with self-ensemble (reported as "<method>+").
+
+    One image at a time, never batched, so large images (Urban100) fit. kwargs as `evaluate`.
+    """
+    config = config or api.infer_config(params)
+    upscale = model_upscaler(params, config, self_ensemble=self_ensemble)
+    name = method + ("+" if self_ensemble else "")
+    return evaluate(upscale, datasets, (config.scale,), method=name, self_ensemble=self_ensemble, **kwargs)
+
+
+def _parse_list(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def main(argv: Sequence[str]) -> None:
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    chosen = [name for name in ("method", "sr_dir", "checkpoint") if FLAGS[name].value]
+    if len(chosen) != 1:
+        raise app.UsageError("give exactly one of --method bicubic, --sr_dir DIR, --checkpoint PATH")
+    if FLAGS.save_images and not FLAGS.output:
+        raise app.UsageError("--save_images needs --output DIR")
+    if FLAGS.self_ensemble and not FLAGS.checkpoint:
+        raise app.UsageError("--self_ensemble applies to a model (--checkpoint)")
+    env.enable_compilation_cache()
+    datasets = _parse_list(FLAGS.datasets)
+    try:
+        scales = [int(s) for s in _parse_list(FLAGS.scales)] or None
+        if scales and min(scales) < 1:
+            raise ValueError
+    except ValueError:
+        raise app.UsageError(f"--scales must be integers like 2,3,4, got {FLAGS.scales!r}") from None
+    common = dict(
+        data_dir=FLAGS.data_dir or env.default_data_dir(),
+        rounded_y=FLAGS.rounded_y,
+        save_dir=os.path.join(FLAGS.output, "images") if FLAGS.save_images else None,
+        progress=FLAGS.progress,
+    )
+    if FLAGS.checkpoint:
+        params, config = rnan_jax.load(FLAGS.checkpoint, which=FLAGS.which)
+        if scales and scales != [config.scale]:
+            raise app.UsageError(f"the checkpoint is an x{config.scale} model; --scales {FLAGS.scales} does not apply")
+        evaluation = evaluate_model(params, config, datasets, self_ensemble=FLAGS.self_ensemble, **common)
+    elif FLAGS.sr_dir:
+        evaluation = evaluate_sr_dir(FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES, **common)
+    else:
+        evaluation = evaluate_bicubic(datasets, scales or DEFAULT_SCALES, **common)
+    print(report.markdown_table(evaluation))
+    if FLAGS.output:
+        for path in report.write_report(evaluation, FLAGS.output):
+            logging.info("wrote %s", path)
+    if evaluation.skipped:
+        print(f"\n{len(evaluation.skipped)} skipped:", *evaluation.skipped, sep="\n  ", file=sys.stderr)
+    if not evaluation.scores:
+        sys.exit(1)
+
+
+def _define_flags() -> None:
+    flags.DEFINE_enum("method", None, ["bicubic"], "A fixed method to score.")
+    flags.DEFINE_string("sr_dir", None, "Score the SR images in DIR/<dataset>/x<scale>/<HR file name>.")
+    flags.DEFINE_string("checkpoint", None, "Score an RNAN checkpoint (a training workdir or checkpoint path).")
+    flags.DEFINE_enum("which", "latest", ["latest", "best", "ema"], "Which parameters of --checkpoint.")
+    flags.DEFINE_string("datasets", ",".join(DEFAULT_DATASETS), "Comma-separated benchmark sets.")
+    flags.DEFINE_string(
+        "data_dir", None, "Folder holding benchmark/<set>/HR (default $RNAN_DATA_DIR or ../shared/data)."
+    )
+    flags.DEFINE_string("scales", None, "Comma-separated scales (default 2,3,4; a checkpoint uses its own scale).")
+    flags.DEFINE_bool("self_ensemble", False, "Average the 8 flips/rotations (RNAN+).")
+    flags.DEFINE_bool(
+        "rounded_y", True, "Round Y to integers as MATLAB's uint8 rgb2ycbcr does (--norounded_y: as RCAN's script)."
+    )
+    flags.DEFINE_string("output", None, "Write results.json, results.md and per_image.csv here.")
+    flags.DEFINE_bool("save_images", False, "Also write the SR images to <output>/images/<dataset>/x<scale>/.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar per dataset.")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

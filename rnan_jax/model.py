@@ -1,0 +1,231 @@
+"""RNAN (Ai et al., "Single Image Super-Resolution via Residual Neuron Attention Networks") as Flax linen modules.
+
+Section 2 of the paper, read as ../shared/DESIGN.md decides: a shallow conv, G global-context-enhanced
+residual groups (GCRG) of B residual neuron attention blocks (RNAB) applied with `nn.scan` (stacked
+parameters: block parameters have leading axes [G, B]), global fusion of every N-th group output, a sub-pixel
+upsampler and a reconstruction conv, inside an EDSR-style mean shift. Every conv uses PyTorch's default
+initialization (U(+-1/sqrt(fan_in)) for kernels and biases): Flax's default explodes through 200 blocks.
+
+Layout is NHWC. Two execution knobs change how, not what, is computed, over the same parameters:
+`scan_unroll` (the unroll factor of both scans) and `depthwise` ("grouped": `feature_group_count`;
+"shifted": nine shifted multiply-adds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+DEPTHWISE_IMPLS = ("grouped", "shifted")
+
+
+@dataclasses.dataclass(frozen=True)
+class RNANConfig:
+    """Every architectural choice of RNAN; the defaults are the paper's x4 model (17,303,749 parameters).
+
+    scale: upscaling factor (2, 3 or 4). features: C. num_groups: G (GCRGs). num_blocks: B (RNA blocks per
+    GCRG). group_interval: N, every N-th GCRG output enters global fusion. block_interval: M, every M-th
+    block output enters a GCRG's fusion. gc_reduction: r, the GC bottleneck ratio. rgb_mean: the mean
+    shift. dtype: compute dtype ("float32" or "bfloat16"); parameters are always float32.
+    """
+
+    scale: int = 4
+    features: int = 64
+    num_groups: int = 10
+    num_blocks: int = 20
+    group_interval: int = 1
+    block_interval: int = 1
+    gc_reduction: int = 16
+    rgb_mean: tuple[float, float, float] = DIV2K_RGB_MEAN
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "rgb_mean", tuple(float(v) for v in self.rgb_mean))
+        checks = [
+            (self.scale in (2, 3, 4), f"scale must be 2, 3 or 4, got {self.scale}"),
+            (self.features > 0 and self.num_groups > 0 and self.num_blocks > 0,
+             "features, num_groups and num_blocks must be positive"),
+            (self.group_interval > 0 and self.num_groups % self.group_interval == 0,
+             f"group_interval {self.group_interval} must divide num_groups {self.num_groups}"),
+            (self.block_interval > 0 and self.num_blocks % self.block_interval == 0,
+             f"block_interval {self.block_interval} must divide num_blocks {self.num_blocks}"),
+            (self.gc_reduction > 0 and self.features % self.gc_reduction == 0,
+             f"gc_reduction {self.gc_reduction} must divide features {self.features}"),
+            (len(self.rgb_mean) == 3, "rgb_mean must have 3 values"),
+            (self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32 or bfloat16, got {self.dtype}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"RNANConfig: {message}")
+
+    @property
+    def upsample_stages(self) -> tuple[int, ...]:
+        return (2, 2) if self.scale == 4 else (self.scale,)
+
+
+def torch_uniform(fan_in: int) -> Callable[..., jax.Array]:
+    """PyTorch's default conv init (kaiming_uniform with a = sqrt(5), and the bias rule): U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv(features: int, kernel: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Conv:
+    """A biased 'SAME' conv with PyTorch-style initialization."""
+    init = torch_uniform(in_features * kernel * kernel)
+    return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
+                   kernel_init=init, bias_init=init, name=name)
+
+
+class DepthwiseConv(nn.Module):
+    """3x3 depthwise conv ('DC' of eq. 7): kernel [3, 3, 1, C], bias [C], the layout of `nn.Conv` with
+    `feature_group_count=C`, computed either through `feature_group_count` or as shifted multiply-adds."""
+
+    features: int
+    dtype: Any = jnp.float32
+    impl: str = "grouped"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = torch_uniform(9)
+        kernel = self.param("kernel", init, (3, 3, 1, self.features)).astype(self.dtype)
+        bias = self.param("bias", init, (self.features,)).astype(self.dtype)
+        x = x.astype(self.dtype)
+        if self.impl == "grouped":
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.features)
+        elif self.impl == "shifted":
+            h, w = x.shape[-3], x.shape[-2]
+            xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            y = sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(3) for j in range(3))
+        else:
+            raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {self.impl!r}")
+        return y + bias
+
+
+class NeuronAttention(nn.Module):
+    """Eq. 7: NA(y) = y * sigmoid(PC(ReLU(DC(y)))), DC depthwise 3x3, PC pointwise 1x1."""
+
+    features: int
+    dtype: Any = jnp.float32
+    depthwise: str = "grouped"
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        a = nn.relu(DepthwiseConv(self.features, self.dtype, self.depthwise, name="dc")(y))
+        a = conv(self.features, 1, self.features, self.dtype, name="pc")(a)
+        return y * nn.sigmoid(a)
+
+
+class ResidualNeuronAttention(nn.Module):
+    """The RNA block, eq. 6: x + NA(conv3x3(ReLU(conv3x3(x)))). A scan body: (carry, _) -> (out, out)."""
+
+    features: int
+    dtype: Any = jnp.float32
+    depthwise: str = "grouped"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, jax.Array]:
+        c = self.features
+        y = nn.relu(conv(c, 3, c, self.dtype, name="c1")(x))
+        y = conv(c, 3, c, self.dtype, name="c2")(y)
+        out = x + NeuronAttention(c, self.dtype, self.depthwise, name="na")(y)
+        return out, out
+
+
+class GlobalContext(nn.Module):
+    """The GC block, eq. 8 (GCNet, 'add' fusion): x + W_v2 ReLU(LN(W_v1 sum_j softmax(W_k x)_j x_j)).
+
+    The softmax runs over all H*W positions in float32; `return_attention` also returns it as [B, H, W]."""
+
+    features: int
+    reduction: int = 16
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_attention: bool = False):
+        c, cr = self.features, self.features // self.reduction
+        b, h, w, _ = x.shape
+        logits = conv(1, 1, c, self.dtype, name="k")(x).astype(jnp.float32).reshape(b, h * w)
+        attention = jax.nn.softmax(logits, axis=-1)
+        context = jnp.einsum("bp,bpc->bc", attention, x.reshape(b, h * w, c).astype(jnp.float32))
+        t = conv(cr, 1, c, jnp.float32, name="v1")(context[:, None, None, :])
+        t = nn.relu(nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name="ln")(t))
+        t = conv(c, 1, cr, jnp.float32, name="v2")(t)
+        out = x + t.astype(x.dtype)
+        return (out, attention.reshape(b, h, w)) if return_attention else out
+
+
+def fuse(features: jax.Array, name: str, in_features: int, out_features: int, dtype: Any) -> jax.Array:
+    """conv1x1 over the channel concatenation (in order) of stacked features [K, B, H, W, C], then conv3x3."""
+    k, b, h, w, c = features.shape
+    cat = jnp.moveaxis(features, 0, -2).reshape(b, h, w, k * c)
+    y = conv(out_features, 1, in_features, dtype, name=f"{name}1")(cat)
+    return conv(out_features, 3, out_features, dtype, name=f"{name}3")(y)
+
+
+class GCRG(nn.Module):
+    """Global context-enhanced residual group, eq. 5: B RNA blocks; every M-th block output concatenated ->
+    conv1x1 -> conv3x3, plus the group input, then the GC block. A scan body: (carry, _) -> (out, out)."""
+
+    features: int
+    num_blocks: int
+    block_interval: int
+    reduction: int
+    dtype: Any = jnp.float32
+    depthwise: str = "grouped"
+    scan_unroll: int | bool = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, jax.Array]:
+        c = self.features
+        blocks = nn.scan(ResidualNeuronAttention, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=self.num_blocks, unroll=self.scan_unroll)
+        _, outs = blocks(c, self.dtype, self.depthwise, name="blocks")(x, None)
+        m = self.block_interval
+        y = fuse(outs[m - 1::m], "fuse", c * (self.num_blocks // m), c, self.dtype)
+        out = GlobalContext(c, self.reduction, self.dtype, name="gc")(x + y)
+        return out, out
+
+
+def pixel_shuffle(x: jax.Array, s: int) -> jax.Array:
+    """[B, H, W, C*s*s] -> [B, H*s, W*s, C] in PyTorch's PixelShuffle order (channel c*s*s + i*s + j goes to
+    sub-position (i, j) of channel c)."""
+    b, h, w, cs = x.shape
+    c = cs // (s * s)
+    x = x.reshape(b, h, w, c, s, s)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * s, w * s, c)
+
+
+class RNAN(nn.Module):
+    """The whole network: lr float [B, h, w, 3] in [0, 1] -> sr float32 [B, s*h, s*w, 3] (not clipped)."""
+
+    config: RNANConfig
+    depthwise: str = "grouped"
+    scan_unroll: int | bool = 1
+
+    @nn.compact
+    def __call__(self, lr: jax.Array) -> jax.Array:
+        cfg = self.config
+        c, dtype = cfg.features, jnp.dtype(cfg.dtype)
+        mean = jnp.asarray(cfg.rgb_mean, jnp.float32)
+        f0 = conv(c, 3, 3, dtype, name="head")((lr.astype(jnp.float32) - mean).astype(dtype))
+        groups = nn.scan(GCRG, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=cfg.num_groups, unroll=self.scan_unroll)
+        _, outs = groups(c, cfg.num_blocks, cfg.block_interval, cfg.gc_reduction, dtype, self.depthwise,
+                         self.scan_unroll, name="groups")(f0, None)
+        n = cfg.group_interval
+        x = f0 + fuse(outs[n - 1::n], "fuse", c * (cfg.num_groups // n), c, dtype)
+        for i, s in enumerate(cfg.upsample_stages):
+            x = pixel_shuffle(conv(c * s * s, 3, c, dtype, name=f"up_{i}")(x), s)
+        sr = conv(3, 3, c, dtype, name="tail")(x)
+        return sr.astype(jnp.float32) + mean

@@ -1,0 +1,357 @@
+"""Where (HR, LR) image pairs come from: DIV2K through TFDS, image folders, scikit-image's bundled images.
+
+Every source yields full images, `hr` [s*h, s*w, 3] and `lr` [h, w, 3] uint8 RGB, with the HR image cropped
+top-left to exactly `scale` times the LR size. TFDS and folder images are decoded once (LR made with
+`degrade.bicubic_lr` when no LR file is given) into `.npy` files under a cache folder and come back as
+`StoredImage`s, which read only the rows a patch needs: a training patch costs a small read from the page
+cache, not a PNG decode or a resize, and worker processes share that cache. Unusable inputs are logged by
+name and skipped; only a source left with no image is an error.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rnan_jax import degrade, images
+
+log = logging.getLogger(__name__)
+
+# Bump when what goes into a cache file changes (e.g. the resize code), so old entries are not reused.
+_CACHE_VERSION = "1"
+
+DEMO_TRAIN_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+# The held-out demo validation image: the centre 320x240 (width x height) crop of the left motorcycle view.
+DEMO_VAL_CROP = (130, 210, 240, 320)  # top, left, height, width in stereo_motorcycle()[0] (500 x 741)
+
+
+class DataError(ValueError):
+    """A data source that cannot be used at all; the message is one line that says why."""
+
+
+def default_cache_dir() -> str:
+    """`$RNAN_CACHE_DIR`, else ~/.cache/rnan_jax/data: where decoded and resized training images are kept."""
+    return os.environ.get("RNAN_CACHE_DIR") or os.path.expanduser("~/.cache/rnan_jax/data")
+
+
+def make_pair(hr: np.ndarray, lr: np.ndarray | None, scale: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(hr, lr) uint8 RGB with hr cropped top-left to scale * lr's size; lr = bicubic_lr(hr) when None.
+
+    Raises `images.ImageError` naming `name` when a given LR image does not match HR // scale.
+    """
+    hr = images.as_rgb(np.asarray(hr, np.uint8))
+    if lr is None:
+        hr = degrade.modcrop(hr, scale)
+        return hr, degrade.bicubic_lr(hr, scale)
+    lr = images.as_rgb(np.asarray(lr, np.uint8))
+    h, w = lr.shape[:2]
+    if (hr.shape[0] // scale, hr.shape[1] // scale) != (h, w):
+        raise images.ImageError(
+            f"{name}: LR image is {w}x{h} but the HR image is {hr.shape[1]}x{hr.shape[0]} "
+            f"(expected {hr.shape[1] // scale}x{hr.shape[0] // scale} at x{scale})"
+        )
+    return hr[: scale * h, : scale * w], lr
+
+
+class ArrayPairs:
+    """An in-memory random-access source of {"hr", "lr"} uint8 pairs (grain `RandomAccessDataSource`)."""
+
+    def __init__(self, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]):
+        self.names = tuple(name for name, _, _ in pairs)
+        self._pairs = tuple((hr, lr) for _, hr, lr in pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        hr, lr = self._pairs[index]
+        return {"hr": hr, "lr": lr}
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredImage:
+    """A uint8 [H, W, C] image in an `.npy` file; slicing `[rows, cols]` reads only the band of rows it needs.
+
+    A patch costs one `pread` (tens of microseconds) instead of opening a memory map (hundreds), and the
+    object pickles as a path, a shape and an offset.
+    """
+
+    path: str
+    shape: tuple[int, int, int]
+    offset: int  # where the pixels start in the file
+
+    @classmethod
+    def open(cls, path: str) -> StoredImage:
+        """Reads the `.npy` header; raises ValueError if it is not a C-ordered uint8 [H, W, C] array."""
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            offset = f.tell()
+        if dtype != np.uint8 or fortran_order or len(shape) != 3:
+            raise ValueError(f"{path}: not a C-ordered uint8 [H, W, C] array")
+        if os.path.getsize(path) != offset + int(np.prod(shape)):
+            raise ValueError(f"{path}: truncated")
+        return cls(path, tuple(shape), offset)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        h, w, c = self.shape
+        start, stop, step = rows.indices(h)
+        if step != 1:
+            raise IndexError("StoredImage rows must be a contiguous slice")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            band = os.pread(fd, max(stop - start, 0) * w * c, self.offset + start * w * c)
+        finally:
+            os.close(fd)
+        return np.frombuffer(band, np.uint8).reshape(-1, w, c)[:, cols]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self[:, :]
+        return a if dtype is None else a.astype(dtype)
+
+
+class CachedPairs:
+    """A random-access source of {"hr", "lr"} `StoredImage`s (cached `.npy` files); pickles cheaply for
+    grain's worker processes."""
+
+    def __init__(self, entries: Sequence[tuple[str, StoredImage, StoredImage]]):
+        self.names = tuple(name for name, _, _ in entries)
+        self._images = tuple((hr, lr) for _, hr, lr in entries)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> dict[str, StoredImage]:
+        hr, lr = self._images[index]
+        return {"hr": hr, "lr": lr}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSpec:
+    """One training image before decoding: `load()` -> (hr, lr or None) raises `images.ImageError`."""
+
+    name: str
+    key: str  # identifies the inputs' content (paths, sizes, times) for the cache
+    load: Callable[[], tuple[np.ndarray, np.ndarray | None]]
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _file_id(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _save_atomic(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+
+
+class _Skip(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _open_cached(hr_path: str, lr_path: str) -> tuple[StoredImage, StoredImage] | None:
+    if not (os.path.exists(hr_path) and os.path.exists(lr_path)):
+        return None
+    try:
+        return StoredImage.open(hr_path), StoredImage.open(lr_path)
+    except (OSError, ValueError) as e:
+        log.warning("remaking cache entry: %s", e)
+        return None
+
+
+def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tuple[str, StoredImage, StoredImage]:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name)[-48:].lstrip("_.") or "image"
+    base = os.path.join(cache_dir, f"{stem}-{_digest(spec.key, scale, _CACHE_VERSION)}")
+    hr_path, lr_path = base + ".hr.npy", base + ".lr.npy"
+    too_small = f"{spec.name}: {{w}}x{{h}} is smaller than the {scale * min_lr}-pixel HR patch (x{scale})"
+    if cached := _open_cached(hr_path, lr_path):
+        h, w, _ = cached[0].shape
+        if min(h, w) < scale * min_lr:
+            raise _Skip("small", too_small.format(w=w, h=h))
+        return spec.name, *cached
+    try:
+        hr, lr = spec.load()
+        if min(hr.shape[:2]) < scale * min_lr:  # checked before the resize, which is the slow part
+            raise _Skip("small", too_small.format(w=hr.shape[1], h=hr.shape[0]))
+        hr, lr = make_pair(hr, lr, scale, spec.name)
+    except images.ImageError as e:
+        raise _Skip("unreadable", str(e)) from None
+    _save_atomic(hr_path, hr)
+    _save_atomic(lr_path, lr)
+    return spec.name, StoredImage.open(hr_path), StoredImage.open(lr_path)
+
+
+def prepare_cached(
+    specs: Sequence[PairSpec], *, scale: int, min_lr_size: int, cache_dir: str, what: str, threads: int = 0
+) -> CachedPairs:
+    """Decodes (and resizes) each spec once into `cache_dir`, reusing earlier entries; skips and logs unusable ones.
+
+    `min_lr_size`: images whose LR side would be below it (HR below scale * min_lr_size) are skipped.
+    Raises `DataError` (one line) when no image is usable.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    start = time.perf_counter()
+    threads = threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(_prepare_one, s, scale, min_lr_size, cache_dir) for s in specs]
+        entries, skipped = [], []
+        for f in futures:
+            try:
+                entries.append(f.result())
+            except _Skip as e:
+                log.warning("skipping %s", e)
+                skipped.append(e)
+    _report(what, len(specs), skipped, scale * min_lr_size)
+    log.info("%s: %d images ready in %s (%.1f s)", what, len(entries), cache_dir, time.perf_counter() - start)
+    return CachedPairs(entries)
+
+
+def _report(what: str, total: int, skipped: Sequence[_Skip], hr_patch: int) -> None:
+    if not skipped:
+        return
+    kinds = {"unreadable": "unreadable or without a matching LR image", "small": f"smaller than the {hr_patch}-pixel HR patch"}
+    detail = ", ".join(f"{n} {text}" for k, text in kinds.items() if (n := sum(s.kind == k for s in skipped)))
+    if len(skipped) == total:
+        raise DataError(f"{what}: no usable image: all {total} were skipped ({detail}); first: {skipped[0]}")
+    log.warning("%s: skipped %d of %d images (%s)", what, len(skipped), total, detail)
+
+
+def find_lr_file(hr_path: str, lr_dir: str, scale: int) -> str:
+    """The LR file for `hr_path` in `lr_dir`, DIV2K naming first: X{s}/{stem}x{s}.png, {stem}x{s}.png, {stem}.png.
+
+    Any image extension is accepted. Raises `images.ImageError` naming both when none exists.
+    """
+    stem = os.path.splitext(os.path.basename(hr_path))[0]
+    candidates = [
+        os.path.join(lr_dir, f"X{scale}", f"{stem}x{scale}"),
+        os.path.join(lr_dir, f"{stem}x{scale}"),
+        os.path.join(lr_dir, stem),
+    ]
+    for c in candidates:
+        for ext in images.IMAGE_EXTENSIONS:
+            for path in (c + ext, c + ext.upper()):
+                if os.path.isfile(path):
+                    return path
+    raise images.ImageError(
+        f"{hr_path}: no LR image in {lr_dir} (looked for X{scale}/{stem}x{scale}.png, {stem}x{scale}.png, {stem}.png)"
+    )
+
+
+def _load_files(hr_path: str, lr_path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    return images.read_rgb(hr_path), None if lr_path is None else images.read_rgb(lr_path)
+
+
+def _missing_lr(error: images.ImageError) -> tuple[np.ndarray, np.ndarray | None]:
+    raise error
+
+
+def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, what: str = "training images"
+                 ) -> list[PairSpec]:
+    """One spec per image file in `hr_dirs` (in order, files sorted), LR from the matching `lr_dirs` entry.
+
+    Empty `lr_dirs`: LR is made with `degrade.bicubic_lr`. Raises `DataError` for a missing or empty folder.
+    """
+    if lr_dirs and len(lr_dirs) != len(hr_dirs):
+        raise DataError(f"{what}: {len(lr_dirs)} LR folders for {len(hr_dirs)} HR folders; give one per HR folder")
+    specs = []
+    for i, hr_dir in enumerate(hr_dirs):
+        try:
+            files = images.list_images(hr_dir)
+        except images.ImageError as e:
+            raise DataError(f"{what}: {e}") from None
+        lr_dir = lr_dirs[i] if lr_dirs else None
+        if lr_dir is not None and not os.path.isdir(lr_dir):
+            raise DataError(f"{what}: {lr_dir}: no such LR folder")
+        for hr_path in files:
+            if lr_dir is None:
+                specs.append(PairSpec(hr_path, _digest(_file_id(hr_path), "bicubic_lr"),
+                                      lambda p=hr_path: _load_files(p, None)))
+                continue
+            try:
+                lr_path = find_lr_file(hr_path, lr_dir, scale)
+            except images.ImageError as e:
+                specs.append(PairSpec(hr_path, _digest(hr_path, "missing"), lambda e=e: _missing_lr(e)))
+                continue
+            specs.append(PairSpec(hr_path, _digest(_file_id(hr_path), _file_id(lr_path)),
+                                  lambda p=hr_path, q=lr_path: _load_files(p, q)))
+    return specs
+
+
+def open_tfds(name: str, split: str, data_dir: str | None):
+    """`tfds.data_source(name, split=split, data_dir=data_dir)` (array_record, no TensorFlow), or one-line `DataError`."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # TFDS raises several unrelated types for "not prepared here"
+        where = data_dir or "TFDS's default data_dir"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"cannot read TFDS dataset {name!r} split {split!r} from {where} ({first}); prepare it with "
+            "file_format=array_record (README: 'Preparing DIV2K with TFDS') or use data.source='folder'"
+        ) from None
+
+
+def _tfds_example(source, index: int) -> tuple[np.ndarray, np.ndarray]:
+    example = source[index]
+    return np.asarray(example["hr"]), np.asarray(example["lr"])
+
+
+def tfds_specs(name: str, split: str, data_dir: str | None) -> list[PairSpec]:
+    """One spec per example of the split, in the split's order; an example is read only when loaded."""
+    source = open_tfds(name, split, data_dir)
+    n = len(source)
+    version = getattr(getattr(source, "dataset_info", None), "version", "")
+    where = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else ""
+    return [
+        PairSpec(f"{name}:{split}[{i}]", _digest("tfds", name, version, split, where, n, i),
+                 lambda i=i: _tfds_example(source, i))
+        for i in range(n)
+    ]
+
+
+def demo_train_images() -> list[tuple[str, np.ndarray]]:
+    """scikit-image's bundled training images for the demo (no download): (name, uint8 RGB [H, W, 3])."""
+    import skimage.data
+
+    return [(n, images.as_rgb(getattr(skimage.data, n)())) for n in DEMO_TRAIN_NAMES]
+
+
+def demo_validation_image() -> tuple[str, np.ndarray]:
+    """The held-out demo image: the centre 320x240 crop of `skimage.data.stereo_motorcycle()[0]`, uint8 RGB."""
+    import skimage.data
+
+    top, left, h, w = DEMO_VAL_CROP
+    return "stereo_motorcycle_320x240", skimage.data.stereo_motorcycle()[0][top: top + h, left: left + w]
+
+
+def load_pairs(specs: Sequence[PairSpec], scale: int, what: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Decodes specs in memory (no cache, no size limit) for validation; skips and logs unreadable ones."""
+    pairs, skipped = [], []
+    for spec in specs:
+        try:
+            hr, lr = spec.load()
+            pairs.append((spec.name, *make_pair(hr, lr, scale, spec.name)))
+        except images.ImageError as e:
+            log.warning("skipping %s", e)
+            skipped.append(_Skip("unreadable", str(e)))
+    _report(what, len(specs), skipped, 0)
+    return pairs

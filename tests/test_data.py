@@ -1,0 +1,334 @@
+"""The input pipeline: patch alignment, transforms, determinism, resumption, sharding, sources, bad input."""
+import logging
+import os
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+# Imported eagerly: tfds.testing imports lazily, and a first import inside a test can hit CPython 3.11's
+# "AST constructor recursion depth mismatch" while earlier tests' grain threads are still running.
+from tensorflow_datasets.testing import mock_data
+
+from rnan_jax import data, degrade, sources
+from rnan_jax.images import write_image
+
+
+def coordinate_image(h: int, w: int, tag: int) -> np.ndarray:
+    """uint8 [h, w, 3] whose pixel (r, c) is (r, c, tag): every crop says where it came from."""
+    r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([r, c, np.full_like(r, tag)], axis=-1).astype(np.uint8)
+
+
+def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
+    """A random but locally smooth uint8 RGB image (noise box-blurred 5x5), unique at every position."""
+    noise = np.random.default_rng(seed).uniform(0, 255, (h + 4, w + 4, 3))
+    blurred = sum(noise[i: i + h, j: j + w] for i in range(5) for j in range(5)) / 25
+    return np.clip(np.rint(blurred * 1.7 - 90), 0, 255).astype(np.uint8)
+
+
+def config(scale: int, **overrides) -> data.DataConfig:
+    return data.DataConfig.from_config({"val_source": "demo", **overrides}, scale=scale)
+
+
+def take(it, n: int) -> list[dict[str, np.ndarray]]:
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def match_patch(lr_patch, hr_patch, full_lr, full_hr, scale):
+    """The (y, x, k) for which lr_patch = transform(full_lr crop at (y, x), k) and hr_patch is the HR crop
+    at (scale*y, scale*x) under the same k; asserts there is exactly one. Needs coordinate-coded images."""
+    p = lr_patch.shape[0]
+    found = []
+    for k in range(8):
+        lr0, hr0 = data.inverse_transform(lr_patch, k), data.inverse_transform(hr_patch, k)
+        y, x = int(lr0[0, 0, 0]) // scale, int(lr0[0, 0, 1]) // scale
+        if (np.array_equal(lr0, full_lr[y: y + p, x: x + p])
+                and np.array_equal(hr0, full_hr[scale * y: scale * (y + p), scale * x: scale * (x + p)])):
+            found.append((y, x, k))
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture
+def div2k_folder(tmp_path):
+    """HR/0001.png.. and LR/X2/0001x2.png.. in DIV2K's naming; LR pixel (i, j) = HR pixel (2i, 2j)."""
+    shapes = [(64, 80), (81, 65), (70, 96)]  # odd sizes: HR is cropped to 2 * LR
+    full = {}
+    for i, (h, w) in enumerate(shapes, start=1):
+        hr = coordinate_image(h, w, tag=40 * i)
+        lr = hr[: h // 2 * 2: 2, : w // 2 * 2: 2]
+        write_image(tmp_path / "HR" / f"{i:04d}.png", hr)
+        write_image(tmp_path / "LR" / "X2" / f"{i:04d}x2.png", lr)
+        full[40 * i] = (hr[: 2 * lr.shape[0], : 2 * lr.shape[1]], lr)
+    return tmp_path, full
+
+
+def test_config_defaults_and_errors():
+    cfg = data.DataConfig.from_config(data.default_config(), scale=4)
+    assert (cfg.source, cfg.patch_size, cfg.tfds_name, cfg.augment) == ("tfds", 48, "div2k/bicubic_x4", True)
+    assert cfg.tfds_data_dir is None and cfg.cache_dir
+    cfg = data.DataConfig.from_config({"source": "folder", "hr_dirs": " a, b ,", "lr_dirs": "c,d"}, scale=2)
+    assert cfg.hr_dirs == ("a", "b") and cfg.lr_dirs == ("c", "d")
+    with pytest.raises(ValueError, match="data.source must be one of tfds, folder, demo; got 'div2k'"):
+        data.DataConfig.from_config({"source": "div2k"}, scale=2)
+    with pytest.raises(ValueError, match=r"unknown data config keys \['patchsize'\]"):
+        data.DataConfig.from_config({"patchsize": 32}, scale=2)
+    with pytest.raises(ValueError, match="needs data.hr_dirs"):
+        data.DataConfig.from_config({"source": "folder"}, scale=2)
+    with pytest.raises(ValueError, match="names 1 folders for 2"):
+        data.DataConfig.from_config({"source": "folder", "hr_dirs": "a,b", "lr_dirs": "c"}, scale=2)
+
+
+def test_transforms_are_the_8_distinct_dihedral_maps_and_invert():
+    image = coordinate_image(5, 7, 0)
+    outs = [data.transform(image, k) for k in range(8)]
+    assert len({o.tobytes() + bytes(o.shape) for o in outs}) == 8
+    for k, o in enumerate(outs):
+        np.testing.assert_array_equal(data.inverse_transform(o, k), image)
+    np.testing.assert_array_equal(outs[1], np.rot90(image))
+    np.testing.assert_array_equal(outs[4], image[:, ::-1])
+
+
+def test_random_patch_aligns_lr_file_patches_and_applies_one_transform_to_both(div2k_folder, tmp_path):
+    root, full = div2k_folder
+    cfg = config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "cache"))
+    it = data.train_iterator(cfg, global_batch_size=16, seed=3, process_index=0, process_count=1)
+    used_k, used_tags = set(), set()
+    for batch in take(it, 6):
+        assert batch["lr"].shape == (16, 8, 8, 3) and batch["hr"].shape == (16, 16, 16, 3)
+        assert batch["lr"].dtype == batch["hr"].dtype == np.uint8
+        for lr, hr in zip(batch["lr"], batch["hr"]):
+            tag = int(lr[0, 0, 2])
+            _, _, k = match_patch(lr, hr, full[tag][1], full[tag][0], 2)
+            used_k.add(k)
+            used_tags.add(tag)
+    assert used_k == set(range(8)) and used_tags == {40, 80, 120}
+
+    cfg = config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "cache"), augment=False)
+    batch = next(data.train_iterator(cfg, global_batch_size=16, seed=3, process_index=0, process_count=1))
+    for lr, hr in zip(batch["lr"], batch["hr"]):
+        tag = int(lr[0, 0, 2])
+        assert match_patch(lr, hr, full[tag][1], full[tag][0], 2)[2] == 0
+
+
+def test_bicubic_made_lr_is_cached_once_and_aligned_with_the_hr_crop(tmp_path, monkeypatch):
+    hr_full = [smooth_image(97, 122, seed) for seed in range(2)]  # not multiples of 4: modcrop applies
+    for i, hr in enumerate(hr_full):
+        write_image(tmp_path / "HR" / f"img{i}.png", hr)
+    calls = []
+    real = degrade.bicubic_lr
+    monkeypatch.setattr(degrade, "bicubic_lr", lambda hr, s: calls.append(hr.shape) or real(hr, s))
+    cfg = config(4, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=12, augment=False,
+                 cache_dir=str(tmp_path / "cache"))
+    pairs = data.training_pairs(cfg)
+    assert len(calls) == 2
+    data.training_pairs(cfg)  # a second run reads the cache
+    batches = take(data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1), 3)
+    assert len(calls) == 2
+
+    full = [(degrade.modcrop(hr, 4), degrade.bicubic_lr(hr, 4)) for hr in hr_full]
+    for i, name in enumerate(pairs.names):
+        np.testing.assert_array_equal(pairs[i]["lr"], full[int(name[-5])][1])
+    for batch in batches:
+        for lr, hr in zip(batch["lr"], batch["hr"]):
+            hits = [(j, y, x) for j, (fhr, flr) in enumerate(full)
+                    for y in range(flr.shape[0] - 11) for x in range(flr.shape[1] - 11)
+                    if np.array_equal(flr[y: y + 12, x: x + 12], lr)]
+            assert len(hits) == 1
+            j, y, x = hits[0]
+            np.testing.assert_array_equal(hr, full[j][0][4 * y: 4 * y + 48, 4 * x: 4 * x + 48])
+            # LR pixel j of a patch depends on HR rows 4j-6..4j+9 only: away from the border the patch's own
+            # bicubic LR is the LR patch.
+            np.testing.assert_array_equal(degrade.imresize(hr, 0.25)[2:-2, 2:-2], lr[2:-2, 2:-2])
+
+
+def test_same_seed_same_batches_other_seed_other_batches(div2k_folder, tmp_path):
+    root, _ = div2k_folder
+    cfg = config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "cache"))
+    make = lambda seed: data.train_iterator(cfg, global_batch_size=4, seed=seed, process_index=0, process_count=1)
+    a, b, c = take(make(7), 5), take(make(7), 5), take(make(8), 5)
+    assert_batches_equal(a, b)
+    assert not all(np.array_equal(x["hr"], y["hr"]) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("workers,resume_workers", [(0, 0), (0, 2)])
+def test_restored_iterator_state_gives_the_same_following_batches(div2k_folder, tmp_path, workers, resume_workers):
+    root, _ = div2k_folder
+    make = lambda n: data.train_iterator(
+        config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
+               cache_dir=str(tmp_path / "cache"), num_workers=n),
+        global_batch_size=4, seed=1, process_index=0, process_count=1)
+    it = make(workers)
+    take(it, 5)  # past the 3 images: the epoch boundary and a reshuffle are inside the span
+    state = it.get_state()
+    assert state == {"next_batch": 5}
+    expected = take(it, 6)
+    resumed = make(resume_workers)
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 6), expected)
+    assert resumed.get_state() == {"next_batch": 11}
+    resumed.close()  # stops worker processes and frees their shared memory
+    with pytest.raises(ValueError, match="closed iterator"):
+        next(resumed)
+
+
+def test_iterator_state_round_trips_through_an_orbax_checkpoint(div2k_folder, tmp_path):
+    root, _ = div2k_folder
+    cfg = config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "cache"))
+    make = lambda: data.train_iterator(cfg, global_batch_size=4, seed=5, process_index=0, process_count=1)
+    it = make()
+    take(it, 4)
+    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    state = {"step": np.array(4), "w": np.arange(3.0)}
+    manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    expected = take(it, 4)
+    resumed = make()
+    restored = manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
+                                                          data=grain.checkpoint.CheckpointRestore(resumed)))
+    np.testing.assert_array_equal(restored["state"]["w"], state["w"])
+    assert_batches_equal(take(resumed, 4), expected)
+    manager.close()
+
+
+def test_two_processes_read_disjoint_shards_that_cover_the_data(tmp_path):
+    for i in range(7):  # constant images: a patch's value says which image it came from
+        write_image(tmp_path / "HR" / f"{i}.png", np.full((40, 48, 3), 30 * (i + 1), np.uint8))
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8, cache_dir=str(tmp_path / "c"))
+    seen, names = [], []
+    for index in range(2):
+        names.append(set(data.training_pairs(cfg, process_index=index, process_count=2).names))
+        it = data.train_iterator(cfg, global_batch_size=8, seed=0, process_index=index, process_count=2)
+        batches = take(it, 4)
+        assert batches[0]["lr"].shape == (4, 8, 8, 3) and batches[0]["hr"].shape == (4, 16, 16, 3)
+        seen.append({int(v) // 30 - 1 for b in batches for v in b["hr"][:, 0, 0, 0]})
+    assert names[0].isdisjoint(names[1]) and len(names[0] | names[1]) == 7
+    assert seen[0] == {0, 2, 4, 6} and seen[1] == {1, 3, 5}
+    with pytest.raises(ValueError, match="global batch size 9 is not divisible by the 2 processes"):
+        data.train_iterator(cfg, global_batch_size=9, seed=0, process_index=0, process_count=2)
+
+
+def _div2k_examples(split, scale=4):
+    """DIV2K-shaped examples: LR [h, w] coordinate-coded, HR = LR upsampled by pixel repetition."""
+    count = {"train": 3, "validation": 2}[str(split)]
+    out = []
+    for i in range(count):
+        hr = coordinate_image(64 + 8 * i, 96, tag=50 * (i + 1) + (100 if str(split) == "validation" else 0))
+        out.append({"hr": hr, "lr": hr[::scale, ::scale].copy()})
+    return out
+
+
+def test_tfds_source_reads_a_div2k_shaped_dataset(tmp_path):
+    cfg = config(4, source="tfds", tfds_data_dir=str(tmp_path / "tfds"), patch_size=6,
+                 cache_dir=str(tmp_path / "cache"), val_source="tfds", val_max_images=0)
+    with mock_data(as_data_source_fn=lambda builder, split, **kw: _div2k_examples(split)):
+        full = {int(e["hr"][0, 0, 2]): e for e in _div2k_examples("train")}
+        pairs = [data.training_pairs(cfg, process_index=i, process_count=2) for i in range(2)]
+        assert [len(p) for p in pairs] == [2, 1]
+        assert pairs[0].names == ("div2k/bicubic_x4:train[0]", "div2k/bicubic_x4:train[2]")
+        batch = next(data.train_iterator(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1))
+        assert batch["lr"].shape == (8, 6, 6, 3) and batch["hr"].shape == (8, 24, 24, 3)
+        for lr, hr in zip(batch["lr"], batch["hr"]):
+            e = full[int(lr[0, 0, 2])]
+            match_patch(lr, hr, e["lr"], e["hr"], 4)
+        val = data.validation_images(cfg)
+    assert [(n, lr.shape, hr.shape) for n, lr, hr in val] == [
+        ("div2k/bicubic_x4:validation[0]", (16, 24, 3), (64, 96, 3)),
+        ("div2k/bicubic_x4:validation[1]", (18, 24, 3), (72, 96, 3)),
+    ]
+
+
+def test_tfds_source_errors_in_one_line(tmp_path):
+    cfg = config(4, source="tfds", tfds_data_dir=str(tmp_path / "none"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(sources.DataError, match="cannot read TFDS dataset 'div2k/bicubic_x4'") as e:
+        data.training_pairs(cfg)
+    assert "\n" not in str(e.value)
+    with mock_data(num_examples=3):  # random HR/LR shapes that do not match: all skipped
+        with pytest.raises(sources.DataError, match="no usable image: all 3 were skipped") as e:
+            data.training_pairs(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files_are_reported_by_name_and_skipped(tmp_path, caplog):
+    hr_dir = tmp_path / "HR"
+    good = smooth_image(40, 44, 0)
+    write_image(hr_dir / "good.png", good)
+    write_image(hr_dir / "gray.png", good[..., 0])
+    write_image(hr_dir / "rgba.png", good, alpha=np.full(good.shape[:2], 7, np.uint8))
+    from PIL import Image
+    Image.fromarray(good[..., 1].astype(np.uint16) * 257).save(hr_dir / "deep.png")  # 16-bit gray
+    write_image(hr_dir / "small.png", good[:30])
+    (hr_dir / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (hr_dir / "truncated.png").write_bytes((hr_dir / "good.png").read_bytes()[:200])
+    cfg = config(2, source="folder", hr_dirs=str(hr_dir), patch_size=16, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        pairs = data.training_pairs(cfg)
+    names = sorted(os.path.basename(n) for n in pairs.names)
+    assert names == ["deep.png", "good.png", "gray.png", "rgba.png"]
+    for bad in ("small.png", "corrupt.png", "truncated.png"):
+        assert any(bad in r.getMessage() for r in caplog.records), bad
+    assert "skipped 3 of 7 images (2 unreadable or without a matching LR image, 1 smaller than the 32-pixel HR patch)" \
+        in caplog.text
+    by_name = {os.path.basename(n): pairs[i]["hr"] for i, n in enumerate(pairs.names)}
+    np.testing.assert_array_equal(by_name["good.png"], good)
+    np.testing.assert_array_equal(by_name["rgba.png"], good)
+    np.testing.assert_array_equal(by_name["gray.png"], np.repeat(good[..., :1], 3, axis=-1))
+    np.testing.assert_array_equal(by_name["deep.png"], np.repeat(good[..., 1:2], 3, axis=-1))
+
+    for bad in ("good.png", "gray.png", "rgba.png", "deep.png"):
+        os.remove(hr_dir / bad)
+    with pytest.raises(sources.DataError, match=r"no usable image: all 3 were skipped .*; first: .*corrupt.png") as e:
+        data.training_pairs(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_or_empty_folders_and_missing_lr_files(tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    for folder, message in [("missing", "no such folder"), ("empty", "holds no image files")]:
+        cfg = config(2, source="folder", hr_dirs=str(tmp_path / folder), cache_dir=str(tmp_path / "c"))
+        with pytest.raises(sources.DataError, match=message):
+            data.training_pairs(cfg)
+    for i in range(2):
+        write_image(tmp_path / "HR" / f"{i:04d}.png", smooth_image(40, 40, i))
+    write_image(tmp_path / "LR" / "X2" / "0000x2.png", smooth_image(20, 20, 0))
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), lr_dirs=str(tmp_path / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "c"))
+    with caplog.at_level(logging.WARNING):
+        assert len(data.training_pairs(cfg)) == 1
+    assert "0001.png: no LR image in" in caplog.text
+
+
+def test_demo_sources(tmp_path):
+    cfg = config(2, source="demo", patch_size=48)
+    shards = [data.training_pairs(cfg, process_index=i, process_count=2) for i in range(2)]
+    assert shards[0].names + shards[1].names == ("astronaut", "chelsea", "immunohistochemistry",
+                                                 "coffee", "rocket", "hubble_deep_field")
+    astronaut = shards[0][0]
+    assert astronaut["hr"].shape == (512, 512, 3) and astronaut["lr"].shape == (256, 256, 3)
+    [(name, lr, hr)] = data.validation_images(config(3))
+    assert name == "stereo_motorcycle_320x240" and hr.shape == (240, 318, 3) and lr.shape == (80, 106, 3)
+    np.testing.assert_array_equal(lr, degrade.bicubic_lr(hr, 3))
+
+
+def test_benchmark_validation_images(data_dir):
+    cfg = config(4, val_source="benchmark", val_set="Set5", val_dir=os.path.join(data_dir, "benchmark"),
+                 val_max_images=3)
+    val = data.validation_images(cfg)
+    assert [n for n, _, _ in val] == ["baby", "bird", "butterfly"]
+    name, lr, hr = val[1]
+    assert hr.shape == (288, 288, 3) and lr.shape == (72, 72, 3)
+    np.testing.assert_array_equal(lr, degrade.bicubic_lr(hr, 4))

@@ -1,0 +1,142 @@
+"""PSNR/SSIM on Y against independent computations (scikit-image), and the conventions around them."""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from skimage import color, data
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from rnan_jax import metrics
+
+
+def _pair(seed=0, shape=(64, 80)):
+    """A natural uint8 RGB image and a noisy copy of it."""
+    hr = data.astronaut()[100 : 100 + shape[0], 150 : 150 + shape[1]]
+    rng = np.random.default_rng(seed)
+    sr = np.clip(hr.astype(np.int16) + rng.integers(-12, 13, hr.shape), 0, 255).astype(np.uint8)
+    return sr, hr
+
+
+def _skimage_ssim(a, b):
+    return structural_similarity(
+        a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+    )
+
+
+def test_quantize():
+    x = np.array([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 0.5, 1.0, 1.3])
+    np.testing.assert_array_equal(metrics.quantize(x), [0, 0, 1, 2, 128, 255, 255])
+    assert metrics.quantize(jnp.asarray(x, jnp.float32)).dtype == np.uint8
+
+
+def test_rgb_to_y_and_gray_known_values():
+    rgb = np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0], [10, 20, 30]], np.uint8)
+    # (65.481 * 10 + 128.553 * 20 + 24.966 * 30) / 255 = 3974.85 / 255 = 15.58764...
+    np.testing.assert_array_equal(metrics.rgb_to_y(rgb), [16, 235, 81, 32])
+    np.testing.assert_allclose(metrics.rgb_to_y(rgb, rounded=False), [16, 235, 81.481, 31.587647058823], atol=1e-11)
+    # 0.299 * 255 = 76.245; 2.99 + 11.74 + 3.42 = 18.15
+    np.testing.assert_array_equal(metrics.rgb_to_gray(rgb), [0, 255, 76, 18])
+
+
+def _exact_rounded_y(rgb):
+    # Y * 255000 is an integer: round it half up without floats.
+    rgb = rgb.astype(np.int64)
+    n = 16 * 255000 + 65481 * rgb[..., 0] + 128553 * rgb[..., 1] + 24966 * rgb[..., 2]
+    return (2 * n + 255000) // 510000
+
+
+def test_y_matches_skimage_rgb2ycbcr():
+    _, hr = _pair()
+    np.testing.assert_allclose(metrics.rgb_to_y(hr, rounded=False), color.rgb2ycbcr(hr)[..., 0], atol=1e-9)
+
+
+def test_rounded_y_rounds_exact_halves_up():
+    # Colours whose Y is exactly k + 1/2 exist (a float evaluation of the formula misrounds some of them).
+    grid = np.stack(np.meshgrid(np.arange(256), np.arange(0, 256, 3), np.arange(0, 256, 5), indexing="ij"), -1)
+    rgb = grid.reshape(-1, 3).astype(np.uint8)
+    n = 16 * 255000 + rgb.astype(np.int64) @ np.array([65481, 128553, 24966])
+    ties = rgb[(2 * n) % 510000 == 255000]
+    assert len(ties) > 0
+    np.testing.assert_array_equal(metrics.rgb_to_y(ties), _exact_rounded_y(ties))
+    np.testing.assert_array_equal(metrics.rgb_to_y(ties), metrics.rgb_to_y(ties, rounded=False) + 0.5)
+    np.testing.assert_array_equal(metrics.rgb_to_y(rgb), _exact_rounded_y(rgb))
+
+
+@pytest.mark.parametrize("shave", [0, 2, 4])
+def test_psnr_y_matches_skimage(shave):
+    sr, hr = _pair()
+    sl = slice(shave, -shave or None)
+    y_sr = _exact_rounded_y(sr)[sl, sl].astype(np.float64)
+    y_hr = _exact_rounded_y(hr)[sl, sl].astype(np.float64)
+    expected = peak_signal_noise_ratio(y_hr, y_sr, data_range=255)
+    assert metrics.psnr_y(sr, hr, shave) == pytest.approx(expected, abs=1e-10)
+    assert 28 < expected < 40
+
+
+@pytest.mark.parametrize("rounded", [True, False])
+def test_ssim_y_matches_skimage_reference_configuration(rounded):
+    sr, hr = _pair(1)
+    if rounded:
+        y_sr, y_hr = (_exact_rounded_y(x)[3:-3, 3:-3].astype(np.float64) for x in (sr, hr))
+    else:
+        y_sr, y_hr = (color.rgb2ycbcr(x)[..., 0][3:-3, 3:-3] for x in (sr, hr))
+    expected = _skimage_ssim(y_hr, y_sr)
+    assert metrics.ssim_y(sr, hr, 3, rounded_y=rounded) == pytest.approx(expected, abs=1e-7)
+    assert 0.5 < expected < 0.99
+
+
+def test_ssim_of_unrelated_and_shifted_images():
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 256, (2, 40, 50)).astype(np.float64)
+    assert metrics.ssim(a, b) == pytest.approx(_skimage_ssim(a, b), abs=1e-7)
+    assert metrics.ssim(a, a + 7.0) == pytest.approx(_skimage_ssim(a, a + 7.0), abs=1e-7)
+
+
+def test_identical_images_give_infinite_psnr_and_unit_ssim():
+    _, hr = _pair()
+    assert metrics.psnr_y(hr, hr, 2) == math.inf
+    assert metrics.ssim_y(hr, hr, 2) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_grayscale_reference_is_scored_on_gray_values():
+    rng = np.random.default_rng(6)
+    hr = rng.integers(0, 256, (30, 30), dtype=np.uint8)
+    sr = np.clip(hr.astype(np.int16) + rng.integers(-5, 6, hr.shape), 0, 255).astype(np.uint8)
+    expected = peak_signal_noise_ratio(hr[2:-2, 2:-2], sr[2:-2, 2:-2], data_range=255)
+    assert metrics.psnr_y(sr, hr, 2) == pytest.approx(expected, abs=1e-10)
+    # An RGB output with three equal channels reduces to the same gray values.
+    assert metrics.psnr_y(np.repeat(sr[..., None], 3, -1), hr, 2) == pytest.approx(expected, abs=1e-10)
+    assert metrics.ssim_y(sr, hr, 2) == pytest.approx(_skimage_ssim(hr[2:-2, 2:-2], sr[2:-2, 2:-2]), abs=1e-7)
+    # Through the Y formula the same pixels would read differently (it compresses 0..255 into 16..235).
+    assert metrics.psnr_y(np.repeat(sr[..., None], 3, -1), np.repeat(hr[..., None], 3, -1), 2) != pytest.approx(
+        expected, abs=0.5
+    )
+
+
+def test_rgb_output_reduced_to_gray_for_gray_reference():
+    rng = np.random.default_rng(7)
+    sr = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    hr = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+    gray = np.floor(0.299 * sr[..., 0] + 0.587 * sr[..., 1] + 0.114 * sr[..., 2] + 0.5)
+    expected = peak_signal_noise_ratio(hr.astype(np.float64), gray, data_range=255)
+    assert metrics.psnr_y(sr, hr, 0) == pytest.approx(expected, abs=1e-10)
+
+
+def test_shaved_border_does_not_count():
+    sr, hr = _pair()
+    damaged = sr.copy()
+    damaged[:3] = 0
+    damaged[:, -3:] = 255
+    assert metrics.psnr_y(damaged, hr, 3) == metrics.psnr_y(sr, hr, 3)
+    assert metrics.psnr_y(damaged, hr, 2) < metrics.psnr_y(sr, hr, 2)
+
+
+def test_rejects_float_and_mismatched_inputs():
+    sr, hr = _pair()
+    with pytest.raises(TypeError, match="uint8"):
+        metrics.psnr_y(sr / 255.0, hr, 2)
+    with pytest.raises(ValueError, match="differ in size"):
+        metrics.psnr_y(sr[:-1], hr, 2)
+    with pytest.raises(ValueError, match="SSIM needs"):
+        metrics.ssim_y(sr[:14, :14], hr[:14, :14], 2)

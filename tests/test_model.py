@@ -1,0 +1,171 @@
+"""The network's structure and numerics: parameter counts, shapes, pixel shuffle, GC attention, knobs."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnan_jax import RNANConfig, apply, infer_config, init
+from rnan_jax.api import count_params
+from rnan_jax.model import GlobalContext, pixel_shuffle
+
+TINY = dict(features=16, num_groups=2, num_blocks=2, gc_reduction=4)
+# Compiled once per shape and knob setting: eager Flax dispatch op by op is far slower on CPU.
+japply = jax.jit(apply, static_argnames=("config", "dtype", "scan_unroll", "depthwise"))
+
+
+def _count(config):
+    return count_params(jax.eval_shape(lambda k: init(k, config), jax.random.key(0)))
+
+
+@pytest.mark.parametrize("scale,expected", [(2, 17_156_037), (3, 17_340_677), (4, 17_303_749)])
+def test_default_parameter_counts(scale, expected):
+    assert _count(RNANConfig(scale=scale)) == expected
+
+
+@pytest.mark.parametrize("scale,expected", [(2, 17_122_887), (3, 17_307_527), (4, 17_270_599)])
+def test_parameter_counts_20x10_interval_2_reading(scale, expected):
+    config = RNANConfig(scale=scale, num_groups=20, num_blocks=10, group_interval=2, block_interval=2)
+    assert _count(config) == expected
+
+
+def test_infer_config_reads_intervals_and_scale():
+    config = RNANConfig(scale=3, features=32, num_groups=4, num_blocks=6, group_interval=2, block_interval=3,
+                        gc_reduction=8)
+    shapes = jax.eval_shape(lambda k: init(k, config), jax.random.key(0))
+    assert infer_config(shapes) == config
+    with pytest.raises(ValueError, match="not an RNAN parameter tree"):
+        infer_config({"head": {}})
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_output_shapes_odd_sizes(scale):
+    params = init(jax.random.key(0), RNANConfig(scale=scale, **TINY))
+    lr = jnp.full((2, 13, 17, 3), 0.5)
+    assert jax.eval_shape(apply, params, lr).shape == (2, 13 * scale, 17 * scale, 3)
+    assert japply(params, lr[:1]).shape == (1, 13 * scale, 17 * scale, 3)
+    assert jax.eval_shape(apply, params, lr[0]).shape == (13 * scale, 17 * scale, 3)
+
+
+def _torch_pixel_shuffle_numpy(x, s):
+    # Independent reading of torch.nn.PixelShuffle on NCHW: out[c, h*s+i, w*s+j] = in[c*s*s + i*s + j, h, w].
+    n, c_in, h, w = x.shape
+    c = c_in // (s * s)
+    out = np.zeros((n, c, h * s, w * s), x.dtype)
+    for ch, i, j in itertools.product(range(c), range(s), range(s)):
+        out[:, ch, i::s, j::s] = x[:, ch * s * s + i * s + j]
+    return out
+
+
+@pytest.mark.parametrize("s", [2, 3])
+def test_pixel_shuffle_matches_pytorch_order(s):
+    x = np.random.RandomState(0).randn(2, 4 * s * s, 5, 7).astype(np.float32)  # NCHW
+    expected = _torch_pixel_shuffle_numpy(x, s).transpose(0, 2, 3, 1)
+    got = pixel_shuffle(jnp.asarray(x.transpose(0, 2, 3, 1)), s)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_depthwise_kernel_shape_and_stacking():
+    config = RNANConfig(scale=2, **TINY)
+    params = init(jax.random.key(0), config)
+    dc = params["groups"]["blocks"]["na"]["dc"]["kernel"]
+    assert dc.shape == (2, 2, 3, 3, 1, 16)  # [G, B] stacked by nn.scan, then (3, 3, 1, C)
+    assert params["groups"]["gc"]["ln"]["scale"].shape == (2, 4)
+
+
+def test_pytorch_style_initialization_bounds():
+    params = init(jax.random.key(0), RNANConfig(scale=2, **TINY))
+    c1 = params["groups"]["blocks"]["c1"]
+    bound = 1 / np.sqrt(16 * 9)
+    for leaf in (c1["kernel"], c1["bias"]):
+        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.9 * bound
+    # U(-b, b) has std b / sqrt(3); Flax's lecun_normal would give sqrt(3) times that.
+    assert np.std(c1["kernel"]) == pytest.approx(bound / np.sqrt(3), rel=0.05)
+
+
+def test_gc_attention_sums_to_one():
+    gc = GlobalContext(features=16, reduction=4)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 16))
+    variables = gc.init(jax.random.key(1), x)
+    out, attention = gc.apply(variables, x, return_attention=True)
+    assert attention.shape == (2, 5, 7)
+    np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, rtol=1e-6)
+    # The context is one vector per image: out - x is constant over positions.
+    delta = np.asarray(out - x)
+    np.testing.assert_allclose(delta, np.broadcast_to(delta[:, :1, :1], delta.shape), atol=1e-6)
+
+
+def test_full_size_model_output_is_order_one_at_init():
+    params = init(jax.random.key(0), RNANConfig(scale=4))
+    lr = jax.random.uniform(jax.random.key(1), (1, 12, 12, 3))
+    sr = jax.jit(lambda p, x: apply(p, x, scan_unroll=1))(params, lr)
+    assert sr.shape == (1, 48, 48, 3)
+    assert bool(jnp.all(jnp.isfinite(sr)))
+    assert float(jnp.abs(sr).max()) < 3.0  # Flax's default init gives ~1e6 here (DESIGN.md)
+
+
+def test_inferred_config_equals_explicit():
+    config = RNANConfig(scale=3, features=16, num_groups=2, num_blocks=4, block_interval=2, gc_reduction=4)
+    params = init(jax.random.key(0), config)
+    lr = jax.random.uniform(jax.random.key(1), (1, 9, 11, 3))
+    np.testing.assert_array_equal(japply(params, lr), japply(params, lr, config=config))
+
+
+def test_jit_vmap_grad():
+    params = init(jax.random.key(0), RNANConfig(scale=2, **TINY))
+    lr = jax.random.uniform(jax.random.key(1), (2, 6, 5, 3))
+    eager = apply(params, lr, scan_unroll=1)  # op by op, outside jit
+    np.testing.assert_allclose(jax.jit(apply)(params, lr), eager, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.vmap(lambda x: apply(params, x)))(lr), eager, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: jnp.abs(apply(p, lr) - 0.5).mean()))(params)
+    norms = [float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)]
+    assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+def test_bfloat16_compute_close_to_float32():
+    params = init(jax.random.key(0), RNANConfig(scale=2, **TINY))
+    lr = jax.random.uniform(jax.random.key(1), (2, 12, 12, 3))
+    f32 = japply(params, lr)
+    bf16 = japply(params, lr, dtype="bfloat16")
+    assert bf16.dtype == jnp.float32  # output and parameters stay float32
+    assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+    # bfloat16 has an 8-bit mantissa: 2^-8 relative per op; 0.02 absolute on [0, 1] images (~ 5/255).
+    assert float(jnp.abs(bf16 - f32).max()) < 0.02
+    assert float(jnp.abs(bf16 - f32).mean()) < 0.004
+
+
+def test_execution_knobs_compute_the_same_function():
+    params = init(jax.random.key(0), RNANConfig(scale=4, features=16, num_groups=2, num_blocks=3, gc_reduction=4))
+    lr = jax.random.uniform(jax.random.key(1), (2, 9, 7, 3))
+    reference = japply(params, lr, scan_unroll=1, depthwise="grouped")
+    for unroll, depthwise in itertools.product([1, 2, True], ["grouped", "shifted"]):
+        out = japply(params, lr, scan_unroll=unroll, depthwise=depthwise)
+        np.testing.assert_allclose(out, reference, atol=2e-6, err_msg=f"unroll={unroll} depthwise={depthwise}")
+    with pytest.raises(ValueError, match="depthwise"):
+        apply(params, lr, depthwise="fft")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="scale"):
+        RNANConfig(scale=8)
+    with pytest.raises(ValueError, match="block_interval"):
+        RNANConfig(num_blocks=20, block_interval=3)
+    with pytest.raises(ValueError, match=r"\[B, h, w, 3\]"):
+        apply(init(jax.random.key(0), RNANConfig(scale=2, **TINY)), jnp.zeros((4, 4)))
+
+
+def test_init_draws_the_modules_own_distribution():
+    from rnan_jax.model import RNAN
+
+    config = RNANConfig(scale=2, features=32, num_groups=2, num_blocks=3, gc_reduction=4)
+    fast = init(jax.random.key(0), config)
+    reference = RNAN(config, scan_unroll=1).init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))["params"]
+    pairs = zip(jax.tree_util.tree_leaves_with_path(fast), jax.tree_util.tree_leaves(reference))
+    for (path, a), b in pairs:
+        assert a.shape == b.shape and a.dtype == b.dtype == jnp.float32, path
+        if b.size >= 512:
+            assert float(jnp.std(a)) == pytest.approx(float(jnp.std(b)), rel=0.15), path
+            assert float(jnp.abs(a).max()) <= float(jnp.abs(b).max()) * 1.02 + 1e-7, path
+        elif float(jnp.std(b)) == 0:
+            np.testing.assert_array_equal(a, b, err_msg=str(path))  # LayerNorm scale 1, bias 0

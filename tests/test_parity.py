@@ -1,0 +1,53 @@
+"""Parity with an independent PyTorch reading of the same spec (../shared/peers/rnan_torch.py)."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rnan_jax import RNANConfig, apply, init
+from rnan_jax.convert import from_torch_state_dict
+
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install torch==2.13.0 for the parity test)")
+
+PEERS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"))
+
+
+@pytest.fixture(scope="module")
+def torch_rnan():
+    if not os.path.isfile(os.path.join(PEERS, "rnan_torch.py")):
+        pytest.skip(f"PyTorch peer not found at {PEERS}/rnan_torch.py (../shared beside the repository)")
+    sys.path.insert(0, PEERS)
+    try:
+        import rnan_torch
+    finally:
+        sys.path.remove(PEERS)
+    return rnan_torch.RNAN
+
+
+def _compare(torch_rnan, config, lr_shape, seed):
+    torch.manual_seed(seed)
+    model = torch_rnan(scale=config.scale, c=config.features, n_groups=config.num_groups,
+                       n_blocks=config.num_blocks, group_interval=config.group_interval,
+                       block_interval=config.block_interval, r=config.gc_reduction).eval()
+    params = from_torch_state_dict(model.state_dict(), config)
+    expected_tree = jax.eval_shape(lambda k: init(k, config), jax.random.key(0))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected_tree)
+    assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(lambda s: s.shape, expected_tree)
+    lr = np.random.RandomState(seed).rand(*lr_shape).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(lr).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(jax.jit(lambda p, x: apply(p, x, scan_unroll=1))(params, lr))
+    assert got.shape == expected.shape
+    return np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_small_config_matches_pytorch(torch_rnan, scale):
+    config = RNANConfig(scale=scale, features=32, num_groups=3, num_blocks=4, group_interval=1, block_interval=2)
+    assert _compare(torch_rnan, config, (2, 11, 13, 3), seed=scale) < 1e-5
+
+
+def test_default_config_matches_pytorch_on_tiny_input(torch_rnan):
+    assert _compare(torch_rnan, RNANConfig(scale=4), (1, 6, 5, 3), seed=0) < 2e-5
