@@ -273,7 +273,10 @@ def main(argv: Sequence[str]) -> None:
         progress=FLAGS.progress,
     )
     if FLAGS.checkpoint:
-        params, config = rnan_jax.load(FLAGS.checkpoint, which=FLAGS.which)
+        try:
+            params, config = rnan_jax.load(FLAGS.checkpoint, which=FLAGS.which)
+        except (ValueError, OSError) as e:  # CheckpointError is a ValueError naming the path
+            sys.exit(f"--checkpoint: {e}")
         if scales and scales != [config.scale]:
             raise app.UsageError(f"the checkpoint is an x{config.scale} model; --scales {FLAGS.scales} does not apply")
         evaluation = evaluate_model(params, config, datasets, self_ensemble=FLAGS.self_ensemble, **common)

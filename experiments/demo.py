@@ -1,0 +1,25 @@
+"""The README's main command: a small RNAN trained on images that scikit-image ships (no download).
+
+Command:   python -m rnan_jax.train --config experiments/demo.py --workdir /tmp/rnan_demo
+Hardware:  2 CPU cores: about 3-4 minutes after installation (compile ~20 s, ~0.3 s/step).
+Model:     x2, 32 features, 2 GCRGs x 3 RNA blocks (~0.2 M parameters).
+Data:      astronaut, coffee, chelsea, rocket, immunohistochemistry, hubble_deep_field; validation on a
+           held-out 320x240 crop of stereo_motorcycle (bicubic x2: about 31.4 dB).
+Expected:  validation PSNR above bicubic's (about +0.6 dB by step 300, +0.8 dB by step 600).
+"""
+import ml_collections
+
+from rnan_jax import configs
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = configs.default_config()
+    config.total_steps = 600
+    config.batch_size = 8
+    config.log_every = 50
+    config.eval_every = 200
+    config.checkpoint_every = 200
+    config.model.update(scale=2, features=32, num_groups=2, num_blocks=3, gc_reduction=16)
+    config.optim.update(lr=1e-3, schedule="cosine")
+    config.data.update(source="demo", patch_size=24, val_source="demo", num_workers=0)
+    return config

@@ -1,0 +1,137 @@
+"""Upscaling whole images with a trained model: `upscale_image(params, image)`, optionally in tiles.
+
+Tiling bounds memory by the tile, not the image: the LR image is cut into equal `tile` x `tile` windows
+(clamped to the image; the last window in each row and column is shifted back inside the image rather than
+padded, so every window has the same size and a large image compiles once) that overlap by at least
+`overlap` LR pixels. Each window's output is weighted along each axis by a ramp centred in the middle of
+every overlap, rising from 0 to 1 over half the overlap, so the weights of neighbours sum to 1 and the
+outer quarter of each overlap, where a window's zero padding is felt, gets weight 0. Convolutions are
+therefore reproduced exactly when a quarter of the overlap covers their receptive field; the GC block's
+softmax context is global, so with it tiled output differs slightly from whole-image output
+(tools/BENCHMARKS.md, "Inference: tiling", measures by how much).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from rnan_jax import api, ensemble, metrics
+from rnan_jax.model import RNANConfig
+
+# Chosen by tools/tiling_bound.py: at overlap 32 tiled output is within the bound recorded in BENCHMARKS.md.
+DEFAULT_OVERLAP = 32
+
+Params = Mapping[str, Any]
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_forward(config: RNANConfig) -> Callable[[Params, jax.Array], jax.Array]:
+    """`apply` jitted for one architecture: (params, lr [B, h, w, 3]) -> sr; jit compiles once per input shape.
+
+    Cached by config so that every `upscale_image` call with the same architecture reuses its compilations.
+    """
+    return jax.jit(functools.partial(api.apply, config=config))
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of size `tile` covering [0, length), evenly spread, neighbours overlapping by
+    at least `overlap`; the first starts at 0 and the last ends at `length`. Needs tile <= length."""
+    if tile >= length:
+        return [0]
+    count = -(-(length - overlap) // (tile - overlap))  # ceil
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def blend_weights(starts: list[int], tile: int, overlap: int, scale: int) -> list[np.ndarray]:
+    """Per-window float32 weights [scale * tile] along one axis, in output (HR) pixels.
+
+    Between neighbouring windows the weight ramps linearly over `overlap // 2` LR pixels (a hard step when
+    that is 0) centred in the middle of their overlap; the two ramps sum to 1, so a pixel's weights over
+    all windows sum to 1 wherever the overlaps are at least `overlap`.
+    """
+    x = np.arange(scale * tile, dtype=np.float64) + 0.5  # pixel centres, relative to the window's start
+    ramp = scale * (overlap - 2 * (overlap // 4))  # overlap // 4 LR pixels at each edge get weight 0
+
+    def rising(centre: float) -> np.ndarray:
+        if ramp == 0:
+            return (x >= centre).astype(np.float64)
+        return np.clip((x - centre) / ramp + 0.5, 0.0, 1.0)
+
+    weights = []
+    for k, start in enumerate(starts):
+        w = np.ones_like(x)
+        if k > 0:  # the overlap with the previous window is [start, previous end)
+            w *= rising(scale * (starts[k - 1] + tile - start) / 2)
+        if k + 1 < len(starts):  # the overlap with the next window is [next start, end)
+            w *= 1.0 - rising(scale * (starts[k + 1] - start + tile) / 2)
+        weights.append(w.astype(np.float32))
+    return weights
+
+
+def _tiled(run: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: int, tile: int,
+           overlap: int) -> np.ndarray:
+    """`run` over overlapping windows of lr float32 [h, w, 3], blended: float32 [s*h, s*w, 3]."""
+    h, w, _ = lr.shape
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    wy, wx = blend_weights(ys, th, overlap, scale), blend_weights(xs, tw, overlap, scale)
+    out = np.zeros((scale * h, scale * w, 3), np.float32)
+    total = np.zeros((scale * h, scale * w, 1), np.float32)
+    for y, weight_y in zip(ys, wy):
+        for x, weight_x in zip(xs, wx):
+            sr = np.asarray(run(lr[y:y + th, x:x + tw]), np.float32)
+            weight = (weight_y[:, None] * weight_x[None, :])[..., None]
+            out[scale * y:scale * (y + th), scale * x:scale * (x + tw)] += weight * sr
+            total[scale * y:scale * (y + th), scale * x:scale * (x + tw)] += weight
+    return out / total
+
+
+def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | None = None,
+                  tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
+                  self_ensemble: bool = False) -> np.ndarray:
+    """Super-resolves one image of any size: [H, W, 3] RGB or [H, W] gray -> [s*H, s*W(, 3)], same kind out.
+
+    image: uint8 (0..255), or float in [0, 1]. uint8 output is clipped and rounded; float output is float32,
+      not clipped (as `apply`). Gray is fed to the model replicated to RGB, and its output reduced back to
+      gray as round(0.299 R + 0.587 G + 0.114 B) (the metrics' convention; unrounded for float).
+    config: the architecture (default: read off `params`).
+    tile: LR window side for tiled processing (None: the whole image at once). overlap: LR pixels that
+      neighbouring windows share (>= 4 x the receptive field radius makes convolutions exact).
+    self_ensemble: average the 8 flips/rotations of each window (RNAN+), in float.
+    """
+    config = config or api.infer_config(params)
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
+        raise ValueError(f"image must be [H, W, 3] or [H, W], got shape {image.shape}")
+    if image.dtype == np.uint8:
+        lr = image.astype(np.float32) / 255.0
+    elif np.issubdtype(image.dtype, np.floating):
+        lr = image.astype(np.float32)
+    else:
+        raise TypeError(f"image must be uint8 or float, got {image.dtype}")
+    if lr.ndim == 2:
+        lr = np.repeat(lr[..., None], 3, axis=-1)
+    if tile is not None and not 0 <= overlap < tile:
+        raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap} and tile {tile}")
+
+    forward = compiled_forward(config)
+    params = jax.device_put(params)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        fn = lambda y: forward(params, y)
+        return np.asarray(ensemble.self_ensemble(fn, x) if self_ensemble else fn(x), np.float32)
+
+    h, w, _ = lr.shape
+    if tile is None or (tile >= h and tile >= w):
+        sr = run(lr)
+    else:
+        sr = _tiled(run, lr, config.scale, tile, overlap)
+    if image.dtype == np.uint8:
+        sr = metrics.quantize(sr)
+        return metrics.rgb_to_gray(sr) if image.ndim == 2 else sr
+    if image.ndim == 2:
+        sr = sr[..., 0] * 0.299 + sr[..., 1] * 0.587 + sr[..., 2] * 0.114
+    return sr.astype(np.float32)

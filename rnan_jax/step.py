@@ -1,0 +1,110 @@
+"""The train state, the optimizer and the train step: pure functions, jitted once by the trainer.
+
+`train_step(state, batch, acc, *, spec)` takes uint8 batches ({"lr": [B, p, p, 3], "hr": [B, sp, sp, 3]}),
+converts them on the device, and returns the new state and the running sums of its metrics (`acc`), so the
+host reads metrics only at log steps. A step whose loss, gradient or update is not finite leaves the
+parameters untouched and is counted in `acc["nonfinite"]`; the trainer stops on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from rnan_jax.api import build, init
+from rnan_jax.configs import OptimConfig
+from rnan_jax.model import RNANConfig
+
+_LOSS_AVG_DECAY = 0.99
+_SKIP_WARMUP = 100  # steps before loss-spike skipping starts (the running loss must settle first)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema: Any  # EMA of params, or None when optim.ema_decay is 0
+    loss_avg: jax.Array  # running L1 loss, the reference for skip_threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the step closes over: hashable, so the jitted step compiles once per spec."""
+
+    model: RNANConfig
+    optim: OptimConfig
+    scan_unroll: int | bool | None = None
+    depthwise: str | None = None
+
+
+def learning_rate(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.schedule == "step":
+        base = optax.exponential_decay(cfg.lr, cfg.decay_every, cfg.decay_factor, staircase=True)
+    elif cfg.schedule == "cosine":
+        base = optax.cosine_decay_schedule(cfg.lr, max(cfg.total_steps - cfg.warmup_steps, 1))
+    else:
+        base = optax.constant_schedule(cfg.lr)
+    if cfg.warmup_steps <= 0:
+        return base
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), base], [cfg.warmup_steps])
+
+
+def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    adam = optax.adam(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam) if cfg.grad_clip > 0 else adam
+
+
+def create_state(rng: jax.Array, params: Any = None, *, spec: StepSpec) -> TrainState:
+    """A fresh state; `params` (e.g. from init_from) replaces the random initialization."""
+    params = init(rng, spec.model) if params is None else params
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer(spec.optim).init(params),
+                      ema=params if spec.optim.ema_decay > 0 else None, loss_avg=jnp.zeros((), jnp.float32))
+
+
+def empty_metrics() -> dict[str, jax.Array]:
+    names = ("loss", "grad_norm", "steps", "skipped", "nonfinite")
+    return {k: jnp.zeros((), jnp.float32) for k in names}
+
+
+def l1_loss(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> jax.Array:
+    model = build(spec.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise)
+    sr = model.apply({"params": params}, lr)
+    return jnp.mean(jnp.abs(sr - hr))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], acc: dict[str, jax.Array], *,
+               spec: StepSpec) -> tuple[TrainState, dict[str, jax.Array]]:
+    lr = batch["lr"].astype(jnp.float32) / 255.0
+    hr = batch["hr"].astype(jnp.float32) / 255.0
+    loss, grads = jax.value_and_grad(l1_loss)(state.params, lr, hr, spec)
+    updates, opt_state = optimizer(spec.optim).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    spike = (spec.optim.skip_threshold > 0) & (state.step >= _SKIP_WARMUP) & (
+        loss > spec.optim.skip_threshold * state.loss_avg)
+    keep = finite & ~spike
+
+    def choose(new, old):
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, old)
+
+    params = choose(params, state.params)
+    ema = state.ema
+    if ema is not None:
+        d = spec.optim.ema_decay
+        ema = choose(jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
+    warm = state.step > 0
+    loss_avg = jnp.where(keep, jnp.where(warm, _LOSS_AVG_DECAY * state.loss_avg + (1 - _LOSS_AVG_DECAY) * loss,
+                                         loss), state.loss_avg)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=choose(opt_state, state.opt_state),
+                           ema=ema, loss_avg=loss_avg)
+    acc = {"loss": acc["loss"] + jnp.where(finite, loss, 0.0),
+           "grad_norm": acc["grad_norm"] + jnp.where(finite, grad_norm, 0.0),
+           "steps": acc["steps"] + 1, "skipped": acc["skipped"] + spike.astype(jnp.float32),
+           "nonfinite": acc["nonfinite"] + (~finite).astype(jnp.float32)}
+    return new_state, acc

@@ -1,0 +1,92 @@
+"""What a training run shows: TensorBoard event files (tensorboardX, no TensorFlow), log lines, tables."""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+class Writer:
+    """TensorBoard scalars and images under `logdir`, written by process 0 only."""
+
+    def __init__(self, logdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir, flush_secs=30)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self._writer:
+            for k, v in values.items():
+                self._writer.add_scalar(k, float(v), step)
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """uint8 [H, W, 3] images."""
+        if self._writer:
+            for k, v in images.items():
+                self._writer.add_image(k, np.asarray(v), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+
+
+def eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def log_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
+    """One readable line: step, loss, learning rate, gradient norm, speed, ETA."""
+    parts = [f"step {step}/{total}", f"loss {metrics['loss']:.5f}", f"lr {metrics['lr']:.3g}",
+             f"grad_norm {metrics['grad_norm']:.4g}", f"{metrics['steps_per_s']:.2f} steps/s",
+             f"{metrics['patches_per_s']:.1f} patches/s", f"ETA {eta(metrics['eta_s'])}"]
+    if metrics.get("skipped"):
+        parts.append(f"skipped {int(metrics['skipped'])}")
+    return "  ".join(parts)
+
+
+def parameter_table(params: Any) -> str:
+    """Parameter count per top-level module and in total."""
+    rows = [(name, sum(x.size for x in jax.tree_util.tree_leaves(sub))) for name, sub in params.items()]
+    total = sum(n for _, n in rows)
+    width = max(len(n) for n, _ in rows)
+    lines = [f"{'module':<{width}}  {'parameters':>12}"]
+    lines += [f"{n:<{width}}  {c:>12,}" for n, c in sorted(rows, key=lambda r: r[0])]
+    lines.append(f"{'total':<{width}}  {total:>12,}")
+    return "\n".join(lines)
+
+
+def comparison_strip(lr_up: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray,
+                     max_side: int = 256) -> np.ndarray:
+    """uint8 [h, 4w, 3]: nearest-upscaled LR | bicubic | SR | HR, a centre crop of at most max_side."""
+    h, w = hr.shape[:2]
+    ch, cw = min(h, max_side), min(w, max_side)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crops = [np.asarray(x)[top:top + ch, left:left + cw] for x in (lr_up, bicubic, sr, hr)]
+    return np.concatenate(crops, axis=1)
+
+
+def git_revision(path: str) -> str:
+    """The git revision of the code at `path` (with '-dirty' for local changes), or 'unknown'."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if rev.returncode:
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))

@@ -1,0 +1,296 @@
+"""The training loop: sharded steps, validation, checkpoints, resume, preemption, observability.
+
+`train_and_evaluate(config, workdir)` is what `python -m rnan_jax.train` runs. The state is replicated and
+the batch sharded over a 1-D "data" mesh of all devices of all processes; each process feeds its own share
+of the batch (`jax.make_array_from_process_local_data`). The step is jitted once with the state donated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rnan_jax import checkpoint, data, degrade, metrics, step, summary
+from rnan_jax.api import apply, init
+from rnan_jax.configs import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss); the message says what was kept."""
+
+
+class _Preemption:
+    """Turns SIGTERM (a TPU/GPU preemption notice) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, as in a notebook's worker thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _agree(flag: bool) -> bool:
+    """True on every process if it is true on any (one decision for all hosts)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        logging.info(message)
+        print(message, flush=True)
+
+
+def _copy_matching(params: Any, source: Any, origin: str) -> Any:
+    """`params` with every leaf whose path and shape match in `source` replaced; reports the rest."""
+    src = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(source)}
+    copied, kept = 0, []
+
+    def pick(path, leaf):
+        nonlocal copied
+        other = src.get(jax.tree_util.keystr(path))
+        if other is not None and other.shape == leaf.shape:
+            copied += 1
+            return jnp.asarray(other, leaf.dtype)
+        kept.append(jax.tree_util.keystr(path))
+        return leaf
+
+    out = jax.tree_util.tree_map_with_path(pick, params)
+    _log(f"init_from {origin}: copied {copied} parameter arrays; kept the fresh initialization for "
+         f"{len(kept)}: {', '.join(kept) if kept else 'none'}")
+    return out
+
+
+def _init_from(cfg: TrainConfig, params: Any) -> Any:
+    source, source_cfg = checkpoint.load(cfg.init_from)
+    differs = [f"{k} {getattr(source_cfg, k)} vs {getattr(cfg.model, k)}"
+               for k in ("features", "num_groups", "num_blocks", "group_interval", "block_interval", "gc_reduction")
+               if getattr(source_cfg, k) != getattr(cfg.model, k)]
+    if differs:
+        raise ValueError(f"init_from {cfg.init_from}: its architecture differs beyond the scale "
+                         f"({'; '.join(differs)}); only the upsampler may differ")
+    return _copy_matching(params, source, f"{cfg.init_from} (x{source_cfg.scale} -> x{cfg.model.scale})")
+
+
+class _Validator:
+    """PSNR/SSIM (Y, shave = scale) of the model on full validation images, against bicubic."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.images = data.validation_images(cfg.data)
+        self.scale = cfg.model.scale
+        self.bicubic = [degrade.imresize(lr, self.scale) for _, lr, _ in self.images]
+        self.bicubic_psnr = float(np.mean([metrics.psnr_y(b, hr, self.scale)
+                                           for b, (_, _, hr) in zip(self.bicubic, self.images)]))
+        self._apply = jax.jit(partial(apply, config=cfg.model, scan_unroll=cfg.scan_unroll,
+                                      depthwise=cfg.depthwise))
+
+    def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        psnrs, ssims, strips = [], [], {}
+        for i, ((name, lr, hr), bic) in enumerate(zip(self.images, self.bicubic)):
+            sr = metrics.quantize(self._apply(params, lr.astype(np.float32) / 255.0))
+            psnrs.append(metrics.psnr_y(sr, hr, self.scale))
+            ssims.append(metrics.ssim_y(sr, hr, self.scale))
+            if i < num_logged:
+                lr_up = np.repeat(np.repeat(lr, self.scale, 0), self.scale, 1)
+                strips[f"val/{name} (LR | bicubic | SR | HR)"] = summary.comparison_strip(lr_up, bic, sr, hr)
+        return {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims)),
+                "val/bicubic_psnr": self.bicubic_psnr}, strips
+
+
+def _write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "git_revision.txt"), "w") as f:
+        f.write(summary.git_revision(summary.package_dir()) + "\n")
+
+
+def _save_args(state: step.TrainState, it: Any, meta: dict) -> ocp.args.Composite:
+    import grain
+
+    items = {"params": ocp.args.StandardSave(state.params),
+             "opt": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                          "loss_avg": state.loss_avg}),
+             "meta": ocp.args.JsonSave(meta)}
+    if it is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(it)
+    if state.ema is not None:
+        items["ema"] = ocp.args.StandardSave(state.ema)
+    return ocp.args.Composite(**items)
+
+
+def _restore(mngr: ocp.CheckpointManager, at: int, target: step.TrainState, it: Any) -> tuple[step.TrainState, dict]:
+    import grain
+
+    items = {"params": ocp.args.StandardRestore(target.params),
+             "opt": ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state,
+                                             "loss_avg": target.loss_avg}),
+             "data": grain.checkpoint.CheckpointRestore(it),
+             "meta": ocp.args.JsonRestore()}
+    if target.ema is not None:
+        items["ema"] = ocp.args.StandardRestore(target.ema)
+    r = mngr.restore(at, args=ocp.args.Composite(**items))
+    state = step.TrainState(step=r["opt"]["step"], params=r["params"], opt_state=r["opt"]["opt_state"],
+                            ema=r["ema"] if target.ema is not None else None, loss_avg=r["opt"]["loss_avg"])
+    return state, r["meta"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: int | None = None) -> dict[str, float]:
+    """Trains (resuming from the latest checkpoint in `workdir`), validates and checkpoints.
+
+    Returns the last logged metrics and validation results. `stop_after` ends the loop after that step
+    without saving, as a crash would (for tests of resuming). Raises ValueError for a config that does
+    not fit, TrainingError for a non-finite loss.
+    """
+    cfg = TrainConfig.from_config(config)
+    workdir = os.path.abspath(workdir)
+    n_dev = jax.device_count()
+    if cfg.batch_size % n_dev:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    spec = step.StepSpec(cfg.model, cfg.optim, cfg.scan_unroll, cfg.depthwise)
+
+    it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
+    validator = _Validator(cfg)
+    mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), max_to_keep=cfg.keep_checkpoints)
+    best_mngr = checkpoint.manager(os.path.join(workdir, checkpoint.BEST), max_to_keep=1)
+
+    rng = jax.random.key(cfg.seed)
+    abstract = jax.eval_shape(partial(step.create_state, spec=spec), rng)
+    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+    latest = mngr.latest_step()
+    best_psnr = -math.inf
+    if latest is not None:
+        state, meta = _restore(mngr, latest, target, it)
+        best_psnr = float(meta.get("best_psnr", -math.inf))
+        _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
+    else:
+        params = None
+        if cfg.init_from:
+            params = _init_from(cfg, init(rng, cfg.model))
+        state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(rng, params)
+        _write_run_info(workdir, config)
+    _log(f"RNAN x{cfg.model.scale} on {n_dev} {jax.devices()[0].platform} device(s), {jax.process_count()} "
+         f"process(es); global batch {cfg.batch_size}; parameters:\n{summary.parameter_table(state.params)}")
+    _log(f"validation: {len(validator.images)} image(s), bicubic PSNR {validator.bicubic_psnr:.3f} dB")
+
+    train_step = jax.jit(partial(step.train_step, spec=spec), in_shardings=(replicated, batch_sharding, replicated),
+                         out_shardings=(replicated, replicated), donate_argnums=(0, 2))
+    lr_schedule = step.learning_rate(cfg.optim)
+    writer = summary.Writer(os.path.join(workdir, "tensorboard"))
+    acc = jax.device_put(step.empty_metrics(), replicated)
+    first = int(state.step)
+    results: dict[str, float] = {}
+    t_last, s_last = time.time(), first
+    progress = _progress(first, cfg.total_steps)
+    try:
+        with _Preemption() as preemption:
+            for s in range(first + 1, cfg.total_steps + 1):
+                batch = next(it)
+                batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+                state, acc = train_step(state, batch, acc)
+                if progress is not None:
+                    progress.update(1)
+                final = s == cfg.total_steps
+                if s % cfg.log_every == 0 or final:
+                    host = jax.device_get(acc)
+                    acc = jax.device_put(step.empty_metrics(), replicated)
+                    _check_finite(host, s, mngr)
+                    now = time.time()
+                    rate = (s - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, s
+                    n = max(host["steps"] - host["nonfinite"], 1)
+                    results.update(loss=host["loss"] / n, grad_norm=host["grad_norm"] / n, lr=float(lr_schedule(s - 1)),
+                                   steps_per_s=rate, patches_per_s=rate * cfg.batch_size,
+                                   eta_s=(cfg.total_steps - s) / rate if rate > 0 else math.inf, skipped=host["skipped"])
+                    writer.scalars(s, {f"train/{k}": v for k, v in results.items() if not k.startswith("val")})
+                    _log(summary.log_line(s, cfg.total_steps, results))
+                if s % cfg.eval_every == 0 or final:
+                    scores, strips = validator(state.ema if state.ema is not None else state.params,
+                                               cfg.num_val_images_logged)
+                    results.update(scores)
+                    writer.scalars(s, scores)
+                    writer.images(s, strips)
+                    _log(f"step {s}: validation PSNR {scores['val/psnr']:.3f} dB, SSIM {scores['val/ssim']:.4f} "
+                         f"(bicubic {scores['val/bicubic_psnr']:.3f} dB)")
+                    if scores["val/psnr"] > best_psnr:
+                        best_psnr = scores["val/psnr"]
+                        best_mngr.save(s, args=ocp.args.Composite(
+                            params=ocp.args.StandardSave(state.params),
+                            **({"ema": ocp.args.StandardSave(state.ema)} if state.ema is not None else {}),
+                            meta=ocp.args.JsonSave(checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr))))
+                if stop_after is not None and s >= stop_after:
+                    break
+                stop = _agree(preemption.requested) if (jax.process_count() == 1 or s % cfg.log_every == 0) else False
+                if s % cfg.checkpoint_every == 0 or final or stop:
+                    host = jax.device_get(acc)
+                    _check_finite(host, s, mngr)
+                    meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
+                        k: v for k, v in results.items() if k.startswith("val/")})
+                    mngr.save(s, args=_save_args(state, it, meta), force=True)
+                if stop:
+                    mngr.wait_until_finished()
+                    _log(f"SIGTERM: saved a checkpoint at step {s} in {mngr.directory}; rerun the same command "
+                         f"to resume")
+                    sys.exit(143)
+    finally:
+        mngr.wait_until_finished()
+        best_mngr.wait_until_finished()
+        writer.close()
+        it.close()
+        if progress is not None:
+            progress.close()
+    if "val/psnr" in results:
+        gain = results["val/psnr"] - results["val/bicubic_psnr"]
+        _log(f"done: {cfg.total_steps} steps; validation PSNR {results['val/psnr']:.3f} dB vs bicubic "
+             f"{results['val/bicubic_psnr']:.3f} dB ({gain:+.3f} dB); checkpoints in {mngr.directory}")
+    return results
+
+
+def _check_finite(host: dict, s: int, mngr: ocp.CheckpointManager) -> None:
+    if host["nonfinite"] > 0:
+        mngr.wait_until_finished()
+        raise TrainingError(
+            f"non-finite loss or gradient in {int(host['nonfinite'])} step(s) up to step {s}; stopped without "
+            f"saving: the last good checkpoint (step {mngr.latest_step()}) is intact. Lower optim.lr or set "
+            f"optim.grad_clip, then rerun to resume from it")
+
+
+def _progress(first: int, total: int):
+    if jax.process_index() != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=first, unit="step", dynamic_ncols=True, leave=False)

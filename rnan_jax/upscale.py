@@ -1,0 +1,121 @@
+"""Upscales image files with a trained RNAN checkpoint.
+
+    python -m rnan_jax.upscale --checkpoint WORKDIR photos/ extra.jpg --output out/ [--tile 256]
+        [--overlap 32] [--self_ensemble] [--which latest|best|ema]
+
+Inputs are image files (anything Pillow reads) or folders (their image files, not recursing). Each
+`<name>.<ext>` is written as `<output>/<name>_x<scale>.png`: PNG always, so outputs are lossless and keep
+grayscale and alpha. Gray stays gray; alpha is upscaled with MATLAB-style bicubic `imresize`; 16-bit input
+is read as 8 bits and written as 8 bits. An output path that is one of the inputs is never written (that
+file is reported as failed), nor is one that an earlier input of the same run already produced; outputs of
+earlier runs are replaced. A file that cannot be read or upscaled is reported by name and the rest go on;
+the exit status is 1 if any input failed, 2 for an unusable checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import jax
+from absl import app, flags
+from tqdm import tqdm
+
+import rnan_jax
+from rnan_jax import degrade, env, images, inference
+from rnan_jax.checkpoint import WHICH, CheckpointError
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(image files, error messages): folders are replaced by their image files, in order, without repeats."""
+    files, errors, seen = [], [], set()
+    for path in inputs:
+        try:
+            found = images.list_images(path) if os.path.isdir(path) else [path]
+        except images.ImageError as e:
+            errors.append(str(e))
+            continue
+        for f in found:
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
+                files.append(f)
+    return files, errors
+
+
+def output_path(input_path: str, output_dir: str, scale: int) -> str:
+    stem = os.path.splitext(os.path.basename(input_path))[0]
+    return os.path.join(output_dir, f"{stem}_x{scale}.png")
+
+
+def plan(files: Sequence[str], output_dir: str, scale: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """([(input, output)], error messages), refusing any output that is an input or is another input's output."""
+    inputs = {os.path.realpath(f) for f in files}
+    taken: dict[str, str] = {}
+    jobs, errors = [], []
+    for f in files:
+        out = output_path(f, output_dir, scale)
+        real = os.path.realpath(out)
+        if real in inputs:
+            errors.append(f"{f}: its output {out} is an input file; not overwriting it (choose another --output)")
+        elif real in taken:
+            errors.append(f"{f}: its output {out} is also that of {taken[real]}; rename one of them")
+        else:
+            taken[real] = f
+            jobs.append((f, out))
+    return jobs, errors
+
+
+def upscale_file(params, config, src: str, dst: str, **kwargs) -> None:
+    """Reads `src`, upscales colour (gray stays gray) and alpha, writes `dst`. kwargs as `upscale_image`."""
+    decoded = images.decode(src)
+    sr = inference.upscale_image(params, decoded.pixels, config=config, **kwargs)
+    alpha = None if decoded.alpha is None else degrade.imresize(decoded.alpha, config.scale)
+    images.write_image(dst, sr, alpha)
+
+
+def main(argv: Sequence[str]) -> None:
+    FLAGS = flags.FLAGS
+    if len(argv) < 2:
+        raise app.UsageError("give one or more input images or folders")
+    env.enable_compilation_cache()
+    try:
+        params, config = rnan_jax.load(FLAGS.checkpoint, which=FLAGS.which)
+    except CheckpointError as e:
+        print(f"upscale: cannot load --checkpoint: {e}", file=sys.stderr)
+        sys.exit(2)
+    files, errors = expand_inputs(argv[1:])
+    jobs, plan_errors = plan(files, FLAGS.output, config.scale)
+    errors += plan_errors
+    for message in errors:
+        print(f"failed: {message}", file=sys.stderr)
+    os.makedirs(FLAGS.output, exist_ok=True)
+    done = 0
+    for src, dst in tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr):
+        try:
+            upscale_file(params, config, src, dst, tile=FLAGS.tile, overlap=FLAGS.overlap,
+                         self_ensemble=FLAGS.self_ensemble)
+            done += 1
+        except (images.ImageError, OSError, ValueError, jax.errors.JaxRuntimeError) as e:
+            # JaxRuntimeError: typically out of device memory on a large image, which --tile avoids.
+            message = str(e) if isinstance(e, images.ImageError) else f"{src}: {type(e).__name__}: {e}"
+            errors.append(message)
+            tqdm.write(f"failed: {message}", file=sys.stderr)
+    print(f"wrote {done} image(s) to {FLAGS.output}" + (f"; {len(errors)} failed" if errors else ""),
+          file=sys.stderr)
+    if errors:
+        sys.exit(1)
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "A training workdir or one checkpoint step's folder.", required=True)
+    flags.DEFINE_string("output", None, "Folder for the upscaled images (created).", required=True)
+    flags.DEFINE_enum("which", "latest", list(WHICH), "Which parameters of --checkpoint.")
+    flags.DEFINE_integer("tile", None, "Process the LR image in TILE x TILE windows (bounds memory).", lower_bound=1)
+    flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring windows.",
+                         lower_bound=0)
+    flags.DEFINE_bool("self_ensemble", False, "Average the 8 flips/rotations (RNAN+; 8x slower).")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
