@@ -1,15 +1,17 @@
 """Training and validation data: config, the seeded patch transform and the grain pipeline.
 
-Training: a random-access source of full (HR, LR) pairs (`rnan_jax.sources`) -> shuffle -> repeat ->
-random LR patch with the HR patch at the matching place and one of the 8 rot90/flip transforms -> batch ->
-`to_iter_dataset` (+ worker processes), wrapped in `BatchIterator` whose checkpointable state is a batch
-count. Batches are uint8 on the host: {"lr": [b, p, p, 3],
-"hr": [b, s*p, s*p, 3]}; the train step converts to float32 in [0, 1] on the device (a quarter of the bytes
-to transfer). The iterator's state goes into orbax checkpoints via `grain.checkpoint.CheckpointSave`.
+Training: a random-access source of full (HR, LR) pairs (`rnan_jax.sources`, this process's share) ->
+repeat to >= 16k entries -> shuffle -> repeat forever -> a random LR patch with the HR patch at the matching
+place and one of the 8 rot90/flip transforms -> batch -> `to_iter_dataset` with read threads (+ worker
+processes), wrapped in `BatchIterator`, whose checkpointable state is a batch count. Batches stay uint8 on
+the host, {"lr": [b, p, p, 3], "hr": [b, s*p, s*p, 3]}: the train step should convert them to float32 in
+[0, 1] on the device, which moves a quarter of the bytes and spares the host a conversion that costs more
+than making the batch (tools/BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -20,8 +22,11 @@ import numpy as np
 from rnan_jax import sources
 from rnan_jax.env import default_data_dir
 
+log = logging.getLogger(__name__)
+
 SOURCES = ("tfds", "folder", "demo")
 VAL_SOURCES = ("demo", "benchmark", "folder", "tfds")
+_MIN_SHUFFLE_LENGTH = 16384
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -187,6 +192,10 @@ def training_pairs(cfg: DataConfig, *, process_index: int = 0, process_count: in
     min_lr = cfg.patch_size
     if cfg.source == "demo":
         pairs = [(n, *sources.make_pair(im, None, cfg.scale, n)) for n, im in sources.demo_train_images()]
+        for name, _, lr in pairs:
+            if min(lr.shape[:2]) < min_lr:
+                log.warning("skipping %s: its x%d LR image %dx%d is smaller than the %d-pixel patch",
+                            name, cfg.scale, lr.shape[1], lr.shape[0], min_lr)
         pairs = [p for p in pairs if min(p[2].shape[:2]) >= min_lr][process_index::process_count]
         if not pairs:
             raise sources.DataError(f"{what}: no demo image has an LR side of at least {min_lr} pixels")
@@ -205,8 +214,13 @@ def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index:
     pairs = training_pairs(cfg, process_index=process_index, process_count=process_count)
     # Different processes get different crop streams for the same index; shuffle and crops get unrelated seeds.
     shuffle_seed, crop_seed = (int(v) for v in np.random.SeedSequence([seed, process_index]).generate_state(2))
+    # grain's index_shuffle costs about 30 ms / length per element (4.8 ms for the 6 demo images, 0.15 ms
+    # for 240, 9 us for 16k; tools/BENCHMARKS.md), so the shuffled unit is every image repeated to at least
+    # _MIN_SHUFFLE_LENGTH entries: an epoch in the sense of EDSR's dataset repeat.
+    copies = -(-_MIN_SHUFFLE_LENGTH // len(pairs))
     return (
         grain.MapDataset.source(pairs)
+        .repeat(copies)
         .shuffle(seed=shuffle_seed)
         .repeat()
         .random_map(RandomPatch(cfg.patch_size, cfg.scale, cfg.augment), seed=crop_seed)
@@ -302,7 +316,9 @@ def validation_images(cfg: DataConfig) -> list[tuple[str, np.ndarray, np.ndarray
     """Full validation images: (name, lr uint8 [h, w, 3], hr uint8 [s*h, s*w, 3]), the first val_max_images.
 
     LR is made with `degrade.bicubic_lr` from the HR image (cropped to a multiple of the scale) unless the
-    source has LR images (DIV2K's validation split, val_lr_dir). Grayscale files come back replicated to RGB.
+    source has LR images (DIV2K's validation split, val_lr_dir). Grayscale files come back replicated to RGB
+    (metrics that treat gray images apart should read the file with `images.decode`). Every process gets
+    the same list.
     """
     what = f"validation images ({cfg.val_source})"
     if cfg.val_source == "demo":

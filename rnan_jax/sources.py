@@ -92,8 +92,8 @@ class StoredImage:
     def open(cls, path: str) -> StoredImage:
         """Reads the `.npy` header; raises ValueError if it is not a C-ordered uint8 [H, W, C] array."""
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
             shape, fortran_order, dtype = read_header(f)
             offset = f.tell()
         if dtype != np.uint8 or fortran_order or len(shape) != 3:
@@ -227,7 +227,8 @@ def prepare_cached(
 def _report(what: str, total: int, skipped: Sequence[_Skip], hr_patch: int) -> None:
     if not skipped:
         return
-    kinds = {"unreadable": "unreadable or without a matching LR image", "small": f"smaller than the {hr_patch}-pixel HR patch"}
+    kinds = {"unreadable": "unreadable or without a matching LR image",
+             "small": f"smaller than the {hr_patch}-pixel HR patch"}
     detail = ", ".join(f"{n} {text}" for k, text in kinds.items() if (n := sum(s.kind == k for s in skipped)))
     if len(skipped) == total:
         raise DataError(f"{what}: no usable image: all {total} were skipped ({detail}); first: {skipped[0]}")
@@ -251,7 +252,8 @@ def find_lr_file(hr_path: str, lr_dir: str, scale: int) -> str:
                 if os.path.isfile(path):
                     return path
     raise images.ImageError(
-        f"{hr_path}: no LR image in {lr_dir} (looked for X{scale}/{stem}x{scale}.png, {stem}x{scale}.png, {stem}.png)"
+        f"{hr_path}: no LR image in {lr_dir} "
+        f"(looked for X{scale}/{stem}x{scale}.png, {stem}x{scale}.png, {stem}.png and other extensions)"
     )
 
 
@@ -296,7 +298,10 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
 
 
 def open_tfds(name: str, split: str, data_dir: str | None):
-    """`tfds.data_source(name, split=split, data_dir=data_dir)` (array_record, no TensorFlow), or one-line `DataError`."""
+    """`tfds.data_source(name, split=split, data_dir=data_dir)`: array_record, read without TensorFlow.
+
+    Raises a one-line `DataError` when the dataset is not prepared there (never downloads).
+    """
     import tensorflow_datasets as tfds
 
     try:
@@ -310,9 +315,12 @@ def open_tfds(name: str, split: str, data_dir: str | None):
         ) from None
 
 
-def _tfds_example(source, index: int) -> tuple[np.ndarray, np.ndarray]:
-    example = source[index]
-    return np.asarray(example["hr"]), np.asarray(example["lr"])
+def _tfds_example(source, index: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        example = source[index]
+        return np.asarray(example["hr"]), np.asarray(example["lr"])
+    except Exception as e:  # a damaged record: report it like an unreadable file
+        raise images.ImageError(f"{name}: cannot read example ({type(e).__name__}: {e})") from None
 
 
 def tfds_specs(name: str, split: str, data_dir: str | None) -> list[PairSpec]:
@@ -321,11 +329,12 @@ def tfds_specs(name: str, split: str, data_dir: str | None) -> list[PairSpec]:
     n = len(source)
     version = getattr(getattr(source, "dataset_info", None), "version", "")
     where = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else ""
-    return [
-        PairSpec(f"{name}:{split}[{i}]", _digest("tfds", name, version, split, where, n, i),
-                 lambda i=i: _tfds_example(source, i))
-        for i in range(n)
-    ]
+    specs = []
+    for i in range(n):
+        label = f"{name}:{split}[{i}]"
+        specs.append(PairSpec(label, _digest("tfds", name, version, split, where, n, i),
+                              lambda i=i, label=label: _tfds_example(source, i, label)))
+    return specs
 
 
 def demo_train_images() -> list[tuple[str, np.ndarray]]:

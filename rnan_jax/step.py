@@ -84,8 +84,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], acc: dict[str, ja
     loss, grads = jax.value_and_grad(l1_loss)(state.params, lr, hr, spec)
     updates, opt_state = optimizer(spec.optim).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     spike = (spec.optim.skip_threshold > 0) & (state.step >= _SKIP_WARMUP) & (
         loss > spec.optim.skip_threshold * state.loss_avg)
     keep = finite & ~spike

@@ -77,6 +77,8 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if len(argv) < 2:
         raise app.UsageError("give one or more input images or folders")
+    if FLAGS.tile is not None and FLAGS.overlap >= FLAGS.tile:
+        raise app.UsageError(f"--overlap ({FLAGS.overlap}) must be smaller than --tile ({FLAGS.tile})")
     env.enable_compilation_cache()
     try:
         params, config = rnan_jax.load(FLAGS.checkpoint, which=FLAGS.which)

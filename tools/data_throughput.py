@@ -3,7 +3,8 @@
     python tools/data_throughput.py --source=folder --scale=4 --workers=0,1,2
     python tools/data_throughput.py --source=demo --scale=2 --batches=100
 
-`--source=folder` defaults to ../shared/data/train/{T91,BSD200} (LR made with degrade.bicubic_lr and cached).
+`--source=folder` defaults to ../shared/data/train/{T91,BSD200} (LR made with degrade.bicubic_lr, cached
+under --cache_dir).
 For each worker count it prints the start-up time (building the source, starting the workers, first batch)
 and the steady rate over --batches batches after --warmup (median of --repeats runs). It also prints what converting a batch to
 float32 on the host would cost, the alternative to shipping uint8 and converting on the device.

@@ -1,0 +1,155 @@
+"""tools/benchmark.py: the --tiny run writes every field with a finite positive value; the FLOP count and
+the HLO and profile summaries agree with independent counts. No timing is asserted."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rnan_jax import RNANConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers"))
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "tools", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(record, keys):
+    for key in keys:
+        value = record[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_tiny_run_writes_every_field(tmp_path, benchmark):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--tiny", f"--output={out}"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ms/step" in proc.stdout and "forward" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["env"]["platform"] == "cpu" and res["env"]["jax"]
+    (train,) = res["train"]
+    assert (train["model"], train["batch"], train["patch"], train["dtype"]) == ("tiny", 2, 12, "float32")
+    assert train["nonfinite_steps"] == 0 and train["timed_steps"] == 6
+    _positive(train, ["step_ms", "step_ms_min", "step_ms_max", "patches_per_s", "tflops", "lower_s", "compile_s",
+                      "train_flop_per_step", "xla_cost_flops", "peak_memory_bytes", "mean_loss", "params"])
+    assert train["step_ms_min"] <= train["step_ms"] <= train["step_ms_max"]
+    assert train["train_flop_per_step"] == benchmark.train_flops(RNANConfig(**benchmark.PRESETS["tiny"]), 2, 12)
+    _positive(train["hlo"], ["static", "per_step", "convolutions"])
+    (forward,) = res["forward"]
+    assert (forward["lr_hw"], forward["sr_hw"]) == ([16, 24], [64, 96])
+    _positive(forward, ["forward_ms", "compile_s", "tflops", "megapixels_per_s", "peak_memory_bytes", "flop"])
+
+    rows = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), f"--table={out}"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert rows.returncode == 0, rows.stderr[-2000:]
+    assert rows.stdout.count("\n| ") == 3  # separator, one train row, one forward row
+
+
+def test_paper_flops_match_the_issue(benchmark):
+    # The issue's figure: 3.9 TFLOP per step at batch 16 of 48x48 LR patches, x4.
+    assert benchmark.train_flops(RNANConfig(), 16, 48) == pytest.approx(3.9178e12, rel=1e-4)
+
+
+@pytest.mark.parametrize("fields, h, w", [
+    ({}, 6, 5),
+    (dict(scale=3, features=32, num_groups=4, num_blocks=4, group_interval=2, block_interval=2), 6, 10),
+    (dict(scale=2, features=16, num_groups=2, num_blocks=2), 5, 7),
+])
+def test_forward_macs_equal_the_peer_hook_count(benchmark, fields, h, w):
+    """The PyTorch peer counts weight.numel() x output positions in a forward hook on every Conv2d."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed")
+    if not os.path.isfile(os.path.join(PEERS, "rnan_torch.py")):
+        pytest.skip(f"PyTorch peer not found at {PEERS}")
+    sys.path.insert(0, PEERS)
+    try:
+        import rnan_torch
+    finally:
+        sys.path.remove(PEERS)
+    c = RNANConfig(**fields)
+    model = rnan_torch.RNAN(scale=c.scale, c=c.features, n_groups=c.num_groups, n_blocks=c.num_blocks,
+                            group_interval=c.group_interval, block_interval=c.block_interval, r=c.gc_reduction)
+    total = [0]
+
+    def hook(m, i, o):
+        total[0] += m.weight.numel() * o.shape[0] * o.shape[2] * o.shape[3]
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.rand(1, 3, h, w))
+    assert benchmark.forward_macs(c, h, w) == total[0]
+
+
+HLO = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation (p0: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(f32[4]{0} %p0)
+}
+
+%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element((s32[], f32[4]{0}) %t), index=0
+  %x = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %t), index=1
+  %f = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%fused_computation
+  %c = f32[4]{0} custom-call(f32[4]{0} %f), custom_call_target="__cudnn$convForward"
+  %one = s32[] constant(1)
+  %j = s32[] add(s32[] %i, s32[] %one)
+  ROOT %r = (s32[], f32[4]{0}) tuple(s32[] %j, f32[4]{0} %c)
+}
+
+%cond (t: (s32[], f32[4])) -> pred[] {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element((s32[], f32[4]{0}) %t), index=0
+  %n = s32[] constant(10)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[4]{0}) tuple(s32[] %z, f32[4]{0} %a)
+  %w = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"10"}}
+  %g = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %w), index=1
+  ROOT %out = f32[4]{0} convolution(f32[4]{0} %g, f32[4]{0} %g), dim_labels=b0f_0io->b0f
+}
+"""
+
+
+def test_hlo_stats_counts_launches_through_loops(benchmark):
+    s = benchmark.hlo_stats(HLO)
+    # body: fusion, custom-call, add (3) x 10 trips; condition: compare x 11; entry: convolution.
+    assert s["static"] == 5 and s["per_step"] == 3 * 10 + 11 + 1
+    assert s["opcodes_per_step"] == {"fusion": 10, "custom-call": 10, "add": 10, "compare": 11, "convolution": 1}
+    assert s["fusion_kinds_per_step"] == {"kLoop": 10}
+    assert s["custom_call_targets_per_step"] == {"__cudnn$convForward": 10}
+    assert (s["while_loops"], s["unknown_trip_counts"], s["convolutions"]) == (1, 0, 1)
+
+
+def test_profile_summary_reads_device_streams(benchmark):
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8, "args": {"name": "XLA Ops"}}]
+    spans = [{"ph": "X", "pid": 1, "tid": 1, "name": "host work", "ts": 0, "dur": 900.0},
+             {"ph": "X", "pid": 2, "tid": 7, "name": "conv_kernel", "ts": 0, "dur": 300.0},
+             {"ph": "X", "pid": 2, "tid": 7, "name": "conv_kernel", "ts": 400, "dur": 300.0},
+             {"ph": "X", "pid": 2, "tid": 7, "name": "loop_fusion", "ts": 800, "dur": 100.0},
+             {"ph": "X", "pid": 2, "tid": 8, "name": "fusion.1", "ts": 0, "dur": 700.0}]
+    s = benchmark.profile_summary({"traceEvents": meta + spans}, steps=2)
+    assert s["device_events"] == 4
+    assert s["kernels_per_step"] == 1.5 and s["kernel_ms_per_step"] == pytest.approx(0.35)
+    assert s["top_kernels"][0] == {"name": "conv_kernel", "calls_per_step": 1.0, "ms_per_step": pytest.approx(0.3)}
+    assert s["threads"]["/device:GPU:0 XLA Ops"]["busy_ms_per_step"] == pytest.approx(0.35)

@@ -1,0 +1,220 @@
+"""upscale_image (sizes, kinds, tiling, self-ensemble) and the upscaling CLI on a tiny model."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import skimage.data
+from PIL import Image
+
+from rnan_jax import RNANConfig, apply, checkpoint, degrade, ensemble, init, metrics, upscale_image
+from rnan_jax.inference import DEFAULT_OVERLAP, blend_weights, compiled_forward, tile_starts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+# LR receptive field radius of TINY: head, c1, c2, dc, the group's and the global fusion conv3x3 and the
+# upsampler conv (7 LR pixels), plus the tail conv at HR (half an LR pixel).
+TINY_RADIUS = 7.5
+# The least PSNR of tiled against whole-image output that tools/tiling_bound.py measured at the defaults
+# (tools/BENCHMARKS.md), rounded down.
+TILED_PSNR_BOUND = 50.0
+# The reference: `apply` jitted on its own (eager Flax dispatch is slow on CPU).
+reference = jax.jit(apply, static_argnames="config")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init(jax.random.key(0), TINY)
+
+
+@pytest.fixture(scope="module")
+def params_without_gc(params):
+    """TINY with the GC block's output conv zeroed: its contribution x + 0 makes the network local."""
+    p = jax.tree_util.tree_map(lambda a: a, params)
+    p["groups"]["gc"]["v2"] = jax.tree_util.tree_map(jnp.zeros_like, params["groups"]["gc"]["v2"])
+    return p
+
+
+def _photo(h, w):
+    """A natural uint8 RGB crop (GC attention on noise is near uniform, so noise would hide tiling errors)."""
+    return np.ascontiguousarray(skimage.data.astronaut()[100:100 + h, 150:150 + w])
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_output_size_is_scale_times_input_for_odd_sizes(scale):
+    config = RNANConfig(**{**TINY.__dict__, "scale": scale})
+    p = init(jax.random.key(1), config)
+    image = _photo(13, 17)
+    assert upscale_image(p, image, config=config).shape == (13 * scale, 17 * scale, 3)
+    assert upscale_image(p, image[..., 0], tile=8, overlap=4).shape == (13 * scale, 17 * scale)
+
+
+def test_kinds_in_are_kinds_out(params):
+    image = _photo(11, 15)
+    expected = np.asarray(reference(params, image.astype(np.float32) / 255, config=TINY))
+
+    out = upscale_image(params, image)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, metrics.quantize(expected))
+
+    out = upscale_image(params, image.astype(np.float64) / 255)
+    assert out.dtype == np.float32 and out.shape == (22, 30, 3)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+    gray = image[..., 1]
+    gray_ref = np.asarray(reference(params, np.repeat(gray[..., None], 3, -1).astype(np.float32) / 255,
+                                    config=TINY))
+    out = upscale_image(params, gray)
+    assert out.dtype == np.uint8 and out.shape == (22, 30)
+    np.testing.assert_array_equal(out, metrics.rgb_to_gray(metrics.quantize(gray_ref)))
+    out = upscale_image(params, gray.astype(np.float32) / 255)
+    np.testing.assert_allclose(out, gray_ref @ np.array([0.299, 0.587, 0.114], np.float32), atol=1e-6)
+
+
+def test_rejects_what_it_cannot_upscale(params):
+    with pytest.raises(ValueError, match="shape"):
+        upscale_image(params, np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(TypeError, match="uint8 or float"):
+        upscale_image(params, np.zeros((8, 8, 3), np.int16))
+    with pytest.raises(ValueError, match="overlap"):
+        upscale_image(params, np.zeros((20, 20, 3), np.uint8), tile=8, overlap=8)
+
+
+@pytest.mark.parametrize("length,tile,overlap,scale", [(75, 40, 16, 2), (61, 40, 8, 3), (100, 24, 0, 2),
+                                                       (50, 49, 20, 4), (301, 64, 32, 4)])
+def test_windows_cover_and_weights_sum_to_one(length, tile, overlap, scale):
+    starts = tile_starts(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + tile == length
+    assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    total = np.zeros(scale * length)
+    for start, w in zip(starts, blend_weights(starts, tile, overlap, scale)):
+        total[scale * start:scale * (start + tile)] += w
+        dead = scale * (overlap // 4)  # zero weight next to every inner window edge
+        if start > 0:
+            assert not w[:dead].any()
+        if start + tile < length:
+            assert not w[len(w) - dead:].any()
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+
+
+def test_tiled_equals_whole_without_gc_when_overlap_covers_receptive_field(params_without_gc):
+    image = _photo(61, 75).astype(np.float32) / 255
+    overlap = 32
+    assert overlap // 4 >= TINY_RADIUS  # the zero-weight margin of each window edge
+    whole = upscale_image(params_without_gc, image)
+    tiled = upscale_image(params_without_gc, image, tile=40, overlap=overlap)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    # Abutting windows (no overlap) show the zero padding at their edges: the margin above is what avoids it.
+    assert np.abs(upscale_image(params_without_gc, image, tile=40, overlap=0) - whole).max() > 1e-3
+
+
+def test_tiled_is_within_the_measured_bound_with_gc(params):
+    image = _photo(90, 110)
+    whole = upscale_image(params, image)
+    tiled = upscale_image(params, image, tile=64)
+    assert metrics.psnr(tiled, whole) > TILED_PSNR_BOUND
+
+
+def test_a_large_image_compiles_once(params):
+    config = RNANConfig(**{**TINY.__dict__, "features": 4})  # a config no other test uses: a fresh jit cache
+    p = init(jax.random.key(2), config)
+    upscale_image(p, _photo(70, 90), config=config, tile=40, overlap=DEFAULT_OVERLAP // 2)
+    assert compiled_forward(config)._cache_size() == 1  # 3 x 4 windows, all 40 x 40
+
+
+def test_self_ensemble_averages_the_eight_transforms(params):
+    image = _photo(9, 14).astype(np.float32) / 255
+    expected = ensemble.self_ensemble(lambda x: np.asarray(reference(params, x, config=TINY)), image)
+    np.testing.assert_allclose(upscale_image(params, image, self_ensemble=True), expected, atol=1e-5)
+
+
+def _write_checkpoint(workdir, params, config):
+    """A training workdir as the trainer writes it: checkpoints/<step>/{params, meta}."""
+    mgr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), async_save=False)
+    mgr.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                        meta=ocp.args.JsonSave(checkpoint.meta_for(config, 7))))
+    mgr.wait_until_finished()
+    mgr.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, params):
+    path = str(tmp_path_factory.mktemp("run"))
+    _write_checkpoint(path, params, TINY)
+    return path
+
+
+def _cli(*args, cache):
+    env = dict(os.environ, RNAN_JAX_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "rnan_jax.upscale", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env=env)
+
+
+def test_cli_gray_rgba_16bit_and_a_corrupt_file(tmp_path, workdir, params):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rgb = _photo(12, 16)
+    alpha = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (12, 1))
+    Image.fromarray(rgb).save(photos / "rgb.jpg", quality=95)
+    Image.fromarray(rgb[..., 0]).save(photos / "gray.png")
+    Image.fromarray(np.dstack([rgb, alpha])).save(photos / "rgba.png")
+    deep = rgb[..., 2].astype(np.uint16) * 257 + 100  # 16-bit gray, not a plain 8-bit image scaled up
+    Image.fromarray(deep).save(photos / "deep.png")
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    single = tmp_path / "single.bmp"
+    Image.fromarray(rgb[:, ::-1]).save(single)
+    out = tmp_path / "out"
+
+    proc = _cli("--checkpoint", workdir, str(photos), str(single), "--output", str(out), "--tile", "8",
+                "--overlap", "4", cache=tmp_path / "xla")
+    assert proc.returncode == 1, proc.stderr
+    assert "broken.png: cannot read image" in proc.stderr
+    assert "wrote 5 image(s)" in proc.stderr and "1 failed" in proc.stderr
+    assert sorted(os.listdir(out)) == ["deep_x2.png", "gray_x2.png", "rgb_x2.png", "rgba_x2.png", "single_x2.png"]
+
+    def expected(pixels):
+        return upscale_image(params, pixels, tile=8, overlap=4)
+
+    with Image.open(out / "gray_x2.png") as im:
+        assert im.mode == "L"
+        np.testing.assert_array_equal(np.asarray(im), expected(rgb[..., 0]))
+    with Image.open(out / "rgba_x2.png") as im:
+        assert im.mode == "RGBA"
+        got = np.asarray(im)
+    np.testing.assert_array_equal(got[..., :3], expected(rgb))
+    np.testing.assert_array_equal(got[..., 3], degrade.imresize(alpha, 2))
+    with Image.open(out / "deep_x2.png") as im:
+        assert im.mode == "L"  # 16-bit in, 8-bit out
+        deep8 = np.clip(np.rint(deep / 257.0), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(im), expected(deep8))
+    with Image.open(out / "single_x2.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), expected(rgb[:, ::-1]))
+    with Image.open(out / "rgb_x2.png") as im, Image.open(photos / "rgb.jpg") as src:
+        assert im.size == (32, 24)
+        np.testing.assert_array_equal(np.asarray(im), expected(np.asarray(src)))
+
+
+def test_cli_never_overwrites_an_input(tmp_path, workdir):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    Image.fromarray(_photo(10, 10)).save(folder / "a.png")
+    Image.fromarray(_photo(10, 10)[::-1]).save(folder / "a_x2.png")  # a.png's output name, and an input
+    before = (folder / "a_x2.png").read_bytes()
+
+    proc = _cli("--checkpoint", workdir, str(folder), "--output", str(folder), cache=tmp_path / "xla")
+    assert proc.returncode == 1
+    assert f"{folder / 'a.png'}: its output {folder / 'a_x2.png'} is an input file" in proc.stderr
+    assert (folder / "a_x2.png").read_bytes() == before
+    assert sorted(os.listdir(folder)) == ["a.png", "a_x2.png", "a_x2_x2.png"]
+
+
+def test_cli_wrong_checkpoint_is_one_clear_line(tmp_path):
+    proc = _cli("--checkpoint", str(tmp_path / "nope"), str(tmp_path), "--output", str(tmp_path / "o"),
+                cache=tmp_path / "xla")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"upscale: cannot load --checkpoint: {tmp_path / 'nope'}: no such file or folder"]

@@ -1,0 +1,241 @@
+"""Training: the real experiment config shrunk, exact resume, preemption, NaN, init_from, devices, hosts."""
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rnan_jax import checkpoint, load, metrics
+from rnan_jax.api import apply
+from rnan_jax.images import write_image
+from rnan_jax.trainer import TrainingError, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = dict(features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Six smooth 48x40 training images and one 36x36 validation image."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.RandomState(0)
+    for i in range(7):
+        folder = root / ("val" if i == 6 else "train")
+        h, w = (36, 36) if i == 6 else (48, 40)
+        yy, xx = np.mgrid[0:h, 0:w] / 8.0
+        img = np.stack([np.sin(xx * rng.rand() * 3 + c) * np.cos(yy * rng.rand() * 2) for c in range(3)], -1)
+        write_image(folder / f"{i:04d}.png", ((img + 1) * 127.5).astype(np.uint8))
+    return root
+
+
+def overrides(images, **extra):
+    """The config changes that shrink experiments/x4.py to a test: tiny model, few steps, tiny images."""
+    values = {f"model.{k}": v for k, v in TINY_MODEL.items()}
+    values.update({"total_steps": 6, "batch_size": 4, "log_every": 2, "eval_every": 3, "checkpoint_every": 3,
+                   "data.source": "folder", "data.hr_dirs": str(images / "train"), "data.patch_size": 6,
+                   "data.num_workers": 0, "data.val_source": "folder", "data.val_dir": str(images / "val"),
+                   "data.cache_dir": str(images / "cache"), "optim.lr": 1e-3})
+    values.update(extra)
+    return values
+
+
+def x4_config(images, **extra):
+    config = runpy.run_path(os.path.join(REPO, "experiments", "x4.py"))["get_config"]()
+    for key, value in overrides(images, **extra).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _flags(values):
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def _equal_trees(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_x4_config_end_to_end_and_load_round_trip(images, tmp_path):
+    results = train_and_evaluate(x4_config(images), str(tmp_path))
+    assert np.isfinite(results["loss"]) and results["loss"] > 0
+    assert results["steps_per_s"] > 0 and results["patches_per_s"] == pytest.approx(4 * results["steps_per_s"])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert os.listdir(tmp_path / "best")  # best by validation PSNR
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    assert (tmp_path / "config.json").read_text().count('"scale": 4') == 1
+    assert (tmp_path / "git_revision.txt").read_text().strip()
+    # load() gives back the parameters validation used at the last step: re-scoring reproduces its PSNR.
+    params, config = load(str(tmp_path))
+    assert config.scale == 4 and config.features == 8 and config.num_blocks == 2
+    hr = np.asarray(__import__("rnan_jax.images", fromlist=["read_rgb"]).read_rgb(images / "val" / "0006.png"))
+    from rnan_jax import degrade
+
+    lr = degrade.bicubic_lr(hr, 4)
+    sr = metrics.quantize(apply(params, lr.astype(np.float32) / 255.0))
+    assert metrics.psnr_y(sr, degrade.modcrop(hr, 4), 4) == pytest.approx(results["val/psnr"], abs=1e-9)
+    best_params, _ = load(str(tmp_path), which="best")
+    assert jax.tree_util.tree_structure(best_params) == jax.tree_util.tree_structure(params)
+
+
+def test_resume_after_a_crash_is_exact(images, tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train_and_evaluate(x4_config(images), str(straight))
+    # Crash after step 4: step 4 is lost, the run resumes from the step-3 checkpoint (data iterator too).
+    train_and_evaluate(x4_config(images), str(crashed), stop_after=4)
+    assert sorted(os.listdir(crashed / "checkpoints")) == ["3"]
+    train_and_evaluate(x4_config(images), str(crashed))
+    a, _ = load(str(straight))
+    b, _ = load(str(crashed))
+    assert _equal_trees(a, b)
+
+
+def test_nan_stops_the_run_and_keeps_the_checkpoint(images, tmp_path):
+    train_and_evaluate(x4_config(images, total_steps=3), str(tmp_path))
+    before, _ = load(str(tmp_path))
+    with pytest.raises(TrainingError, match=r"non-finite .* last good checkpoint \(step 3\) is intact"):
+        train_and_evaluate(x4_config(images, **{"optim.lr": 1e30}), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    after, _ = load(str(tmp_path))
+    assert _equal_trees(before, after)
+
+
+def test_init_from_x2_to_x4(images, tmp_path, capsys):
+    x2 = x4_config(images, total_steps=2, **{"model.scale": 2})
+    train_and_evaluate(x2, str(tmp_path / "x2"))
+    source, _ = load(str(tmp_path / "x2"))
+    # lr 0: the x4 run's parameters stay what init_from made them.
+    x4 = x4_config(images, total_steps=1, init_from=str(tmp_path / "x2"),
+                   **{"optim.lr": 0.0, "optim.schedule": "constant"})
+    train_and_evaluate(x4, str(tmp_path / "x4"))
+    out = capsys.readouterr().out
+    assert "kept the fresh initialization for 2: ['up_1']['bias'], ['up_1']['kernel']" in out
+    target, config = load(str(tmp_path / "x4"))
+    assert config.scale == 4
+    for name in ("head", "groups", "fuse1", "fuse3", "up_0", "tail"):  # x2's up_0 is C -> 4C, as x4's first
+        assert _equal_trees(source[name], target[name]), name
+    bad = x4_config(images, init_from=str(tmp_path / "x2"), **{"model.features": 16, "model.gc_reduction": 4})
+    with pytest.raises(ValueError, match="differs beyond the scale .*features 8 vs 16"):
+        train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_config_that_does_not_fit_fails_with_one_line(images, tmp_path):
+    big = x4_config(images, **{"data.patch_size": 64})  # HR patch 256 > every image
+    with pytest.raises(ValueError, match="no usable image"):
+        train_and_evaluate(big, str(tmp_path / "big"))
+    with pytest.raises(checkpoint.CheckpointError, match="not an rnan_jax checkpoint"):
+        train_and_evaluate(x4_config(images, init_from=str(tmp_path)), str(tmp_path / "c"))
+
+
+def _run_cli(args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "rnan_jax.train", *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600, **kw)
+
+
+def test_cli_rejects_a_mistyped_config_key(images, tmp_path):
+    r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(tmp_path), "--config.optim.lrr=2e-4"])
+    assert r.returncode != 0 and "lrr" in r.stderr
+    r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(tmp_path),
+                  *_flags(overrides(images, **{"data.hr_dirs": str(tmp_path / "missing")}))])
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "missing" in r.stderr
+
+
+def test_sigterm_saves_a_checkpoint(images, tmp_path):
+    args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path),
+            *_flags(overrides(images, total_steps=100000, log_every=1, eval_every=100000,
+                              checkpoint_every=100000))]
+    proc = subprocess.Popen([sys.executable, "-m", "rnan_jax.train", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = proc.stdout.read()
+        assert proc.wait(timeout=120) == 143, out
+    finally:
+        proc.kill()
+    step = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    assert step >= 2 and os.listdir(tmp_path / "checkpoints") == [str(step)]
+    _, config = load(str(tmp_path))
+    assert config.scale == 4
+
+
+_DEVICE_RUN = """
+import sys, runpy, numpy as np, jax
+sys.path.insert(0, {tests!r})
+from test_train import x4_config
+from pathlib import Path
+from rnan_jax import load
+from rnan_jax.trainer import train_and_evaluate
+train_and_evaluate(x4_config(Path({images!r}), total_steps=3, batch_size=8), {workdir!r})
+params, _ = load({workdir!r})
+np.savez({out!r}, *[np.asarray(x) for x in jax.tree_util.tree_leaves(params)])
+print("devices", jax.device_count())
+try:
+    train_and_evaluate(x4_config(Path({images!r}), batch_size=12), {workdir!r} + "_odd")
+except ValueError as e:
+    print("error:", e)
+"""
+
+
+def test_eight_devices_give_the_same_parameters_as_one(images, tmp_path):
+    runs = {}
+    for n in (1, 8):
+        script = _DEVICE_RUN.format(tests=os.path.dirname(__file__), images=str(images),
+                                    workdir=str(tmp_path / f"d{n}"), out=str(tmp_path / f"d{n}.npz"))
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, env=env,
+                           timeout=600)
+        assert r.returncode == 0 and f"devices {n}" in r.stdout, r.stderr[-3000:]
+        runs[n] = np.load(tmp_path / f"d{n}.npz")
+        if n == 8:  # a config that does not fit the devices fails at start-up with one line
+            assert "error: batch_size 12 is not divisible by the 8 devices" in r.stdout
+    assert len(runs[1].files) == len(runs[8].files) > 0
+    for key in runs[1].files:
+        np.testing.assert_allclose(runs[8][key], runs[1][key], atol=2e-6, rtol=0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(images, workdir, total_steps):
+    port = _free_port()
+    values = overrides(images, total_steps=total_steps, checkpoint_every=2, eval_every=2, log_every=1)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "rnan_jax.train", "--config", "experiments/x4.py",
+                               "--workdir", str(workdir), "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}", *_flags(values)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
+    return outs[0]
+
+
+def test_two_processes_train_checkpoint_and_resume(images, tmp_path):
+    out = _two_processes(images, tmp_path, total_steps=2)
+    assert "on 2 cpu device(s), 2 process(es)" in out and "step 2/2" in out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    # Each process saved its own data iterator state.
+    assert len([f for f in os.listdir(tmp_path / "checkpoints" / "2" / "data")]) >= 2
+    out = _two_processes(images, tmp_path, total_steps=4)
+    assert "resumed from" in out and "step 4/4" in out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]

@@ -1,0 +1,138 @@
+"""How much tiled upscaling differs from whole-image upscaling, and how much device memory tiling saves.
+
+    python tools/tiling_bound.py [--checkpoint workdirs/demo] [--images Set14/baboon,Urban100/img_001]
+        [--tiles 48,96] [--overlaps 8,16,32] [--sizes 64,128,256,512,1024] [--budget_gib 16]
+
+Part 1 upscales the bicubic LR images of the benchmark HR images whole and in tiles with each tile/overlap
+and prints the PSNR of tiled against whole-image output (float output, peak 1; and uint8 output, peak 255,
+with the largest difference in levels), plus the Y-PSNR against HR of both, that is what tiling changes
+in a benchmark number. The weights are the checkpoint's (default: the demo run), or init weights of the
+demo's architecture when it is absent (said in the output).
+Part 2 compiles the paper's default x4 model (17.3 M parameters; rolled scan, grouped depthwise: the
+accelerator settings) with `jax.jit(...).lower(...).compile()` for square LR inputs and prints XLA's
+`memory_analysis()`: temporaries, arguments (the parameters) and output, and the largest square LR image
+that fits `--budget_gib` whole. A tiled run needs the memory of one tile whatever the image size.
+These are XLA:CPU's buffer assignments on the machine that runs the script; an accelerator's differ
+somewhat.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from rnan_jax import api, degrade, images, inference, metrics
+from rnan_jax.checkpoint import CheckpointError, load
+from rnan_jax.env import default_data_dir
+from rnan_jax.model import RNANConfig
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo run's architecture (experiments' demo config), for init weights when its checkpoint is missing.
+DEMO = RNANConfig(scale=2, features=32, num_groups=2, num_blocks=3)
+
+
+def tiling_rows(params, config: RNANConfig, hr: np.ndarray, tiles: Sequence[int],
+                overlaps: Sequence[int]) -> list[dict]:
+    """One row per (tile, overlap): PSNRs of tiled against whole output, and of both against `hr` (Y)."""
+    lr = degrade.bicubic_lr(hr, config.scale)
+    hr = degrade.modcrop(hr, config.scale)
+    whole = inference.upscale_image(params, lr.astype(np.float32) / 255, config=config)
+    whole_u8 = metrics.quantize(whole)
+    rows = []
+    for tile in tiles:
+        for overlap in overlaps:
+            if overlap >= tile:
+                continue
+            tiled = inference.upscale_image(params, lr.astype(np.float32) / 255, config=config, tile=tile,
+                                            overlap=overlap)
+            tiled_u8 = metrics.quantize(tiled)
+            rows.append(dict(
+                lr=f"{lr.shape[1]}x{lr.shape[0]}", tile=tile, overlap=overlap,
+                float_psnr=metrics.psnr(tiled, whole, peak=1.0),
+                uint8_psnr=metrics.psnr(tiled_u8, whole_u8),
+                max_levels=int(np.abs(tiled_u8.astype(int) - whole_u8).max()),
+                hr_whole=metrics.psnr_y(whole_u8, hr, config.scale),
+                hr_tiled=metrics.psnr_y(tiled_u8, hr, config.scale)))
+    return rows
+
+
+def memory(config: RNANConfig, side: int) -> tuple[int, int, int]:
+    """(temp, argument, output) bytes of the x`config.scale` forward pass on one [side, side] LR image."""
+    shapes = jax.eval_shape(lambda k: api.init(k, config), jax.random.key(0))
+    fn = jax.jit(lambda p, x: api.apply(p, x, config=config, scan_unroll=1, depthwise="grouped"))
+    m = fn.lower(shapes, jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)).compile().memory_analysis()
+    return m.temp_size_in_bytes, m.argument_size_in_bytes, m.output_size_in_bytes
+
+
+def largest_fitting(config: RNANConfig, budget: float, step: int = 16) -> int:
+    """The largest multiple of `step` whose square LR image's temp + arguments + output fit `budget` bytes."""
+    lo, hi = step, step
+    while sum(memory(config, hi)) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if sum(memory(config, mid)) <= budget else (lo, mid)
+    return lo
+
+
+def _ints(values: Sequence[str]) -> list[int]:
+    return [int(v) for v in values]
+
+
+def main(argv: Sequence[str]) -> None:
+    FLAGS = flags.FLAGS
+    del argv
+    try:
+        params, config = load(FLAGS.checkpoint, which=FLAGS.which)
+        source = f"{FLAGS.checkpoint} ({FLAGS.which})"
+    except CheckpointError as e:
+        config = DEMO
+        params = api.init(jax.random.key(0), config)
+        source = f"INIT WEIGHTS of the demo architecture (no checkpoint: {e})"
+    print(f"## Tiled vs whole-image output, x{config.scale} model from {source}\n")
+    print("| image | LR (w x h) | tile | overlap | PSNR tiled vs whole, float (dB) | same, uint8 (dB) | "
+          "max diff (levels) | Y-PSNR vs HR whole / tiled (dB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    data_dir = FLAGS.data_dir or default_data_dir()
+    for name in FLAGS.images:
+        dataset, stem = name.split("/")
+        hr = images.read_rgb(os.path.join(data_dir, "benchmark", dataset, "HR", f"{stem}.png"))
+        for r in tiling_rows(params, config, hr, _ints(FLAGS.tiles), _ints(FLAGS.overlaps)):
+            print(f"| {name} | {r['lr']} | {r['tile']} | {r['overlap']} | {r['float_psnr']:.2f} | "
+                  f"{r['uint8_psnr']:.2f} | {r['max_levels']} | {r['hr_whole']:.4f} / {r['hr_tiled']:.4f} |",
+                  flush=True)
+
+    x4 = RNANConfig(scale=4)
+    print(f"\n## Device memory of the default x4 model's forward pass (XLA {jax.default_backend()} "
+          f"memory_analysis, float32, batch 1)\n")
+    print("| LR side (square) | temp (MiB) | arguments (MiB) | output (MiB) | total (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for side in _ints(FLAGS.sizes):
+        temp, args, out = memory(x4, side)
+        print(f"| {side} | {temp / 2**20:.0f} | {args / 2**20:.0f} | {out / 2**20:.0f} | "
+              f"{(temp + args + out) / 2**20:.0f} |", flush=True)
+    budget = FLAGS.budget_gib * 2**30
+    side = largest_fitting(x4, budget)
+    print(f"\nLargest square LR image processed whole within {FLAGS.budget_gib:g} GiB: {side} x {side} "
+          f"(output {4 * side} x {4 * side}); tiled, any size fits, at the memory of one tile above.")
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("checkpoint", os.path.join(_REPO, "workdirs", "demo"), "Weights for part 1.")
+    flags.DEFINE_enum("which", "latest", ["latest", "best", "ema"], "Which parameters of --checkpoint.")
+    flags.DEFINE_string("data_dir", None, "Folder holding benchmark/<set>/HR (default: the shared data).")
+    flags.DEFINE_list("images", ["Set14/baboon", "Set14/comic", "Urban100/img_001", "Urban100/img_004"],
+                      "Benchmark images as <set>/<name>.")
+    flags.DEFINE_list("tiles", ["48", "96"], "LR tile sides.")
+    flags.DEFINE_list("overlaps", ["8", "16", "32"], "LR overlaps.")
+    flags.DEFINE_list("sizes", ["64", "128", "256", "512", "1024"], "Square LR sides for part 2.")
+    flags.DEFINE_float("budget_gib", 16.0, "Device memory budget for part 2 (GiB).")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
