@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 0001x4.png or 0001.png); "" = make LR from HR with degrade.bicubic_lr (MATLAB bicubic).
     c.lr_dirs = ""
     # Decoded (and bicubic-made) training images as .npy, made once and reused by later runs;
-    # "" = $RNAN_CACHE_DIR or ~/.cache/rnan_jax/data. DIV2K x4 takes about 7.3 GB there.
+    # "" = $RNAN_CACHE_DIR or ~/.cache/rnan_jax/data. DIV2K needs about 7 GB there at x4, 8.5 GB at x2 (estimated).
     c.cache_dir = ""
     c.num_workers = 0  # grain worker processes making batches (0 = in the training process)
     c.worker_buffer_size = 2  # batches each worker process keeps ready
