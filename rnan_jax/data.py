@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from rnan_jax import sources
+from rnan_jax.ensemble import inverse_transform, transform  # the 8 dihedral maps, shared with RNAN+
 from rnan_jax.env import default_data_dir
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.patch_size = 48  # LR patch side; the HR patch is scale * patch_size (paper: 48)
     c.augment = True  # one of the 8 rot90/flip transforms per patch, the same on LR and HR
     c.tfds_name = ""  # "" = f"div2k/bicubic_x{scale}"
-    c.tfds_data_dir = ""  # "" = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets); gs:// works too
+    c.tfds_data_dir = ""  # "" = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
     c.tfds_split = "train"  # any TFDS split string, e.g. "train[:100]"
     c.hr_dirs = ""  # source="folder": comma-separated HR folders, e.g. ".../train/T91,.../train/BSD200"
     # source="folder": comma-separated LR folders, one per HR folder, in DIV2K's naming (X4/0001x4.png,
@@ -136,18 +137,6 @@ class DataConfig:
             val_lr_dir=os.path.expanduser(values["val_lr_dir"]),
             val_max_images=int(values["val_max_images"]),
         )
-
-
-def transform(image: np.ndarray, k: int) -> np.ndarray:
-    """The k-th of the 8 dihedral transforms of [H, W, ...]: rot90 (k % 4) times, then a left-right flip if k >= 4."""
-    image = np.rot90(image, k % 4, axes=(0, 1))
-    return image[:, ::-1] if k >= 4 else image
-
-
-def inverse_transform(image: np.ndarray, k: int) -> np.ndarray:
-    """Undoes `transform(., k)`."""
-    image = image[:, ::-1] if k >= 4 else image
-    return np.rot90(image, -(k % 4), axes=(0, 1))
 
 
 @dataclasses.dataclass(frozen=True)

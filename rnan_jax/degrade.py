@@ -72,7 +72,7 @@ def _resize_axis(x: np.ndarray, matrix: sparse.csr_array, axis: int) -> np.ndarr
     return np.moveaxis(out.reshape((matrix.shape[0],) + rest), 0, axis)
 
 
-def _round_half_up(x: np.ndarray) -> np.ndarray:
+def round_half_up(x: np.ndarray) -> np.ndarray:
     # MATLAB rounds halves away from zero; np.rint would round them to even.
     return np.floor(x + 0.5)
 
@@ -94,7 +94,7 @@ def imresize(image: np.ndarray, scale: float, *, antialias: bool = True) -> np.n
     cols = _sparse_resize_matrix(w, output_length(w, scale), float(scale), antialias)
     out = _resize_axis(_resize_axis(image.astype(np.float64), rows, 0), cols, 1)
     if image.dtype == np.uint8:
-        return np.clip(_round_half_up(out), 0, 255).astype(np.uint8)
+        return np.clip(round_half_up(out), 0, 255).astype(np.uint8)
     return out
 
 

@@ -14,20 +14,17 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
+from rnan_jax.degrade import round_half_up
+
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 _K1, _K2, _PEAK = 0.01, 0.03, 255.0
 
 
-def _round_half_up(x: np.ndarray) -> np.ndarray:
-    # MATLAB's round (halves away from zero), which its uint8 conversions use.
-    return np.floor(x + 0.5)
-
-
 def quantize(sr: ArrayLike) -> np.ndarray:
     """Float image in [0, 1] (any shape, numpy or jax) -> uint8: clip to [0, 1], x255, round."""
     x = np.clip(np.asarray(sr, dtype=np.float64), 0.0, 1.0) * 255.0
-    return _round_half_up(x).astype(np.uint8)
+    return round_half_up(x).astype(np.uint8)
 
 
 def _integer_weighted_sum(rgb: np.ndarray, weights: tuple[int, int, int]) -> np.ndarray:

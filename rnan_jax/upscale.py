@@ -10,6 +10,11 @@ is read as 8 bits and written as 8 bits. An output path that is one of the input
 file is reported as failed), nor is one that an earlier input of the same run already produced; outputs of
 earlier runs are replaced. A file that cannot be read or upscaled is reported by name and the rest go on;
 the exit status is 1 if any input failed, 2 for an unusable checkpoint.
+
+Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR
+pixel for the paper's x4 model). `--tile` bounds it by the window; the output then differs slightly from
+whole-image output because the GC block sees each window's context, not the image's (tools/BENCHMARKS.md,
+"Inference: tiling", measures by how much).
 """
 from __future__ import annotations
 
@@ -112,7 +117,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A training workdir or one checkpoint step's folder.", required=True)
     flags.DEFINE_string("output", None, "Folder for the upscaled images (created).", required=True)
     flags.DEFINE_enum("which", "latest", list(WHICH), "Which parameters of --checkpoint.")
-    flags.DEFINE_integer("tile", None, "Process the LR image in TILE x TILE windows (bounds memory).", lower_bound=1)
+    flags.DEFINE_integer("tile", None, "Upscale in overlapping TILE x TILE LR windows, bounding device memory "
+                         "(default: whole images).", lower_bound=1)
     flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring windows.",
                          lower_bound=0)
     flags.DEFINE_bool("self_ensemble", False, "Average the 8 flips/rotations (RNAN+; 8x slower).")

@@ -19,9 +19,10 @@ TINY = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=
 # LR receptive field radius of TINY: head, c1, c2, dc, the group's and the global fusion conv3x3 and the
 # upsampler conv (7 LR pixels), plus the tail conv at HR (half an LR pixel).
 TINY_RADIUS = 7.5
-# The least PSNR of tiled against whole-image output that tools/tiling_bound.py measured at the defaults
-# (tools/BENCHMARKS.md), rounded down.
-TILED_PSNR_BOUND = 50.0
+# The least PSNR of tiled against whole-image output that tools/tiling_bound.py measured with the demo
+# model (tools/BENCHMARKS.md, "Inference: tiling"), rounded down: a window of mostly flat sky gets a GC context
+# unlike the whole image's. (This tiny model and image measure 56 dB.)
+TILED_PSNR_BOUND = 39.0
 # The reference: `apply` jitted on its own (eager Flax dispatch is slow on CPU).
 reference = jax.jit(apply, static_argnames="config")
 

@@ -470,7 +470,9 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
             res = json.load(f)
         for r in res.get("train", []):
             p = r.get("profile")
-            if p and "error" not in p:
+            if p and "error" not in p and not p["device_events"]:
+                profiles.append(f"- profile b{r['batch']} {r['dtype']}: no device events in the trace (a CPU run)")
+            elif p and "error" not in p:
                 top = "; ".join(f"{k['name'][:60]} {k['ms_per_step']:.2f} ms ({k['calls_per_step']:g}x)"
                                 for k in p["top_kernels"][:6])
                 profiles.append(f"- profile b{r['batch']} {r['dtype']} {r['scan_unroll']}/{r['depthwise']}: "

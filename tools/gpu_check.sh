@@ -17,6 +17,7 @@ OUT="${OUT:-/tmp/rnan_gpu_check}"
 mkdir -p "$OUT"
 BUDGET="${RNAN_GPU_CHECK_BUDGET:-330}"
 PY="${PYTHON:-python3}"
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the peer runs in .bench/
 start=$SECONDS
 left() { echo $((BUDGET - (SECONDS - start))); }
 limit() { local n=$(($(left) - $1)); echo $((n < 30 ? 30 : n)); }  # seconds for a stage, keeping $1 for later

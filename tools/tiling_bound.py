@@ -1,12 +1,14 @@
 """How much tiled upscaling differs from whole-image upscaling, and how much device memory tiling saves.
 
     python tools/tiling_bound.py [--checkpoint workdirs/demo] [--images Set14/baboon,Urban100/img_001]
-        [--tiles 48,96] [--overlaps 8,16,32] [--sizes 64,128,256,512,1024] [--budget_gib 16]
+        [--tiles 64,128,256] [--overlaps 8,32] [--sets Set14,Urban100] [--per_set 10] [--scan_tile 256]
+        [--sizes 64,128,256,512,1024] [--budget_gib 16]
 
 Part 1 upscales the bicubic LR images of the benchmark HR images whole and in tiles with each tile/overlap
 and prints the PSNR of tiled against whole-image output (float output, peak 1; and uint8 output, peak 255,
 with the largest difference in levels), plus the Y-PSNR against HR of both, that is what tiling changes
-in a benchmark number. The weights are the checkpoint's (default: the demo run), or init weights of the
+in a benchmark number; then, at `--scan_tile` and the default overlap, the three worst of the first
+`--per_set` images of each of `--sets`. The weights are the checkpoint's (default: the demo run), or init weights of the
 demo's architecture when it is absent (said in the output).
 Part 2 compiles the paper's default x4 model (17.3 M parameters; rolled scan, grouped depthwise: the
 accelerator settings) with `jax.jit(...).lower(...).compile()` for square LR inputs and prints XLA's
@@ -83,6 +85,17 @@ def _ints(values: Sequence[str]) -> list[int]:
     return [int(v) for v in values]
 
 
+def _hr(data_dir: str, name: str) -> np.ndarray:
+    dataset, stem = name.split("/")
+    return images.read_rgb(os.path.join(data_dir, "benchmark", dataset, "HR", f"{stem}.png"))
+
+
+def _print_rows(name: str, rows: list[dict]) -> None:
+    for r in rows:
+        print(f"| {name} | {r['lr']} | {r['tile']} | {r['overlap']} | {r['float_psnr']:.1f} | "
+              f"{r['uint8_psnr']:.1f} | {r['max_levels']} | {r['hr_whole']:.4f} / {r['hr_tiled']:.4f} |", flush=True)
+
+
 def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     del argv
@@ -93,21 +106,29 @@ def main(argv: Sequence[str]) -> None:
         config = DEMO
         params = api.init(jax.random.key(0), config)
         source = f"INIT WEIGHTS of the demo architecture (no checkpoint: {e})"
-    print(f"## Tiled vs whole-image output, x{config.scale} model from {source}\n")
-    print("| image | LR (w x h) | tile | overlap | PSNR tiled vs whole, float (dB) | same, uint8 (dB) | "
-          "max diff (levels) | Y-PSNR vs HR whole / tiled (dB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    header = ("| image | LR (w x h) | tile | overlap | PSNR tiled vs whole, float (dB) | same, uint8 (dB) | "
+              "max diff (levels) | Y-PSNR vs HR whole / tiled (dB) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"## Tiled vs whole-image output, x{config.scale} model from {source}\n\n{header}")
     data_dir = FLAGS.data_dir or default_data_dir()
     for name in FLAGS.images:
-        dataset, stem = name.split("/")
-        hr = images.read_rgb(os.path.join(data_dir, "benchmark", dataset, "HR", f"{stem}.png"))
-        for r in tiling_rows(params, config, hr, _ints(FLAGS.tiles), _ints(FLAGS.overlaps)):
-            print(f"| {name} | {r['lr']} | {r['tile']} | {r['overlap']} | {r['float_psnr']:.2f} | "
-                  f"{r['uint8_psnr']:.2f} | {r['max_levels']} | {r['hr_whole']:.4f} / {r['hr_tiled']:.4f} |",
-                  flush=True)
+        _print_rows(name, tiling_rows(params, config, _hr(data_dir, name), _ints(FLAGS.tiles), _ints(FLAGS.overlaps)))
+
+    tile, overlap = FLAGS.scan_tile, inference.DEFAULT_OVERLAP
+    print(f"\n## At tile {tile}, overlap {overlap} (the default overlap): the worst images of\n")
+    for dataset in FLAGS.sets:
+        folder = os.path.join(data_dir, "benchmark", dataset, "HR")
+        names = [f"{dataset}/{os.path.splitext(os.path.basename(f))[0]}" for f in images.list_images(folder)]
+        rows = [(n, r) for n in names[:FLAGS.per_set]
+                for r in tiling_rows(params, config, _hr(data_dir, n), [tile], [overlap])]
+        tiled = [(n, r) for n, r in rows if r["uint8_psnr"] != float("inf")]
+        print(f"{dataset}, first {len(rows)} images, of which {len(rows) - len(tiled)} came out identical "
+              f"(they fit one tile, or tiling changed no pixel):\n\n{header}")
+        for n, r in sorted(tiled, key=lambda nr: nr[1]["uint8_psnr"])[:3]:
+            _print_rows(n, [r])
+        print()
 
     x4 = RNANConfig(scale=4)
-    print(f"\n## Device memory of the default x4 model's forward pass (XLA {jax.default_backend()} "
+    print(f"## Device memory of the default x4 model's forward pass (XLA {jax.default_backend()} "
           f"memory_analysis, float32, batch 1)\n")
     print("| LR side (square) | temp (MiB) | arguments (MiB) | output (MiB) | total (MiB) |")
     print("| --- | --- | --- | --- | --- |")
@@ -127,8 +148,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Folder holding benchmark/<set>/HR (default: the shared data).")
     flags.DEFINE_list("images", ["Set14/baboon", "Set14/comic", "Urban100/img_001", "Urban100/img_004"],
                       "Benchmark images as <set>/<name>.")
-    flags.DEFINE_list("tiles", ["48", "96"], "LR tile sides.")
-    flags.DEFINE_list("overlaps", ["8", "16", "32"], "LR overlaps.")
+    flags.DEFINE_list("tiles", ["64", "128", "256"], "LR tile sides.")
+    flags.DEFINE_list("overlaps", ["8", "32"], "LR overlaps.")
+    flags.DEFINE_list("sets", ["Set14", "Urban100"], "Benchmark sets scanned at --scan_tile.")
+    flags.DEFINE_integer("per_set", 10, "Images of each of --sets scanned at --scan_tile.")
+    flags.DEFINE_integer("scan_tile", 256, "Tile side for the scan over --sets (overlap: the default).")
     flags.DEFINE_list("sizes", ["64", "128", "256", "512", "1024"], "Square LR sides for part 2.")
     flags.DEFINE_float("budget_gib", 16.0, "Device memory budget for part 2 (GiB).")
 

@@ -1,0 +1,97 @@
+"""Does bfloat16 cost quality? One experiment trained in float32 and in bfloat16, compared side by side.
+
+    python tools/compare_dtypes.py --config=experiments/demo.py --workdir=/tmp/rnan_dtypes
+    python tools/compare_dtypes.py --config=experiments/x2.py --config.total_steps=20000 --workdir=...
+
+Trains the config once per --dtypes value (`model.dtype`: the compute dtype; parameters, loss and optimizer
+stay float32) into WORKDIR/<dtype>, resuming what is there, then reads both runs' TensorBoard event files
+and prints a markdown table: train loss and validation PSNR per logged step, and the wall-clock time.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import struct
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Parent folder of one workdir per dtype.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to compare.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def read_scalars(logdir: str) -> dict[str, dict[int, tuple[float, float]]]:
+    """{tag: {step: (value, wall_time)}} from every TensorBoard event file under `logdir`.
+
+    Event files are TFRecords (length, CRC, an `Event` proto, CRC); tensorboardX's proto reads them
+    without TensorFlow. CRCs are not checked.
+    """
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, tuple[float, float]]] = collections.defaultdict(dict)
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            record = data[offset + 12:offset + 12 + length]
+            offset += 12 + length + 4
+            if len(record) < length:
+                break  # a record cut off by a running writer
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars[value.tag][event.step] = (value.simple_value, event.wall_time)
+    return scalars
+
+
+def comparison_table(runs: dict[str, dict[str, dict[int, tuple[float, float]]]]) -> str:
+    """Markdown: one row per step logged by any run; train loss and validation PSNR per dtype."""
+    names = list(runs)
+    steps = sorted({s for r in runs.values() for tag in ("train/loss", "val/psnr") for s in r.get(tag, {})})
+    head = ["step"] + [f"loss {n}" for n in names] + [f"val PSNR {n}" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for s in steps:
+        cells = [str(s)]
+        for tag, spec in (("train/loss", ".5f"), ("val/psnr", ".3f")):
+            for n in names:
+                v = runs[n].get(tag, {}).get(s)
+                cells.append(format(v[0], spec) if v else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    for n in names:
+        walls = [w for r in runs[n].values() for _, w in r.values()]
+        bicubic = runs[n].get("val/bicubic_psnr", {})
+        extra = f", bicubic {next(iter(bicubic.values()))[0]:.3f} dB" if bicubic else ""
+        span = f"{max(walls) - min(walls):.0f} s from the first to the last logged value" if walls else "no values"
+        lines.append(f"\n{n}: {span}{extra}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from rnan_jax import env, trainer
+
+    env.enable_compilation_cache()
+    runs = {}
+    for dtype in _DTYPES.value:
+        config = _CONFIG.value.copy_and_resolve_references()
+        config.model.dtype = dtype
+        workdir = os.path.join(_WORKDIR.value, dtype)
+        print(f"== {dtype}: {workdir}", flush=True)
+        try:
+            trainer.train_and_evaluate(config, workdir)
+        except (ValueError, trainer.TrainingError) as e:
+            print(f"{dtype} stopped: {e}", flush=True)
+        runs[dtype] = read_scalars(os.path.join(workdir, "tensorboard"))
+    print(comparison_table(runs))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    app.run(main)
