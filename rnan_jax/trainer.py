@@ -206,6 +206,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
          f"process(es); global batch {cfg.batch_size}; parameters:\n{summary.parameter_table(state.params)}")
     _log(f"validation: {len(validator.images)} image(s), bicubic PSNR {validator.bicubic_psnr:.3f} dB")
 
+    if int(state.step) >= cfg.total_steps:
+        _log(f"nothing to do: {workdir} is already at step {int(state.step)} of total_steps {cfg.total_steps} "
+             f"(use another --workdir, or raise --config.total_steps to train on)")
+        it.close()
+        return {}
+
     train_step = jax.jit(partial(step.train_step, spec=spec), in_shardings=(replicated, batch_sharding, replicated),
                          out_shardings=(replicated, replicated), donate_argnums=(0, 2))
     lr_schedule = step.learning_rate(cfg.optim)
