@@ -50,9 +50,11 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 def blend_weights(starts: list[int], tile: int, overlap: int, scale: int) -> list[np.ndarray]:
     """Per-window float32 weights [scale * tile] along one axis, in output (HR) pixels.
 
-    Between neighbouring windows the weight ramps linearly over `overlap // 2` LR pixels (a hard step when
-    that is 0) centred in the middle of their overlap; the two ramps sum to 1, so a pixel's weights over
-    all windows sum to 1 wherever the overlaps are at least `overlap`.
+    Between neighbouring windows the weight ramps linearly over overlap - 2 * (overlap // 4) LR pixels (a
+    hard step when that is 0) centred in the middle of their overlap, so the outer overlap // 4 LR pixels of
+    each inner edge get weight 0. The two ramps sum to 1, so the weights of all windows sum to 1 at every
+    pixel when a window's two ramps do not meet (windows spaced at least overlap / 2 apart, as with
+    tile >= 1.5 x overlap); `_tiled` divides by the summed weights in any case.
     """
     x = np.arange(scale * tile, dtype=np.float64) + 0.5  # pixel centres, relative to the window's start
     ramp = scale * (overlap - 2 * (overlap // 4))  # overlap // 4 LR pixels at each edge get weight 0

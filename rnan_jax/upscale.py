@@ -23,12 +23,13 @@ import sys
 from typing import Sequence
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from tqdm import tqdm
 
 import rnan_jax
 from rnan_jax import degrade, env, images, inference
 from rnan_jax.checkpoint import WHICH, CheckpointError
+from rnan_jax.model import RNANConfig
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -70,8 +71,10 @@ def plan(files: Sequence[str], output_dir: str, scale: int) -> tuple[list[tuple[
     return jobs, errors
 
 
-def upscale_file(params, config, src: str, dst: str, **kwargs) -> None:
-    """Reads `src`, upscales colour (gray stays gray) and alpha, writes `dst`. kwargs as `upscale_image`."""
+def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: str, **kwargs) -> None:
+    """Reads `src`, upscales its colour (gray stays gray) and alpha, writes `dst`. kwargs as `upscale_image`.
+
+    Raises `images.ImageError` naming `src` for an unreadable file."""
     decoded = images.decode(src)
     sr = inference.upscale_image(params, decoded.pixels, config=config, **kwargs)
     alpha = None if decoded.alpha is None else degrade.imresize(decoded.alpha, config.scale)
@@ -84,6 +87,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("give one or more input images or folders")
     if FLAGS.tile is not None and FLAGS.overlap >= FLAGS.tile:
         raise app.UsageError(f"--overlap ({FLAGS.overlap}) must be smaller than --tile ({FLAGS.tile})")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
     env.enable_compilation_cache()
     try:
         params, config = rnan_jax.load(FLAGS.checkpoint, which=FLAGS.which)

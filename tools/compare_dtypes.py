@@ -15,7 +15,7 @@ import os
 import struct
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -78,6 +78,7 @@ def main(argv):
     from rnan_jax import env, trainer
 
     env.enable_compilation_cache()
+    logging.set_verbosity(logging.WARNING)  # the trainer prints its own lines
     runs = {}
     for dtype in _DTYPES.value:
         config = _CONFIG.value.copy_and_resolve_references()

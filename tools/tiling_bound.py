@@ -4,18 +4,17 @@
         [--tiles 64,128,256] [--overlaps 8,32] [--sets Set14,Urban100] [--per_set 10] [--scan_tile 256]
         [--sizes 64,128,256,512,1024] [--budget_gib 16]
 
-Part 1 upscales the bicubic LR images of the benchmark HR images whole and in tiles with each tile/overlap
-and prints the PSNR of tiled against whole-image output (float output, peak 1; and uint8 output, peak 255,
-with the largest difference in levels), plus the Y-PSNR against HR of both, that is what tiling changes
-in a benchmark number; then, at `--scan_tile` and the default overlap, the three worst of the first
-`--per_set` images of each of `--sets`. The weights are the checkpoint's (default: the demo run), or init weights of the
-demo's architecture when it is absent (said in the output).
-Part 2 compiles the paper's default x4 model (17.3 M parameters; rolled scan, grouped depthwise: the
-accelerator settings) with `jax.jit(...).lower(...).compile()` for square LR inputs and prints XLA's
-`memory_analysis()`: temporaries, arguments (the parameters) and output, and the largest square LR image
-that fits `--budget_gib` whole. A tiled run needs the memory of one tile whatever the image size.
-These are XLA:CPU's buffer assignments on the machine that runs the script; an accelerator's differ
-somewhat.
+Part 1 upscales the bicubic LR images of benchmark HR images whole and in tiles, for each tile and
+overlap, and prints the PSNR of tiled against whole-image output (float output, peak 1; uint8 output, peak
+255, with the largest difference in grey levels) and the Y-PSNR of both against HR (what tiling changes in
+a benchmark number); then, at `--scan_tile` and the default overlap, the three worst of the first
+`--per_set` images of each of `--sets`. The weights are the checkpoint's (default: the demo run), or, when
+there is none, init weights of the demo's architecture (the output says which).
+Part 2 compiles the paper's default x4 model (17.3 M parameters; rolled scans and grouped depthwise convs,
+the accelerator settings) with `jax.jit(...).lower(...).compile()` for square LR inputs and prints XLA's
+`memory_analysis()`: temporaries, arguments (the parameters) and output; and the largest square LR image
+that fits `--budget_gib` whole. A tiled run needs the memory of one tile, whatever the image size. These
+are the buffer assignments of the backend that runs the script; another backend's differ somewhat.
 """
 from __future__ import annotations
 
@@ -111,7 +110,8 @@ def main(argv: Sequence[str]) -> None:
     print(f"## Tiled vs whole-image output, x{config.scale} model from {source}\n\n{header}")
     data_dir = FLAGS.data_dir or default_data_dir()
     for name in FLAGS.images:
-        _print_rows(name, tiling_rows(params, config, _hr(data_dir, name), _ints(FLAGS.tiles), _ints(FLAGS.overlaps)))
+        rows = tiling_rows(params, config, _hr(data_dir, name), _ints(FLAGS.tiles), _ints(FLAGS.overlaps))
+        _print_rows(name, rows)
 
     tile, overlap = FLAGS.scan_tile, inference.DEFAULT_OVERLAP
     print(f"\n## At tile {tile}, overlap {overlap} (the default overlap): the worst images of\n")
