@@ -23,8 +23,8 @@ preset ("paper": the default x4 RNAN with 48x48 LR patches, so batch 16 is the p
 - HLO: instructions of the optimized HLO that launch work (outside fused computations; parameters, tuples,
   bitcasts and control flow left out), counted once each (static) and per step (a while body times its
   known trip count), with their opcodes, fusion kinds and custom-call targets.
-- --profile_dir: one more window of steps under `jax.profiler.trace`, its device kernels summarized
-  (count and time per step, the slowest kernels) and the Perfetto trace kept, for the first batch size.
+- --profile_dir: --profile_steps more steps of the first batch size under `jax.profiler.trace`, its device
+  kernels summarized (count and time per step, the slowest kernels) and the Perfetto trace kept.
 - forward: `api.apply` on one LR image of --forward_lr (270x480: a 1920x1080 output at x4), per dtype and
   knobs, at batch 1, timed the same way (--forward_steps per window).
 """

@@ -63,12 +63,13 @@ def comparison_table(runs: dict[str, dict[str, dict[int, tuple[float, float]]]])
                 v = runs[n].get(tag, {}).get(s)
                 cells.append(format(v[0], spec) if v else "")
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
     for n in names:
         walls = [w for r in runs[n].values() for _, w in r.values()]
         bicubic = runs[n].get("val/bicubic_psnr", {})
         extra = f", bicubic {next(iter(bicubic.values()))[0]:.3f} dB" if bicubic else ""
         span = f"{max(walls) - min(walls):.0f} s from the first to the last logged value" if walls else "no values"
-        lines.append(f"\n{n}: {span}{extra}")
+        lines.append(f"{n}: {span}{extra}")
     return "\n".join(lines)
 
 

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Issue 7's prepared GPU run (one H100/H200, at most ~5.5 minutes): the PyTorch peer and tools/benchmark.py
-# (paper setting and batch 64, bfloat16 and float32, 1080p forward, a profile of the paper setting), then
-# the depthwise variant if time is left, all in one run; JSON, logs, traces and a markdown table under $OUT.
+# Issue 7's prepared GPU run on one H100/H200, at most 6 minutes (stages share RNAN_GPU_CHECK_BUDGET = 340 s):
+# the PyTorch peer, then tools/benchmark.py (paper setting and batch 64, bfloat16 and float32, the 1080p
+# forward, a profile of the paper setting), then the shifted-depthwise variant if time is left. JSON, logs,
+# two Perfetto traces and a markdown table (printed last) land in $OUT.
 #
 # Prepared on the CPU machine, in the repository root (both folders are git-ignored):
 #   mkdir -p .bench && cp ../shared/peers/bench_torch.py ../shared/peers/rnan_torch.py .bench/
 #   (.whl/: wheels of ml_collections, grain, array_record and portpicker for CPython 3.12; the GPU image lacks
 #   them and rnan_jax.step imports them; tools/BENCHMARKS.md gives the pip download command)
 # Launched with the device tool:
-#   run(command="bash tools/gpu_check.sh", carry=[".bench", ".whl"], timeout_s=400)
+#   run(command="bash tools/gpu_check.sh", carry=[".bench", ".whl"], timeout_s=420)
 # Every stage has its own time limit inside RNAN_GPU_CHECK_BUDGET seconds; a stage that fails or runs out
 # keeps what the others wrote (benchmark.py rewrites its JSON after every setting).
-# Dry run on a CPU (tiny model, seconds):  RNAN_GPU_CHECK_TINY=1 OUT=/tmp/gpu_check PYTHON=.venv/bin/python bash tools/gpu_check.sh
+# Dry run on a CPU (tiny models, about 1.5 minutes):
+#   RNAN_GPU_CHECK_TINY=1 OUT=/tmp/gpu_check PYTHON=.venv/bin/python bash tools/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/rnan_gpu_check}"
 mkdir -p "$OUT"
-BUDGET="${RNAN_GPU_CHECK_BUDGET:-330}"
+BUDGET="${RNAN_GPU_CHECK_BUDGET:-340}"
 PY="${PYTHON:-python3}"
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the peer runs in .bench/
 start=$SECONDS
@@ -24,10 +26,12 @@ limit() { local n=$(($(left) - $1)); echo $((n < 30 ? 30 : n)); }  # seconds for
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"  # batch 64 float32 is large
 
-main=(--dtypes=bfloat16,float32 --batch_sizes=16,64)
-variant=(--dtypes=bfloat16,float32 --batch_sizes=16)
+main=(--dtypes=bfloat16,float32 --batch_sizes=16,64 --steps=8 --repeats=4)
+variant=(--dtypes=bfloat16,float32 --batch_sizes=16 --steps=8 --repeats=4)
 peer=(--skip_compile)
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"  # fail, rather than time the paper model on the host CPU
 if [ -n "${RNAN_GPU_CHECK_TINY:-}" ]; then
+  export JAX_PLATFORMS=cpu
   main=(--tiny --dtypes=bfloat16,float32)
   variant=(--tiny --dtypes=bfloat16,float32)
   peer=(--skip_compile --tiny --steps=3)
