@@ -12,6 +12,7 @@ import ml_collections
 
 from rnan_jax import data
 from rnan_jax.model import DEPTHWISE_IMPLS, RNANConfig
+from rnan_jax.step import OptimConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,33 +31,11 @@ def default_config() -> ml_collections.ConfigDict:
         scan_unroll=0,  # 0: the backend's default (full on CPU, rolled elsewhere); -1: full; n: factor n
         depthwise="auto",  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
     ))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, b1=0.9, b2=0.999, eps=1e-8,
-        schedule="step",  # "step": x decay_factor every decay_every steps; "cosine"; "constant"
-        decay_every=200_000, decay_factor=0.5,
-        warmup_steps=0,
-        grad_clip=0.0,  # global-norm clipping threshold (0: off)
-        skip_threshold=0.0,  # skip a step whose loss exceeds this times the running loss (EDSR; 0: off)
-        ema_decay=0.0,  # parameter EMA for evaluation (BasicSR uses 0.999; 0: off)
-    ))
+    # The optimizer, defaults from step.OptimConfig (documented there); total_steps is the run's, above.
+    c.optim = ml_collections.ConfigDict(
+        {k: v for k, v in dataclasses.asdict(OptimConfig()).items() if k != "total_steps"})
     c.data = data.default_config()
     return c
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    lr: float
-    b1: float
-    b2: float
-    eps: float
-    schedule: str
-    decay_every: int
-    decay_factor: float
-    warmup_steps: int
-    grad_clip: float
-    skip_threshold: float
-    ema_decay: float
-    total_steps: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,11 +16,28 @@ import jax.numpy as jnp
 import optax
 
 from rnan_jax.api import build, init
-from rnan_jax.configs import OptimConfig
 from rnan_jax.model import RNANConfig
 
 _LOSS_AVG_DECAY = 0.99
 _SKIP_WARMUP = 100  # steps before loss-spike skipping starts (the running loss must settle first)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer settings (`optim.*` in the config) and the run length; defaults are the paper's."""
+
+    lr: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "step"  # "step": x decay_factor every decay_every steps; "cosine"; "constant"
+    decay_every: int = 200_000
+    decay_factor: float = 0.5
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # global-norm clipping threshold (0: off)
+    skip_threshold: float = 0.0  # skip a step whose loss exceeds this times the running loss (EDSR; 0: off)
+    ema_decay: float = 0.0  # parameter EMA for evaluation (BasicSR uses 0.999; 0: off)
+    total_steps: int = 1_000_000
 
 
 @flax.struct.dataclass

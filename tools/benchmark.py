@@ -314,10 +314,10 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from rnan_jax import api, configs, step
+    from rnan_jax import api, step
 
     scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise)
-    optim = configs.OptimConfig(**configs.default_config().optim.to_dict(), total_steps=1_000_000)
+    optim = step.OptimConfig()  # the paper's Adam and schedule
     spec = step.StepSpec(config, optim, scan_unroll, impl)
     device = jax.devices()[0]
     mesh = Mesh(np.array([device]), ("data",))
