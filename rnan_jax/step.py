@@ -73,7 +73,10 @@ def learning_rate(cfg: OptimConfig) -> optax.Schedule:
 
 def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     adam = optax.adam(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam) if cfg.grad_clip > 0 else adam
+    # Always a chain of two, so that the optimizer state has one structure whether clipping is on or not:
+    # a run can be resumed with clipping switched on (e.g. after a non-finite loss).
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adam)
 
 
 def create_state(rng: jax.Array, params: Any = None, *, spec: StepSpec) -> TrainState:

@@ -1,0 +1,83 @@
+"""The train step's options: EMA, loss-spike skipping, non-finite steps, the learning-rate schedules."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnan_jax import RNANConfig
+from rnan_jax.step import OptimConfig, StepSpec, create_state, empty_metrics, learning_rate, train_step
+
+MODEL = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+
+
+def _batch(seed=0):
+    rng = np.random.RandomState(seed)
+    return {"lr": rng.randint(0, 256, (2, 6, 6, 3)).astype(np.uint8),
+            "hr": rng.randint(0, 256, (2, 12, 12, 3)).astype(np.uint8)}
+
+
+def _step(spec, state):
+    return jax.jit(lambda s, b, a: train_step(s, b, a, spec=spec))(state, _batch(), empty_metrics())
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_ema_is_the_moving_average_of_the_parameters():
+    spec = StepSpec(MODEL, OptimConfig(lr=1e-2, ema_decay=0.9))
+    state = create_state(jax.random.key(0), spec=spec)
+    new, acc = _step(spec, state)
+    for e, p0, p1 in zip(_leaves(new.ema), _leaves(state.params), _leaves(new.params)):
+        np.testing.assert_allclose(e, 0.9 * p0 + 0.1 * p1, rtol=1e-6, atol=1e-7)
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(new.params), _leaves(state.params)))
+    assert int(new.step) == 1 and float(acc["steps"]) == 1 and float(acc["loss"]) > 0
+    assert create_state(jax.random.key(0), spec=StepSpec(MODEL, OptimConfig())).ema is None
+
+
+def test_loss_spike_is_skipped():
+    spec = StepSpec(MODEL, OptimConfig(lr=1e-2, skip_threshold=2.0))
+    state = create_state(jax.random.key(0), spec=spec)
+    # A running loss far below this batch's loss, past the warm-up: the step is a spike.
+    state = state.replace(step=jnp.asarray(500, jnp.int32), loss_avg=jnp.asarray(1e-4, jnp.float32))
+    new, acc = _step(spec, state)
+    assert float(acc["skipped"]) == 1 and float(acc["nonfinite"]) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(new.params), _leaves(state.params)))
+    assert int(new.step) == 501 and float(new.loss_avg) == pytest.approx(1e-4)
+    # The same batch against a running loss of its own size goes through.
+    new, acc = _step(spec, state.replace(loss_avg=jnp.asarray(1.0, jnp.float32)))
+    assert float(acc["skipped"]) == 0
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(new.params), _leaves(state.params)))
+
+
+def test_non_finite_update_leaves_the_state_and_is_counted():
+    spec = StepSpec(MODEL, OptimConfig(lr=1e38, eps=1e-30))
+    state = create_state(jax.random.key(0), spec=spec)
+    new, acc = _step(spec, state)
+    assert float(acc["nonfinite"]) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(new.params), _leaves(state.params)))
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(new.opt_state), _leaves(state.opt_state)))
+
+
+def test_schedules():
+    step = learning_rate(OptimConfig(lr=1e-4, decay_every=200_000, decay_factor=0.5))
+    assert [float(step(s)) for s in (0, 199_999, 200_000, 400_000, 999_999)] == pytest.approx(
+        [1e-4, 1e-4, 5e-5, 2.5e-5, 6.25e-6])
+    warm = learning_rate(OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10, total_steps=110))
+    assert [float(warm(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx([0, 5e-4, 1e-3, 5e-4, 0], abs=1e-9)
+    assert float(learning_rate(OptimConfig(lr=3e-4, schedule="constant"))(10**6)) == pytest.approx(3e-4)
+
+
+def test_gradient_clipping_scales_the_gradient_to_the_threshold():
+    # With eps far above every |g|, Adam's first update is lr * g / eps: linear in the gradient, so clipping
+    # to global norm c must scale the whole update by c / |g|.
+    base = OptimConfig(lr=100.0, eps=1e3)  # updates of ~0.01, far above float32 rounding of the params
+    state = create_state(jax.random.key(0), spec=StepSpec(MODEL, base))
+    free, acc = _step(StepSpec(MODEL, base), state)
+    norm = float(acc["grad_norm"])
+    clipped, acc_c = _step(StepSpec(MODEL, dataclasses.replace(base, grad_clip=norm / 4)), state)
+    assert float(acc_c["grad_norm"]) == pytest.approx(norm)  # the logged norm is the one before clipping
+    for p0, pf, pc in zip(_leaves(state.params), _leaves(free.params), _leaves(clipped.params)):
+        np.testing.assert_allclose(pc - p0, (pf - p0) / 4, rtol=2e-3, atol=1e-6)
