@@ -1,0 +1,51 @@
+"""The experiment configs: the paper's recipe, derived scales, and the typed conversion's checks."""
+import os
+import runpy
+
+import pytest
+
+from rnan_jax import RNANConfig
+from rnan_jax.configs import TrainConfig
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+def _load(name):
+    return runpy.run_path(os.path.join(EXPERIMENTS, f"{name}.py"))["get_config"]()
+
+
+@pytest.mark.parametrize("name,scale", [("x2", 2), ("x3", 3), ("x4", 4)])
+def test_paper_recipe(name, scale):
+    cfg = TrainConfig.from_config(_load(name))
+    assert cfg.model == RNANConfig(scale=scale)  # 10 GCRGs x 20 RNA blocks, 64 features, N = M = 1, r = 16
+    assert (cfg.batch_size, cfg.total_steps, cfg.data.patch_size) == (16, 1_000_000, 48)
+    o = cfg.optim
+    assert (o.lr, o.b1, o.b2, o.schedule, o.decay_every, o.decay_factor) == (1e-4, 0.9, 0.999, "step", 200_000, 0.5)
+    assert cfg.data.source == "tfds" and cfg.data.tfds_name == f"div2k/bicubic_x{scale}"
+    assert (cfg.data.val_source, cfg.data.val_set) == ("benchmark", "Set5")
+
+
+def test_demo_and_classic291():
+    demo = TrainConfig.from_config(_load("demo"))
+    assert demo.model.scale == 2 and demo.data.source == "demo" and demo.total_steps == 600
+    c291 = TrainConfig.from_config(_load("classic291"))
+    assert c291.data.source == "folder" and [os.path.basename(d) for d in c291.data.hr_dirs] == ["T91", "BSD200"]
+
+
+def test_locked_config_rejects_a_mistyped_key_and_bad_values():
+    config = _load("x4")
+    config.lock()
+    with pytest.raises(AttributeError, match="lrr"):
+        config.optim.lrr = 2e-4
+    bad = _load("x4")
+    bad.optim.schedule = "linear"
+    with pytest.raises(ValueError, match="optim.schedule"):
+        TrainConfig.from_config(bad)
+    bad = _load("x4")
+    bad.model.block_interval = 3
+    with pytest.raises(ValueError, match="block_interval 3 must divide num_blocks 20"):
+        TrainConfig.from_config(bad)
+    bad = _load("x4")
+    bad.execution.depthwise = "fft"
+    with pytest.raises(ValueError, match="execution.depthwise"):
+        TrainConfig.from_config(bad)
