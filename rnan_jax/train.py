@@ -32,6 +32,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # the trainer prints its own lines; keep library chatter out
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except trainer.Preempted as e:
+        print(e, flush=True)
+        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
     except (ValueError, trainer.TrainingError, OSError) as e:
         sys.exit(f"error: {e}")
 

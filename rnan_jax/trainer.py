@@ -32,6 +32,10 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss); the message says what was kept."""
 
 
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the step reached was saved (the message says where)."""
+
+
 class _Preemption:
     """Turns SIGTERM (a TPU/GPU preemption notice) into a flag the loop checks after each step."""
 
@@ -171,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Returns the last logged metrics and validation results. `stop_after` ends the loop after that step
     without saving, as a crash would (for tests of resuming). Raises ValueError for a config that does
-    not fit, TrainingError for a non-finite loss.
+    not fit, TrainingError for a non-finite loss, Preempted after SIGTERM's checkpoint.
     """
     cfg = TrainConfig.from_config(config)
     workdir = os.path.abspath(workdir)
@@ -185,7 +189,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
     validator = _Validator(cfg)
     mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), max_to_keep=cfg.keep_checkpoints)
-    best_mngr = checkpoint.manager(os.path.join(workdir, checkpoint.BEST), max_to_keep=1)
+    # Synchronous: orbax names its multi-host barrier for an async save by the step alone, so two managers
+    # saving the same step asynchronously collide ("Barrier _async_write_complete.<step> is already ongoing").
+    best_mngr = checkpoint.manager(os.path.join(workdir, checkpoint.BEST), max_to_keep=1, async_save=False)
 
     rng = jax.random.key(cfg.seed)
     abstract = jax.eval_shape(partial(step.create_state, spec=spec), rng)
@@ -237,26 +243,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     now = time.time()
                     rate = (s - s_last) / max(now - t_last, 1e-9)
                     t_last, s_last = now, s
-                    n = max(host["steps"] - host["nonfinite"], 1)
-                    results.update(loss=host["loss"] / n, grad_norm=host["grad_norm"] / n, lr=float(lr_schedule(s - 1)),
-                                   steps_per_s=rate, patches_per_s=rate * cfg.batch_size,
-                                   eta_s=(cfg.total_steps - s) / rate if rate > 0 else math.inf, skipped=host["skipped"])
-                    writer.scalars(s, {f"train/{k}": v for k, v in results.items() if not k.startswith("val")})
-                    _log(summary.log_line(s, cfg.total_steps, results))
+                    train = _train_metrics(host, s, rate, cfg, lr_schedule)
+                    results.update(train)
+                    writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
+                    _log(summary.log_line(s, cfg.total_steps, train))
                 if s % cfg.eval_every == 0 or final:
-                    scores, strips = validator(state.ema if state.ema is not None else state.params,
-                                               cfg.num_val_images_logged)
+                    scores = _validate(validator, state, s, cfg, writer)
                     results.update(scores)
-                    writer.scalars(s, scores)
-                    writer.images(s, strips)
-                    _log(f"step {s}: validation PSNR {scores['val/psnr']:.3f} dB, SSIM {scores['val/ssim']:.4f} "
-                         f"(bicubic {scores['val/bicubic_psnr']:.3f} dB)")
                     if scores["val/psnr"] > best_psnr:
                         best_psnr = scores["val/psnr"]
-                        best_mngr.save(s, args=ocp.args.Composite(
-                            params=ocp.args.StandardSave(state.params),
-                            **({"ema": ocp.args.StandardSave(state.ema)} if state.ema is not None else {}),
-                            meta=ocp.args.JsonSave(checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr))))
+                        best_mngr.save(s, args=_best_args(state, checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr)))
                 if stop_after is not None and s >= stop_after:
                     break
                 stop = _agree(preemption.requested) if (jax.process_count() == 1 or s % cfg.log_every == 0) else False
@@ -268,9 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     mngr.save(s, args=_save_args(state, it, meta), force=True)
                 if stop:
                     mngr.wait_until_finished()
-                    _log(f"SIGTERM: saved a checkpoint at step {s} in {mngr.directory}; rerun the same command "
-                         f"to resume")
-                    sys.exit(143)
+                    raise Preempted(f"SIGTERM: saved a checkpoint at step {s} in {mngr.directory}; rerun the same "
+                                    f"command to resume")
     finally:
         mngr.wait_until_finished()
         best_mngr.wait_until_finished()
@@ -283,6 +278,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _log(f"done: {cfg.total_steps} steps; validation PSNR {results['val/psnr']:.3f} dB vs bicubic "
              f"{results['val/bicubic_psnr']:.3f} dB ({gain:+.3f} dB); checkpoints in {mngr.directory}")
     return results
+
+
+def _train_metrics(host: dict, s: int, rate: float, cfg: TrainConfig, lr_schedule) -> dict[str, float]:
+    """Means over the steps since the last log (non-finite ones excluded), speed and ETA."""
+    n = max(host["steps"] - host["nonfinite"], 1)
+    return {"loss": host["loss"] / n, "grad_norm": host["grad_norm"] / n, "lr": float(lr_schedule(s - 1)),
+            "steps_per_s": rate, "patches_per_s": rate * cfg.batch_size,
+            "eta_s": (cfg.total_steps - s) / rate if rate > 0 else math.inf, "skipped": host["skipped"]}
+
+
+def _validate(validator: _Validator, state: step.TrainState, s: int, cfg: TrainConfig,
+              writer: summary.Writer) -> dict[str, float]:
+    """Scores the EMA parameters when there are some, else the parameters; logs and writes them."""
+    scores, strips = validator(state.ema if state.ema is not None else state.params, cfg.num_val_images_logged)
+    writer.scalars(s, scores)
+    writer.images(s, strips)
+    _log(f"step {s}: validation PSNR {scores['val/psnr']:.3f} dB, SSIM {scores['val/ssim']:.4f} "
+         f"(bicubic {scores['val/bicubic_psnr']:.3f} dB)")
+    return scores
+
+
+def _best_args(state: step.TrainState, meta: dict) -> ocp.args.Composite:
+    items = {"params": ocp.args.StandardSave(state.params), "meta": ocp.args.JsonSave(meta)}
+    if state.ema is not None:
+        items["ema"] = ocp.args.StandardSave(state.ema)
+    return ocp.args.Composite(**items)
 
 
 def _check_finite(host: dict, s: int, mngr: ocp.CheckpointManager) -> None:
