@@ -12,3 +12,22 @@ def data_dir():
     if not os.path.isdir(os.path.join(d, "benchmark")):
         pytest.skip(f"SR data folder not found at {d} (set RNAN_DATA_DIR to the folder holding benchmark/ and train/)")
     return d
+
+
+PEERS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"))
+
+
+@pytest.fixture(scope="session")
+def torch_rnan():
+    """The PyTorch reading of RNAN (../shared/peers/rnan_torch.py); skips without torch or the file."""
+    pytest.importorskip("torch", reason="PyTorch not installed (pip install torch==2.13.0 for the parity tests)")
+    if not os.path.isfile(os.path.join(PEERS, "rnan_torch.py")):
+        pytest.skip(f"PyTorch peer not found at {PEERS}/rnan_torch.py (../shared beside the repository)")
+    import sys
+
+    sys.path.insert(0, PEERS)
+    try:
+        import rnan_torch
+    finally:
+        sys.path.remove(PEERS)
+    return rnan_torch.RNAN

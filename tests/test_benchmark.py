@@ -12,7 +12,6 @@ import pytest
 from rnan_jax import RNANConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers"))
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +65,11 @@ def test_paper_flops_match_the_issue(benchmark):
     (dict(scale=3, features=32, num_groups=4, num_blocks=4, group_interval=2, block_interval=2), 6, 10),
     (dict(scale=2, features=16, num_groups=2, num_blocks=2), 5, 7),
 ])
-def test_forward_macs_equal_the_peer_hook_count(benchmark, fields, h, w):
+def test_forward_macs_equal_the_peer_hook_count(benchmark, torch_rnan, fields, h, w):
     """The PyTorch peer counts weight.numel() x output positions in a forward hook on every Conv2d."""
-    torch = pytest.importorskip("torch", reason="PyTorch not installed")
-    if not os.path.isfile(os.path.join(PEERS, "rnan_torch.py")):
-        pytest.skip(f"PyTorch peer not found at {PEERS}")
-    sys.path.insert(0, PEERS)
-    try:
-        import rnan_torch
-    finally:
-        sys.path.remove(PEERS)
+    torch = pytest.importorskip("torch")
     c = RNANConfig(**fields)
-    model = rnan_torch.RNAN(scale=c.scale, c=c.features, n_groups=c.num_groups, n_blocks=c.num_blocks,
+    model = torch_rnan(scale=c.scale, c=c.features, n_groups=c.num_groups, n_blocks=c.num_blocks,
                             group_interval=c.group_interval, block_interval=c.block_interval, r=c.gc_reduction)
     total = [0]
 

@@ -1,7 +1,4 @@
 """Parity with an independent PyTorch reading of the same spec (../shared/peers/rnan_torch.py)."""
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -10,20 +7,6 @@ from rnan_jax import RNANConfig, apply, init
 from rnan_jax.convert import from_torch_state_dict
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install torch==2.13.0 for the parity test)")
-
-PEERS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"))
-
-
-@pytest.fixture(scope="module")
-def torch_rnan():
-    if not os.path.isfile(os.path.join(PEERS, "rnan_torch.py")):
-        pytest.skip(f"PyTorch peer not found at {PEERS}/rnan_torch.py (../shared beside the repository)")
-    sys.path.insert(0, PEERS)
-    try:
-        import rnan_torch
-    finally:
-        sys.path.remove(PEERS)
-    return rnan_torch.RNAN
 
 
 def _compare(torch_rnan, config, lr_shape, seed):
