@@ -14,14 +14,12 @@ import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
 import rnan_jax
-from rnan_jax import api, benchmark_sets, degrade, ensemble, env, images, metrics, report
+from rnan_jax import api, benchmark_sets, degrade, env, images, inference, metrics, report
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 
@@ -193,20 +191,11 @@ def sr_dir_upscaler(sr_dir: str) -> Upscaler:
 
 
 def model_upscaler(params: Mapping[str, Any], config: RNANConfig, *, self_ensemble: bool = False) -> Upscaler:
-    """Runs `rnan_jax.apply` (jitted once; it compiles once per distinct LR size) on one image at a time.
-
-    The LR image is fed as float32 RGB in [0, 1] (gray replicated); the output is quantized to uint8.
-    """
-    forward = jax.jit(lambda p, x: api.apply(p, x, config=config))
-    params = jax.device_put(params)
-
-    def run(lr):
-        return forward(params, lr)
+    """The model on one image at a time, through `inference.upscale_image` (whole image, compiled once per
+    distinct LR size): the LR image as RGB (gray replicated), the output quantized to uint8 RGB."""
 
     def upscale(pair: Pair) -> np.ndarray:
-        lr = jnp.asarray(images.as_rgb(pair.lr), dtype=jnp.float32) / 255.0
-        sr = ensemble.self_ensemble(run, lr) if self_ensemble else run(lr)
-        return metrics.quantize(jax.device_get(sr))
+        return inference.upscale_image(params, images.as_rgb(pair.lr), config=config, self_ensemble=self_ensemble)
 
     return upscale
 
