@@ -44,17 +44,6 @@ def image_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def find_image(folder: str, stems: tuple[str, ...]) -> str | None:
-    """The first file in `folder` whose name without extension is one of `stems` (in that order), or None."""
-    if not os.path.isdir(folder):
-        return None
-    by_stem: dict[str, str] = {}
-    for f in sorted(os.listdir(folder)):
-        if f.lower().endswith(images.IMAGE_EXTENSIONS):
-            by_stem.setdefault(os.path.splitext(f)[0], os.path.join(folder, f))
-    return next((by_stem[s] for s in stems if s in by_stem), None)
-
-
 def lr_folder(hr_path: str, scale: int) -> str:
     """`<set>/LR_bicubic/X<scale>` beside the `<set>/HR` folder holding `hr_path`."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(hr_path))), "LR_bicubic", f"X{scale}")
@@ -112,7 +101,7 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int) -> Pair:
         )
     name = image_name(hr_path)
     folder = lr_folder(hr_path, scale)
-    lr_path = find_image(folder, (f"{name}x{scale}", name))
+    lr_path = images.find_image(folder, (f"{name}x{scale}", name))
     if lr_path is None and os.path.isdir(folder):
         logging.warning("%s: no LR file for %s, making it with bicubic_lr", folder, name)
     return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=lr_path)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from rnan_jax import sources
-from rnan_jax.ensemble import inverse_transform, transform  # the 8 dihedral maps, shared with RNAN+
+from rnan_jax.ensemble import transform  # the 8 dihedral maps, shared with RNAN+
 from rnan_jax.env import default_data_dir
 
 log = logging.getLogger(__name__)

@@ -183,7 +183,7 @@ def sr_dir_upscaler(sr_dir: str) -> Upscaler:
     def upscale(pair: Pair) -> np.ndarray:
         folders = [os.path.join(sr_dir, pair.dataset, f"{x}{pair.scale}") for x in ("x", "X")]
         for folder in folders:
-            if (path := benchmark_sets.find_image(folder, (pair.name,))) is not None:
+            if (path := images.find_image(folder, (pair.name,))) is not None:
                 return images.decode(path).pixels
         raise images.ImageError(f"{folders[0]}: no SR image named {pair.name}")
 

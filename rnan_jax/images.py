@@ -112,3 +112,14 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     if not files:
         raise ImageError(f"{folder}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+def find_image(folder: str, stems: tuple[str, ...]) -> str | None:
+    """The first file in `folder` whose name without extension is one of `stems` (in that order), or None."""
+    if not os.path.isdir(folder):
+        return None
+    by_stem: dict[str, str] = {}
+    for f in sorted(os.listdir(folder)):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+            by_stem.setdefault(os.path.splitext(f)[0], os.path.join(folder, f))
+    return next((by_stem[s] for s in stems if s in by_stem), None)

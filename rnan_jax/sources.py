@@ -241,16 +241,10 @@ def find_lr_file(hr_path: str, lr_dir: str, scale: int) -> str:
     Any image extension is accepted. Raises `images.ImageError` naming both when none exists.
     """
     stem = os.path.splitext(os.path.basename(hr_path))[0]
-    candidates = [
-        os.path.join(lr_dir, f"X{scale}", f"{stem}x{scale}"),
-        os.path.join(lr_dir, f"{stem}x{scale}"),
-        os.path.join(lr_dir, stem),
-    ]
-    for c in candidates:
-        for ext in images.IMAGE_EXTENSIONS:
-            for path in (c + ext, c + ext.upper()):
-                if os.path.isfile(path):
-                    return path
+    path = (images.find_image(os.path.join(lr_dir, f"X{scale}"), (f"{stem}x{scale}",))
+            or images.find_image(lr_dir, (f"{stem}x{scale}", stem)))
+    if path is not None:
+        return path
     raise images.ImageError(
         f"{hr_path}: no LR image in {lr_dir} "
         f"(looked for X{scale}/{stem}x{scale}.png, {stem}x{scale}.png, {stem}.png and other extensions)"

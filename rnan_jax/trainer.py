@@ -6,7 +6,6 @@ of the batch (`jax.make_array_from_process_local_data`). The step is jitted once
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal

@@ -10,7 +10,7 @@ import pytest
 # "AST constructor recursion depth mismatch" while earlier tests' grain threads are still running.
 from tensorflow_datasets.testing import mock_data
 
-from rnan_jax import data, degrade, sources
+from rnan_jax import data, degrade, ensemble, sources
 from rnan_jax.images import write_image
 
 
@@ -49,7 +49,7 @@ def match_patch(lr_patch, hr_patch, full_lr, full_hr, scale):
     p = lr_patch.shape[0]
     found = []
     for k in range(8):
-        lr0, hr0 = data.inverse_transform(lr_patch, k), data.inverse_transform(hr_patch, k)
+        lr0, hr0 = ensemble.inverse_transform(lr_patch, k), ensemble.inverse_transform(hr_patch, k)
         y, x = int(lr0[0, 0, 0]) // scale, int(lr0[0, 0, 1]) // scale
         if (np.array_equal(lr0, full_lr[y: y + p, x: x + p])
                 and np.array_equal(hr0, full_hr[scale * y: scale * (y + p), scale * x: scale * (x + p)])):
@@ -90,10 +90,10 @@ def test_config_defaults_and_errors():
 
 def test_transforms_are_the_8_distinct_dihedral_maps_and_invert():
     image = coordinate_image(5, 7, 0)
-    outs = [data.transform(image, k) for k in range(8)]
+    outs = [ensemble.transform(image, k) for k in range(8)]
     assert len({o.tobytes() + bytes(o.shape) for o in outs}) == 8
     for k, o in enumerate(outs):
-        np.testing.assert_array_equal(data.inverse_transform(o, k), image)
+        np.testing.assert_array_equal(ensemble.inverse_transform(o, k), image)
     np.testing.assert_array_equal(outs[1], np.rot90(image))
     np.testing.assert_array_equal(outs[4], image[:, ::-1])
 
