@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -58,9 +59,12 @@ def main(argv):
     base = {"source": _SOURCE.value, "hr_dirs": hr_dirs if _SOURCE.value == "folder" else "",
             "tfds_data_dir": _TFDS_DATA_DIR.value, "cache_dir": _CACHE_DIR.value, "patch_size": _PATCH.value,
             "read_threads": _READ_THREADS.value, "val_source": "demo"}
-    cfg = data.DataConfig.from_config(base, scale=_SCALE.value)
-    start = time.perf_counter()
-    pairs = data.training_pairs(cfg)  # fills the cache, so the timings below are of a warm start
+    try:
+        cfg = data.DataConfig.from_config(base, scale=_SCALE.value)
+        start = time.perf_counter()
+        pairs = data.training_pairs(cfg)  # fills the cache, so the timings below are of a warm start
+    except ValueError as e:  # DataError and config errors name what is wrong
+        sys.exit(f"error: {e}")
     print(f"source={cfg.source} x{cfg.scale} images={len(pairs)} patch={cfg.patch_size} "
           f"batch={_BATCH.value} read_threads={cfg.read_threads} cpus={os.cpu_count()} "
           f"(source ready in {time.perf_counter() - start:.1f} s)")
