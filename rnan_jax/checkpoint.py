@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rnan_jax import zoo
 from rnan_jax.model import RNANConfig
 
 CHECKPOINTS, BEST = "checkpoints", "best"
@@ -73,13 +74,19 @@ def _locate(path: str, which: str) -> tuple[str, int]:
 
 
 def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:
-    """Parameters and architecture from a training workdir or one step's checkpoint folder.
+    """Parameters and architecture from a training workdir, one step's checkpoint folder, or a model of the
+    package's zoo ("zoo:small_x2", see MODEL_ZOO.md).
 
     which: "latest" (the newest checkpoint's parameters), "best" (best validation PSNR), or "ema" (the
     newest checkpoint's exponential moving average of the parameters). Raises `CheckpointError`.
     """
     if which not in WHICH:
         raise CheckpointError(f"which must be one of {WHICH}, got {which!r}")
+    if zoo.is_zoo(path):  # shipped weights: one set of parameters, `which` does not apply
+        try:
+            return zoo.load(path)
+        except zoo.ZooError as e:
+            raise CheckpointError(str(e)) from None
     directory, step = _locate(path, which)
     item = "ema" if which == "ema" else "params"
     item_dir = os.path.join(directory, str(step), item)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 from typing import Any, Mapping
@@ -10,20 +11,28 @@ import jax
 import numpy as np
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class Writer:
-    """TensorBoard scalars and images under `logdir`, written by process 0 only."""
+    """TensorBoard scalars and images under `logdir`, written by process 0 only; the scalars also as JSON
+    lines in `logdir/metrics.jsonl` ({"step": s, "train/loss": ...}), readable without TensorBoard."""
 
     def __init__(self, logdir: str):
         self._writer = None
+        self._jsonl = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(logdir, flush_secs=30)
+            self._jsonl = os.path.join(logdir, METRICS_FILE)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer:
             for k, v in values.items():
                 self._writer.add_scalar(k, float(v), step)
+            with open(self._jsonl, "a") as f:
+                f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
 
     def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """uint8 [H, W, 3] images."""

@@ -1,0 +1,177 @@
+"""The pictures of MODEL_ZOO.md: a training curve and a visual comparison in the style of the paper's Figure 3.
+
+    python -m rnan_jax.figures curve --workdir runs/small291_x2 --output docs/figures/small_x2_curve.png
+    python -m rnan_jax.figures compare --checkpoint zoo:small_x2 --image Urban100/img_004 \
+        --box 200,100,80 --output docs/figures/small_x2_img_004.png
+
+`curve` reads the validation scalars that the trainer writes to `<workdir>/tensorboard/metrics.jsonl`
+(validation PSNR against step, bicubic's as a line). `compare` shows a benchmark HR image with a boxed
+region and zoomed crops of HR, bicubic and the model, each labelled with its whole-image PSNR/SSIM on Y
+(the numbers `evaluate` prints for that image). matplotlib is an optional extra: `pip install -e '.[figures]'`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from rnan_jax import benchmark_sets, evaluate, images, metrics
+from rnan_jax.summary import METRICS_FILE
+
+
+class FigureError(ValueError):
+    """Bad input for a figure (missing file, box outside the image); the message says which."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FigureError("matplotlib is not installed: pip install -e '.[figures]'") from None
+    return plt
+
+
+def read_validation(workdir: str) -> tuple[list[int], list[float], float | None]:
+    """(steps, validation PSNRs, bicubic PSNR) from a workdir's metrics.jsonl, in step order (a resumed run's
+    repeated steps keep the last value)."""
+    path = os.path.join(workdir, "tensorboard", METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FigureError(f"{path}: no such file (written by the trainer since metrics.jsonl was added)")
+    by_step, bicubic = {}, None
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "val/psnr" in record:
+                by_step[record["step"]] = record["val/psnr"]
+                bicubic = record.get("val/bicubic_psnr", bicubic)
+    if not by_step:
+        raise FigureError(f"{path}: holds no validation record")
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps], bicubic
+
+
+def training_curve(workdir: str, output: str, *, title: str = "", references: dict[str, float] | None = None) -> str:
+    """Validation PSNR against step, bicubic (and `references`, e.g. {"FSRCNN (paper)": 37.05}) as lines."""
+    steps, psnrs, bicubic = read_validation(workdir)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(steps, psnrs, marker="o", markersize=3, label="RNAN (this run)")
+    if bicubic is not None:
+        ax.axhline(bicubic, color="gray", linestyle="--", label=f"Bicubic {bicubic:.2f} dB")
+    for i, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color=f"C{i + 1}", linestyle=":", label=f"{name} {value:.2f} dB")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation PSNR (dB, Y)")
+    ax.set_title(title or f"{os.path.basename(os.path.normpath(workdir))}: best {max(psnrs):.3f} dB")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, output)
+    plt.close(fig)
+    return output
+
+
+def _save(fig: Any, output: str) -> None:
+    if os.path.dirname(output):
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+    fig.savefig(output)
+
+
+def comparison(upscalers: dict[str, evaluate.Upscaler], image: str, box: Sequence[int], output: str, *,
+               scale: int, data_dir: str) -> dict[str, tuple[float, float]]:
+    """Figure 3's layout for the benchmark image `image` ("Urban100/img_004"): the HR image with `box`
+    (x, y, size in HR pixels) drawn, then the boxed crop of HR and of each upscaler's output, labelled with
+    the whole image's PSNR/SSIM (Y, shave = scale, as `evaluate`). Returns {name: (psnr, ssim)}."""
+    dataset, _, name = image.partition("/")
+    path = images.find_image(benchmark_sets.hr_folder(data_dir, dataset), (name,))
+    if path is None:
+        raise FigureError(f"{benchmark_sets.hr_folder(data_dir, dataset)}: no image named {name}")
+    pair = benchmark_sets.make_pair(dataset, path, images.decode(path).pixels, scale)
+    x, y, size = (int(v) for v in box)
+    h, w = pair.hr.shape[:2]
+    if x < 0 or y < 0 or size <= 0 or x + size > w or y + size > h:
+        raise FigureError(f"--box {x},{y},{size} does not fit in {image} ({w}x{h} after cropping to x{scale})")
+    panels = [("HR", pair.hr, None)]
+    scores = {}
+    for label, upscale in upscalers.items():
+        sr = upscale(pair)
+        luma = metrics.luminance_pair(sr, pair.hr, scale)
+        scores[label] = (metrics.psnr(*luma), metrics.ssim(*luma))
+        panels.append((label, sr, scores[label]))
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    fig = plt.figure(figsize=(3.2 * (1 + len(panels) / 2), 3.6), dpi=120)
+    grid = fig.add_gridspec(2, 1 + (len(panels) + 1) // 2, width_ratios=[2] + [1] * ((len(panels) + 1) // 2))
+    ax = fig.add_subplot(grid[:, 0])
+    ax.imshow(_rgb(pair.hr))
+    ax.add_patch(Rectangle((x, y), size, size, fill=False, edgecolor="red", linewidth=1.5))
+    ax.set_title(f"{image} (x{scale})", fontsize=9)
+    ax.axis("off")
+    for i, (label, img, score) in enumerate(panels):
+        a = fig.add_subplot(grid[i % 2, 1 + i // 2])
+        a.imshow(_rgb(img)[y:y + size, x:x + size], interpolation="nearest")
+        a.set_title(label if score is None else f"{label}\n{score[0]:.2f} dB / {score[1]:.4f}", fontsize=8)
+        a.axis("off")
+    fig.tight_layout()
+    _save(fig, output)
+    plt.close(fig)
+    return scores
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from rnan_jax import checkpoint, env
+
+    parser = argparse.ArgumentParser(prog="python -m rnan_jax.figures", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    curve = sub.add_parser("curve", help="validation PSNR against step from a training workdir")
+    curve.add_argument("--workdir", required=True)
+    curve.add_argument("--output", required=True)
+    curve.add_argument("--title", default="")
+    curve.add_argument("--reference", action="append", default=[],
+                       help="NAME=DB, a horizontal line, e.g. 'FSRCNN (paper)=37.05' (repeatable)")
+    compare = sub.add_parser("compare", help="Figure 3-style crops of HR, bicubic and a model")
+    compare.add_argument("--checkpoint", required=True, help="a workdir, checkpoint folder or zoo:NAME")
+    compare.add_argument("--image", required=True, help="DATASET/NAME, e.g. Urban100/img_004")
+    compare.add_argument("--box", required=True, help="x,y,size of the zoomed region in HR pixels")
+    compare.add_argument("--output", required=True)
+    compare.add_argument("--label", default="RNAN", help="the model's panel title")
+    compare.add_argument("--data_dir", default=None, help="default: $RNAN_DATA_DIR or ../shared/data")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "curve":
+            refs = {}
+            for item in args.reference:
+                name, _, value = item.rpartition("=")
+                refs[name] = float(value)
+            training_curve(args.workdir, args.output, title=args.title, references=refs)
+            print(f"wrote {args.output}")
+        else:
+            params, config = checkpoint.load(args.checkpoint)
+            box = [int(v) for v in args.box.split(",")]
+            if len(box) != 3:
+                raise FigureError(f"--box takes x,y,size, got {args.box!r}")
+            scores = comparison({"Bicubic": evaluate.bicubic_upscaler,
+                                 args.label: evaluate.model_upscaler(params, config)}, args.image, box,
+                                args.output, scale=config.scale, data_dir=args.data_dir or env.default_data_dir())
+            print(f"wrote {args.output}: " + ", ".join(f"{k} {p:.2f} dB / {s:.4f}" for k, (p, s) in scores.items()))
+    except (FigureError, checkpoint.CheckpointError, images.ImageError, ValueError) as e:
+        print(f"figures: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

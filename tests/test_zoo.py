@@ -1,0 +1,99 @@
+"""The model zoo: `zoo:NAME` loads shipped weights everywhere a checkpoint is accepted, reproduces MODEL_ZOO.md's
+numbers, and is part of the built package."""
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+import rnan_jax
+from rnan_jax import RNANConfig, checkpoint, init, zoo
+from rnan_jax.evaluate import evaluate_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_write_read_round_trip(tmp_path):
+    config = RNANConfig(scale=3, features=16, num_groups=2, num_blocks=2)
+    params = init(jax.random.key(1), config)
+    path = str(tmp_path / "m.msgpack")
+    size = zoo.write(path, params, config, {"steps": 7})
+    assert size == os.path.getsize(path)
+    got, got_config, meta = zoo.read(path)
+    assert got_config == config and meta == {"steps": 7}
+    flat, tree = jax.tree_util.tree_flatten(params)
+    got_flat, got_tree = jax.tree_util.tree_flatten(got)
+    assert tree == got_tree
+    for a, b in zip(flat, got_flat):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_unknown_name_lists_the_models():
+    with pytest.raises(checkpoint.CheckpointError, match=r"zoo:nope: no such model in the zoo \(available: zoo:small_x2"):
+        rnan_jax.load("zoo:nope")
+
+
+def test_corrupt_file_is_one_error(tmp_path):
+    path = tmp_path / "bad.msgpack"
+    path.write_bytes(b"\x00not msgpack")
+    with pytest.raises(zoo.ZooError, match="not a readable zoo file"):
+        zoo.read(str(path))
+
+
+def test_small_x2_loads_with_its_config():
+    params, config = rnan_jax.load("zoo:small_x2")
+    assert config.scale == 2
+    assert config == rnan_jax.infer_config(params)
+    assert os.path.getsize(zoo.path_of("small_x2")) < 4 * 2**20  # "a few MB at most"
+
+
+def _model_zoo_number(dataset: str, column: str) -> float:
+    """The small_x2 row's PSNR for `dataset` in MODEL_ZOO.md's results table (`column`: "RNAN" or "RNAN+")."""
+    text = open(os.path.join(REPO, "MODEL_ZOO.md")).read()
+    row = re.search(rf"^\| zoo:small_x2 \(this repo, {re.escape(column)}\) \|(.*)$", text, re.M)
+    assert row, f"MODEL_ZOO.md has no '| zoo:small_x2 (this repo, {column}) |' row"
+    cells = [c.strip() for c in row.group(1).split("|")]
+    index = ["Set5", "Set14", "B100", "Urban100"].index(dataset)
+    return float(cells[index].split("/")[0])
+
+
+def test_small_x2_reproduces_model_zoo_set5(data_dir):
+    params, config = rnan_jax.load("zoo:small_x2")
+    evaluation = evaluate_model(params, config, ["Set5"], data_dir=data_dir, progress=False)
+    assert evaluation.skipped == [] and evaluation.warnings == []
+    got = evaluation.summary()["Set5"]["x2"]
+    assert got["images"] == 5
+    assert abs(got["psnr"] - _model_zoo_number("Set5", "RNAN")) < 0.005
+    # Above FSRCNN's x2 row of Table 1 (37.05 / .9560).
+    assert got["psnr"] > 37.05 and got["ssim"] > 0.9560
+
+
+def test_evaluate_cli_accepts_a_zoo_name(data_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--checkpoint", "zoo:small_x2",
+                          "--datasets", "Set5", "--output", str(tmp_path)], capture_output=True, text=True,
+                         cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"Set5\s.*x2", out.stdout)
+    assert os.path.isfile(tmp_path / "results.json")
+
+
+def test_the_wheel_ships_the_weights(tmp_path):
+    """A non-editable build (what `pip install .` installs) holds the zoo files."""
+    try:
+        import setuptools  # noqa: F401
+        isolation = ["--no-build-isolation"]
+    except ImportError:
+        isolation = []
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path),
+                          REPO], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    wheel = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+    assert len(wheel) == 1, os.listdir(tmp_path)
+    names = zipfile.ZipFile(tmp_path / wheel[0]).namelist()
+    for model in zoo.names():
+        assert f"rnan_jax/zoo/{model}.msgpack" in names
+    assert "rnan_jax/zoo/small_x2.msgpack" in names

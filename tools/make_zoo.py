@@ -1,0 +1,43 @@
+"""Writes a trained workdir's parameters into the package's zoo as `rnan_jax/zoo/NAME.msgpack`.
+
+    python tools/make_zoo.py --workdir runs/small291_x2 --name small_x2 [--which latest|best|ema]
+
+The file holds the float32 parameters, the RNANConfig and a record of the run (its resolved config.json,
+step, git revision), so `rnan_jax.load("zoo:NAME")` needs nothing else. Score it afterwards with
+`python -m rnan_jax.evaluate --checkpoint zoo:NAME` and copy those numbers into MODEL_ZOO.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from rnan_jax import checkpoint, zoo
+from rnan_jax.api import count_params
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.", required=True)
+_NAME = flags.DEFINE_string("name", None, "The zoo name, e.g. small_x2.", required=True)
+_WHICH = flags.DEFINE_enum("which", "latest", list(checkpoint.WHICH), "Which parameters of the workdir.")
+
+
+def main(argv):
+    del argv
+    try:
+        params, config = checkpoint.load(_WORKDIR.value, which=_WHICH.value)
+    except checkpoint.CheckpointError as e:
+        sys.exit(f"make_zoo: {e}")
+    meta = {"which": _WHICH.value, "parameters": count_params(params)}
+    for name in ("config.json", "git_revision.txt"):
+        path = os.path.join(_WORKDIR.value, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                meta[name] = json.load(f) if name.endswith(".json") else f.read().strip()
+    out = os.path.join(os.path.dirname(zoo.__file__), f"{_NAME.value}.msgpack")
+    size = zoo.write(out, params, config, meta)
+    print(f"wrote {out} ({size / 2**20:.2f} MiB, {meta['parameters']:,} parameters, x{config.scale})")
+
+
+if __name__ == "__main__":
+    app.run(main)
