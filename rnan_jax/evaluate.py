@@ -52,23 +52,42 @@ class Evaluation:
     scores: list[ImageScore] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    listed: dict[str, int] = dataclasses.field(default_factory=dict)  # image files found per dataset
+    allow_incomplete: bool = False  # report a set scored on fewer images than it holds (labelled as such)
 
-    def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
-        """{dataset: {"x<scale>": {"psnr": mean dB, "ssim": mean, "images": count}}}, in evaluation order."""
+    def _groups(self) -> dict[str, dict[str, list[ImageScore]]]:
         out: dict[str, dict[str, list[ImageScore]]] = {}
         for s in self.scores:
             out.setdefault(s.dataset, {}).setdefault(f"x{s.scale}", []).append(s)
-        return {
-            ds: {
+        return out
+
+    def incomplete(self) -> list[str]:
+        """One message per (dataset, scale) scored on fewer images than the dataset's folder holds."""
+        return [f"{ds} {key}: {len(group)} of {self.listed[ds]} images scored" +
+                ("" if self.allow_incomplete else f", so no {ds} {key} score is reported (--allow_incomplete "
+                 "reports the mean of those, labelled)")
+                for ds, by_scale in self._groups().items() for key, group in by_scale.items()
+                if len(group) < self.listed.get(ds, 0)]
+
+    def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
+        """{dataset: {"x<scale>": {"psnr": mean dB, "ssim": mean, "images": count, "of": listed}}}, in
+        evaluation order. A (dataset, scale) scored on fewer images than the dataset holds is left out
+        unless `allow_incomplete` (its mean is not that set's score)."""
+        out = {}
+        for ds, by_scale in self._groups().items():
+            rows = {
                 key: {
                     "psnr": float(np.mean([s.psnr for s in group])),
                     "ssim": float(np.mean([s.ssim for s in group])),
                     "images": len(group),
+                    "of": self.listed.get(ds, len(group)),
                 }
                 for key, group in by_scale.items()
+                if self.allow_incomplete or len(group) >= self.listed.get(ds, 0)
             }
-            for ds, by_scale in out.items()
-        }
+            if rows:
+                out[ds] = rows
+        return out
 
     def conventions(self) -> dict[str, object]:
         return {
@@ -108,22 +127,27 @@ def evaluate(
     self_ensemble: bool = False,
     save_dir: str | None = None,
     progress: bool = True,
+    allow_incomplete: bool = False,
 ) -> Evaluation:
     """Scores `upscale` on every image of `datasets` at every scale in `scales`.
 
     A missing dataset folder, an unreadable or too-small image, or a failing `upscale` is recorded in
-    `Evaluation.skipped` with its name, and the rest goes on. With `save_dir`, SR images are written to
+    `Evaluation.skipped` with its name, and the rest goes on; a set that lost images that way has no score
+    in `Evaluation.summary()` unless `allow_incomplete`. With `save_dir`, SR images are written to
     `<save_dir>/<dataset>/x<scale>/<name>.png`.
     """
     if any(int(s) != s or s < 1 for s in scales):
         raise ValueError(f"scales must be positive integers, got {list(scales)}")
-    evaluation = Evaluation(method=method, rounded_y=rounded_y, self_ensemble=self_ensemble)
+    evaluation = Evaluation(method=method, rounded_y=rounded_y, self_ensemble=self_ensemble,
+                            allow_incomplete=allow_incomplete)
     for dataset in datasets:
         try:
             files = benchmark_sets.list_hr(data_dir, dataset)
         except images.ImageError as e:
             _skip(evaluation, f"dataset {dataset}: {e}")
             continue
+        evaluation.listed[dataset] = len(files)
+        missing_folders: set[int] = set()  # scales whose SR folder is missing: said once, not per image
         if (message := benchmark_sets.completeness_warning(dataset, len(files))) is not None:
             _warn(evaluation, message)
         bar = tqdm(files, desc=dataset, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -134,15 +158,27 @@ def evaluate(
                 _skip(evaluation, f"{dataset}: {e}")
                 continue
             for scale in scales:
+                if scale in missing_folders:
+                    continue
                 try:
                     score = _score_one(upscale, dataset, path, hr, scale, rounded_y, save_dir)
+                except MissingFolderError as e:
+                    missing_folders.add(scale)
+                    _skip(evaluation, f"{dataset} x{scale}: {e}")
+                    continue
                 except (images.ImageError, ValueError, OSError) as e:
                     _skip(evaluation, f"{dataset} x{scale}: {e}")
                     continue
                 evaluation.scores.append(score)
                 bar.set_postfix_str(f"x{scale} {score.name} {score.psnr:.2f} dB", refresh=False)
         bar.close()
+    for message in evaluation.incomplete():
+        _warn(evaluation, message)
     return evaluation
+
+
+class MissingFolderError(images.ImageError):
+    """An upscaler's whole folder for one (dataset, scale) is missing: reported once, not per image."""
 
 
 def _score_one(
@@ -182,6 +218,9 @@ def sr_dir_upscaler(sr_dir: str) -> Upscaler:
 
     def upscale(pair: Pair) -> np.ndarray:
         folders = [os.path.join(sr_dir, pair.dataset, f"{x}{pair.scale}") for x in ("x", "X")]
+        if not any(os.path.isdir(f) for f in folders):
+            raise MissingFolderError(f"{folders[0]}: no such folder (no SR images of {pair.dataset} at "
+                                     f"x{pair.scale}; expected {sr_dir}/<dataset>/x<scale>/<HR file name>)")
         for folder in folders:
             if (path := images.find_image(folder, (pair.name,))) is not None:
                 return images.decode(path).pixels
@@ -260,6 +299,7 @@ def main(argv: Sequence[str]) -> None:
         rounded_y=FLAGS.rounded_y,
         save_dir=os.path.join(FLAGS.output, "images") if FLAGS.save_images else None,
         progress=FLAGS.progress,
+        allow_incomplete=FLAGS.allow_incomplete,
     )
     if FLAGS.checkpoint:
         try:
@@ -279,8 +319,10 @@ def main(argv: Sequence[str]) -> None:
             logging.info("wrote %s", path)
     if evaluation.skipped:
         print(f"\n{len(evaluation.skipped)} skipped:", *evaluation.skipped, sep="\n  ", file=sys.stderr)
-    if not evaluation.scores:
-        sys.exit(1)
+        for message in evaluation.incomplete():
+            print(f"incomplete: {message}", file=sys.stderr)
+    if evaluation.skipped or not evaluation.scores:
+        sys.exit(1)  # something could not be scored: the table above is not the whole job
 
 
 def _define_flags() -> None:
@@ -294,6 +336,8 @@ def _define_flags() -> None:
     )
     flags.DEFINE_string("scales", None, "Comma-separated scales (default 2,3,4; a checkpoint uses its own scale).")
     flags.DEFINE_bool("self_ensemble", False, "Average the 8 flips/rotations (RNAN+).")
+    flags.DEFINE_bool("allow_incomplete", False, "Report a set scored on fewer images than it holds (some "
+                      "skipped), labelled with its image count; by default such a set gets no score.")
     flags.DEFINE_bool(
         "rounded_y", True, "Round Y to integers as MATLAB's uint8 rgb2ycbcr does (--norounded_y: as RCAN's script)."
     )

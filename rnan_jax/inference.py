@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 
 from rnan_jax import api, ensemble, metrics
 from rnan_jax.model import RNANConfig
@@ -75,36 +76,76 @@ def blend_weights(starts: list[int], tile: int, overlap: int, scale: int) -> lis
     return weights
 
 
-def _tiled(run: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: int, tile: int,
-           overlap: int) -> np.ndarray:
-    """`run` over overlapping windows of lr float32 [h, w, 3], blended: float32 [s*h, s*w, 3]."""
+def _tiled(run: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: int, tile: int, overlap: int,
+           finish: Callable[[np.ndarray], np.ndarray], progress: Callable[[int, int], None] | None) -> np.ndarray:
+    """`run` over overlapping windows of lr float32 [h, w, 3], blended, then `finish`ed (e.g. quantized) band
+    by band into the output: host memory beyond the output is one row of windows, not the whole float image.
+    `progress(done, total)` is called after every window."""
     h, w, _ = lr.shape
     th, tw = min(tile, h), min(tile, w)
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
     wy, wx = blend_weights(ys, th, overlap, scale), blend_weights(xs, tw, overlap, scale)
-    out = np.zeros((scale * h, scale * w, 3), np.float32)
-    total = np.zeros((scale * h, scale * w, 1), np.float32)
-    for y, weight_y in zip(ys, wy):
-        for x, weight_x in zip(xs, wx):
+    out = None
+    carry = None  # (weighted sum, weight) of the rows that the previous row of windows shares with this one
+    for k, (y, weight_y) in enumerate(zip(ys, wy)):
+        acc = np.zeros((scale * th, scale * w, 3), np.float32)
+        total = np.zeros((scale * th, scale * w, 1), np.float32)
+        if carry is not None:
+            acc[:len(carry[0])] += carry[0]
+            total[:len(carry[1])] += carry[1]
+        for i, (x, weight_x) in enumerate(zip(xs, wx)):
             sr = np.asarray(run(lr[y:y + th, x:x + tw]), np.float32)
             weight = (weight_y[:, None] * weight_x[None, :])[..., None]
-            out[scale * y:scale * (y + th), scale * x:scale * (x + tw)] += weight * sr
-            total[scale * y:scale * (y + th), scale * x:scale * (x + tw)] += weight
-    return out / total
+            acc[:, scale * x:scale * (x + tw)] += weight * sr
+            total[:, scale * x:scale * (x + tw)] += weight
+            if progress is not None:
+                progress(k * len(xs) + i + 1, len(ys) * len(xs))
+        done = scale * (ys[k + 1] - y) if k + 1 < len(ys) else scale * th  # rows no later window touches
+        band = finish(acc[:done] / total[:done])
+        if out is None:
+            out = np.empty((scale * h,) + band.shape[1:], band.dtype)
+        out[scale * y:scale * y + done] = band
+        carry = (acc[done:], total[done:])
+    return out
+
+
+def check_float_image(lr: np.ndarray, tolerance: float = 1e-3) -> None:
+    """Raises ValueError for a float image with NaN/inf values or values outside [0, 1] (by more than
+    `tolerance`): the GC block's softmax spreads one NaN to every output pixel, and a 0..255 image gives
+    garbage, so both are refused rather than upscaled."""
+    finite = np.isfinite(lr)
+    if not finite.all():
+        raise ValueError(f"image holds {int((~finite).sum())} NaN or infinite value(s); the model needs finite "
+                         "values in [0, 1]")
+    low, high = float(lr.min(initial=0.0)), float(lr.max(initial=0.0))
+    if low < -tolerance or high > 1 + tolerance:
+        hint = " (a 0..255 image? divide it by 255, or pass it as uint8)" if high > 1.5 else ""
+        raise ValueError(f"float image values span [{low:.4g}, {high:.4g}]; expected [0, 1]{hint}")
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
+
+
+# Window sides tried, largest first, when a whole image does not fit in device memory.
+FALLBACK_TILES = (1024, 512, 256, 128, 64)
 
 
 def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | None = None,
-                  tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
-                  self_ensemble: bool = False) -> np.ndarray:
+                  tile: int | None = None, overlap: int = DEFAULT_OVERLAP, self_ensemble: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Super-resolves one image of any size: [H, W, 3] RGB or [H, W] gray -> [s*H, s*W(, 3)], same kind out.
 
-    image: uint8 (0..255), or float in [0, 1]. uint8 output is clipped and rounded; float output is float32,
-      not clipped (as `apply`). Gray is fed to the model replicated to RGB, and its output reduced back to
-      gray as round(0.299 R + 0.587 G + 0.114 B) (the metrics' convention; unrounded for float).
+    image: uint8 (0..255), or float in [0, 1] (NaN, inf or values outside [0, 1] raise ValueError). uint8
+      output is clipped and rounded; float output is float32, not clipped (as `apply`). Gray is fed to the
+      model replicated to RGB, and its output reduced back to gray as round(0.299 R + 0.587 G + 0.114 B)
+      (the metrics' convention; unrounded for float).
     config: the architecture (default: read off `params`).
-    tile: LR window side for tiled processing (None: the whole image at once). overlap: LR pixels that
+    tile: LR window side for tiled processing (None: the whole image at once; if that runs out of device
+      memory, the largest of FALLBACK_TILES that fits is used, with a warning). overlap: LR pixels that
       neighbouring windows share (>= 4 x the receptive field radius makes convolutions exact).
     self_ensemble: average the 8 flips/rotations of each window (RNAN+), in float.
+    progress: called as progress(windows done, windows in all) while tiling.
     """
     config = config or api.infer_config(params)
     image = np.asarray(image)
@@ -114,6 +155,7 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         lr = image.astype(np.float32) / 255.0
     elif np.issubdtype(image.dtype, np.floating):
         lr = image.astype(np.float32)
+        check_float_image(lr)
     else:
         raise TypeError(f"image must be uint8 or float, got {image.dtype}")
     if lr.ndim == 2:
@@ -128,14 +170,30 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         fn = lambda y: forward(params, y)
         return np.asarray(ensemble.self_ensemble(fn, x) if self_ensemble else fn(x), np.float32)
 
+    def finish(sr: np.ndarray) -> np.ndarray:
+        if image.dtype == np.uint8:
+            sr = metrics.quantize(sr)
+            return metrics.rgb_to_gray(sr) if image.ndim == 2 else sr
+        if image.ndim == 2:
+            sr = sr[..., 0] * 0.299 + sr[..., 1] * 0.587 + sr[..., 2] * 0.114
+        return sr.astype(np.float32)
+
     h, w, _ = lr.shape
-    if tile is None or (tile >= h and tile >= w):
-        sr = run(lr)
-    else:
-        sr = _tiled(run, lr, config.scale, tile, overlap)
-    if image.dtype == np.uint8:
-        sr = metrics.quantize(sr)
-        return metrics.rgb_to_gray(sr) if image.ndim == 2 else sr
-    if image.ndim == 2:
-        sr = sr[..., 0] * 0.299 + sr[..., 1] * 0.587 + sr[..., 2] * 0.114
-    return sr.astype(np.float32)
+    if tile is not None and (tile < h or tile < w):
+        return _tiled(run, lr, config.scale, tile, overlap, finish, progress)
+    try:
+        return finish(run(lr))
+    except jax.errors.JaxRuntimeError as e:
+        if tile is not None or not is_out_of_memory(e):
+            raise
+        error = e
+    for fallback in (t for t in FALLBACK_TILES if t < max(h, w) and t > overlap):
+        logging.warning("a %dx%d image does not fit in device memory whole; upscaling it in %d-pixel windows "
+                        "(choose with --tile / tile=)", w, h, fallback)
+        try:
+            return _tiled(run, lr, config.scale, fallback, overlap, finish, progress)
+        except jax.errors.JaxRuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            error = e
+    raise error

@@ -53,6 +53,12 @@ def _cell(psnr: float, ssim: float, psnr_digits: int) -> str:
     return f"{psnr:.{psnr_digits}f}/{ssim:.4f}".replace("/0.", "/.")
 
 
+def _column(dataset: str, key: str, row: dict) -> str:
+    label = f"{dataset} {key.replace('x', '×')}"
+    partial = row.get("of", row["images"]) > row["images"]
+    return label + (f" ({row['images']} of {row['of']} images)" if partial else "")
+
+
 def markdown_table(evaluation: Evaluation) -> str:
     """Rows: this result, then the paper's Bicubic / RNAN / RNAN+ rows; columns: dataset x scale (Table 1)."""
     summary = evaluation.summary()
@@ -60,7 +66,7 @@ def markdown_table(evaluation: Evaluation) -> str:
     if not columns:
         return "(no images were scored)"
     lines = [
-        "| Method | " + " | ".join(f"{ds} {key.replace('x', '×')}" for ds, key in columns) + " |",
+        "| Method | " + " | ".join(_column(ds, key, summary[ds][key]) for ds, key in columns) + " |",
         "| --- |" + " --- |" * len(columns),
         f"| {evaluation.method} | "
         + " | ".join(_cell(summary[ds][key]["psnr"], summary[ds][key]["ssim"], 3) for ds, key in columns)

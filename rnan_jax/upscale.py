@@ -12,7 +12,8 @@ earlier runs are replaced. A file that cannot be read or upscaled is reported by
 the exit status is 1 if any input failed, 2 for an unusable checkpoint.
 
 Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR
-pixel for the paper's x4 model). `--tile` bounds it by the window; the output then differs slightly from
+pixel for the paper's x4 model); one that does not fit is tiled automatically, in the largest window that
+fits (a warning says which). `--tile` bounds memory by the window (a second progress bar counts windows); the output then differs slightly from
 whole-image output because the GC block sees each window's context, not the image's (tools/BENCHMARKS.md,
 "Inference: tiling", measures by how much).
 """
@@ -71,11 +72,12 @@ def plan(files: Sequence[str], output_dir: str, scale: int) -> tuple[list[tuple[
     return jobs, errors
 
 
-def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: str, **kwargs) -> None:
+def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: str, *,
+                 max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **kwargs) -> None:
     """Reads `src`, upscales its colour (gray stays gray) and alpha, writes `dst`. kwargs as `upscale_image`.
 
-    Raises `images.ImageError` naming `src` for an unreadable file."""
-    decoded = images.decode(src)
+    Raises `images.ImageError` naming `src` for an unreadable file or one above `max_pixels` pixels."""
+    decoded = images.decode(src, max_pixels=max_pixels)
     sr = inference.upscale_image(params, decoded.pixels, config=config, **kwargs)
     alpha = None if decoded.alpha is None else degrade.imresize(decoded.alpha, config.scale)
     images.write_image(dst, sr, alpha)
@@ -100,18 +102,40 @@ def main(argv: Sequence[str]) -> None:
     errors += plan_errors
     for message in errors:
         print(f"failed: {message}", file=sys.stderr)
-    os.makedirs(FLAGS.output, exist_ok=True)
+    try:
+        os.makedirs(FLAGS.output, exist_ok=True)
+        if not os.access(FLAGS.output, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        print(f"upscale: --output {FLAGS.output}: cannot create or write that folder "
+              f"({e.strerror or e})", file=sys.stderr)
+        sys.exit(2)
     done = 0
-    for src, dst in tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr):
+    bar = tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr)
+    for src, dst in bar:
+        windows = None
+
+        def progress(count: int, total: int) -> None:  # a tiled image: a second bar counting its windows
+            nonlocal windows
+            if windows is None:
+                windows = tqdm(total=total, desc=os.path.basename(src), unit="window", leave=False, file=sys.stderr)
+            windows.update(count - windows.n)
+
         try:
             upscale_file(params, config, src, dst, tile=FLAGS.tile, overlap=FLAGS.overlap,
-                         self_ensemble=FLAGS.self_ensemble)
+                         self_ensemble=FLAGS.self_ensemble, progress=progress,
+                         max_pixels=FLAGS.max_image_pixels or None)
             done += 1
         except (images.ImageError, OSError, ValueError, jax.errors.JaxRuntimeError) as e:
             # JaxRuntimeError: typically out of device memory on a large image, which --tile avoids.
             message = str(e) if isinstance(e, images.ImageError) else f"{src}: {type(e).__name__}: {e}"
+            if isinstance(e, jax.errors.JaxRuntimeError) and inference.is_out_of_memory(e):
+                message = f"{src}: out of device memory even in {min(inference.FALLBACK_TILES)}-pixel windows"
             errors.append(message)
             tqdm.write(f"failed: {message}", file=sys.stderr)
+        finally:
+            if windows is not None:
+                windows.close()
     print(f"wrote {done} image(s) to {FLAGS.output}" + (f"; {len(errors)} failed" if errors else ""),
           file=sys.stderr)
     if errors:
@@ -127,6 +151,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring windows.",
                          lower_bound=0)
     flags.DEFINE_bool("self_ensemble", False, "Average the 8 flips/rotations (RNAN+; 8x slower).")
+    flags.DEFINE_integer("max_image_pixels", images.DEFAULT_MAX_PIXELS, "Refuse (per file, the rest going on) "
+                         "images of more pixels than this, a guard against decompression bombs; 0: no limit.",
+                         lower_bound=0)
 
 
 if __name__ == "__main__":

@@ -80,13 +80,16 @@ def test_cli_on_odd_inputs(tmp_path):
     rgb, gray = _make_odd_dataset(str(tmp_path))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "rnan_jax.evaluate", "--method", "bicubic", "--data_dir", str(tmp_path),
-           "--datasets", "Tiny,Missing", "--scales", "2,3", "--output", str(out), "--save_images", "--noprogress"]
+           "--datasets", "Tiny,Missing", "--scales", "2,3", "--output", str(out), "--save_images", "--noprogress",
+           "--allow_incomplete"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # images were skipped: the exit status says so
 
     results = json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)
     assert set(results) == {"Tiny", "conventions", "run"}
     assert results["Tiny"]["x2"]["images"] == 4 and results["Tiny"]["x3"]["images"] == 4
+    assert results["Tiny"]["x2"]["of"] == 6
+    assert "Tiny x2: 4 of 6 images scored" in "\n".join(results["run"]["warnings"])
     assert results["conventions"]["y_rounding"] == "rounded" and results["conventions"]["shave"] == "scale"
     skipped = "\n".join(results["run"]["skipped"])
     assert "corrupt.png" in skipped and "Missing" in skipped
@@ -106,7 +109,7 @@ def test_cli_on_odd_inputs(tmp_path):
     assert rows["rgb", 3]["height"] == "39" and rows["rgb", 3]["width"] == "36"
 
     table = (out / "results.md").read_text()
-    assert table.startswith("| Method | Tiny ×2 | Tiny ×3 |")
+    assert table.startswith("| Method | Tiny ×2 (4 of 6 images) | Tiny ×3 (4 of 6 images) |")
     x2 = results["Tiny"]["x2"]
     assert f"| Bicubic | {x2['psnr']:.3f}/{x2['ssim']:.4f}".replace("/0.", "/.") in table
     saved = np.asarray(Image.open(out / "images" / "Tiny" / "x3" / "rgb.png"))
@@ -127,13 +130,14 @@ def test_sr_dir_scores_saved_images_and_exact_ones_are_infinite(tmp_path):
     exact_dir.mkdir(parents=True)
     hr = _rgb(40, 37)
     Image.fromarray(hr[:40, :36]).save(exact_dir / "rgb.png")
-    exact = evaluate_sr_dir(str(tmp_path / "exact"), ["Tiny"], (2,), data_dir=root, progress=False)
+    exact = evaluate_sr_dir(str(tmp_path / "exact"), ["Tiny"], (2,), data_dir=root, progress=False,
+                            allow_incomplete=True)
     assert [s.name for s in exact.scores] == ["rgb"]
     assert exact.scores[0].psnr == float("inf") and exact.scores[0].ssim == pytest.approx(1.0)
     assert any("no SR image named gray" in m for m in exact.skipped)
     paths = report.write_report(exact, str(tmp_path / "report"))
     results = json.loads(open(paths[0]).read(), parse_constant=pytest.fail)
-    assert results["Tiny"]["x2"] == {"psnr": "inf", "ssim": pytest.approx(1.0), "images": 1}
+    assert results["Tiny"]["x2"] == {"psnr": "inf", "ssim": pytest.approx(1.0), "images": 1, "of": 6}
     assert "| inf/1.0000 |" in open(paths[1]).read()
     assert "Tiny,2,rgb,inf,1.000000,40,36,0" in open(paths[2]).read()
 
@@ -254,5 +258,31 @@ def test_cli_checkpoint_path(tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert list(results["Tiny"]) == ["x2"] and results["Tiny"]["x2"]["images"] == 2
+    assert results["Tiny"]["x2"]["of"] == 2
     assert results["conventions"]["method"] == "RNAN+" and results["conventions"]["self_ensemble"] is True
     assert "| RNAN+ | " in proc.stdout
+
+
+def test_a_set_missing_images_gets_no_score_and_exit_1(tmp_path):
+    """`--sr_dir` holding 1 of a set's 3 SR images: no row for that set, a warning, exit status 1."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Three")
+    for i in range(3):
+        Image.fromarray(_rgb(40, 36 + 2 * i)).save(os.path.join(hr_dir, f"im{i}.png"))
+    sr = tmp_path / "sr" / "Three" / "x2"
+    sr.mkdir(parents=True)
+    Image.fromarray(_rgb(40, 36)).save(sr / "im0.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rnan_jax.evaluate", "--sr_dir", str(tmp_path / "sr"), "--data_dir", root,
+           "--datasets", "Three", "--scales", "2,4", "--output", str(out), "--noprogress"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    results = json.loads((out / "results.json").read_text())
+    assert "Three" not in results  # never written as the set's score
+    warnings = "\n".join(results["run"]["warnings"])
+    assert "Three x2: 1 of 3 images scored, so no Three x2 score is reported" in warnings
+    assert "(no images were scored)" in proc.stdout
+    # The missing x4 folder is said once, naming the folder, not once per image.
+    x4 = [m for m in results["run"]["skipped"] if "x4" in m]
+    assert len(x4) == 1 and "Three/x4: no such folder" in x4[0], x4
+    assert len(results["run"]["skipped"]) == 3  # im1, im2 at x2 and the x4 folder
