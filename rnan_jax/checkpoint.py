@@ -8,12 +8,15 @@ A training workdir holds:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from rnan_jax import zoo
 from rnan_jax.model import RNANConfig
@@ -44,9 +47,38 @@ def config_from_meta(meta: dict) -> RNANConfig:
     return RNANConfig(**fields)
 
 
+@contextlib.contextmanager
+def quiet():
+    """Hides orbax's INFO/WARNING chatter (e.g. "Metadata file does not exist" on a good checkpoint) while
+    reading, unless the user asked for more with --verbosity (absl verbosity INFO or above)."""
+    if absl_logging.get_verbosity() >= absl_logging.INFO:
+        yield
+        return
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(previous)
+
+
+def check_item(item_dir: str) -> None:
+    """Raises CheckpointError when a file that every saved item holds is missing, before orbax is asked to
+    read it (orbax then fails with tracebacks from its background threads rather than one error)."""
+    names = set(os.listdir(item_dir)) if os.path.isdir(item_dir) else set()
+    required = ["_METADATA"] + (["manifest.ocdbt"] if any(n.startswith("ocdbt.process_") for n in names) else [])
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise CheckpointError(f"{item_dir}: {', '.join(missing)} missing")
+
+
 def _single_device_target(item_dir: str) -> Any:
     """Abstract arrays for restoring an item onto one local device, whatever topology saved it."""
-    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+    check_item(item_dir)
+    metadata = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
+    if metadata is None or getattr(metadata, "tree", None) is None:
+        raise CheckpointError(f"{item_dir}: its array metadata (_METADATA) is missing or unreadable")
+    tree = metadata.tree
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
 
@@ -65,12 +97,63 @@ def _locate(path: str, which: str) -> tuple[str, int]:
         path = os.path.join(path, BEST if which == "best" else CHECKPOINTS)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no best checkpoint yet (it is written after the first validation)")
-    steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
-    steps = [s for s in steps if os.path.isdir(os.path.join(path, str(s), "params"))]
+    steps = complete_steps(path)
+    if not steps and os.path.basename(path) in (CHECKPOINTS, BEST):
+        raise CheckpointError(f"{path}: no complete checkpoint yet (training has not finished its first save, "
+                              "or the save was interrupted)")
     if not steps:
         raise CheckpointError(f"{path}: not an rnan_jax checkpoint (expected a training workdir, its "
                               f"{CHECKPOINTS}/ or {BEST}/ folder, or one step's folder holding params/)")
     return path, max(steps)
+
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps in `directory` whose save finished (orbax's tmp folders of interrupted saves left out), sorted."""
+    if not os.path.isdir(directory):
+        return []
+    steps = ocp.utils.checkpoint_steps(directory)
+    return sorted(s for s in steps if os.path.isdir(os.path.join(directory, str(s), "params")))
+
+
+def damaged(directory: str, step: int, error: BaseException) -> CheckpointError:
+    """The one-line error for a step that exists but cannot be read, naming it and the steps before it."""
+    earlier = [s for s in complete_steps(directory) if s < step]
+    detail = " ".join(str(error).split())[:200]
+    detail = detail if isinstance(error, CheckpointError) else f"{type(error).__name__}: {detail}"
+    hint = (f"; the steps before it: {', '.join(map(str, earlier))} (pass {directory}/{earlier[-1]} to use "
+            "the newest)" if earlier else "")
+    return CheckpointError(f"{directory}/{step}: damaged checkpoint ({detail}){hint}")
+
+
+def describe(config: RNANConfig) -> str:
+    return (f"x{config.scale} model (features {config.features}, {config.num_groups} groups x "
+            f"{config.num_blocks} blocks, intervals {config.group_interval}/{config.block_interval}, "
+            f"GC reduction {config.gc_reduction})")
+
+
+def same_architecture(a: RNANConfig, b: RNANConfig) -> bool:
+    """Whether parameters of `a` fit `b` (the compute dtype does not matter: parameters are float32)."""
+    return dataclasses.replace(a, dtype="float32") == dataclasses.replace(b, dtype="float32")
+
+
+def move_aside(directory: str, step: int) -> str:
+    """Moves a damaged step out of the manager's folder to `<directory>_damaged/<step>` (kept, not deleted)."""
+    target = os.path.join(directory + "_damaged", str(step))
+    if os.path.exists(target):
+        target += f".{len(os.listdir(os.path.dirname(target)))}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(os.path.join(directory, str(step)), target)
+    return target
+
+
+def read_meta(directory: str, step: int) -> dict:
+    """The JSON record of one step (model config, step, metrics); raises CheckpointError when unreadable."""
+    path = os.path.join(directory, str(step), "meta", "metadata")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:
@@ -92,6 +175,13 @@ def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:
     item_dir = os.path.join(directory, str(step), item)
     if not os.path.isdir(item_dir):
         raise CheckpointError(f"{os.path.dirname(item_dir)}: holds no {item} (was the run trained with EMA?)")
-    restored = ocp.CheckpointManager(directory).restore(step, args=ocp.args.Composite(**{
-        item: ocp.args.StandardRestore(_single_device_target(item_dir)), "meta": ocp.args.JsonRestore()}))
-    return restored[item], config_from_meta(restored["meta"])
+    try:
+        config = config_from_meta(read_meta(directory, step))
+        with quiet():
+            restored = ocp.CheckpointManager(directory).restore(step, args=ocp.args.Composite(**{
+                item: ocp.args.StandardRestore(_single_device_target(item_dir))}))
+    except CheckpointError as e:
+        raise damaged(directory, step, e) if "damaged" not in str(e) else e from None
+    except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
+        raise damaged(directory, step, e) from None
+    return restored[item], config

@@ -24,3 +24,12 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return cache_dir
+
+
+def quiet_logging() -> None:
+    """For the command-line entry points: library log lines (orbax's INFO, JAX's TPU-backend probe) are hidden
+    unless the user passed --verbosity; warnings and errors still show."""
+    from absl import flags, logging
+
+    if not ("verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present):
+        logging.set_verbosity(logging.WARNING)

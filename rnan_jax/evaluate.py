@@ -18,8 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-import rnan_jax
-from rnan_jax import api, benchmark_sets, degrade, env, images, inference, metrics, report
+from rnan_jax import api, benchmark_sets, checkpoint, degrade, env, images, inference, metrics, report
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 
@@ -286,6 +285,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--save_images needs --output DIR")
     if FLAGS.self_ensemble and not FLAGS.checkpoint:
         raise app.UsageError("--self_ensemble applies to a model (--checkpoint)")
+    env.quiet_logging()
     env.enable_compilation_cache()
     datasets = _parse_list(FLAGS.datasets)
     try:
@@ -303,7 +303,7 @@ def main(argv: Sequence[str]) -> None:
     )
     if FLAGS.checkpoint:
         try:
-            params, config = rnan_jax.load(FLAGS.checkpoint, which=FLAGS.which)
+            params, config = checkpoint.load(FLAGS.checkpoint, which=FLAGS.which)
         except (ValueError, OSError) as e:  # CheckpointError is a ValueError naming the path
             sys.exit(f"--checkpoint: {e}")
         if scales and scales != [config.scale]:

@@ -13,14 +13,16 @@ softmax context is global, so with it tiled output differs slightly from whole-i
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from absl import logging
 
 from rnan_jax import api, ensemble, metrics
 from rnan_jax.model import RNANConfig
+
+log = logging.getLogger(__name__)
 
 # Chosen with tools/tiling_bound.py (tools/BENCHMARKS.md, "Inference: tiling"): overlap 8 -> 32 took the
 # worst tiled-vs-whole PSNR of a 64-pixel tiling from 66 to 82 dB on an image whose windows see similar
@@ -188,7 +190,7 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
             raise
         error = e
     for fallback in (t for t in FALLBACK_TILES if t < max(h, w) and t > overlap):
-        logging.warning("a %dx%d image does not fit in device memory whole; upscaling it in %d-pixel windows "
+        log.warning("a %dx%d image does not fit in device memory whole; upscaling it in %d-pixel windows "
                         "(choose with --tile / tile=)", w, h, fallback)
         try:
             return _tiled(run, lr, config.scale, fallback, overlap, finish, progress)

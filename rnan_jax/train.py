@@ -3,6 +3,7 @@
 Trains RNAN, resuming from the latest checkpoint in --workdir. Multi-host (TPU pods, several GPU hosts):
 add --distributed (and, off TPU, --coordinator_address, --num_processes, --process_id).
 """
+import re
 import sys
 
 from absl import app, flags, logging
@@ -14,6 +15,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (off TPU).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (off TPU).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (off TPU).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config (every key --config.KEY= can set), "
+                             "the parameter count and the devices, then exit without reading data or writing.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,8 +31,11 @@ def main(argv):
         if jax.config.jax_platforms == "cpu" or (_NUM_PROCESSES.value and not jax.config.jax_platforms):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DRY_RUN.value:
+        print(trainer.dry_run(_CONFIG.value, _WORKDIR.value))
+        return
     env.enable_compilation_cache()
-    logging.set_verbosity(logging.WARNING)  # the trainer prints its own lines; keep library chatter out
+    env.quiet_logging()  # the trainer prints its own lines; keep library chatter out
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except trainer.Preempted as e:
@@ -39,5 +45,27 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+def config_error_line(error: Exception, argv: list[str]) -> str:
+    """One line for an override of a key that the config does not have (ml_collections raises it while the
+    flags are parsed, as a KeyError/AttributeError whose text carries its "Did you mean" suggestion)."""
+    text = " ".join(str(error.args[0] if error.args else error).replace("\\n", "\n").split())
+    text = text.strip("\"'").replace("\\'", "'")
+    key = re.match(r"'?([^'\s]+)'?", text)
+    given = [a for a in argv if key and a.startswith("--config.") and key.group(1) in a.split("=")[0]]
+    suggestion = text[key.end():].strip() if key else ""
+    where = given[0].split("=")[0] if given else "a --config override"
+    return (f"error: {where}: the config has no key {key.group(1) if key else text!r}"
+            + (f"; {suggestion[0].lower()}{suggestion[1:]}" if suggestion else "")
+            + " (python -m rnan_jax.train --config FILE --dry_run lists every key)")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a mistyped --config key turned into one line instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        sys.exit(config_error_line(e, argv))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -168,6 +169,37 @@ def _restore(mngr: ocp.CheckpointManager, at: int, target: step.TrainState, it: 
     return state, r["meta"]
 
 
+def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: TrainConfig,
+            workdir: str) -> tuple[step.TrainState, dict, int] | None:
+    """(state, meta, step) of the newest readable checkpoint, or None when there is none. A damaged step is
+    reported in one line and moved aside (kept, under checkpoints_damaged/), and the one before it tried;
+    a checkpoint of another architecture is refused in one line naming both."""
+    directory = os.fspath(mngr.directory)
+    for at in sorted(mngr.all_steps(), reverse=True):
+        try:
+            saved = checkpoint.config_from_meta(checkpoint.read_meta(directory, at))
+        except (checkpoint.CheckpointError, KeyError, TypeError) as e:
+            saved, error = None, checkpoint.damaged(directory, at, e)
+        if saved is not None:
+            if not checkpoint.same_architecture(saved, cfg.model):
+                raise ValueError(f"{workdir} holds an {checkpoint.describe(saved)}; the config asks for an "
+                                 f"{checkpoint.describe(cfg.model)}. Use another --workdir (with "
+                                 f"--config.init_from={workdir} to start from its matching parameters)")
+            try:
+                for item in ("params", "opt") + (("ema",) if target.ema is not None else ()):
+                    checkpoint.check_item(os.path.join(directory, str(at), item))
+                state, meta = _restore(mngr, at, target, it)
+                return state, meta, at
+            except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
+                error = checkpoint.damaged(directory, at, e)
+        where = checkpoint.move_aside(directory, at) if jax.process_index() == 0 else "(moved by process 0)"
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"rnan_jax_damaged_{at}")
+        mngr.reload()
+        _log(f"{str(error).split('; the steps before it')[0]}; moved it to {where} and trying the step before it")
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: int | None = None) -> dict[str, float]:
     """Trains (resuming from the latest checkpoint in `workdir`), validates and checkpoints.
@@ -195,10 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     rng = jax.random.key(cfg.seed)
     abstract = jax.eval_shape(partial(step.create_state, spec=spec), rng)
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-    latest = mngr.latest_step()
     best_psnr = -math.inf
-    if latest is not None:
-        state, meta = _restore(mngr, latest, target, it)
+    resumed = _resume(mngr, target, it, cfg, workdir)
+    if resumed is not None:
+        state, meta, latest = resumed
         best_psnr = float(meta.get("best_psnr", -math.inf))
         _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
     else:

@@ -27,8 +27,7 @@ import jax
 from absl import app, flags, logging
 from tqdm import tqdm
 
-import rnan_jax
-from rnan_jax import degrade, env, images, inference
+from rnan_jax import checkpoint, degrade, env, images, inference
 from rnan_jax.checkpoint import WHICH, CheckpointError
 from rnan_jax.model import RNANConfig
 
@@ -89,11 +88,10 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("give one or more input images or folders")
     if FLAGS.tile is not None and FLAGS.overlap >= FLAGS.tile:
         raise app.UsageError(f"--overlap ({FLAGS.overlap}) must be smaller than --tile ({FLAGS.tile})")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
+    env.quiet_logging()
     env.enable_compilation_cache()
     try:
-        params, config = rnan_jax.load(FLAGS.checkpoint, which=FLAGS.which)
+        params, config = checkpoint.load(FLAGS.checkpoint, which=FLAGS.which)
     except CheckpointError as e:
         print(f"upscale: cannot load --checkpoint: {e}", file=sys.stderr)
         sys.exit(2)

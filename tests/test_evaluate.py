@@ -245,7 +245,7 @@ def test_cli_checkpoint_path(tmp_path):
         def load(path, which):
             assert (path, which) == ("CKPT", "ema"), (path, which)
             return tiny_params(), TINY_MODEL
-        rnan_jax.load = load
+        rnan_jax.checkpoint.load = load
         evaluate._define_flags()
         app.run(evaluate.main, argv=["evaluate", "--checkpoint", "CKPT", "--which", "ema", "--self_ensemble",
                                      "--data_dir", {root!r}, "--datasets", "Tiny", "--output", {str(out)!r},

@@ -219,3 +219,151 @@ def test_cli_wrong_checkpoint_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"upscale: cannot load --checkpoint: {tmp_path / 'nope'}: no such file or folder"]
+
+
+# Bad inputs (each a case that once crashed, misled or went silent).
+
+def test_float_input_with_nan_or_inf_is_refused(params):
+    image = _photo(8, 8).astype(np.float32) / 255
+    image[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"image holds 1 NaN or infinite value\(s\)"):
+        upscale_image(params, image)
+    image[3, 4, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        upscale_image(params, image)
+
+
+def test_float_input_in_0_255_is_refused_with_the_fix(params):
+    image = _photo(8, 8).astype(np.float32)  # forgot / 255
+    with pytest.raises(ValueError, match=r"values span \[.*\]; expected \[0, 1\] \(a 0\.\.255 image\? divide it by 255"):
+        upscale_image(params, image)
+    # Rounding noise just outside [0, 1] is accepted.
+    ok = np.clip(image / 255, 0, 1) * (1 + 1e-5)
+    assert upscale_image(params, ok).shape == (16, 16, 3)
+
+
+def test_tiled_progress_counts_windows_and_output_is_banded(params):
+    image = _photo(40, 50)
+    calls = []
+    tiled = upscale_image(params, image, tile=16, overlap=4, progress=lambda done, total: calls.append((done, total)))
+    total = len(tile_starts(40, 16, 4)) * len(tile_starts(50, 16, 4))
+    assert calls == [(i + 1, total) for i in range(total)]
+    # The band-by-band assembly gives what blending whole float images gives.
+    whole = np.zeros((80, 100, 3), np.float64)
+    weight = np.zeros((80, 100, 1), np.float64)
+    ys, xs = tile_starts(40, 16, 4), tile_starts(50, 16, 4)
+    for y, wy in zip(ys, blend_weights(ys, 16, 4, 2)):
+        for x, wx in zip(xs, blend_weights(xs, 16, 4, 2)):
+            sr = np.asarray(reference(params, image[y:y + 16, x:x + 16].astype(np.float32)[None] / 255,
+                                      config=TINY))[0]
+            w = (wy[:, None] * wx[None, :])[..., None]
+            whole[2 * y:2 * y + 32, 2 * x:2 * x + 32] += w * sr
+            weight[2 * y:2 * y + 32, 2 * x:2 * x + 32] += w
+    expected = metrics.quantize(whole / weight)
+    assert np.abs(tiled.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_tiled_host_memory_stays_near_the_output(params):
+    """Host memory is the input, the uint8 output and one row of windows, not float copies of the image."""
+    import tracemalloc
+
+    image = np.ascontiguousarray(skimage.data.astronaut()[:300, :400])
+    upscale_image(params, image, tile=24, overlap=8)  # compile first
+    tracemalloc.start()
+    upscale_image(params, image, tile=24, overlap=8)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    float_output = 600 * 800 * 3 * 4
+    # Blending whole float32 images (then quantizing them in float64) peaked near 6 of these; by bands, 1.3.
+    assert peak < 2 * float_output, peak
+
+
+def test_out_of_device_memory_falls_back_to_tiles(params, monkeypatch, caplog):
+    """A whole image that does not fit is upscaled in the largest fallback window that does, with a warning."""
+    from rnan_jax import inference
+
+    real = compiled_forward(TINY)
+
+    def limited(config):
+        def forward(p, x):
+            if x.shape[-3] * x.shape[-2] > 70 * 70:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 27648131844 bytes.")
+            return real(p, x)
+        return forward
+
+    monkeypatch.setattr(inference, "compiled_forward", limited)
+    monkeypatch.setattr(inference, "FALLBACK_TILES", (256, 128, 64, 32))
+    image = _photo(100, 90)
+    with caplog.at_level("WARNING"):
+        out = upscale_image(params, image)
+    assert "a 90x100 image does not fit in device memory whole; upscaling it in 64-pixel windows" in caplog.text
+    monkeypatch.undo()
+    np.testing.assert_array_equal(out, upscale_image(params, image, tile=64, overlap=DEFAULT_OVERLAP))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from rnan_jax import images
+
+    pixels = np.zeros((10, 30, 3), np.uint8)
+    pixels[:, :10] = 255  # a white left third
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as phones write
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    decoded = images.decode(tmp_path / "phone.jpg").pixels
+    assert decoded.shape == (30, 10, 3)  # shown upright: portrait
+    assert decoded[:10].mean() > 200 and decoded[20:].mean() < 50  # the white third is now on top
+
+
+def test_cli_large_image_is_one_line_and_the_rest_goes_on(tmp_path, workdir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_photo(40, 50)).save(folder / "big.png")
+    Image.fromarray(_photo(10, 12)).save(folder / "small.png")
+    proc = _cli("--checkpoint", workdir, str(folder), "--output", str(tmp_path / "out"),
+                "--max_image_pixels", "1000", cache=tmp_path / "xla")
+    assert proc.returncode == 1
+    assert (f"{folder / 'big.png'}: 50x40 is 0.0 M pixels, above the limit of 0.0 M that guards against "
+            "decompression bombs (raise it with --max_image_pixels, 0 for no limit)") in proc.stderr
+    assert os.listdir(tmp_path / "out") == ["small_x2.png"]
+    assert "Traceback" not in proc.stderr
+    proc = _cli("--checkpoint", workdir, str(folder), "--output", str(tmp_path / "out"),
+                "--max_image_pixels", "0", cache=tmp_path / "xla")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["big_x2.png", "small_x2.png"]
+
+
+def test_default_pixel_limit_refuses_a_decompression_bomb(tmp_path, monkeypatch):
+    from rnan_jax import images
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(images.ImageError, match="a.png: 8x8 is 0.0 M pixels, above the limit"):
+        images.decode(tmp_path / "a.png", max_pixels=63)
+    assert images.decode(tmp_path / "a.png", max_pixels=None).pixels.shape == (8, 8)
+    assert images.DEFAULT_MAX_PIXELS == 2 * 89_478_485  # Pillow's bomb error threshold, now one number
+
+
+@pytest.mark.parametrize("kind", ["file", "readonly"])
+def test_cli_unusable_output_folder_is_one_line(tmp_path, workdir, kind):
+    Image.fromarray(_photo(10, 12)).save(tmp_path / "a.png")
+    if kind == "file":
+        (tmp_path / "afile").write_text("x")
+        output = tmp_path / "afile" / "out"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write into a read-only folder")
+        (tmp_path / "ro").mkdir(mode=0o500)
+        output = tmp_path / "ro" / "out"
+    proc = _cli("--checkpoint", workdir, str(tmp_path / "a.png"), "--output", str(output), cache=tmp_path / "xla")
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert lines == [f"upscale: --output {output}: cannot create or write that folder (Not a directory)"], lines
+
+
+def test_load_of_a_good_checkpoint_prints_no_warning(tmp_path, workdir):
+    """Orbax's "Metadata file does not exist" warning and INFO lines are hidden without --verbosity."""
+    Image.fromarray(_photo(10, 12)).save(tmp_path / "a.png")
+    proc = _cli("--checkpoint", workdir, str(tmp_path / "a.png"), "--output", str(tmp_path / "o"),
+                cache=tmp_path / "xla")
+    assert proc.returncode == 0, proc.stderr
+    assert "Metadata file does not exist" not in proc.stderr
+    assert not [l for l in proc.stderr.splitlines() if l[:1] in "IW" and l[1:5].isdigit()], proc.stderr

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from rnan_jax import api
+from rnan_jax import api, env
 from rnan_jax.checkpoint import WHICH, CheckpointError, load
 from rnan_jax.model import RNANConfig
 
@@ -72,6 +72,7 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    env.quiet_logging()
     try:
         params, config = load(FLAGS.checkpoint, which=FLAGS.which)
     except CheckpointError as e:
