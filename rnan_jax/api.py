@@ -17,20 +17,28 @@ from rnan_jax.model import DEPTHWISE_IMPLS, RNAN, RNANConfig
 Params = Mapping[str, Any]
 
 # Chosen by measurement on XLA:CPU (../shared/DESIGN.md): a rolled scan's backward is 8x slower there and
-# `feature_group_count` depthwise is 4x slower than shifted multiply-adds. Elsewhere the rolled scan keeps
-# compile times in seconds; the GPU/TPU depthwise choice is measured by tools/benchmark.py.
-_DEFAULT_KNOBS = {"cpu": (True, "shifted")}
+# `feature_group_count` depthwise is 4x slower than shifted multiply-adds. But full unrolling grows the
+# program with the depth: the paper's 200 blocks took about 4 minutes and 10 GB to compile, and that executable
+# crashed the process that loaded it from the persistent compilation cache (jax 0.10.2), so on CPU only
+# networks of up to CPU_FULL_UNROLL_MAX_BLOCKS blocks are unrolled (the demo and the small zoo models have 6).
+# Elsewhere the rolled scan keeps compile times in seconds.
+_CPU_DEPTHWISE = "shifted"
 _ACCELERATOR_KNOBS = (1, "grouped")
+CPU_FULL_UNROLL_MAX_BLOCKS = 24
 
 
-def default_knobs(backend: str | None = None) -> tuple[int | bool, str]:
-    """(scan_unroll, depthwise) for a backend ("cpu", "gpu", "tpu"; default: JAX's default backend)."""
-    return _DEFAULT_KNOBS.get(backend or jax.default_backend(), _ACCELERATOR_KNOBS)
+def default_knobs(backend: str | None = None, config: RNANConfig | None = None) -> tuple[int | bool, str]:
+    """(scan_unroll, depthwise) for a backend ("cpu", "gpu", "tpu"; default: JAX's default backend) and, on
+    CPU, the network's depth (`config`; None: a small one)."""
+    if (backend or jax.default_backend()) != "cpu":
+        return _ACCELERATOR_KNOBS
+    blocks = 0 if config is None else config.num_groups * config.num_blocks
+    return (True if blocks <= CPU_FULL_UNROLL_MAX_BLOCKS else 1), _CPU_DEPTHWISE
 
 
 def build(config: RNANConfig, *, scan_unroll: int | bool | None = None, depthwise: str | None = None) -> RNAN:
     """The linen module for `config` with the execution knobs resolved (None: the backend's default)."""
-    unroll, impl = default_knobs()
+    unroll, impl = default_knobs(config=config)
     depthwise = depthwise or impl
     if depthwise not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {depthwise!r}")

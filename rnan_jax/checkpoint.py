@@ -180,8 +180,6 @@ def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:
         with quiet():
             restored = ocp.CheckpointManager(directory).restore(step, args=ocp.args.Composite(**{
                 item: ocp.args.StandardRestore(_single_device_target(item_dir))}))
-    except CheckpointError as e:
-        raise damaged(directory, step, e) if "damaged" not in str(e) else e from None
     except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
         raise damaged(directory, step, e) from None
     return restored[item], config

@@ -11,12 +11,17 @@ def default_data_dir() -> str:
     return os.environ.get("RNAN_DATA_DIR") or os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data"))
 
 
-def enable_compilation_cache(cache_dir: str | None = None) -> str:
+def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True) -> str | None:
     """Turns on JAX's persistent compilation cache (default `$RNAN_JAX_CACHE` or ~/.cache/rnan_jax/xla).
 
     Called by the command-line entry points, never at import, so that importing rnan_jax changes no setting.
+    `safe=False` (a CPU program that XLA:CPU cannot reload: the fully unrolled paper-size network, whose cached
+    executable crashed the process that loaded it with jax 0.10.2) leaves it off and returns None.
     """
     import jax
+
+    if not safe:
+        return None
 
     cache_dir = cache_dir or os.environ.get("RNAN_JAX_CACHE") or os.path.expanduser("~/.cache/rnan_jax/xla")
     os.makedirs(cache_dir, exist_ok=True)

@@ -25,7 +25,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
 
-    from rnan_jax import env, trainer
+    from rnan_jax import api, env, trainer
 
     if _DISTRIBUTED.value:
         if jax.config.jax_platforms == "cpu" or (_NUM_PROCESSES.value and not jax.config.jax_platforms):
@@ -34,7 +34,12 @@ def main(argv):
     if _DRY_RUN.value:
         print(trainer.dry_run(_CONFIG.value, _WORKDIR.value))
         return
-    env.enable_compilation_cache()
+    model = _CONFIG.value.model
+    full_unroll = _CONFIG.value.execution.scan_unroll < 0
+    big = model.num_groups * model.num_blocks > api.CPU_FULL_UNROLL_MAX_BLOCKS
+    if env.enable_compilation_cache(safe=not (jax.default_backend() == "cpu" and full_unroll and big)) is None:
+        print("note: the persistent compilation cache is off for this run (XLA:CPU cannot reload a fully "
+              "unrolled network of this depth)", flush=True)
     env.quiet_logging()  # the trainer prints its own lines; keep library chatter out
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

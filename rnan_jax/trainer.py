@@ -24,7 +24,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rnan_jax import checkpoint, data, degrade, metrics, step, summary
-from rnan_jax.api import apply, init
+from rnan_jax.api import apply, default_knobs, init
 from rnan_jax.configs import TrainConfig
 
 
@@ -200,6 +200,37 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
     return None
 
 
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """What a run with this config would do, without reading data or writing anything: every config key
+    (as `--config.KEY=VALUE` sets it), the parameter count, the devices, processes and batch split."""
+    cfg = TrainConfig.from_config(config)
+    shapes = jax.eval_shape(lambda: init(jax.random.key(cfg.seed), cfg.model))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    lines = ["config (override any key with --config.KEY=VALUE):"]
+    lines += [f"  {key} = {value!r}" for key, value in _flatten(config)]
+    lines.append(f"model: RNAN x{cfg.model.scale}, {n_params:,} parameters")
+    lines.append(f"devices: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), {n_proc} process(es), "
+                 f"{jax.local_device_count()} local")
+    per_device = f"{cfg.batch_size // n_dev} per device" if cfg.batch_size % n_dev == 0 else (
+        f"NOT divisible by the {n_dev} devices: the run would stop")
+    lines.append(f"global batch {cfg.batch_size} ({per_device}) of {cfg.data.patch_size}x{cfg.data.patch_size} "
+                 f"LR patches; {cfg.total_steps:,} steps")
+    state = "exists" if os.path.isdir(workdir) else "does not exist yet (the run creates it)"
+    lines.append(f"workdir: {workdir} ({state}); dry run: nothing read or written")
+    return "\n".join(lines)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: int | None = None) -> dict[str, float]:
     """Trains (resuming from the latest checkpoint in `workdir`), validates and checkpoints.
@@ -257,6 +288,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     first = int(state.step)
     results: dict[str, float] = {}
     t_last, s_last = time.time(), first
+    unroll = cfg.scan_unroll if cfg.scan_unroll is not None else default_knobs(config=cfg.model)[0]
+    _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}; seconds for small "
+         "models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
     try:
         with _Preemption() as preemption:

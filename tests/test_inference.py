@@ -367,3 +367,16 @@ def test_load_of_a_good_checkpoint_prints_no_warning(tmp_path, workdir):
     assert proc.returncode == 0, proc.stderr
     assert "Metadata file does not exist" not in proc.stderr
     assert not [l for l in proc.stderr.splitlines() if l[:1] in "IW" and l[1:5].isdigit()], proc.stderr
+
+
+def test_cli_works_beside_a_clone_named_rnan_jax(tmp_path, workdir):
+    """Run from the folder that holds a clone called rnan_jax (a namespace package that shadowed the
+    editable install's `rnan_jax.load`)."""
+    (tmp_path / "rnan_jax").mkdir()
+    (tmp_path / "rnan_jax" / "README.md").write_text("a clone of the repository")
+    Image.fromarray(_photo(10, 12)).save(tmp_path / "a.png")
+    env = dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla"), PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.upscale", "--checkpoint", workdir, "a.png", "--output",
+                           "out"], cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(tmp_path / "out") == ["a_x2.png"]

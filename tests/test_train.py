@@ -142,6 +142,11 @@ def _run_cli(args, env=None, **kw):
 def test_cli_rejects_a_mistyped_config_key(images, tmp_path):
     r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(tmp_path), "--config.optim.lrr=2e-4"])
     assert r.returncode != 0 and "lrr" in r.stderr
+    r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(tmp_path), "--config.totl_steps=10"])
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        'error: --config.totl_steps: the config has no key \'totl_steps\'; did you mean "total_steps" instead of '
+        '"totl_steps"? (python -m rnan_jax.train --config FILE --dry_run lists every key)']
     r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(tmp_path),
                   *_flags(overrides(images, **{"data.hr_dirs": str(tmp_path / "missing")}))])
     assert r.returncode == 1
@@ -240,3 +245,61 @@ def test_two_processes_train_checkpoint_and_resume(images, tmp_path):
     out = _two_processes(images, tmp_path, total_steps=4)
     assert "resumed from" in out and "step 4/4" in out
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+def test_dry_run_prints_the_config_and_count_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(workdir), "--dry_run"])
+    assert r.returncode == 0, r.stderr
+    assert "model: RNAN x4, 17,303,749 parameters" in r.stdout
+    assert "  optim.lr = 0.0001" in r.stdout and "  data.patch_size = 48" in r.stdout
+    assert "global batch 16 (16 per device)" in r.stdout and "1 process(es)" in r.stdout
+    assert not workdir.exists()
+
+
+def _damage(workdir, step, name):
+    os.remove(os.path.join(workdir, "checkpoints", str(step), "params", name))
+
+
+@pytest.mark.parametrize("missing", ["_METADATA", "manifest.ocdbt"])
+def test_a_damaged_latest_step_is_named_and_training_resumes_before_it(images, tmp_path, missing, capsys):
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    train_and_evaluate(x4_config(images), str(straight))
+    train_and_evaluate(x4_config(images), str(damaged))
+    _damage(damaged, 6, missing)
+    # load (and so evaluate, upscale, export) names the step and the one to use instead, in one line.
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        load(str(damaged))
+    assert str(e.value) == (f"{damaged}/checkpoints/6: damaged checkpoint ({damaged}/checkpoints/6/params: "
+                            f"{missing} missing); the steps before it: 3 (pass {damaged}/checkpoints/3 to use "
+                            "the newest)")
+    r = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--checkpoint", str(damaged), "--datasets",
+                        "Set5", "--data_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"--checkpoint: {e.value}"], r.stderr
+    # Training resumes from step 3, keeps the damaged step aside, and ends where a straight run does.
+    capsys.readouterr()
+    train_and_evaluate(x4_config(images), str(damaged))
+    out = capsys.readouterr().out
+    assert f"moved it to {damaged}/checkpoints_damaged/6 and trying the step before it" in out
+    assert f"resumed from {damaged}/checkpoints/3" in out
+    assert os.listdir(damaged / "checkpoints_damaged" / "6" / "params")
+    assert _equal_trees(load(str(straight))[0], load(str(damaged))[0])
+
+
+def test_a_workdir_of_another_architecture_is_refused_in_one_line(images, tmp_path):
+    train_and_evaluate(x4_config(images, total_steps=3, **{"model.scale": 2}), str(tmp_path))
+    with pytest.raises(ValueError) as e:
+        train_and_evaluate(x4_config(images, total_steps=6, **{"model.scale": 3}), str(tmp_path))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path} holds an x2 model (features 8, 1 groups x 2 blocks") and "\n" not in message
+    assert "the config asks for an x3 model (features 8" in message and "strict" not in message
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]  # nothing lost
+
+
+def test_no_complete_checkpoint_yet(tmp_path):
+    (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoints: no complete checkpoint yet"):
+        load(str(tmp_path))
+    (tmp_path / "best" / "3.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+    with pytest.raises(checkpoint.CheckpointError, match="best: no complete checkpoint yet"):
+        load(str(tmp_path), which="best")

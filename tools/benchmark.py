@@ -277,11 +277,11 @@ def _device_peak(device) -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def _knobs(unroll: int, depthwise: str) -> tuple[Any, Any, str, str]:
+def _knobs(unroll: int, depthwise: str, config) -> tuple[Any, Any, str, str]:
     """(scan_unroll, depthwise) as the step takes them, and as resolved for the record."""
     from rnan_jax import api
 
-    default_unroll, default_impl = api.default_knobs()
+    default_unroll, default_impl = api.default_knobs(config=config)
     value = None if unroll == 0 else (True if unroll < 0 else unroll)
     impl = None if depthwise == "auto" else depthwise
     resolved = default_unroll if value is None else value
@@ -316,7 +316,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
 
     from rnan_jax import api, step
 
-    scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise)
+    scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
     optim = step.OptimConfig()  # the paper's Adam and schedule
     spec = step.StepSpec(config, optim, scan_unroll, impl)
     device = jax.devices()[0]
@@ -378,7 +378,7 @@ def bench_forward(config, params: Any, lr_hw: tuple[int, int], unroll: int, dept
 
     from rnan_jax import api
 
-    scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise)
+    scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
     h, w = lr_hw
     lr = jax.device_put(np.random.default_rng(1).random((1, h, w, 3), np.float32))
     jitted = jax.jit(partial(api.apply, config=config, scan_unroll=scan_unroll, depthwise=impl))
