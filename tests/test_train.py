@@ -303,3 +303,39 @@ def test_no_complete_checkpoint_yet(tmp_path):
     (tmp_path / "best" / "3.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
     with pytest.raises(checkpoint.CheckpointError, match="best: no complete checkpoint yet"):
         load(str(tmp_path), which="best")
+
+
+_CACHED_RUN = """
+import sys, jax
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_train import x4_config
+from rnan_jax import env
+from rnan_jax.trainer import train_and_evaluate
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if "cache_hits" in event else None)
+env.enable_compilation_cache({cache!r})
+train_and_evaluate(x4_config(Path({images!r}), total_steps={steps}), {workdir!r})
+print("cache hits", len(hits))
+"""
+
+
+def test_a_second_process_runs_the_cached_train_step(images, tmp_path):
+    """The persistent compilation cache: the second process loads the train step the first one compiled, and
+    runs it. (XLA:CPU crashed loading the fully unrolled paper-size step, so the CPU default keeps deep
+    networks rolled and `enable_compilation_cache(safe=False)` leaves the cache off: see api.default_knobs.)"""
+    cache = tmp_path / "xla"
+    outs = []
+    for i, steps in enumerate((3, 6)):
+        code = _CACHED_RUN.format(tests=os.path.dirname(__file__), cache=str(cache), images=str(images),
+                                  workdir=str(tmp_path / "run"), steps=steps)
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-3000:]
+        outs.append(r.stdout)
+    assert any(f.startswith("jit_train_step") for f in os.listdir(cache))
+    assert "resumed from" in outs[1] and "step 6: validation PSNR" in outs[1]
+    assert int(outs[1].split("cache hits ")[1].split()[0]) >= 1
+    from rnan_jax import env
+
+    assert env.enable_compilation_cache(str(tmp_path / "off"), safe=False) is None
+    assert not (tmp_path / "off").exists()

@@ -25,6 +25,8 @@ preset ("paper": the default x4 RNAN with 48x48 LR patches, so batch 16 is the p
   known trip count), with their opcodes, fusion kinds and custom-call targets.
 - --profile_dir: --profile_steps more steps of the first batch size under `jax.profiler.trace`, its device
   kernels summarized (count and time per step, the slowest kernels) and the Perfetto trace kept.
+- peer (--peer, default on): the PyTorch peer (--peer_dir/rnan_torch.py) for the same model, batch and patch,
+  float32, eager, NCHW and channels_last, timed the same way, when torch is installed.
 - forward: `api.apply` on one LR image of --forward_lr (270x480: a 1920x1080 output at x4), per dtype and
   knobs, at batch 1, timed the same way (--forward_steps per window).
 """
@@ -73,6 +75,10 @@ _TINY = flags.DEFINE_bool("tiny", False, f"Preset for a quick CPU run: {TINY}.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON file written (after every setting, so a cut run keeps some).")
 _TABLE = flags.DEFINE_list("table", [], "Print markdown rows for these JSON files and exit.")
 _PEER_LOG = flags.DEFINE_string("peer_log", "", "With --table: bench_torch.py's output, for its rows.")
+_PEER = flags.DEFINE_bool("peer", True, "Also time the PyTorch peer's train step for the same model and batch in "
+                          "this run (CPU: NCHW and channels_last), when torch and --peer_dir's rnan_torch.py exist.")
+_PEER_DIR = flags.DEFINE_string("peer_dir", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "..", "shared", "peers"), "Folder holding rnan_torch.py (the PyTorch peer).")
 
 
 def forward_macs(config, h: int, w: int) -> int:
@@ -497,6 +503,64 @@ def _apply_tiny_preset() -> None:
             flags.FLAGS[name].value = value
 
 
+def bench_peer(config, batch: int, patch: int, *, warmup: int, steps: int, repeats: int) -> list[dict]:
+    """The PyTorch peer's train step (forward, L1, backward, Adam) for `config` at batch x patch, float32, on
+    this machine's device, timed like ours (median of `repeats` windows); [] without torch or the peer."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not os.path.isfile(os.path.join(_PEER_DIR.value, "rnan_torch.py")):
+        return []
+    sys.path.insert(0, _PEER_DIR.value)
+    try:
+        from rnan_torch import RNAN as TorchRNAN
+    finally:
+        sys.path.remove(_PEER_DIR.value)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    s = config.scale
+    out = []
+    for layout in ("nchw", "channels_last"):
+        torch.manual_seed(0)
+        model = TorchRNAN(scale=s, c=config.features, n_groups=config.num_groups, n_blocks=config.num_blocks,
+                          group_interval=config.group_interval, block_interval=config.block_interval,
+                          r=config.gc_reduction).to(dev)
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        x = torch.rand(batch, 3, patch, patch, device=dev).to(memory_format=fmt)
+        y = torch.rand(batch, 3, s * patch, s * patch, device=dev)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            loss = (model(x) - y).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def run():
+            for _ in range(steps):
+                step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) / steps * 1e3)
+        out.append({"peer": f"torch {torch.__version__} eager float32 {layout}", "device": dev,
+                    "threads": torch.get_num_threads(), "batch": batch, "patch": patch,
+                    "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times)})
+    return out
+
+
+def peer_line(r: dict) -> str:
+    return (f"peer b{r['batch']} {r['patch']}x{r['patch']} {r['peer']} ({r['device']}, {r['threads']} threads): "
+            f"{r['step_ms']:.2f} ms/step (windows {r['step_ms_min']:.2f}-{r['step_ms_max']:.2f})")
+
+
 def _attempt(results: dict, what: dict, fn: Callable[[], Any]) -> Any:
     """fn(), or None with the failure recorded in results["errors"] (an out-of-memory batch must not cost
     the other settings)."""
@@ -523,7 +587,8 @@ def main(argv):
     h, w = (int(v) for v in _FORWARD_LR.value.lower().split("x"))
     results = {"env": environment(), "flop_count": "analytic: 6 x conv multiply-adds of the config per patch "
                "(forward 2, backward 4; bench_torch.py's convention); xla_cost_flops: compiled.cost_analysis()",
-               "train": [], "forward": [], "errors": []}
+               "train": [], "forward": [], "peer": [], "errors": []}
+    peer_done: set[tuple[int, int]] = set()
     print(json.dumps(results["env"]), flush=True)
     for unroll in (int(u) for u in _UNROLL.value):
         for depthwise in _DEPTHWISE.value:
@@ -540,6 +605,13 @@ def main(argv):
                         record, params = out
                         results["train"].append({"model": _MODEL.value, **record})
                         print(train_line(record), flush=True)
+                    if _PEER.value and dtype == "float32" and (batch, _PATCH.value) not in peer_done:
+                        peer_done.add((batch, _PATCH.value))
+                        for r in _attempt(results, {"peer": True, "batch": batch}, partial(
+                                bench_peer, config, batch, _PATCH.value, warmup=_WARMUP.value, steps=_STEPS.value,
+                                repeats=_REPEATS.value)) or []:
+                            results["peer"].append({"model": _MODEL.value, **r})
+                            print(peer_line(r), flush=True)
                     _write(_OUTPUT.value, results)
                 if params is not None and not (_SKIP_FORWARD.value or _COMPILE_ONLY.value):
                     record = _attempt(results, {**what, "forward_lr": [h, w]}, partial(
