@@ -1,0 +1,49 @@
+"""The MODEL_ZOO.md pictures: a training curve from metrics.jsonl and Figure 3-style crops."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from rnan_jax import RNANConfig, figures, init
+from rnan_jax.evaluate import bicubic_upscaler, model_upscaler
+
+pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install -e '.[figures]')")
+
+
+def test_curve_reads_the_validation_records(tmp_path):
+    log = tmp_path / "run" / "tensorboard"
+    log.mkdir(parents=True)
+    records = [{"step": 200, "train/loss": 0.1}, {"step": 1000, "val/psnr": 35.0, "val/bicubic_psnr": 33.6},
+               {"step": 2000, "val/psnr": 36.0, "val/bicubic_psnr": 33.6},
+               {"step": 1000, "val/psnr": 35.5, "val/bicubic_psnr": 33.6}]  # a resumed run's repeat wins
+    (log / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert figures.read_validation(str(tmp_path / "run")) == ([1000, 2000], [35.5, 36.0], 33.6)
+    out = tmp_path / "curve.png"
+    figures.training_curve(str(tmp_path / "run"), str(out), references={"FSRCNN (paper)": 37.05})
+    with Image.open(out) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    with pytest.raises(figures.FigureError, match="no such file"):
+        figures.read_validation(str(tmp_path / "nope"))
+
+
+def test_comparison_scores_each_panel_as_evaluate(tmp_path):
+    hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
+    hr_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:48] / 6.0
+    hr = np.stack([np.sin(xx + c) * np.cos(yy) for c in range(3)], -1) * 100 + 128 + rng.normal(0, 3, (40, 48, 3))
+    Image.fromarray(np.clip(hr, 0, 255).astype(np.uint8)).save(hr_dir / "pic.png")
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+    upscalers = {"Bicubic": bicubic_upscaler, "RNAN": model_upscaler(init(jax.random.key(0), config), config)}
+    out = tmp_path / "fig.png"
+    scores = figures.comparison(upscalers, "Mine/pic", (8, 6, 20), str(out), scale=2, data_dir=str(tmp_path))
+    assert set(scores) == {"Bicubic", "RNAN"} and os.path.isfile(out)
+    from rnan_jax.evaluate import evaluate_bicubic
+
+    bicubic = evaluate_bicubic(["Mine"], (2,), data_dir=str(tmp_path), progress=False).scores[0]
+    assert scores["Bicubic"] == pytest.approx((bicubic.psnr, bicubic.ssim))
+    with pytest.raises(figures.FigureError, match="does not fit"):
+        figures.comparison(upscalers, "Mine/pic", (40, 30, 20), str(out), scale=2, data_dir=str(tmp_path))
