@@ -31,11 +31,7 @@ from rnan_jax.env import default_data_dir
 
 def get_config() -> ml_collections.ConfigDict:
     config = configs.default_config()
-    config.total_steps = 14_000
-    config.batch_size = 16
-    config.log_every = 200
-    config.eval_every = 1000
-    config.checkpoint_every = 1000
+    config.update(total_steps=14_000, batch_size=16, log_every=200, eval_every=1000, checkpoint_every=1000)
     config.model.update(scale=2, features=48, num_groups=2, num_blocks=3, gc_reduction=16)
     config.optim.update(lr=1e-3, schedule="cosine", warmup_steps=0)
     train = os.path.join(default_data_dir(), "train")
