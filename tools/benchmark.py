@@ -50,6 +50,7 @@ from absl import app, flags
 PRESETS = {
     "paper": {},
     "small": dict(scale=2, features=32, num_groups=2, num_blocks=3),  # ../shared/DESIGN.md's CPU table
+    "small_x2": dict(scale=2, features=48, num_groups=2, num_blocks=3),  # zoo:small_x2 (experiments/small291.py)
     "tiny": dict(scale=4, features=16, num_groups=2, num_blocks=2),
 }
 # What --tiny sets, unless the flag is given too: a run of seconds on a CPU.
