@@ -148,12 +148,16 @@ def move_aside(directory: str, step: int) -> str:
 
 def read_meta(directory: str, step: int) -> dict:
     """The JSON record of one step (model config, step, metrics); raises CheckpointError when unreadable."""
-    path = os.path.join(directory, str(step), "meta", "metadata")
+    path = os.path.join(directory, str(step), "meta", "metadata")  # where orbax's JsonSave puts it
     try:
+        if not os.path.isfile(path) and os.path.isdir(os.path.dirname(path)):  # another orbax layout
+            with quiet():
+                return ocp.CheckpointManager(directory).restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # a missing or corrupt record, however orbax reports it
+        raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
 
 
 def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:

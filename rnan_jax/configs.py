@@ -28,7 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_val_images_logged = 3  # LR/bicubic/SR/HR comparisons written to TensorBoard per validation
     c.model = ml_collections.ConfigDict(dataclasses.asdict(RNANConfig()))
     c.execution = ml_collections.ConfigDict(dict(
-        scan_unroll=0,  # 0: the backend's default (full on CPU, rolled elsewhere); -1: full; n: factor n
+        scan_unroll=0,  # 0: the default (CPU: full up to 24 blocks, else rolled; rolled elsewhere); -1: full; n
         depthwise="auto",  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
     ))
     # The optimizer, defaults from step.OptimConfig (documented there); total_steps is the run's, above.
