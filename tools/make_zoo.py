@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from rnan_jax import checkpoint, zoo
+from rnan_jax import checkpoint, env, zoo
 from rnan_jax.api import count_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.", required=True)
@@ -24,6 +24,7 @@ _WHICH = flags.DEFINE_enum("which", "latest", list(checkpoint.WHICH), "Which par
 
 def main(argv):
     del argv
+    env.quiet_logging()
     try:
         params, config = checkpoint.load(_WORKDIR.value, which=_WHICH.value)
     except checkpoint.CheckpointError as e:
