@@ -30,12 +30,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.execution = ml_collections.ConfigDict(dict(
         scan_unroll=0,  # 0: the default (CPU: full up to 24 blocks, else rolled; rolled elsewhere); -1: full; n
         depthwise="auto",  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
+        batch_chunks=0,  # 0: the default (2 on a one-device CPU run, else 1); n: gradients of n parts, averaged
     ))
     # The optimizer, defaults from step.OptimConfig (documented there); total_steps is the run's, above.
     c.optim = ml_collections.ConfigDict(
         {k: v for k, v in dataclasses.asdict(OptimConfig()).items() if k != "total_steps"})
     c.data = data.default_config()
     return c
+
+
+def _non_negative(key: str, value: int) -> int:
+    if value < 0:
+        raise ValueError(f"{key} must be 0 (the default) or positive, got {value}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,7 @@ class TrainConfig:
     data: data.DataConfig
     scan_unroll: int | bool | None
     depthwise: str | None
+    batch_chunks: int  # 0: the default
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> "TrainConfig":
@@ -74,4 +82,5 @@ class TrainConfig:
                    num_val_images_logged=c.num_val_images_logged, model=model, optim=optim,
                    data=data.DataConfig.from_config(c.data, scale=model.scale),
                    scan_unroll=None if unroll == 0 else (True if unroll < 0 else unroll),
-                   depthwise=None if depthwise == "auto" else depthwise)
+                   depthwise=None if depthwise == "auto" else depthwise,
+                   batch_chunks=_non_negative("execution.batch_chunks", c.execution.batch_chunks))

@@ -38,9 +38,9 @@ def _pyplot():
 
 
 def read_validation(workdir: str) -> tuple[list[int], list[float], float | None]:
-    """(steps, validation PSNRs, bicubic PSNR) from a workdir's metrics.jsonl, in step order (a resumed run's
-    repeated steps keep the last value)."""
-    path = os.path.join(workdir, "tensorboard", METRICS_FILE)
+    """(steps, validation PSNRs, bicubic PSNR) from a workdir's metrics.jsonl (or that file itself), in step
+    order (a resumed run's repeated steps keep the last value)."""
+    path = workdir if os.path.isfile(workdir) else os.path.join(workdir, "tensorboard", METRICS_FILE)
     if not os.path.isfile(path):
         raise FigureError(f"{path}: no such file (written by the trainer since metrics.jsonl was added)")
     by_step, bicubic = {}, None
@@ -68,7 +68,7 @@ def training_curve(workdir: str, output: str, *, title: str = "", references: di
         ax.axhline(value, color=f"C{i + 1}", linestyle=":", label=f"{name} {value:.2f} dB")
     ax.set_xlabel("step")
     ax.set_ylabel("validation PSNR (dB, Y)")
-    ax.set_title(title or f"{os.path.basename(os.path.normpath(workdir))}: best {max(psnrs):.3f} dB")
+    ax.set_title(title or f"{os.path.basename(os.path.normpath(workdir))}: last {psnrs[-1]:.3f} dB")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -107,17 +107,17 @@ def comparison(upscalers: dict[str, evaluate.Upscaler], image: str, box: Sequenc
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
-    fig = plt.figure(figsize=(3.2 * (1 + len(panels) / 2), 3.6), dpi=120)
-    grid = fig.add_gridspec(2, 1 + (len(panels) + 1) // 2, width_ratios=[2] + [1] * ((len(panels) + 1) // 2))
-    ax = fig.add_subplot(grid[:, 0])
+    fig = plt.figure(figsize=(3.0 * (2 + len(panels)), 3.4), dpi=120)
+    grid = fig.add_gridspec(1, 1 + len(panels), width_ratios=[2] + [1] * len(panels))
+    ax = fig.add_subplot(grid[0, 0])
     ax.imshow(_rgb(pair.hr))
     ax.add_patch(Rectangle((x, y), size, size, fill=False, edgecolor="red", linewidth=1.5))
     ax.set_title(f"{image} (x{scale})", fontsize=9)
     ax.axis("off")
     for i, (label, img, score) in enumerate(panels):
-        a = fig.add_subplot(grid[i % 2, 1 + i // 2])
+        a = fig.add_subplot(grid[0, 1 + i])
         a.imshow(_rgb(img)[y:y + size, x:x + size], interpolation="nearest")
-        a.set_title(label if score is None else f"{label}\n{score[0]:.2f} dB / {score[1]:.4f}", fontsize=8)
+        a.set_title(label if score is None else f"{label}\n{score[0]:.2f} dB / {score[1]:.4f}", fontsize=9)
         a.axis("off")
     fig.tight_layout()
     _save(fig, output)
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rnan_jax.figures", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     curve = sub.add_parser("curve", help="validation PSNR against step from a training workdir")
-    curve.add_argument("--workdir", required=True)
+    curve.add_argument("--workdir", required=True, help="a training workdir, or its tensorboard/metrics.jsonl")
     curve.add_argument("--output", required=True)
     curve.add_argument("--title", default="")
     curve.add_argument("--reference", action="append", default=[],

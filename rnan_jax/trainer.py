@@ -246,7 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
     mesh = Mesh(np.array(jax.devices()), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    spec = step.StepSpec(cfg.model, cfg.optim, cfg.scan_unroll, cfg.depthwise)
+    chunks = cfg.batch_chunks or step.default_batch_chunks(cfg.batch_size // n_dev, n_dev)
+    if (cfg.batch_size // n_dev) % chunks:
+        raise ValueError(f"execution.batch_chunks {chunks} does not divide the per-device batch "
+                         f"{cfg.batch_size // n_dev}")
+    spec = step.StepSpec(cfg.model, cfg.optim, cfg.scan_unroll, cfg.depthwise, chunks)
 
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
     validator = _Validator(cfg)

@@ -54,9 +54,9 @@ def test_small_x2_loads_with_its_config():
 def _model_zoo_number(dataset: str, column: str) -> float:
     """The small_x2 row's PSNR for `dataset` in MODEL_ZOO.md's results table (`column`: "RNAN" or "RNAN+")."""
     text = open(os.path.join(REPO, "MODEL_ZOO.md")).read()
-    row = re.search(rf"^\| zoo:small_x2 \(this repo, {re.escape(column)}\) \|(.*)$", text, re.M)
+    row = re.search(rf"^\| \**zoo:small_x2 \(this repo, {re.escape(column)}\)\** \|(.*)$", text, re.M)
     assert row, f"MODEL_ZOO.md has no '| zoo:small_x2 (this repo, {column}) |' row"
-    cells = [c.strip() for c in row.group(1).split("|")]
+    cells = [c.strip().strip("*") for c in row.group(1).split("|")]
     index = ["Set5", "Set14", "B100", "Urban100"].index(dataset)
     return float(cells[index].split("/")[0])
 

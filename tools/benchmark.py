@@ -325,7 +325,8 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
 
     scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
     optim = step.OptimConfig()  # the paper's Adam and schedule
-    spec = step.StepSpec(config, optim, scan_unroll, impl)
+    chunks = step.default_batch_chunks(batch, 1)  # what the trainer runs on one device
+    spec = step.StepSpec(config, optim, scan_unroll, impl, chunks)
     device = jax.devices()[0]
     mesh = Mesh(np.array([device]), ("data",))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -349,6 +350,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     record = dict(scale=s, features=config.features,
                   num_groups=config.num_groups, num_blocks=config.num_blocks, params=api.count_params(state.params),
                   batch=batch, patch=patch, dtype=config.dtype, scan_unroll=unroll_name, depthwise=impl_name,
+                  batch_chunks=chunks,
                   lower_s=lower_s, compile_s=compile_s, train_flop_per_step=flops,
                   xla_cost_flops=_cost_flops(compiled), memory=memory, peak_memory_bytes=memory.get("peak_bytes"),
                   hlo=hlo_stats(compiled.as_text()))
@@ -439,7 +441,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def train_line(r: dict) -> str:
     return (f"train b{r['batch']} {r['patch']}x{r['patch']} x{r['scale']} {r['dtype']} unroll={r['scan_unroll']} "
-            f"depthwise={r['depthwise']}: {_fmt(r.get('step_ms'), '.2f')} ms/step "
+            f"depthwise={r['depthwise']} chunks={r.get('batch_chunks', 1)}: {_fmt(r.get('step_ms'), '.2f')} ms/step "
             f"({_fmt(r.get('patches_per_s'), '.1f')} patches/s, {_fmt(r.get('tflops'), '.3f')} TFLOP/s of "
             f"{r['train_flop_per_step'] / 1e12:.4f} TFLOP), compile {r['lower_s']:.1f}+{r['compile_s']:.1f} s, "
             f"peak {_mib(r['peak_memory_bytes'])} (XLA plan), {r['hlo']['per_step']} kernel launches/step "
