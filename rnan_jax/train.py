@@ -6,7 +6,7 @@ add --distributed (and, off TPU, --coordinator_address, --num_processes, --proce
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -27,21 +27,21 @@ def main(argv):
 
     from rnan_jax import api, env, trainer
 
+    env.quiet_logging()  # the trainer prints its own lines; keep library chatter out
     if _DISTRIBUTED.value:
         if jax.config.jax_platforms == "cpu" or (_NUM_PROCESSES.value and not jax.config.jax_platforms):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if _DRY_RUN.value:
-        print(trainer.dry_run(_CONFIG.value, _WORKDIR.value))
-        return
     model = _CONFIG.value.model
     full_unroll = _CONFIG.value.execution.scan_unroll < 0
     big = model.num_groups * model.num_blocks > api.CPU_FULL_UNROLL_MAX_BLOCKS
-    if env.enable_compilation_cache(safe=not (jax.default_backend() == "cpu" and full_unroll and big)) is None:
-        print("note: the persistent compilation cache is off for this run (XLA:CPU cannot reload a fully "
-              "unrolled network of this depth)", flush=True)
-    env.quiet_logging()  # the trainer prints its own lines; keep library chatter out
     try:
+        if _DRY_RUN.value:
+            print(trainer.dry_run(_CONFIG.value, _WORKDIR.value))
+            return
+        if env.enable_compilation_cache(safe=not (jax.default_backend() == "cpu" and full_unroll and big)) is None:
+            print("note: the persistent compilation cache is off for this run (XLA:CPU cannot reload a fully "
+                  "unrolled network of this depth)", flush=True)
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except trainer.Preempted as e:
         print(e, flush=True)

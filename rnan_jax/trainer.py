@@ -226,7 +226,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"NOT divisible by the {n_dev} devices: the run would stop")
     lines.append(f"global batch {cfg.batch_size} ({per_device}) of {cfg.data.patch_size}x{cfg.data.patch_size} "
                  f"LR patches; {cfg.total_steps:,} steps")
-    state = "exists" if os.path.isdir(workdir) else "does not exist yet (the run creates it)"
+    state = "exists" if os.path.isdir(workdir) else "not created yet; a run creates it"
     lines.append(f"workdir: {workdir} ({state}); dry run: nothing read or written")
     return "\n".join(lines)
 

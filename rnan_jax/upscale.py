@@ -24,7 +24,7 @@ import sys
 from typing import Sequence
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from tqdm import tqdm
 
 from rnan_jax import checkpoint, degrade, env, images, inference
