@@ -115,13 +115,14 @@ def complete_steps(directory: str) -> list[int]:
     return sorted(s for s in steps if os.path.isdir(os.path.join(directory, str(s), "params")))
 
 
-def damaged(directory: str, step: int, error: BaseException) -> CheckpointError:
-    """The one-line error for a step that exists but cannot be read, naming it and the steps before it."""
+def damaged(directory: str, step: int, error: BaseException, *, hint: bool = True) -> CheckpointError:
+    """The one-line error for a step that exists but cannot be read, naming it (and, with `hint`, the steps
+    before it)."""
     earlier = [s for s in complete_steps(directory) if s < step]
     detail = " ".join(str(error).split())[:200]
     detail = detail if isinstance(error, CheckpointError) else f"{type(error).__name__}: {detail}"
     hint = (f"; the steps before it: {', '.join(map(str, earlier))} (pass {directory}/{earlier[-1]} to use "
-            "the newest)" if earlier else "")
+            "the newest)" if earlier and hint else "")
     return CheckpointError(f"{directory}/{step}: damaged checkpoint ({detail}){hint}")
 
 

@@ -191,7 +191,7 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         error = e
     for fallback in (t for t in FALLBACK_TILES if t < max(h, w) and t > overlap):
         log.warning("a %dx%d image does not fit in device memory whole; upscaling it in %d-pixel windows "
-                        "(choose with --tile / tile=)", w, h, fallback)
+                    "(choose with --tile / tile=)", w, h, fallback)
         try:
             return _tiled(run, lr, config.scale, fallback, overlap, finish, progress)
         except jax.errors.JaxRuntimeError as e:

@@ -179,7 +179,7 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
         try:
             saved = checkpoint.config_from_meta(checkpoint.read_meta(directory, at))
         except (checkpoint.CheckpointError, KeyError, TypeError) as e:
-            saved, error = None, checkpoint.damaged(directory, at, e)
+            saved, error = None, checkpoint.damaged(directory, at, e, hint=False)
         if saved is not None:
             if not checkpoint.same_architecture(saved, cfg.model):
                 raise ValueError(f"{workdir} holds an {checkpoint.describe(saved)}; the config asks for an "
@@ -191,12 +191,12 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
                 state, meta = _restore(mngr, at, target, it)
                 return state, meta, at
             except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
-                error = checkpoint.damaged(directory, at, e)
+                error = checkpoint.damaged(directory, at, e, hint=False)
         where = checkpoint.move_aside(directory, at) if jax.process_index() == 0 else "(moved by process 0)"
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"rnan_jax_damaged_{at}")
         mngr.reload()
-        _log(f"{str(error).split('; the steps before it')[0]}; moved it to {where} and trying the step before it")
+        _log(f"{error}; moved it to {where} and trying the step before it")
     return None
 
 

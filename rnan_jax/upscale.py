@@ -13,9 +13,9 @@ the exit status is 1 if any input failed, 2 for an unusable checkpoint.
 
 Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR
 pixel for the paper's x4 model); one that does not fit is tiled automatically, in the largest window that
-fits (a warning says which). `--tile` bounds memory by the window (a second progress bar counts windows); the output then differs slightly from
-whole-image output because the GC block sees each window's context, not the image's (tools/BENCHMARKS.md,
-"Inference: tiling", measures by how much).
+fits (a warning says which). `--tile` bounds memory by the window (a second progress bar counts windows);
+the output then differs slightly from whole-image output because the GC block sees each window's context,
+not the image's (tools/BENCHMARKS.md, "Inference: tiling", measures by how much).
 """
 from __future__ import annotations
 
@@ -125,10 +125,12 @@ def main(argv: Sequence[str]) -> None:
                          max_pixels=FLAGS.max_image_pixels or None)
             done += 1
         except (images.ImageError, OSError, ValueError, jax.errors.JaxRuntimeError) as e:
-            # JaxRuntimeError: typically out of device memory on a large image, which --tile avoids.
+            # JaxRuntimeError: typically out of device memory, after upscale_image's own fallback to tiles.
             message = str(e) if isinstance(e, images.ImageError) else f"{src}: {type(e).__name__}: {e}"
             if isinstance(e, jax.errors.JaxRuntimeError) and inference.is_out_of_memory(e):
-                message = f"{src}: out of device memory even in {min(inference.FALLBACK_TILES)}-pixel windows"
+                message = f"{src}: out of device memory " + (
+                    f"with --tile {FLAGS.tile}: try a smaller one" if FLAGS.tile
+                    else f"even in {min(inference.FALLBACK_TILES)}-pixel windows")
             errors.append(message)
             tqdm.write(f"failed: {message}", file=sys.stderr)
         finally:

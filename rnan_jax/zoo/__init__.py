@@ -2,7 +2,7 @@
 
 Each model is one flax msgpack file in this folder, `NAME.msgpack`, holding {"params": the parameter tree,
 "config": the RNANConfig fields, "meta": how it was trained and scored}. MODEL_ZOO.md at the repository root
-gives every model's recipe and its Table 1 numbers. `tools/zoo.py` writes a file from a training workdir.
+gives every model's recipe and its Table 1 numbers. `tools/make_zoo.py` writes a file from a training workdir.
 """
 from __future__ import annotations
 
@@ -72,11 +72,10 @@ def read(path: str) -> tuple[dict, RNANConfig, dict]:
     try:
         with open(path, "rb") as f:
             record = serialization.msgpack_restore(f.read())
-        fields = dict(record["config"])
+        config = RNANConfig(**record["config"])  # RNANConfig makes rgb_mean a tuple of floats itself
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ZooError(f"{path}: not a readable zoo file ({type(e).__name__}: {e})") from None
-    fields["rgb_mean"] = tuple(float(v) for v in fields["rgb_mean"])
-    return record["params"], RNANConfig(**fields), dict(record.get("meta") or {})
+    return record["params"], config, dict(record.get("meta") or {})
 
 
 def load(name: str) -> tuple[dict, RNANConfig]:
