@@ -75,7 +75,8 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --p
 _TINY = flags.DEFINE_bool("tiny", False, f"Preset for a quick CPU run: {TINY}.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON file written (after every setting, so a cut run keeps some).")
 _TABLE = flags.DEFINE_list("table", [], "Print markdown rows for these JSON files and exit.")
-_PEER_LOG = flags.DEFINE_string("peer_log", "", "With --table: bench_torch.py's output, for its rows.")
+_PEER_LOG = flags.DEFINE_string("peer_log", "", "With --table: bench_torch.py's outputs (comma-separated; a name "
+                                 "with _b<N> gives its batch, else 16), for their rows.")
 _PEER = flags.DEFINE_bool("peer", True, "Also time the PyTorch peer's train step for the same model and batch in "
                           "this run (CPU: NCHW and channels_last), when torch and --peer_dir's rnan_torch.py exist.")
 _PEER_DIR = flags.DEFINE_string("peer_dir", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -463,7 +464,7 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
         with open(path) as f:
             res = json.load(f)
         env = res["env"]
-        run = f"{env['device_kind']}, jax {env['jax']}"
+        run = f"{env['device_kind']}, jax {env['jax']}" + (f", XLA_FLAGS={env['xla_flags']}" if env.get("xla_flags") else "")
         for r in res.get("train", []):
             mem = r.get("device_peak_bytes_in_use") or r["peak_memory_bytes"]
             lines.append(f"| {run} | train b{r['batch']} {r['patch']}px x{r['scale']} | {r['dtype']} | "
@@ -491,12 +492,15 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
                 profiles.append(f"- profile b{r['batch']} {r['dtype']}: {p['error']}")
         for e in res.get("errors", []):
             profiles.append(f"- failed: {json.dumps(e)[:300]}")
-    if peer_log and os.path.isfile(peer_log):
-        with open(peer_log) as f:
-            summary = [line for line in f if line.startswith("SUMMARY ")]
+    for log in filter(os.path.isfile, peer_log.split(",") if peer_log else []):
+        with open(log) as f:
+            text = f.read()
+        summary = [line for line in text.splitlines() if line.startswith("SUMMARY ")]
+        named = re.search(r"_b(\d+)", os.path.basename(log))
+        batch = int(named.group(1)) if named else 16
         for r in json.loads(summary[-1][len("SUMMARY "):]) if summary else []:
-            lines.append(f"| PyTorch peer | train b16 48px x4 | {r['name']} | - | {r['ms']} | "
-                         f"{16 / r['ms'] * 1e3:.0f} | {r['tflops']} | - | - | - |")
+            lines.append(f"| PyTorch peer | train b{batch} 48px x4 | {r['name']} | - | {r['ms']} | "
+                         f"{batch / r['ms'] * 1e3:.0f} | {r['tflops']} | - | - | - |")
     return "\n".join(lines + profiles)
 
 

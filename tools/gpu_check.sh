@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Issue 7's prepared GPU run on one H100/H200, at most 6 minutes (stages share RNAN_GPU_CHECK_BUDGET = 340 s):
-# the PyTorch peer, then tools/benchmark.py (paper setting and batch 64, bfloat16 and float32, the 1080p
-# forward, a profile of the paper setting), then the shifted-depthwise variant if time is left. JSON, logs,
-# two Perfetto traces and a markdown table (printed last) land in $OUT.
+# The prepared GPU benchmark on one H100/H200, at most 6 minutes (stages share RNAN_GPU_CHECK_BUDGET = 350 s):
+# the PyTorch peer at batch 16 and 64, then tools/benchmark.py (paper setting and batch 64, bfloat16 and
+# float32, a profile of the paper setting), then variants at the paper setting in bfloat16 while time is
+# left: XLA command buffers that record the scan loops, the scan unrolled by 2, the shifted depthwise conv.
+# JSON, logs, one Perfetto trace and a markdown table (printed last) land in $OUT.
 #
-# Prepared on the CPU machine, in the repository root (both folders are git-ignored):
+# Prepared on the CPU machine, in the repository root (the folders are git-ignored):
 #   mkdir -p .bench && cp ../shared/peers/bench_torch.py ../shared/peers/rnan_torch.py .bench/
-#   (.whl/: wheels of ml_collections, grain, array_record and portpicker for CPython 3.12; the GPU image lacks
-#   them and rnan_jax.step imports them; tools/BENCHMARKS.md gives the pip download command)
-# Launched with the device tool:
-#   run(command="bash tools/gpu_check.sh", carry=[".bench", ".whl"], timeout_s=420)
+#   (.whl/: wheels of ml_collections, grain, array_record, dm-tree, portpicker and tensorboardX for CPython
+#   3.12; the GPU image lacks them and rnan_jax imports them; tools/BENCHMARKS.md gives the pip command)
+# Launched with the device tool (tools/gpu_train.sh follows at once on the warm machine):
+#   run(command="bash tools/gpu_check.sh", carry=[".bench", ".whl"], timeout_s=380)
 # Every stage has its own time limit inside RNAN_GPU_CHECK_BUDGET seconds; a stage that fails or runs out
 # keeps what the others wrote (benchmark.py rewrites its JSON after every setting).
 # Dry run on a CPU (tiny models, about 1.5 minutes):
@@ -17,7 +18,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/rnan_gpu_check}"
 mkdir -p "$OUT"
-BUDGET="${RNAN_GPU_CHECK_BUDGET:-340}"
+BUDGET="${RNAN_GPU_CHECK_BUDGET:-350}"
 PY="${PYTHON:-python3}"
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the peer runs in .bench/
 start=$SECONDS
@@ -26,23 +27,23 @@ limit() { local n=$(($(left) - $1)); echo $((n < 30 ? 30 : n)); }  # seconds for
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"  # batch 64 float32 is large
 
-main=(--dtypes=bfloat16,float32 --batch_sizes=16,64 --steps=8 --repeats=4)
-variant=(--dtypes=bfloat16,float32 --batch_sizes=16 --steps=8 --repeats=4)
-peer=(--skip_compile)
+main=(--dtypes=bfloat16,float32 --batch_sizes=16,64 --steps=8 --repeats=4 --skip_forward --nopeer)
+variant=(--dtypes=bfloat16 --batch_sizes=16 --steps=8 --repeats=4 --skip_forward --nopeer)
+peer16=(--skip_compile --batch=16 --steps=30)
+peer64=(--skip_compile --batch=64 --steps=12)
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"  # fail, rather than time the paper model on the host CPU
 if [ -n "${RNAN_GPU_CHECK_TINY:-}" ]; then
   export JAX_PLATFORMS=cpu
-  main=(--tiny --dtypes=bfloat16,float32)
-  variant=(--tiny --dtypes=bfloat16,float32)
-  peer=(--skip_compile --tiny --steps=3)
+  main=(--tiny --dtypes=bfloat16,float32 --nopeer)
+  variant=(--tiny --dtypes=bfloat16 --nopeer)
+  peer16=(--skip_compile --tiny --steps=3)
+  peer64=(--skip_compile --tiny --steps=2 --batch=4)
 fi
+# XLA:GPU command buffers (CUDA graphs) that also record the scan's while loops, so one graph launch replaces
+# the loop's thousands of kernel launches; flag values as XLA's debug_options_flags.cc lists them.
+CMDBUF="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1"
 
-if ! "$PY" -c "import grain, ml_collections" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed" | tee "$OUT/run.log"; exit 1; }
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source tools/gpu_env.sh || exit 1
 
 {
   date -u
@@ -55,27 +56,41 @@ print(jax.devices())"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-echo "== PyTorch peer ($(left) s left)"
-(cd .bench && timeout 100 "$PY" bench_torch.py "${peer[@]}") 2>&1 | tee "$OUT/torch.log"
+echo "== PyTorch peer, batch 16 and 64 ($(left) s left)"
+(cd .bench && timeout 100 "$PY" bench_torch.py "${peer16[@]}") 2>&1 | tee "$OUT/torch_b16.log"
+(cd .bench && timeout 80 "$PY" bench_torch.py "${peer64[@]}") 2>&1 | tee "$OUT/torch_b64.log"
 
 echo "== JAX: paper setting and batch 64, bfloat16 and float32 ($(left) s left)"
 rm -rf /tmp/rnan_profile
-timeout "$(limit 25)" "$PY" tools/benchmark.py --output="$OUT/jax.json" "${main[@]}" \
+timeout "$(limit 110)" "$PY" tools/benchmark.py --output="$OUT/jax.json" "${main[@]}" \
   --profile_dir=/tmp/rnan_profile 2>&1 | tee "$OUT/run.log"
 i=0
 for trace in $(find /tmp/rnan_profile -name perfetto_trace.json.gz 2>/dev/null | sort); do
   name=$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$trace")")")")")  # train_b16_<dtype>_<knobs>
-  [ $i -lt 2 ] && cp "$trace" "$OUT/trace_${name}.json.gz"
+  [ $i -lt 1 ] && cp "$trace" "$OUT/trace_${name}.json.gz"
   i=$((i + 1))
 done
 
-if [ "$(left)" -gt 75 ]; then
-  echo "== JAX: depthwise as shifted multiply-adds, paper setting ($(left) s left)"
-  timeout "$(limit 10)" "$PY" tools/benchmark.py --output="$OUT/jax_shifted.json" "${variant[@]}" \
-    --depthwise=shifted --skip_forward 2>&1 | tee -a "$OUT/run.log"
+# Variants at the paper setting, bfloat16, most promising first; each its own process (XLA_FLAGS is read once).
+if [ "$(left)" -gt 60 ]; then
+  echo "== JAX: XLA command buffers with while loops ($(left) s left)"
+  XLA_FLAGS="$CMDBUF" timeout "$(limit 55)" "$PY" tools/benchmark.py --output="$OUT/jax_cmdbuf.json" \
+    "${variant[@]}" 2>&1 | tee -a "$OUT/run.log"
+fi
+if [ "$(left)" -gt 60 ]; then
+  echo "== JAX: scan unrolled by 2 ($(left) s left)"
+  timeout "$(limit 0)" "$PY" tools/benchmark.py --output="$OUT/jax_unroll2.json" "${variant[@]}" \
+    --scan_unroll=2 2>&1 | tee -a "$OUT/run.log"
+fi
+if [ "$(left)" -gt 50 ]; then
+  echo "== JAX: depthwise as shifted multiply-adds ($(left) s left)"
+  timeout "$(limit 5)" "$PY" tools/benchmark.py --output="$OUT/jax_shifted.json" "${variant[@]}" \
+    --depthwise=shifted 2>&1 | tee -a "$OUT/run.log"
 fi
 
+mkdir -p /tmp/rnan_gpu_last && cp "$OUT"/jax*.json /tmp/rnan_gpu_last/ 2>/dev/null  # for tools/gpu_train.sh
 echo "== table ($(left) s left; $((SECONDS - start)) s used)"
 tables=$(ls "$OUT"/jax*.json 2>/dev/null | paste -sd, -)
-[ -n "$tables" ] && "$PY" tools/benchmark.py --table="$tables" --peer_log="$OUT/torch.log" | tee -a "$OUT/run.log"
+[ -n "$tables" ] && "$PY" tools/benchmark.py --table="$tables" --peer_log="$OUT/torch_b16.log,$OUT/torch_b64.log" \
+  | tee -a "$OUT/run.log"
 exit 0

@@ -1,0 +1,8 @@
+# Sourced by tools/gpu_check.sh and tools/gpu_train.sh on the GPU machine: installs the carried CPython 3.12
+# wheels (.whl/) that its image lacks into /tmp/site and puts them and the checkout on PYTHONPATH. Needs $PY, $OUT.
+if ! "$PY" -c "import grain, ml_collections, tensorboardX" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed" | tee "$OUT/run.log"; return 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
