@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from rnan_jax.model import DEPTHWISE_IMPLS, RNAN, RNANConfig
+from rnan_jax.model import DEPTHWISE_IMPLS, RNAN, RNANConfig, cast_params
 
 Params = Mapping[str, Any]
 
@@ -119,7 +119,7 @@ def apply(params: Params, lr: jax.Array, *, config: RNANConfig | None = None, dt
         raise ValueError(f"lr must be [B, h, w, 3] or [h, w, 3], got shape {lr.shape}")
     single = lr.ndim == 3
     sr = build(config, scan_unroll=scan_unroll, depthwise=depthwise).apply(
-        {"params": params}, lr[None] if single else lr)
+        {"params": cast_params(params, config.dtype)}, lr[None] if single else lr)
     return sr[0] if single else sr
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from rnan_jax.api import build, init
-from rnan_jax.model import RNANConfig
+from rnan_jax.model import RNANConfig, cast_params
 
 _LOSS_AVG_DECAY = 0.99
 _SKIP_WARMUP = 100  # steps before loss-spike skipping starts (the running loss must settle first)
@@ -58,6 +58,7 @@ class StepSpec:
     scan_unroll: int | bool | None = None
     depthwise: str | None = None
     batch_chunks: int = 1  # gradients of this many equal parts of the batch, computed apart and averaged
+    cast_params_once: bool = False  # model.cast_params before the forward: fewer kernels, bf16-rounded grads
 
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
@@ -94,6 +95,8 @@ def empty_metrics() -> dict[str, jax.Array]:
 
 def l1_loss(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> jax.Array:
     model = build(spec.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise)
+    if spec.cast_params_once:
+        params = cast_params(params, spec.model.dtype)
     sr = model.apply({"params": params}, lr)
     return jnp.mean(jnp.abs(sr - hr))
 

@@ -250,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if (cfg.batch_size // n_dev) % chunks:
         raise ValueError(f"execution.batch_chunks {chunks} does not divide the per-device batch "
                          f"{cfg.batch_size // n_dev}")
-    spec = step.StepSpec(cfg.model, cfg.optim, cfg.scan_unroll, cfg.depthwise, chunks)
+    spec = step.StepSpec(cfg.model, cfg.optim, cfg.scan_unroll, cfg.depthwise, chunks, cfg.cast_params_once)
 
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
     validator = _Validator(cfg)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rnan_jax import RNANConfig, apply, infer_config, init
-from rnan_jax.api import count_params
+from rnan_jax.api import build, count_params
 from rnan_jax.model import GlobalContext, pixel_shuffle
 
 TINY = dict(features=16, num_groups=2, num_blocks=2, gc_reduction=4)
@@ -133,6 +133,10 @@ def test_bfloat16_compute_close_to_float32():
     # bfloat16 has an 8-bit mantissa: 2^-8 relative per op; 0.02 absolute on [0, 1] images (~ 5/255).
     assert float(jnp.abs(bf16 - f32).max()) < 0.02
     assert float(jnp.abs(bf16 - f32).mean()) < 0.004
+    # apply casts the parameters once (model.cast_params): bit for bit the modules' own casts.
+    config = RNANConfig(scale=2, **TINY, dtype="bfloat16")
+    own = jax.jit(lambda p, x: build(config).apply({"params": p}, x))(params, lr)
+    np.testing.assert_array_equal(np.asarray(bf16), np.asarray(own))
 
 
 def test_execution_knobs_compute_the_same_function():

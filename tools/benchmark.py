@@ -63,6 +63,8 @@ _PATCH = flags.DEFINE_integer("patch_size", 48, "LR patch side (48: the paper's)
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters stay float32).")
 _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n.")
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
+_CAST_ONCE = flags.DEFINE_bool("cast_params_once", False, "Cast the parameters to the compute dtype once per "
+                               "step (execution.cast_params_once) instead of per block inside the scan.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows; the median window is reported.")
@@ -327,7 +329,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
     optim = step.OptimConfig()  # the paper's Adam and schedule
     chunks = step.default_batch_chunks(batch, 1)  # what the trainer runs on one device
-    spec = step.StepSpec(config, optim, scan_unroll, impl, chunks)
+    spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, _CAST_ONCE.value)
     device = jax.devices()[0]
     mesh = Mesh(np.array([device]), ("data",))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -351,7 +353,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     record = dict(scale=s, features=config.features,
                   num_groups=config.num_groups, num_blocks=config.num_blocks, params=api.count_params(state.params),
                   batch=batch, patch=patch, dtype=config.dtype, scan_unroll=unroll_name, depthwise=impl_name,
-                  batch_chunks=chunks,
+                  batch_chunks=chunks, cast_params_once=_CAST_ONCE.value,
                   lower_s=lower_s, compile_s=compile_s, train_flop_per_step=flops,
                   xla_cost_flops=_cost_flops(compiled), memory=memory, peak_memory_bytes=memory.get("peak_bytes"),
                   hlo=hlo_stats(compiled.as_text()))
@@ -442,7 +444,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def train_line(r: dict) -> str:
     return (f"train b{r['batch']} {r['patch']}x{r['patch']} x{r['scale']} {r['dtype']} unroll={r['scan_unroll']} "
-            f"depthwise={r['depthwise']} chunks={r.get('batch_chunks', 1)}: {_fmt(r.get('step_ms'), '.2f')} ms/step "
+            f"depthwise={r['depthwise']} chunks={r.get('batch_chunks', 1)}"
+            f"{' cast once' if r.get('cast_params_once') else ''}: {_fmt(r.get('step_ms'), '.2f')} ms/step "
             f"({_fmt(r.get('patches_per_s'), '.1f')} patches/s, {_fmt(r.get('tflops'), '.3f')} TFLOP/s of "
             f"{r['train_flop_per_step'] / 1e12:.4f} TFLOP), compile {r['lower_s']:.1f}+{r['compile_s']:.1f} s, "
             f"peak {_mib(r['peak_memory_bytes'])} (XLA plan), {r['hlo']['per_step']} kernel launches/step "
@@ -468,7 +471,8 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
         for r in res.get("train", []):
             mem = r.get("device_peak_bytes_in_use") or r["peak_memory_bytes"]
             lines.append(f"| {run} | train b{r['batch']} {r['patch']}px x{r['scale']} | {r['dtype']} | "
-                         f"{r['scan_unroll']}/{r['depthwise']} | {_fmt(r.get('step_ms'), '.1f')} | "
+                         f"{r['scan_unroll']}/{r['depthwise']}{'/cast once' if r.get('cast_params_once') else ''} | "
+                         f"{_fmt(r.get('step_ms'), '.1f')} | "
                          f"{_fmt(r.get('patches_per_s'), '.0f')} | {_fmt(r.get('tflops'), '.2f')} | "
                          f"{r['lower_s'] + r['compile_s']:.1f} | {_gib(mem)} | {r['hlo']['per_step']} |")
         for r in res.get("forward", []):

@@ -2,7 +2,8 @@
 # The prepared GPU benchmark on one H100/H200, at most 6 minutes (stages share RNAN_GPU_CHECK_BUDGET = 350 s):
 # the PyTorch peer at batch 16 and 64, then tools/benchmark.py (paper setting and batch 64, bfloat16 and
 # float32, a profile of the paper setting), then variants at the paper setting in bfloat16 while time is
-# left: XLA command buffers that record the scan loops, the scan unrolled by 2, the shifted depthwise conv.
+# left: parameters cast once per step, that with XLA command buffers, the shifted depthwise conv (the first
+# session's variants, command buffers alone, unroll 2 and shifted, lost or tied: tools/BENCHMARKS.md).
 # JSON, logs, one Perfetto trace and a markdown table (printed last) land in $OUT.
 #
 # Prepared on the CPU machine, in the repository root (the folders are git-ignored):
@@ -73,14 +74,14 @@ done
 
 # Variants at the paper setting, bfloat16, most promising first; each its own process (XLA_FLAGS is read once).
 if [ "$(left)" -gt 60 ]; then
-  echo "== JAX: XLA command buffers with while loops ($(left) s left)"
-  XLA_FLAGS="$CMDBUF" timeout "$(limit 55)" "$PY" tools/benchmark.py --output="$OUT/jax_cmdbuf.json" \
-    "${variant[@]}" 2>&1 | tee -a "$OUT/run.log"
+  echo "== JAX: parameters cast once per step ($(left) s left)"
+  timeout "$(limit 55)" "$PY" tools/benchmark.py --output="$OUT/jax_cast_once.json" "${variant[@]}" \
+    --cast_params_once 2>&1 | tee -a "$OUT/run.log"
 fi
 if [ "$(left)" -gt 60 ]; then
-  echo "== JAX: scan unrolled by 2 ($(left) s left)"
-  timeout "$(limit 0)" "$PY" tools/benchmark.py --output="$OUT/jax_unroll2.json" "${variant[@]}" \
-    --scan_unroll=2 2>&1 | tee -a "$OUT/run.log"
+  echo "== JAX: XLA command buffers with while loops ($(left) s left)"
+  XLA_FLAGS="$CMDBUF" timeout "$(limit 0)" "$PY" tools/benchmark.py --output="$OUT/jax_cmdbuf.json" \
+    "${variant[@]}" --cast_params_once 2>&1 | tee -a "$OUT/run.log"
 fi
 if [ "$(left)" -gt 50 ]; then
   echo "== JAX: depthwise as shifted multiply-adds ($(left) s left)"
