@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from rnan_jax import zoo
+from rnan_jax import paths, zoo
 from rnan_jax.model import RNANConfig
 
 CHECKPOINTS, BEST = "checkpoints", "best"
@@ -33,7 +33,7 @@ def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = T
     """A CheckpointManager over `directory` (created if missing), saving asynchronously."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(paths.resolve(directory), options=options)
 
 
 def meta_for(config: RNANConfig, step: int, **metrics: Any) -> dict:
@@ -65,7 +65,7 @@ def quiet():
 def check_item(item_dir: str) -> None:
     """Raises CheckpointError when a file that every saved item holds is missing, before orbax is asked to
     read it (orbax then fails with tracebacks from its background threads rather than one error)."""
-    names = set(os.listdir(item_dir)) if os.path.isdir(item_dir) else set()
+    names = set(paths.listdir(item_dir)) if paths.isdir(item_dir) else set()
     required = ["_METADATA"] + (["manifest.ocdbt"] if any(n.startswith("ocdbt.process_") for n in names) else [])
     missing = [n for n in required if n not in names]
     if missing:
@@ -85,17 +85,17 @@ def _single_device_target(item_dir: str) -> Any:
 
 def _locate(path: str, which: str) -> tuple[str, int]:
     """(manager directory, step) of the checkpoint that `path` and `which` name."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(path):
+    path = paths.resolve(path)
+    if not paths.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
-    if os.path.isdir(os.path.join(path, "params")):  # one step's folder
+    if paths.isdir(os.path.join(path, "params")):  # one step's folder
         step_name = os.path.basename(path)
         if not step_name.isdigit():
             raise CheckpointError(f"{path}: a checkpoint step folder must be named by its step number")
         return os.path.dirname(path), int(step_name)
-    if os.path.isdir(os.path.join(path, CHECKPOINTS)):  # a training workdir
+    if paths.isdir(os.path.join(path, CHECKPOINTS)):  # a training workdir
         path = os.path.join(path, BEST if which == "best" else CHECKPOINTS)
-        if not os.path.isdir(path):
+        if not paths.isdir(path):
             raise CheckpointError(f"{path}: no best checkpoint yet (it is written after the first validation)")
     steps = complete_steps(path)
     if not steps and os.path.basename(path) in (CHECKPOINTS, BEST):
@@ -109,10 +109,10 @@ def _locate(path: str, which: str) -> tuple[str, int]:
 
 def complete_steps(directory: str) -> list[int]:
     """Steps in `directory` whose save finished (orbax's tmp folders of interrupted saves left out), sorted."""
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         return []
     steps = ocp.utils.checkpoint_steps(directory)
-    return sorted(s for s in steps if os.path.isdir(os.path.join(directory, str(s), "params")))
+    return sorted(s for s in steps if paths.isdir(os.path.join(directory, str(s), "params")))
 
 
 def damaged(directory: str, step: int, error: BaseException, *, hint: bool = True) -> CheckpointError:
@@ -140,10 +140,10 @@ def same_architecture(a: RNANConfig, b: RNANConfig) -> bool:
 def move_aside(directory: str, step: int) -> str:
     """Moves a damaged step out of the manager's folder to `<directory>_damaged/<step>` (kept, not deleted)."""
     target = os.path.join(directory + "_damaged", str(step))
-    if os.path.exists(target):
-        target += f".{len(os.listdir(os.path.dirname(target)))}"
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(os.path.join(directory, str(step)), target)
+    if paths.exists(target):
+        target += f".{len(paths.listdir(os.path.dirname(target)))}"
+    paths.makedirs(os.path.dirname(target))
+    paths.rename(os.path.join(directory, str(step)), target)
     return target
 
 
@@ -151,12 +151,11 @@ def read_meta(directory: str, step: int) -> dict:
     """The JSON record of one step (model config, step, metrics); raises CheckpointError when unreadable."""
     path = os.path.join(directory, str(step), "meta", "metadata")  # where orbax's JsonSave puts it
     try:
-        if not os.path.isfile(path) and os.path.isdir(os.path.dirname(path)):  # another orbax layout
+        if not paths.isfile(path) and paths.isdir(os.path.dirname(path)):  # another orbax layout
             with quiet():
                 return ocp.CheckpointManager(directory).restore(
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except Exception as e:  # a missing or corrupt record, however orbax reports it
         raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
 
@@ -178,7 +177,7 @@ def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:
     directory, step = _locate(path, which)
     item = "ema" if which == "ema" else "params"
     item_dir = os.path.join(directory, str(step), item)
-    if not os.path.isdir(item_dir):
+    if not paths.isdir(item_dir):
         raise CheckpointError(f"{os.path.dirname(item_dir)}: holds no {item} (was the run trained with EMA?)")
     try:
         config = config_from_meta(read_meta(directory, step))

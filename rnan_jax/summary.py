@@ -5,10 +5,15 @@ import datetime
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
+
+from rnan_jax import paths
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -16,16 +21,22 @@ METRICS_FILE = "metrics.jsonl"
 
 class Writer:
     """TensorBoard scalars and images under `logdir`, written by process 0 only; the scalars also as JSON
-    lines in `logdir/metrics.jsonl` ({"step": s, "train/loss": ...}), readable without TensorBoard."""
+    lines in `logdir/metrics.jsonl` ({"step": s, "train/loss": ...}), readable without TensorBoard.
+
+    A URL `logdir` (gs://bucket/run/tensorboard; objects there cannot be appended to) is written in a local
+    folder whose files are copied there after every write, so TensorBoard on the URL sees each step."""
 
     def __init__(self, logdir: str):
         self._writer = None
         self._jsonl = None
+        self._remote = logdir if paths.is_url(logdir) else None
+        self._local = tempfile.mkdtemp(prefix="rnan_tensorboard_") if self._remote else logdir
+        self._copied: dict[str, int] = {}
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(logdir, flush_secs=30)
-            self._jsonl = os.path.join(logdir, METRICS_FILE)
+            self._writer = SummaryWriter(self._local, flush_secs=30)
+            self._jsonl = os.path.join(self._local, METRICS_FILE)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer:
@@ -33,16 +44,34 @@ class Writer:
                 self._writer.add_scalar(k, float(v), step)
             with open(self._jsonl, "a") as f:
                 f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+            self._mirror()
 
     def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """uint8 [H, W, 3] images."""
         if self._writer:
             for k, v in images.items():
                 self._writer.add_image(k, np.asarray(v), step, dataformats="HWC")
+            self._mirror()
+
+    def _mirror(self, flush: bool = True) -> None:
+        """Copies the local files that changed since the last copy to the URL logdir."""
+        if not self._remote:
+            return
+        if flush:
+            self._writer.flush()
+        for name in os.listdir(self._local):
+            size = os.path.getsize(os.path.join(self._local, name))
+            if self._copied.get(name) != size:
+                with open(os.path.join(self._local, name), "rb") as f:
+                    epath.Path(self._remote, name).write_bytes(f.read())
+                self._copied[name] = size
 
     def close(self) -> None:
         if self._writer:
             self._writer.close()
+            self._mirror(flush=False)
+            if self._remote:
+                shutil.rmtree(self._local, ignore_errors=True)
 
 
 def eta(seconds: float) -> str:

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rnan_jax import checkpoint, data, degrade, metrics, step, summary
+from rnan_jax import checkpoint, data, degrade, metrics, paths, step, summary
 from rnan_jax.api import apply, default_knobs, init
 from rnan_jax.configs import TrainConfig
 
@@ -132,11 +132,9 @@ class _Validator:
 def _write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "git_revision.txt"), "w") as f:
-        f.write(summary.git_revision(summary.package_dir()) + "\n")
+    paths.makedirs(workdir)
+    paths.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    paths.write_text(os.path.join(workdir, "git_revision.txt"), summary.git_revision(summary.package_dir()) + "\n")
 
 
 def _save_args(state: step.TrainState, it: Any, meta: dict) -> ocp.args.Composite:
@@ -226,7 +224,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"NOT divisible by the {n_dev} devices: the run would stop")
     lines.append(f"global batch {cfg.batch_size} ({per_device}) of {cfg.data.patch_size}x{cfg.data.patch_size} "
                  f"LR patches; {cfg.total_steps:,} steps")
-    state = "exists" if os.path.isdir(workdir) else "not created yet; a run creates it"
+    state = "exists" if paths.isdir(workdir) else "not created yet; a run creates it"
     lines.append(f"workdir: {workdir} ({state}); dry run: nothing read or written")
     return "\n".join(lines)
 
@@ -240,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     not fit, TrainingError for a non-finite loss, Preempted after SIGTERM's checkpoint.
     """
     cfg = TrainConfig.from_config(config)
-    workdir = os.path.abspath(workdir)
+    workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")

@@ -1,0 +1,68 @@
+"""Paths that are local or URLs (`gs://bucket/run`, where Cloud TPU users keep workdirs and data).
+
+Paths stay strings (os.path.join/basename/dirname work on URLs as on POSIX paths); everything that touches
+the filesystem goes through etils.epath, which reaches gs:// through gcsfs (`STORAGE_EMULATOR_HOST` points
+it at an emulator). orbax and tensorstore read and write gs:// themselves (`TENSORSTORE_GCS_HTTP_URL`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from etils import epath
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """A URL as it is; a local path made absolute (with ~ expanded). Raises ValueError for a gs:// URL
+    when nothing can reach GCS (neither gcsfs nor TensorFlow, which etils.epath would use, is installed)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.abspath(os.path.expanduser(path))
+    if path.startswith("gs://") and not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
+        raise ValueError(f"{path}: gs:// paths need gcsfs: pip install 'rnan_jax[gcs]' (or [tpu])")
+    return path
+
+
+def exists(path: str) -> bool:
+    return epath.Path(path).exists()
+
+
+def isdir(path: str) -> bool:
+    return epath.Path(path).is_dir()
+
+
+def isfile(path: str) -> bool:
+    return epath.Path(path).is_file()
+
+
+def listdir(path: str) -> list[str]:
+    return sorted(p.name for p in epath.Path(path).iterdir())
+
+
+def makedirs(path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(path: str) -> str:
+    return epath.Path(path).read_text()
+
+
+def write_text(path: str, text: str) -> None:
+    epath.Path(path).write_text(text)
+
+
+def rename(source: str, target: str) -> None:
+    """Moves a file or folder (on GCS: copies every object under it, then deletes the originals)."""
+    if is_url(source):
+        src = epath.Path(source)
+        for file in [p for p in src.rglob("*") if p.is_file()]:
+            dest = epath.Path(target) / file.relative_to(src)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            file.copy(dest)
+        src.rmtree()
+    else:
+        os.rename(source, target)
