@@ -1,8 +1,10 @@
 """The checkpoint format (orbax) and `load(path) -> (params, RNANConfig)`.
 
 A training workdir holds:
-  checkpoints/<step>/  items params, ema (when EMA is on), opt (step + optimizer state), data (the grain
-                       iterator), meta (JSON: model_config, step, metrics); the latest few are kept;
+  checkpoints/<step>/  items params, ema (when EMA is on), opt (step + optimizer state), meta (JSON:
+                       model_config, step, metrics); the latest few are kept. The input pipeline's position
+                       is the step (data.train_dataset); checkpoints of earlier versions also hold a data
+                       item per process, which is not read;
   best/<step>/         items params, ema, meta of the checkpoint with the best validation PSNR;
   config.json, git_revision.txt  the resolved config and the code's revision.
 """

@@ -171,13 +171,14 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
-def training_pairs(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1):
-    """This process's share (every process_count-th image from process_index) of the full training pairs.
+def training_pairs(cfg: DataConfig):
+    """All training pairs, the same list in every process (each then reads, lazily, the patches of its share
+    of each global batch: `train_dataset`).
 
     Returns a grain random-access source of {"hr", "lr"} uint8 full images with `.names`.
     Raises `sources.DataError` (one line) when no usable image remains.
     """
-    what = f"training images ({cfg.source}, process {process_index} of {process_count})"
+    what = f"training images ({cfg.source})"
     min_lr = cfg.patch_size
     if cfg.source == "demo":
         pairs = [(n, *sources.make_pair(im, None, cfg.scale, n)) for n, im in sources.demo_train_images()]
@@ -185,7 +186,7 @@ def training_pairs(cfg: DataConfig, *, process_index: int = 0, process_count: in
             if min(lr.shape[:2]) < min_lr:
                 log.warning("skipping %s: its x%d LR image %dx%d is smaller than the %d-pixel patch",
                             name, cfg.scale, lr.shape[1], lr.shape[0], min_lr)
-        pairs = [p for p in pairs if min(p[2].shape[:2]) >= min_lr][process_index::process_count]
+        pairs = [p for p in pairs if min(p[2].shape[:2]) >= min_lr]
         if not pairs:
             raise sources.DataError(f"{what}: no demo image has an LR side of at least {min_lr} pixels")
         return sources.ArrayPairs(pairs)
@@ -193,28 +194,36 @@ def training_pairs(cfg: DataConfig, *, process_index: int = 0, process_count: in
         specs = sources.folder_specs(cfg.hr_dirs, cfg.lr_dirs, cfg.scale)
     else:
         specs = sources.tfds_specs(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
-    return sources.prepare_cached(specs[process_index::process_count], scale=cfg.scale, min_lr_size=min_lr,
-                                  cache_dir=cfg.cache_dir, what=what)
+    return sources.prepare_cached(specs, scale=cfg.scale, min_lr_size=min_lr, cache_dir=cfg.cache_dir, what=what)
 
 
 def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
-    """The infinite MapDataset of this process's batches of `batch_size` patches (before `to_iter_dataset`)."""
-    pairs = training_pairs(cfg, process_index=process_index, process_count=process_count)
-    # Different processes get different crop streams for the same index; shuffle and crops get unrelated seeds.
-    shuffle_seed, crop_seed = (int(v) for v in np.random.SeedSequence([seed, process_index]).generate_state(2))
+    """The infinite MapDataset of this process's parts of the global batches (before `to_iter_dataset`).
+
+    One global sequence of patches, a function of `seed` alone: global batch k is patches k*B .. k*B+B-1
+    (B = `batch_size`, the global batch), and process i of n takes its i-th n-th of it. So batch k is the
+    same whatever the number of processes, and a run checkpointed with n processes resumes with another
+    count at the same global batch (elastic resume): the data state is the step.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"global batch size {batch_size} is not divisible by the {process_count} processes")
+    pairs = training_pairs(cfg)
+    # Shuffle and crops get unrelated seeds (those of the former process 0, so one-process runs are unchanged).
+    shuffle_seed, crop_seed = (int(v) for v in np.random.SeedSequence([seed, 0]).generate_state(2))
     # grain's index_shuffle costs about 30 ms / length per element (4.8 ms for the 6 demo images, 0.15 ms
     # for 240, 9 us for 16k; tools/BENCHMARKS.md), so the shuffled unit is every image repeated to at least
     # _MIN_SHUFFLE_LENGTH entries: an epoch in the sense of EDSR's dataset repeat.
     copies = -(-_MIN_SHUFFLE_LENGTH // len(pairs))
-    return (
+    parts = (
         grain.MapDataset.source(pairs)
         .repeat(copies)
         .shuffle(seed=shuffle_seed)
         .repeat()
         .random_map(RandomPatch(cfg.patch_size, cfg.scale, cfg.augment), seed=crop_seed)
-        .batch(batch_size, drop_remainder=True)
+        .batch(batch_size // process_count, drop_remainder=True)
     )
+    return parts[process_index::process_count] if process_count > 1 else parts
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -274,15 +283,14 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, proces
     """The infinite, checkpointable iterator of this process's batches.
 
     Yields {"lr": uint8 [b, p, p, 3], "hr": uint8 [b, s*p, s*p, 3]} with b = global_batch_size //
-    process_count; each process reads only its own share of the images. `get_state()`/`set_state()` and
-    `grain.checkpoint.CheckpointSave/Restore` resume it exactly, also with another num_workers. Call
+    process_count: this process's part of each global batch (`train_dataset`), read from the images as
+    needed. The state is the number of batches taken, which the trainer sets to the global step on resume
+    (`set_state({"next_batch": step})`): exact also with another num_workers or process count. Call
     `close()` when done to stop worker processes.
     """
     process_index, process_count = _process(process_index, process_count)
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
-    ds = train_dataset(cfg, batch_size=global_batch_size // process_count, seed=seed,
-                       process_index=process_index, process_count=process_count)
+    ds = train_dataset(cfg, batch_size=global_batch_size, seed=seed, process_index=process_index,
+                       process_count=process_count)
     read_options = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
     mp_options = None
     if cfg.num_workers > 0:

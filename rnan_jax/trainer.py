@@ -32,6 +32,9 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss); the message says what was kept."""
 
 
+CPU_NOTE_PARAMS = 2_000_000  # above this a CPU run gets a line saying it is one (the paper's model: 17 M)
+
+
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of the step reached was saved (the message says where)."""
 
@@ -137,33 +140,29 @@ def _write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
     paths.write_text(os.path.join(workdir, "git_revision.txt"), summary.git_revision(summary.package_dir()) + "\n")
 
 
-def _save_args(state: step.TrainState, it: Any, meta: dict) -> ocp.args.Composite:
-    import grain
-
+def _save_args(state: step.TrainState, meta: dict) -> ocp.args.Composite:
+    # No data item: the input position is the step (data.train_dataset), so a run resumes under any
+    # process count (checkpoints of earlier versions hold one per process; it is not read).
     items = {"params": ocp.args.StandardSave(state.params),
              "opt": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
                                           "loss_avg": state.loss_avg}),
              "meta": ocp.args.JsonSave(meta)}
-    if it is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(it)
     if state.ema is not None:
         items["ema"] = ocp.args.StandardSave(state.ema)
     return ocp.args.Composite(**items)
 
 
 def _restore(mngr: ocp.CheckpointManager, at: int, target: step.TrainState, it: Any) -> tuple[step.TrainState, dict]:
-    import grain
-
     items = {"params": ocp.args.StandardRestore(target.params),
              "opt": ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state,
                                              "loss_avg": target.loss_avg}),
-             "data": grain.checkpoint.CheckpointRestore(it),
              "meta": ocp.args.JsonRestore()}
     if target.ema is not None:
         items["ema"] = ocp.args.StandardRestore(target.ema)
     r = mngr.restore(at, args=ocp.args.Composite(**items))
     state = step.TrainState(step=r["opt"]["step"], params=r["params"], opt_state=r["opt"]["opt_state"],
                             ema=r["ema"] if target.ema is not None else None, loss_avg=r["opt"]["loss_avg"])
+    it.set_state({"next_batch": int(state.step)})  # one batch per step: global batch `step` is next
     return state, r["meta"]
 
 
@@ -275,6 +274,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _log(f"RNAN x{cfg.model.scale} on {n_dev} {jax.devices()[0].platform} device(s), {jax.process_count()} "
          f"process(es); global batch {cfg.batch_size}; parameters:\n{summary.parameter_table(state.params)}")
     _log(f"validation: {len(validator.images)} image(s), bicubic PSNR {validator.bicubic_psnr:.3f} dB")
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    if jax.default_backend() == "cpu" and n_params > CPU_NOTE_PARAMS:
+        _log(f"note: this is a CPU run of a {n_params:,}-parameter model, seconds per step (README, "
+             "'Training'); for a GPU install rnan_jax[cuda12], for a Cloud TPU VM rnan_jax[tpu]")
 
     if int(state.step) >= cfg.total_steps:
         _log(f"nothing to do: {workdir} is already at step {int(state.step)} of total_steps {cfg.total_steps} "
@@ -328,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     _check_finite(host, s, mngr)
                     meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
                         k: v for k, v in results.items() if k.startswith("val/")})
-                    mngr.save(s, args=_save_args(state, it, meta), force=True)
+                    mngr.save(s, args=_save_args(state, meta), force=True)
                 if stop:
                     mngr.wait_until_finished()
                     raise Preempted(f"SIGTERM: saved a checkpoint at step {s} in {mngr.directory}; rerun the same "

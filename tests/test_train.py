@@ -217,7 +217,7 @@ def _free_port():
 
 def _two_processes(images, workdir, total_steps):
     port = _free_port()
-    values = overrides(images, total_steps=total_steps, checkpoint_every=2, eval_every=2, log_every=1)
+    values = overrides(images, **_elastic_values(total_steps))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     procs = [subprocess.Popen([sys.executable, "-m", "rnan_jax.train", "--config", "experiments/x4.py",
                                "--workdir", str(workdir), "--distributed", f"--coordinator_address=127.0.0.1:{port}",
@@ -236,15 +236,53 @@ def _two_processes(images, workdir, total_steps):
     return outs[0]
 
 
-def test_two_processes_train_checkpoint_and_resume(images, tmp_path):
-    out = _two_processes(images, tmp_path, total_steps=2)
-    assert "on 2 cpu device(s), 2 process(es)" in out and "step 2/2" in out
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-    # Each process saved its own data iterator state.
-    assert len([f for f in os.listdir(tmp_path / "checkpoints" / "2" / "data")]) >= 2
-    out = _two_processes(images, tmp_path, total_steps=4)
-    assert "resumed from" in out and "step 4/4" in out
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+def _elastic_values(total_steps):
+    return dict(total_steps=total_steps, batch_size=8, checkpoint_every=2, eval_every=2, log_every=1)
+
+
+def _close(a, b):
+    leaves = list(zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return len(leaves) > 0 and all(np.allclose(x, y, atol=2e-6, rtol=0) for x, y in leaves)
+
+
+def test_elastic_resume_from_one_process_to_two(images, tmp_path):
+    """Checkpointed by one process at step 2, resumed by two processes (2 devices) to step 4: the same
+    global batches, so the parameters of an uninterrupted one-process run (up to the reduction order)."""
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    train_and_evaluate(x4_config(images, **_elastic_values(4)), str(straight))
+    train_and_evaluate(x4_config(images, **_elastic_values(2)), str(elastic))
+    out = _two_processes(images, elastic, total_steps=4)
+    assert "on 2 cpu device(s), 2 process(es)" in out and "resumed from" in out and "step 4/4" in out, out[-3000:]
+    assert sorted(os.listdir(elastic / "checkpoints")) == ["2", "4"]
+    assert _close(load(str(straight))[0], load(str(elastic))[0])
+
+
+_ELASTIC_DEVICES = """
+import sys, jax
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_train import x4_config, _elastic_values
+from rnan_jax.trainer import train_and_evaluate
+train_and_evaluate(x4_config(Path({images!r}), **_elastic_values({steps})), {workdir!r})
+print("devices", jax.device_count())
+"""
+
+
+def test_elastic_resume_from_eight_devices_to_two(images, tmp_path):
+    """Checkpointed on 8 devices at step 2, resumed on 2 to step 4: an uninterrupted one-device run's
+    parameters."""
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    train_and_evaluate(x4_config(images, **_elastic_values(4)), str(straight))
+    for devices, steps in ((8, 2), (2, 4)):
+        script = _ELASTIC_DEVICES.format(tests=os.path.dirname(__file__), images=str(images), steps=steps,
+                                         workdir=str(elastic))
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+               "JAX_PLATFORMS": "cpu"}
+        r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, env=env,
+                           timeout=600)
+        assert r.returncode == 0 and f"devices {devices}" in r.stdout, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
+    assert _close(load(str(straight))[0], load(str(elastic))[0])
 
 
 def test_dry_run_prints_the_config_and_count_and_writes_nothing(tmp_path):
