@@ -38,6 +38,45 @@ def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = T
     return ocp.CheckpointManager(paths.resolve(directory), options=options)
 
 
+def _state_items(state: Any, meta: dict | None, restore: bool) -> dict:
+    """The orbax items of a train state (`step.TrainState` or its abstract target): params, opt, ema."""
+    array = ocp.args.StandardRestore if restore else ocp.args.StandardSave
+    items = {"params": array(state.params),
+             "opt": array({"step": state.step, "opt_state": state.opt_state, "loss_avg": state.loss_avg}),
+             "meta": ocp.args.JsonRestore() if restore else ocp.args.JsonSave(meta)}
+    if state.ema is not None:
+        items["ema"] = array(state.ema)
+    return items
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+    """Saves `state` (a `step.TrainState`) as checkpoint `step`: params, opt, ema, meta. No data item: the
+    input pipeline's position is the step (`data.train_dataset`), so a run resumes under any process count."""
+    mngr.save(step, args=ocp.args.Composite(**_state_items(state, meta, restore=False)), force=True)
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
+    """(state, meta) of checkpoint `step`, restored onto the shardings of `target` (a `step.TrainState` of
+    arrays or ShapeDtypeStructs). Raises CheckpointError for an item with a file missing, else what orbax
+    raises for unreadable files."""
+    from rnan_jax.step import TrainState
+
+    items = _state_items(target, None, restore=True)
+    for item in items:
+        if item != "meta":
+            check_item(os.path.join(os.fspath(mngr.directory), str(step), item))
+    r = mngr.restore(step, args=ocp.args.Composite(**items))
+    state = TrainState(step=r["opt"]["step"], params=r["params"], opt_state=r["opt"]["opt_state"],
+                       ema=r["ema"] if target.ema is not None else None, loss_avg=r["opt"]["loss_avg"])
+    return state, r["meta"]
+
+
+def save_best(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+    """Saves the parameters (and EMA) of the best validation so far under `best/` (params, ema, meta)."""
+    items = {k: v for k, v in _state_items(state, meta, restore=False).items() if k != "opt"}
+    mngr.save(step, args=ocp.args.Composite(**items))
+
+
 def meta_for(config: RNANConfig, step: int, **metrics: Any) -> dict:
     """The JSON record stored with every checkpoint."""
     return {"model_config": dataclasses.asdict(config), "step": int(step), **metrics}

@@ -140,32 +140,6 @@ def _write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
     paths.write_text(os.path.join(workdir, "git_revision.txt"), summary.git_revision(summary.package_dir()) + "\n")
 
 
-def _save_args(state: step.TrainState, meta: dict) -> ocp.args.Composite:
-    # No data item: the input position is the step (data.train_dataset), so a run resumes under any
-    # process count (checkpoints of earlier versions hold one per process; it is not read).
-    items = {"params": ocp.args.StandardSave(state.params),
-             "opt": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
-                                          "loss_avg": state.loss_avg}),
-             "meta": ocp.args.JsonSave(meta)}
-    if state.ema is not None:
-        items["ema"] = ocp.args.StandardSave(state.ema)
-    return ocp.args.Composite(**items)
-
-
-def _restore(mngr: ocp.CheckpointManager, at: int, target: step.TrainState, it: Any) -> tuple[step.TrainState, dict]:
-    items = {"params": ocp.args.StandardRestore(target.params),
-             "opt": ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state,
-                                             "loss_avg": target.loss_avg}),
-             "meta": ocp.args.JsonRestore()}
-    if target.ema is not None:
-        items["ema"] = ocp.args.StandardRestore(target.ema)
-    r = mngr.restore(at, args=ocp.args.Composite(**items))
-    state = step.TrainState(step=r["opt"]["step"], params=r["params"], opt_state=r["opt"]["opt_state"],
-                            ema=r["ema"] if target.ema is not None else None, loss_avg=r["opt"]["loss_avg"])
-    it.set_state({"next_batch": int(state.step)})  # one batch per step: global batch `step` is next
-    return state, r["meta"]
-
-
 def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: TrainConfig,
             workdir: str) -> tuple[step.TrainState, dict, int] | None:
     """(state, meta, step) of the newest readable checkpoint, or None when there is none. A damaged step is
@@ -183,9 +157,8 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
                                  f"{checkpoint.describe(cfg.model)}. Use another --workdir (with "
                                  f"--config.init_from={workdir} to start from its matching parameters)")
             try:
-                for item in ("params", "opt") + (("ema",) if target.ema is not None else ()):
-                    checkpoint.check_item(os.path.join(directory, str(at), item))
-                state, meta = _restore(mngr, at, target, it)
+                state, meta = checkpoint.restore_train_state(mngr, at, target)
+                it.set_state({"next_batch": int(state.step)})  # one batch per step: global batch `step` is next
                 return state, meta, at
             except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
                 error = checkpoint.damaged(directory, at, e, hint=False)
@@ -322,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     results.update(scores)
                     if scores["val/psnr"] > best_psnr:
                         best_psnr = scores["val/psnr"]
-                        best_mngr.save(s, args=_best_args(state, checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr)))
+                        checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr))
                 if stop_after is not None and s >= stop_after:
                     break
                 stop = _agree(preemption.requested) if (jax.process_count() == 1 or s % cfg.log_every == 0) else False
@@ -331,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     _check_finite(host, s, mngr)
                     meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
                         k: v for k, v in results.items() if k.startswith("val/")})
-                    mngr.save(s, args=_save_args(state, meta), force=True)
+                    checkpoint.save_train_state(mngr, s, state, meta)
                 if stop:
                     mngr.wait_until_finished()
                     raise Preempted(f"SIGTERM: saved a checkpoint at step {s} in {mngr.directory}; rerun the same "
@@ -367,13 +340,6 @@ def _validate(validator: _Validator, state: step.TrainState, s: int, cfg: TrainC
     _log(f"step {s}: validation PSNR {scores['val/psnr']:.3f} dB, SSIM {scores['val/ssim']:.4f} "
          f"(bicubic {scores['val/bicubic_psnr']:.3f} dB)")
     return scores
-
-
-def _best_args(state: step.TrainState, meta: dict) -> ocp.args.Composite:
-    items = {"params": ocp.args.StandardSave(state.params), "meta": ocp.args.JsonSave(meta)}
-    if state.ema is not None:
-        items["ema"] = ocp.args.StandardSave(state.ema)
-    return ocp.args.Composite(**items)
 
 
 def _check_finite(host: dict, s: int, mngr: ocp.CheckpointManager) -> None:
