@@ -13,7 +13,7 @@ import os
 import numpy as np
 from absl import logging
 
-from rnan_jax import degrade, images
+from rnan_jax import degrade, images, metrics
 from rnan_jax.metrics import SSIM_WINDOW
 
 STANDARD_SIZES = {"Set5": 5, "Set14": 14, "B100": 100, "Urban100": 100, "Manga109": 109}
@@ -67,9 +67,12 @@ class Pair:
     scale: int
     hr: np.ndarray
     lr_path: str | None = None
+    given_lr: np.ndarray | None = dataclasses.field(default=None, repr=False)  # a source's own LR (TFDS)
 
     @functools.cached_property
     def lr(self) -> np.ndarray:
+        if self.given_lr is not None:
+            return self.given_lr
         if self.lr_path is None:
             return degrade.bicubic_lr(self.hr, self.scale)
         lr = images.decode(self.lr_path).pixels
@@ -88,8 +91,10 @@ class Pair:
         return self.hr.ndim == 2
 
 
-def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int) -> Pair:
-    """Crops decoded `hr` for `scale` and finds its LR file; raises `images.ImageError` naming a too-small image."""
+def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: str | None = None) -> Pair:
+    """Crops decoded `hr` for `scale` and finds its LR file (in `lr_dir`, which must then hold it, else in
+    the optional `LR_bicubic/` beside HR); raises `images.ImageError` naming a too-small image or, with
+    `lr_dir`, a missing LR file. The pair that evaluation and training validation score alike."""
     h, w = hr.shape[:2]
     if h < scale or w < scale:
         raise images.ImageError(f"{hr_path}: image is {w}x{h}, smaller than the scale x{scale}")
@@ -100,8 +105,32 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int) -> Pair:
             f"{scale} shaved from each border and an {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window)"
         )
     name = image_name(hr_path)
+    if lr_dir is not None:
+        return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=find_lr_file(hr_path, lr_dir, scale))
     folder = lr_folder(hr_path, scale)
-    lr_path = images.find_image(folder, (f"{name}x{scale}", name))
+    lr_path = find_lr_file(hr_path, folder, scale, required=False) if os.path.isdir(folder) else None
     if lr_path is None and os.path.isdir(folder):
         logging.warning("%s: no LR file for %s, making it with bicubic_lr", folder, name)
     return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=lr_path)
+
+
+def find_lr_file(hr_path: str, lr_dir: str, scale: int, *, required: bool = True) -> str | None:
+    """The LR file for `hr_path` in `lr_dir` (EDSR's and DIV2K's naming, any image extension): X{s}/{stem}x{s},
+    X{s}/{stem}, {stem}x{s}, {stem}. None when there is none and not `required`, else `images.ImageError`."""
+    stem = image_name(hr_path)
+    sub = os.path.join(lr_dir, f"X{scale}")
+    path = images.find_image(sub, (f"{stem}x{scale}", stem)) or images.find_image(lr_dir, (f"{stem}x{scale}", stem))
+    if path is not None or not required:
+        return path
+    raise images.ImageError(
+        f"{hr_path}: no LR image in {lr_dir} "
+        f"(looked for X{scale}/{stem}x{scale}.png, {stem}x{scale}.png, {stem}.png and other extensions)"
+    )
+
+
+def score(sr: np.ndarray, pair: Pair, *, rounded_y: bool = True) -> tuple[float, float]:
+    """(PSNR dB, SSIM) of uint8 `sr` against `pair.hr`, `scale` pixels shaved: on Y (MATLAB's rgb2ycbcr,
+    rounded unless not `rounded_y`), or on gray values for a gray HR. The one rule of `evaluate` and of
+    training validation, so the two print the same numbers for the same parameters."""
+    luma = metrics.luminance_pair(sr, pair.hr, pair.scale, rounded_y=rounded_y)
+    return metrics.psnr(*luma), metrics.ssim(*luma)

@@ -19,7 +19,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from rnan_jax import sources
+from rnan_jax import benchmark_sets, degrade, images, sources
 from rnan_jax.ensemble import transform  # the 8 dihedral maps, shared with RNAN+
 from rnan_jax.env import default_data_dir
 
@@ -309,28 +309,38 @@ def _limit(items: list, n: int) -> list:
     return items[:n] if n > 0 else items
 
 
-def validation_images(cfg: DataConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Full validation images: (name, lr uint8 [h, w, 3], hr uint8 [s*h, s*w, 3]), the first val_max_images.
-
-    LR is made with `degrade.bicubic_lr` from the HR image (cropped to a multiple of the scale) unless the
-    source has LR images (DIV2K's validation split, val_lr_dir). Grayscale files come back replicated to RGB
-    (metrics that treat gray images apart should read the file with `images.decode`). Every process gets
-    the same list.
-    """
+def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
+    """The first val_max_images full validation images as `benchmark_sets.Pair`s, the pairs `evaluate`
+    scores: HR cropped to a multiple of the scale (gray files stay gray), LR from the source when it has
+    one (DIV2K's validation split, val_lr_dir, a benchmark set's LR_bicubic/X<s>), else `bicubic_lr`.
+    Every process gets the same list; unreadable or too small images are skipped with a warning."""
     what = f"validation images ({cfg.val_source})"
     if cfg.val_source == "demo":
         name, hr = sources.demo_validation_image()
-        pairs = [(name, *sources.make_pair(hr, None, cfg.scale, name))]
-    elif cfg.val_source == "tfds":
-        specs = _limit(sources.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir), cfg.val_max_images)
-        pairs = sources.load_pairs(specs, cfg.scale, what)
+        return [benchmark_sets.Pair("demo", name, cfg.scale, degrade.modcrop(hr, cfg.scale))]
+    if cfg.val_source == "tfds":
+        pairs = []
+        for spec in _limit(sources.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir), cfg.val_max_images):
+            hr, lr = sources.make_pair(*spec.load(), cfg.scale, spec.name)
+            pairs.append(benchmark_sets.Pair(cfg.tfds_name or "div2k", spec.name, cfg.scale, hr, given_lr=lr))
+        return pairs
+    if cfg.val_source == "benchmark":
+        hr_dir = os.path.join(cfg.val_dir or os.path.join(default_data_dir(), "benchmark"), cfg.val_set, "HR")
+        dataset, lr_dir = cfg.val_set, None
     else:
-        if cfg.val_source == "benchmark":
-            hr_dir = os.path.join(cfg.val_dir or os.path.join(default_data_dir(), "benchmark"), cfg.val_set, "HR")
-        else:
-            hr_dir = cfg.val_dir
-        lr_dirs = (cfg.val_lr_dir,) if cfg.val_source == "folder" and cfg.val_lr_dir else ()
-        specs = _limit(sources.folder_specs((hr_dir,), lr_dirs, cfg.scale, what), cfg.val_max_images)
-        pairs = [(os.path.splitext(os.path.basename(n))[0], hr, lr)
-                 for n, hr, lr in sources.load_pairs(specs, cfg.scale, what)]
-    return [(name, lr, hr) for name, hr, lr in _limit(pairs, cfg.val_max_images)]
+        hr_dir, dataset, lr_dir = cfg.val_dir, "folder", cfg.val_lr_dir or None
+    try:
+        files = _limit(images.list_images(hr_dir), cfg.val_max_images)
+    except images.ImageError as e:
+        raise sources.DataError(f"{what}: {e}") from None
+    pairs = []
+    for path in files:
+        try:
+            pairs.append(benchmark_sets.make_pair(dataset, path, images.decode(path).pixels, cfg.scale, lr_dir))
+        except images.ImageError as e:
+            log.warning("skipping %s", e)
+    if not pairs:
+        raise sources.DataError(f"{what}: no usable image in {hr_dir}")
+    return pairs
+
+

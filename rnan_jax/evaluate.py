@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from rnan_jax import api, benchmark_sets, checkpoint, degrade, env, images, inference, metrics, report
+from rnan_jax import api, benchmark_sets, checkpoint, degrade, env, images, inference, report
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 
@@ -194,13 +194,13 @@ def _score_one(
         )
     if save_dir is not None:
         images.write_image(os.path.join(save_dir, dataset, f"x{scale}", f"{pair.name}.png"), sr)
-    luma = metrics.luminance_pair(sr, pair.hr, scale, rounded_y=rounded_y)
+    psnr, ssim = benchmark_sets.score(sr, pair, rounded_y=rounded_y)
     return ImageScore(
         dataset=dataset,
         scale=scale,
         name=pair.name,
-        psnr=metrics.psnr(*luma),
-        ssim=metrics.ssim(*luma),
+        psnr=psnr,
+        ssim=ssim,
         height=pair.hr.shape[0],
         width=pair.hr.shape[1],
         gray=pair.is_gray,

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rnan_jax import degrade, images
+from rnan_jax.benchmark_sets import find_lr_file
 
 log = logging.getLogger(__name__)
 
@@ -235,22 +236,6 @@ def _report(what: str, total: int, skipped: Sequence[_Skip], hr_patch: int) -> N
     log.warning("%s: skipped %d of %d images (%s)", what, len(skipped), total, detail)
 
 
-def find_lr_file(hr_path: str, lr_dir: str, scale: int) -> str:
-    """The LR file for `hr_path` in `lr_dir`, DIV2K naming first: X{s}/{stem}x{s}.png, {stem}x{s}.png, {stem}.png.
-
-    Any image extension is accepted. Raises `images.ImageError` naming both when none exists.
-    """
-    stem = os.path.splitext(os.path.basename(hr_path))[0]
-    path = (images.find_image(os.path.join(lr_dir, f"X{scale}"), (f"{stem}x{scale}",))
-            or images.find_image(lr_dir, (f"{stem}x{scale}", stem)))
-    if path is not None:
-        return path
-    raise images.ImageError(
-        f"{hr_path}: no LR image in {lr_dir} "
-        f"(looked for X{scale}/{stem}x{scale}.png, {stem}x{scale}.png, {stem}.png and other extensions)"
-    )
-
-
 def _load_files(hr_path: str, lr_path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     return images.read_rgb(hr_path), None if lr_path is None else images.read_rgb(lr_path)
 
@@ -344,17 +329,3 @@ def demo_validation_image() -> tuple[str, np.ndarray]:
 
     top, left, h, w = DEMO_VAL_CROP
     return "stereo_motorcycle_320x240", skimage.data.stereo_motorcycle()[0][top: top + h, left: left + w]
-
-
-def load_pairs(specs: Sequence[PairSpec], scale: int, what: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Decodes specs in memory (no cache, no size limit) for validation; skips and logs unreadable ones."""
-    pairs, skipped = [], []
-    for spec in specs:
-        try:
-            hr, lr = spec.load()
-            pairs.append((spec.name, *make_pair(hr, lr, scale, spec.name)))
-        except images.ImageError as e:
-            log.warning("skipping %s", e)
-            skipped.append(_Skip("unreadable", str(e)))
-    _report(what, len(specs), skipped, 0)
-    return pairs

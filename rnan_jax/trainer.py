@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rnan_jax import checkpoint, data, degrade, metrics, paths, step, summary
+from rnan_jax import benchmark_sets, checkpoint, data, degrade, images, metrics, paths, step, summary
 from rnan_jax.api import apply, default_knobs, init
 from rnan_jax.configs import TrainConfig
 
@@ -108,26 +108,29 @@ def _init_from(cfg: TrainConfig, params: Any) -> Any:
 
 
 class _Validator:
-    """PSNR/SSIM (Y, shave = scale) of the model on full validation images, against bicubic."""
+    """PSNR/SSIM of the model on full validation images against bicubic: `data.validation_images`' pairs
+    scored by `benchmark_sets.score`, the pairs and rule of `python -m rnan_jax.evaluate`, so the logged
+    val/psnr is what evaluate prints for the same parameters and images."""
 
     def __init__(self, cfg: TrainConfig):
-        self.images = data.validation_images(cfg.data)
-        self.scale = cfg.model.scale
-        self.bicubic = [degrade.imresize(lr, self.scale) for _, lr, _ in self.images]
-        self.bicubic_psnr = float(np.mean([metrics.psnr_y(b, hr, self.scale)
-                                           for b, (_, _, hr) in zip(self.bicubic, self.images)]))
+        self.pairs = data.validation_images(cfg.data)
+        self.bicubic = [degrade.imresize(p.lr, p.scale) for p in self.pairs]  # evaluate's Bicubic row
+        self.bicubic_psnr = float(np.mean([benchmark_sets.score(b, p)[0] for b, p in zip(self.bicubic, self.pairs)]))
         self._apply = jax.jit(partial(apply, config=cfg.model, scan_unroll=cfg.scan_unroll,
                                       depthwise=cfg.depthwise))
 
     def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         psnrs, ssims, strips = [], [], {}
-        for i, ((name, lr, hr), bic) in enumerate(zip(self.images, self.bicubic)):
+        for i, (pair, bic) in enumerate(zip(self.pairs, self.bicubic)):
+            lr = images.as_rgb(pair.lr)  # a gray image goes in replicated, as evaluate feeds it
             sr = metrics.quantize(self._apply(params, lr.astype(np.float32) / 255.0))
-            psnrs.append(metrics.psnr_y(sr, hr, self.scale))
-            ssims.append(metrics.ssim_y(sr, hr, self.scale))
+            psnr, ssim = benchmark_sets.score(sr, pair)
+            psnrs.append(psnr)
+            ssims.append(ssim)
             if i < num_logged:
-                lr_up = np.repeat(np.repeat(lr, self.scale, 0), self.scale, 1)
-                strips[f"val/{name} (LR | bicubic | SR | HR)"] = summary.comparison_strip(lr_up, bic, sr, hr)
+                lr_up = np.repeat(np.repeat(lr, pair.scale, 0), pair.scale, 1)
+                strips[f"val/{pair.name} (LR | bicubic | SR | HR)"] = summary.comparison_strip(
+                    lr_up, images.as_rgb(bic), sr, images.as_rgb(pair.hr))
         return {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims)),
                 "val/bicubic_psnr": self.bicubic_psnr}, strips
 
@@ -246,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _write_run_info(workdir, config)
     _log(f"RNAN x{cfg.model.scale} on {n_dev} {jax.devices()[0].platform} device(s), {jax.process_count()} "
          f"process(es); global batch {cfg.batch_size}; parameters:\n{summary.parameter_table(state.params)}")
-    _log(f"validation: {len(validator.images)} image(s), bicubic PSNR {validator.bicubic_psnr:.3f} dB")
+    _log(f"validation: {len(validator.pairs)} image(s), bicubic PSNR {validator.bicubic_psnr:.3f} dB")
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     if jax.default_backend() == "cpu" and n_params > CPU_NOTE_PARAMS:
         _log(f"note: this is a CPU run of a {n_params:,}-parameter model, seconds per step (README, "

@@ -249,7 +249,7 @@ def test_tfds_source_reads_a_div2k_shaped_dataset(tmp_path):
             e = full[int(lr[0, 0, 2])]
             match_patch(lr, hr, e["lr"], e["hr"], 4)
         val = data.validation_images(cfg)
-    assert [(n, lr.shape, hr.shape) for n, lr, hr in val] == [
+    assert [(p.name, p.lr.shape, p.hr.shape) for p in val] == [
         ("div2k/bicubic_x4:validation[0]", (16, 24, 3), (64, 96, 3)),
         ("div2k/bicubic_x4:validation[1]", (18, 24, 3), (72, 96, 3)),
     ]
@@ -321,16 +321,16 @@ def test_demo_sources(tmp_path):
     assert pairs.names == ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
     astronaut = pairs[0]
     assert astronaut["hr"].shape == (512, 512, 3) and astronaut["lr"].shape == (256, 256, 3)
-    [(name, lr, hr)] = data.validation_images(config(3))
-    assert name == "stereo_motorcycle_320x240" and hr.shape == (240, 318, 3) and lr.shape == (80, 106, 3)
-    np.testing.assert_array_equal(lr, degrade.bicubic_lr(hr, 3))
+    [pair] = data.validation_images(config(3))
+    assert pair.name == "stereo_motorcycle_320x240" and pair.hr.shape == (240, 318, 3)
+    assert pair.lr.shape == (80, 106, 3)
+    np.testing.assert_array_equal(pair.lr, degrade.bicubic_lr(pair.hr, 3))
 
 
 def test_benchmark_validation_images(data_dir):
     cfg = config(4, val_source="benchmark", val_set="Set5", val_dir=os.path.join(data_dir, "benchmark"),
                  val_max_images=3)
     val = data.validation_images(cfg)
-    assert [n for n, _, _ in val] == ["baby", "bird", "butterfly"]
-    name, lr, hr = val[1]
-    assert hr.shape == (288, 288, 3) and lr.shape == (72, 72, 3)
-    np.testing.assert_array_equal(lr, degrade.bicubic_lr(hr, 4))
+    assert [p.name for p in val] == ["baby", "bird", "butterfly"]
+    assert val[1].hr.shape == (288, 288, 3) and val[1].lr.shape == (72, 72, 3)
+    np.testing.assert_array_equal(val[1].lr, degrade.bicubic_lr(val[1].hr, 4))

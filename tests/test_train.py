@@ -377,3 +377,23 @@ def test_a_second_process_runs_the_cached_train_step(images, tmp_path):
 
     assert env.enable_compilation_cache(str(tmp_path / "off"), safe=False) is None
     assert not (tmp_path / "off").exists()
+
+
+def test_logged_validation_psnr_is_what_evaluate_prints(images, tmp_path, data_dir):
+    """Set14 (with its gray image, bridge) validated during training and scored by `python -m
+    rnan_jax.evaluate --checkpoint` afterwards: one scoring path, so the same numbers."""
+    import json
+
+    workdir, out = tmp_path / "run", tmp_path / "eval"
+    values = {"total_steps": 2, "eval_every": 2, "checkpoint_every": 2, "data.val_source": "benchmark",
+              "data.val_set": "Set14", "data.val_dir": os.path.join(data_dir, "benchmark"), "data.val_max_images": 0}
+    results = train_and_evaluate(x4_config(images, **values), str(workdir))
+    r = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--checkpoint", str(workdir), "--datasets",
+                        "Set14", "--data_dir", data_dir, "--output", str(out), "--noprogress"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scored = json.loads((out / "results.json").read_text())["Set14"]["x4"]
+    assert scored["images"] == 14
+    assert results["val/psnr"] == pytest.approx(scored["psnr"], abs=1e-3)
+    assert results["val/ssim"] == pytest.approx(scored["ssim"], abs=1e-5)
+    assert 10 < scored["psnr"] < 40
