@@ -17,7 +17,7 @@ Set5 x2 PSNR at the end, nothing else running):
 | C | C 32, 2 x 3 | 48 | 2.1 | 530 | 261 s | 34.888 |
 A 48x48 patch costs 2.3x per step and lost at equal time (C against A), so the patch stays 32. At equal wall
 time the wider model (B) was level with A (B reached 34.996 in 80% of A's time), and a run 20 times longer
-favours capacity: the issue's orientation run of A's model for 4000 steps ended at SRCNN's level (Set5
+favours capacity: an earlier orientation run of A's model for 4000 steps ended at SRCNN's level (Set5
 36.66), below FSRCNN's 37.05, so B's width was trained for the 90 minutes. `num_workers=0` with one read
 thread: worker processes cost the 2 cores more than they gave (5.0 steps/s against 2.2-2.6 with 4 workers).
 """

@@ -18,11 +18,4 @@ from rnan_jax import configs
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = configs.default_config()  # batch 16, Adam(0.9, 0.999) 1e-4 halved every 200k, 1M steps
-    config.model.scale = 4
-    config.data.source = "tfds"
-    config.data.patch_size = 48
-    config.data.num_workers = 8
-    config.data.val_source = "benchmark"
-    config.data.val_set = "Set5"
-    return config
+    return configs.paper_config(4)

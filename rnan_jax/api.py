@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from rnan_jax.model import DEPTHWISE_IMPLS, RNAN, RNANConfig, cast_params
+from rnan_jax.model import DEPTHWISE_IMPLS, RNAN, RNANConfig, cast_params, torch_bound
 
 Params = Mapping[str, Any]
 
@@ -50,7 +50,8 @@ def init(rng: jax.Array, config: RNANConfig) -> dict:
 
     The same distribution as `RNAN(config).init` (PyTorch's default: every conv kernel and bias
     U(+-1/sqrt(fan_in)), LayerNorm scale 1 and bias 0), drawn with one random call: the module's own init
-    compiles hundreds of threefry draws, 10 s on XLA:CPU even for a tiny model.
+    compiles hundreds of threefry draws, 10 s on XLA:CPU even for a tiny model. Each conv's bound is
+    `model.torch_bound` of its kernel shape, the rule the modules' initializers are built from.
     """
     return _init(rng, config)
 
@@ -63,22 +64,16 @@ def _init(rng: jax.Array, config: RNANConfig) -> dict:
     u = jax.random.uniform(rng, (total,), jnp.float32, -1.0, 1.0)
     leaves, offset = [], 0
     for path, s in paths_shapes:
-        names = [p.key for p in path]
-        size = math.prod(s.shape)
-        if names[-2] == "ln":
-            leaves.append(jnp.full(s.shape, 1.0 if names[-1] == "scale" else 0.0, jnp.float32))
+        module = shapes["params"]
+        for p in path[:-1]:
+            module = module[p.key]
+        if "kernel" not in module:  # the GC block's LayerNorm: Flax's init, scale 1 and bias 0
+            leaves.append(jnp.full(s.shape, 1.0 if path[-1].key == "scale" else 0.0, jnp.float32))
             continue
-        kernel = _lookup(shapes["params"], names[:-1] + ["kernel"]).shape
-        bound = 1.0 / math.sqrt(math.prod(kernel[-4:-1]))  # conv kernels end in (kh, kw, in, out)
-        leaves.append(u[offset:offset + size].reshape(s.shape) * bound)
+        size = math.prod(s.shape)
+        leaves.append(u[offset:offset + size].reshape(s.shape) * torch_bound(module["kernel"].shape))
         offset += size
     return jax.tree_util.tree_unflatten(tree, leaves)
-
-
-def _lookup(tree, names):
-    for n in names:
-        tree = tree[n]
-    return tree
 
 
 def infer_config(params: Params, **overrides) -> RNANConfig:

@@ -1,8 +1,11 @@
-"""The training config: every key with its default (a ConfigDict), and the frozen dataclass it becomes.
+"""The training config: the frozen dataclasses that define every key, its default and its checks, and the
+ConfigDict made from them that experiment files start from.
 
-Experiment files (`experiments/*.py`) start from `default_config()` and change what they need; the trainer
-converts once, at the edge, with `TrainConfig.from_config`, so a key that an experiment mistypes fails at
-`config_flags` (locked) and a value that does not fit fails here with one clear line.
+Experiment files (`experiments/*.py`) start from `default_config()` (or `paper_config(scale)`) and change
+what they need; the trainer converts once, at the edge, with `TrainConfig.from_config`, so a key that an
+experiment mistypes fails at `config_flags` (locked) and a value that does not fit fails here with one
+clear line. Each section has one home: model `RNANConfig`, optim `step.OptimConfig`, data
+`data.DataConfig`, execution `ExecutionConfig`, the top-level keys `TrainConfig`.
 """
 from __future__ import annotations
 
@@ -14,78 +17,90 @@ from rnan_jax import data
 from rnan_jax.model import DEPTHWISE_IMPLS, RNANConfig
 from rnan_jax.step import OptimConfig
 
+SECTIONS = ("model", "optim", "data", "execution")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """How the train step runs: the same function whatever the values, with another speed and memory."""
+
+    scan_unroll: int = 0  # 0: the default (CPU: full up to 24 blocks, else rolled; rolled elsewhere); -1: full; n
+    depthwise: str = "auto"  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
+    batch_chunks: int = 0  # 0: the default (2 on a one-device CPU run, else 1); n: gradients of n parts, averaged
+    # True: parameters cast to model.dtype once per step (model.cast_params) rather than per block inside
+    # the scan; fewer kernels, bfloat16-rounded weight gradients; no effect in float32. Not yet measured.
+    cast_params_once: bool = False
+
+    def __post_init__(self):
+        if self.depthwise not in ("auto", *DEPTHWISE_IMPLS):
+            raise ValueError(f"execution.depthwise must be auto, grouped or shifted, got {self.depthwise!r}")
+        if self.batch_chunks < 0:
+            raise ValueError(f"execution.batch_chunks must be 0 (the default) or positive, got {self.batch_chunks}")
+
+    @property
+    def unroll(self) -> int | bool | None:
+        """scan_unroll as the model takes it: None (the backend's default), True (full) or a factor."""
+        return None if self.scan_unroll == 0 else (True if self.scan_unroll < 0 else self.scan_unroll)
+
+    @property
+    def depthwise_impl(self) -> str | None:
+        """depthwise as the model takes it: None (the backend's default) or an implementation's name."""
+        return None if self.depthwise == "auto" else self.depthwise
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole run. The scalar fields are the config's top-level keys, with their defaults."""
+
+    model: RNANConfig
+    optim: OptimConfig
+    data: data.DataConfig
+    execution: ExecutionConfig
+    seed: int = 0
+    total_steps: int = 1_000_000
+    batch_size: int = 16  # global: split over all devices of all hosts
+    log_every: int = 100
+    eval_every: int = 5000
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3  # the latest few; the best by validation PSNR is kept apart (workdir/best)
+    init_from: str = ""  # a checkpoint (workdir, step folder or zoo:NAME) to copy matching parameters from
+    num_val_images_logged: int = 3  # LR/bicubic/SR/HR comparisons written to TensorBoard per validation
+
+    def __post_init__(self):
+        for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict) -> TrainConfig:
+        model = RNANConfig(**{**c.model.to_dict(), "rgb_mean": tuple(c.model.rgb_mean)})
+        top = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name not in SECTIONS}
+        return cls(model=model, optim=OptimConfig(**c.optim.to_dict(), total_steps=c.total_steps),
+                   data=data.DataConfig.from_config(c.data, scale=model.scale),
+                   execution=ExecutionConfig(**c.execution.to_dict()), **top)
+
 
 def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = 1_000_000
-    c.batch_size = 16  # global: split over all devices of all hosts
-    c.log_every = 100
-    c.eval_every = 5000
-    c.checkpoint_every = 5000
-    c.keep_checkpoints = 3  # the latest few; the best by validation PSNR is kept apart (workdir/best)
-    c.init_from = ""  # a checkpoint (workdir or step folder) to copy matching parameters from, e.g. x2 -> x4
-    c.num_val_images_logged = 3  # LR/bicubic/SR/HR comparisons written to TensorBoard per validation
+    """Every key with its default, from the dataclasses above (optim's total_steps is the top-level one)."""
+    c = ml_collections.ConfigDict(
+        {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in SECTIONS})
     c.model = ml_collections.ConfigDict(dataclasses.asdict(RNANConfig()))
-    c.execution = ml_collections.ConfigDict(dict(
-        scan_unroll=0,  # 0: the default (CPU: full up to 24 blocks, else rolled; rolled elsewhere); -1: full; n
-        depthwise="auto",  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
-        batch_chunks=0,  # 0: the default (2 on a one-device CPU run, else 1); n: gradients of n parts, averaged
-        # True: parameters cast to model.dtype once per step (model.cast_params) rather than per block inside
-        # the scan; fewer kernels, bfloat16-rounded weight gradients; no effect in float32. Not yet measured.
-        cast_params_once=False,
-    ))
-    # The optimizer, defaults from step.OptimConfig (documented there); total_steps is the run's, above.
+    c.execution = ml_collections.ConfigDict(dataclasses.asdict(ExecutionConfig()))
     c.optim = ml_collections.ConfigDict(
         {k: v for k, v in dataclasses.asdict(OptimConfig()).items() if k != "total_steps"})
     c.data = data.default_config()
     return c
 
 
-def _non_negative(key: str, value: int) -> int:
-    if value < 0:
-        raise ValueError(f"{key} must be 0 (the default) or positive, got {value}")
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    seed: int
-    total_steps: int
-    batch_size: int
-    log_every: int
-    eval_every: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    init_from: str
-    num_val_images_logged: int
-    model: RNANConfig
-    optim: OptimConfig
-    data: data.DataConfig
-    scan_unroll: int | bool | None
-    depthwise: str | None
-    batch_chunks: int  # 0: the default
-    cast_params_once: bool = False
-
-    @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict) -> "TrainConfig":
-        model = RNANConfig(**{**c.model.to_dict(), "rgb_mean": tuple(c.model.rgb_mean)})
-        optim = OptimConfig(**c.optim.to_dict(), total_steps=c.total_steps)
-        if optim.schedule not in ("step", "cosine", "constant"):
-            raise ValueError(f"optim.schedule must be step, cosine or constant, got {optim.schedule!r}")
-        for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-            if c[key] <= 0:
-                raise ValueError(f"{key} must be positive, got {c[key]}")
-        unroll = c.execution.scan_unroll
-        depthwise = c.execution.depthwise
-        if depthwise not in ("auto", *DEPTHWISE_IMPLS):
-            raise ValueError(f"execution.depthwise must be auto, grouped or shifted, got {depthwise!r}")
-        return cls(seed=c.seed, total_steps=c.total_steps, batch_size=c.batch_size, log_every=c.log_every,
-                   eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-                   keep_checkpoints=c.keep_checkpoints, init_from=c.init_from,
-                   num_val_images_logged=c.num_val_images_logged, model=model, optim=optim,
-                   data=data.DataConfig.from_config(c.data, scale=model.scale),
-                   scan_unroll=None if unroll == 0 else (True if unroll < 0 else unroll),
-                   depthwise=None if depthwise == "auto" else depthwise,
-                   batch_chunks=_non_negative("execution.batch_chunks", c.execution.batch_chunks),
-                   cast_params_once=bool(c.execution.cast_params_once))
+def paper_config(scale: int) -> ml_collections.ConfigDict:
+    """The paper's recipe (section 3.1 as ../shared/DESIGN.md reads it) at `scale`, on DIV2K through TFDS:
+    batch 16 of 48x48 LR patches, L1, Adam(0.9, 0.999), lr 1e-4 halved every 200k steps, 1M steps; Set5
+    validation. experiments/x2.py, x3.py and x4.py are this at their scale."""
+    config = default_config()
+    config.model.scale = scale
+    config.data.source = "tfds"
+    config.data.patch_size = 48
+    config.data.num_workers = 8
+    config.data.val_source = "benchmark"
+    config.data.val_set = "Set5"
+    return config

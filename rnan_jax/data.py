@@ -30,66 +30,44 @@ VAL_SOURCES = ("demo", "benchmark", "folder", "tfds")
 _MIN_SHUFFLE_LENGTH = 16384
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The `data` section of an experiment config; every key is documented beside its default."""
-    c = ml_collections.ConfigDict()
-    # Training images: "tfds" (DIV2K via tfds.data_source), "folder" (hr_dirs/lr_dirs) or "demo" (the six
-    # images scikit-image ships: astronaut, coffee, chelsea, rocket, immunohistochemistry, hubble_deep_field).
-    c.source = "tfds"
-    c.patch_size = 48  # LR patch side; the HR patch is scale * patch_size (paper: 48)
-    c.augment = True  # one of the 8 rot90/flip transforms per patch, the same on LR and HR
-    c.tfds_name = ""  # "" = f"div2k/bicubic_x{scale}"
-    c.tfds_data_dir = ""  # "" = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
-    c.tfds_split = "train"  # any TFDS split string, e.g. "train[:100]"
-    c.hr_dirs = ""  # source="folder": comma-separated HR folders, e.g. ".../train/T91,.../train/BSD200"
-    # source="folder": comma-separated LR folders, one per HR folder, in DIV2K's naming (X4/0001x4.png,
-    # 0001x4.png or 0001.png); "" = make LR from HR with degrade.bicubic_lr (MATLAB bicubic).
-    c.lr_dirs = ""
-    # Decoded (and bicubic-made) training images as .npy, made once and reused by later runs;
-    # "" = $RNAN_CACHE_DIR or ~/.cache/rnan_jax/data. DIV2K needs about 7 GB there at x4, 8.5 GB at x2 (estimated).
-    c.cache_dir = ""
-    c.num_workers = 0  # grain worker processes making batches (0 = in the training process)
-    c.worker_buffer_size = 2  # batches each worker process keeps ready
-    c.read_threads = 4  # threads per process making batches (grain ReadOptions.num_threads)
-    c.prefetch_buffer_size = 8  # batches read ahead per process (grain ReadOptions.prefetch_buffer_size)
-    # Validation (full images): "benchmark" (val_set under val_dir), "folder" (val_dir, LR from val_lr_dir
-    # or bicubic), "tfds" (the validation split of tfds_name) or "demo" (a held-out crop of
-    # skimage.data.stereo_motorcycle()). LR is made with degrade.bicubic_lr wherever no LR file is given.
-    c.val_source = "benchmark"
-    c.val_set = "Set5"  # val_source="benchmark": Set5, Set14, B100 or Urban100
-    c.val_dir = ""  # "benchmark": the folder holding <val_set>/HR ("" = <data dir>/benchmark); "folder": HR folder
-    c.val_lr_dir = ""  # val_source="folder": LR folder in DIV2K naming; "" = bicubic
-    c.val_max_images = 10  # use the first N validation images (0 = all)
-    return c
-
-
-def _split_dirs(value: str) -> tuple[str, ...]:
+def _split_dirs(value: str, scale: int = 0) -> tuple[str, ...]:
     return tuple(os.path.expanduser(d.strip()) for d in value.split(",") if d.strip())
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """The typed data settings (see `default_config` for what each means), with defaults resolved."""
+    """The `data` section: its keys and defaults (`default_config` is made from these fields), their
+    meaning, checks, and the typed values the pipeline uses (`from_config` resolves "" defaults)."""
 
-    scale: int
+    scale: int  # from model.scale, not a key of the section
+    # Training images: "tfds" (DIV2K via tfds.data_source), "folder" (hr_dirs/lr_dirs) or "demo" (the six
+    # images scikit-image ships: astronaut, coffee, chelsea, rocket, immunohistochemistry, hubble_deep_field).
     source: str = "tfds"
-    patch_size: int = 48
-    augment: bool = True
-    tfds_name: str = ""
-    tfds_data_dir: str | None = None
-    tfds_split: str = "train"
-    hr_dirs: tuple[str, ...] = ()
-    lr_dirs: tuple[str, ...] = ()
+    patch_size: int = 48  # LR patch side; the HR patch is scale * patch_size (paper: 48)
+    augment: bool = True  # one of the 8 rot90/flip transforms per patch, the same on LR and HR
+    tfds_name: str = ""  # "" = f"div2k/bicubic_x{scale}"
+    tfds_data_dir: str | None = ""  # "" (None once resolved) = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+    tfds_split: str = "train"  # any TFDS split string, e.g. "train[:100]"
+    # source="folder": comma-separated HR folders, e.g. ".../train/T91,.../train/BSD200" (a tuple once resolved)
+    hr_dirs: tuple[str, ...] | str = ""
+    # source="folder": comma-separated LR folders, one per HR folder, in DIV2K's naming (X4/0001x4.png,
+    # 0001x4.png or 0001.png); "" = make LR from HR with degrade.bicubic_lr (MATLAB bicubic).
+    lr_dirs: tuple[str, ...] | str = ""
+    # Decoded (and bicubic-made) training images as .npy, made once and reused by later runs;
+    # "" = $RNAN_CACHE_DIR or ~/.cache/rnan_jax/data. DIV2K needs about 7 GB there at x4, 8.5 GB at x2 (estimated).
     cache_dir: str = ""
-    num_workers: int = 0
-    worker_buffer_size: int = 2
-    read_threads: int = 4
-    prefetch_buffer_size: int = 8
+    num_workers: int = 0  # grain worker processes making batches (0 = in the training process)
+    worker_buffer_size: int = 2  # batches each worker process keeps ready
+    read_threads: int = 4  # threads per process making batches (grain ReadOptions.num_threads)
+    prefetch_buffer_size: int = 8  # batches read ahead per process (grain ReadOptions.prefetch_buffer_size)
+    # Validation (full images): "benchmark" (val_set under val_dir), "folder" (val_dir, LR from val_lr_dir
+    # or bicubic), "tfds" (the validation split of tfds_name) or "demo" (a held-out crop of
+    # skimage.data.stereo_motorcycle()). LR is made with degrade.bicubic_lr wherever no LR file is given.
     val_source: str = "benchmark"
-    val_set: str = "Set5"
-    val_dir: str = ""
-    val_lr_dir: str = ""
-    val_max_images: int = 10
+    val_set: str = "Set5"  # val_source="benchmark": Set5, Set14, B100 or Urban100
+    val_dir: str = ""  # "benchmark": the folder holding <val_set>/HR ("" = <data dir>/benchmark); "folder": HR folder
+    val_lr_dir: str = ""  # val_source="folder": LR folder in DIV2K naming; "" = bicubic
+    val_max_images: int = 10  # use the first N validation images (0 = all)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -112,31 +90,30 @@ class DataConfig:
     def from_config(cls, cd: ml_collections.ConfigDict | dict[str, Any], *, scale: int) -> DataConfig:
         """The `data` ConfigDict (or dict) -> DataConfig; unknown keys and values raise ValueError."""
         values = dict(cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else cd)
-        known = set(default_config().keys())
-        if unknown := sorted(set(values) - known):
-            raise ValueError(f"unknown data config keys {unknown}; known: {sorted(known)}")
-        values = {**default_config().to_dict(), **values}
-        return cls(
-            scale=int(scale),
-            source=values["source"],
-            patch_size=int(values["patch_size"]),
-            augment=bool(values["augment"]),
-            tfds_name=values["tfds_name"] or f"div2k/bicubic_x{scale}",
-            tfds_data_dir=values["tfds_data_dir"] or None,
-            tfds_split=values["tfds_split"],
-            hr_dirs=_split_dirs(values["hr_dirs"]),
-            lr_dirs=_split_dirs(values["lr_dirs"]),
-            cache_dir=os.path.expanduser(values["cache_dir"]) or sources.default_cache_dir(),
-            num_workers=int(values["num_workers"]),
-            worker_buffer_size=int(values["worker_buffer_size"]),
-            read_threads=int(values["read_threads"]),
-            prefetch_buffer_size=int(values["prefetch_buffer_size"]),
-            val_source=values["val_source"],
-            val_set=values["val_set"],
-            val_dir=os.path.expanduser(values["val_dir"]),
-            val_lr_dir=os.path.expanduser(values["val_lr_dir"]),
-            val_max_images=int(values["val_max_images"]),
-        )
+        defaults = default_config().to_dict()
+        if unknown := sorted(set(values) - set(defaults)):
+            raise ValueError(f"unknown data config keys {unknown}; known: {sorted(defaults)}")
+        values = {**defaults, **values}
+        resolved = {name: _RESOLVE.get(name, lambda v, s, d=defaults[name]: type(d)(v))(values[name], scale)
+                    for name in defaults}
+        return cls(scale=int(scale), **resolved)
+
+
+# How a key's config value becomes its DataConfig value (the rest: cast to the default's type).
+_RESOLVE = {
+    "tfds_name": lambda v, scale: v or f"div2k/bicubic_x{scale}",
+    "tfds_data_dir": lambda v, scale: v or None,
+    "hr_dirs": _split_dirs,
+    "lr_dirs": _split_dirs,
+    "cache_dir": lambda v, scale: os.path.expanduser(v) or sources.default_cache_dir(),
+    "val_dir": lambda v, scale: os.path.expanduser(v),
+    "val_lr_dir": lambda v, scale: os.path.expanduser(v),
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section of an experiment config: every field of `DataConfig` (documented there) but scale."""
+    return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(DataConfig) if f.name != "scale"})
 
 
 @dataclasses.dataclass(frozen=True)

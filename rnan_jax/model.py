@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,9 +68,19 @@ class RNANConfig:
         return (2, 2) if self.scale == 4 else (self.scale,)
 
 
-def torch_uniform(fan_in: int) -> Callable[..., jax.Array]:
-    """PyTorch's default conv init (kaiming_uniform with a = sqrt(5), and the bias rule): U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
+def torch_bound(kernel_shape: Sequence[int]) -> float:
+    """PyTorch's default init bound for a conv's kernel and bias alike (kaiming_uniform with a = sqrt(5), and
+    the bias rule): 1/sqrt(fan_in), fan_in = kh * kw * in / groups read off the kernel shape
+    (..., kh, kw, in / groups, out); leading axes (nn.scan's stacking) do not count.
+
+    The one statement of the rule: the modules' initializers and `api.init`'s single draw both use it."""
+    return 1.0 / math.sqrt(math.prod(kernel_shape[-4:-1]))
+
+
+def torch_uniform(kernel_shape: Sequence[int]) -> Callable[..., jax.Array]:
+    """The initializer of the kernel and the bias of a conv with kernel shape `kernel_shape`:
+    U(+-torch_bound(kernel_shape))."""
+    bound = torch_bound(kernel_shape)
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -80,7 +90,7 @@ def torch_uniform(fan_in: int) -> Callable[..., jax.Array]:
 
 def conv(features: int, kernel: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Conv:
     """A biased 'SAME' conv with PyTorch-style initialization."""
-    init = torch_uniform(in_features * kernel * kernel)
+    init = torch_uniform((kernel, kernel, in_features, features))
     return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
                    kernel_init=init, bias_init=init, name=name)
 
@@ -128,8 +138,9 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = torch_uniform(9)
-        kernel = self.param("kernel", init, (3, 3, 1, self.features)).astype(self.dtype)
+        shape = (3, 3, 1, self.features)
+        init = torch_uniform(shape)
+        kernel = self.param("kernel", init, shape).astype(self.dtype)
         bias = self.param("bias", init, (self.features,)).astype(self.dtype)
         x = x.astype(self.dtype)
         if self.impl == "grouped":
@@ -152,7 +163,7 @@ class NeuronAttention(nn.Module):
 
     @nn.compact
     def __call__(self, y: jax.Array) -> jax.Array:
-        a = nn.relu(DepthwiseConv(self.features, self.dtype, self.depthwise, name="dc")(y))
+        a = nn.relu(DepthwiseConv(features=self.features, dtype=self.dtype, impl=self.depthwise, name="dc")(y))
         a = conv(self.features, 1, self.features, self.dtype, name="pc")(a)
         return y * nn.sigmoid(a)
 
@@ -169,31 +180,32 @@ class ResidualNeuronAttention(nn.Module):
         c = self.features
         y = nn.relu(conv(c, 3, c, self.dtype, name="c1")(x))
         y = conv(c, 3, c, self.dtype, name="c2")(y)
-        out = x + NeuronAttention(c, self.dtype, self.depthwise, name="na")(y)
+        out = x + NeuronAttention(features=c, dtype=self.dtype, depthwise=self.depthwise, name="na")(y)
         return out, out
 
 
 class GlobalContext(nn.Module):
     """The GC block, eq. 8 (GCNet, 'add' fusion): x + W_v2 ReLU(LN(W_v1 sum_j softmax(W_k x)_j x_j)).
 
-    The softmax runs over all H*W positions in float32; `return_attention` also returns it as [B, H, W]."""
+    The softmax runs over all H*W positions in float32; it is sown as [B, H, W] into "intermediates" under
+    "attention" (read it with `apply(..., mutable=["intermediates"])`)."""
 
     features: int
     reduction: int = 16
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_attention: bool = False):
+    def __call__(self, x: jax.Array) -> jax.Array:
         c, cr = self.features, self.features // self.reduction
         b, h, w, _ = x.shape
         logits = conv(1, 1, c, self.dtype, name="k")(x).astype(jnp.float32).reshape(b, h * w)
         attention = jax.nn.softmax(logits, axis=-1)
+        self.sow("intermediates", "attention", attention.reshape(b, h, w))
         context = jnp.einsum("bp,bpc->bc", attention, x.reshape(b, h * w, c).astype(jnp.float32))
         t = conv(cr, 1, c, jnp.float32, name="v1")(context[:, None, None, :])
         t = nn.relu(nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name="ln")(t))
         t = conv(c, 1, cr, jnp.float32, name="v2")(t)
-        out = x + t.astype(x.dtype)
-        return (out, attention.reshape(b, h, w)) if return_attention else out
+        return x + t.astype(x.dtype)
 
 
 def fuse(features: jax.Array, name: str, in_features: int, out_features: int, dtype: Any) -> jax.Array:
@@ -221,10 +233,10 @@ class GCRG(nn.Module):
         c = self.features
         blocks = nn.scan(ResidualNeuronAttention, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=self.num_blocks, unroll=self.scan_unroll)
-        _, outs = blocks(c, self.dtype, self.depthwise, name="blocks")(x, None)
+        _, outs = blocks(features=c, dtype=self.dtype, depthwise=self.depthwise, name="blocks")(x, None)
         m = self.block_interval
         y = fuse(outs[m - 1::m], "fuse", c * (self.num_blocks // m), c, self.dtype)
-        out = GlobalContext(c, self.reduction, self.dtype, name="gc")(x + y)
+        out = GlobalContext(features=c, reduction=self.reduction, dtype=self.dtype, name="gc")(x + y)
         return out, out
 
 
@@ -275,10 +287,13 @@ class RNAN(nn.Module):
         # The residual stream (F0, block and group outputs, their sums) stays float32 whatever the compute
         # dtype: only the convs' inputs are cast. With bfloat16 residual adds the demo lost 0.08 dB.
         f0 = conv(c, 3, 3, dtype, name="head")(lr.astype(jnp.float32) - mean).astype(jnp.float32)
-        groups = nn.scan(GCRG, variable_axes={"params": 0}, split_rngs={"params": True},
+        # "intermediates" stacked like the parameters: with mutable=["intermediates"], the GC blocks' attention
+        # maps come out under groups/gc/attention as [G, batch, h, w].
+        groups = nn.scan(GCRG, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                          length=cfg.num_groups, unroll=self.scan_unroll)
-        _, outs = groups(c, cfg.num_blocks, cfg.block_interval, cfg.gc_reduction, dtype, self.depthwise,
-                         self.scan_unroll, name="groups")(f0, None)
+        _, outs = groups(features=c, num_blocks=cfg.num_blocks, block_interval=cfg.block_interval,
+                         reduction=cfg.gc_reduction, dtype=dtype, depthwise=self.depthwise,
+                         scan_unroll=self.scan_unroll, name="groups")(f0, None)
         n = cfg.group_interval
         x = f0 + fuse(outs[n - 1::n], "fuse", c * (cfg.num_groups // n), c, dtype)
         for i, s in enumerate(cfg.upsample_stages):

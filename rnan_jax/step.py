@@ -8,6 +8,7 @@ parameters untouched and is counted in `acc["nonfinite"]`; the trainer stops on 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -38,6 +39,10 @@ class OptimConfig:
     skip_threshold: float = 0.0  # skip a step whose loss exceeds this times the running loss (EDSR; 0: off)
     ema_decay: float = 0.0  # parameter EMA for evaluation (BasicSR uses 0.999; 0: off)
     total_steps: int = 1_000_000
+
+    def __post_init__(self):
+        if self.schedule not in ("step", "cosine", "constant"):
+            raise ValueError(f"optim.schedule must be step, cosine or constant, got {self.schedule!r}")
 
 
 @flax.struct.dataclass
@@ -118,6 +123,23 @@ def _loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -
     parts = [jax.value_and_grad(l1_loss)(params, a, b, spec) for a, b in zip(jnp.split(lr, n), jnp.split(hr, n))]
     loss = sum(p[0] for p in parts) / n
     return loss, jax.tree_util.tree_map(lambda *g: sum(g) / n, *[p[1] for p in parts])
+
+
+def data_mesh(devices: Any = None) -> jax.sharding.Mesh:
+    """A 1-D mesh named "data" over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), ("data",), (jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def jit_train_step(spec: StepSpec, mesh: jax.sharding.Mesh):
+    """`train_step` jitted for `mesh`: the state and metrics replicated and donated, the batch sharded over
+    "data". Returns (step function, replicated sharding, batch sharding). The trainer and the benchmark
+    both run this one."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    jitted = jax.jit(functools.partial(train_step, spec=spec), in_shardings=(replicated, batch, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=(0, 2))
+    return jitted, replicated, batch
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], acc: dict[str, jax.Array], *,

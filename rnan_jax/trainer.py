@@ -21,7 +21,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rnan_jax import benchmark_sets, checkpoint, data, degrade, images, metrics, paths, step, summary
 from rnan_jax.api import apply, default_knobs, init
@@ -116,8 +115,8 @@ class _Validator:
         self.pairs = data.validation_images(cfg.data)
         self.bicubic = [degrade.imresize(p.lr, p.scale) for p in self.pairs]  # evaluate's Bicubic row
         self.bicubic_psnr = float(np.mean([benchmark_sets.score(b, p)[0] for b, p in zip(self.bicubic, self.pairs)]))
-        self._apply = jax.jit(partial(apply, config=cfg.model, scan_unroll=cfg.scan_unroll,
-                                      depthwise=cfg.depthwise))
+        self._apply = jax.jit(partial(apply, config=cfg.model, scan_unroll=cfg.execution.unroll,
+                                      depthwise=cfg.execution.depthwise_impl))
 
     def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         psnrs, ssims, strips = [], [], {}
@@ -217,13 +216,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    chunks = cfg.batch_chunks or step.default_batch_chunks(cfg.batch_size // n_dev, n_dev)
+    mesh = step.data_mesh()
+    chunks = cfg.execution.batch_chunks or step.default_batch_chunks(cfg.batch_size // n_dev, n_dev)
     if (cfg.batch_size // n_dev) % chunks:
         raise ValueError(f"execution.batch_chunks {chunks} does not divide the per-device batch "
                          f"{cfg.batch_size // n_dev}")
-    spec = step.StepSpec(cfg.model, cfg.optim, cfg.scan_unroll, cfg.depthwise, chunks, cfg.cast_params_once)
+    spec = step.StepSpec(cfg.model, cfg.optim, cfg.execution.unroll, cfg.execution.depthwise_impl, chunks,
+                         cfg.execution.cast_params_once)
+    train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)
 
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
     validator = _Validator(cfg)
@@ -261,15 +261,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         it.close()
         return {}
 
-    train_step = jax.jit(partial(step.train_step, spec=spec), in_shardings=(replicated, batch_sharding, replicated),
-                         out_shardings=(replicated, replicated), donate_argnums=(0, 2))
     lr_schedule = step.learning_rate(cfg.optim)
     writer = summary.Writer(os.path.join(workdir, "tensorboard"))
     acc = jax.device_put(step.empty_metrics(), replicated)
     first = int(state.step)
     results: dict[str, float] = {}
     t_last, s_last = time.time(), first
-    unroll = cfg.scan_unroll if cfg.scan_unroll is not None else default_knobs(config=cfg.model)[0]
+    unroll = cfg.execution.unroll if cfg.execution.unroll is not None else default_knobs(config=cfg.model)[0]
     _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}; seconds for small "
          "models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
@@ -279,6 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 batch = next(it)
                 batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
                 state, acc = train_step(state, batch, acc)
+                if s == first + 1:  # the compile's cost, measured (a long compile was announced above)
+                    jax.block_until_ready(acc)
+                    _log(f"first step, compiling included: {time.time() - t_last:.1f} s")
                 if progress is not None:
                     progress.update(1)
                 final = s == cfg.total_steps

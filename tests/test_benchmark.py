@@ -1,6 +1,6 @@
-"""tools/benchmark.py: the --tiny run writes every field with a finite positive value; the FLOP count and
-the HLO and profile summaries agree with independent counts. No timing is asserted."""
-import importlib.util
+"""tools/benchmark.py: the --tiny run writes every field with a finite positive value; the FLOP count
+(rnan_jax.bench) and the HLO and profile summaries (rnan_jax.profiling) agree with independent counts. No
+timing is asserted."""
 import json
 import math
 import os
@@ -9,17 +9,9 @@ import sys
 
 import pytest
 
-from rnan_jax import RNANConfig
+from rnan_jax import RNANConfig, bench, profiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "tools", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _positive(record, keys):
@@ -28,7 +20,7 @@ def _positive(record, keys):
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
 
 
-def test_tiny_run_writes_every_field(tmp_path, benchmark):
+def test_tiny_run_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--tiny", f"--output={out}"],
@@ -43,7 +35,7 @@ def test_tiny_run_writes_every_field(tmp_path, benchmark):
     _positive(train, ["step_ms", "step_ms_min", "step_ms_max", "patches_per_s", "tflops", "lower_s", "compile_s",
                       "train_flop_per_step", "xla_cost_flops", "peak_memory_bytes", "mean_loss", "params"])
     assert train["step_ms_min"] <= train["step_ms"] <= train["step_ms_max"]
-    assert train["train_flop_per_step"] == benchmark.train_flops(RNANConfig(**benchmark.PRESETS["tiny"]), 2, 12)
+    assert train["train_flop_per_step"] == bench.train_flops(RNANConfig(**bench.PRESETS["tiny"]), 2, 12)
     _positive(train["hlo"], ["static", "per_step", "convolutions"])
     (forward,) = res["forward"]
     assert (forward["lr_hw"], forward["sr_hw"]) == ([16, 24], [64, 96])
@@ -55,9 +47,9 @@ def test_tiny_run_writes_every_field(tmp_path, benchmark):
     assert rows.stdout.count("\n| ") == 3  # separator, one train row, one forward row
 
 
-def test_paper_flops_match_the_issue(benchmark):
-    # The issue's figure: 3.9 TFLOP per step at batch 16 of 48x48 LR patches, x4.
-    assert benchmark.train_flops(RNANConfig(), 16, 48) == pytest.approx(3.9178e12, rel=1e-4)
+def test_paper_train_step_is_3_918_tflop():
+    # The paper setting (x4, batch 16 of 48x48 LR patches) by the peer's 6 x MACs convention: 3.918 TFLOP per step.
+    assert bench.train_flops(RNANConfig(), 16, 48) == pytest.approx(3.9178e12, rel=1e-4)
 
 
 @pytest.mark.parametrize("fields, h, w", [
@@ -65,7 +57,7 @@ def test_paper_flops_match_the_issue(benchmark):
     (dict(scale=3, features=32, num_groups=4, num_blocks=4, group_interval=2, block_interval=2), 6, 10),
     (dict(scale=2, features=16, num_groups=2, num_blocks=2), 5, 7),
 ])
-def test_forward_macs_equal_the_peer_hook_count(benchmark, torch_rnan, fields, h, w):
+def test_forward_macs_equal_the_peer_hook_count(torch_rnan, fields, h, w):
     """The PyTorch peer counts weight.numel() x output positions in a forward hook on every Conv2d."""
     torch = pytest.importorskip("torch")
     c = RNANConfig(**fields)
@@ -81,7 +73,7 @@ def test_forward_macs_equal_the_peer_hook_count(benchmark, torch_rnan, fields, h
             m.register_forward_hook(hook)
     with torch.no_grad():
         model(torch.rand(1, 3, h, w))
-    assert benchmark.forward_macs(c, h, w) == total[0]
+    assert bench.forward_macs(c, h, w) == total[0]
 
 
 HLO = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
@@ -120,8 +112,8 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 """
 
 
-def test_hlo_stats_counts_launches_through_loops(benchmark):
-    s = benchmark.hlo_stats(HLO)
+def test_hlo_stats_counts_launches_through_loops():
+    s = profiling.hlo_stats(HLO)
     # body: fusion, custom-call, add (3) x 10 trips; condition: compare x 11; entry: convolution.
     assert s["static"] == 5 and s["per_step"] == 3 * 10 + 11 + 1
     assert s["opcodes_per_step"] == {"fusion": 10, "custom-call": 10, "add": 10, "compare": 11, "convolution": 1}
@@ -130,7 +122,7 @@ def test_hlo_stats_counts_launches_through_loops(benchmark):
     assert (s["while_loops"], s["unknown_trip_counts"], s["convolutions"]) == (1, 0, 1)
 
 
-def test_profile_summary_reads_device_streams(benchmark):
+def test_profile_summary_reads_device_streams():
     meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
             {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
             {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
@@ -140,7 +132,7 @@ def test_profile_summary_reads_device_streams(benchmark):
              {"ph": "X", "pid": 2, "tid": 7, "name": "conv_kernel", "ts": 400, "dur": 300.0},
              {"ph": "X", "pid": 2, "tid": 7, "name": "loop_fusion", "ts": 800, "dur": 100.0},
              {"ph": "X", "pid": 2, "tid": 8, "name": "fusion.1", "ts": 0, "dur": 700.0}]
-    s = benchmark.profile_summary({"traceEvents": meta + spans}, steps=2)
+    s = profiling.profile_summary({"traceEvents": meta + spans}, steps=2)
     assert s["device_events"] == 4
     assert s["kernels_per_step"] == 1.5 and s["kernel_ms_per_step"] == pytest.approx(0.35)
     assert s["top_kernels"][0] == {"name": "conv_kernel", "calls_per_step": 1.0, "ms_per_step": pytest.approx(0.3)}

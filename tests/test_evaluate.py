@@ -231,7 +231,7 @@ def test_model_path_with_tiny_model(tmp_path, params, forward, ensemble):
 
 
 def test_cli_checkpoint_path(tmp_path):
-    # rnan_jax.load (the training issue) is stood in for by a function returning a tiny model.
+    # rnan_jax.load (reading a training workdir's checkpoint) is stood in for by a function returning a tiny model.
     root = str(tmp_path)
     _make_model_dataset(root)
     out = tmp_path / "out"

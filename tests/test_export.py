@@ -1,6 +1,4 @@
-"""tools/export.py: the serialized artifact reproduces `apply` for any batch and size, without rnan_jax."""
-import importlib.util
-import os
+"""rnan_jax.export: the serialized artifact reproduces `apply` for any batch and size, without rnan_jax."""
 import subprocess
 import sys
 import textwrap
@@ -10,21 +8,9 @@ import numpy as np
 import pytest
 
 from rnan_jax import RNANConfig, apply, init
+from rnan_jax.export import export_model, save
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = RNANConfig(scale=3, features=8, num_groups=2, num_blocks=2, block_interval=2, gc_reduction=2)
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("export_tool", os.path.join(REPO, "tools", "export.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tool():
-    return _load_tool()
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +18,17 @@ def params():
     return init(jax.random.key(0), TINY)
 
 
-def test_artifact_reproduces_apply_without_the_project(tmp_path, tool, params):
-    exported = tool.export_model(params, TINY)
+def test_artifact_reproduces_apply_without_the_project(tmp_path, params):
+    exported = export_model(params, TINY)
     assert str(exported.in_avals[0].shape) == "(b, h, w, 3)"
     assert str(exported.out_avals[0].shape) == "(b, 3*h, 3*w, 3)"
     path = tmp_path / "rnan.jaxexport"
-    assert tool.save(exported, str(path)) == path.stat().st_size
+    assert save(exported, str(path)) == path.stat().st_size
 
     rng = np.random.default_rng(0)
     inputs = {"a": rng.random((2, 7, 9, 3), np.float32), "b": rng.random((1, 12, 5, 3), np.float32)}
     np.savez(tmp_path / "in.npz", **inputs)
-    # The loader snippet of tools/export.py's docstring, in a process where rnan_jax cannot be imported.
+    # The loader snippet of rnan_jax/export.py's docstring, in a process where rnan_jax cannot be imported.
     driver = textwrap.dedent(f"""
         import sys
         sys.modules["rnan_jax"] = None
@@ -63,8 +49,8 @@ def test_artifact_reproduces_apply_without_the_project(tmp_path, tool, params):
         np.testing.assert_allclose(outputs[key], expected, atol=1e-5)
 
 
-def test_fixed_size_keeps_batch_symbolic(tool, params):
-    exported = jax.export.deserialize(tool.export_model(params, TINY, platforms=("cpu",), fixed_size=(6, 4))
+def test_fixed_size_keeps_batch_symbolic(params):
+    exported = jax.export.deserialize(export_model(params, TINY, platforms=("cpu",), fixed_size=(6, 4))
                                       .serialize())
     assert str(exported.in_avals[0].shape) == "(b, 6, 4, 3)"
     lr = np.random.default_rng(1).random((3, 6, 4, 3), np.float32)

@@ -88,12 +88,27 @@ def test_gc_attention_sums_to_one():
     gc = GlobalContext(features=16, reduction=4)
     x = jax.random.normal(jax.random.key(0), (2, 5, 7, 16))
     variables = gc.init(jax.random.key(1), x)
-    out, attention = gc.apply(variables, x, return_attention=True)
+    assert set(variables) == {"params"}  # init sows nothing
+    out, state = gc.apply(variables, x, mutable=["intermediates"])
+    np.testing.assert_array_equal(out, gc.apply(variables, x))  # sowing leaves the output as it is
+    (attention,) = state["intermediates"]["attention"]
     assert attention.shape == (2, 5, 7)
     np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, rtol=1e-6)
     # The context is one vector per image: out - x is constant over positions.
     delta = np.asarray(out - x)
     np.testing.assert_allclose(delta, np.broadcast_to(delta[:, :1, :1], delta.shape), atol=1e-6)
+
+
+def test_model_sows_every_groups_gc_attention():
+    config = RNANConfig(scale=2, **TINY)
+    params = init(jax.random.key(0), config)
+    lr = jax.random.uniform(jax.random.key(1), (3, 5, 7, 3))
+    model = build(config, scan_unroll=1)
+    sr, state = model.apply({"params": params}, lr, mutable=["intermediates"])
+    np.testing.assert_array_equal(sr, model.apply({"params": params}, lr))
+    (attention,) = state["intermediates"]["groups"]["gc"]["attention"]
+    assert attention.shape == (2, 3, 5, 7)  # [G, batch, h, w]
+    np.testing.assert_allclose(attention.sum(axis=(2, 3)), 1.0, rtol=1e-6)
 
 
 def test_full_size_model_output_is_order_one_at_init():

@@ -5,14 +5,12 @@
 
 Trains the config once per --dtypes value (`model.dtype`: the compute dtype; parameters, loss and optimizer
 stay float32) into WORKDIR/<dtype>, resuming what is there, then reads both runs' TensorBoard event files
-and prints a markdown table: train loss and validation PSNR per logged step, and the wall-clock time.
+and prints a markdown table: train loss and validation PSNR per logged step, and the wall-clock time
+(`rnan_jax.scalars` reads the event files and makes the table).
 """
 from __future__ import annotations
 
-import collections
-import glob
 import os
-import struct
 import sys
 
 from absl import app, flags, logging
@@ -24,59 +22,11 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes t
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def read_scalars(logdir: str) -> dict[str, dict[int, tuple[float, float]]]:
-    """{tag: {step: (value, wall_time)}} from every TensorBoard event file under `logdir`.
-
-    Event files are TFRecords (length, CRC, an `Event` proto, CRC); tensorboardX's proto reads them
-    without TensorFlow. CRCs are not checked.
-    """
-    from tensorboardX.proto import event_pb2
-
-    scalars: dict[str, dict[int, tuple[float, float]]] = collections.defaultdict(dict)
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            record = data[offset + 12:offset + 12 + length]
-            offset += 12 + length + 4
-            if len(record) < length:
-                break  # a record cut off by a running writer
-            event = event_pb2.Event.FromString(record)
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    scalars[value.tag][event.step] = (value.simple_value, event.wall_time)
-    return scalars
-
-
-def comparison_table(runs: dict[str, dict[str, dict[int, tuple[float, float]]]]) -> str:
-    """Markdown: one row per step logged by any run; train loss and validation PSNR per dtype."""
-    names = list(runs)
-    steps = sorted({s for r in runs.values() for tag in ("train/loss", "val/psnr") for s in r.get(tag, {})})
-    head = ["step"] + [f"loss {n}" for n in names] + [f"val PSNR {n}" for n in names]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for s in steps:
-        cells = [str(s)]
-        for tag, spec in (("train/loss", ".5f"), ("val/psnr", ".3f")):
-            for n in names:
-                v = runs[n].get(tag, {}).get(s)
-                cells.append(format(v[0], spec) if v else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    for n in names:
-        walls = [w for r in runs[n].values() for _, w in r.values()]
-        bicubic = runs[n].get("val/bicubic_psnr", {})
-        extra = f", bicubic {next(iter(bicubic.values()))[0]:.3f} dB" if bicubic else ""
-        span = f"{max(walls) - min(walls):.0f} s from the first to the last logged value" if walls else "no values"
-        lines.append(f"{n}: {span}{extra}")
-    return "\n".join(lines)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from rnan_jax import env, trainer
+    from rnan_jax.scalars import comparison_table, read_scalars
 
     env.enable_compilation_cache()
     logging.set_verbosity(logging.WARNING)  # the trainer prints its own lines

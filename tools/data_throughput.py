@@ -8,6 +8,7 @@ under --cache_dir).
 For each worker count it prints the start-up time (building the source, starting the workers, first batch)
 and the steady rate over --batches batches after --warmup (median of --repeats runs). It also prints what converting a batch to
 float32 on the host would cost, the alternative to shipping uint8 and converting on the device.
+The timing is `rnan_jax.bench.data_throughput`; this file holds the flags and prints the lines.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from absl import app, flags
 import numpy as np
 
 from rnan_jax import data
+from rnan_jax.bench import data_throughput
 from rnan_jax.env import default_data_dir
 
 _SOURCE = flags.DEFINE_enum("source", "folder", data.SOURCES, "Training source.")
@@ -34,22 +36,6 @@ _READ_THREADS = flags.DEFINE_integer("read_threads", 4, "grain ReadOptions.num_t
 _BATCHES = flags.DEFINE_integer("batches", 200, "Batches timed per worker count.")
 _WARMUP = flags.DEFINE_integer("warmup", 10, "Batches read before timing.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs per worker count; the median rate is printed with the range.")
-
-
-def measure(cfg: data.DataConfig, batches: int, warmup: int, batch_size: int) -> tuple[float, float]:
-    """(seconds to the first batch, patches per second over `batches` batches after `warmup`)."""
-    start = time.perf_counter()
-    it = data.train_iterator(cfg, global_batch_size=batch_size, seed=0, process_index=0, process_count=1)
-    next(it)
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    rate = batches * batch_size / (time.perf_counter() - start)
-    it.close()  # stops the workers and frees their shared memory
-    return first, rate
 
 
 def main(argv):
@@ -70,7 +56,7 @@ def main(argv):
           f"(source ready in {time.perf_counter() - start:.1f} s)")
     for workers in (int(w) for w in _WORKERS.value):
         cfg = data.DataConfig.from_config({**base, "num_workers": workers}, scale=_SCALE.value)
-        runs = [measure(cfg, _BATCHES.value, _WARMUP.value, _BATCH.value) for _ in range(_REPEATS.value)]
+        runs = [data_throughput(cfg, _BATCHES.value, _WARMUP.value, _BATCH.value) for _ in range(_REPEATS.value)]
         rates = sorted(rate for _, rate in runs)
         rate = float(np.median(rates))
         print(f"workers={workers}: first batch after {np.median([f for f, _ in runs]):.2f} s, {rate:.0f} patches/s "

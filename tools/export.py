@@ -4,68 +4,21 @@
         [--which latest|best|ema] [--platforms cpu,cuda,tpu] [--fixed_size H,W] [--dtype bfloat16]
 
 The artifact maps lr float32 [B, h, w, 3] in [0, 1] to sr float32 [B, s*h, s*w, 3] (not clipped) with B, h
-and w symbolic: one file serves every batch and image size (each new shape is compiled when first called).
-The whole network exports with symbolic spatial dimensions, the GC block's softmax over h*w positions and
-the pixel shuffle's reshapes included (checked with jax 0.10.2); `--fixed_size` pins h and w for runtimes
-that need static shapes. By default it is lowered for cpu, cuda and tpu at once (the caller's platform is
-picked when it is called), with a rolled scan and `feature_group_count` depthwise convolutions, the compact
-accelerator choice. Serializing needs the `flatbuffers` package.
-
-Loading and running it needs only JAX, not rnan_jax:
-
-    import jax
-    import numpy as np
-
-    with open("rnan_x4.jaxexport", "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
-    lr = np.random.rand(1, 48, 64, 3).astype(np.float32)  # [B, h, w, 3], RGB in [0, 1]
-    sr = exported.call(lr)                                 # [B, 4h, 4w, 3] float32, clip before saving
-    upscale = jax.jit(exported.call)                       # compiles once per input shape
+and w symbolic: one file serves every batch and image size; `--fixed_size` pins h and w for runtimes that
+need static shapes. By default it is lowered for cpu, cuda and tpu at once. Serializing needs the
+`flatbuffers` package. `rnan_jax/export.py` (`export_model`, `save`) does the work; its docstring says more
+and shows how to load and run the artifact with JAX alone, without rnan_jax.
 """
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 
-from rnan_jax import api, env
+from rnan_jax import env
 from rnan_jax.checkpoint import WHICH, CheckpointError, load
-from rnan_jax.model import RNANConfig
-
-DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
-
-
-def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
-                 platforms: Sequence[str] = DEFAULT_PLATFORMS, fixed_size: tuple[int, int] | None = None,
-                 dtype: str | None = None, scan_unroll: int | bool = 1,
-                 depthwise: str = "grouped") -> jax.export.Exported:
-    """`lr [B, h, w, 3] -> apply(params, lr)` exported with `params` as constants; B symbolic, and h, w too
-    unless `fixed_size` = (h, w). dtype, scan_unroll, depthwise: as `rnan_jax.apply`."""
-    config = config or api.infer_config(params)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-
-    def upscale(lr: jax.Array) -> jax.Array:
-        return api.apply(params, lr, config=config, dtype=dtype, scan_unroll=scan_unroll, depthwise=depthwise)
-
-    if fixed_size is None:
-        shape = jax.export.symbolic_shape("b, h, w, 3")
-    else:
-        shape = (*jax.export.symbolic_shape("b"), *fixed_size, 3)
-    return jax.export.export(jax.jit(upscale), platforms=tuple(platforms))(
-        jax.ShapeDtypeStruct(shape, jnp.float32))
-
-
-def save(exported: jax.export.Exported, path: str) -> int:
-    """Writes the serialized artifact to `path`; returns its size in bytes."""
-    blob = exported.serialize()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(blob)
-    return len(blob)
+from rnan_jax.export import DEFAULT_PLATFORMS, export_model, save
 
 
 def main(argv: Sequence[str]) -> None:

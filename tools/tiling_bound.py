@@ -15,6 +15,7 @@ the accelerator settings) with `jax.jit(...).lower(...).compile()` for square LR
 `memory_analysis()`: temporaries, arguments (the parameters) and output; and the largest square LR image
 that fits `--budget_gib` whole. A tiled run needs the memory of one tile, whatever the image size. These
 are the buffer assignments of the backend that runs the script; another backend's differ somewhat.
+The measuring is `rnan_jax.tiling`; this file holds the flags and prints the tables.
 """
 from __future__ import annotations
 
@@ -22,62 +23,18 @@ import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from rnan_jax import api, degrade, images, inference, metrics
+from rnan_jax import api, images, inference
 from rnan_jax.checkpoint import CheckpointError, load
 from rnan_jax.env import default_data_dir
 from rnan_jax.model import RNANConfig
+from rnan_jax.tiling import forward_memory, largest_fitting, tiling_rows
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo run's architecture (experiments' demo config), for init weights when its checkpoint is missing.
 DEMO = RNANConfig(scale=2, features=32, num_groups=2, num_blocks=3)
-
-
-def tiling_rows(params, config: RNANConfig, hr: np.ndarray, tiles: Sequence[int],
-                overlaps: Sequence[int]) -> list[dict]:
-    """One row per (tile, overlap): PSNRs of tiled against whole output, and of both against `hr` (Y)."""
-    lr = degrade.bicubic_lr(hr, config.scale)
-    hr = degrade.modcrop(hr, config.scale)
-    whole = inference.upscale_image(params, lr.astype(np.float32) / 255, config=config)
-    whole_u8 = metrics.quantize(whole)
-    rows = []
-    for tile in tiles:
-        for overlap in overlaps:
-            if overlap >= tile:
-                continue
-            tiled = inference.upscale_image(params, lr.astype(np.float32) / 255, config=config, tile=tile,
-                                            overlap=overlap)
-            tiled_u8 = metrics.quantize(tiled)
-            rows.append(dict(
-                lr=f"{lr.shape[1]}x{lr.shape[0]}", tile=tile, overlap=overlap,
-                float_psnr=metrics.psnr(tiled, whole, peak=1.0),
-                uint8_psnr=metrics.psnr(tiled_u8, whole_u8),
-                max_levels=int(np.abs(tiled_u8.astype(int) - whole_u8).max()),
-                hr_whole=metrics.psnr_y(whole_u8, hr, config.scale),
-                hr_tiled=metrics.psnr_y(tiled_u8, hr, config.scale)))
-    return rows
-
-
-def memory(config: RNANConfig, side: int) -> tuple[int, int, int]:
-    """(temp, argument, output) bytes of the x`config.scale` forward pass on one [side, side] LR image."""
-    shapes = jax.eval_shape(lambda k: api.init(k, config), jax.random.key(0))
-    fn = jax.jit(lambda p, x: api.apply(p, x, config=config, scan_unroll=1, depthwise="grouped"))
-    m = fn.lower(shapes, jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)).compile().memory_analysis()
-    return m.temp_size_in_bytes, m.argument_size_in_bytes, m.output_size_in_bytes
-
-
-def largest_fitting(config: RNANConfig, budget: float, step: int = 16) -> int:
-    """The largest multiple of `step` whose square LR image's temp + arguments + output fit `budget` bytes."""
-    lo, hi = step, step
-    while sum(memory(config, hi)) <= budget:
-        lo, hi = hi, hi * 2
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        lo, hi = (mid, hi) if sum(memory(config, mid)) <= budget else (lo, mid)
-    return lo
 
 
 def _ints(values: Sequence[str]) -> list[int]:
@@ -133,7 +90,7 @@ def main(argv: Sequence[str]) -> None:
     print("| LR side (square) | temp (MiB) | arguments (MiB) | output (MiB) | total (MiB) |")
     print("| --- | --- | --- | --- | --- |")
     for side in _ints(FLAGS.sizes):
-        temp, args, out = memory(x4, side)
+        temp, args, out = forward_memory(x4, side)
         print(f"| {side} | {temp / 2**20:.0f} | {args / 2**20:.0f} | {out / 2**20:.0f} | "
               f"{(temp + args + out) / 2**20:.0f} |", flush=True)
     budget = FLAGS.budget_gib * 2**30

@@ -1,0 +1,68 @@
+"""A trained RNAN as a serialized `jax.export` artifact (StableHLO, parameters included).
+
+    from rnan_jax import export, load
+    params, config = load("runs/x4")
+    export.save(export.export_model(params, config), "rnan_x4.jaxexport")
+
+(`python tools/export.py --checkpoint WORKDIR --output rnan_x4.jaxexport` does the same from the command line.)
+
+The artifact maps lr float32 [B, h, w, 3] in [0, 1] to sr float32 [B, s*h, s*w, 3] (not clipped) with B, h
+and w symbolic: one file serves every batch and image size (each new shape is compiled when first called).
+The whole network exports with symbolic spatial dimensions, the GC block's softmax over h*w positions and
+the pixel shuffle's reshapes included (checked with jax 0.10.2); `fixed_size` pins h and w for runtimes
+that need static shapes. By default it is lowered for cpu, cuda and tpu at once (the caller's platform is
+picked when it is called), with a rolled scan and `feature_group_count` depthwise convolutions, the compact
+accelerator choice. Serializing needs the `flatbuffers` package.
+
+Loading and running it needs only JAX, not rnan_jax:
+
+    import jax
+    import numpy as np
+
+    with open("rnan_x4.jaxexport", "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    lr = np.random.rand(1, 48, 64, 3).astype(np.float32)  # [B, h, w, 3], RGB in [0, 1]
+    sr = exported.call(lr)                                 # [B, 4h, 4w, 3] float32, clip before saving
+    upscale = jax.jit(exported.call)                       # compiles once per input shape
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rnan_jax import api
+from rnan_jax.model import RNANConfig
+
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS, fixed_size: tuple[int, int] | None = None,
+                 dtype: str | None = None, scan_unroll: int | bool = 1,
+                 depthwise: str = "grouped") -> jax.export.Exported:
+    """`lr [B, h, w, 3] -> apply(params, lr)` exported with `params` as constants; B symbolic, and h, w too
+    unless `fixed_size` = (h, w). dtype, scan_unroll, depthwise: as `rnan_jax.apply`."""
+    config = config or api.infer_config(params)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+
+    def upscale(lr: jax.Array) -> jax.Array:
+        return api.apply(params, lr, config=config, dtype=dtype, scan_unroll=scan_unroll, depthwise=depthwise)
+
+    if fixed_size is None:
+        shape = jax.export.symbolic_shape("b, h, w, 3")
+    else:
+        shape = (*jax.export.symbolic_shape("b"), *fixed_size, 3)
+    return jax.export.export(jax.jit(upscale), platforms=tuple(platforms))(
+        jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def save(exported: jax.export.Exported, path: str) -> int:
+    """Writes the serialized artifact to `path`; returns its size in bytes."""
+    blob = exported.serialize()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(blob)
+    return len(blob)
