@@ -53,6 +53,7 @@ TINY = dict(model="tiny", batch_sizes=["2"], patch_size=12, dtypes=["float32"], 
 _MODEL = flags.DEFINE_enum("model", "paper", list(PRESETS), "Model preset (paper: the default x4 RNAN).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["16", "64"], "Batch sizes (16: the paper's).")
 _PATCH = flags.DEFINE_integer("patch_size", 48, "LR patch side (48: the paper's).")
+_SCALE = flags.DEFINE_integer("scale", 0, "Upscaling factor (0: the preset's; the paper preset is x4).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters stay float32).")
 _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n.")
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
@@ -125,7 +126,8 @@ def main(argv):
     for unroll in (int(u) for u in _UNROLL.value):
         for depthwise in _DEPTHWISE.value:
             for dtype in _DTYPES.value:
-                config = RNANConfig(**{**PRESETS[_MODEL.value], "dtype": dtype})
+                config = RNANConfig(**{**PRESETS[_MODEL.value], "dtype": dtype,
+                                       **({"scale": _SCALE.value} if _SCALE.value else {})})
                 what = dict(model=_MODEL.value, dtype=dtype, scan_unroll=unroll, depthwise=depthwise)
                 params = None
                 for i, batch in enumerate(int(b) for b in _BATCH_SIZES.value):
