@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from test_train import REPO, _equal_trees, _flags, images, overrides  # noqa: F401 (images is a fixture)
+from test_train import REPO, _equal_trees, _flags, images, overrides, straight  # noqa: F401 (fixtures)
 
 from rnan_jax.images import read_rgb, write_image
 
@@ -83,14 +83,13 @@ def _train(env, workdir, values, kill_at=None):
     return out
 
 
-def test_gs_workdir_train_kill_resume_load_evaluate_upscale(gcs, images, tmp_path):  # noqa: F811
+def test_gs_workdir_train_kill_resume_load_evaluate_upscale(gcs, images, straight, tmp_path):  # noqa: F811
     from etils import epath
 
     from rnan_jax import load, paths
 
     values = overrides(images, total_steps=6, log_every=1, eval_every=3, checkpoint_every=3)
-    straight = str(tmp_path / "straight")
-    _train(gcs, straight, values)
+    straight = str(straight[0])  # the same run uninterrupted, on local disk (log_every does not change it)
     url = "gs://bucket/run"
     _train(gcs, url, {**values, "total_steps": 3})  # ends normally: checkpoint 3 saved
     killed = _train(gcs, url, values, kill_at=5)  # steps 4-5 are lost with the process
