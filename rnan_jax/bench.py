@@ -83,14 +83,12 @@ def time_windows(run: Callable[[], Any], warmup: int, steps: int, repeats: int) 
 def _knobs(unroll: int, depthwise: str, config) -> tuple[Any, Any, str, str]:
     """(scan_unroll, depthwise) as the step takes them, and as resolved for the record."""
     from rnan_jax import api
-
     from rnan_jax.configs import ExecutionConfig
 
-    default_unroll, default_impl = api.default_knobs(config=config)
     execution = ExecutionConfig(scan_unroll=unroll, depthwise=depthwise)  # the config's encoding, decoded once
     value, impl = execution.unroll, execution.depthwise_impl
-    resolved = default_unroll if value is None else value
-    return value, impl, "full" if resolved is True else str(resolved), impl or default_impl
+    module = api.build(config, scan_unroll=value, depthwise=impl)  # the backend's defaults, resolved as the step does
+    return value, impl, "full" if module.scan_unroll is True else str(module.scan_unroll), module.depthwise
 
 
 def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str, *, warmup: int, steps: int,

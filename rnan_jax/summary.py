@@ -30,10 +30,11 @@ class Writer:
         self._writer = None
         self._jsonl = None
         self._remote = logdir if paths.is_url(logdir) else None
-        self._local = tempfile.mkdtemp(prefix="rnan_tensorboard_") if self._remote else logdir
         self._copied: dict[str, int] = {}
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
+
+            self._local = tempfile.mkdtemp(prefix="rnan_tensorboard_") if self._remote else logdir
 
             self._writer = SummaryWriter(self._local, flush_secs=30)
             self._jsonl = os.path.join(self._local, METRICS_FILE)

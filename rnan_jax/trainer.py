@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from absl import logging
 
 from rnan_jax import benchmark_sets, checkpoint, data, degrade, images, metrics, paths, step, summary
-from rnan_jax.api import apply, default_knobs, init
+from rnan_jax.api import apply, build, count_params, init
 from rnan_jax.configs import TrainConfig
 
 
@@ -250,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _log(f"RNAN x{cfg.model.scale} on {n_dev} {jax.devices()[0].platform} device(s), {jax.process_count()} "
          f"process(es); global batch {cfg.batch_size}; parameters:\n{summary.parameter_table(state.params)}")
     _log(f"validation: {len(validator.pairs)} image(s), bicubic PSNR {validator.bicubic_psnr:.3f} dB")
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    n_params = count_params(state.params)
     if jax.default_backend() == "cpu" and n_params > CPU_NOTE_PARAMS:
         _log(f"note: this is a CPU run of a {n_params:,}-parameter model, seconds per step (README, "
              "'Training'); for a GPU install rnan_jax[cuda12], for a Cloud TPU VM rnan_jax[tpu]")
@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     first = int(state.step)
     results: dict[str, float] = {}
     t_last, s_last = time.time(), first
-    unroll = cfg.execution.unroll if cfg.execution.unroll is not None else default_knobs(config=cfg.model)[0]
+    unroll = build(cfg.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise).scan_unroll  # as resolved
     _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}; seconds for small "
          "models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)

@@ -40,9 +40,6 @@ if [ -n "${RNAN_GPU_CHECK_TINY:-}" ]; then
   peer16=(--skip_compile --tiny --steps=3)
   peer64=(--skip_compile --tiny --steps=2 --batch=4)
 fi
-# XLA:GPU command buffers (CUDA graphs) that also record the scan's while loops, so one graph launch replaces
-# the loop's thousands of kernel launches; flag values as XLA's debug_options_flags.cc lists them.
-CMDBUF="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1"
 
 source tools/gpu_env.sh || exit 1
 
@@ -80,7 +77,7 @@ if [ "$(left)" -gt 60 ]; then
 fi
 if [ "$(left)" -gt 60 ]; then
   echo "== JAX: XLA command buffers with while loops ($(left) s left)"
-  XLA_FLAGS="$CMDBUF" timeout "$(limit 0)" "$PY" tools/benchmark.py --output="$OUT/jax_cmdbuf.json" \
+  XLA_FLAGS="$COMMAND_BUFFER_FLAGS" timeout "$(limit 0)" "$PY" tools/benchmark.py --output="$OUT/jax_cmdbuf.json" \
     "${variant[@]}" --cast_params_once 2>&1 | tee -a "$OUT/run.log"
 fi
 if [ "$(left)" -gt 50 ]; then

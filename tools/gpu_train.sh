@@ -25,7 +25,7 @@ source tools/gpu_env.sh || exit 1
 
 # Knobs and run length from gpu_check's measurements: the faster dtype at batch 16 (float32 when unknown),
 # command buffers if they beat that; steps = the seconds left after start-up (about 60 s) over the step time.
-read -r DTYPE CMDBUF CAST STEPS < <("$PY" - "$TRAIN_S" <<'PYEOF'
+read -r DTYPE USE_CMDBUF CAST STEPS < <("$PY" - "$TRAIN_S" <<'PYEOF'
 import glob, json, sys
 train_s = float(sys.argv[1])
 best = (150.0, "float32", 0, 0)  # (ms, dtype, command buffers, cast once) when nothing was measured
@@ -39,8 +39,8 @@ ms, dtype, cmdbuf, cast = best
 print(dtype, cmdbuf, cast, max(100, int((train_s - 60) / (ms / 1000) * 0.9)))
 PYEOF
 )
-echo "== training: dtype $DTYPE, command buffers $CMDBUF, parameters cast once $CAST, $STEPS steps in at most $TRAIN_S s"
-[ "$CMDBUF" = 1 ] && export XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1"
+echo "== training: dtype $DTYPE, command buffers $USE_CMDBUF, parameters cast once $CAST, $STEPS steps in at most $TRAIN_S s"
+[ "$USE_CMDBUF" = 1 ] && export XLA_FLAGS="$COMMAND_BUFFER_FLAGS"
 [ "$CAST" = 1 ] && extra+=(--config.execution.cast_params_once=true)
 rm -rf /tmp/run291
 start=$SECONDS
