@@ -126,8 +126,14 @@ def _single_device_target(item_dir: str) -> Any:
 
 def _locate(path: str, which: str) -> tuple[str, int]:
     """(manager directory, step) of the checkpoint that `path` and `which` name."""
-    path = paths.resolve(path)
-    if not paths.exists(path):
+    try:
+        path = paths.resolve(path)
+        found = paths.exists(path)
+    except ValueError as e:  # a gs:// path without gcsfs: the message names the path and the fix
+        raise CheckpointError(str(e)) from None
+    except OSError as e:  # a storage that cannot be reached
+        raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
+    if not found:
         raise CheckpointError(f"{path}: no such file or folder")
     if paths.isdir(os.path.join(path, "params")):  # one step's folder
         step_name = os.path.basename(path)

@@ -135,3 +135,13 @@ def test_paths_keep_urls_and_name_the_missing_gcs_package(monkeypatch, tmp_path)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"gs:// paths need gcsfs: pip install 'rnan_jax\[gcs\]'"):
         paths.resolve("gs://bucket/run")
+
+
+def test_a_gs_checkpoint_without_gcsfs_is_one_line(monkeypatch):
+    import importlib.util
+
+    from rnan_jax import checkpoint
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^gs://bucket/run: gs:// paths need gcsfs"):
+        checkpoint.load("gs://bucket/run")
