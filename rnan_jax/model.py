@@ -249,7 +249,7 @@ def cast_params(params: Any, dtype: Any) -> Any:
 
     The forward computes the same numbers as with the modules' own casts (a cast of a cast is a no-op), but
     each stacked [G, B, ...] parameter array is cast once instead of once per scan iteration: on an H200 the
-    per-block converts were 1,690 kernels and 5.7 ms of the 89 ms bfloat16 step (tools/BENCHMARKS.md).
+    per-block converts were 1,713 kernels and 5.8 ms of the 89 ms bfloat16 step (tools/BENCHMARKS.md).
     Gradients flow back through the one cast, so the scanned weights' gradients arrive rounded to `dtype`
     (XLA folds that rounding away in the per-block casts): 0.1-0.3% apart in bfloat16. A no-op for float32."""
     dtype = jnp.dtype(dtype)

@@ -141,6 +141,35 @@ def profile_summary(trace: dict, steps: int, top: int = 15) -> dict[str, Any]:
     }
 
 
+# Kernel-name rules of `kernel_categories`, first match wins (cuDNN, cuBLAS and XLA fusion names as an H200
+# trace of the train step shows them).
+KERNEL_CATEGORIES = (
+    ("1x1 and depthwise convolutions", ("depthwise", "c1_k1", "nvjet", "cutlass", "splitKreduce")),
+    ("3x3 convolutions (cuDNN fprop, dgrad, wgrad)", ("_fprop_", "_dgrad_", "_wgrad_")),
+    ("device-to-device copies", ("MemcpyD2D", "memcpy")),
+    ("the scan's dynamic-(update-)slices", ("loop_dynamic_update_slice_fusion", "loop_dynamic_slice_fusion")),
+    ("dtype converts", ("convert",)),
+)
+
+
+def kernel_categories(trace: dict, steps: int) -> dict[str, dict[str, float]]:
+    """{category: {"ms_per_step", "kernels_per_step"}} of the device kernels on the streams (as
+    `profile_summary` counts them), by `KERNEL_CATEGORIES`, the rest under "everything else"."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {p for p, n in processes.items() if n.startswith("/device:")}
+    out = {name: {"ms_per_step": 0.0, "kernels_per_step": 0.0} for name, _ in KERNEL_CATEGORIES}
+    out["everything else"] = {"ms_per_step": 0.0, "kernels_per_step": 0.0}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device:
+            continue
+        name = next((c for c, keys in KERNEL_CATEGORIES if any(k in e["name"] for k in keys)), "everything else")
+        out[name]["ms_per_step"] += e.get("dur", 0.0) / 1e3 / steps
+        out[name]["kernels_per_step"] += 1 / steps
+    return out
+
+
 def trace_window(run: Callable[[], Any], steps: int, directory: str, name: str) -> dict[str, Any]:
     """`steps` calls of `run` under `jax.profiler.trace` into `directory/name`, one sync at the end: the
     `profile_summary` of the Perfetto trace written, with its path under "trace" (or {"error": ...})."""

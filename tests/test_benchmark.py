@@ -137,3 +137,20 @@ def test_profile_summary_reads_device_streams():
     assert s["kernels_per_step"] == 1.5 and s["kernel_ms_per_step"] == pytest.approx(0.35)
     assert s["top_kernels"][0] == {"name": "conv_kernel", "calls_per_step": 1.0, "ms_per_step": pytest.approx(0.3)}
     assert s["threads"]["/device:GPU:0 XLA Ops"]["busy_ms_per_step"] == pytest.approx(0.35)
+
+
+def test_kernel_categories_group_device_kernels_per_step():
+    from rnan_jax.profiling import kernel_categories
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+    kernels = [("sm90_xmma_fprop_implicit_gemm_bf16", 300.0), ("conv2d_c1_k1_nhwc", 100.0), ("MemcpyD2D", 50.0),
+               ("loop_dynamic_update_slice_fusion.3", 40.0), ("loop_convert_fusion", 20.0), ("loop_add_fusion", 10.0)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "name": n, "dur": d} for n, d in kernels]
+    events.append({"ph": "X", "pid": 2, "tid": 1, "name": "MemcpyD2D", "dur": 1e6})  # a host event: left out
+    got = kernel_categories({"traceEvents": events}, steps=2)
+    assert {k: v["ms_per_step"] for k, v in got.items()} == {
+        "1x1 and depthwise convolutions": 0.05, "3x3 convolutions (cuDNN fprop, dgrad, wgrad)": 0.15,
+        "device-to-device copies": 0.025, "the scan's dynamic-(update-)slices": 0.02, "dtype converts": 0.01,
+        "everything else": 0.005}
+    assert sum(v["kernels_per_step"] for v in got.values()) == 3

@@ -49,7 +49,7 @@ timeout -s TERM -k 60 "$TRAIN_S" "$PY" -m rnan_jax.train --config experiments/cl
   --config.optim.warmup_steps=100 --config.eval_every="$STEPS" --config.checkpoint_every=100000 \
   --config.log_every=100 --config.data.num_workers=8 --config.model.dtype="$DTYPE" "${extra[@]}" 2>&1 \
   | tee "$OUT/train.log"
-echo "== trained for $((SECONDS - start)) s"
+echo "== trained for $((SECONDS - start)) s" | tee -a "$OUT/train.log"
 cp /tmp/run291/metrics.jsonl "$OUT/" 2>/dev/null
 echo "== evaluate Set5, Set14"
 "$PY" -m rnan_jax.evaluate --checkpoint /tmp/run291 --datasets Set5,Set14 --output "$OUT/eval" --noprogress 2>&1 \

@@ -1,0 +1,41 @@
+"""Where a profiled train step's GPU time goes: kernels grouped by `rnan_jax.profiling.KERNEL_CATEGORIES`.
+
+    python tools/trace_breakdown.py TRACE.json.gz [TRACE2.json.gz ...] --steps 3
+
+TRACE: a Perfetto trace that `tools/benchmark.py --profile_dir` wrote (`--profile_steps`, default 3, steps).
+Prints one markdown row per category: ms and kernels per step for each trace.
+"""
+import argparse
+import gzip
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rnan_jax.profiling import kernel_categories  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("traces", nargs="+")
+    parser.add_argument("--steps", type=int, default=3, help="steps the trace holds (benchmark.py --profile_steps)")
+    args = parser.parse_args()
+    tables = []
+    for path in args.traces:
+        try:
+            with gzip.open(path) if path.endswith(".gz") else open(path) as f:
+                tables.append(kernel_categories(json.load(f), args.steps))
+        except (OSError, ValueError) as e:
+            sys.exit(f"{path}: cannot read the trace ({type(e).__name__}: {e})")
+    print("| per step | " + " | ".join(os.path.basename(p) for p in args.traces) + " |")
+    print("| --- |" + " --- |" * len(args.traces))
+    total = [sum(c["ms_per_step"] for c in t.values()) for t in tables]
+    count = [sum(c["kernels_per_step"] for c in t.values()) for t in tables]
+    print("| all kernels | " + " | ".join(f"{ms:.1f} ms, {n:,.0f}" for ms, n in zip(total, count)) + " |")
+    for name in tables[0]:
+        print(f"| {name} | " + " | ".join(f"{t[name]['ms_per_step']:.1f} ms, {t[name]['kernels_per_step']:,.0f}"
+                                          for t in tables) + " |")
+
+
+if __name__ == "__main__":
+    main()
