@@ -285,7 +285,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--save_images needs --output DIR")
     if FLAGS.self_ensemble and not FLAGS.checkpoint:
         raise app.UsageError("--self_ensemble applies to a model (--checkpoint)")
-    env.quiet_logging()
+    env.prepare_process()
     env.enable_compilation_cache()
     datasets = _parse_list(FLAGS.datasets)
     try:

@@ -27,7 +27,7 @@ def main(argv):
 
     from rnan_jax import api, env, trainer
 
-    env.quiet_logging()  # the trainer prints its own lines; keep library chatter out
+    env.prepare_process()  # before JAX starts; the trainer prints its own lines, so library chatter stays out
     if _DISTRIBUTED.value:
         if jax.config.jax_platforms == "cpu" or (_NUM_PROCESSES.value and not jax.config.jax_platforms):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")

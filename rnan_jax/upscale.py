@@ -88,7 +88,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("give one or more input images or folders")
     if FLAGS.tile is not None and FLAGS.overlap >= FLAGS.tile:
         raise app.UsageError(f"--overlap ({FLAGS.overlap}) must be smaller than --tile ({FLAGS.tile})")
-    env.quiet_logging()
+    env.prepare_process()
     env.enable_compilation_cache()
     try:
         params, config = checkpoint.load(FLAGS.checkpoint, which=FLAGS.which)

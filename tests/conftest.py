@@ -2,7 +2,9 @@ import os
 
 import pytest
 
-from rnan_jax.env import default_data_dir
+from rnan_jax.env import default_data_dir, reuse_freed_memory
+
+reuse_freed_memory()  # as the entry points do, before any test starts JAX: steps reuse freed memory
 
 
 @pytest.fixture(scope="session")

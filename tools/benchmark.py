@@ -113,6 +113,9 @@ def main(argv):
         return
     if _TINY.value:
         _apply_tiny_preset()
+    from rnan_jax import env
+
+    env.reuse_freed_memory()  # as the trainer runs: a fresh mmap per step would cost a third of a CPU step
     import jax
 
     from rnan_jax.model import RNANConfig

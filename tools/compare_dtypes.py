@@ -28,6 +28,7 @@ def main(argv):
     from rnan_jax import env, trainer
     from rnan_jax.scalars import comparison_table, read_scalars
 
+    env.prepare_process()
     env.enable_compilation_cache()
     logging.set_verbosity(logging.WARNING)  # the trainer prints its own lines
     runs = {}

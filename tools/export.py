@@ -25,7 +25,7 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    env.quiet_logging()
+    env.prepare_process()
     try:
         params, config = load(FLAGS.checkpoint, which=FLAGS.which)
     except CheckpointError as e:

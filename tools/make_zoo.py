@@ -24,7 +24,7 @@ _WHICH = flags.DEFINE_enum("which", "latest", list(checkpoint.WHICH), "Which par
 
 def main(argv):
     del argv
-    env.quiet_logging()
+    env.prepare_process()
     try:
         params, config = checkpoint.load(_WORKDIR.value, which=_WHICH.value)
     except checkpoint.CheckpointError as e:
