@@ -93,11 +93,12 @@ def _knobs(unroll: int, depthwise: str, config) -> tuple[Any, Any, str, str]:
 
 def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str, *, warmup: int, steps: int,
                      repeats: int, compile_only: bool = False, profile_dir: str = "", profile_steps: int = 3,
-                     cast_params_once: bool = False) -> tuple[dict, Any]:
+                     cast_params_once: bool = False, batch_chunks: int = 0) -> tuple[dict, Any]:
     """One setting's record, and the parameters (for the forward timing).
 
     `unroll`: 0 the backend's default, -1 full, n; `depthwise`: "auto" (the backend's default), "grouped" or
-    "shifted"; `cast_params_once`: execution.cast_params_once. `compile_only`: compile and count, run nothing.
+    "shifted"; `cast_params_once`: execution.cast_params_once; `batch_chunks`: execution.batch_chunks (0: what
+    the trainer runs on one device). `compile_only`: compile and count, run nothing.
     `profile_dir`: also trace `profile_steps` more steps there (`profiling.trace_window`).
     """
     import jax
@@ -107,7 +108,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
 
     scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
     optim = step.OptimConfig()  # the paper's Adam and schedule
-    chunks = step.default_batch_chunks(batch, 1)  # what the trainer runs on one device
+    chunks = batch_chunks or step.default_batch_chunks(batch, 1)  # 0: what the trainer runs on one device
     spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, cast_params_once)
     device = jax.devices()[0]
     jitted, replicated, sharded = step.jit_train_step(spec, step.data_mesh([device]))

@@ -57,6 +57,8 @@ _SCALE = flags.DEFINE_integer("scale", 0, "Upscaling factor (0: the preset's; th
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters stay float32).")
 _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n.")
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
+_CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "execution.batch_chunks: 0 the trainer's default on one device "
+                                "(CPU: 2), n: gradients of n parts of the batch.")
 _CAST_ONCE = flags.DEFINE_bool("cast_params_once", False, "Cast the parameters to the compute dtype once per "
                                "step (execution.cast_params_once) instead of per block inside the scan.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.")
@@ -138,7 +140,7 @@ def main(argv):
                         bench_train_step, config, batch, _PATCH.value, unroll, depthwise, warmup=_WARMUP.value,
                         steps=_STEPS.value, repeats=_REPEATS.value, compile_only=_COMPILE_ONLY.value,
                         profile_dir=_PROFILE_DIR.value if i == 0 else "", profile_steps=_PROFILE_STEPS.value,
-                        cast_params_once=_CAST_ONCE.value))
+                        cast_params_once=_CAST_ONCE.value, batch_chunks=_CHUNKS.value))
                     if out is not None:
                         record, params = out
                         results["train"].append({"model": _MODEL.value, **record})
