@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rnan_jax import native
+
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 DEPTHWISE_IMPLS = ("grouped", "shifted")
 
@@ -139,13 +141,22 @@ def _shifted_depthwise_fwd(x, kernel):
     return _shifted_sum(x, kernel), (x, kernel)
 
 
-def _shifted_depthwise_bwd(residuals, g):
-    x, kernel = residuals
+def _shifted_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    """The depthwise kernel's gradient as nine channel sums of shifted products, float32 [3, 3, 1, C]."""
     h, w = x.shape[-3], x.shape[-2]
-    dx = _shifted_sum(g, jnp.flip(kernel, (0, 1)))
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     dk = jnp.stack([jnp.sum(xp[:, i:i + h, j:j + w, :] * g, axis=tuple(range(g.ndim - 1)))
                     for i in range(3) for j in range(3)])
+    return dk.reshape(3, 3, 1, x.shape[-1]).astype(jnp.float32)
+
+
+def _shifted_depthwise_bwd(residuals, g):
+    x, kernel = residuals
+    dx = _shifted_sum(g, jnp.flip(kernel, (0, 1)))
+    if x.ndim == 4 and native.available():  # on CPU, one pass of a native kernel (rnan_jax/native.py)
+        dk = jax.lax.platform_dependent(x, g, cpu=native.depthwise_kernel_grad, default=_shifted_kernel_grad)
+    else:
+        dk = _shifted_kernel_grad(x, g)
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 

@@ -82,7 +82,7 @@ def test_evaluate_cli_accepts_a_zoo_name(data_dir, tmp_path):
 
 
 def test_the_wheel_ships_the_weights(tmp_path):
-    """A non-editable build (what `pip install .` installs) holds the zoo files."""
+    """A non-editable build (what `pip install .` installs) holds the zoo files and the native kernel's source."""
     try:
         import setuptools  # noqa: F401
         isolation = ["--no-build-isolation"]
@@ -97,3 +97,4 @@ def test_the_wheel_ships_the_weights(tmp_path):
     for model in zoo.names():
         assert f"rnan_jax/zoo/{model}.msgpack" in names
     assert "rnan_jax/zoo/small_x2.msgpack" in names
+    assert "rnan_jax/kernels/depthwise.cc" in names  # rnan_jax.native builds it on first use

@@ -1,0 +1,82 @@
+"""rnan_jax.native: the depthwise kernel gradient built from kernels/depthwise.cc and called through jax.ffi."""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnan_jax import model, native
+
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None or
+                                    os.environ.get(native.NATIVE_ENV) == "0",
+                                    reason="no C++ compiler (or RNAN_JAX_NATIVE=0): the pure-JAX gradient is used")
+
+
+def _reference(x, g):
+    """float64 dk[i, j, 0, c] = sum x[b, h+i-1, w+j-1, c] g[b, h, w, c], x zero outside."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    _, h, w, c = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return np.stack([np.einsum("bhwc,bhwc->c", xp[:, i:i + h, j:j + w], g)
+                     for i in range(3) for j in range(3)]).reshape(3, 3, 1, c)
+
+
+@needs_compiler
+def test_native_kernel_gradient_matches_float64():
+    assert native.available()
+    kx, kg = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (3, 7, 5, 11))  # odd sizes: every border case, a channel count off the vector width
+    g = jax.random.normal(kg, (3, 7, 5, 11))
+    got = np.asarray(jax.jit(native.depthwise_kernel_grad)(x, g))
+    ref = _reference(x, g)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model._shifted_kernel_grad(x, g)), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_depthwise_gradients_through_the_native_kernel_equal_autodiff_of_the_grouped_conv():
+    assert native.available()
+    kx, kk, kg = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (2, 9, 8, 16))
+    kernel = jax.random.normal(kk, (3, 3, 1, 16))
+    g = jax.random.normal(kg, (2, 9, 8, 16))
+
+    def grouped(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=16)
+
+    def loss(f):
+        return lambda x, k: jnp.sum(f(x, k) * g)
+
+    dx, dk = jax.jit(jax.grad(loss(model.shifted_depthwise), argnums=(0, 1)))(x, kernel)
+    rx, rk = jax.grad(loss(grouped), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(dx, rx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dk, rk, rtol=1e-4, atol=1e-4)
+    # under vmap (the kernel is called once per mapped element)
+    def one(xi, gi, k):
+        return jax.grad(lambda k: jnp.sum(model.shifted_depthwise(xi, k) * gi))(k)
+
+    dks = jax.vmap(one, in_axes=(0, 0, None))(x[:, None], g[:, None], kernel)
+    np.testing.assert_allclose(dks.sum(0), rk, rtol=1e-4, atol=1e-4)
+
+
+_PROBE = """
+import jax, jax.numpy as jnp
+from rnan_jax import model, native
+x = jnp.ones((1, 4, 4, 2))
+dk = jax.grad(lambda k: model.shifted_depthwise(x, k).sum())(jnp.ones((3, 3, 1, 2)))
+print(native.available(), float(dk[1, 1, 0, 0]), float(dk[0, 0, 0, 0]))
+"""
+
+
+@pytest.mark.parametrize("environ", [{"CXX": "/nonexistent/c++"}, {native.NATIVE_ENV: "0"}], ids=["no-compiler", "off"])
+def test_without_the_native_kernel_the_gradient_stays_in_jax(environ, tmp_path):
+    env = {**os.environ, **environ, "RNAN_JAX_CACHE": str(tmp_path)}  # no cached build to fall back on
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "16.0", "9.0"]  # centre tap: all 16 positions; corner: 3 x 3
+    if "CXX" in environ:
+        assert "native CPU kernel not built" in out.stderr
