@@ -133,7 +133,9 @@ def shifted_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     Its gradient is written out (the input gradient is the same sum with the flipped kernel, the kernel
     gradient nine channel sums) instead of left to autodiff, whose transpose of the nine slices XLA:CPU
-    turned into separate pad fusions, each materializing the whole tensor (39 ms of a 205 ms step)."""
+    turned into separate pad fusions, each materializing the whole tensor (39 ms of a 205 ms step). On CPU the
+    kernel gradient is one pass of a C++ kernel (`native.depthwise_kernel_grad`) when it could be built: as nine
+    sums, XLA:CPU still wrote out every shifted copy for YNNPACK's reductions."""
     return _shifted_sum(x, kernel)
 
 
