@@ -91,12 +91,14 @@ def torch_uniform(kernel_shape: Sequence[int]) -> Callable[..., jax.Array]:
 
 
 class PointwiseConv(nn.Module):
-    """A biased 1x1 conv computed as a matrix product over the channel axis. Its parameters are `nn.Conv`'s
-    (kernel [1, 1, in, out], bias [out], same initialization), so checkpoints do not depend on the form.
+    """A biased 1x1 conv with `nn.Conv`'s parameters (kernel [1, 1, in, out], bias [out], same initialization),
+    computed on CPU as a matrix product over the channel axis and elsewhere as a convolution; checkpoints do
+    not depend on the form (`jax.lax.platform_dependent` picks it when the program is lowered).
 
     XLA:CPU lowers a 1x1 convolution's kernel gradient to a convolution over transposed activations: one
     transpose of a whole activation per conv, 24 of the small model's 48 per step; as a dot, the gradient
-    contracts the rows in place (single-core step 200 -> 178 ms, tools/BENCHMARKS.md)."""
+    contracts the rows in place (one-core step 200 -> 178 ms, tools/BENCHMARKS.md). GPUs and TPUs keep the
+    convolution that their measurements were taken with until a GPU session compares the two."""
 
     features: int
     in_features: int
@@ -108,8 +110,16 @@ class PointwiseConv(nn.Module):
         init = torch_uniform(shape)
         kernel = self.param("kernel", init, shape).astype(self.dtype)
         bias = self.param("bias", init, (self.features,)).astype(self.dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        y = jax.lax.platform_dependent(x.astype(self.dtype), kernel, cpu=_pointwise_dot, default=_pointwise_conv)
         return y + bias
+
+
+def _pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def conv(features: int, kernel: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Module:

@@ -188,3 +188,20 @@ def test_init_draws_the_modules_own_distribution():
             assert float(jnp.abs(a).max()) <= float(jnp.abs(b).max()) * 1.02 + 1e-7, path
         elif float(jnp.std(b)) == 0:
             np.testing.assert_array_equal(a, b, err_msg=str(path))  # LayerNorm scale 1, bias 0
+
+
+def test_pointwise_conv_is_a_dot_on_cpu_and_the_convolution_elsewhere():
+    """Same parameters and numbers as nn.Conv's 1x1; lowered as a dot for CPU, as a convolution for GPUs."""
+    import flax.linen as nn
+
+    from rnan_jax.model import PointwiseConv
+
+    layer = PointwiseConv(8, 4)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))
+    params = layer.init(jax.random.key(1), x)
+    f = jax.jit(layer.apply)
+    np.testing.assert_allclose(f(params, x), nn.Conv(8, (1, 1), padding="SAME").apply(params, x), atol=1e-6)
+    cpu = f.trace(params, x).lower(lowering_platforms=("cpu",)).as_text()
+    cuda = f.trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "dot_general" in cpu and "convolution" not in cpu
+    assert "convolution" in cuda and "dot_general" not in cuda
