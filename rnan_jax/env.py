@@ -14,6 +14,12 @@ def default_data_dir() -> str:
     return os.environ.get("RNAN_DATA_DIR") or os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data"))
 
 
+def cache_folder(name: str, variable: str) -> str:
+    """`$variable`, else ~/.cache/rnan_jax/<name>: where rnan_jax keeps what it makes once and reuses (the XLA
+    compilation cache, decoded training images, the native kernel's build), one folder per kind."""
+    return os.environ.get(variable) or os.path.expanduser(os.path.join("~/.cache/rnan_jax", name))
+
+
 def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True) -> str | None:
     """Turns on JAX's persistent compilation cache (default `$RNAN_JAX_CACHE` or ~/.cache/rnan_jax/xla).
 
@@ -26,12 +32,12 @@ def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True)
     if not safe:
         return None
 
-    cache_dir = cache_dir or os.environ.get("RNAN_JAX_CACHE") or os.path.expanduser("~/.cache/rnan_jax/xla")
-    os.makedirs(cache_dir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    folder = cache_dir or cache_folder("xla", "RNAN_JAX_CACHE")
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return cache_dir
+    return folder
 
 
 def prepare_process() -> None:

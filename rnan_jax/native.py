@@ -7,7 +7,7 @@ the small model at batch 16, where PyTorch's whole depthwise backward takes 0.5 
 kernel reads x and g once.
 
 The shared library is compiled from `kernels/depthwise.cc` (shipped with the package) by `$CXX` (default
-`c++`) with `-O3 -march=native` into `$RNAN_JAX_CACHE/native` (default ~/.cache/rnan_jax/native), named by a
+`c++`) with `-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default ~/.cache/rnan_jax/native), named by a
 hash of the source, the compiler, JAX's version and this CPU, so it is built once per machine. Without a
 compiler, or with `RNAN_JAX_NATIVE=0`, or if the build fails (said once in a warning), `available()` is False
 and the model keeps its pure-JAX gradient: the same numbers up to float rounding.
@@ -23,7 +23,10 @@ import shutil
 import subprocess
 import tempfile
 
+from rnan_jax import env
+
 NATIVE_ENV = "RNAN_JAX_NATIVE"
+NATIVE_CACHE_ENV = "RNAN_JAX_NATIVE_CACHE"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "depthwise.cc")
 _TARGET = "rnan_depthwise_kernel_grad"
 _SYMBOL = "RnanDepthwiseKernelGrad"
@@ -51,7 +54,7 @@ def _build() -> str:
         source = f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, check=True).stdout
     key = hashlib.sha256(b"\0".join([source, version, jax.__version__.encode(), _cpu_id()])).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("RNAN_JAX_CACHE") or os.path.expanduser("~/.cache/rnan_jax"), "native")
+    cache = env.cache_folder("native", NATIVE_CACHE_ENV)
     path = os.path.join(cache, f"depthwise_{key}.so")
     if os.path.isfile(path):
         return path

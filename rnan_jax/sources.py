@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rnan_jax import degrade, images
+from rnan_jax import degrade, env, images
 from rnan_jax.benchmark_sets import find_lr_file
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class DataError(ValueError):
 
 def default_cache_dir() -> str:
     """`$RNAN_CACHE_DIR`, else ~/.cache/rnan_jax/data: where decoded and resized training images are kept."""
-    return os.environ.get("RNAN_CACHE_DIR") or os.path.expanduser("~/.cache/rnan_jax/data")
+    return env.cache_folder("data", "RNAN_CACHE_DIR")
 
 
 def make_pair(hr: np.ndarray, lr: np.ndarray | None, scale: int, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -75,7 +75,7 @@ print(native.available(), float(dk[1, 1, 0, 0]), float(dk[0, 0, 0, 0]))
 
 @pytest.mark.parametrize("environ", [{"CXX": "/nonexistent/c++"}, {native.NATIVE_ENV: "0"}], ids=["no-compiler", "off"])
 def test_without_the_native_kernel_the_gradient_stays_in_jax(environ, tmp_path):
-    env = {**os.environ, **environ, "RNAN_JAX_CACHE": str(tmp_path)}  # no cached build to fall back on
+    env = {**os.environ, **environ, native.NATIVE_CACHE_ENV: str(tmp_path)}  # no cached build to fall back on
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["False", "16.0", "9.0"]  # centre tap: all 16 positions; corner: 3 x 3
     if "CXX" in environ:
