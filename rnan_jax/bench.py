@@ -108,7 +108,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
 
     scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
     optim = step.OptimConfig()  # the paper's Adam and schedule
-    chunks = batch_chunks or step.default_batch_chunks(batch, 1)  # 0: what the trainer runs on one device
+    chunks = step.batch_chunks(batch_chunks, batch, 1)  # 0: what the trainer runs on one device
     spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, cast_params_once)
     device = jax.devices()[0]
     jitted, replicated, sharded = step.jit_train_step(spec, step.data_mesh([device]))

@@ -112,6 +112,15 @@ def default_batch_chunks(per_device_batch: int, num_devices: int, backend: str |
     return 2 if cpu and num_devices == 1 and per_device_batch >= 4 and per_device_batch % 2 == 0 else 1
 
 
+def batch_chunks(requested: int, per_device_batch: int, num_devices: int) -> int:
+    """execution.batch_chunks as the step runs it: `requested`, or `default_batch_chunks` for 0. Raises
+    ValueError when it is negative or does not divide the per-device batch (the step would not split it)."""
+    chunks = requested or default_batch_chunks(per_device_batch, num_devices)
+    if chunks < 0 or per_device_batch % chunks:
+        raise ValueError(f"execution.batch_chunks {chunks} does not divide the per-device batch {per_device_batch}")
+    return chunks
+
+
 def _loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> tuple[jax.Array, Any]:
     """The mean L1 loss and its gradient. With `batch_chunks` n > 1 the batch's n equal parts go through
     separate forward/backward passes whose losses and gradients are averaged: the same numbers (up to the

@@ -217,10 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if cfg.batch_size % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
     mesh = step.data_mesh()
-    chunks = cfg.execution.batch_chunks or step.default_batch_chunks(cfg.batch_size // n_dev, n_dev)
-    if (cfg.batch_size // n_dev) % chunks:
-        raise ValueError(f"execution.batch_chunks {chunks} does not divide the per-device batch "
-                         f"{cfg.batch_size // n_dev}")
+    chunks = step.batch_chunks(cfg.execution.batch_chunks, cfg.batch_size // n_dev, n_dev)
     spec = step.StepSpec(cfg.model, cfg.optim, cfg.execution.unroll, cfg.execution.depthwise_impl, chunks,
                          cfg.execution.cast_params_once)
     train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)

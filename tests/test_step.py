@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnan_jax import RNANConfig
+from rnan_jax import RNANConfig, step
 from rnan_jax.step import OptimConfig, StepSpec, create_state, empty_metrics, learning_rate, train_step
 
 MODEL = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
@@ -115,3 +115,14 @@ def test_casting_parameters_once_keeps_the_loss_and_rounds_only_the_scanned_weig
         if relative > 0:
             differing.append(jax.tree_util.keystr(path))
     assert differing and all(p.startswith("['groups']") and p.endswith("['kernel']") for p in differing)
+
+
+def test_batch_chunks_resolves_the_default_and_rejects_a_chunking_that_would_not_split():
+    """The trainer and tools/benchmark.py both resolve execution.batch_chunks here, so neither runs (or
+    reports) a chunk count that the step would silently ignore."""
+    assert step.batch_chunks(0, 16, 1) == step.default_batch_chunks(16, 1)
+    assert step.batch_chunks(4, 16, 1) == 4
+    with pytest.raises(ValueError, match="execution.batch_chunks 3 does not divide the per-device batch 4"):
+        step.batch_chunks(3, 4, 1)
+    with pytest.raises(ValueError, match="batch_chunks -1"):
+        step.batch_chunks(-1, 4, 1)
