@@ -122,13 +122,66 @@ def _pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv3x3_kernel_grad(x: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](g)[0].astype(jnp.float32)
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 3x3 'SAME' cross-correlation (NHWC, HWIO) whose kernel gradient on CPU is a native kernel
+    (`native.conv3x3_kernel_grad`, which reads x and the output gradient in place; XLA:CPU transposes the
+    gradient for YNNPACK first, or leaves a conv with 3 output channels to Eigen). The forward and the input
+    gradient are XLA's, and on other platforms the kernel gradient too."""
+    return _conv3x3(x, kernel)
+
+
+def _conv3x3_fwd(x, kernel):
+    return _conv3x3(x, kernel), (x, kernel)
+
+
+def _conv3x3_bwd(residuals, g):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _conv3x3(x, kernel), x)[1](g)[0]
+    dk = jax.lax.platform_dependent(x, g, cpu=native.conv3x3_kernel_grad,
+                                    default=lambda x, g: _conv3x3_kernel_grad(x, g, kernel))
+    return dx, dk.astype(kernel.dtype)
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+    """A biased 3x3 'SAME' conv with `nn.Conv`'s parameters (kernel [3, 3, in, out], bias [out]) and PyTorch's
+    initialization, through `conv3x3` where the native kernel gradient takes it (CPU kernels built, one of the
+    channel counts a multiple of 16), else the plain convolution: checkpoints do not depend on the form."""
+
+    features: int
+    in_features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (3, 3, self.in_features, self.features)
+        init = torch_uniform(shape)
+        kernel = self.param("kernel", init, shape).astype(self.dtype)
+        bias = self.param("bias", init, (self.features,)).astype(self.dtype)
+        x = x.astype(self.dtype)
+        native_grad = (x.ndim == 4 and native.conv3x3_supported(self.in_features, self.features)
+                       and native.available())
+        return (conv3x3 if native_grad else _conv3x3)(x, kernel) + bias
+
+
 def conv(features: int, kernel: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Module:
-    """A biased 'SAME' conv with PyTorch-style initialization (1x1: `PointwiseConv`)."""
+    """A biased 'SAME' conv (1x1 or 3x3) with PyTorch-style initialization: `PointwiseConv` or `Conv3x3`."""
     if kernel == 1:
         return PointwiseConv(features, in_features, dtype, name=name)
-    init = torch_uniform((kernel, kernel, in_features, features))
-    return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=init, bias_init=init, name=name)
+    if kernel == 3:
+        return Conv3x3(features, in_features, dtype, name=name)
+    raise ValueError(f"conv: kernel size {kernel} is not 1 or 3")
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -1,16 +1,20 @@
 """Native CPU kernels, called through `jax.ffi`: built on first use with the system C++ compiler.
 
-One kernel so far: the kernel gradient of the 3x3 depthwise convolution (`depthwise_kernel_grad`). XLA:CPU
-computes it as nine channel sums, which YNNPACK reduces only from materialized inputs, so each shifted copy
-of the block's input is written out: with the reductions, ~4 ms of every RNA block's backward on one core for
-the small model at batch 16, where PyTorch's whole depthwise backward takes 0.5 ms (tools/BENCHMARKS.md). The
-kernel reads x and g once.
+Two kernel gradients that XLA:CPU computes slowly, each reading its inputs in place:
+- `depthwise_kernel_grad`, the 3x3 depthwise convolution's (kernels/depthwise.cc). XLA:CPU computes it as nine
+  channel sums, which YNNPACK reduces only from materialized inputs, so each shifted copy of the block's input
+  is written out: with the reductions, ~4 ms of every RNA block's backward on one core for the small model at
+  batch 16, where PyTorch's whole depthwise backward takes 0.5 ms (tools/BENCHMARKS.md).
+- `conv3x3_kernel_grad`, a dense 3x3 convolution's (kernels/conv3x3.cc). XLA:CPU gives YNNPACK a convolution
+  over a transposed copy of the output gradient: 2.1 ms plus a 0.45 ms copy per 32 -> 32 conv of the small
+  model at batch 16 on one core, 10.1 + 4.3 ms for its 32 -> 128 upsampler conv and 6.3 + 1.8 ms (Eigen) for
+  the 32 -> 3 tail conv, against 1.2, 5.0 and 0.7 ms here.
 
-The shared library is compiled from `kernels/depthwise.cc` (shipped with the package) by `$CXX` (default
-`c++`) with `-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default ~/.cache/rnan_jax/native), named by a
-hash of the source, the compiler, JAX's version and this CPU, so it is built once per machine. Without a
-compiler, or with `RNAN_JAX_NATIVE=0`, or if the build fails (said once in a warning), `available()` is False
-and the model keeps its pure-JAX gradient: the same numbers up to float rounding.
+The shared library is compiled from both sources (shipped with the package) by `$CXX` (default `c++`) with
+`-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default ~/.cache/rnan_jax/native), named by a hash of the
+sources, the compiler, JAX's version and this CPU, so it is built once per machine. Without a compiler, or
+with `RNAN_JAX_NATIVE=0`, or if the build fails (said once in a warning), `available()` is False and the model
+keeps its pure-JAX gradients: the same numbers up to float rounding.
 """
 from __future__ import annotations
 
@@ -27,9 +31,12 @@ from rnan_jax import env
 
 NATIVE_ENV = "RNAN_JAX_NATIVE"
 NATIVE_CACHE_ENV = "RNAN_JAX_NATIVE_CACHE"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "depthwise.cc")
-_TARGET = "rnan_depthwise_kernel_grad"
-_SYMBOL = "RnanDepthwiseKernelGrad"
+_SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", name)
+                 for name in ("depthwise.cc", "conv3x3.cc"))
+# XLA FFI target -> the handler symbol the library exports
+_TARGETS = {"rnan_depthwise_kernel_grad": "RnanDepthwiseKernelGrad",
+            "rnan_conv3x3_kernel_grad": "RnanConv3x3KernelGrad"}
+LANES = 16  # conv3x3_kernel_grad vectorizes one channel axis in blocks of this many floats
 _state: dict[str, bool] = {}
 
 
@@ -50,12 +57,14 @@ def _build() -> str:
     cxx = shutil.which(os.environ.get("CXX", "c++"))
     if cxx is None:
         raise OSError("no C++ compiler found (set CXX)")
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    sources = []
+    for name in _SOURCES:
+        with open(name, "rb") as f:
+            sources.append(f.read())
     version = subprocess.run([cxx, "--version"], capture_output=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, version, jax.__version__.encode(), _cpu_id()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*sources, version, jax.__version__.encode(), _cpu_id()])).hexdigest()[:16]
     cache = env.cache_folder("native", NATIVE_CACHE_ENV)
-    path = os.path.join(cache, f"depthwise_{key}.so")
+    path = os.path.join(cache, f"kernels_{key}.so")
     if os.path.isfile(path):
         return path
     os.makedirs(cache, exist_ok=True)
@@ -63,7 +72,7 @@ def _build() -> str:
     os.close(fd)
     try:
         subprocess.run([cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                        f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp], capture_output=True, check=True)
+                        f"-I{jax.ffi.include_dir()}", *_SOURCES, "-o", tmp], capture_output=True, check=True)
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
     finally:
         if os.path.exists(tmp):
@@ -72,7 +81,7 @@ def _build() -> str:
 
 
 def available() -> bool:
-    """Whether the native kernel is built and registered with JAX (tries once per process)."""
+    """Whether the native kernels are built and registered with JAX (tries once per process)."""
     if "ok" not in _state:
         _state["ok"] = False
         if os.environ.get(NATIVE_ENV, "1") != "0":
@@ -80,12 +89,13 @@ def available() -> bool:
                 import jax
 
                 library = ctypes.CDLL(_build())
-                jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform="cpu")
+                for target, symbol in _TARGETS.items():
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
                 _state["ok"] = True
             except (OSError, AttributeError, subprocess.CalledProcessError) as e:
                 detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
                 logging.getLogger(__name__).warning(
-                    "native CPU kernel not built (%s); the depthwise gradient stays in JAX", detail)
+                    "native CPU kernels not built (%s); the conv gradients stay in JAX", detail)
     return _state["ok"]
 
 
@@ -97,4 +107,22 @@ def depthwise_kernel_grad(x, g):
     import jax.numpy as jnp
 
     out = jax.ShapeDtypeStruct((3, 3, 1, x.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(x.astype(jnp.float32), g.astype(jnp.float32))
+    return jax.ffi.ffi_call("rnan_depthwise_kernel_grad", out, vmap_method="sequential")(
+        x.astype(jnp.float32), g.astype(jnp.float32))
+
+
+def conv3x3_supported(in_features: int, features: int) -> bool:
+    """Whether `conv3x3_kernel_grad` takes a conv with these channel counts (one a multiple of `LANES`)."""
+    return features % LANES == 0 or in_features % LANES == 0
+
+
+def conv3x3_kernel_grad(x, g):
+    """dk[i, j, ci, co] = sum over b, h, w of x[b, h+i-1, w+j-1, ci] * g[b, h, w, co] (x zero outside): the kernel
+    gradient of a 3x3 'SAME' cross-correlation (HWIO kernel), float32 x [B, H, W, CI] and g [B, H, W, CO] in,
+    [3, 3, CI, CO] out, on CPU. Call only when `available()` and `conv3x3_supported(CI, CO)`."""
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("rnan_conv3x3_kernel_grad", out, vmap_method="sequential")(
+        x.astype(jnp.float32), g.astype(jnp.float32))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import rnan_jax
-from rnan_jax import RNANConfig, checkpoint, init, zoo
+from rnan_jax import RNANConfig, checkpoint, init, native, zoo
 from rnan_jax.evaluate import evaluate_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def test_evaluate_cli_accepts_a_zoo_name(data_dir, tmp_path):
 
 
 def test_the_wheel_ships_the_weights(tmp_path):
-    """A non-editable build (what `pip install .` installs) holds the zoo files and the native kernel's source."""
+    """A non-editable build (what `pip install .` installs) holds the zoo files and the native kernels' sources."""
     try:
         import setuptools  # noqa: F401
         isolation = ["--no-build-isolation"]
@@ -97,4 +97,5 @@ def test_the_wheel_ships_the_weights(tmp_path):
     for model in zoo.names():
         assert f"rnan_jax/zoo/{model}.msgpack" in names
     assert "rnan_jax/zoo/small_x2.msgpack" in names
-    assert "rnan_jax/kernels/depthwise.cc" in names  # rnan_jax.native builds it on first use
+    for source in native._SOURCES:  # rnan_jax.native builds them on first use
+        assert f"rnan_jax/kernels/{os.path.basename(source)}" in names

@@ -1,0 +1,147 @@
+// The kernel gradient of a 3x3 'SAME' convolution (NHWC activations, HWIO kernel, float32):
+//   dk[i][j][ci][co] = sum over b, h, w of x[b, h + i - 1, w + j - 1, ci] * g[b, h, w, co]   (x is 0 outside)
+// read from x and g in place. XLA:CPU hands this to YNNPACK as a convolution over a transposed copy of g
+// (rnan_jax/native.py says what that costs). Here it is nine small matrix products over pixel pairs, computed
+// tile by tile (a few image rows of x and g stay in cache while all nine taps use them) with register blocks
+// of R broadcast channels x V 16-float vectors. One of the two channel axes is the vector axis and must be a
+// multiple of 16: co (dk's own layout), or else ci (the tail conv's 3 output channels), whose blocks are then
+// transposed into place. Built on first use by rnan_jax.native and called through jax.ffi.
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));  // unaligned access allowed
+
+// One register block over one tap: acc[r][v] += bcast[p][r] * vec[p][v] for the pixels of rows [h0, h1) that
+// have a partner inside the image, then added into out (out[r * out_stride + 16 v + lane]).
+//   vrows[k] / brows[k]: the k-th pair of rows of the vector / broadcast tensor; pixel w of the pair reads
+//   vrows[k][w * cv + vofs] and brows[k][w * cb + bofs] (the offsets hold the tap's shift and the block's channel).
+template <int R, int V>
+void Block(const float* const* vrows, const float* const* brows, int nrows, int64_t w_lo, int64_t w_hi,
+           int64_t vofs, int64_t bofs, int64_t cv, int64_t cb, float* out, int64_t out_stride) {
+  Vec acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+  for (int k = 0; k < nrows; ++k) {
+    const float* vp = vrows[k] + w_lo * cv + vofs;
+    const float* bp = brows[k] + w_lo * cb + bofs;
+    for (int64_t w = w_lo; w < w_hi; ++w, vp += cv, bp += cb) {
+      Vec a[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) a[v] = *reinterpret_cast<const Vec*>(vp + v * kLanes);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const float s = bp[r];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[r][v] += s * a[v];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      Vec* o = reinterpret_cast<Vec*>(out + r * out_stride + v * kLanes);
+      *o += acc[r][v];
+    }
+}
+
+typedef void (*BlockFn)(const float* const*, const float* const*, int, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        int64_t, float*, int64_t);
+
+constexpr int kMaxR = 12;
+
+template <int V, int... Rs>
+constexpr std::array<BlockFn, sizeof...(Rs)> Table(std::integer_sequence<int, Rs...>) {
+  return {&Block<Rs + 1, V>...};
+}
+
+// kBlocks[V - 1][R - 1]
+const std::array<std::array<BlockFn, kMaxR>, 2> kBlocks = {
+    Table<1>(std::make_integer_sequence<int, kMaxR>()), Table<2>(std::make_integer_sequence<int, kMaxR>())};
+
+}  // namespace
+
+static ffi::Error Conv3x3KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                                    ffi::ResultBuffer<ffi::F32> dk) {
+  const auto xd = x.dimensions();
+  const auto gd = g.dimensions();
+  if (xd.size() != 4 || gd.size() != 4) {
+    return ffi::Error::InvalidArgument("3x3 conv kernel gradient: x and g must be [B, H, W, C]");
+  }
+  const int64_t B = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3];
+  if (gd[0] != B || gd[1] != H || gd[2] != W) {
+    return ffi::Error::InvalidArgument("3x3 conv kernel gradient: x and g differ in batch or image size");
+  }
+  if (dk->element_count() != 9 * CI * CO) {
+    return ffi::Error::InvalidArgument("3x3 conv kernel gradient: the result must be [3, 3, CI, CO]");
+  }
+  const bool co_vector = CO % kLanes == 0;
+  if (!co_vector && CI % kLanes != 0) {
+    return ffi::Error::InvalidArgument("3x3 conv kernel gradient: CI or CO must be a multiple of 16");
+  }
+  // Vector side: g (co) or x (ci); the other is broadcast. acc layout per tap: [cb][cv].
+  const int64_t cv = co_vector ? CO : CI, cb = co_vector ? CI : CO;
+  std::vector<float> acc(9 * cb * cv, 0.0f);
+  // Rows per tile: the tile's x rows (with the halo) and g rows within ~64 KiB.
+  const int64_t budget = 16384 / W - 2 * CI;
+  const int64_t th = std::max<int64_t>(1, std::min<int64_t>(H, budget / (CI + CO)));
+  const float* xs = x.typed_data();
+  const float* gs = g.typed_data();
+  std::vector<const float*> vrows(th), brows(th);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h0 = 0; h0 < H; h0 += th) {
+      const int64_t h1 = std::min(H, h0 + th);
+      for (int64_t i = 0; i < 3; ++i) {
+        int nrows = 0;
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t hh = h + i - 1;
+          if (hh < 0 || hh >= H) continue;
+          const float* grow = gs + (b * H + h) * W * CO;
+          const float* xrow = xs + (b * H + hh) * W * CI;
+          vrows[nrows] = co_vector ? grow : xrow;
+          brows[nrows] = co_vector ? xrow : grow;
+          ++nrows;
+        }
+        if (nrows == 0) continue;
+        for (int64_t j = 0; j < 3; ++j) {
+          const int64_t w_lo = std::max<int64_t>(0, 1 - j), w_hi = std::min<int64_t>(W, W + 1 - j);
+          // g's pixel w pairs with x's pixel w + j - 1.
+          const int64_t vshift = co_vector ? 0 : j - 1, bshift = co_vector ? j - 1 : 0;
+          float* tap = acc.data() + (i * 3 + j) * cb * cv;
+          for (int64_t v0 = 0; v0 < cv; v0 += 2 * kLanes) {
+            const int V = std::min<int64_t>(2, (cv - v0) / kLanes);
+            for (int64_t r0 = 0; r0 < cb; r0 += kMaxR) {
+              const int R = std::min<int64_t>(kMaxR, cb - r0);
+              kBlocks[V - 1][R - 1](vrows.data(), brows.data(), nrows, w_lo, w_hi, vshift * cv + v0,
+                                    bshift * cb + r0, cv, cb, tap + r0 * cv + v0, cv);
+            }
+          }
+        }
+      }
+    }
+  }
+  float* out = dk->typed_data();
+  if (co_vector) {
+    std::memcpy(out, acc.data(), acc.size() * sizeof(float));
+  } else {  // acc[t][co][ci] -> dk[t][ci][co]
+    for (int64_t t = 0; t < 9; ++t)
+      for (int64_t co = 0; co < CO; ++co)
+        for (int64_t ci = 0; ci < CI; ++ci) out[(t * CI + ci) * CO + co] = acc[(t * CO + co) * CI + ci];
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConv3x3KernelGrad, Conv3x3KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
