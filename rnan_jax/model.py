@@ -97,8 +97,9 @@ class PointwiseConv(nn.Module):
 
     XLA:CPU lowers a 1x1 convolution's kernel gradient to a convolution over transposed activations: one
     transpose of a whole activation per conv, 24 of the small model's 48 per step; as a dot, the gradient
-    contracts the rows in place (one-core step 200 -> 178 ms, tools/BENCHMARKS.md). GPUs and TPUs keep the
-    convolution that their measurements were taken with until a GPU session compares the two."""
+    contracts the rows in place (one-core step 200 -> 178 ms, tools/BENCHMARKS.md), and through `native_conv`
+    that contraction is a native kernel. GPUs and TPUs keep the convolution that their measurements were taken
+    with until a GPU session compares the two."""
 
     features: int
     in_features: int
@@ -110,8 +111,7 @@ class PointwiseConv(nn.Module):
         init = torch_uniform(shape)
         kernel = self.param("kernel", init, shape).astype(self.dtype)
         bias = self.param("bias", init, (self.features,)).astype(self.dtype)
-        y = jax.lax.platform_dependent(x.astype(self.dtype), kernel, cpu=_pointwise_dot, default=_pointwise_conv)
-        return y + bias
+        return _conv(x.astype(self.dtype), kernel) + bias
 
 
 def _pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -122,42 +122,55 @@ def _pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _plain_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 'SAME' cross-correlation with an HWIO kernel of size 1 (a dot on CPU) or 3, as XLA computes it."""
+    if kernel.shape[0] == 1:
+        return jax.lax.platform_dependent(x, kernel, cpu=_pointwise_dot, default=_pointwise_conv)
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _conv3x3_kernel_grad(x: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](g)[0].astype(jnp.float32)
-
-
 @jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A 3x3 'SAME' cross-correlation (NHWC, HWIO) whose kernel gradient on CPU is a native kernel
-    (`native.conv3x3_kernel_grad`, which reads x and the output gradient in place; XLA:CPU transposes the
-    gradient for YNNPACK first, or leaves a conv with 3 output channels to Eigen). The forward and the input
-    gradient are XLA's, and on other platforms the kernel gradient too."""
-    return _conv3x3(x, kernel)
+def native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`_plain_conv` whose kernel gradient on CPU is a native kernel (`native.conv_kernel_grad`, reading x and
+    the output gradient in place; XLA:CPU transposes the gradient for YNNPACK first, leaves a 3x3 conv with 3
+    output channels to Eigen, and contracts a 1x1 conv's rows in a slow dot). The forward and the input
+    gradient stay XLA's, and on other platforms the kernel gradient too."""
+    return _plain_conv(x, kernel)
 
 
-def _conv3x3_fwd(x, kernel):
-    return _conv3x3(x, kernel), (x, kernel)
+def _native_conv_fwd(x, kernel):
+    return _plain_conv(x, kernel), (x, kernel)
 
 
-def _conv3x3_bwd(residuals, g):
+def _native_conv_bwd(residuals, g):
     x, kernel = residuals
-    dx = jax.vjp(lambda x: _conv3x3(x, kernel), x)[1](g)[0]
-    dk = jax.lax.platform_dependent(x, g, cpu=native.conv3x3_kernel_grad,
-                                    default=lambda x, g: _conv3x3_kernel_grad(x, g, kernel))
+    dx = jax.vjp(lambda x: _plain_conv(x, kernel), x)[1](g)[0]
+
+    def xla_grad(x, g):
+        return jax.vjp(lambda k: _plain_conv(x, k), kernel)[1](g)[0].astype(jnp.float32)
+
+    def native_grad(x, g):
+        return native.conv_kernel_grad(x, g, kernel.shape[0])
+
+    dk = jax.lax.platform_dependent(x, g, cpu=native_grad, default=xla_grad)
     return dx, dk.astype(kernel.dtype)
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
+
+
+def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 'SAME' conv (HWIO kernel of size 1 or 3) through `native_conv` where the native kernel gradient takes
+    it (CPU kernels built, one channel count a multiple of 16), else `_plain_conv`: the same numbers up to
+    rounding."""
+    if x.ndim == 4 and native.conv_supported(kernel.shape[2], kernel.shape[3]) and native.available():
+        return native_conv(x, kernel)
+    return _plain_conv(x, kernel)
 
 
 class Conv3x3(nn.Module):
     """A biased 3x3 'SAME' conv with `nn.Conv`'s parameters (kernel [3, 3, in, out], bias [out]) and PyTorch's
-    initialization, through `conv3x3` where the native kernel gradient takes it (CPU kernels built, one of the
-    channel counts a multiple of 16), else the plain convolution: checkpoints do not depend on the form."""
+    initialization, through `native_conv` on CPU where it applies: checkpoints do not depend on the form."""
 
     features: int
     in_features: int
@@ -169,10 +182,7 @@ class Conv3x3(nn.Module):
         init = torch_uniform(shape)
         kernel = self.param("kernel", init, shape).astype(self.dtype)
         bias = self.param("bias", init, (self.features,)).astype(self.dtype)
-        x = x.astype(self.dtype)
-        native_grad = (x.ndim == 4 and native.conv3x3_supported(self.in_features, self.features)
-                       and native.available())
-        return (conv3x3 if native_grad else _conv3x3)(x, kernel) + bias
+        return _conv(x.astype(self.dtype), kernel) + bias
 
 
 def conv(features: int, kernel: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Module:

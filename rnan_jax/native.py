@@ -5,10 +5,11 @@ Two kernel gradients that XLA:CPU computes slowly, each reading its inputs in pl
   channel sums, which YNNPACK reduces only from materialized inputs, so each shifted copy of the block's input
   is written out: with the reductions, ~4 ms of every RNA block's backward on one core for the small model at
   batch 16, where PyTorch's whole depthwise backward takes 0.5 ms (tools/BENCHMARKS.md).
-- `conv3x3_kernel_grad`, a dense 3x3 convolution's (kernels/conv3x3.cc). XLA:CPU gives YNNPACK a convolution
-  over a transposed copy of the output gradient: 2.1 ms plus a 0.45 ms copy per 32 -> 32 conv of the small
-  model at batch 16 on one core, 10.1 + 4.3 ms for its 32 -> 128 upsampler conv and 6.3 + 1.8 ms (Eigen) for
-  the 32 -> 3 tail conv, against 1.2, 5.0 and 0.7 ms here.
+- `conv_kernel_grad`, a dense 3x3 or 1x1 convolution's (kernels/conv.cc). For 3x3, XLA:CPU gives YNNPACK a
+  convolution over a transposed copy of the output gradient: 2.1 ms plus a 0.45 ms copy per 32 -> 32 conv of
+  the small model at batch 16 on one core, 10.1 + 4.3 ms for its 32 -> 128 upsampler conv and 6.3 + 1.8 ms
+  (Eigen) for the 32 -> 3 tail conv, against 1.2, 5.0 and 0.7 ms here. For 1x1 (a matrix product contracting
+  the pixel rows) XLA's dot takes 0.9 ms per 32 -> 32 conv.
 
 The shared library is compiled from both sources (shipped with the package) by `$CXX` (default `c++`) with
 `-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default ~/.cache/rnan_jax/native), named by a hash of the
@@ -32,11 +33,11 @@ from rnan_jax import env
 NATIVE_ENV = "RNAN_JAX_NATIVE"
 NATIVE_CACHE_ENV = "RNAN_JAX_NATIVE_CACHE"
 _SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", name)
-                 for name in ("depthwise.cc", "conv3x3.cc"))
+                 for name in ("depthwise.cc", "conv.cc"))
 # XLA FFI target -> the handler symbol the library exports
 _TARGETS = {"rnan_depthwise_kernel_grad": "RnanDepthwiseKernelGrad",
-            "rnan_conv3x3_kernel_grad": "RnanConv3x3KernelGrad"}
-LANES = 16  # conv3x3_kernel_grad vectorizes one channel axis in blocks of this many floats
+            "rnan_conv_kernel_grad": "RnanConvKernelGrad"}
+LANES = 16  # conv_kernel_grad vectorizes one channel axis in blocks of this many floats
 _state: dict[str, bool] = {}
 
 
@@ -111,18 +112,19 @@ def depthwise_kernel_grad(x, g):
         x.astype(jnp.float32), g.astype(jnp.float32))
 
 
-def conv3x3_supported(in_features: int, features: int) -> bool:
-    """Whether `conv3x3_kernel_grad` takes a conv with these channel counts (one a multiple of `LANES`)."""
+def conv_supported(in_features: int, features: int) -> bool:
+    """Whether `conv_kernel_grad` takes a conv with these channel counts (one a multiple of `LANES`)."""
     return features % LANES == 0 or in_features % LANES == 0
 
 
-def conv3x3_kernel_grad(x, g):
-    """dk[i, j, ci, co] = sum over b, h, w of x[b, h+i-1, w+j-1, ci] * g[b, h, w, co] (x zero outside): the kernel
-    gradient of a 3x3 'SAME' cross-correlation (HWIO kernel), float32 x [B, H, W, CI] and g [B, H, W, CO] in,
-    [3, 3, CI, CO] out, on CPU. Call only when `available()` and `conv3x3_supported(CI, CO)`."""
+def conv_kernel_grad(x, g, size: int):
+    """dk[i, j, ci, co] = sum over b, h, w of x[b, h+i-size//2, w+j-size//2, ci] * g[b, h, w, co] (x zero
+    outside): the kernel gradient of a size x size 'SAME' cross-correlation (HWIO kernel, size 1 or 3), float32
+    x [B, H, W, CI] and g [B, H, W, CO] in, [size, size, CI, CO] out, on CPU. Call only when `available()` and
+    `conv_supported(CI, CO)`."""
     import jax
     import jax.numpy as jnp
 
-    out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("rnan_conv3x3_kernel_grad", out, vmap_method="sequential")(
+    out = jax.ShapeDtypeStruct((size, size, x.shape[-1], g.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("rnan_conv_kernel_grad", out, vmap_method="sequential")(
         x.astype(jnp.float32), g.astype(jnp.float32))

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,57 +65,71 @@ def test_depthwise_gradients_through_the_native_kernel_equal_autodiff_of_the_gro
     np.testing.assert_allclose(dks.sum(0), rk, rtol=1e-4, atol=1e-4)
 
 
-def _conv_reference(x, g):
-    """float64 dk[i, j, ci, co] = sum x[b, h+i-1, w+j-1, ci] g[b, h, w, co], x zero outside."""
+def _conv_reference(x, g, size):
+    """float64 dk[i, j, ci, co] = sum x[b, h+i-size//2, w+j-size//2, ci] g[b, h, w, co], x zero outside."""
     x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
     _, h, w, _ = x.shape
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return np.stack([np.stack([np.einsum("bhwc,bhwd->cd", xp[:, i:i + h, j:j + w], g) for j in range(3)])
-                     for i in range(3)])
+    p = size // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return np.stack([np.stack([np.einsum("bhwc,bhwd->cd", xp[:, i:i + h, j:j + w], g) for j in range(size)])
+                     for i in range(size)])
 
 
 # (x shape, output channels): the output channels as the vector axis (16, 32 and 48: one, two and three vectors;
 # 13 and 3 input channels: register blocks of every height left over), and the input channels as the vector
-# axis where the output has 3 (the tail conv); odd image sizes for every border case
+# axis where the output has 3 (the tail conv) or 5; odd image sizes for every border case
+@pytest.mark.parametrize("size", [3, 1])
 @pytest.mark.parametrize("x_shape,features", [((3, 7, 5, 13), 48), ((2, 5, 9, 32), 3), ((1, 1, 1, 3), 16),
                                               ((2, 6, 4, 29), 32), ((1, 3, 2, 16), 5)])
 @needs_compiler
-def test_native_conv3x3_kernel_gradient_matches_float64(x_shape, features):
-    assert native.available() and native.conv3x3_supported(x_shape[-1], features)
+def test_native_conv_kernel_gradient_matches_float64(x_shape, features, size):
+    assert native.available() and native.conv_supported(x_shape[-1], features)
     kx, kg = jax.random.split(jax.random.key(2))
     x = jax.random.normal(kx, x_shape)
     g = jax.random.normal(kg, (*x_shape[:3], features))
-    got = np.asarray(jax.jit(native.conv3x3_kernel_grad)(x, g))
-    np.testing.assert_allclose(got, _conv_reference(x, g), rtol=1e-5, atol=1e-5)
+    got = np.asarray(jax.jit(native.conv_kernel_grad, static_argnums=2)(x, g, size))
+    np.testing.assert_allclose(got, _conv_reference(x, g, size), rtol=1e-5, atol=1e-5)
 
 
-def test_conv3x3_support_needs_one_channel_count_a_multiple_of_16():
-    assert native.conv3x3_supported(3, 32) and native.conv3x3_supported(32, 3) and native.conv3x3_supported(48, 7)
-    assert not native.conv3x3_supported(3, 3) and not native.conv3x3_supported(8, 24)
+def test_native_conv_support_needs_one_channel_count_a_multiple_of_16():
+    assert native.conv_supported(3, 32) and native.conv_supported(32, 3) and native.conv_supported(48, 7)
+    assert not native.conv_supported(3, 3) and not native.conv_supported(8, 24)
 
 
+@pytest.mark.parametrize("size", [3, 1])
 @needs_compiler
-def test_conv3x3_gradients_through_the_native_kernel_equal_autodiff():
+def test_conv_gradients_through_the_native_kernel_equal_autodiff(size):
     assert native.available()
     kx, kk, kg = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(kx, (2, 9, 8, 16))
-    kernel = jax.random.normal(kk, (3, 3, 16, 3))
+    kernel = jax.random.normal(kk, (size, size, 16, 3))
     g = jax.random.normal(kg, (2, 9, 8, 3))
 
     def loss(f):
         return lambda x, k: jnp.sum(f(x, k) * g)
 
-    dx, dk = jax.jit(jax.grad(loss(model.conv3x3), argnums=(0, 1)))(x, kernel)
-    rx, rk = jax.grad(loss(model._conv3x3), argnums=(0, 1))(x, kernel)
+    def reference(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y = jax.jit(model.native_conv)(x, kernel)
+    np.testing.assert_allclose(y, reference(x, kernel), rtol=1e-5, atol=1e-5)
+    dx, dk = jax.jit(jax.grad(loss(model.native_conv), argnums=(0, 1)))(x, kernel)
+    rx, rk = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dk, rk, rtol=1e-4, atol=1e-4)
     # under vmap (the kernel is called once per mapped element)
-    dks = jax.vmap(lambda xi, gi: jax.grad(lambda k: jnp.sum(model.conv3x3(xi, k) * gi))(kernel))(x[:, None], g[:, None])
+    dks = jax.vmap(lambda xi, gi: jax.grad(lambda k: jnp.sum(model.native_conv(xi, k) * gi))(kernel))(
+        x[:, None], g[:, None])
     np.testing.assert_allclose(dks.sum(0), rk, rtol=1e-4, atol=1e-4)
-    # the module takes the same parameters whichever form it computes with
-    module = model.Conv3x3(3, 16)
-    params = module.init(jax.random.key(4), x)
-    assert jax.tree_util.tree_map(jnp.shape, params) == {"params": {"kernel": (3, 3, 16, 3), "bias": (3,)}}
+
+
+def test_the_conv_modules_keep_nn_conv_parameters():
+    x = jnp.ones((1, 5, 5, 16))
+    for module, size in ((model.Conv3x3(3, 16), 3), (model.PointwiseConv(3, 16), 1)):
+        params = module.init(jax.random.key(4), x)
+        assert jax.tree_util.tree_map(jnp.shape, params) == {"params": {"kernel": (size, size, 16, 3), "bias": (3,)}}
+        reference = nn.Conv(3, (size, size), padding="SAME").apply(params, x)
+        np.testing.assert_allclose(module.apply(params, x), reference, rtol=1e-5, atol=1e-5)
 
 
 _PROBE = """

@@ -1,9 +1,9 @@
-// The kernel gradient of a 3x3 'SAME' convolution (NHWC activations, HWIO kernel, float32):
-//   dk[i][j][ci][co] = sum over b, h, w of x[b, h + i - 1, w + j - 1, ci] * g[b, h, w, co]   (x is 0 outside)
-// read from x and g in place. XLA:CPU hands this to YNNPACK as a convolution over a transposed copy of g
-// (rnan_jax/native.py says what that costs). Here it is nine small matrix products over pixel pairs, computed
-// tile by tile (a few image rows of x and g stay in cache while all nine taps use them) with register blocks
-// of R broadcast channels x V 16-float vectors. One of the two channel axes is the vector axis and must be a
+// The kernel gradient of a KxK 'SAME' convolution, K = 1 or 3 (NHWC activations, HWIO kernel, float32):
+//   dk[i][j][ci][co] = sum over b, h, w of x[b, h + i - K/2, w + j - K/2, ci] * g[b, h, w, co]   (x is 0 outside)
+// read from x and g in place. XLA:CPU hands the 3x3 case to YNNPACK as a convolution over a transposed copy of g
+// and the 1x1 case to a slow row-contracting dot (rnan_jax/native.py says what that costs). Here it is K * K
+// small matrix products over pixel pairs, computed tile by tile (a few image rows of x and g stay in cache while
+// all taps use them) with register blocks of R broadcast channels x V 16-float vectors. One of the two channel axes is the vector axis and must be a
 // multiple of 16: co (dk's own layout), or else ci (the tail conv's 3 output channels), whose blocks are then
 // transposed into place. Built on first use by rnan_jax.native and called through jax.ffi.
 #include <algorithm>
@@ -70,29 +70,31 @@ const std::array<std::array<BlockFn, kMaxR>, 2> kBlocks = {
 
 }  // namespace
 
-static ffi::Error Conv3x3KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                                    ffi::ResultBuffer<ffi::F32> dk) {
+static ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk) {
   const auto xd = x.dimensions();
   const auto gd = g.dimensions();
+  const auto kd = dk->dimensions();
   if (xd.size() != 4 || gd.size() != 4) {
-    return ffi::Error::InvalidArgument("3x3 conv kernel gradient: x and g must be [B, H, W, C]");
+    return ffi::Error::InvalidArgument("conv kernel gradient: x and g must be [B, H, W, C]");
   }
   const int64_t B = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3];
   if (gd[0] != B || gd[1] != H || gd[2] != W) {
-    return ffi::Error::InvalidArgument("3x3 conv kernel gradient: x and g differ in batch or image size");
+    return ffi::Error::InvalidArgument("conv kernel gradient: x and g differ in batch or image size");
   }
-  if (dk->element_count() != 9 * CI * CO) {
-    return ffi::Error::InvalidArgument("3x3 conv kernel gradient: the result must be [3, 3, CI, CO]");
+  const int64_t K = kd.size() == 4 ? kd[0] : 0;
+  if (!(K == 1 || K == 3) || kd[1] != K || kd[2] != CI || kd[3] != CO) {
+    return ffi::Error::InvalidArgument("conv kernel gradient: the result must be [K, K, CI, CO], K = 1 or 3");
   }
   const bool co_vector = CO % kLanes == 0;
   if (!co_vector && CI % kLanes != 0) {
-    return ffi::Error::InvalidArgument("3x3 conv kernel gradient: CI or CO must be a multiple of 16");
+    return ffi::Error::InvalidArgument("conv kernel gradient: CI or CO must be a multiple of 16");
   }
+  const int64_t taps = K * K, half = K / 2;
   // Vector side: g (co) or x (ci); the other is broadcast. acc layout per tap: [cb][cv].
   const int64_t cv = co_vector ? CO : CI, cb = co_vector ? CI : CO;
-  std::vector<float> acc(9 * cb * cv, 0.0f);
+  std::vector<float> acc(taps * cb * cv, 0.0f);
   // Rows per tile: the tile's x rows (with the halo) and g rows within ~64 KiB.
-  const int64_t budget = 16384 / W - 2 * CI;
+  const int64_t budget = 16384 / W - 2 * half * CI;
   const int64_t th = std::max<int64_t>(1, std::min<int64_t>(H, budget / (CI + CO)));
   const float* xs = x.typed_data();
   const float* gs = g.typed_data();
@@ -100,10 +102,10 @@ static ffi::Error Conv3x3KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F3
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h0 = 0; h0 < H; h0 += th) {
       const int64_t h1 = std::min(H, h0 + th);
-      for (int64_t i = 0; i < 3; ++i) {
+      for (int64_t i = 0; i < K; ++i) {
         int nrows = 0;
         for (int64_t h = h0; h < h1; ++h) {
-          const int64_t hh = h + i - 1;
+          const int64_t hh = h + i - half;
           if (hh < 0 || hh >= H) continue;
           const float* grow = gs + (b * H + h) * W * CO;
           const float* xrow = xs + (b * H + hh) * W * CI;
@@ -112,11 +114,11 @@ static ffi::Error Conv3x3KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F3
           ++nrows;
         }
         if (nrows == 0) continue;
-        for (int64_t j = 0; j < 3; ++j) {
-          const int64_t w_lo = std::max<int64_t>(0, 1 - j), w_hi = std::min<int64_t>(W, W + 1 - j);
-          // g's pixel w pairs with x's pixel w + j - 1.
-          const int64_t vshift = co_vector ? 0 : j - 1, bshift = co_vector ? j - 1 : 0;
-          float* tap = acc.data() + (i * 3 + j) * cb * cv;
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t w_lo = std::max<int64_t>(0, half - j), w_hi = std::min<int64_t>(W, W + half - j);
+          // g's pixel w pairs with x's pixel w + j - half.
+          const int64_t vshift = co_vector ? 0 : j - half, bshift = co_vector ? j - half : 0;
+          float* tap = acc.data() + (i * K + j) * cb * cv;
           for (int64_t v0 = 0; v0 < cv; v0 += 2 * kLanes) {
             const int V = std::min<int64_t>(2, (cv - v0) / kLanes);
             for (int64_t r0 = 0; r0 < cb; r0 += kMaxR) {
@@ -133,14 +135,14 @@ static ffi::Error Conv3x3KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F3
   if (co_vector) {
     std::memcpy(out, acc.data(), acc.size() * sizeof(float));
   } else {  // acc[t][co][ci] -> dk[t][ci][co]
-    for (int64_t t = 0; t < 9; ++t)
+    for (int64_t t = 0; t < taps; ++t)
       for (int64_t co = 0; co < CO; ++co)
         for (int64_t ci = 0; ci < CI; ++ci) out[(t * CI + ci) * CO + co] = acc[(t * CO + co) * CI + ci];
   }
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConv3x3KernelGrad, Conv3x3KernelGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConvKernelGrad, ConvKernelGrad,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
