@@ -5,7 +5,8 @@
 // small matrix products over pixel pairs, computed tile by tile (a few image rows of x and g stay in cache while
 // all taps use them) with register blocks of R broadcast channels x V 16-float vectors. One of the two channel axes is the vector axis and must be a
 // multiple of 16: co (dk's own layout), or else ci (the tail conv's 3 output channels), whose blocks are then
-// transposed into place. Built on first use by rnan_jax.native and called through jax.ffi.
+// transposed into place. The handler is asynchronous: the work runs as a task on XLA's intra-op thread pool.
+// Built on first use by rnan_jax.native and called through jax.ffi.
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -70,25 +71,10 @@ const std::array<std::array<BlockFn, kMaxR>, 2> kBlocks = {
 
 }  // namespace
 
-static ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk) {
-  const auto xd = x.dimensions();
-  const auto gd = g.dimensions();
-  const auto kd = dk->dimensions();
-  if (xd.size() != 4 || gd.size() != 4) {
-    return ffi::Error::InvalidArgument("conv kernel gradient: x and g must be [B, H, W, C]");
-  }
-  const int64_t B = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3];
-  if (gd[0] != B || gd[1] != H || gd[2] != W) {
-    return ffi::Error::InvalidArgument("conv kernel gradient: x and g differ in batch or image size");
-  }
-  const int64_t K = kd.size() == 4 ? kd[0] : 0;
-  if (!(K == 1 || K == 3) || kd[1] != K || kd[2] != CI || kd[3] != CO) {
-    return ffi::Error::InvalidArgument("conv kernel gradient: the result must be [K, K, CI, CO], K = 1 or 3");
-  }
+// dk = the kernel gradient of x [B, H, W, CI] and g [B, H, W, CO], K x K taps (shapes checked by the caller).
+static void KernelGrad(const float* xs, const float* gs, float* out, int64_t B, int64_t H, int64_t W, int64_t CI,
+                       int64_t CO, int64_t K) {
   const bool co_vector = CO % kLanes == 0;
-  if (!co_vector && CI % kLanes != 0) {
-    return ffi::Error::InvalidArgument("conv kernel gradient: CI or CO must be a multiple of 16");
-  }
   const int64_t taps = K * K, half = K / 2;
   // Vector side: g (co) or x (ci); the other is broadcast. acc layout per tap: [cb][cv].
   const int64_t cv = co_vector ? CO : CI, cb = co_vector ? CI : CO;
@@ -96,8 +82,6 @@ static ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
   // Rows per tile: the tile's x rows (with the halo) and g rows within ~64 KiB.
   const int64_t budget = 16384 / W - 2 * half * CI;
   const int64_t th = std::max<int64_t>(1, std::min<int64_t>(H, budget / (CI + CO)));
-  const float* xs = x.typed_data();
-  const float* gs = g.typed_data();
   std::vector<const float*> vrows(th), brows(th);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h0 = 0; h0 < H; h0 += th) {
@@ -131,7 +115,6 @@ static ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
       }
     }
   }
-  float* out = dk->typed_data();
   if (co_vector) {
     std::memcpy(out, acc.data(), acc.size() * sizeof(float));
   } else {  // acc[t][co][ci] -> dk[t][ci][co]
@@ -139,11 +122,53 @@ static ffi::Error ConvKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
       for (int64_t co = 0; co < CO; ++co)
         for (int64_t ci = 0; ci < CI; ++ci) out[(t * CI + ci) * CO + co] = acc[(t * CO + co) * CI + ci];
   }
-  return ffi::Error::Success();
+}
+
+static ffi::Future ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                                  ffi::ResultBuffer<ffi::F32> dk) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  const auto xd = x.dimensions();
+  const auto gd = g.dimensions();
+  const auto kd = dk->dimensions();
+  if (xd.size() != 4 || gd.size() != 4) {
+    promise.SetError(ffi::Error::InvalidArgument("conv kernel gradient: x and g must be [B, H, W, C]"));
+    return future;
+  }
+  const int64_t B = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3];
+  if (gd[0] != B || gd[1] != H || gd[2] != W) {
+    promise.SetError(ffi::Error::InvalidArgument("conv kernel gradient: x and g differ in batch or image size"));
+    return future;
+  }
+  const int64_t K = kd.size() == 4 ? kd[0] : 0;
+  if (!(K == 1 || K == 3) || kd[1] != K || kd[2] != CI || kd[3] != CO) {
+    promise.SetError(
+        ffi::Error::InvalidArgument("conv kernel gradient: the result must be [K, K, CI, CO], K = 1 or 3"));
+    return future;
+  }
+  const bool co_vector = CO % kLanes == 0;
+  if (!co_vector && CI % kLanes != 0) {
+    promise.SetError(ffi::Error::InvalidArgument("conv kernel gradient: CI or CO must be a multiple of 16"));
+    return future;
+  }
+  // Computed on XLA's intra-op thread pool: the thunk completes with the promise, and the calling thread goes
+  // on with other ready kernels meanwhile. Called synchronously it kept its thread, so the other core idled
+  // where the backward had little else ready (the chunks' kernel gradients ran one after the other on one
+  // core): the small model's two-core step took 74.5-79.4 ms against 71.8-75.4 asynchronously (alternating
+  // runs, tools/BENCHMARKS.md).
+  const float* xs = x.typed_data();
+  const float* gs = g.typed_data();
+  float* out = dk->typed_data();
+  pool.Schedule([=]() mutable {
+    KernelGrad(xs, gs, out, B, H, W, CI, CO, K);
+    promise.SetAvailable();
+  });
+  return future;
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConvKernelGrad, ConvKernelGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
