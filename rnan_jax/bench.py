@@ -10,11 +10,13 @@ by, the PyTorch peer's step timed the same way, and the records written as lines
 
 - FLOPs: `forward_macs` counts every conv's multiply-adds from the config (what the forward hooks of
   ../shared/peers/bench_torch.py count); `train_flops` is 6 x that per patch (forward 2, backward 4).
-- timing: `time_windows` runs `repeats` windows of `steps` calls after `warmup`, one sync per window.
+- timing: `time_windows` runs `repeats` windows of `steps` calls after `warmup`, one sync per window;
+  `time_alternating` does so for several contenders in turn, window by window (the train step beside the
+  PyTorch peer's: a burst of load on a shared machine then falls on both).
 - input: `data_throughput` times the training input pipeline (tools/data_throughput.py).
 - records: `bench_train_step` (the trainer's jitted step on a one-device "data" mesh, state and metrics
-  donated), `bench_forward` (`api.apply` on one LR image), `bench_peer` (the PyTorch peer, when torch is
-  installed); `train_line`, `forward_line`, `peer_line` print one record, `table` the markdown rows of the
+  donated; with `peers` from `peer_steps`, the PyTorch peer's steps timed in alternation with it),
+  `bench_forward` (`api.apply` on one LR image); `train_line`, `forward_line`, `peer_line` print one record, `table` the markdown rows of the
   JSON files tools/benchmark.py writes. HLO, profile and memory figures come from `rnan_jax.profiling`.
 """
 from __future__ import annotations
@@ -64,19 +66,36 @@ def train_flops(config, batch: int, patch: int) -> float:
 
 def time_windows(run: Callable[[], Any], warmup: int, steps: int, repeats: int) -> list[float]:
     """Seconds per call of `run` in `repeats` windows of `steps` calls; one sync at each window's end."""
+    return time_alternating([_jax_window(run)], warmup, steps, repeats, pause_s=0.0)[0]
+
+
+def _jax_window(run: Callable[[], Any]) -> Callable[[int], None]:
+    """n calls of `run`, then a wait for the last result."""
     import jax
 
-    out = None
-    for _ in range(warmup):
-        out = run()
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
+    def window(n: int) -> None:
+        out = None
+        for _ in range(n):
             out = run()
         jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / steps)
+
+    return window
+
+
+def time_alternating(windows: Sequence[Callable[[int], None]], warmup: int, steps: int, repeats: int,
+                     pause_s: float = 0.1) -> list[list[float]]:
+    """Seconds per step of each contender (`window(n)` runs n steps and waits for them) in `repeats` windows of
+    `steps` steps, the contenders taking turns window by window after `warmup` steps each. `pause_s` before
+    every window lets the previous contender's idle threads stop spinning (PyTorch's OpenMP workers)."""
+    for window in windows:
+        window(warmup)
+    times: list[list[float]] = [[] for _ in windows]
+    for _ in range(repeats):
+        for window, out in zip(windows, times):
+            time.sleep(pause_s)
+            start = time.perf_counter()
+            window(steps)
+            out.append((time.perf_counter() - start) / steps)
     return times
 
 
@@ -93,13 +112,16 @@ def _knobs(unroll: int, depthwise: str, config) -> tuple[Any, Any, str, str]:
 
 def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str, *, warmup: int, steps: int,
                      repeats: int, compile_only: bool = False, profile_dir: str = "", profile_steps: int = 3,
-                     cast_params_once: bool = False, batch_chunks: int = 0) -> tuple[dict, Any]:
+                     cast_params_once: bool = False, batch_chunks: int = 0,
+                     peers: Sequence[tuple[dict, Callable[[int], None]]] = ()) -> tuple[dict, Any]:
     """One setting's record, and the parameters (for the forward timing).
 
     `unroll`: 0 the backend's default, -1 full, n; `depthwise`: "auto" (the backend's default), "grouped" or
     "shifted"; `cast_params_once`: execution.cast_params_once; `batch_chunks`: execution.batch_chunks (0: what
     the trainer runs on one device). `compile_only`: compile and count, run nothing.
     `profile_dir`: also trace `profile_steps` more steps there (`profiling.trace_window`).
+    `peers`: `peer_steps`' contenders, timed in alternation with this step (`time_alternating`); their
+    records, with the timings, come back under the record's "peers".
     """
     import jax
     import numpy as np
@@ -143,7 +165,12 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
         carry["state"], carry["acc"] = compiled(carry["state"], data, carry["acc"])
         return carry["state"], carry["acc"]
 
-    times = time_windows(run, warmup, steps, repeats)
+    all_times = time_alternating([_jax_window(run), *(window for _, window in peers)], warmup, steps, repeats,
+                                 pause_s=0.1 if peers else 0.0)
+    times = all_times[0]
+    if peers:
+        record["peers"] = [{**meta, "timing": "alternating windows with rnan_jax's step", **_timings(t)}
+                           for (meta, _), t in zip(peers, all_times[1:])]
     step_s = statistics.median(times)
     metrics = jax.device_get(carry["acc"])
     record.update(step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3, step_ms_max=max(times) * 1e3,
@@ -187,59 +214,42 @@ def bench_forward(config, params: Any, lr_hw: tuple[int, int], unroll: int, dept
                 memory=memory, peak_memory_bytes=memory.get("peak_bytes"))
 
 
-def bench_peer(config, batch: int, patch: int, *, warmup: int, steps: int, repeats: int,
-               peer_dir: str) -> list[dict]:
+def _timings(seconds: Sequence[float]) -> dict[str, float]:
+    ms = [t * 1e3 for t in seconds]
+    return {"step_ms": statistics.median(ms), "step_ms_min": min(ms), "step_ms_max": max(ms)}
+
+
+def peer_steps(config, batch: int, patch: int, *, peer_dir: str) -> list[tuple[dict, Callable[[int], None]]]:
     """The PyTorch peer's train step (forward, L1, backward, Adam) for `config` at batch x patch, float32, on
-    this machine's device, timed like ours (median of `repeats` windows); [] without torch or the peer
-    (`peer_dir`/rnan_torch.py)."""
-    try:
-        import torch
-    except ImportError:
+    this machine's device, in NCHW and channels_last: (record, window) pairs for `bench_train_step`'s `peers`
+    (`window(n)` runs n steps and waits for the device); [] without torch or the peer (`peer_dir`/rnan_torch.py).
+
+    The steps run in a process of their own (`rnan_jax.peer`, driven through a pipe and ended when this one
+    exits): in a process that has run an XLA:CPU program PyTorch's CPU step was 10-15% slower."""
+    import dataclasses
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("torch") is None or not os.path.isfile(os.path.join(peer_dir, "rnan_torch.py")):
         return []
-    if not os.path.isfile(os.path.join(peer_dir, "rnan_torch.py")):
-        return []
-    sys.path.insert(0, peer_dir)
-    try:
-        from rnan_torch import RNAN as TorchRNAN
-    finally:
-        sys.path.remove(peer_dir)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    s = config.scale
-    out = []
-    for layout in ("nchw", "channels_last"):
-        torch.manual_seed(0)
-        model = TorchRNAN(scale=s, c=config.features, n_groups=config.num_groups, n_blocks=config.num_blocks,
-                          group_interval=config.group_interval, block_interval=config.block_interval,
-                          r=config.gc_reduction).to(dev)
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        model = model.to(memory_format=fmt)
-        x = torch.rand(batch, 3, patch, patch, device=dev).to(memory_format=fmt)
-        y = torch.rand(batch, 3, s * patch, s * patch, device=dev)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "rgb_mean"}
+    worker = subprocess.Popen([sys.executable, "-m", "rnan_jax.peer", peer_dir, json.dumps(fields), str(batch),
+                               str(patch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hello = json.loads(worker.stdout.readline() or '{"error": "the peer process exited"}')
+    if "error" in hello:
+        worker.wait()
+        raise RuntimeError(f"PyTorch peer: {hello['error']}")
 
-        def step():
-            loss = (model(x) - y).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    def window_of(layout: str) -> Callable[[int], None]:
+        def window(n: int) -> None:
+            worker.stdin.write(f"{layout} {n}\n")
+            worker.stdin.flush()
+            if worker.stdout.readline().strip() != "ok":
+                raise RuntimeError(f"PyTorch peer: the {layout} step failed (exit status {worker.poll()})")
 
-        def run():
-            for _ in range(steps):
-                step()
-            if dev == "cuda":
-                torch.cuda.synchronize()
+        return window
 
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) / steps * 1e3)
-        out.append({"peer": f"torch {torch.__version__} eager float32 {layout}", "device": dev,
-                    "threads": torch.get_num_threads(), "batch": batch, "patch": patch,
-                    "step_ms": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times)})
-    return out
+    return [(meta, window_of(meta["peer"].rsplit(" ", 1)[1])) for meta in hello["peers"]]
 
 
 def data_throughput(cfg, batches: int, warmup: int, batch_size: int) -> tuple[float, float]:
@@ -306,7 +316,7 @@ def forward_line(r: dict) -> str:
 
 
 def peer_line(r: dict) -> str:
-    """One printed line for a `bench_peer` record."""
+    """One printed line for a peer record (`bench_train_step`'s "peers")."""
     return (f"peer b{r['batch']} {r['patch']}x{r['patch']} {r['peer']} ({r['device']}, {r['threads']} threads): "
             f"{r['step_ms']:.2f} ms/step (windows {r['step_ms_min']:.2f}-{r['step_ms_max']:.2f})")
 

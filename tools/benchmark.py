@@ -26,7 +26,9 @@ preset ("paper": the default x4 RNAN with 48x48 LR patches, so batch 16 is the p
 - --profile_dir: --profile_steps more steps of the first batch size under `jax.profiler.trace`, its device
   kernels summarized (count and time per step, the slowest kernels) and the Perfetto trace kept.
 - peer (--peer, default on): the PyTorch peer (--peer_dir/rnan_torch.py) for the same model, batch and patch,
-  float32, eager, NCHW and channels_last, timed the same way, when torch is installed.
+  float32, eager, NCHW and channels_last, when torch is installed: timed in the same windows, taking turns
+  with the float32 train step window by window (a 0.1 s pause before each), so that load from elsewhere on
+  a shared machine falls on both.
 - forward: `api.apply` on one LR image of --forward_lr (270x480: a 1920x1080 output at x4), per dtype and
   knobs, at batch 1, timed the same way (--forward_steps per window).
 The measuring, the FLOP count and the table are `rnan_jax.bench`; the HLO, profile and memory summaries are
@@ -43,8 +45,8 @@ from typing import Any, Callable
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # rnan_jax without an install
-from rnan_jax.bench import (PRESETS, bench_forward, bench_peer, bench_train_step, environment,  # noqa: E402
-                            forward_line, peer_line, table, train_line)
+from rnan_jax.bench import (PRESETS, bench_forward, bench_train_step, environment, forward_line,  # noqa: E402
+                            peer_line, peer_steps, table, train_line)
 
 # What --tiny sets, unless the flag is given too: a run of seconds on a CPU.
 TINY = dict(model="tiny", batch_sizes=["2"], patch_size=12, dtypes=["float32"], warmup=1, steps=2,
@@ -136,20 +138,23 @@ def main(argv):
                 what = dict(model=_MODEL.value, dtype=dtype, scan_unroll=unroll, depthwise=depthwise)
                 params = None
                 for i, batch in enumerate(int(b) for b in _BATCH_SIZES.value):
+                    peers = []  # the peer's steps, timed in alternation with ours (once per batch and patch)
+                    if (_PEER.value and dtype == "float32" and not _COMPILE_ONLY.value
+                            and (batch, _PATCH.value) not in peer_done):
+                        peer_done.add((batch, _PATCH.value))
+                        peers = _attempt(results, {"peer": True, "batch": batch}, partial(
+                            peer_steps, config, batch, _PATCH.value, peer_dir=_PEER_DIR.value)) or []
                     out = _attempt(results, {**what, "batch": batch}, partial(
                         bench_train_step, config, batch, _PATCH.value, unroll, depthwise, warmup=_WARMUP.value,
                         steps=_STEPS.value, repeats=_REPEATS.value, compile_only=_COMPILE_ONLY.value,
                         profile_dir=_PROFILE_DIR.value if i == 0 else "", profile_steps=_PROFILE_STEPS.value,
-                        cast_params_once=_CAST_ONCE.value, batch_chunks=_CHUNKS.value))
+                        cast_params_once=_CAST_ONCE.value, batch_chunks=_CHUNKS.value, peers=peers))
                     if out is not None:
                         record, params = out
+                        peer_records = record.pop("peers", [])
                         results["train"].append({"model": _MODEL.value, **record})
                         print(train_line(record), flush=True)
-                    if _PEER.value and dtype == "float32" and (batch, _PATCH.value) not in peer_done:
-                        peer_done.add((batch, _PATCH.value))
-                        for r in _attempt(results, {"peer": True, "batch": batch}, partial(
-                                bench_peer, config, batch, _PATCH.value, warmup=_WARMUP.value, steps=_STEPS.value,
-                                repeats=_REPEATS.value, peer_dir=_PEER_DIR.value)) or []:
+                        for r in peer_records:
                             results["peer"].append({"model": _MODEL.value, **r})
                             print(peer_line(r), flush=True)
                     _write(_OUTPUT.value, results)
