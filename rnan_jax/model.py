@@ -129,22 +129,41 @@ def _plain_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _narrow_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`_plain_conv`, except a 3x3 conv from fewer than 16 channels, which runs as `native.conv3x3` on CPU."""
+    if kernel.shape[0] != 3 or not native.conv3x3_narrow(kernel.shape[2], kernel.shape[3]):
+        return _plain_conv(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cpu=lambda x, k: native.conv3x3(x, k).astype(x.dtype),
+                                      default=_plain_conv)
+
+
 @jax.custom_vjp
 def native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`_plain_conv` whose kernel gradient on CPU is a native kernel (`native.conv_kernel_grad`, reading x and
     the output gradient in place; XLA:CPU transposes the gradient for YNNPACK first, leaves a 3x3 conv with 3
-    output channels to Eigen, and contracts a 1x1 conv's rows in a slow dot). The forward and the input
-    gradient stay XLA's, and on other platforms the kernel gradient too."""
-    return _plain_conv(x, kernel)
+    output channels to Eigen, and contracts a 1x1 conv's rows in a slow dot); a 3x3 conv from or to fewer than
+    16 channels also runs its forward or its input gradient natively (`native.conv3x3`). The rest stays XLA's,
+    and on other platforms all of it."""
+    return _narrow_forward(x, kernel)
 
 
 def _native_conv_fwd(x, kernel):
-    return _plain_conv(x, kernel), (x, kernel)
+    return _narrow_forward(x, kernel), (x, kernel)
 
 
 def _native_conv_bwd(residuals, g):
     x, kernel = residuals
-    dx = jax.vjp(lambda x: _plain_conv(x, kernel), x)[1](g)[0]
+
+    def xla_input_grad(g, kernel):
+        return jax.vjp(lambda x: _plain_conv(x, kernel), x)[1](g)[0]
+
+    def native_input_grad(g, kernel):  # the same conv of g with the kernel flipped and transposed
+        return native.conv3x3(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3)).astype(x.dtype)
+
+    if kernel.shape[0] == 3 and native.conv3x3_narrow(kernel.shape[3], kernel.shape[2]):
+        dx = jax.lax.platform_dependent(g, kernel, cpu=native_input_grad, default=xla_input_grad)
+    else:
+        dx = xla_input_grad(g, kernel)
 
     def xla_grad(x, g):
         return jax.vjp(lambda k: _plain_conv(x, k), kernel)[1](g)[0].astype(jnp.float32)

@@ -1,6 +1,6 @@
 """Native CPU kernels, called through `jax.ffi`: built on first use with the system C++ compiler.
 
-Two kernel gradients that XLA:CPU computes slowly, each reading its inputs in place:
+Convolution work that XLA:CPU computes slowly, each kernel reading its inputs in place:
 - `depthwise_kernel_grad`, the 3x3 depthwise convolution's (kernels/depthwise.cc). XLA:CPU computes it as nine
   channel sums, which YNNPACK reduces only from materialized inputs, so each shifted copy of the block's input
   is written out: with the reductions, ~4 ms of every RNA block's backward on one core for the small model at
@@ -10,6 +10,14 @@ Two kernel gradients that XLA:CPU computes slowly, each reading its inputs in pl
   the small model at batch 16 on one core, 10.1 + 4.3 ms for its 32 -> 128 upsampler conv and 6.3 + 1.8 ms
   (Eigen) for the 32 -> 3 tail conv, against 1.2, 5.0 and 0.7 ms here. For 1x1 (a matrix product contracting
   the pixel rows) XLA's dot takes 0.9 ms per 32 -> 32 conv.
+- `conv3x3`, a 3x3 convolution with fewer than 16 input channels (kernels/conv.cc), where YNNPACK is slow: the
+  head's forward from 3 channels (0.86 ms in the small model's one-core step, 0.16 ms here) and the input
+  gradient of the tail conv to 3 channels (3.5 ms, 0.6 ms here).
+
+The two conv kernels' handlers are asynchronous: the work is a task on XLA's intra-op thread pool, so the
+thread that reached the custom call goes on with other ready kernels and an idle core takes the task. Called
+synchronously, `conv3x3` made the two-core step slower although each call was faster (the YNNPACK convs it
+replaces spread over an idle core by themselves); asynchronously it is faster (tools/BENCHMARKS.md).
 
 The shared library is compiled from both sources (shipped with the package) by `$CXX` (default `c++`) with
 `-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default ~/.cache/rnan_jax/native), named by a hash of the
@@ -36,7 +44,8 @@ _SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kerne
                  for name in ("depthwise.cc", "conv.cc"))
 # XLA FFI target -> the handler symbol the library exports
 _TARGETS = {"rnan_depthwise_kernel_grad": "RnanDepthwiseKernelGrad",
-            "rnan_conv_kernel_grad": "RnanConvKernelGrad"}
+            "rnan_conv_kernel_grad": "RnanConvKernelGrad",
+            "rnan_conv3x3": "RnanConv3x3"}
 LANES = 16  # conv_kernel_grad vectorizes one channel axis in blocks of this many floats
 _state: dict[str, bool] = {}
 
@@ -128,3 +137,20 @@ def conv_kernel_grad(x, g, size: int):
     out = jax.ShapeDtypeStruct((size, size, x.shape[-1], g.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call("rnan_conv_kernel_grad", out, vmap_method="sequential")(
         x.astype(jnp.float32), g.astype(jnp.float32))
+
+
+def conv3x3_narrow(in_features: int, features: int) -> bool:
+    """Whether `conv3x3` is the faster form of a 3x3 conv with these channel counts: fewer than `LANES` input
+    channels, a multiple of `LANES` output channels."""
+    return in_features < LANES and features % LANES == 0
+
+
+def conv3x3(x, k):
+    """y[b, h, w, co] = sum over i, j, ci of x[b, h+i-1, w+j-1, ci] * k[i, j, ci, co] (x zero outside): a 3x3
+    'SAME' cross-correlation, float32 x [B, H, W, CI] and k [3, 3, CI, CO] in, [B, H, W, CO] out, on CPU. Call
+    only when `available()`; CO must be a multiple of `LANES` (`conv3x3_narrow` says where it is worth it)."""
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.ShapeDtypeStruct((*x.shape[:3], k.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("rnan_conv3x3", out, vmap_method="sequential")(x.astype(jnp.float32), k.astype(jnp.float32))

@@ -96,14 +96,29 @@ def test_native_conv_support_needs_one_channel_count_a_multiple_of_16():
     assert not native.conv_supported(3, 3) and not native.conv_supported(8, 24)
 
 
+@needs_compiler
+def test_native_conv3x3_matches_float64():
+    assert native.available() and native.conv3x3_narrow(3, 32) and not native.conv3x3_narrow(16, 32)
+    kx, kk = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (2, 7, 29, 5))  # a row of 29 pixels: register blocks of 12, 12 and 5
+    k = jax.random.normal(kk, (3, 3, 5, 48))  # 48 output channels: vector blocks of 2 and 1
+    x64, k64 = np.asarray(x, np.float64), np.asarray(k, np.float64)
+    xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = sum(np.einsum("bhwc,cd->bhwd", xp[:, i:i + 7, j:j + 29], k64[i, j]) for i in range(3) for j in range(3))
+    np.testing.assert_allclose(np.asarray(jax.jit(native.conv3x3)(x, k)), ref, rtol=1e-5, atol=1e-5)
+
+
+# (in, out) channels: 16 -> 3 (the tail conv: native input gradient), 3 -> 16 (the head: native forward)
+@pytest.mark.parametrize("channels", [(16, 3), (3, 16)])
 @pytest.mark.parametrize("size", [3, 1])
 @needs_compiler
-def test_conv_gradients_through_the_native_kernel_equal_autodiff(size):
+def test_conv_gradients_through_the_native_kernel_equal_autodiff(size, channels):
     assert native.available()
+    ci, co = channels
     kx, kk, kg = jax.random.split(jax.random.key(3), 3)
-    x = jax.random.normal(kx, (2, 9, 8, 16))
-    kernel = jax.random.normal(kk, (size, size, 16, 3))
-    g = jax.random.normal(kg, (2, 9, 8, 3))
+    x = jax.random.normal(kx, (2, 9, 8, ci))
+    kernel = jax.random.normal(kk, (size, size, ci, co))
+    g = jax.random.normal(kg, (2, 9, 8, co))
 
     def loss(f):
         return lambda x, k: jnp.sum(f(x, k) * g)

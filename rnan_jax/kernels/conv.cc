@@ -69,6 +69,44 @@ constexpr std::array<BlockFn, sizeof...(Rs)> Table(std::integer_sequence<int, Rs
 const std::array<std::array<BlockFn, kMaxR>, 2> kBlocks = {
     Table<1>(std::make_integer_sequence<int, kMaxR>()), Table<2>(std::make_integer_sequence<int, kMaxR>())};
 
+// The forward: P output pixels x V 16-float vectors of output channels, over the 9 taps and all input channels.
+//   rows: three zero-padded input rows (W + 2 pixels of ci floats each), out: the first pixel's output.
+template <int P, int V>
+void ForwardBlock(const float* rows, int64_t row_stride, int64_t ci, const float* k, int64_t co, float* out) {
+  Vec acc[P][V];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) acc[p][v] = Vec{};
+  for (int t = 0; t < 9; ++t) {
+    const float* xp = rows + (t / 3) * row_stride + (t % 3) * ci;
+    const float* kp = k + t * ci * co;
+    for (int64_t c = 0; c < ci; ++c, ++xp, kp += co) {
+      Vec kv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) kv[v] = *reinterpret_cast<const Vec*>(kp + v * kLanes);
+#pragma GCC unroll 12
+      for (int p = 0; p < P; ++p) {
+        const float s = xp[p * ci];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[p][v] += s * kv[v];
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) *reinterpret_cast<Vec*>(out + p * co + v * kLanes) = acc[p][v];
+}
+
+typedef void (*ForwardFn)(const float*, int64_t, int64_t, const float*, int64_t, float*);
+
+template <int V, int... Ps>
+constexpr std::array<ForwardFn, sizeof...(Ps)> ForwardTable(std::integer_sequence<int, Ps...>) {
+  return {&ForwardBlock<Ps + 1, V>...};
+}
+
+// kForward[V - 1][P - 1]
+const std::array<std::array<ForwardFn, kMaxR>, 2> kForward = {
+    ForwardTable<1>(std::make_integer_sequence<int, kMaxR>()),
+    ForwardTable<2>(std::make_integer_sequence<int, kMaxR>())};
+
 }  // namespace
 
 // dk = the kernel gradient of x [B, H, W, CI] and g [B, H, W, CO], K x K taps (shapes checked by the caller).
@@ -167,6 +205,70 @@ static ffi::Future ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConvKernelGrad, ConvKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// y[b, h, w, co] = sum over i, j, ci of x[b, h + i - 1, w + j - 1, ci] * k[i, j, ci, co] (x is 0 outside): a 3x3
+// 'SAME' convolution with co a multiple of 16, for the convs with few input channels where YNNPACK is slow (the
+// head's forward from 3 channels; the input gradient of the tail conv to 3 channels, with k flipped and
+// transposed).
+static void Forward(const float* xs, const float* ks, float* ys, int64_t B, int64_t H, int64_t W, int64_t CI,
+                    int64_t CO) {
+  const int64_t row_stride = (W + 2) * CI;
+  std::vector<float> rows(3 * row_stride, 0.0f);  // input rows h - 1, h, h + 1, zero-padded by one pixel
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < 3; ++i) {
+        const int64_t hh = h + i - 1;
+        float* dst = rows.data() + i * row_stride + CI;
+        if (hh < 0 || hh >= H) {
+          std::fill(dst, dst + W * CI, 0.0f);
+        } else {
+          std::memcpy(dst, xs + (b * H + hh) * W * CI, W * CI * sizeof(float));
+        }
+      }
+      float* yrow = ys + (b * H + h) * W * CO;
+      for (int64_t v0 = 0; v0 < CO; v0 += 2 * kLanes) {
+        const int V = std::min<int64_t>(2, (CO - v0) / kLanes);
+        for (int64_t w0 = 0; w0 < W; w0 += kMaxR) {
+          const int P = std::min<int64_t>(kMaxR, W - w0);
+          kForward[V - 1][P - 1](rows.data() + w0 * CI, row_stride, CI, ks + v0, CO, yrow + w0 * CO + v0);
+        }
+      }
+    }
+  }
+}
+
+// Asynchronous like ConvKernelGrad (a task on XLA's intra-op thread pool).
+static ffi::Future Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  const auto xd = x.dimensions();
+  const auto kd = k.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || kd[0] != 3 || kd[1] != 3 || kd[2] != xd[3]) {
+    promise.SetError(ffi::Error::InvalidArgument("3x3 conv: x must be [B, H, W, CI] and k [3, 3, CI, CO]"));
+    return future;
+  }
+  const int64_t B = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = kd[3];
+  if (CO % kLanes != 0 || y->element_count() != B * H * W * CO) {
+    promise.SetError(ffi::Error::InvalidArgument("3x3 conv: CO must be a multiple of 16 and y [B, H, W, CO]"));
+    return future;
+  }
+  const float* xs = x.typed_data();
+  const float* ks = k.typed_data();
+  float* ys = y->typed_data();
+  pool.Schedule([=]() mutable {
+    Forward(xs, ks, ys, B, H, W, CI, CO);
+    promise.SetAvailable();
+  });
+  return future;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConv3x3, Conv3x3,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
