@@ -5,7 +5,7 @@ Hardware:  2 CPU cores: 25-40 s after installation (compile ~8 s, ~30-40 ms/step
 Model:     x2, 32 features, 2 GCRGs x 3 RNA blocks (~0.2 M parameters).
 Data:      astronaut, coffee, chelsea, rocket, immunohistochemistry, hubble_deep_field; validation on a
            held-out 320x240 crop of stereo_motorcycle (bicubic x2: 27.704 dB).
-Expected:  validation PSNR above bicubic's: 28.512 dB at step 400, 28.577 dB (+0.87 dB) at step 600.
+Expected:  validation PSNR above bicubic's: 28.525 dB at step 400, 28.587 dB (+0.88 dB) at step 600.
 """
 import ml_collections
 
