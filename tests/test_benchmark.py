@@ -1,6 +1,7 @@
 """tools/benchmark.py: the --tiny run writes every field with a finite positive value; the FLOP count
 (rnan_jax.bench) and the HLO and profile summaries (rnan_jax.profiling) agree with independent counts. No
 timing is asserted."""
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +11,8 @@ import sys
 import pytest
 
 from rnan_jax import RNANConfig, bench, profiling
+
+from conftest import PEERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,10 +44,25 @@ def test_tiny_run_writes_every_field(tmp_path):
     assert (forward["lr_hw"], forward["sr_hw"]) == ([16, 24], [64, 96])
     _positive(forward, ["forward_ms", "compile_s", "tflops", "megapixels_per_s", "peak_memory_bytes", "flop"])
 
+    if importlib.util.find_spec("torch") and os.path.isfile(os.path.join(PEERS, "rnan_torch.py")):
+        # the PyTorch peer, timed in its own process in alternation with the step
+        assert [r["peer"].rsplit(" ", 1)[1] for r in res["peer"]] == ["nchw", "channels_last"]
+        for r in res["peer"]:
+            assert r["timing"] == "alternating windows with rnan_jax's step" and r["batch"] == 2
+            _positive(r, ["step_ms", "step_ms_min", "step_ms_max"])
+
     rows = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), f"--table={out}"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert rows.returncode == 0, rows.stderr[-2000:]
     assert rows.stdout.count("\n| ") == 3  # separator, one train row, one forward row
+
+
+def test_alternating_windows_take_turns():
+    calls = []
+    windows = [lambda n, k=k: calls.append((k, n)) for k in "ab"]
+    times = bench.time_alternating(windows, warmup=2, steps=3, repeats=2, pause_s=0.0)
+    assert calls == [("a", 2), ("b", 2), ("a", 3), ("b", 3), ("a", 3), ("b", 3)]
+    assert [len(t) for t in times] == [2, 2] and all(x >= 0 for t in times for x in t)
 
 
 def test_paper_train_step_is_3_918_tflop():
