@@ -90,7 +90,25 @@ def torch_uniform(kernel_shape: Sequence[int]) -> Callable[..., jax.Array]:
     return init
 
 
-class PointwiseConv(nn.Module):
+class SameConv(nn.Module):
+    """A biased `size` x `size` 'SAME' conv (`size` 1 or 3, set by the subclass) with `nn.Conv`'s parameters
+    (kernel [size, size, in, out], bias [out]) and PyTorch's initialization, through `_conv`."""
+
+    features: int
+    in_features: int
+    dtype: Any = jnp.float32
+    size = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.size, self.size, self.in_features, self.features)
+        init = torch_uniform(shape)
+        kernel = self.param("kernel", init, shape).astype(self.dtype)
+        bias = self.param("bias", init, (self.features,)).astype(self.dtype)
+        return _conv(x.astype(self.dtype), kernel) + bias
+
+
+class PointwiseConv(SameConv):
     """A biased 1x1 conv with `nn.Conv`'s parameters (kernel [1, 1, in, out], bias [out], same initialization),
     computed on CPU as a matrix product over the channel axis and elsewhere as a convolution; checkpoints do
     not depend on the form (`jax.lax.platform_dependent` picks it when the program is lowered).
@@ -101,17 +119,7 @@ class PointwiseConv(nn.Module):
     that contraction is a native kernel. GPUs and TPUs keep the convolution that their measurements were taken
     with until a GPU session compares the two."""
 
-    features: int
-    in_features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (1, 1, self.in_features, self.features)
-        init = torch_uniform(shape)
-        kernel = self.param("kernel", init, shape).astype(self.dtype)
-        bias = self.param("bias", init, (self.features,)).astype(self.dtype)
-        return _conv(x.astype(self.dtype), kernel) + bias
+    size = 1
 
 
 def _pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -187,21 +195,11 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _plain_conv(x, kernel)
 
 
-class Conv3x3(nn.Module):
+class Conv3x3(SameConv):
     """A biased 3x3 'SAME' conv with `nn.Conv`'s parameters (kernel [3, 3, in, out], bias [out]) and PyTorch's
     initialization, through `native_conv` on CPU where it applies: checkpoints do not depend on the form."""
 
-    features: int
-    in_features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (3, 3, self.in_features, self.features)
-        init = torch_uniform(shape)
-        kernel = self.param("kernel", init, shape).astype(self.dtype)
-        bias = self.param("bias", init, (self.features,)).astype(self.dtype)
-        return _conv(x.astype(self.dtype), kernel) + bias
+    size = 3
 
 
 def conv(features: int, kernel: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Module:
