@@ -224,8 +224,9 @@ def peer_steps(config, batch: int, patch: int, *, peer_dir: str) -> list[tuple[d
     this machine's device, in NCHW and channels_last: (record, window) pairs for `bench_train_step`'s `peers`
     (`window(n)` runs n steps and waits for the device); [] without torch or the peer (`peer_dir`/rnan_torch.py).
 
-    The steps run in a process of their own (`rnan_jax.peer`, driven through a pipe and ended when this one
-    exits): in a process that has run an XLA:CPU program PyTorch's CPU step was 10-15% slower."""
+    The steps run in a process of their own (`rnan_jax.peer`, driven through a pipe; `window.close()` ends it,
+    as does this process's exit): in a process that has run an XLA:CPU program PyTorch's CPU step was 10-15%
+    slower."""
     import dataclasses
     import importlib.util
     import subprocess
@@ -240,6 +241,10 @@ def peer_steps(config, batch: int, patch: int, *, peer_dir: str) -> list[tuple[d
         worker.wait()
         raise RuntimeError(f"PyTorch peer: {hello['error']}")
 
+    def close() -> None:
+        worker.stdin.close()
+        worker.wait(timeout=60)
+
     def window_of(layout: str) -> Callable[[int], None]:
         def window(n: int) -> None:
             worker.stdin.write(f"{layout} {n}\n")
@@ -247,6 +252,7 @@ def peer_steps(config, batch: int, patch: int, *, peer_dir: str) -> list[tuple[d
             if worker.stdout.readline().strip() != "ok":
                 raise RuntimeError(f"PyTorch peer: the {layout} step failed (exit status {worker.poll()})")
 
+        window.close = close  # ends the worker (and frees its device memory); any window's does
         return window
 
     return [(meta, window_of(meta["peer"].rsplit(" ", 1)[1])) for meta in hello["peers"]]

@@ -149,6 +149,8 @@ def main(argv):
                         steps=_STEPS.value, repeats=_REPEATS.value, compile_only=_COMPILE_ONLY.value,
                         profile_dir=_PROFILE_DIR.value if i == 0 else "", profile_steps=_PROFILE_STEPS.value,
                         cast_params_once=_CAST_ONCE.value, batch_chunks=_CHUNKS.value, peers=peers))
+                    if peers:
+                        peers[0][1].close()
                     if out is not None:
                         record, params = out
                         peer_records = record.pop("peers", [])
