@@ -205,3 +205,26 @@ def test_pointwise_conv_is_a_dot_on_cpu_and_the_convolution_elsewhere():
     cuda = f.trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "dot_general" in cpu and "convolution" not in cpu
     assert "convolution" in cuda and "dot_general" not in cuda
+
+
+def test_the_train_step_lowered_for_a_gpu_calls_no_native_cpu_kernel():
+    """The native kernels (rnan_jax/native.py) are picked per platform when the program is lowered: the
+    gradient program lowered for CUDA holds none of their FFI calls, the CPU one all three."""
+    from rnan_jax import native
+
+    if not native.available():
+        pytest.skip("the native CPU kernels are not built here (no C++ compiler, or RNAN_JAX_NATIVE=0)")
+    config = RNANConfig(scale=2, features=16, num_groups=1, num_blocks=1)
+    model = build(config, depthwise="shifted")
+    lr = jnp.zeros((2, 8, 8, 3))
+    params = init(jax.random.key(0), config)
+
+    def loss(p):
+        return jnp.mean(model.apply({"params": p}, lr) ** 2)
+
+    traced = jax.jit(jax.grad(loss)).trace(params)
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    targets = ("rnan_conv_kernel_grad", "rnan_conv3x3", "rnan_depthwise_kernel_grad")
+    assert all(t in cpu for t in targets)
+    assert not any(t in cuda for t in targets)
