@@ -17,7 +17,8 @@ by, the PyTorch peer's step timed the same way, and the records written as lines
 - records: `bench_train_step` (the trainer's jitted step on a one-device "data" mesh, state and metrics
   donated; with `peers` from `peer_steps`, the PyTorch peer's steps timed in alternation with it),
   `bench_forward` (`api.apply` on one LR image); `train_line`, `forward_line`, `peer_line` print one record,
-  `table` the markdown rows of the JSON files tools/benchmark.py writes. HLO, profile and memory figures come from `rnan_jax.profiling`.
+  `table` the markdown rows of the JSON files tools/benchmark.py writes. HLO, profile and memory figures come
+  from `rnan_jax.profiling`.
 """
 from __future__ import annotations
 

@@ -5,10 +5,10 @@ idle in between: tools/BENCHMARKS.md), so in-process timings flattered rnan_jax.
 
     python -m rnan_jax.peer PEER_DIR '{"scale": 2, "features": 32, ...}' BATCH PATCH
 
-builds the peer's RNAN for those RNANConfig fields in NCHW and channels_last (float32, Adam), prints one JSON
-line describing them (or {"error": ...}), then reads commands from stdin: `LAYOUT N` runs N train steps
-(forward, L1, backward, Adam) of that layout, waits for the device and prints `ok`; `quit` (or the end of
-stdin) exits. Nothing here imports JAX.
+builds the peer's RNAN for those RNANConfig fields (all but rgb_mean, as `bench.peer_steps` sends them) in
+NCHW and channels_last (float32, Adam), prints one JSON line describing them (or {"error": ...}), then reads
+commands from stdin: `LAYOUT N` runs N train steps (forward, L1, backward, Adam) of that layout, waits for the
+device and prints `ok`; `quit` (or the end of stdin) exits. Nothing here imports JAX.
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def _steps(peer_dir: str, fields: dict, batch: int, patch: int):
     finally:
         sys.path.remove(peer_dir)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    s = fields.get("scale", 4)
+    s = fields["scale"]
     steps, meta = {}, []
     for layout in LAYOUTS:
         torch.manual_seed(0)
-        model = TorchRNAN(scale=s, c=fields.get("features", 64), n_groups=fields.get("num_groups", 10),
-                          n_blocks=fields.get("num_blocks", 20), group_interval=fields.get("group_interval", 1),
-                          block_interval=fields.get("block_interval", 1), r=fields.get("gc_reduction", 16)).to(dev)
+        model = TorchRNAN(scale=s, c=fields["features"], n_groups=fields["num_groups"], n_blocks=fields["num_blocks"],
+                          group_interval=fields["group_interval"], block_interval=fields["block_interval"],
+                          r=fields["gc_reduction"]).to(dev)
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         model = model.to(memory_format=fmt)
         x = torch.rand(batch, 3, patch, patch, device=dev).to(memory_format=fmt)

@@ -3,9 +3,10 @@
 // read from x and g in place. XLA:CPU hands the 3x3 case to YNNPACK as a convolution over a transposed copy of g
 // and the 1x1 case to a slow row-contracting dot (rnan_jax/native.py says what that costs). Here it is K * K
 // small matrix products over pixel pairs, computed tile by tile (a few image rows of x and g stay in cache while
-// all taps use them) with register blocks of R broadcast channels x V 16-float vectors. One of the two channel axes is the vector axis and must be a
-// multiple of 16: co (dk's own layout), or else ci (the tail conv's 3 output channels), whose blocks are then
-// transposed into place. The handler is asynchronous: the work runs as a task on XLA's intra-op thread pool.
+// all taps use them) with register blocks of R broadcast channels x V 16-float vectors. One of the two channel
+// axes is the vector axis and must be a multiple of 16: co (dk's own layout), or else ci (the tail conv's 3
+// output channels), whose blocks are then transposed into place. Also here: the forward of a 3x3 conv from few
+// input channels. The handlers are asynchronous: the work runs as a task on XLA's intra-op thread pool.
 // Built on first use by rnan_jax.native and called through jax.ffi.
 #include <algorithm>
 #include <array>
@@ -162,46 +163,48 @@ static void KernelGrad(const float* xs, const float* gs, float* out, int64_t B, 
   }
 }
 
-static ffi::Future ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                                  ffi::ResultBuffer<ffi::F32> dk) {
+// A future that fails at once with an invalid-argument error (a handler's shape check).
+static ffi::Future Invalid(const char* message) {
+  ffi::Promise promise;
+  promise.SetError(ffi::Error::InvalidArgument(message));
+  return ffi::Future(promise);
+}
+
+// A future completed by `work`, run as a task on XLA's intra-op thread pool: the thunk completes with it, and
+// the calling thread goes on with other ready kernels meanwhile. Called synchronously, the conv kernels kept
+// their thread, so the other core idled where the backward had little else ready (the chunks' kernel gradients
+// ran one after the other on one core): the small model's two-core step took 74.5-79.4 ms against 71.8-75.4
+// asynchronously (alternating runs, tools/BENCHMARKS.md).
+template <typename F>
+static ffi::Future OnPool(ffi::ThreadPool& pool, F work) {
   ffi::Promise promise;
   ffi::Future future(promise);
-  const auto xd = x.dimensions();
-  const auto gd = g.dimensions();
-  const auto kd = dk->dimensions();
-  if (xd.size() != 4 || gd.size() != 4) {
-    promise.SetError(ffi::Error::InvalidArgument("conv kernel gradient: x and g must be [B, H, W, C]"));
-    return future;
-  }
-  const int64_t B = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3];
-  if (gd[0] != B || gd[1] != H || gd[2] != W) {
-    promise.SetError(ffi::Error::InvalidArgument("conv kernel gradient: x and g differ in batch or image size"));
-    return future;
-  }
-  const int64_t K = kd.size() == 4 ? kd[0] : 0;
-  if (!(K == 1 || K == 3) || kd[1] != K || kd[2] != CI || kd[3] != CO) {
-    promise.SetError(
-        ffi::Error::InvalidArgument("conv kernel gradient: the result must be [K, K, CI, CO], K = 1 or 3"));
-    return future;
-  }
-  const bool co_vector = CO % kLanes == 0;
-  if (!co_vector && CI % kLanes != 0) {
-    promise.SetError(ffi::Error::InvalidArgument("conv kernel gradient: CI or CO must be a multiple of 16"));
-    return future;
-  }
-  // Computed on XLA's intra-op thread pool: the thunk completes with the promise, and the calling thread goes
-  // on with other ready kernels meanwhile. Called synchronously it kept its thread, so the other core idled
-  // where the backward had little else ready (the chunks' kernel gradients ran one after the other on one
-  // core): the small model's two-core step took 74.5-79.4 ms against 71.8-75.4 asynchronously (alternating
-  // runs, tools/BENCHMARKS.md).
-  const float* xs = x.typed_data();
-  const float* gs = g.typed_data();
-  float* out = dk->typed_data();
   pool.Schedule([=]() mutable {
-    KernelGrad(xs, gs, out, B, H, W, CI, CO, K);
+    work();
     promise.SetAvailable();
   });
   return future;
+}
+
+static ffi::Future ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                                  ffi::ResultBuffer<ffi::F32> dk) {
+  const auto xd = x.dimensions();
+  const auto gd = g.dimensions();
+  const auto kd = dk->dimensions();
+  if (xd.size() != 4 || gd.size() != 4) return Invalid("conv kernel gradient: x and g must be [B, H, W, C]");
+  const int64_t B = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = gd[3];
+  if (gd[0] != B || gd[1] != H || gd[2] != W) {
+    return Invalid("conv kernel gradient: x and g differ in batch or image size");
+  }
+  const int64_t K = kd.size() == 4 ? kd[0] : 0;
+  if (!(K == 1 || K == 3) || kd[1] != K || kd[2] != CI || kd[3] != CO) {
+    return Invalid("conv kernel gradient: the result must be [K, K, CI, CO], K = 1 or 3");
+  }
+  if (CO % kLanes != 0 && CI % kLanes != 0) return Invalid("conv kernel gradient: CI or CO must be a multiple of 16");
+  const float* xs = x.typed_data();
+  const float* gs = g.typed_data();
+  float* out = dk->typed_data();
+  return OnPool(pool, [=] { KernelGrad(xs, gs, out, B, H, W, CI, CO, K); });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConvKernelGrad, ConvKernelGrad,
@@ -242,30 +245,21 @@ static void Forward(const float* xs, const float* ks, float* ys, int64_t B, int6
   }
 }
 
-// Asynchronous like ConvKernelGrad (a task on XLA's intra-op thread pool).
 static ffi::Future Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                            ffi::ResultBuffer<ffi::F32> y) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
   const auto xd = x.dimensions();
   const auto kd = k.dimensions();
   if (xd.size() != 4 || kd.size() != 4 || kd[0] != 3 || kd[1] != 3 || kd[2] != xd[3]) {
-    promise.SetError(ffi::Error::InvalidArgument("3x3 conv: x must be [B, H, W, CI] and k [3, 3, CI, CO]"));
-    return future;
+    return Invalid("3x3 conv: x must be [B, H, W, CI] and k [3, 3, CI, CO]");
   }
   const int64_t B = xd[0], H = xd[1], W = xd[2], CI = xd[3], CO = kd[3];
   if (CO % kLanes != 0 || y->element_count() != B * H * W * CO) {
-    promise.SetError(ffi::Error::InvalidArgument("3x3 conv: CO must be a multiple of 16 and y [B, H, W, CO]"));
-    return future;
+    return Invalid("3x3 conv: CO must be a multiple of 16 and y [B, H, W, CO]");
   }
   const float* xs = x.typed_data();
   const float* ks = k.typed_data();
   float* ys = y->typed_data();
-  pool.Schedule([=]() mutable {
-    Forward(xs, ks, ys, B, H, W, CI, CO);
-    promise.SetAvailable();
-  });
-  return future;
+  return OnPool(pool, [=] { Forward(xs, ks, ys, B, H, W, CI, CO); });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConv3x3, Conv3x3,
