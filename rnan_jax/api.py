@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from rnan_jax.model import DEPTHWISE_IMPLS, RNAN, RNANConfig, cast_params, torch_bound
+from rnan_jax.model import DEPTHWISE_IMPLS, REMAT_POLICIES, RNAN, RNANConfig, cast_params, torch_bound
 
 Params = Mapping[str, Any]
 
@@ -25,6 +25,8 @@ Params = Mapping[str, Any]
 _CPU_DEPTHWISE = "shifted"
 _ACCELERATOR_KNOBS = (1, "grouped")
 CPU_FULL_UNROLL_MAX_BLOCKS = 24
+# Recomputing RNA blocks in the backward (model.REMAT_POLICIES) per backend; not measured yet: none everywhere.
+_REMAT: dict[str, str] = {}
 
 
 def default_knobs(backend: str | None = None, config: RNANConfig | None = None) -> tuple[int | bool, str]:
@@ -36,13 +38,22 @@ def default_knobs(backend: str | None = None, config: RNANConfig | None = None) 
     return (True if blocks <= CPU_FULL_UNROLL_MAX_BLOCKS else 1), _CPU_DEPTHWISE
 
 
-def build(config: RNANConfig, *, scan_unroll: int | bool | None = None, depthwise: str | None = None) -> RNAN:
+def default_remat(backend: str | None = None) -> str:
+    """What the backward recomputes of each RNA block (`model.REMAT_POLICIES`) by default on a backend."""
+    return _REMAT.get(backend or jax.default_backend(), "none")
+
+
+def build(config: RNANConfig, *, scan_unroll: int | bool | None = None, depthwise: str | None = None,
+          remat: str | None = None) -> RNAN:
     """The linen module for `config` with the execution knobs resolved (None: the backend's default)."""
     unroll, impl = default_knobs(config=config)
     depthwise = depthwise or impl
     if depthwise not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {depthwise!r}")
-    return RNAN(config, depthwise=depthwise, scan_unroll=unroll if scan_unroll is None else scan_unroll)
+    remat = remat or default_remat()
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+    return RNAN(config, depthwise=depthwise, scan_unroll=unroll if scan_unroll is None else scan_unroll, remat=remat)
 
 
 def init(rng: jax.Array, config: RNANConfig) -> dict:

@@ -113,13 +113,13 @@ def _knobs(unroll: int, depthwise: str, config) -> tuple[Any, Any, str, str]:
 
 def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str, *, warmup: int, steps: int,
                      repeats: int, compile_only: bool = False, profile_dir: str = "", profile_steps: int = 3,
-                     cast_params_once: bool = False, batch_chunks: int = 0,
+                     cast_params_once: bool = False, batch_chunks: int = 0, remat: str = "auto",
                      peers: Sequence[tuple[dict, Callable[[int], None]]] = ()) -> tuple[dict, Any]:
     """One setting's record, and the parameters (for the forward timing).
 
     `unroll`: 0 the backend's default, -1 full, n; `depthwise`: "auto" (the backend's default), "grouped" or
     "shifted"; `cast_params_once`: execution.cast_params_once; `batch_chunks`: execution.batch_chunks (0: what
-    the trainer runs on one device). `compile_only`: compile and count, run nothing.
+    the trainer runs on one device); `remat`: execution.remat ("auto": the backend's default). `compile_only`: compile and count, run nothing.
     `profile_dir`: also trace `profile_steps` more steps there (`profiling.trace_window`).
     `peers`: `peer_steps`' contenders, timed in alternation with this step (`time_alternating`); their
     records, with the timings, come back under the record's "peers".
@@ -132,7 +132,10 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
     optim = step.OptimConfig()  # the paper's Adam and schedule
     chunks = step.batch_chunks(batch_chunks, batch, 1)  # 0: what the trainer runs on one device
-    spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, cast_params_once)
+    from rnan_jax.configs import ExecutionConfig
+    remat_policy = ExecutionConfig(remat=remat).remat_policy
+    remat_name = api.build(config, remat=remat_policy).remat  # as resolved
+    spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, cast_params_once, remat_policy)
     device = jax.devices()[0]
     jitted, replicated, sharded = step.jit_train_step(spec, step.data_mesh([device]))
     state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(jax.random.key(0))
@@ -153,7 +156,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     record = dict(scale=s, features=config.features,
                   num_groups=config.num_groups, num_blocks=config.num_blocks, params=api.count_params(state.params),
                   batch=batch, patch=patch, dtype=config.dtype, scan_unroll=unroll_name, depthwise=impl_name,
-                  batch_chunks=chunks, cast_params_once=cast_params_once,
+                  batch_chunks=chunks, cast_params_once=cast_params_once, remat=remat_name,
                   lower_s=lower_s, compile_s=compile_s, train_flop_per_step=flops,
                   xla_cost_flops=profiling.cost_flops(compiled), memory=memory,
                   peak_memory_bytes=memory.get("peak_bytes"), hlo=profiling.hlo_stats(compiled.as_text()))
@@ -180,7 +183,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
                   mean_loss=float(metrics["loss"] / max(metrics["steps"] - metrics["nonfinite"], 1)),
                   nonfinite_steps=int(metrics["nonfinite"]))
     if profile_dir:
-        name = f"train_b{batch}_{config.dtype}_{unroll_name}_{impl_name}"
+        name = f"train_b{batch}_{config.dtype}_{unroll_name}_{impl_name}_{remat_name}"
         try:
             record["profile"] = profiling.trace_window(run, profile_steps, profile_dir, name)
         except Exception as e:  # the timings above stand without it
@@ -308,7 +311,8 @@ def train_line(r: dict) -> str:
     """One printed line for a `bench_train_step` record."""
     return (f"train b{r['batch']} {r['patch']}x{r['patch']} x{r['scale']} {r['dtype']} unroll={r['scan_unroll']} "
             f"depthwise={r['depthwise']} chunks={r.get('batch_chunks', 1)}"
-            f"{' cast once' if r.get('cast_params_once') else ''}: {_fmt(r.get('step_ms'), '.2f')} ms/step "
+            f"{' cast once' if r.get('cast_params_once') else ''}"
+            f"{' remat ' + r['remat'] if r.get('remat', 'none') != 'none' else ''}: {_fmt(r.get('step_ms'), '.2f')} ms/step "
             f"({_fmt(r.get('patches_per_s'), '.1f')} patches/s, {_fmt(r.get('tflops'), '.3f')} TFLOP/s of "
             f"{r['train_flop_per_step'] / 1e12:.4f} TFLOP), compile {r['lower_s']:.1f}+{r['compile_s']:.1f} s, "
             f"peak {_mib(r['peak_memory_bytes'])} (XLA plan), {r['hlo']['per_step']} kernel launches/step "
@@ -341,7 +345,8 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
         for r in res.get("train", []):
             mem = r.get("device_peak_bytes_in_use") or r["peak_memory_bytes"]
             lines.append(f"| {run} | train b{r['batch']} {r['patch']}px x{r['scale']} | {r['dtype']} | "
-                         f"{r['scan_unroll']}/{r['depthwise']}{'/cast once' if r.get('cast_params_once') else ''} | "
+                         f"{r['scan_unroll']}/{r['depthwise']}{'/cast once' if r.get('cast_params_once') else ''}"
+                         f"{'/remat ' + r['remat'] if r.get('remat', 'none') != 'none' else ''} | "
                          f"{_fmt(r.get('step_ms'), '.1f')} | "
                          f"{_fmt(r.get('patches_per_s'), '.0f')} | {_fmt(r.get('tflops'), '.2f')} | "
                          f"{r['lower_s'] + r['compile_s']:.1f} | {_gib(mem)} | {r['hlo']['per_step']} |")

@@ -14,7 +14,7 @@ import dataclasses
 import ml_collections
 
 from rnan_jax import data
-from rnan_jax.model import DEPTHWISE_IMPLS, RNANConfig
+from rnan_jax.model import DEPTHWISE_IMPLS, REMAT_POLICIES, RNANConfig
 from rnan_jax.step import OptimConfig
 
 SECTIONS = ("model", "optim", "data", "execution")
@@ -30,10 +30,15 @@ class ExecutionConfig:
     # True: parameters cast to model.dtype once per step (model.cast_params) rather than per block inside
     # the scan; fewer kernels, bfloat16-rounded weight gradients; no effect in float32. Not yet measured.
     cast_params_once: bool = False
+    # What the backward recomputes of each RNA block: "auto" (backend default), "none", "block" (all but its
+    # input) or "convs" (all but its input and its 3x3 convs' outputs); fewer stacked activations, more compute.
+    remat: str = "auto"
 
     def __post_init__(self):
         if self.depthwise not in ("auto", *DEPTHWISE_IMPLS):
             raise ValueError(f"execution.depthwise must be auto, grouped or shifted, got {self.depthwise!r}")
+        if self.remat not in ("auto", *REMAT_POLICIES):
+            raise ValueError(f"execution.remat must be auto or one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.batch_chunks < 0:
             raise ValueError(f"execution.batch_chunks must be 0 (the default) or positive, got {self.batch_chunks}")
 
@@ -46,6 +51,11 @@ class ExecutionConfig:
     def depthwise_impl(self) -> str | None:
         """depthwise as the model takes it: None (the backend's default) or an implementation's name."""
         return None if self.depthwise == "auto" else self.depthwise
+
+    @property
+    def remat_policy(self) -> str | None:
+        """remat as the model takes it: None (the backend's default) or a `model.REMAT_POLICIES` name."""
+        return None if self.remat == "auto" else self.remat
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,9 @@ parameters: block parameters have leading axes [G, B]), global fusion of every N
 upsampler and a reconstruction conv, inside an EDSR-style mean shift. Every conv uses PyTorch's default
 initialization (U(+-1/sqrt(fan_in)) for kernels and biases): Flax's default explodes through 200 blocks.
 
-Layout is NHWC. Two execution knobs change how, not what, is computed, over the same parameters:
-`scan_unroll` (the unroll factor of both scans) and `depthwise` ("grouped": `feature_group_count`;
-"shifted": nine shifted multiply-adds).
+Layout is NHWC. Three execution knobs change how, not what, is computed, over the same parameters:
+`scan_unroll` (the unroll factor of both scans), `depthwise` ("grouped": `feature_group_count`; "shifted":
+nine shifted multiply-adds) and `remat` (what the backward recomputes of each RNA block: `REMAT_POLICIES`).
 """
 from __future__ import annotations
 
@@ -20,10 +20,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from rnan_jax import native
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 DEPTHWISE_IMPLS = ("grouped", "shifted")
+# What the backward keeps of each RNA block's forward (`remat`): "none" every intermediate autodiff saves (about
+# six activations per block, stacked by the scan), "block" only the block's input (the rest recomputed in the
+# backward, `jax.checkpoint`), "convs" the input and the outputs of the two 3x3 convs (the attention branch
+# recomputed).
+REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+                  "convs": jax.checkpoint_policies.save_only_these_names("rnab_c1", "rnab_c2")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,8 +313,8 @@ class ResidualNeuronAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, jax.Array]:
         c = self.features
-        y = nn.relu(conv(c, 3, c, self.dtype, name="c1")(x))
-        y = conv(c, 3, c, self.dtype, name="c2")(y)
+        y = nn.relu(checkpoint_name(conv(c, 3, c, self.dtype, name="c1")(x), "rnab_c1"))
+        y = checkpoint_name(conv(c, 3, c, self.dtype, name="c2")(y), "rnab_c2")
         out = x + NeuronAttention(features=c, dtype=self.dtype, depthwise=self.depthwise, name="na")(y)
         return out, out
 
@@ -354,11 +362,15 @@ class GCRG(nn.Module):
     dtype: Any = jnp.float32
     depthwise: str = "grouped"
     scan_unroll: int | bool = 1
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, jax.Array]:
         c = self.features
-        blocks = nn.scan(ResidualNeuronAttention, variable_axes={"params": 0}, split_rngs={"params": True},
+        block = ResidualNeuronAttention
+        if self.remat != "none":  # prevent_cse=False: inside a scan the recomputation cannot be CSE'd away
+            block = nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
+        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=self.num_blocks, unroll=self.scan_unroll)
         _, outs = blocks(features=c, dtype=self.dtype, depthwise=self.depthwise, name="blocks")(x, None)
         m = self.block_interval
@@ -405,6 +417,7 @@ class RNAN(nn.Module):
     config: RNANConfig
     depthwise: str = "grouped"
     scan_unroll: int | bool = 1
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, lr: jax.Array) -> jax.Array:
@@ -420,7 +433,7 @@ class RNAN(nn.Module):
                          length=cfg.num_groups, unroll=self.scan_unroll)
         _, outs = groups(features=c, num_blocks=cfg.num_blocks, block_interval=cfg.block_interval,
                          reduction=cfg.gc_reduction, dtype=dtype, depthwise=self.depthwise,
-                         scan_unroll=self.scan_unroll, name="groups")(f0, None)
+                         scan_unroll=self.scan_unroll, remat=self.remat, name="groups")(f0, None)
         n = cfg.group_interval
         x = f0 + fuse(outs[n - 1::n], "fuse", c * (cfg.num_groups // n), c, dtype)
         for i, s in enumerate(cfg.upsample_stages):

@@ -64,6 +64,7 @@ class StepSpec:
     depthwise: str | None = None
     batch_chunks: int = 1  # gradients of this many equal parts of the batch, computed apart and averaged
     cast_params_once: bool = False  # model.cast_params before the forward: fewer kernels, bf16-rounded grads
+    remat: str | None = None  # what the backward recomputes of each RNA block (model.REMAT_POLICIES); None: default
 
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
@@ -99,7 +100,7 @@ def empty_metrics() -> dict[str, jax.Array]:
 
 
 def l1_loss(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> jax.Array:
-    model = build(spec.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise)
+    model = build(spec.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise, remat=spec.remat)
     if spec.cast_params_once:
         params = cast_params(params, spec.model.dtype)
     sr = model.apply({"params": params}, lr)

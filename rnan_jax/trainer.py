@@ -219,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh = step.data_mesh()
     chunks = step.batch_chunks(cfg.execution.batch_chunks, cfg.batch_size // n_dev, n_dev)
     spec = step.StepSpec(cfg.model, cfg.optim, cfg.execution.unroll, cfg.execution.depthwise_impl, chunks,
-                         cfg.execution.cast_params_once)
+                         cfg.execution.cast_params_once, cfg.execution.remat_policy)
     train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)
 
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
@@ -264,9 +264,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     first = int(state.step)
     results: dict[str, float] = {}
     t_last, s_last = time.time(), first
-    unroll = build(cfg.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise).scan_unroll  # as resolved
-    _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}; seconds for small "
-         "models, minutes for the paper's on a CPU) ...")
+    module = build(cfg.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise, remat=spec.remat)  # resolved
+    unroll = module.scan_unroll
+    _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat {module.remat}; "
+         "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
     try:
         with _Preemption() as preemption:

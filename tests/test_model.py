@@ -165,6 +165,34 @@ def test_execution_knobs_compute_the_same_function():
         apply(params, lr, depthwise="fft")
 
 
+def test_remat_recomputes_the_same_gradients_from_fewer_stacked_activations():
+    """execution.remat: the same loss and gradients bit for bit (bfloat16 too), while the backward's stacked
+    per-block activations ([G, B, batch, h, w, C] residuals) drop from 8 (six activations, two ReLU masks) to
+    the block input alone ("block") or it and the two 3x3 conv outputs ("convs")."""
+    config = RNANConfig(scale=2, features=16, num_groups=2, num_blocks=3, gc_reduction=4, dtype="bfloat16")
+    params = init(jax.random.key(0), config)
+    lr = jax.random.uniform(jax.random.key(1), (2, 12, 12, 3))
+    hr = jax.random.uniform(jax.random.key(2), (2, 24, 24, 3))
+    results, stacked = {}, {}
+    for remat in ("none", "block", "convs"):
+        model = build(config, scan_unroll=1, depthwise="grouped", remat=remat)
+
+        def loss(p, model=model):
+            return jnp.mean(jnp.abs(model.apply({"params": p}, lr) - hr))
+
+        results[remat] = jax.jit(jax.value_and_grad(loss))(params)
+        residuals = jax.tree.leaves(jax.vjp(loss, params)[1])
+        stacked[remat] = sorted(str(r.dtype) for r in residuals if r.shape[:4] == (2, 3, 2, 12))
+    assert stacked == {"none": ["bfloat16"] * 6 + ["bool"] * 2, "block": ["float32"],
+                       "convs": ["bfloat16", "bfloat16", "float32"]}
+    for remat in ("block", "convs"):
+        assert float(results[remat][0]) == float(results["none"][0])
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                     results[remat][1], results["none"][1])
+    with pytest.raises(ValueError, match="remat"):
+        build(config, remat="all")
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="scale"):
         RNANConfig(scale=8)

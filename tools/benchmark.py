@@ -6,7 +6,7 @@
         --scan_unroll=1,-1 --depthwise=grouped,shifted --skip_forward --compile_only   # knob variants
     python tools/benchmark.py --table=bench.json --peer_log=torch.log  # markdown rows of earlier runs
 
-Settings are the cross product of --batch_sizes, --dtypes, --scan_unroll and --depthwise on the --model
+Settings are the cross product of --batch_sizes, --dtypes, --scan_unroll, --depthwise and --remat on the --model
 preset ("paper": the default x4 RNAN with 48x48 LR patches, so batch 16 is the paper's setting). Per setting:
 - compile: the train step jitted as the trainer does (a one-device "data" mesh, state and metrics donated),
   `lower` and `compile` timed apart; no persistent compilation cache is enabled here.
@@ -63,6 +63,8 @@ _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "execution.batch_chunks: 0 the
                                 "(CPU: 2), n: gradients of n parts of the batch.")
 _CAST_ONCE = flags.DEFINE_bool("cast_params_once", False, "Cast the parameters to the compute dtype once per "
                                "step (execution.cast_params_once) instead of per block inside the scan.")
+_REMAT = flags.DEFINE_list("remat", ["auto"], "What the backward recomputes of each RNA block (execution.remat): "
+                           "auto (backend default), none, block, convs.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows; the median window is reported.")
@@ -131,11 +133,11 @@ def main(argv):
     peer_done: set[tuple[int, int]] = set()
     print(json.dumps(results["env"]), flush=True)
     for unroll in (int(u) for u in _UNROLL.value):
-        for depthwise in _DEPTHWISE.value:
+        for depthwise, remat in ((d, r) for d in _DEPTHWISE.value for r in _REMAT.value):
             for dtype in _DTYPES.value:
                 config = RNANConfig(**{**PRESETS[_MODEL.value], "dtype": dtype,
                                        **({"scale": _SCALE.value} if _SCALE.value else {})})
-                what = dict(model=_MODEL.value, dtype=dtype, scan_unroll=unroll, depthwise=depthwise)
+                what = dict(model=_MODEL.value, dtype=dtype, scan_unroll=unroll, depthwise=depthwise, remat=remat)
                 params = None
                 for i, batch in enumerate(int(b) for b in _BATCH_SIZES.value):
                     peers = []  # the peer's steps, timed in alternation with ours (once per batch and patch)
@@ -148,7 +150,7 @@ def main(argv):
                         bench_train_step, config, batch, _PATCH.value, unroll, depthwise, warmup=_WARMUP.value,
                         steps=_STEPS.value, repeats=_REPEATS.value, compile_only=_COMPILE_ONLY.value,
                         profile_dir=_PROFILE_DIR.value if i == 0 else "", profile_steps=_PROFILE_STEPS.value,
-                        cast_params_once=_CAST_ONCE.value, batch_chunks=_CHUNKS.value, peers=peers))
+                        cast_params_once=_CAST_ONCE.value, batch_chunks=_CHUNKS.value, remat=remat, peers=peers))
                     if peers:
                         peers[0][1].close()
                     if out is not None:

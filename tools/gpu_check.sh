@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU benchmark on one H100/H200, at most 6 minutes (stages share RNAN_GPU_CHECK_BUDGET = 350 s):
-# the PyTorch peer at batch 16 and 64, then tools/benchmark.py (paper setting and batch 64, bfloat16 and
-# float32, a profile of the paper setting), then variants at the paper setting in bfloat16 while time is
-# left: parameters cast once per step, that with XLA command buffers, the shifted depthwise conv (the first
-# session's variants, command buffers alone, unroll 2 and shifted, lost or tied: tools/BENCHMARKS.md).
-# JSON, logs, one Perfetto trace and a markdown table (printed last) land in $OUT.
+# The prepared GPU benchmark on one H100/H200, at most 6 minutes (stages share RNAN_GPU_CHECK_BUDGET = 350 s),
+# all at the paper setting (x4, batch 16 of 48x48) unless named: the PyTorch peer; then tools/benchmark.py in
+# bfloat16 with the parameters cast once and each RNA block's backward keeping all its activations, its
+# input alone or its input and 3x3 conv outputs (execution.remat none/block/convs), each profiled; the
+# unchanged default step; while time is left, the fastest of those at batch 64 and in float32. (The first
+# session's variants, command buffers, unroll 2 and shifted depthwise, lost or tied: tools/BENCHMARKS.md.)
+# JSON, logs, the Perfetto traces (traces.tar) and a markdown table (printed last) land in $OUT.
 #
 # Prepared on the CPU machine, in the repository root (the folders are git-ignored):
 #   mkdir -p .bench && cp ../shared/peers/bench_torch.py ../shared/peers/rnan_torch.py .bench/
@@ -28,17 +29,13 @@ limit() { local n=$(($(left) - $1)); echo $((n < 30 ? 30 : n)); }  # seconds for
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"  # batch 64 float32 is large
 
-main=(--dtypes=bfloat16,float32 --batch_sizes=16,64 --steps=8 --repeats=4 --skip_forward --nopeer)
-variant=(--dtypes=bfloat16 --batch_sizes=16 --steps=8 --repeats=4 --skip_forward --nopeer)
+one=(--dtypes=bfloat16 --batch_sizes=16 --steps=8 --repeats=4 --skip_forward --nopeer)
 peer16=(--skip_compile --batch=16 --steps=30)
-peer64=(--skip_compile --batch=64 --steps=12)
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"  # fail, rather than time the paper model on the host CPU
 if [ -n "${RNAN_GPU_CHECK_TINY:-}" ]; then
   export JAX_PLATFORMS=cpu
-  main=(--tiny --dtypes=bfloat16,float32 --nopeer)
-  variant=(--tiny --dtypes=bfloat16 --nopeer)
+  one=(--tiny --dtypes=bfloat16 --nopeer)
   peer16=(--skip_compile --tiny --steps=3)
-  peer64=(--skip_compile --tiny --steps=2 --batch=4)
 fi
 
 source tools/gpu_env.sh || exit 1
@@ -54,41 +51,35 @@ print(jax.devices())"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-echo "== PyTorch peer, batch 16 and 64 ($(left) s left)"
+echo "== PyTorch peer, batch 16 ($(left) s left)"
 (cd .bench && timeout 100 "$PY" bench_torch.py "${peer16[@]}") 2>&1 | tee "$OUT/torch_b16.log"
-(cd .bench && timeout 80 "$PY" bench_torch.py "${peer64[@]}") 2>&1 | tee "$OUT/torch_b64.log"
 
-echo "== JAX: paper setting and batch 64, bfloat16 and float32 ($(left) s left)"
+# Paper setting, bfloat16: what the backward keeps of each RNA block (execution.remat), parameters cast once,
+# one process, each setting profiled; then the unchanged default step; then the winner at batch 64 and in float32.
+echo "== JAX: remat none, block, convs with parameters cast once ($(left) s left)"
 rm -rf /tmp/rnan_profile
-timeout "$(limit 110)" "$PY" tools/benchmark.py --output="$OUT/jax.json" "${main[@]}" \
-  --profile_dir=/tmp/rnan_profile 2>&1 | tee "$OUT/run.log"
-i=0
-for trace in $(find /tmp/rnan_profile -name perfetto_trace.json.gz 2>/dev/null | sort); do
-  name=$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$trace")")")")")  # train_b16_<dtype>_<knobs>
-  [ $i -lt 1 ] && cp "$trace" "$OUT/trace_${name}.json.gz"
-  i=$((i + 1))
-done
-
-# Variants at the paper setting, bfloat16, most promising first; each its own process (XLA_FLAGS is read once).
-if [ "$(left)" -gt 60 ]; then
-  echo "== JAX: parameters cast once per step ($(left) s left)"
-  timeout "$(limit 55)" "$PY" tools/benchmark.py --output="$OUT/jax_cast_once.json" "${variant[@]}" \
-    --cast_params_once 2>&1 | tee -a "$OUT/run.log"
-fi
-if [ "$(left)" -gt 60 ]; then
-  echo "== JAX: XLA command buffers with while loops ($(left) s left)"
-  XLA_FLAGS="$COMMAND_BUFFER_FLAGS" timeout "$(limit 0)" "$PY" tools/benchmark.py --output="$OUT/jax_cmdbuf.json" \
-    "${variant[@]}" --cast_params_once 2>&1 | tee -a "$OUT/run.log"
-fi
+timeout "$(limit 120)" "$PY" tools/benchmark.py --output="$OUT/jax_remat.json" "${one[@]}" --remat=none,block,convs \
+  --cast_params_once --profile_dir=/tmp/rnan_profile 2>&1 | tee "$OUT/run.log"
+(cd /tmp/rnan_profile 2>/dev/null && find . -name perfetto_trace.json.gz | tar -cf "$OUT/traces.tar" -T -)
+echo "== JAX: the default step, unchanged ($(left) s left)"
+timeout "$(limit 80)" "$PY" tools/benchmark.py --output="$OUT/jax.json" "${one[@]}" --remat=none 2>&1 | tee -a "$OUT/run.log"
+best=$("$PY" -c "import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))['train'] if r.get('step_ms')]
+print(min(rows, key=lambda r: r['step_ms'])['remat'] if rows else 'block')" "$OUT/jax_remat.json" 2>/dev/null || echo block)
 if [ "$(left)" -gt 50 ]; then
-  echo "== JAX: depthwise as shifted multiply-adds ($(left) s left)"
-  timeout "$(limit 5)" "$PY" tools/benchmark.py --output="$OUT/jax_shifted.json" "${variant[@]}" \
-    --depthwise=shifted 2>&1 | tee -a "$OUT/run.log"
+  echo "== JAX: remat $best, cast once, batch 64 ($(left) s left)"
+  timeout "$(limit 35)" "$PY" tools/benchmark.py --output="$OUT/jax_b64.json" "${one[@]}" --batch_sizes=64 \
+    --remat="$best" --cast_params_once 2>&1 | tee -a "$OUT/run.log"
+fi
+if [ "$(left)" -gt 35 ]; then
+  echo "== JAX: remat $best, float32 ($(left) s left)"
+  timeout "$(limit 0)" "$PY" tools/benchmark.py --output="$OUT/jax_f32.json" "${one[@]}" --dtypes=float32 \
+    --remat="$best" 2>&1 | tee -a "$OUT/run.log"
 fi
 
 mkdir -p /tmp/rnan_gpu_last && cp "$OUT"/jax*.json /tmp/rnan_gpu_last/ 2>/dev/null  # for tools/gpu_train.sh
 echo "== table ($(left) s left; $((SECONDS - start)) s used)"
 tables=$(ls "$OUT"/jax*.json 2>/dev/null | paste -sd, -)
-[ -n "$tables" ] && "$PY" tools/benchmark.py --table="$tables" --peer_log="$OUT/torch_b16.log,$OUT/torch_b64.log" \
+[ -n "$tables" ] && "$PY" tools/benchmark.py --table="$tables" --peer_log="$OUT/torch_b16.log" \
   | tee -a "$OUT/run.log"
 exit 0
