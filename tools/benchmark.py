@@ -6,7 +6,7 @@
         --scan_unroll=1,-1 --depthwise=grouped,shifted --skip_forward --compile_only   # knob variants
     python tools/benchmark.py --table=bench.json --peer_log=torch.log  # markdown rows of earlier runs
 
-Settings are the cross product of --batch_sizes, --dtypes, --scan_unroll, --depthwise and --remat on the --model
+Settings are the cross product of --batch_sizes, --dtypes, --scan_unroll, --depthwise, --cast_params_once and --remat on the --model
 preset ("paper": the default x4 RNAN with 48x48 LR patches, so batch 16 is the paper's setting). Per setting:
 - compile: the train step jitted as the trainer does (a one-device "data" mesh, state and metrics donated),
   `lower` and `compile` timed apart; no persistent compilation cache is enabled here.
@@ -61,8 +61,8 @@ _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the ba
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
 _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "execution.batch_chunks: 0 the trainer's default on one device "
                                 "(CPU: 2), n: gradients of n parts of the batch.")
-_CAST_ONCE = flags.DEFINE_bool("cast_params_once", False, "Cast the parameters to the compute dtype once per "
-                               "step (execution.cast_params_once) instead of per block inside the scan.")
+_CAST_ONCE = flags.DEFINE_list("cast_params_once", ["false"], "false, true or both: cast the parameters to the "
+                               "compute dtype once per step (execution.cast_params_once), not per block in the scan.")
 _REMAT = flags.DEFINE_list("remat", ["auto"], "What the backward recomputes of each RNA block (execution.remat): "
                            "auto (backend default), none, block, convs.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.")
@@ -133,11 +133,13 @@ def main(argv):
     peer_done: set[tuple[int, int]] = set()
     print(json.dumps(results["env"]), flush=True)
     for unroll in (int(u) for u in _UNROLL.value):
-        for depthwise, remat in ((d, r) for d in _DEPTHWISE.value for r in _REMAT.value):
+        casts = [{"true": True, "false": False}[v.strip().lower()] for v in _CAST_ONCE.value]
+        for depthwise, remat, cast in ((d, r, c) for d in _DEPTHWISE.value for c in casts for r in _REMAT.value):
             for dtype in _DTYPES.value:
                 config = RNANConfig(**{**PRESETS[_MODEL.value], "dtype": dtype,
                                        **({"scale": _SCALE.value} if _SCALE.value else {})})
-                what = dict(model=_MODEL.value, dtype=dtype, scan_unroll=unroll, depthwise=depthwise, remat=remat)
+                what = dict(model=_MODEL.value, dtype=dtype, scan_unroll=unroll, depthwise=depthwise, remat=remat,
+                            cast_params_once=cast)
                 params = None
                 for i, batch in enumerate(int(b) for b in _BATCH_SIZES.value):
                     peers = []  # the peer's steps, timed in alternation with ours (once per batch and patch)
@@ -150,7 +152,7 @@ def main(argv):
                         bench_train_step, config, batch, _PATCH.value, unroll, depthwise, warmup=_WARMUP.value,
                         steps=_STEPS.value, repeats=_REPEATS.value, compile_only=_COMPILE_ONLY.value,
                         profile_dir=_PROFILE_DIR.value if i == 0 else "", profile_steps=_PROFILE_STEPS.value,
-                        cast_params_once=_CAST_ONCE.value, batch_chunks=_CHUNKS.value, remat=remat, peers=peers))
+                        cast_params_once=cast, batch_chunks=_CHUNKS.value, remat=remat, peers=peers))
                     if peers:
                         peers[0][1].close()
                     if out is not None:

@@ -59,7 +59,7 @@ echo "== PyTorch peer, batch 16 ($(left) s left)"
 echo "== JAX: remat none, block, convs with parameters cast once ($(left) s left)"
 rm -rf /tmp/rnan_profile
 timeout "$(limit 120)" "$PY" tools/benchmark.py --output="$OUT/jax_remat.json" "${one[@]}" --remat=none,block,convs \
-  --cast_params_once --profile_dir=/tmp/rnan_profile 2>&1 | tee "$OUT/run.log"
+  --cast_params_once=true --profile_dir=/tmp/rnan_profile 2>&1 | tee "$OUT/run.log"
 (cd /tmp/rnan_profile 2>/dev/null && find . -name perfetto_trace.json.gz | tar -cf "$OUT/traces.tar" -T -)
 echo "== JAX: the default step, unchanged ($(left) s left)"
 timeout "$(limit 80)" "$PY" tools/benchmark.py --output="$OUT/jax.json" "${one[@]}" --remat=none 2>&1 | tee -a "$OUT/run.log"
@@ -69,7 +69,7 @@ print(min(rows, key=lambda r: r['step_ms'])['remat'] if rows else 'block')" "$OU
 if [ "$(left)" -gt 50 ]; then
   echo "== JAX: remat $best, cast once, batch 64 ($(left) s left)"
   timeout "$(limit 35)" "$PY" tools/benchmark.py --output="$OUT/jax_b64.json" "${one[@]}" --batch_sizes=64 \
-    --remat="$best" --cast_params_once 2>&1 | tee -a "$OUT/run.log"
+    --remat="$best" --cast_params_once=true 2>&1 | tee -a "$OUT/run.log"
 fi
 if [ "$(left)" -gt 35 ]; then
   echo "== JAX: remat $best, float32 ($(left) s left)"
