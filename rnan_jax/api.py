@@ -25,8 +25,12 @@ Params = Mapping[str, Any]
 _CPU_DEPTHWISE = "shifted"
 _ACCELERATOR_KNOBS = (1, "grouped")
 CPU_FULL_UNROLL_MAX_BLOCKS = 24
-# Recomputing RNA blocks in the backward (model.REMAT_POLICIES) per backend; not measured yet: none everywhere.
-_REMAT: dict[str, str] = {}
+# Train-step knobs per backend, as measured (tools/BENCHMARKS.md): on one H200 at the paper setting in bfloat16,
+# in one process (one set of autotuned conv algorithms), the parameters cast once and each RNA block's attention
+# branch recomputed in the backward ("convs") gave the fastest step, 86.6 ms against 89.5 (cast once), 90.9
+# (neither) and 95.7 (remat alone), and a third less memory (5.7 against 8.7 GiB). Other backends: not measured.
+_REMAT = {"gpu": "convs"}
+_CAST_PARAMS_ONCE = {"gpu": True}
 
 
 def default_knobs(backend: str | None = None, config: RNANConfig | None = None) -> tuple[int | bool, str]:
@@ -41,6 +45,11 @@ def default_knobs(backend: str | None = None, config: RNANConfig | None = None) 
 def default_remat(backend: str | None = None) -> str:
     """What the backward recomputes of each RNA block (`model.REMAT_POLICIES`) by default on a backend."""
     return _REMAT.get(backend or jax.default_backend(), "none")
+
+
+def default_cast_params_once(backend: str | None = None) -> bool:
+    """Whether the train step casts the parameters to the compute dtype once (`model.cast_params`) by default."""
+    return _CAST_PARAMS_ONCE.get(backend or jax.default_backend(), False)
 
 
 def build(config: RNANConfig, *, scan_unroll: int | bool | None = None, depthwise: str | None = None,

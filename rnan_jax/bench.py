@@ -113,12 +113,12 @@ def _knobs(unroll: int, depthwise: str, config) -> tuple[Any, Any, str, str]:
 
 def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str, *, warmup: int, steps: int,
                      repeats: int, compile_only: bool = False, profile_dir: str = "", profile_steps: int = 3,
-                     cast_params_once: bool = False, batch_chunks: int = 0, remat: str = "auto",
+                     cast_params_once: bool | None = None, batch_chunks: int = 0, remat: str = "auto",
                      peers: Sequence[tuple[dict, Callable[[int], None]]] = ()) -> tuple[dict, Any]:
     """One setting's record, and the parameters (for the forward timing).
 
     `unroll`: 0 the backend's default, -1 full, n; `depthwise`: "auto" (the backend's default), "grouped" or
-    "shifted"; `cast_params_once`: execution.cast_params_once; `batch_chunks`: execution.batch_chunks (0: what
+    "shifted"; `cast_params_once`: execution.cast_params_once (None: the backend's default); `batch_chunks`: execution.batch_chunks (0: what
     the trainer runs on one device); `remat`: execution.remat ("auto": the backend's default). `compile_only`: compile and count, run nothing.
     `profile_dir`: also trace `profile_steps` more steps there (`profiling.trace_window`).
     `peers`: `peer_steps`' contenders, timed in alternation with this step (`time_alternating`); their
@@ -135,6 +135,8 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     from rnan_jax.configs import ExecutionConfig
     remat_policy = ExecutionConfig(remat=remat).remat_policy
     remat_name = api.build(config, remat=remat_policy).remat  # as resolved
+    if cast_params_once is None:
+        cast_params_once = api.default_cast_params_once()
     spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, cast_params_once, remat_policy)
     device = jax.devices()[0]
     jitted, replicated, sharded = step.jit_train_step(spec, step.data_mesh([device]))

@@ -27,9 +27,10 @@ class ExecutionConfig:
     scan_unroll: int = 0  # 0: the default (CPU: full up to 24 blocks, else rolled; rolled elsewhere); -1: full; n
     depthwise: str = "auto"  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
     batch_chunks: int = 0  # 0: the default (up to 4 on a one-device CPU run, else 1); n: gradients of n parts, averaged
-    # True: parameters cast to model.dtype once per step (model.cast_params) rather than per block inside
-    # the scan; fewer kernels, bfloat16-rounded weight gradients; no effect in float32. Not yet measured.
-    cast_params_once: bool = False
+    # "true": parameters cast to model.dtype once per step (model.cast_params) rather than per block inside the
+    # scan; fewer kernels, bfloat16-rounded weight gradients; no effect in float32. "auto": true on GPUs (measured
+    # faster there), false elsewhere.
+    cast_params_once: str = "auto"
     # What the backward recomputes of each RNA block: "auto" (backend default), "none", "block" (all but its
     # input) or "convs" (all but its input and its 3x3 convs' outputs); fewer stacked activations, more compute.
     remat: str = "auto"
@@ -37,6 +38,8 @@ class ExecutionConfig:
     def __post_init__(self):
         if self.depthwise not in ("auto", *DEPTHWISE_IMPLS):
             raise ValueError(f"execution.depthwise must be auto, grouped or shifted, got {self.depthwise!r}")
+        if str(self.cast_params_once).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"execution.cast_params_once must be auto, true or false, got {self.cast_params_once!r}")
         if self.remat not in ("auto", *REMAT_POLICIES):
             raise ValueError(f"execution.remat must be auto or one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.batch_chunks < 0:
@@ -51,6 +54,11 @@ class ExecutionConfig:
     def depthwise_impl(self) -> str | None:
         """depthwise as the model takes it: None (the backend's default) or an implementation's name."""
         return None if self.depthwise == "auto" else self.depthwise
+
+    @property
+    def cast_once(self) -> bool | None:
+        """cast_params_once as the step takes it: None (the backend's default), True or False."""
+        return {"auto": None, "true": True, "false": False}[str(self.cast_params_once).lower()]
 
     @property
     def remat_policy(self) -> str | None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rnan_jax.api import build, init
+from rnan_jax.api import build, default_cast_params_once, init
 from rnan_jax.model import RNANConfig, cast_params
 
 _LOSS_AVG_DECAY = 0.99
@@ -63,7 +63,7 @@ class StepSpec:
     scan_unroll: int | bool | None = None
     depthwise: str | None = None
     batch_chunks: int = 1  # gradients of this many equal parts of the batch, computed apart and averaged
-    cast_params_once: bool = False  # model.cast_params before the forward: fewer kernels, bf16-rounded grads
+    cast_params_once: bool | None = None  # model.cast_params before the forward (bf16-rounded grads); None: default
     remat: str | None = None  # what the backward recomputes of each RNA block (model.REMAT_POLICIES); None: default
 
 
@@ -101,7 +101,7 @@ def empty_metrics() -> dict[str, jax.Array]:
 
 def l1_loss(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> jax.Array:
     model = build(spec.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise, remat=spec.remat)
-    if spec.cast_params_once:
+    if default_cast_params_once() if spec.cast_params_once is None else spec.cast_params_once:
         params = cast_params(params, spec.model.dtype)
     sr = model.apply({"params": params}, lr)
     return jnp.mean(jnp.abs(sr - hr))

@@ -219,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh = step.data_mesh()
     chunks = step.batch_chunks(cfg.execution.batch_chunks, cfg.batch_size // n_dev, n_dev)
     spec = step.StepSpec(cfg.model, cfg.optim, cfg.execution.unroll, cfg.execution.depthwise_impl, chunks,
-                         cfg.execution.cast_params_once, cfg.execution.remat_policy)
+                         cfg.execution.cast_once, cfg.execution.remat_policy)
     train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)
 
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)

@@ -49,3 +49,23 @@ def test_locked_config_rejects_a_mistyped_key_and_bad_values():
     bad.execution.depthwise = "fft"
     with pytest.raises(ValueError, match="execution.depthwise"):
         TrainConfig.from_config(bad)
+    for key, value in (("remat", "all"), ("cast_params_once", "yes")):
+        bad = _load("x4")
+        setattr(bad.execution, key, value)
+        with pytest.raises(ValueError, match=f"execution.{key}"):
+            TrainConfig.from_config(bad)
+
+
+def test_execution_knobs_default_per_backend():
+    """`auto` resolves per backend: on GPUs parameters cast once and the attention branch recomputed (measured
+    fastest on an H200, tools/BENCHMARKS.md); the CPU keeps every activation and the modules' own casts."""
+    from rnan_jax import api
+
+    execution = TrainConfig.from_config(_load("x4")).execution
+    assert (execution.cast_once, execution.remat_policy) == (None, None)
+    assert (api.default_cast_params_once("gpu"), api.default_remat("gpu")) == (True, "convs")
+    assert (api.default_cast_params_once("cpu"), api.default_remat("cpu")) == (False, "none")
+    config = _load("x4")
+    config.execution.cast_params_once, config.execution.remat = "false", "block"
+    execution = TrainConfig.from_config(config).execution
+    assert (execution.cast_once, execution.remat_policy) == (False, "block")

@@ -61,8 +61,8 @@ _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the ba
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
 _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "execution.batch_chunks: 0 the trainer's default on one device "
                                 "(CPU: 2), n: gradients of n parts of the batch.")
-_CAST_ONCE = flags.DEFINE_list("cast_params_once", ["false"], "false, true or both: cast the parameters to the "
-                               "compute dtype once per step (execution.cast_params_once), not per block in the scan.")
+_CAST_ONCE = flags.DEFINE_list("cast_params_once", ["auto"], "auto (backend default), false, true or several: cast "
+                               "the parameters to the compute dtype once per step (execution.cast_params_once).")
 _REMAT = flags.DEFINE_list("remat", ["auto"], "What the backward recomputes of each RNA block (execution.remat): "
                            "auto (backend default), none, block, convs.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.")
@@ -133,7 +133,7 @@ def main(argv):
     peer_done: set[tuple[int, int]] = set()
     print(json.dumps(results["env"]), flush=True)
     for unroll in (int(u) for u in _UNROLL.value):
-        casts = [{"true": True, "false": False}[v.strip().lower()] for v in _CAST_ONCE.value]
+        casts = [{"auto": None, "true": True, "false": False}[v.strip().lower()] for v in _CAST_ONCE.value]
         for depthwise, remat, cast in ((d, r, c) for d in _DEPTHWISE.value for c in casts for r in _REMAT.value):
             for dtype in _DTYPES.value:
                 config = RNANConfig(**{**PRESETS[_MODEL.value], "dtype": dtype,
