@@ -118,8 +118,9 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     """One setting's record, and the parameters (for the forward timing).
 
     `unroll`: 0 the backend's default, -1 full, n; `depthwise`: "auto" (the backend's default), "grouped" or
-    "shifted"; `cast_params_once`: execution.cast_params_once (None: the backend's default); `batch_chunks`: execution.batch_chunks (0: what
-    the trainer runs on one device); `remat`: execution.remat ("auto": the backend's default). `compile_only`: compile and count, run nothing.
+    "shifted"; `cast_params_once`: execution.cast_params_once (None: the backend's default); `batch_chunks`:
+    execution.batch_chunks (0: what the trainer runs on one device); `remat`: execution.remat ("auto": the
+    backend's default). `compile_only`: compile and count, run nothing.
     `profile_dir`: also trace `profile_steps` more steps there (`profiling.trace_window`).
     `peers`: `peer_steps`' contenders, timed in alternation with this step (`time_alternating`); their
     records, with the timings, come back under the record's "peers".
@@ -314,7 +315,8 @@ def train_line(r: dict) -> str:
     return (f"train b{r['batch']} {r['patch']}x{r['patch']} x{r['scale']} {r['dtype']} unroll={r['scan_unroll']} "
             f"depthwise={r['depthwise']} chunks={r.get('batch_chunks', 1)}"
             f"{' cast once' if r.get('cast_params_once') else ''}"
-            f"{' remat ' + r['remat'] if r.get('remat', 'none') != 'none' else ''}: {_fmt(r.get('step_ms'), '.2f')} ms/step "
+            f"{' remat ' + r['remat'] if r.get('remat', 'none') != 'none' else ''}: "
+            f"{_fmt(r.get('step_ms'), '.2f')} ms/step "
             f"({_fmt(r.get('patches_per_s'), '.1f')} patches/s, {_fmt(r.get('tflops'), '.3f')} TFLOP/s of "
             f"{r['train_flop_per_step'] / 1e12:.4f} TFLOP), compile {r['lower_s']:.1f}+{r['compile_s']:.1f} s, "
             f"peak {_mib(r['peak_memory_bytes'])} (XLA plan), {r['hlo']['per_step']} kernel launches/step "
@@ -348,7 +350,8 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
             mem = r.get("device_peak_bytes_in_use") or r["peak_memory_bytes"]
             lines.append(f"| {run} | train b{r['batch']} {r['patch']}px x{r['scale']} | {r['dtype']} | "
                          f"{r['scan_unroll']}/{r['depthwise']}{'/cast once' if r.get('cast_params_once') else ''}"
-                         f"{'/remat ' + r['remat'] if r.get('remat', 'none') != 'none' else ''} | "
+                         f"{'/remat ' + r['remat'] if r.get('remat', 'none') != 'none' else ''}"
+                         " | "
                          f"{_fmt(r.get('step_ms'), '.1f')} | "
                          f"{_fmt(r.get('patches_per_s'), '.0f')} | {_fmt(r.get('tflops'), '.2f')} | "
                          f"{r['lower_s'] + r['compile_s']:.1f} | {_gib(mem)} | {r['hlo']['per_step']} |")

@@ -6,8 +6,9 @@
         --scan_unroll=1,-1 --depthwise=grouped,shifted --skip_forward --compile_only   # knob variants
     python tools/benchmark.py --table=bench.json --peer_log=torch.log  # markdown rows of earlier runs
 
-Settings are the cross product of --batch_sizes, --dtypes, --scan_unroll, --depthwise, --cast_params_once and --remat on the --model
-preset ("paper": the default x4 RNAN with 48x48 LR patches, so batch 16 is the paper's setting). Per setting:
+Settings are the cross product of --batch_sizes, --dtypes, --scan_unroll, --depthwise, --cast_params_once and
+--remat on the --model preset ("paper": the default x4 RNAN with 48x48 LR patches, so batch 16 is the paper's
+setting). Per setting:
 - compile: the train step jitted as the trainer does (a one-device "data" mesh, state and metrics donated),
   `lower` and `compile` timed apart; no persistent compilation cache is enabled here.
 - step time: --repeats windows of --steps steps after --warmup steps, on one random uint8 batch kept on the
