@@ -100,15 +100,16 @@ def time_alternating(windows: Sequence[Callable[[int], None]], warmup: int, step
     return times
 
 
-def _knobs(unroll: int, depthwise: str, config) -> tuple[Any, Any, str, str]:
-    """(scan_unroll, depthwise) as the step takes them, and as resolved for the record."""
+def _knobs(unroll: int, depthwise: str, config, remat: str = "auto") -> tuple[Any, Any, Any, str, str, str]:
+    """(scan_unroll, depthwise, remat) as the step takes them, and as resolved for the record."""
     from rnan_jax import api
     from rnan_jax.configs import ExecutionConfig
 
-    execution = ExecutionConfig(scan_unroll=unroll, depthwise=depthwise)  # the config's encoding, decoded once
-    value, impl = execution.unroll, execution.depthwise_impl
-    module = api.build(config, scan_unroll=value, depthwise=impl)  # the backend's defaults, resolved as the step does
-    return value, impl, "full" if module.scan_unroll is True else str(module.scan_unroll), module.depthwise
+    execution = ExecutionConfig(scan_unroll=unroll, depthwise=depthwise, remat=remat)  # the config's encoding
+    value, impl, policy = execution.unroll, execution.depthwise_impl, execution.remat_policy
+    module = api.build(config, scan_unroll=value, depthwise=impl, remat=policy)  # resolved as the step does
+    return (value, impl, policy, "full" if module.scan_unroll is True else str(module.scan_unroll), module.depthwise,
+            module.remat)
 
 
 def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str, *, warmup: int, steps: int,
@@ -130,12 +131,9 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
 
     from rnan_jax import api, step
 
-    scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
+    scan_unroll, impl, remat_policy, unroll_name, impl_name, remat_name = _knobs(unroll, depthwise, config, remat)
     optim = step.OptimConfig()  # the paper's Adam and schedule
     chunks = step.batch_chunks(batch_chunks, batch, 1)  # 0: what the trainer runs on one device
-    from rnan_jax.configs import ExecutionConfig
-    remat_policy = ExecutionConfig(remat=remat).remat_policy
-    remat_name = api.build(config, remat=remat_policy).remat  # as resolved
     if cast_params_once is None:
         cast_params_once = api.default_cast_params_once()
     spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, cast_params_once, remat_policy)
@@ -310,12 +308,16 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _step_knobs(r: dict) -> list[str]:
+    """The train record's knobs beyond unroll and depthwise, where they are on: "cast once", "remat convs"."""
+    return (["cast once"] if r.get("cast_params_once") else []) + (
+        [f"remat {r['remat']}"] if r.get("remat", "none") != "none" else [])
+
+
 def train_line(r: dict) -> str:
     """One printed line for a `bench_train_step` record."""
     return (f"train b{r['batch']} {r['patch']}x{r['patch']} x{r['scale']} {r['dtype']} unroll={r['scan_unroll']} "
-            f"depthwise={r['depthwise']} chunks={r.get('batch_chunks', 1)}"
-            f"{' cast once' if r.get('cast_params_once') else ''}"
-            f"{' remat ' + r['remat'] if r.get('remat', 'none') != 'none' else ''}: "
+            f"depthwise={r['depthwise']} chunks={r.get('batch_chunks', 1)}{''.join(' ' + k for k in _step_knobs(r))}: "
             f"{_fmt(r.get('step_ms'), '.2f')} ms/step "
             f"({_fmt(r.get('patches_per_s'), '.1f')} patches/s, {_fmt(r.get('tflops'), '.3f')} TFLOP/s of "
             f"{r['train_flop_per_step'] / 1e12:.4f} TFLOP), compile {r['lower_s']:.1f}+{r['compile_s']:.1f} s, "
@@ -349,9 +351,7 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
         for r in res.get("train", []):
             mem = r.get("device_peak_bytes_in_use") or r["peak_memory_bytes"]
             lines.append(f"| {run} | train b{r['batch']} {r['patch']}px x{r['scale']} | {r['dtype']} | "
-                         f"{r['scan_unroll']}/{r['depthwise']}{'/cast once' if r.get('cast_params_once') else ''}"
-                         f"{'/remat ' + r['remat'] if r.get('remat', 'none') != 'none' else ''}"
-                         " | "
+                         f"{'/'.join([r['scan_unroll'], r['depthwise'], *_step_knobs(r)])} | "
                          f"{_fmt(r.get('step_ms'), '.1f')} | "
                          f"{_fmt(r.get('patches_per_s'), '.0f')} | {_fmt(r.get('tflops'), '.2f')} | "
                          f"{r['lower_s'] + r['compile_s']:.1f} | {_gib(mem)} | {r['hlo']['per_step']} |")

@@ -125,6 +125,7 @@ def main(argv):
     env.reuse_freed_memory()  # as the trainer runs: a fresh mmap per step would cost a third of a CPU step
     import jax
 
+    from rnan_jax.configs import ExecutionConfig
     from rnan_jax.model import RNANConfig
 
     h, w = (int(v) for v in _FORWARD_LR.value.lower().split("x"))
@@ -134,7 +135,7 @@ def main(argv):
     peer_done: set[tuple[int, int]] = set()
     print(json.dumps(results["env"]), flush=True)
     for unroll in (int(u) for u in _UNROLL.value):
-        casts = [{"auto": None, "true": True, "false": False}[v.strip().lower()] for v in _CAST_ONCE.value]
+        casts = [ExecutionConfig(cast_params_once=v.strip()).cast_once for v in _CAST_ONCE.value]
         for depthwise, remat, cast in ((d, r, c) for d in _DEPTHWISE.value for c in casts for r in _REMAT.value):
             for dtype in _DTYPES.value:
                 config = RNANConfig(**{**PRESETS[_MODEL.value], "dtype": dtype,
