@@ -201,7 +201,7 @@ def bench_forward(config, params: Any, lr_hw: tuple[int, int], unroll: int, dept
 
     from rnan_jax import api
 
-    scan_unroll, impl, unroll_name, impl_name = _knobs(unroll, depthwise, config)
+    scan_unroll, impl, _, unroll_name, impl_name, _ = _knobs(unroll, depthwise, config)
     h, w = lr_hw
     lr = jax.device_put(np.random.default_rng(1).random((1, h, w, 3), np.float32))
     jitted = jax.jit(partial(api.apply, config=config, scan_unroll=scan_unroll, depthwise=impl))
