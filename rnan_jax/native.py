@@ -41,11 +41,12 @@ from rnan_jax import env
 NATIVE_ENV = "RNAN_JAX_NATIVE"
 NATIVE_CACHE_ENV = "RNAN_JAX_NATIVE_CACHE"
 _SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", name)
-                 for name in ("depthwise.cc", "conv.cc"))
+                 for name in ("depthwise.cc", "conv.cc", "winograd.cc", "common.h"))
 # XLA FFI target -> the handler symbol the library exports
 _TARGETS = {"rnan_depthwise_kernel_grad": "RnanDepthwiseKernelGrad",
             "rnan_conv_kernel_grad": "RnanConvKernelGrad",
-            "rnan_conv3x3": "RnanConv3x3"}
+            "rnan_conv3x3": "RnanConv3x3",
+            "rnan_conv3x3_winograd": "RnanConv3x3Winograd"}
 LANES = 16  # conv_kernel_grad vectorizes one channel axis in blocks of this many floats
 _state: dict[str, bool] = {}
 
@@ -82,7 +83,7 @@ def _build() -> str:
     os.close(fd)
     try:
         subprocess.run([cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                        f"-I{jax.ffi.include_dir()}", *_SOURCES, "-o", tmp], capture_output=True, check=True)
+                        f"-I{jax.ffi.include_dir()}", *[s for s in _SOURCES if s.endswith(".cc")], "-o", tmp], capture_output=True, check=True)
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
     finally:
         if os.path.exists(tmp):
@@ -154,3 +155,21 @@ def conv3x3(x, k):
 
     out = jax.ShapeDtypeStruct((*x.shape[:3], k.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call("rnan_conv3x3", out, vmap_method="sequential")(x.astype(jnp.float32), k.astype(jnp.float32))
+
+
+
+def winograd_supported(in_features: int, features: int) -> bool:
+    """Whether `conv3x3_winograd` takes a 3x3 conv with these channel counts (both multiples of `LANES`)."""
+    return in_features % LANES == 0 and features % LANES == 0
+
+
+def conv3x3_winograd(x, k):
+    """`conv3x3` by Winograd's F(2x2, 3x3) (kernels/winograd.cc): 16 products per 2x2 output tile and channel
+    pair where the direct form takes 36. Relative error against float64 ~4e-7 (XLA's direct conv: ~2e-7). Call
+    only when `available()` and `winograd_supported(CI, CO)`."""
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.ShapeDtypeStruct((*x.shape[:3], k.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("rnan_conv3x3_winograd", out, vmap_method="sequential")(
+        x.astype(jnp.float32), k.astype(jnp.float32))

@@ -108,8 +108,35 @@ def test_native_conv3x3_matches_float64():
     np.testing.assert_allclose(np.asarray(jax.jit(native.conv3x3)(x, k)), ref, rtol=1e-5, atol=1e-5)
 
 
-# (in, out) channels: 16 -> 3 (the tail conv: native input gradient), 3 -> 16 (the head: native forward)
-@pytest.mark.parametrize("channels", [(16, 3), (3, 16)])
+def _conv3x3_reference(x, k):
+    """float64 y[b, h, w, co] = sum x[b, h+i-1, w+j-1, ci] k[i, j, ci, co], x zero outside."""
+    x64, k64 = np.asarray(x, np.float64), np.asarray(k, np.float64)
+    _, h, w, _ = x64.shape
+    xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(np.einsum("bhwc,cd->bhwd", xp[:, i:i + h, j:j + w], k64[i, j]) for i in range(3) for j in range(3))
+
+
+# (x shape, output channels): odd heights and widths (tiles half outside the image), a 1 x 1 image, 48 output
+# channels (vector blocks of 2 and 1), 48 input channels, panels of tiles that span images and end part-full, and
+# 91 x 91 = 8,281 tiles, above the size where the conv is split over the pool's threads
+@pytest.mark.parametrize("x_shape,features", [((2, 7, 9, 16), 32), ((1, 1, 1, 16), 16), ((3, 5, 6, 48), 48),
+                                              ((1, 182, 181, 16), 16)])
+@needs_compiler
+def test_native_winograd_conv3x3_matches_float64(x_shape, features):
+    assert native.available() and native.winograd_supported(x_shape[-1], features)
+    assert not native.winograd_supported(3, 32) and not native.winograd_supported(32, 3)
+    kx, kk = jax.random.split(jax.random.key(6))
+    x = jax.random.normal(kx, x_shape)
+    k = jax.random.normal(kk, (3, 3, x_shape[-1], features))
+    ref = _conv3x3_reference(x, k)
+    got = np.asarray(jax.jit(native.conv3x3_winograd)(x, k))
+    # F(2x2, 3x3) rounds a little more than the direct sum: |error| / max |y| ~4e-7 here, a wrong tap ~0.1
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6 * np.abs(ref).max())
+
+
+# (in, out) channels: 16 -> 3 (the tail conv: native input gradient), 3 -> 16 (the head: native forward), 16 -> 32
+# (the body's convs: Winograd forward and input gradient)
+@pytest.mark.parametrize("channels", [(16, 3), (3, 16), (16, 32)])
 @pytest.mark.parametrize("size", [3, 1])
 @needs_compiler
 def test_conv_gradients_through_the_native_kernel_equal_autodiff(size, channels):

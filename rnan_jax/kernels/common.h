@@ -1,0 +1,49 @@
+// What the native kernels share: the 16-float vector type and the asynchronous handler's plumbing.
+#ifndef RNAN_JAX_KERNELS_COMMON_H_
+#define RNAN_JAX_KERNELS_COMMON_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace rnan {
+
+namespace ffi = xla::ffi;
+
+constexpr int kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));  // unaligned access allowed
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// A future that fails at once with an invalid-argument error (a handler's shape check).
+inline ffi::Future Invalid(const char* message) {
+  ffi::Promise promise;
+  promise.SetError(ffi::Error::InvalidArgument(message));
+  return ffi::Future(promise);
+}
+
+// A future completed by `work(0)`, ..., `work(parts - 1)`, run as tasks on XLA's intra-op thread pool: the thunk
+// completes with the last of them, and the calling thread goes on with other ready kernels meanwhile. Called
+// synchronously, the conv kernels kept their thread, so the other core idled where the backward had little else
+// ready (the chunks' kernel gradients ran one after the other on one core): the small model's two-core step took
+// 74.5-79.4 ms against 71.8-75.4 asynchronously (alternating runs, tools/BENCHMARKS.md).
+template <typename F>
+ffi::Future OnPool(ffi::ThreadPool& pool, F work, int parts = 1) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  auto left = std::make_shared<std::atomic<int>>(parts);
+  for (int part = 0; part < parts; ++part) {
+    pool.Schedule([=]() mutable {
+      work(part);
+      if (left->fetch_sub(1) == 1) promise.SetAvailable();
+    });
+  }
+  return future;
+}
+
+}  // namespace rnan
+
+#endif  // RNAN_JAX_KERNELS_COMMON_H_
