@@ -6,7 +6,8 @@
 // all taps use them) with register blocks of R broadcast channels x V 16-float vectors. One of the two channel
 // axes is the vector axis and must be a multiple of 16: co (dk's own layout), or else ci (the tail conv's 3
 // output channels), whose blocks are then transposed into place. Also here: the forward of a 3x3 conv from few
-// input channels. The handlers are asynchronous: the work runs as a task on XLA's intra-op thread pool.
+// input channels. The handlers are asynchronous: the work runs as a task on XLA's intra-op thread pool
+// (common.h).
 // Built on first use by rnan_jax.native and called through jax.ffi.
 #include <algorithm>
 #include <array>
@@ -15,14 +16,15 @@
 #include <utility>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
+using rnan::Invalid;
+using rnan::kLanes;
+using rnan::OnPool;
+using rnan::Vec;
 
 namespace {
-
-constexpr int kLanes = 16;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));  // unaligned access allowed
 
 // One register block over one tap: acc[r][v] += bcast[p][r] * vec[p][v] for the pixels of rows [h0, h1) that
 // have a partner inside the image, then added into out (out[r * out_stride + 16 v + lane]).
@@ -163,29 +165,6 @@ static void KernelGrad(const float* xs, const float* gs, float* out, int64_t B, 
   }
 }
 
-// A future that fails at once with an invalid-argument error (a handler's shape check).
-static ffi::Future Invalid(const char* message) {
-  ffi::Promise promise;
-  promise.SetError(ffi::Error::InvalidArgument(message));
-  return ffi::Future(promise);
-}
-
-// A future completed by `work`, run as a task on XLA's intra-op thread pool: the thunk completes with it, and
-// the calling thread goes on with other ready kernels meanwhile. Called synchronously, the conv kernels kept
-// their thread, so the other core idled where the backward had little else ready (the chunks' kernel gradients
-// ran one after the other on one core): the small model's two-core step took 74.5-79.4 ms against 71.8-75.4
-// asynchronously (alternating runs, tools/BENCHMARKS.md).
-template <typename F>
-static ffi::Future OnPool(ffi::ThreadPool& pool, F work) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  pool.Schedule([=]() mutable {
-    work();
-    promise.SetAvailable();
-  });
-  return future;
-}
-
 static ffi::Future ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                                   ffi::ResultBuffer<ffi::F32> dk) {
   const auto xd = x.dimensions();
@@ -204,7 +183,7 @@ static ffi::Future ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xs = x.typed_data();
   const float* gs = g.typed_data();
   float* out = dk->typed_data();
-  return OnPool(pool, [=] { KernelGrad(xs, gs, out, B, H, W, CI, CO, K); });
+  return OnPool(pool, [=](int) { KernelGrad(xs, gs, out, B, H, W, CI, CO, K); });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConvKernelGrad, ConvKernelGrad,
@@ -259,7 +238,7 @@ static ffi::Future Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   const float* xs = x.typed_data();
   const float* ks = k.typed_data();
   float* ys = y->typed_data();
-  return OnPool(pool, [=] { Forward(xs, ks, ys, B, H, W, CI, CO); });
+  return OnPool(pool, [=](int) { Forward(xs, ks, ys, B, H, W, CI, CO); });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RnanConv3x3, Conv3x3,

@@ -82,8 +82,8 @@ static void KernelTransform(const float* k, float* u, int64_t CI, int64_t CO) {
 }
 
 // The distance between the 16 slices of a panel's scratch: P tiles of C floats and one more vector, so that the
-// 16 slices of one tile do not fall into the same few cache sets (without it, 0.20 against 0.16 ms, batch 4 of
-// 32 x 32 x 32 -> 32).
+// 16 slices of one tile do not fall into the same few cache sets (with 96 tiles a panel and CI = CO = 32, one
+// core, batch 4 of 32 x 32: 0.29 ms a conv without it, 0.20 with it).
 static int64_t Stride(int64_t P, int64_t C) { return P * C + kLanes; }
 
 // The next tile of the grid, in (b, ty, tx) order.
