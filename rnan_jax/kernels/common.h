@@ -44,6 +44,11 @@ ffi::Future OnPool(ffi::ThreadPool& pool, F work, int parts = 1) {
   return future;
 }
 
+// The kernel gradient of a 3x3 'SAME' conv by Winograd's F(2x2, 3x3), CI and CO multiples of 16 (winograd.cc):
+// x [B, H, W, CI] and g [B, H, W, CO] in, dk [3, 3, CI, CO] out.
+void WinogradKernelGrad(const float* xs, const float* gs, float* dk, int64_t B, int64_t H, int64_t W, int64_t CI,
+                        int64_t CO);
+
 }  // namespace rnan
 
 #endif  // RNAN_JAX_KERNELS_COMMON_H_

@@ -56,6 +56,41 @@ const std::array<std::array<MatmulFn, kMaxTiles>, 2> kMatmul = {
     MatmulTable<1>(std::make_integer_sequence<int, kMaxTiles>()),
     MatmulTable<2>(std::make_integer_sequence<int, kMaxTiles>())};
 
+// acc[p][ci][co] (this block's R input channels from ci0 and V 16-float vectors of output channels) += sum over
+// the panel's tiles t of vin[p][t][ci] * gt[p][t][co]: the kernel gradient's products, summed over tiles.
+template <int R, int V>
+void TileSumBlock(const float* vin, const float* gt, int64_t tiles, int64_t ci_count, int64_t co_count,
+                  float* acc_out) {
+  Vec acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+  for (int64_t t = 0; t < tiles; ++t, vin += ci_count, gt += co_count) {
+    Vec gv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) gv[v] = Load(gt + v * kLanes);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const float s = vin[r];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] += s * gv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) Store(acc_out + r * co_count + v * kLanes, Load(acc_out + r * co_count + v * kLanes) + acc[r][v]);
+}
+
+typedef void (*TileSumFn)(const float*, const float*, int64_t, int64_t, int64_t, float*);
+
+template <int V, int... Rs>
+constexpr std::array<TileSumFn, sizeof...(Rs)> TileSumTable(std::integer_sequence<int, Rs...>) {
+  return {&TileSumBlock<Rs + 1, V>...};
+}
+
+// kTileSum[V - 1][R - 1]
+const std::array<std::array<TileSumFn, kMaxTiles>, 2> kTileSum = {
+    TileSumTable<1>(std::make_integer_sequence<int, kMaxTiles>()),
+    TileSumTable<2>(std::make_integer_sequence<int, kMaxTiles>())};
+
 }  // namespace
 
 // u[p][ci][co] = (G k[:, :, ci, co] G^T)[p / 4][p % 4], G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
@@ -97,6 +132,43 @@ static inline void Next(int64_t& b, int64_t& ty, int64_t& tx, int64_t TH, int64_
   }
 }
 
+// Input transform of the panel of np tiles from tile p0: vin[p][t][c] = (B^T d B)[p / 4][p % 4] (slices ps apart),
+// B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], d the 4x4 pixels of xs [B, H, W, C] from
+// (2 ty - 1, 2 tx - 1), zero outside the image.
+static void InputTransform(const float* xs, int64_t H, int64_t W, int64_t C, int64_t p0, int64_t np, int64_t ps,
+                           float* vin) {
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2;
+  int64_t b = p0 / (TH * TW), ty = p0 / TW % TH, tx = p0 % TW;
+  for (int64_t t = 0; t < np; ++t, Next(b, ty, tx, TH, TW)) {
+    const float* x0 = xs + ((b * H + 2 * ty - 1) * W + 2 * tx - 1) * C;  // pixel (2 ty - 1, 2 tx - 1)
+    const bool interior = ty > 0 && tx > 0 && 2 * ty + 2 < H && 2 * tx + 2 < W;
+    bool inside[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t hh = 2 * ty - 1 + i, ww = 2 * tx - 1 + j;
+        inside[i][j] = interior || (hh >= 0 && hh < H && ww >= 0 && ww < W);
+      }
+    float* out = vin + t * C;
+    for (int64_t c = 0; c < C; c += kLanes) {
+      Vec d[4][4], r[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) d[i][j] = inside[i][j] ? Load(x0 + (i * W + j) * C + c) : Vec{};
+      for (int j = 0; j < 4; ++j) {
+        r[0][j] = d[0][j] - d[2][j];
+        r[1][j] = d[1][j] + d[2][j];
+        r[2][j] = d[2][j] - d[1][j];
+        r[3][j] = d[1][j] - d[3][j];
+      }
+      for (int i = 0; i < 4; ++i) {
+        Store(out + (i * 4 + 0) * ps + c, r[i][0] - r[i][2]);
+        Store(out + (i * 4 + 1) * ps + c, r[i][1] + r[i][2]);
+        Store(out + (i * 4 + 2) * ps + c, r[i][2] - r[i][1]);
+        Store(out + (i * 4 + 3) * ps + c, r[i][1] - r[i][3]);
+      }
+    }
+  }
+}
+
 // The conv over tiles [t0, t1) of the B x ceil(H/2) x ceil(W/2) tile grid, with u from KernelTransform and panel
 // scratch vin [16][P][CI] and m [16][P][CO], each of the 16 slices padded by one vector (`Stride`).
 static void ConvTiles(const float* xs, const float* u, float* ys, int64_t H, int64_t W, int64_t CI, int64_t CO,
@@ -105,37 +177,7 @@ static void ConvTiles(const float* xs, const float* u, float* ys, int64_t H, int
   const int64_t ps_in = Stride(P, CI), ps_out = Stride(P, CO);
   for (int64_t p0 = t0; p0 < t1; p0 += P) {
     const int64_t np = std::min(P, t1 - p0);
-    // Input transform: vin[p][t][ci] = (B^T d B)[p / 4][p % 4], B^T = [[1, 0, -1, 0], [0, 1, 1, 0],
-    // [0, -1, 1, 0], [0, 1, 0, -1]], d the 4x4 input pixels from (2 ty - 1, 2 tx - 1).
-    int64_t b = p0 / (TH * TW), ty = p0 / TW % TH, tx = p0 % TW;
-    for (int64_t t = 0; t < np; ++t, Next(b, ty, tx, TH, TW)) {
-      const float* x0 = xs + ((b * H + 2 * ty - 1) * W + 2 * tx - 1) * CI;  // pixel (2 ty - 1, 2 tx - 1)
-      const bool interior = ty > 0 && tx > 0 && 2 * ty + 2 < H && 2 * tx + 2 < W;
-      bool inside[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) {
-          const int64_t hh = 2 * ty - 1 + i, ww = 2 * tx - 1 + j;
-          inside[i][j] = interior || (hh >= 0 && hh < H && ww >= 0 && ww < W);
-        }
-      float* out = vin + t * CI;
-      for (int64_t c = 0; c < CI; c += kLanes) {
-        Vec d[4][4], r[4][4];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) d[i][j] = inside[i][j] ? Load(x0 + (i * W + j) * CI + c) : Vec{};
-        for (int j = 0; j < 4; ++j) {
-          r[0][j] = d[0][j] - d[2][j];
-          r[1][j] = d[1][j] + d[2][j];
-          r[2][j] = d[2][j] - d[1][j];
-          r[3][j] = d[1][j] - d[3][j];
-        }
-        for (int i = 0; i < 4; ++i) {
-          Store(out + (i * 4 + 0) * ps_in + c, r[i][0] - r[i][2]);
-          Store(out + (i * 4 + 1) * ps_in + c, r[i][1] + r[i][2]);
-          Store(out + (i * 4 + 2) * ps_in + c, r[i][2] - r[i][1]);
-          Store(out + (i * 4 + 3) * ps_in + c, r[i][1] - r[i][3]);
-        }
-      }
-    }
+    InputTransform(xs, H, W, CI, p0, np, ps_in, vin);
     // The 16 products, in register blocks.
     for (int p = 0; p < 16; ++p) {
       for (int64_t v0 = 0; v0 < CO; v0 += 2 * kLanes) {
@@ -147,18 +189,17 @@ static void ConvTiles(const float* xs, const float* u, float* ys, int64_t H, int
       }
     }
     // Output transform: y tile = A^T m A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-    b = p0 / (TH * TW), ty = p0 / TW % TH, tx = p0 % TW;
+    int64_t b = p0 / (TH * TW), ty = p0 / TW % TH, tx = p0 % TW;
     for (int64_t t = 0; t < np; ++t, Next(b, ty, tx, TH, TW)) {
       const int64_t h = 2 * ty, w = 2 * tx;
       const bool down = h + 1 < H, right = w + 1 < W;
       float* y = ys + ((b * H + h) * W + w) * CO;
       for (int64_t c = 0; c < CO; c += kLanes) {
         const float* mp = m + t * CO + c;
-        const int64_t ps = ps_out;
         Vec a[4], s[4];
         for (int i = 0; i < 4; ++i) {
-          const Vec m0 = Load(mp + (i * 4 + 0) * ps), m1 = Load(mp + (i * 4 + 1) * ps);
-          const Vec m2 = Load(mp + (i * 4 + 2) * ps), m3 = Load(mp + (i * 4 + 3) * ps);
+          const Vec m0 = Load(mp + (i * 4 + 0) * ps_out), m1 = Load(mp + (i * 4 + 1) * ps_out);
+          const Vec m2 = Load(mp + (i * 4 + 2) * ps_out), m3 = Load(mp + (i * 4 + 3) * ps_out);
           a[i] = m0 + m1 + m2;
           s[i] = m1 - m2 - m3;
         }
@@ -177,6 +218,68 @@ static void ConvTiles(const float* xs, const float* u, float* ys, int64_t H, int
 static int64_t PanelTiles(int64_t CI, int64_t CO) {
   const int64_t fit = 49152 / (16 * (CI + CO));
   return std::max<int64_t>(kMaxTiles, fit / kMaxTiles * kMaxTiles);
+}
+
+// The kernel gradient of the same conv, dk[i][j][ci][co] = sum over b, h, w of x[b, h + i - 1, w + j - 1, ci] *
+// g[b, h, w, co], as the gradient of the Winograd form: dk = G^T [sum over tiles (A g_t A^T) . (B^T d_t B)] G,
+// g_t the tile's 2x2 output gradient (zero outside the image), so the tiles' products are summed in the
+// transformed domain, 16 matrix products [CI x tiles] x [tiles x CO], and transformed back once.
+void WinogradKernelGrad(const float* xs, const float* gs, float* dk, int64_t B, int64_t H, int64_t W, int64_t CI,
+                        int64_t CO) {
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, tiles = B * TH * TW;
+  const int64_t P = PanelTiles(CI, CO), ps_in = Stride(P, CI), ps_g = Stride(P, CO);
+  std::vector<float> vin(16 * ps_in), gt(16 * ps_g), acc(16 * CI * CO, 0.0f);
+  for (int64_t p0 = 0; p0 < tiles; p0 += P) {
+    const int64_t np = std::min(P, tiles - p0);
+    InputTransform(xs, H, W, CI, p0, np, ps_in, vin.data());
+    // gt[p][t][co] = (A g_t A^T)[p / 4][p % 4], A = [[1, 0], [1, 1], [1, -1], [0, -1]].
+    int64_t b = p0 / (TH * TW), ty = p0 / TW % TH, tx = p0 % TW;
+    for (int64_t t = 0; t < np; ++t, Next(b, ty, tx, TH, TW)) {
+      const int64_t h = 2 * ty, w = 2 * tx;
+      const bool down = h + 1 < H, right = w + 1 < W;
+      const float* g = gs + ((b * H + h) * W + w) * CO;
+      float* out = gt.data() + t * CO;
+      for (int64_t c = 0; c < CO; c += kLanes) {
+        const Vec g00 = Load(g + c), g01 = right ? Load(g + CO + c) : Vec{};
+        const Vec g10 = down ? Load(g + W * CO + c) : Vec{}, g11 = down && right ? Load(g + W * CO + CO + c) : Vec{};
+        const Vec rows[4][2] = {{g00, g01}, {g00 + g10, g01 + g11}, {g00 - g10, g01 - g11}, {-g10, -g11}};
+        for (int i = 0; i < 4; ++i) {
+          Store(out + (i * 4 + 0) * ps_g + c, rows[i][0]);
+          Store(out + (i * 4 + 1) * ps_g + c, rows[i][0] + rows[i][1]);
+          Store(out + (i * 4 + 2) * ps_g + c, rows[i][0] - rows[i][1]);
+          Store(out + (i * 4 + 3) * ps_g + c, -rows[i][1]);
+        }
+      }
+    }
+    for (int p = 0; p < 16; ++p) {
+      for (int64_t v0 = 0; v0 < CO; v0 += 2 * kLanes) {
+        const int V = std::min<int64_t>(2, (CO - v0) / kLanes);
+        for (int64_t r0 = 0; r0 < CI; r0 += kMaxTiles) {
+          const int R = std::min<int64_t>(kMaxTiles, CI - r0);
+          kTileSum[V - 1][R - 1](vin.data() + p * ps_in + r0, gt.data() + p * ps_g + v0, np, CI, CO,
+                                 acc.data() + (p * CI + r0) * CO + v0);
+        }
+      }
+    }
+  }
+  // dk = G^T M G per (ci, co), G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]].
+  const int64_t n = CI * CO;
+  const Vec half = Vec{} + 0.5f;
+  for (int64_t e = 0; e < n; e += kLanes) {
+    Vec m[4][4], r[3][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) m[i][j] = Load(acc.data() + (i * 4 + j) * n + e);
+    for (int j = 0; j < 4; ++j) {
+      r[0][j] = m[0][j] + half * (m[1][j] + m[2][j]);
+      r[1][j] = half * (m[1][j] - m[2][j]);
+      r[2][j] = half * (m[1][j] + m[2][j]) + m[3][j];
+    }
+    for (int i = 0; i < 3; ++i) {
+      Store(dk + (i * 3 + 0) * n + e, r[i][0] + half * (r[i][1] + r[i][2]));
+      Store(dk + (i * 3 + 1) * n + e, half * (r[i][1] - r[i][2]));
+      Store(dk + (i * 3 + 2) * n + e, half * (r[i][1] + r[i][2]) + r[i][3]);
+    }
+  }
 }
 
 // Tiles below which the conv is one task on the pool (the training step's chunks); above it, a task per thread.
