@@ -9,9 +9,10 @@ Convolution work that XLA:CPU computes slowly, each kernel reading its inputs in
   convolution over a transposed copy of the output gradient: 2.1 ms plus a 0.45 ms copy per 32 -> 32 conv of
   the small model at batch 16 on one core, 10.1 + 4.3 ms for its 32 -> 128 upsampler conv and 6.3 + 1.8 ms
   (Eigen) for the 32 -> 3 tail conv, against 1.2, 5.0 and 0.7 ms here. For 1x1 (a matrix product contracting
-  the pixel rows) XLA's dot takes 0.9 ms per 32 -> 32 conv. With 16 or more channels on both sides, a 3x3 conv's kernel gradient
-  is the gradient of its Winograd form (kernels/winograd.cc), the tiles' products summed in the transformed
-  domain: 2.25x fewer multiply-adds again.
+  the pixel rows) XLA's dot takes 0.9 ms per 32 -> 32 conv. With 16 or more channels on both sides, a 3x3
+  conv's kernel gradient is the gradient of its Winograd form (kernels/winograd.cc), the tiles' products summed
+  in the transformed domain: 0.24 ms against 0.30 directly for a 32 -> 32 conv at batch 4 of 32 x 32, one core
+  (0.86 against 1.24 for 32 -> 128), and closer to float64 (3-5e-7 of max |dk| against XLA's 0.4-2.6e-6).
 - `conv3x3`, a 3x3 convolution with fewer than 16 input channels (kernels/conv.cc), where YNNPACK is slow: the
   head's forward from 3 channels (0.86 ms in the small model's one-core step, 0.16 ms here) and the input
   gradient of the tail conv to 3 channels (3.5 ms, 0.6 ms here).
@@ -21,16 +22,18 @@ Convolution work that XLA:CPU computes slowly, each kernel reading its inputs in
   multiply-adds. A 32 -> 32 conv at batch 4 of 32 x 32 (a chunk of the small model's step), one core: 0.26 ms
   against YNNPACK's 0.34; 32 -> 128 0.89 against 1.31.
 
-The conv kernels' handlers are asynchronous (kernels/common.h): the work is a task on XLA's intra-op thread pool, so the
-thread that reached the custom call goes on with other ready kernels and an idle core takes the task. Called
-synchronously, `conv3x3` made the two-core step slower although each call was faster (the YNNPACK convs it
-replaces spread over an idle core by themselves); asynchronously it is faster (tools/BENCHMARKS.md).
+The conv kernels' handlers are asynchronous (kernels/common.h): the work is a task on XLA's intra-op thread
+pool, so the thread that reached the custom call goes on with other ready kernels and an idle core takes the
+task. Called synchronously, `conv3x3` made the two-core step slower although each call was faster (the YNNPACK
+convs it replaces spread over an idle core by themselves); asynchronously it is faster (tools/BENCHMARKS.md).
+A Winograd conv over 8,192 tiles or more (an image of 128 x 128 or larger: inference) is split into one task
+per pool thread.
 
 The shared library is compiled from the sources (shipped with the package) by `$CXX` (default `c++`) with
 `-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default ~/.cache/rnan_jax/native), named by a hash of the
 sources, the compiler, JAX's version and this CPU, so it is built once per machine. Without a compiler, or
 with `RNAN_JAX_NATIVE=0`, or if the build fails (said once in a warning), `available()` is False and the model
-keeps its pure-JAX gradients: the same numbers up to float rounding.
+keeps XLA's convolutions and pure-JAX gradients: the same numbers up to float rounding.
 """
 from __future__ import annotations
 
@@ -89,8 +92,9 @@ def _build() -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
+        units = [name for name in _SOURCES if name.endswith(".cc")]  # the headers are hashed, not compiled
         subprocess.run([cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                        f"-I{jax.ffi.include_dir()}", *[s for s in _SOURCES if s.endswith(".cc")], "-o", tmp], capture_output=True, check=True)
+                        f"-I{jax.ffi.include_dir()}", *units, "-o", tmp], capture_output=True, check=True)
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
     finally:
         if os.path.exists(tmp):

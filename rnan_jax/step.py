@@ -111,8 +111,9 @@ def default_batch_chunks(per_device_batch: int, num_devices: int, backend: str |
     """On a one-device CPU run 4 equal chunks of at least 4 samples each, else 2 for an even batch of at least
     4, else 1.
 
-    Measured on 2 cores (tools/BENCHMARKS.md): the small model at batch 16 takes 71 ms a step in 4 chunks, 78 in
-    2 (C 48: 147 and 158 ms); at batch 8 of 24x24 (the demo) 2 chunks beat 4, 24.0 against 26.0 ms. XLA:CPU's
+    Measured on 2 cores (tools/BENCHMARKS.md): the small model at batch 16 took 71 ms a step in 4 chunks, 78 in
+    2 (C 48: 147 and 158 ms); with the Winograd conv kernels 4 and 2 are level (55.0-55.2 against 53.8-56.2 ms,
+    8: 58.1-59.7); at batch 8 of 24x24 (the demo) 2 chunks beat 4, 24.0 against 26.0 ms. XLA:CPU's
     executor offloads ready work to the other core only when more than 8 kernels are ready at once: more
     independent chunks keep both cores busy more of the time, until they make the kernels too small."""
     if (backend or jax.default_backend()) != "cpu" or num_devices != 1:
