@@ -2,9 +2,11 @@
 #ifndef RNAN_JAX_KERNELS_COMMON_H_
 #define RNAN_JAX_KERNELS_COMMON_H_
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -17,6 +19,22 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)
 
 inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// The register blocks of the conv kernels: up to kMaxRows broadcast values x V = 1 or 2 16-float vectors.
+constexpr int kMaxRows = 12;
+
+// Blocks<Kernel>::table[V - 1][R - 1] = &Kernel<R, V>::Run for every R <= kMaxRows and V <= 2: the kernel for a
+// block of any height (the last of a row is shorter) and either width, chosen at run time.
+template <template <int, int> class Kernel>
+struct Blocks {
+  using Fn = decltype(&Kernel<1, 1>::Run);
+  template <int V, int... Rs>
+  static constexpr std::array<Fn, kMaxRows> Row(std::integer_sequence<int, Rs...>) {
+    return {&Kernel<Rs + 1, V>::Run...};
+  }
+  static constexpr std::array<std::array<Fn, kMaxRows>, 2> table = {
+      Row<1>(std::make_integer_sequence<int, kMaxRows>()), Row<2>(std::make_integer_sequence<int, kMaxRows>())};
+};
 
 // A future that fails at once with an invalid-argument error (a handler's shape check).
 inline ffi::Future Invalid(const char* message) {

@@ -31,84 +31,62 @@ namespace {
 //   vrows[k] / brows[k]: the k-th pair of rows of the vector / broadcast tensor; pixel w of the pair reads
 //   vrows[k][w * cv + vofs] and brows[k][w * cb + bofs] (the offsets hold the tap's shift and the block's channel).
 template <int R, int V>
-void Block(const float* const* vrows, const float* const* brows, int nrows, int64_t w_lo, int64_t w_hi,
-           int64_t vofs, int64_t bofs, int64_t cv, int64_t cb, float* out, int64_t out_stride) {
-  Vec acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
-  for (int k = 0; k < nrows; ++k) {
-    const float* vp = vrows[k] + w_lo * cv + vofs;
-    const float* bp = brows[k] + w_lo * cb + bofs;
-    for (int64_t w = w_lo; w < w_hi; ++w, vp += cv, bp += cb) {
-      Vec a[V];
+struct Block {
+  static void Run(const float* const* vrows, const float* const* brows, int nrows, int64_t w_lo, int64_t w_hi,
+                  int64_t vofs, int64_t bofs, int64_t cv, int64_t cb, float* out, int64_t out_stride) {
+    Vec acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+    for (int k = 0; k < nrows; ++k) {
+      const float* vp = vrows[k] + w_lo * cv + vofs;
+      const float* bp = brows[k] + w_lo * cb + bofs;
+      for (int64_t w = w_lo; w < w_hi; ++w, vp += cv, bp += cb) {
+        Vec a[V];
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) a[v] = *reinterpret_cast<const Vec*>(vp + v * kLanes);
+        for (int v = 0; v < V; ++v) a[v] = *reinterpret_cast<const Vec*>(vp + v * kLanes);
 #pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const float s = bp[r];
+        for (int r = 0; r < R; ++r) {
+          const float s = bp[r];
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) acc[r][v] += s * a[v];
+          for (int v = 0; v < V; ++v) acc[r][v] += s * a[v];
+        }
       }
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) {
+        Vec* o = reinterpret_cast<Vec*>(out + r * out_stride + v * kLanes);
+        *o += acc[r][v];
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) {
-      Vec* o = reinterpret_cast<Vec*>(out + r * out_stride + v * kLanes);
-      *o += acc[r][v];
-    }
-}
-
-typedef void (*BlockFn)(const float* const*, const float* const*, int, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        int64_t, float*, int64_t);
-
-constexpr int kMaxR = 12;
-
-template <int V, int... Rs>
-constexpr std::array<BlockFn, sizeof...(Rs)> Table(std::integer_sequence<int, Rs...>) {
-  return {&Block<Rs + 1, V>...};
-}
-
-// kBlocks[V - 1][R - 1]
-const std::array<std::array<BlockFn, kMaxR>, 2> kBlocks = {
-    Table<1>(std::make_integer_sequence<int, kMaxR>()), Table<2>(std::make_integer_sequence<int, kMaxR>())};
+};
 
 // The forward: P output pixels x V 16-float vectors of output channels, over the 9 taps and all input channels.
 //   rows: three zero-padded input rows (W + 2 pixels of ci floats each), out: the first pixel's output.
 template <int P, int V>
-void ForwardBlock(const float* rows, int64_t row_stride, int64_t ci, const float* k, int64_t co, float* out) {
-  Vec acc[P][V];
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < V; ++v) acc[p][v] = Vec{};
-  for (int t = 0; t < 9; ++t) {
-    const float* xp = rows + (t / 3) * row_stride + (t % 3) * ci;
-    const float* kp = k + t * ci * co;
-    for (int64_t c = 0; c < ci; ++c, ++xp, kp += co) {
-      Vec kv[V];
+struct ForwardBlock {
+  static void Run(const float* rows, int64_t row_stride, int64_t ci, const float* k, int64_t co, float* out) {
+    Vec acc[P][V];
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < V; ++v) acc[p][v] = Vec{};
+    for (int t = 0; t < 9; ++t) {
+      const float* xp = rows + (t / 3) * row_stride + (t % 3) * ci;
+      const float* kp = k + t * ci * co;
+      for (int64_t c = 0; c < ci; ++c, ++xp, kp += co) {
+        Vec kv[V];
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) kv[v] = *reinterpret_cast<const Vec*>(kp + v * kLanes);
+        for (int v = 0; v < V; ++v) kv[v] = *reinterpret_cast<const Vec*>(kp + v * kLanes);
 #pragma GCC unroll 12
-      for (int p = 0; p < P; ++p) {
-        const float s = xp[p * ci];
+        for (int p = 0; p < P; ++p) {
+          const float s = xp[p * ci];
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) acc[p][v] += s * kv[v];
+          for (int v = 0; v < V; ++v) acc[p][v] += s * kv[v];
+        }
       }
     }
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < V; ++v) *reinterpret_cast<Vec*>(out + p * co + v * kLanes) = acc[p][v];
   }
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < V; ++v) *reinterpret_cast<Vec*>(out + p * co + v * kLanes) = acc[p][v];
-}
-
-typedef void (*ForwardFn)(const float*, int64_t, int64_t, const float*, int64_t, float*);
-
-template <int V, int... Ps>
-constexpr std::array<ForwardFn, sizeof...(Ps)> ForwardTable(std::integer_sequence<int, Ps...>) {
-  return {&ForwardBlock<Ps + 1, V>...};
-}
-
-// kForward[V - 1][P - 1]
-const std::array<std::array<ForwardFn, kMaxR>, 2> kForward = {
-    ForwardTable<1>(std::make_integer_sequence<int, kMaxR>()),
-    ForwardTable<2>(std::make_integer_sequence<int, kMaxR>())};
+};
 
 }  // namespace
 
@@ -146,10 +124,11 @@ static void KernelGrad(const float* xs, const float* gs, float* out, int64_t B, 
           float* tap = acc.data() + (i * K + j) * cb * cv;
           for (int64_t v0 = 0; v0 < cv; v0 += 2 * kLanes) {
             const int V = std::min<int64_t>(2, (cv - v0) / kLanes);
-            for (int64_t r0 = 0; r0 < cb; r0 += kMaxR) {
-              const int R = std::min<int64_t>(kMaxR, cb - r0);
-              kBlocks[V - 1][R - 1](vrows.data(), brows.data(), nrows, w_lo, w_hi, vshift * cv + v0,
-                                    bshift * cb + r0, cv, cb, tap + r0 * cv + v0, cv);
+            for (int64_t r0 = 0; r0 < cb; r0 += rnan::kMaxRows) {
+              const int R = std::min<int64_t>(rnan::kMaxRows, cb - r0);
+              rnan::Blocks<Block>::table[V - 1][R - 1](vrows.data(), brows.data(), nrows, w_lo, w_hi,
+                                                       vshift * cv + v0, bshift * cb + r0, cv, cb,
+                                                       tap + r0 * cv + v0, cv);
             }
           }
         }
@@ -218,9 +197,10 @@ static void Forward(const float* xs, const float* ks, float* ys, int64_t B, int6
       float* yrow = ys + (b * H + h) * W * CO;
       for (int64_t v0 = 0; v0 < CO; v0 += 2 * kLanes) {
         const int V = std::min<int64_t>(2, (CO - v0) / kLanes);
-        for (int64_t w0 = 0; w0 < W; w0 += kMaxR) {
-          const int P = std::min<int64_t>(kMaxR, W - w0);
-          kForward[V - 1][P - 1](rows.data() + w0 * CI, row_stride, CI, ks + v0, CO, yrow + w0 * CO + v0);
+        for (int64_t w0 = 0; w0 < W; w0 += rnan::kMaxRows) {
+          const int P = std::min<int64_t>(rnan::kMaxRows, W - w0);
+          rnan::Blocks<ForwardBlock>::table[V - 1][P - 1](rows.data() + w0 * CI, row_stride, CI, ks + v0, CO,
+                                                          yrow + w0 * CO + v0);
         }
       }
     }

@@ -20,76 +20,59 @@
 namespace rnan {
 namespace {
 
-constexpr int kMaxTiles = 12;  // R, the register block's tiles
+constexpr int kMaxTiles = kMaxRows;  // R, the register block's tiles
 
 // m[p][t][co] (p < 16, t < R, this block's CO vectors v0..v0 + V) = sum over ci of vin[p][t][ci] * u[p][ci][co].
 template <int R, int V>
-void MatmulBlock(const float* vin, const float* u, int64_t ci_count, int64_t co_count, float* m) {
-  Vec acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
-  const float* up = u;
-  for (int64_t c = 0; c < ci_count; ++c, up += co_count) {
-    Vec kv[V];
+struct MatmulBlock {
+  static void Run(const float* vin, const float* u, int64_t ci_count, int64_t co_count, float* m) {
+    Vec acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+    const float* up = u;
+    for (int64_t c = 0; c < ci_count; ++c, up += co_count) {
+      Vec kv[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) kv[v] = Load(up + v * kLanes);
+      for (int v = 0; v < V; ++v) kv[v] = Load(up + v * kLanes);
 #pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) {
-      const float s = vin[r * ci_count + c];
+      for (int r = 0; r < R; ++r) {
+        const float s = vin[r * ci_count + c];
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] += s * kv[v];
+        for (int v = 0; v < V; ++v) acc[r][v] += s * kv[v];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) Store(m + r * co_count + v * kLanes, acc[r][v]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) Store(m + r * co_count + v * kLanes, acc[r][v]);
-}
-
-typedef void (*MatmulFn)(const float*, const float*, int64_t, int64_t, float*);
-
-template <int V, int... Rs>
-constexpr std::array<MatmulFn, sizeof...(Rs)> MatmulTable(std::integer_sequence<int, Rs...>) {
-  return {&MatmulBlock<Rs + 1, V>...};
-}
-
-// kMatmul[V - 1][R - 1]
-const std::array<std::array<MatmulFn, kMaxTiles>, 2> kMatmul = {
-    MatmulTable<1>(std::make_integer_sequence<int, kMaxTiles>()),
-    MatmulTable<2>(std::make_integer_sequence<int, kMaxTiles>())};
+};
 
 // acc[p][ci][co] (this block's R input channels from ci0 and V 16-float vectors of output channels) += sum over
 // the panel's tiles t of vin[p][t][ci] * gt[p][t][co]: the kernel gradient's products, summed over tiles.
 template <int R, int V>
-void TileSumBlock(const float* vin, const float* gt, int64_t tiles, int64_t ci_count, int64_t co_count,
+struct TileSumBlock {
+  static void Run(const float* vin, const float* gt, int64_t tiles, int64_t ci_count, int64_t co_count,
                   float* acc_out) {
-  Vec acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
-  for (int64_t t = 0; t < tiles; ++t, vin += ci_count, gt += co_count) {
-    Vec gv[V];
+    Vec acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+    for (int64_t t = 0; t < tiles; ++t, vin += ci_count, gt += co_count) {
+      Vec gv[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) gv[v] = Load(gt + v * kLanes);
+      for (int v = 0; v < V; ++v) gv[v] = Load(gt + v * kLanes);
 #pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) {
-      const float s = vin[r];
+      for (int r = 0; r < R; ++r) {
+        const float s = vin[r];
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] += s * gv[v];
+        for (int v = 0; v < V; ++v) acc[r][v] += s * gv[v];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) {
+        float* o = acc_out + r * co_count + v * kLanes;
+        Store(o, Load(o) + acc[r][v]);
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) Store(acc_out + r * co_count + v * kLanes, Load(acc_out + r * co_count + v * kLanes) + acc[r][v]);
-}
-
-typedef void (*TileSumFn)(const float*, const float*, int64_t, int64_t, int64_t, float*);
-
-template <int V, int... Rs>
-constexpr std::array<TileSumFn, sizeof...(Rs)> TileSumTable(std::integer_sequence<int, Rs...>) {
-  return {&TileSumBlock<Rs + 1, V>...};
-}
-
-// kTileSum[V - 1][R - 1]
-const std::array<std::array<TileSumFn, kMaxTiles>, 2> kTileSum = {
-    TileSumTable<1>(std::make_integer_sequence<int, kMaxTiles>()),
-    TileSumTable<2>(std::make_integer_sequence<int, kMaxTiles>())};
+};
 
 }  // namespace
 
@@ -184,7 +167,8 @@ static void ConvTiles(const float* xs, const float* u, float* ys, int64_t H, int
         const int V = std::min<int64_t>(2, (CO - v0) / kLanes);
         for (int64_t r0 = 0; r0 < np; r0 += kMaxTiles) {
           const int R = std::min<int64_t>(kMaxTiles, np - r0);
-          kMatmul[V - 1][R - 1](vin + p * ps_in + r0 * CI, u + p * CI * CO + v0, CI, CO, m + p * ps_out + r0 * CO + v0);
+          Blocks<MatmulBlock>::table[V - 1][R - 1](vin + p * ps_in + r0 * CI, u + p * CI * CO + v0, CI, CO,
+                                                   m + p * ps_out + r0 * CO + v0);
         }
       }
     }
@@ -256,8 +240,8 @@ void WinogradKernelGrad(const float* xs, const float* gs, float* dk, int64_t B, 
         const int V = std::min<int64_t>(2, (CO - v0) / kLanes);
         for (int64_t r0 = 0; r0 < CI; r0 += kMaxTiles) {
           const int R = std::min<int64_t>(kMaxTiles, CI - r0);
-          kTileSum[V - 1][R - 1](vin.data() + p * ps_in + r0, gt.data() + p * ps_g + v0, np, CI, CO,
-                                 acc.data() + (p * CI + r0) * CO + v0);
+          Blocks<TileSumBlock>::table[V - 1][R - 1](vin.data() + p * ps_in + r0, gt.data() + p * ps_g + v0, np,
+                                                    CI, CO, acc.data() + (p * CI + r0) * CO + v0);
         }
       }
     }
