@@ -161,16 +161,22 @@ def conv3x3(x, k):
     """y[b, h, w, co] = sum over i, j, ci of x[b, h+i-1, w+j-1, ci] * k[i, j, ci, co] (x zero outside): a 3x3
     'SAME' cross-correlation, float32 x [B, H, W, CI] and k [3, 3, CI, CO] in, [B, H, W, CO] out, on CPU. Call
     only when `available()`; CO must be a multiple of `LANES` (`conv3x3_narrow` says where it is worth it)."""
+    return _conv3x3_call("rnan_conv3x3", x, k)
+
+
+def _conv3x3_call(target: str, x, k):
+    """A 3x3 conv through the FFI target `target`: float32 x [B, H, W, CI] and k [3, 3, CI, CO] in,
+    [B, H, W, CO] out."""
     import jax
     import jax.numpy as jnp
 
     out = jax.ShapeDtypeStruct((*x.shape[:3], k.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("rnan_conv3x3", out, vmap_method="sequential")(x.astype(jnp.float32), k.astype(jnp.float32))
-
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), k.astype(jnp.float32))
 
 
 def winograd_supported(in_features: int, features: int) -> bool:
-    """Whether `conv3x3_winograd` takes a 3x3 conv with these channel counts (both multiples of `LANES`)."""
+    """Whether `conv3x3_winograd` takes a 3x3 conv with these channel counts (both multiples of `LANES`; the
+    C++ side's `WinogradSupported`, kernels/common.h)."""
     return in_features % LANES == 0 and features % LANES == 0
 
 
@@ -178,9 +184,4 @@ def conv3x3_winograd(x, k):
     """`conv3x3` by Winograd's F(2x2, 3x3) (kernels/winograd.cc): 16 products per 2x2 output tile and channel
     pair where the direct form takes 36. Error against float64 1.5-4.7e-7 of the largest output (XLA's direct
     conv: 2.1-8.6e-7). Call only when `available()` and `winograd_supported(CI, CO)`."""
-    import jax
-    import jax.numpy as jnp
-
-    out = jax.ShapeDtypeStruct((*x.shape[:3], k.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("rnan_conv3x3_winograd", out, vmap_method="sequential")(
-        x.astype(jnp.float32), k.astype(jnp.float32))
+    return _conv3x3_call("rnan_conv3x3_winograd", x, k)

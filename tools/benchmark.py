@@ -61,7 +61,7 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (
 _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n.")
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
 _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "execution.batch_chunks: 0 the trainer's default on one device "
-                                "(CPU: 2), n: gradients of n parts of the batch.")
+                                "(CPU: 4 chunks of at least 4 samples, else 2), n: gradients of n parts of the batch.")
 _CAST_ONCE = flags.DEFINE_list("cast_params_once", ["auto"], "auto (backend default), false, true or several: cast "
                                "the parameters to the compute dtype once per step (execution.cast_params_once).")
 _REMAT = flags.DEFINE_list("remat", ["auto"], "What the backward recomputes of each RNA block (execution.remat): "

@@ -36,6 +36,9 @@ struct Blocks {
       Row<1>(std::make_integer_sequence<int, kMaxRows>()), Row<2>(std::make_integer_sequence<int, kMaxRows>())};
 };
 
+// Whether winograd.cc takes a 3x3 conv with these channel counts (rnan_jax.native.winograd_supported).
+inline bool WinogradSupported(int64_t ci, int64_t co) { return ci % kLanes == 0 && co % kLanes == 0; }
+
 // A future that fails at once with an invalid-argument error (a handler's shape check).
 inline ffi::Future Invalid(const char* message) {
   ffi::Promise promise;

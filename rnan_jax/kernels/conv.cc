@@ -162,7 +162,7 @@ static ffi::Future ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xs = x.typed_data();
   const float* gs = g.typed_data();
   float* out = dk->typed_data();
-  if (K == 3 && CI % kLanes == 0 && CO % kLanes == 0) {  // 2.25x fewer multiply-adds (winograd.cc)
+  if (K == 3 && rnan::WinogradSupported(CI, CO)) {  // 2.25x fewer multiply-adds (winograd.cc)
     return OnPool(pool, [=](int) { rnan::WinogradKernelGrad(xs, gs, out, B, H, W, CI, CO); });
   }
   return OnPool(pool, [=](int) { KernelGrad(xs, gs, out, B, H, W, CI, CO, K); });
