@@ -23,6 +23,23 @@ inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 // The register blocks of the conv kernels: up to kMaxRows broadcast values x V = 1 or 2 16-float vectors.
 constexpr int kMaxRows = 12;
 
+// acc[r][v] += s[r * s_stride] * a[v * kLanes .. v * kLanes + 15] for r < R, v < V: one rank-1 update of a
+// register block, the inner step of every conv kernel (conv.cc's Block and ForwardBlock, winograd.cc's
+// MatmulBlock and TileSumBlock), which differ only in where s and a come from and where acc goes.
+template <int R, int V>
+__attribute__((always_inline)) inline void RankOneUpdate(Vec (&acc)[R][V], const float* s, int64_t s_stride,
+                                                         const float* a) {
+  Vec av[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) av[v] = Load(a + v * kLanes);
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    const float x = s[r * s_stride];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] += x * av[v];
+  }
+}
+
 // Blocks<Kernel>::table[V - 1][R - 1] = &Kernel<R, V>::Run for every R <= kMaxRows and V <= 2: the kernel for a
 // block of any height (the last of a row is shorter) and either width, chosen at run time.
 template <template <int, int> class Kernel>

@@ -40,17 +40,7 @@ struct Block {
     for (int k = 0; k < nrows; ++k) {
       const float* vp = vrows[k] + w_lo * cv + vofs;
       const float* bp = brows[k] + w_lo * cb + bofs;
-      for (int64_t w = w_lo; w < w_hi; ++w, vp += cv, bp += cb) {
-        Vec a[V];
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) a[v] = *reinterpret_cast<const Vec*>(vp + v * kLanes);
-#pragma GCC unroll 12
-        for (int r = 0; r < R; ++r) {
-          const float s = bp[r];
-#pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) acc[r][v] += s * a[v];
-        }
-      }
+      for (int64_t w = w_lo; w < w_hi; ++w, vp += cv, bp += cb) rnan::RankOneUpdate(acc, bp, 1, vp);
     }
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) {
@@ -71,17 +61,7 @@ struct ForwardBlock {
     for (int t = 0; t < 9; ++t) {
       const float* xp = rows + (t / 3) * row_stride + (t % 3) * ci;
       const float* kp = k + t * ci * co;
-      for (int64_t c = 0; c < ci; ++c, ++xp, kp += co) {
-        Vec kv[V];
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) kv[v] = *reinterpret_cast<const Vec*>(kp + v * kLanes);
-#pragma GCC unroll 12
-        for (int p = 0; p < P; ++p) {
-          const float s = xp[p * ci];
-#pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) acc[p][v] += s * kv[v];
-        }
-      }
+      for (int64_t c = 0; c < ci; ++c, ++xp, kp += co) rnan::RankOneUpdate(acc, xp, ci, kp);
     }
     for (int p = 0; p < P; ++p)
       for (int v = 0; v < V; ++v) *reinterpret_cast<Vec*>(out + p * co + v * kLanes) = acc[p][v];

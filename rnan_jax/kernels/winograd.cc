@@ -28,17 +28,7 @@ struct MatmulBlock {
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
     const float* up = u;
-    for (int64_t c = 0; c < ci_count; ++c, up += co_count) {
-      Vec kv[V];
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) kv[v] = Load(up + v * kLanes);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const float s = vin[r * ci_count + c];
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) acc[r][v] += s * kv[v];
-      }
-    }
+    for (int64_t c = 0; c < ci_count; ++c, up += co_count) RankOneUpdate(acc, vin + c, ci_count, up);
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) Store(m + r * co_count + v * kLanes, acc[r][v]);
   }
@@ -46,8 +36,9 @@ struct MatmulBlock {
 
 // acc[p][ci][co] (this block's R input channels from ci0 and V 16-float vectors of output channels) += sum over
 // the panel's tiles t of vin[p][t][ci] * gt[p][t][co]: the kernel gradient's products, summed over tiles.
-// The same sums as conv.cc's Block over one pair of rows; through Block (its row-pointer and offset arguments)
-// the 32 -> 128 kernel gradient took 0.91-0.97 ms against 0.87-0.90 here (one core, batch 4 of 32 x 32).
+// The same sums as conv.cc's Block over one pair of rows (both loop over RankOneUpdate); through Block itself (its
+// row-pointer and offset arguments) the 32 -> 128 kernel gradient took 0.91-0.97 ms against 0.87-0.90 here (one
+// core, batch 4 of 32 x 32).
 template <int R, int V>
 struct TileSumBlock {
   static void Run(const float* vin, const float* gt, int64_t tiles, int64_t ci_count, int64_t co_count,
@@ -55,17 +46,7 @@ struct TileSumBlock {
     Vec acc[R][V];
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
-    for (int64_t t = 0; t < tiles; ++t, vin += ci_count, gt += co_count) {
-      Vec gv[V];
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) gv[v] = Load(gt + v * kLanes);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const float s = vin[r];
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) acc[r][v] += s * gv[v];
-      }
-    }
+    for (int64_t t = 0; t < tiles; ++t, vin += ci_count, gt += co_count) RankOneUpdate(acc, vin, 1, gt);
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) {
         float* o = acc_out + r * co_count + v * kLanes;
