@@ -64,12 +64,26 @@ def config_error_line(error: Exception, argv: list[str]) -> str:
             + " (python -m rnan_jax.train --config FILE --dry_run lists every key)")
 
 
+def config_file_error_line(error: OSError) -> str:
+    """One line for a --config file that could not be read (a wrong path, a folder): ml_collections' error lists
+    the attempts over several lines, the last of which says why."""
+    reason = str(error).strip().splitlines()[-1].strip()
+    return f"error: --config: {reason.split('earlier failure to load: ')[-1]}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a mistyped --config key turned into one line instead of a traceback."""
+    """absl's parsing, with a mistyped --config key or an unreadable --config file turned into one line instead of
+    a traceback."""
     try:
-        return app.parse_flags_with_usage(argv)
+        remaining = app.parse_flags_with_usage(argv)
+        # ml_collections defers a config file's failure to load to the config's first use (an override meets it
+        # while parsing): raised here, not in the middle of main
+        getattr(_CONFIG.value, "model", None)
     except (AttributeError, KeyError) as e:
         sys.exit(config_error_line(e, argv))
+    except OSError as e:
+        sys.exit(config_file_error_line(e))
+    return remaining
 
 
 if __name__ == "__main__":

@@ -162,6 +162,19 @@ def test_cli_rejects_a_mistyped_config_key(images, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "missing" in r.stderr
 
 
+
+def test_cli_rejects_a_config_file_it_cannot_read(tmp_path):
+    """A wrong --config path (with or without overrides, which meet the load error while the flags are parsed)
+    or a folder: one line naming why, and no workdir created."""
+    workdir = tmp_path / "run"
+    missing = "[Errno 2] No such file or directory: 'experiments/x5.py'"
+    for args, reason in ((["--config", "experiments/x5.py"], missing),
+                         (["--config", "experiments/x5.py", "--config.total_steps=10"], missing),
+                         (["--config", str(tmp_path)], f"[Errno 21] Is a directory: '{tmp_path}'")):
+        r = _run_cli([*args, "--workdir", str(workdir)])
+        assert (r.returncode, r.stderr.strip().splitlines()) == (1, [f"error: --config: {reason}"])
+    assert not workdir.exists()
+
 def test_sigterm_saves_a_checkpoint(images, tmp_path):
     args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path),
             *_flags(overrides(images, total_steps=100000, log_every=1, eval_every=100000,
