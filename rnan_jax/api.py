@@ -52,7 +52,7 @@ def default_cast_params_once(backend: str | None = None) -> bool:
     return _CAST_PARAMS_ONCE.get(backend or jax.default_backend(), False)
 
 
-def build(config: RNANConfig, *, scan_unroll: int | bool | None = None, depthwise: str | None = None,
+def build(config: RNANConfig, *, scan_unroll: int | bool | None | tuple = None, depthwise: str | None = None,
           remat: str | None = None) -> RNAN:
     """The linen module for `config` with the execution knobs resolved (None: the backend's default)."""
     unroll, impl = default_knobs(config=config)
@@ -62,6 +62,8 @@ def build(config: RNANConfig, *, scan_unroll: int | bool | None = None, depthwis
     remat = remat or default_remat()
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+    if isinstance(scan_unroll, tuple):  # (GCRGs' scan, RNA blocks' scan); None: the backend's default
+        scan_unroll = tuple(unroll if u is None else u for u in scan_unroll)
     return RNAN(config, depthwise=depthwise, scan_unroll=unroll if scan_unroll is None else scan_unroll, remat=remat)
 
 

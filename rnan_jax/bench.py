@@ -100,25 +100,41 @@ def time_alternating(windows: Sequence[Callable[[int], None]], warmup: int, step
     return times
 
 
-def _knobs(unroll: int, depthwise: str, config, remat: str = "auto") -> tuple[Any, Any, Any, str, str, str]:
-    """(scan_unroll, depthwise, remat) as the step takes them, and as resolved for the record."""
+def parse_unroll(text: str) -> tuple[int, int]:
+    """(execution.scan_unroll, execution.block_unroll) from a --scan_unroll value: "n", or "n:m" for the GCRGs'
+    scan and the RNA blocks' scan apart (e.g. "1:-1": groups rolled, each group's blocks fully unrolled)."""
+    groups, _, blocks = str(text).partition(":")
+    return int(groups), int(blocks or 0)
+
+
+def _unroll_name(value: Any) -> str:
+    """A resolved scan_unroll for the record: "full", "n", or "groups+blocks" for a pair ("1+full")."""
+    if isinstance(value, tuple):
+        return "+".join(_unroll_name(v) for v in value)
+    return "full" if value is True else str(value)
+
+
+def _knobs(unroll: int | str, depthwise: str, config, remat: str = "auto") -> tuple[Any, Any, Any, str, str, str]:
+    """(scan_unroll, depthwise, remat) as the step takes them, and as resolved for the record. `unroll`: an int
+    or a --scan_unroll value (`parse_unroll`)."""
     from rnan_jax import api
     from rnan_jax.configs import ExecutionConfig
 
-    execution = ExecutionConfig(scan_unroll=unroll, depthwise=depthwise, remat=remat)  # the config's encoding
+    groups, blocks = parse_unroll(unroll)
+    execution = ExecutionConfig(scan_unroll=groups, block_unroll=blocks, depthwise=depthwise,
+                                remat=remat)  # the config's encoding
     value, impl, policy = execution.unroll, execution.depthwise_impl, execution.remat_policy
     module = api.build(config, scan_unroll=value, depthwise=impl, remat=policy)  # resolved as the step does
-    return (value, impl, policy, "full" if module.scan_unroll is True else str(module.scan_unroll), module.depthwise,
-            module.remat)
+    return value, impl, policy, _unroll_name(module.scan_unroll), module.depthwise, module.remat
 
 
-def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str, *, warmup: int, steps: int,
+def bench_train_step(config, batch: int, patch: int, unroll: int | str, depthwise: str, *, warmup: int, steps: int,
                      repeats: int, compile_only: bool = False, profile_dir: str = "", profile_steps: int = 3,
                      cast_params_once: bool | None = None, batch_chunks: int = 0, remat: str = "auto",
                      peers: Sequence[tuple[dict, Callable[[int], None]]] = ()) -> tuple[dict, Any]:
     """One setting's record, and the parameters (for the forward timing).
 
-    `unroll`: 0 the backend's default, -1 full, n; `depthwise`: "auto" (the backend's default), "grouped" or
+    `unroll`: 0 the backend's default, -1 full, n, or "n:m" (`parse_unroll`); `depthwise`: "auto" (the backend's default), "grouped" or
     "shifted"; `cast_params_once`: execution.cast_params_once (None: the backend's default); `batch_chunks`:
     execution.batch_chunks (0: what the trainer runs on one device); `remat`: execution.remat ("auto": the
     backend's default). `compile_only`: compile and count, run nothing.
@@ -192,7 +208,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int, depthwise: str
     return record, carry["state"].params
 
 
-def bench_forward(config, params: Any, lr_hw: tuple[int, int], unroll: int, depthwise: str, *, warmup: int,
+def bench_forward(config, params: Any, lr_hw: tuple[int, int], unroll: int | str, depthwise: str, *, warmup: int,
                   steps: int, repeats: int) -> dict:
     """The record of `api.apply` on one random [1, h, w, 3] LR image (`lr_hw` = (h, w)): compile time, the
     median window's time per pass and its FLOP rate, memory. `unroll`, `depthwise`: as `bench_train_step`."""

@@ -25,6 +25,7 @@ class ExecutionConfig:
     """How the train step runs: the same function whatever the values, with another speed and memory."""
 
     scan_unroll: int = 0  # 0: the default (CPU: full up to 24 blocks, else rolled; rolled elsewhere); -1: full; n
+    block_unroll: int = 0  # the RNA blocks' scan inside each GCRG alone: 0 as scan_unroll; -1: full; n
     depthwise: str = "auto"  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
     batch_chunks: int = 0  # 0: the default (up to 4 on a one-device CPU run, else 1); n: gradients of n parts, averaged
     # "true": parameters cast to model.dtype once per step (model.cast_params) rather than per block inside the
@@ -46,9 +47,13 @@ class ExecutionConfig:
             raise ValueError(f"execution.batch_chunks must be 0 (the default) or positive, got {self.batch_chunks}")
 
     @property
-    def unroll(self) -> int | bool | None:
-        """scan_unroll as the model takes it: None (the backend's default), True (full) or a factor."""
-        return None if self.scan_unroll == 0 else (True if self.scan_unroll < 0 else self.scan_unroll)
+    def unroll(self) -> int | bool | None | tuple[int | bool | None, int | bool]:
+        """scan_unroll as the model takes it: None (the backend's default), True (full) or a factor; with a
+        block_unroll, the pair (GCRGs' scan, RNA blocks' scan)."""
+        def value(n):
+            return None if n == 0 else (True if n < 0 else n)
+        return value(self.scan_unroll) if self.block_unroll == 0 else (value(self.scan_unroll),
+                                                                        value(self.block_unroll))
 
     @property
     def depthwise_impl(self) -> str | None:

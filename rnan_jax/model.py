@@ -7,8 +7,9 @@ upsampler and a reconstruction conv, inside an EDSR-style mean shift. Every conv
 initialization (U(+-1/sqrt(fan_in)) for kernels and biases): Flax's default explodes through 200 blocks.
 
 Layout is NHWC. Three execution knobs change how, not what, is computed, over the same parameters:
-`scan_unroll` (the unroll factor of both scans), `depthwise` ("grouped": `feature_group_count`; "shifted":
-nine shifted multiply-adds) and `remat` (what the backward recomputes of each RNA block: `REMAT_POLICIES`).
+`scan_unroll` (the unroll factor of both scans, or a pair: the GCRGs' scan's and the RNA blocks'), `depthwise`
+("grouped": `feature_group_count`; "shifted": nine shifted multiply-adds) and `remat` (what the backward
+recomputes of each RNA block: `REMAT_POLICIES`).
 """
 from __future__ import annotations
 
@@ -415,6 +416,11 @@ def cast_params(params: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def split_unroll(scan_unroll: int | bool | tuple[int | bool, int | bool]) -> tuple[int | bool, int | bool]:
+    """(the GCRGs' scan's unroll, the RNA blocks' scan's) from `scan_unroll`: one value for both, or the pair."""
+    return tuple(scan_unroll) if isinstance(scan_unroll, (tuple, list)) else (scan_unroll, scan_unroll)
+
+
 def pixel_shuffle(x: jax.Array, s: int) -> jax.Array:
     """[B, H, W, C*s*s] -> [B, H*s, W*s, C] in PyTorch's PixelShuffle order (channel c*s*s + i*s + j goes to
     sub-position (i, j) of channel c)."""
@@ -429,7 +435,7 @@ class RNAN(nn.Module):
 
     config: RNANConfig
     depthwise: str = "grouped"
-    scan_unroll: int | bool = 1
+    scan_unroll: int | bool | tuple[int | bool, int | bool] = 1  # both scans', or (GCRGs', RNA blocks')
     remat: str = "none"
 
     @nn.compact
@@ -442,11 +448,12 @@ class RNAN(nn.Module):
         f0 = conv(c, 3, 3, dtype, name="head")(lr.astype(jnp.float32) - mean).astype(jnp.float32)
         # "intermediates" stacked like the parameters: with mutable=["intermediates"], the GC blocks' attention
         # maps come out under groups/gc/attention as [G, batch, h, w].
+        group_unroll, block_unroll = split_unroll(self.scan_unroll)
         groups = nn.scan(GCRG, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                         length=cfg.num_groups, unroll=self.scan_unroll)
+                         length=cfg.num_groups, unroll=group_unroll)
         _, outs = groups(features=c, num_blocks=cfg.num_blocks, block_interval=cfg.block_interval,
                          reduction=cfg.gc_reduction, dtype=dtype, depthwise=self.depthwise,
-                         scan_unroll=self.scan_unroll, remat=self.remat, name="groups")(f0, None)
+                         scan_unroll=block_unroll, remat=self.remat, name="groups")(f0, None)
         n = cfg.group_interval
         x = f0 + fuse(outs[n - 1::n], "fuse", c * (cfg.num_groups // n), c, dtype)
         for i, s in enumerate(cfg.upsample_stages):

@@ -47,7 +47,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # rnan_jax without an install
 from rnan_jax.bench import (PRESETS, bench_forward, bench_train_step, environment, forward_line,  # noqa: E402
-                            peer_line, peer_steps, table, train_line)
+                            parse_unroll, peer_line, peer_steps, table, train_line)
 
 # What --tiny sets, unless the flag is given too: a run of seconds on a CPU.
 TINY = dict(model="tiny", batch_sizes=["2"], patch_size=12, dtypes=["float32"], warmup=1, steps=2,
@@ -58,7 +58,8 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["16", "64"], "Batch sizes (16: 
 _PATCH = flags.DEFINE_integer("patch_size", 48, "LR patch side (48: the paper's).")
 _SCALE = flags.DEFINE_integer("scale", 0, "Upscaling factor (0: the preset's; the paper preset is x4).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters stay float32).")
-_UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n.")
+_UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n; "
+                            "n:m the GCRGs' scan by n and each GCRG's RNA-block scan by m (1:-1: blocks unrolled).")
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
 _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "execution.batch_chunks: 0 the trainer's default on one device "
                                 "(CPU: 4 chunks of at least 4 samples, else 2), n: gradients of n parts of the batch.")
@@ -134,7 +135,8 @@ def main(argv):
                "train": [], "forward": [], "peer": [], "errors": []}
     peer_done: set[tuple[int, int]] = set()
     print(json.dumps(results["env"]), flush=True)
-    for unroll in (int(u) for u in _UNROLL.value):
+    for unroll in _UNROLL.value:
+        parse_unroll(unroll)  # a malformed value fails here, before anything runs
         casts = [ExecutionConfig(cast_params_once=v.strip()).cast_once for v in _CAST_ONCE.value]
         for depthwise, remat, cast in ((d, r, c) for d in _DEPTHWISE.value for c in casts for r in _REMAT.value):
             for dtype in _DTYPES.value:
