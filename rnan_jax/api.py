@@ -21,9 +21,12 @@ Params = Mapping[str, Any]
 # program with the depth: the paper's 200 blocks took about 4 minutes and 10 GB to compile, and that executable
 # crashed the process that loaded it from the persistent compilation cache (jax 0.10.2), so on CPU only
 # networks of up to CPU_FULL_UNROLL_MAX_BLOCKS blocks are unrolled (the demo and the small zoo models have 6).
-# Elsewhere the rolled scan keeps compile times in seconds.
+# GPUs: both scans unrolled by 2, the fastest measured on an H200 at the paper setting in bfloat16 (one process,
+# one set of autotuned conv algorithms: 71.7 ms against 74.7 unrolled by 4, 76.4 with each group's blocks
+# unrolled and 98.1 rolled; 9,798 kernel launches a step against 16,358; tools/BENCHMARKS.md, "Third GPU
+# session"), compiling in 9-19 s with XLA's autotuning results cached. TPUs: not measured, the rolled scan.
 _CPU_DEPTHWISE = "shifted"
-_ACCELERATOR_KNOBS = (1, "grouped")
+_ACCELERATOR_KNOBS = {"gpu": (2, "grouped"), "tpu": (1, "grouped")}
 CPU_FULL_UNROLL_MAX_BLOCKS = 24
 # Train-step knobs per backend, as measured (tools/BENCHMARKS.md): on one H200 at the paper setting in bfloat16,
 # in one process (one set of autotuned conv algorithms), the parameters cast once and each RNA block's attention
@@ -36,8 +39,9 @@ _CAST_PARAMS_ONCE = {"gpu": True}
 def default_knobs(backend: str | None = None, config: RNANConfig | None = None) -> tuple[int | bool, str]:
     """(scan_unroll, depthwise) for a backend ("cpu", "gpu", "tpu"; default: JAX's default backend) and, on
     CPU, the network's depth (`config`; None: a small one)."""
-    if (backend or jax.default_backend()) != "cpu":
-        return _ACCELERATOR_KNOBS
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return _ACCELERATOR_KNOBS.get(backend, _ACCELERATOR_KNOBS["tpu"])
     blocks = 0 if config is None else config.num_groups * config.num_blocks
     return (True if blocks <= CPU_FULL_UNROLL_MAX_BLOCKS else 1), _CPU_DEPTHWISE
 

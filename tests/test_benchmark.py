@@ -57,6 +57,15 @@ def test_tiny_run_writes_every_field(tmp_path):
     assert rows.stdout.count("\n| ") == 3  # separator, one train row, one forward row
 
 
+def test_scan_unroll_values_name_both_scans():
+    from rnan_jax.bench import _unroll_name, parse_unroll
+
+    assert [parse_unroll(v) for v in ("0", "-1", "2", "1:-1", "2:5")] == [(0, 0), (-1, 0), (2, 0), (1, -1), (2, 5)]
+    assert [_unroll_name(v) for v in (1, True, (1, True), (2, 5))] == ["1", "full", "1+full", "2+5"]
+    with pytest.raises(ValueError):
+        parse_unroll("1:x")
+
+
 def test_alternating_windows_take_turns():
     calls = []
     windows = [lambda n, k=k: calls.append((k, n)) for k in "ab"]

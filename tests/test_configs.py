@@ -57,15 +57,35 @@ def test_locked_config_rejects_a_mistyped_key_and_bad_values():
 
 
 def test_execution_knobs_default_per_backend():
-    """`auto` resolves per backend: on GPUs parameters cast once and the attention branch recomputed (measured
-    fastest on an H200, tools/BENCHMARKS.md); the CPU keeps every activation and the modules' own casts."""
+    """`auto` resolves per backend: on GPUs the scans unrolled by 2, parameters cast once and the attention branch
+    recomputed (measured fastest on an H200, tools/BENCHMARKS.md); the CPU keeps every activation and the
+    modules' own casts, and rolls the paper model's scans."""
     from rnan_jax import api
 
     execution = TrainConfig.from_config(_load("x4")).execution
     assert (execution.cast_once, execution.remat_policy) == (None, None)
     assert (api.default_cast_params_once("gpu"), api.default_remat("gpu")) == (True, "convs")
     assert (api.default_cast_params_once("cpu"), api.default_remat("cpu")) == (False, "none")
+    assert api.default_knobs("gpu") == (2, "grouped") and api.default_knobs("tpu") == (1, "grouped")
+    paper = _load("x4")
+    assert api.default_knobs("cpu", TrainConfig.from_config(paper).model) == (1, "shifted")  # 200 blocks: rolled
     config = _load("x4")
     config.execution.cast_params_once, config.execution.remat = "false", "block"
     execution = TrainConfig.from_config(config).execution
     assert (execution.cast_once, execution.remat_policy) == (False, "block")
+
+
+def test_block_unroll_unrolls_the_rna_block_scan_apart():
+    """execution.block_unroll: 0 leaves scan_unroll for both scans; else the model gets the pair (GCRGs' scan,
+    each GCRG's RNA-block scan), with the groups' None resolved to the backend's default by api.build."""
+    from rnan_jax import api
+    from rnan_jax.configs import ExecutionConfig
+
+    assert [ExecutionConfig(scan_unroll=n).unroll for n in (0, -1, 2)] == [None, True, 2]
+    assert ExecutionConfig(block_unroll=-1).unroll == (None, True)
+    assert ExecutionConfig(scan_unroll=1, block_unroll=4).unroll == (1, 4)
+    config = _load("x4")
+    config.execution.block_unroll = -1
+    execution = TrainConfig.from_config(config).execution
+    model = api.build(TrainConfig.from_config(config).model, scan_unroll=execution.unroll)
+    assert model.scan_unroll == (1, True)  # CPU, 200 blocks: the groups rolled; the blocks as asked

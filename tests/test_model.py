@@ -158,7 +158,7 @@ def test_execution_knobs_compute_the_same_function():
     params = init(jax.random.key(0), RNANConfig(scale=4, features=16, num_groups=2, num_blocks=3, gc_reduction=4))
     lr = jax.random.uniform(jax.random.key(1), (2, 9, 7, 3))
     reference = japply(params, lr, scan_unroll=1, depthwise="grouped")
-    for unroll, depthwise in itertools.product([1, 2, True], ["grouped", "shifted"]):
+    for unroll, depthwise in itertools.product([1, 2, True, (1, True), (2, 1)], ["grouped", "shifted"]):
         out = japply(params, lr, scan_unroll=unroll, depthwise=depthwise)
         np.testing.assert_allclose(out, reference, atol=2e-6, err_msg=f"unroll={unroll} depthwise={depthwise}")
     with pytest.raises(ValueError, match="depthwise"):

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # The prepared GPU benchmark on one H100/H200, at most 7 minutes (stages share RNAN_GPU_CHECK_BUDGET = 410 s),
-# all at the paper setting (x4, batch 16 of 48x48, bfloat16) unless named: the PyTorch peer; then
-# tools/benchmark.py, one process per setting, all but one sharing XLA's autotuning cache: the default knobs
-# (parameters cast once, remat convs; profiled), each GCRG's blocks unrolled (profiled), the first session's
-# step (neither), scan unroll 2, XLA command
-# buffers, cuDNN's heuristics instead of autotuning (--xla_gpu_autotune_level=0); while time is left, batch 64
-# in both dtypes. (Measured so far: tools/BENCHMARKS.md, "Measured on one NVIDIA H200".)
-# Logs, the JSON records (jax_json.tar), the Perfetto trace (traces.tar) and a markdown table (printed last)
-# land in $OUT.
+# all at the paper setting (x4, batch 16 of 48x48, bfloat16): the PyTorch peer; then tools/benchmark.py
+# processes: the default knobs (scans unrolled by 2, parameters cast once, remat convs) twice, each compiling
+# cold with its own XLA autotuning cache (the first profiled); cuDNN's heuristics instead of autotuning; the
+# unroll variants (2, 4, each group's blocks, rolled) in one process on the first cache. (Measured so far:
+# tools/BENCHMARKS.md, from "Measured on one NVIDIA H200" on.)
+# Logs, the JSON records (jax_json.tar), the Perfetto trace (traces.tar), both autotuning caches
+# (autotune.tar) and a markdown table (printed last) land in $OUT.
 #
 # Prepared on the CPU machine, in the repository root (the folders are git-ignored):
 #   mkdir -p .bench && cp ../shared/peers/bench_torch.py ../shared/peers/rnan_torch.py .bench/
 #   (.whl/: wheels of ml_collections, grain, array_record, dm-tree, portpicker and tensorboardX for CPython
 #   3.12; the GPU image lacks them and rnan_jax imports them; tools/BENCHMARKS.md gives the pip command)
 # Launched with the device tool (tools/gpu_train.sh follows at once on the warm machine):
-#   run(command="bash tools/gpu_check.sh", carry=[".bench", ".whl"], timeout_s=450)
+#   run(command="bash tools/gpu_check.sh", carry=[".bench", ".whl"], timeout_s=460, kind="nvidia-h200")
 # Every stage has its own time limit inside RNAN_GPU_CHECK_BUDGET seconds; a stage that fails or runs out
 # keeps what the others wrote (benchmark.py rewrites its JSON after every setting).
 # Dry run on a CPU (tiny models, about 1.5 minutes):
@@ -32,7 +31,7 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"  # batch 64 float32 is large
 
 one=(--dtypes=bfloat16 --batch_sizes=16 --steps=8 --repeats=4 --skip_forward --nopeer)
-peer16=(--skip_compile --batch=16 --steps=30)
+peer16=(--skip_compile --batch=16 --steps=15)
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"  # fail, rather than time the paper model on the host CPU
 if [ -n "${RNAN_GPU_CHECK_TINY:-}" ]; then
   export JAX_PLATFORMS=cpu
@@ -56,29 +55,27 @@ cat "$OUT/env.txt"
 echo "== PyTorch peer, batch 16 ($(left) s left)"
 (cd .bench && timeout 100 "$PY" bench_torch.py "${peer16[@]}") 2>&1 | tee "$OUT/torch_b16.log"
 
-# Every process but one shares XLA's autotuning results through a cache folder, so that all use the same
-# conv algorithms: in the second session each process autotuned afresh, XLA warned "Delay kernel timed out"
-# throughout, and the same step ran at 89.5 ms in one process and 110.7 in another (the depthwise conv's
-# kernel gradient alone 12.6 us or 66 us by the algorithm picked). The first process fills the cache (its
-# compile time is the cold one); the one with --xla_gpu_autotune_level=0 runs cuDNN's heuristics instead.
-CACHE="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/rnan_autotune"
-rm -rf /tmp/rnan_autotune /tmp/rnan_profile
+# XLA autotunes each convolution when it compiles and keeps its picks in a cache folder. Cold, on these
+# machines, its timer warns "Delay kernel timed out" and the picks vary: the same step ran at 71.7 ms in one
+# process and 104.6 in another (tools/BENCHMARKS.md, "Third GPU session"). So: two cold processes of the default
+# step, each with a cache folder of its own (their picks come back in autotune.tar, to be compared with their
+# step times and the profile), cuDNN's heuristics instead of autotuning (--xla_gpu_autotune_level=0: is it as
+# fast, and the way under 30 s of cold compile?), then the knob variants in one process reusing cache A, so
+# that they all run the same algorithms.
+rm -rf /tmp/rnan_autotune_a /tmp/rnan_autotune_b /tmp/rnan_profile
 bench() {  # bench NAME KEEP_SECONDS XLA_FLAGS ARGS...: one benchmark.py process, its JSON in $OUT/jax_NAME.json
   local name=$1 keep=$2 flags=$3; shift 3
   echo "== JAX $name: XLA_FLAGS=$flags $* ($(left) s left)" | tee -a "$OUT/run.log"
   XLA_FLAGS="$flags" timeout "$(limit "$keep")" "$PY" tools/benchmark.py --output="$OUT/jax_$name.json" "${one[@]}" \
     "$@" 2>&1 | grep -v cuda_timer | tee -a "$OUT/run.log"
 }
-bench default 230 "$CACHE" --profile_dir=/tmp/rnan_profile  # the default knobs: cast once, remat convs
-# Each GCRG's 20 RNA blocks unrolled, the groups' scan rolled: no per-block parameter slices, loop copies or
-# residual stacking inside a group (on the CPU's HLO: copies 730 -> 50 a step, launches -11%).
-bench blocks 170 "$CACHE" --scan_unroll=1:-1 --profile_dir=/tmp/rnan_profile
+A="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/rnan_autotune_a"
+bench cold_a 220 "$A" --profile_dir=/tmp/rnan_profile  # the default knobs: unroll 2, cast once, remat convs
 (cd /tmp/rnan_profile 2>/dev/null && find . -name perfetto_trace.json.gz | tar -cf "$OUT/traces.tar" -T -)
-bench old 130 "$CACHE" --cast_params_once=false --remat=none  # the first session's step
-bench unroll2 100 "$CACHE" --scan_unroll=2
-bench cmdbuf 70 "$CACHE $COMMAND_BUFFER_FLAGS"
-bench heuristics 30 "--xla_gpu_autotune_level=0"
-[ "$(left)" -gt 40 ] && bench b64 0 "$CACHE" --batch_sizes=64 --dtypes=bfloat16,float32
+bench cold_b 110 "--xla_gpu_per_fusion_autotune_cache_dir=/tmp/rnan_autotune_b"
+(cd /tmp && tar -cf "$OUT/autotune.tar" rnan_autotune_a rnan_autotune_b 2>/dev/null)
+bench heuristics 60 "--xla_gpu_autotune_level=0"
+bench variants 0 "$A" --scan_unroll=2,4,1:-1,1 --steps=6 --repeats=3
 
 rm -rf /tmp/rnan_gpu_last && mkdir -p /tmp/rnan_gpu_last && cp "$OUT"/jax*.json /tmp/rnan_gpu_last/ 2>/dev/null  # for gpu_train.sh
 echo "== table ($(left) s left; $((SECONDS - start)) s used)"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The paper's model (experiments/classic291.py, x2) trained on one GPU for a fixed RNAN_GPU_TRAIN_S seconds
 # (default 200), then scored on Set5 and Set14 by rnan_jax.evaluate. Run right after tools/gpu_check.sh on
-# the same warm machine: dtype, command buffers, parameter casting and remat are the fastest in its results
-# (/tmp/rnan_gpu_last/jax*.json), and the cosine schedule is sized to the steps that fit at its step time.
+# the same warm machine: dtype, command buffers, scan unrolling, parameter casting and remat are the fastest in
+# its results (/tmp/rnan_gpu_last/jax*.json), and the cosine schedule is sized to the steps that fit at its step
+# time.
 # Data: .gpudata/ (git-ignored) holds benchmark/{Set5,Set14} and train/{T91,BSD200} from ../shared/data
 # (BSD200: its first 120 images by name, to keep the carried tree under 64 MiB).
 #   run(command="bash tools/gpu_train.sh", carry=[".whl", ".gpudata"], timeout_s=...)
@@ -25,24 +26,30 @@ source tools/gpu_env.sh || exit 1
 
 # Knobs and run length from gpu_check's measurements: the faster dtype at batch 16 (float32 when unknown),
 # command buffers if they beat that; steps = the seconds left after start-up (about 60 s) over the step time.
-read -r DTYPE USE_CMDBUF CAST REMAT STEPS < <("$PY" - "$TRAIN_S" <<'PYEOF'
+read -r DTYPE USE_CMDBUF CAST REMAT UNROLL BLOCK_UNROLL STEPS < <("$PY" - "$TRAIN_S" <<'PYEOF'
 import glob, json, sys
 train_s = float(sys.argv[1])
-best = (150.0, "float32", 0, "auto", "auto")  # (ms, dtype, command buffers, cast once, remat): nothing measured
+# (ms, dtype, command buffers, cast once, remat, scan_unroll, block_unroll): "auto"/0 while nothing is measured
+best = (150.0, "float32", 0, "auto", "auto", 0, 0)
+config_value = {"full": -1}  # a record's unroll name ("2", "full", "1+full") as execution.* takes it
 for path in glob.glob("/tmp/rnan_gpu_last/jax*.json"):
     res = json.load(open(path))
     cmdbuf = int("command_buffer" in res["env"].get("xla_flags", ""))
     for r in res.get("train", []):
-        if r["batch"] == 16 and r.get("step_ms") and str(r["scan_unroll"]) == "1" and r["depthwise"] == "grouped":
+        if r["batch"] == 16 and r.get("step_ms") and r["depthwise"] == "grouped":
+            groups, _, blocks = str(r["scan_unroll"]).partition("+")
+            unroll = [int(config_value.get(v, v)) for v in (groups, blocks or "0")]
             best = min(best, (r["step_ms"], r["dtype"], cmdbuf, str(bool(r.get("cast_params_once"))).lower(),
-                              r.get("remat", "none")))
-ms, dtype, cmdbuf, cast, remat = best
-print(dtype, cmdbuf, cast, remat, max(100, int((train_s - 60) / (ms / 1000) * 0.9)))
+                              r.get("remat", "none"), *unroll))
+ms, dtype, cmdbuf, cast, remat, unroll, block_unroll = best
+print(dtype, cmdbuf, cast, remat, unroll, block_unroll, max(100, int((train_s - 60) / (ms / 1000) * 0.9)))
 PYEOF
 )
-echo "== training: dtype $DTYPE, command buffers $USE_CMDBUF, parameters cast once $CAST, remat $REMAT, $STEPS steps in at most $TRAIN_S s"
+echo "== training: dtype $DTYPE, command buffers $USE_CMDBUF, parameters cast once $CAST, remat $REMAT," \
+  "scan unroll $UNROLL (blocks $BLOCK_UNROLL), $STEPS steps in at most $TRAIN_S s"
 [ "$USE_CMDBUF" = 1 ] && export XLA_FLAGS="$COMMAND_BUFFER_FLAGS"
-extra+=(--config.execution.cast_params_once="$CAST" --config.execution.remat="$REMAT")
+extra+=(--config.execution.cast_params_once="$CAST" --config.execution.remat="$REMAT"
+        --config.execution.scan_unroll="$UNROLL" --config.execution.block_unroll="$BLOCK_UNROLL")
 rm -rf /tmp/run291
 start=$SECONDS
 timeout -s TERM -k 60 "$TRAIN_S" "$PY" -m rnan_jax.train --config experiments/classic291.py --workdir /tmp/run291 \
