@@ -3,11 +3,12 @@
 Trains RNAN, resuming from the latest checkpoint in --workdir. Multi-host (TPU pods, several GPU hosts):
 add --distributed (and, off TPU, --coordinator_address, --num_processes, --process_id).
 """
-import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from rnan_jax.cli import config_flags_parser
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and the config go.")
@@ -50,40 +51,7 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
-def config_error_line(error: Exception, argv: list[str]) -> str:
-    """One line for an override of a key that the config does not have (ml_collections raises it while the
-    flags are parsed, as a KeyError/AttributeError whose text carries its "Did you mean" suggestion)."""
-    text = " ".join(str(error.args[0] if error.args else error).replace("\\n", "\n").split())
-    text = text.strip("\"'").replace("\\'", "'")
-    key = re.match(r"'?([^'\s]+)'?", text)
-    given = [a for a in argv if key and a.startswith("--config.") and key.group(1) in a.split("=")[0]]
-    suggestion = text[key.end():].strip() if key else ""
-    where = given[0].split("=")[0] if given else "a --config override"
-    return (f"error: {where}: the config has no key {key.group(1) if key else text!r}"
-            + (f"; {suggestion[0].lower()}{suggestion[1:]}" if suggestion else "")
-            + " (python -m rnan_jax.train --config FILE --dry_run lists every key)")
-
-
-def config_file_error_line(error: OSError) -> str:
-    """One line for a --config file that could not be read (a wrong path, a folder): ml_collections' error lists
-    the attempts over several lines, the last of which says why."""
-    reason = str(error).strip().splitlines()[-1].strip()
-    return f"error: --config: {reason.split('earlier failure to load: ')[-1]}"
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a mistyped --config key or an unreadable --config file turned into one line instead of
-    a traceback."""
-    try:
-        remaining = app.parse_flags_with_usage(argv)
-        # ml_collections defers a config file's failure to load to the config's first use (an override meets it
-        # while parsing): raised here, not in the middle of main
-        getattr(_CONFIG.value, "model", None)
-    except (AttributeError, KeyError) as e:
-        sys.exit(config_error_line(e, argv))
-    except OSError as e:
-        sys.exit(config_file_error_line(e))
-    return remaining
+parse_flags = config_flags_parser(_CONFIG)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,12 @@ def test_cli_rejects_a_config_file_it_cannot_read(tmp_path):
                          (["--config", str(tmp_path)], f"[Errno 21] Is a directory: '{tmp_path}'")):
         r = _run_cli([*args, "--workdir", str(workdir)])
         assert (r.returncode, r.stderr.strip().splitlines()) == (1, [f"error: --config: {reason}"])
+    # tools/compare_dtypes.py parses its --config the same way (rnan_jax.cli)
+    r = subprocess.run([sys.executable, "tools/compare_dtypes.py", "--config", "experiments/x5.py", "--workdir",
+                        str(workdir)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr.strip().splitlines()) == (1, [f"error: --config: {missing}"])
     assert not workdir.exists()
+
 
 def test_sigterm_saves_a_checkpoint(images, tmp_path):
     args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path),

@@ -47,4 +47,6 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    app.run(main)
+    from rnan_jax.cli import config_flags_parser
+
+    app.run(main, flags_parser=config_flags_parser(_CONFIG))

@@ -1,0 +1,51 @@
+"""What the command-line entry points that take an experiment config share: absl's flag parsing with a bad
+--config (a mistyped key in an override, a file that cannot be read) turned into one line instead of a
+traceback. Defines no flags."""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Callable
+
+from absl import app
+
+
+def config_error_line(error: Exception, argv: list[str]) -> str:
+    """One line for an override of a key that the config does not have (ml_collections raises it while the
+    flags are parsed, as a KeyError/AttributeError whose text carries its "Did you mean" suggestion)."""
+    text = " ".join(str(error.args[0] if error.args else error).replace("\\n", "\n").split())
+    text = text.strip("\"'").replace("\\'", "'")
+    key = re.match(r"'?([^'\s]+)'?", text)
+    given = [a for a in argv if key and a.startswith("--config.") and key.group(1) in a.split("=")[0]]
+    suggestion = text[key.end():].strip() if key else ""
+    where = given[0].split("=")[0] if given else "a --config override"
+    return (f"error: {where}: the config has no key {key.group(1) if key else text!r}"
+            + (f"; {suggestion[0].lower()}{suggestion[1:]}" if suggestion else "")
+            + " (python -m rnan_jax.train --config FILE --dry_run lists every key)")
+
+
+def config_file_error_line(error: OSError) -> str:
+    """One line for a --config file that could not be read (a wrong path, a folder): ml_collections' error lists
+    the attempts over several lines, the last of which says why."""
+    reason = str(error).strip().splitlines()[-1].strip()
+    return f"error: --config: {reason.split('earlier failure to load: ')[-1]}"
+
+
+def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
+    """A `flags_parser` for `absl.app.run`: absl's parsing, then the config that `config_flag` (what
+    `config_flags.DEFINE_config_file` returned) holds is touched, so that a mistyped key or an unreadable file
+    ends the process with one line (exit status 1) before `main` runs or writes anything."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            remaining = app.parse_flags_with_usage(argv)
+            # ml_collections defers a config file's failure to load to the config's first use (an override meets
+            # it while parsing): raised here, not in the middle of main
+            getattr(config_flag.value, "model", None)
+        except (AttributeError, KeyError) as e:
+            sys.exit(config_error_line(e, argv))
+        except OSError as e:
+            sys.exit(config_file_error_line(e))
+        return remaining
+
+    return parse
