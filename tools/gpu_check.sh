@@ -3,8 +3,9 @@
 # all at the paper setting (x4, batch 16 of 48x48, bfloat16): the PyTorch peer; then tools/benchmark.py
 # processes of the default knobs (scans unrolled by 2, parameters cast once, remat convs), each compiling cold:
 # XLA's autotuning as it comes (profiled), at level 3 (no correctness checks), at level 0 (cuDNN's
-# heuristics), as it comes once more; then unroll 2 against the rolled scans in one process on the first
-# process's autotuning cache. (Measured so far: tools/BENCHMARKS.md, from "Measured on one NVIDIA H200" on.)
+# heuristics), as it comes once more; then unroll 2, groups by 2 with their blocks unrolled, and the rolled
+# scans, in one process on the first process's autotuning cache. (Measured so far: tools/BENCHMARKS.md, from
+# "Measured on one NVIDIA H200" on.)
 # Logs, the JSON records (jax_json.tar), the Perfetto trace (traces.tar), the autotuning caches (autotune.tar)
 # and a markdown table (printed last) land in $OUT.
 #
@@ -61,7 +62,7 @@ echo "== PyTorch peer, batch 16 ($(left) s left)"
 # autotuner times each candidate behind a delay kernel, which D2H copies of its correctness checks (autotune
 # level 4, the default) can stall (openxla/xla#42415); level 3 skips those checks, level 0 autotunes nothing.
 # So: a cold process of the default step (cache A, profiled), one at level 3 (cache C), one at level 0, a second
-# cold one at level 4 (cache B: do its picks and time match A's?), then unroll 2 against rolled on cache A.
+# cold one at level 4 (cache B: do its picks and time match A's?), then the unroll variants on cache A.
 # The caches come back in autotune.tar, to set beside the step times.
 rm -rf /tmp/rnan_autotune_a /tmp/rnan_autotune_b /tmp/rnan_autotune_c /tmp/rnan_profile
 bench() {  # bench NAME KEEP_SECONDS XLA_FLAGS ARGS...: one benchmark.py process, its JSON in $OUT/jax_NAME.json
@@ -77,7 +78,7 @@ bench level3 210 "$(cache c) --xla_gpu_autotune_level=3"
 bench heuristics 160 "--xla_gpu_autotune_level=0"
 bench cold_b 50 "$(cache b)"
 (cd /tmp && tar -cf "$OUT/autotune.tar" rnan_autotune_a rnan_autotune_b rnan_autotune_c 2>/dev/null)
-bench variants 0 "$(cache a)" --scan_unroll=2,1 --steps=6 --repeats=3
+bench variants 0 "$(cache a)" --scan_unroll=2,2:-1,1 --steps=6 --repeats=3
 
 rm -rf /tmp/rnan_gpu_last && mkdir -p /tmp/rnan_gpu_last && cp "$OUT"/jax*.json /tmp/rnan_gpu_last/ 2>/dev/null  # for gpu_train.sh
 echo "== table ($(left) s left; $((SECONDS - start)) s used)"
