@@ -41,8 +41,11 @@ def hlo_stats(text: str) -> dict[str, Any]:
     branches (not into fused computations or reducers). `static` counts each instruction once; `per_step`
     multiplies a while body's instructions by its known trip count (1 where XLA knows none, counted in
     `unknown_trip_counts`). `convolutions` counts convolution instructions anywhere, fused ones included.
+    `async_fusion_roots_per_step`: per step, the root opcodes of the fusions run asynchronously (`fusion-start`;
+    on XLA:GPU, e.g. a scan's per-iteration parameter slices as async copies: "dynamic-slice").
     """
     computations: dict[str, list[tuple[str, str]]] = {}
+    roots: dict[str, str] = {}  # computation -> its ROOT instruction's opcode
     entry, current = None, None
     for line in text.splitlines():
         if current is None:
@@ -58,10 +61,12 @@ def hlo_stats(text: str) -> dict[str, Any]:
         m = _INSTRUCTION.match(line)
         if m:
             computations[current].append((_opcode(m.group(1)), line))
+            if line.lstrip().startswith("ROOT "):
+                roots[current] = computations[current][-1][0]
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     static, per_step = collections.Counter(), collections.Counter()
-    fusion_kinds, targets = collections.Counter(), collections.Counter()
+    fusion_kinds, targets, async_roots = collections.Counter(), collections.Counter(), collections.Counter()
     stats = {"while_loops": 0, "unknown_trip_counts": 0}
 
     def walk(name: str, times: int, seen: tuple[str, ...]) -> None:
@@ -94,13 +99,16 @@ def hlo_stats(text: str) -> dict[str, Any]:
             if op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', line)
                 targets[target.group(1) if target else "?"] += times
+            if op == "fusion-start":  # what XLA runs asynchronously: the called computation's root
+                callee = re.search(r"calls=%?([\w.\-]+)", line)
+                async_roots[roots.get(callee.group(1), "?") if callee else "?"] += times
 
     walk(entry, 1, ())
     return {"static": sum(static.values()), "per_step": sum(per_step.values()),
             "while_loops": stats["while_loops"], "unknown_trip_counts": stats["unknown_trip_counts"],
             "convolutions": sum(op == "convolution" for ins in computations.values() for op, _ in ins),
             "opcodes_per_step": dict(per_step.most_common()), "fusion_kinds_per_step": dict(fusion_kinds),
-            "custom_call_targets_per_step": dict(targets)}
+            "custom_call_targets_per_step": dict(targets), "async_fusion_roots_per_step": dict(async_roots)}
 
 
 def profile_summary(trace: dict, steps: int, top: int = 15) -> dict[str, Any]:

@@ -110,12 +110,21 @@ HLO = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
   ROOT %n = f32[4]{0} negate(f32[4]{0} %p0)
 }
 
+%dynamic_slice.clone (p0: f32[8], p1: s32[]) -> f32[4] {
+  %p0 = f32[8]{0} parameter(0)
+  %p1 = s32[] parameter(1)
+  ROOT %ds = f32[4]{0} dynamic-slice(f32[8]{0} %p0, s32[] %p1), dynamic_slice_sizes={4}
+}
+
 %body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
   %t = (s32[], f32[4]{0}) parameter(0)
   %i = s32[] get-tuple-element((s32[], f32[4]{0}) %t), index=0
   %x = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %t), index=1
   %f = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%fused_computation
-  %c = f32[4]{0} custom-call(f32[4]{0} %f), custom_call_target="__cudnn$convForward"
+  %w8 = f32[8]{0} constant({1, 2, 3, 4, 5, 6, 7, 8})
+  %s = ((f32[8]{0}, s32[]), f32[4]{0}, u32[]) fusion-start(f32[8]{0} %w8, s32[] %i), kind=kLoop, calls=%dynamic_slice.clone
+  %k = f32[4]{0} fusion-done(((f32[8]{0}, s32[]), f32[4]{0}, u32[]) %s)
+  %c = f32[4]{0} custom-call(f32[4]{0} %f, f32[4]{0} %k), custom_call_target="__cudnn$convForward"
   %one = s32[] constant(1)
   %j = s32[] add(s32[] %i, s32[] %one)
   ROOT %r = (s32[], f32[4]{0}) tuple(s32[] %j, f32[4]{0} %c)
@@ -141,9 +150,12 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 
 def test_hlo_stats_counts_launches_through_loops():
     s = profiling.hlo_stats(HLO)
-    # body: fusion, custom-call, add (3) x 10 trips; condition: compare x 11; entry: convolution.
-    assert s["static"] == 5 and s["per_step"] == 3 * 10 + 11 + 1
-    assert s["opcodes_per_step"] == {"fusion": 10, "custom-call": 10, "add": 10, "compare": 11, "convolution": 1}
+    # body: fusion, fusion-start, fusion-done, custom-call, add (5) x 10 trips; condition: compare x 11; entry:
+    # convolution.
+    assert s["static"] == 7 and s["per_step"] == 5 * 10 + 11 + 1
+    assert s["opcodes_per_step"] == {"fusion": 10, "fusion-start": 10, "fusion-done": 10, "custom-call": 10,
+                                     "add": 10, "compare": 11, "convolution": 1}
+    assert s["async_fusion_roots_per_step"] == {"dynamic-slice": 10}
     assert s["fusion_kinds_per_step"] == {"kLoop": 10}
     assert s["custom_call_targets_per_step"] == {"__cudnn$convForward": 10}
     assert (s["while_loops"], s["unknown_trip_counts"], s["convolutions"]) == (1, 0, 1)
