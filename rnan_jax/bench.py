@@ -134,8 +134,8 @@ def bench_train_step(config, batch: int, patch: int, unroll: int | str, depthwis
                      peers: Sequence[tuple[dict, Callable[[int], None]]] = ()) -> tuple[dict, Any]:
     """One setting's record, and the parameters (for the forward timing).
 
-    `unroll`: 0 the backend's default, -1 full, n, or "n:m" (`parse_unroll`); `depthwise`: "auto" (the backend's default), "grouped" or
-    "shifted"; `cast_params_once`: execution.cast_params_once (None: the backend's default); `batch_chunks`:
+    `unroll`: 0 the backend's default, -1 full, n, or "n:m" (`parse_unroll`); `depthwise`: "auto" (the
+    backend's default), "grouped" or "shifted"; `cast_params_once`: execution.cast_params_once (None: the backend's default); `batch_chunks`:
     execution.batch_chunks (0: what the trainer runs on one device); `remat`: execution.remat ("auto": the
     backend's default). `compile_only`: compile and count, run nothing.
     `profile_dir`: also trace `profile_steps` more steps there (`profiling.trace_window`).

@@ -24,7 +24,7 @@ SECTIONS = ("model", "optim", "data", "execution")
 class ExecutionConfig:
     """How the train step runs: the same function whatever the values, with another speed and memory."""
 
-    scan_unroll: int = 0  # 0: the default (CPU: full up to 24 blocks, else rolled; rolled elsewhere); -1: full; n
+    scan_unroll: int = 0  # 0: the default (CPU: full up to 24 blocks, else rolled; GPU: 2; TPU: rolled); -1: full; n
     block_unroll: int = 0  # the RNA blocks' scan inside each GCRG alone: 0 as scan_unroll; -1: full; n
     depthwise: str = "auto"  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
     batch_chunks: int = 0  # 0: the default (up to 4 on a one-device CPU run, else 1); n: gradients of n parts, averaged
