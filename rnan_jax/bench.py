@@ -135,9 +135,9 @@ def bench_train_step(config, batch: int, patch: int, unroll: int | str, depthwis
     """One setting's record, and the parameters (for the forward timing).
 
     `unroll`: 0 the backend's default, -1 full, n, or "n:m" (`parse_unroll`); `depthwise`: "auto" (the
-    backend's default), "grouped" or "shifted"; `cast_params_once`: execution.cast_params_once (None: the backend's default); `batch_chunks`:
-    execution.batch_chunks (0: what the trainer runs on one device); `remat`: execution.remat ("auto": the
-    backend's default). `compile_only`: compile and count, run nothing.
+    backend's default), "grouped" or "shifted"; `cast_params_once`: execution.cast_params_once (None: the
+    backend's default); `batch_chunks`: execution.batch_chunks (0: what the trainer runs on one device);
+    `remat`: execution.remat ("auto": the backend's default). `compile_only`: compile and count, run nothing.
     `profile_dir`: also trace `profile_steps` more steps there (`profiling.trace_window`).
     `peers`: `peer_steps`' contenders, timed in alternation with this step (`time_alternating`); their
     records, with the timings, come back under the record's "peers".

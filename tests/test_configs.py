@@ -62,13 +62,12 @@ def test_execution_knobs_default_per_backend():
     modules' own casts, and rolls the paper model's scans."""
     from rnan_jax import api
 
-    execution = TrainConfig.from_config(_load("x4")).execution
-    assert (execution.cast_once, execution.remat_policy) == (None, None)
+    paper = TrainConfig.from_config(_load("x4"))
+    assert (paper.execution.cast_once, paper.execution.remat_policy) == (None, None)
     assert (api.default_cast_params_once("gpu"), api.default_remat("gpu")) == (True, "convs")
     assert (api.default_cast_params_once("cpu"), api.default_remat("cpu")) == (False, "none")
     assert api.default_knobs("gpu") == (2, "grouped") and api.default_knobs("tpu") == (1, "grouped")
-    paper = _load("x4")
-    assert api.default_knobs("cpu", TrainConfig.from_config(paper).model) == (1, "shifted")  # 200 blocks: rolled
+    assert api.default_knobs("cpu", paper.model) == (1, "shifted")  # 200 blocks: rolled
     config = _load("x4")
     config.execution.cast_params_once, config.execution.remat = "false", "block"
     execution = TrainConfig.from_config(config).execution
@@ -86,6 +85,6 @@ def test_block_unroll_unrolls_the_rna_block_scan_apart():
     assert ExecutionConfig(scan_unroll=1, block_unroll=4).unroll == (1, 4)
     config = _load("x4")
     config.execution.block_unroll = -1
-    execution = TrainConfig.from_config(config).execution
-    model = api.build(TrainConfig.from_config(config).model, scan_unroll=execution.unroll)
+    train = TrainConfig.from_config(config)
+    model = api.build(train.model, scan_unroll=train.execution.unroll)
     assert model.scan_unroll == (1, True)  # CPU, 200 blocks: the groups rolled; the blocks as asked
