@@ -64,6 +64,10 @@ def test_scan_unroll_values_name_both_scans():
     assert [_unroll_name(v) for v in (1, True, (1, True), (2, 5))] == ["1", "full", "1+full", "2+5"]
     with pytest.raises(ValueError):
         parse_unroll("1:x")
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--scan_unroll=2,1:x"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.splitlines()[0] == (
+        "FATAL Flags parsing error: flag --scan_unroll=['2', '1:x']: each value must be an integer n or a pair n:m")
 
 
 def test_alternating_windows_take_turns():

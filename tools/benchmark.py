@@ -60,6 +60,19 @@ _SCALE = flags.DEFINE_integer("scale", 0, "Upscaling factor (0: the preset's; th
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters stay float32).")
 _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n; "
                             "n:m the GCRGs' scan by n and each GCRG's RNA-block scan by m (1:-1: blocks unrolled).")
+
+
+def _unroll_values_parse(values: list[str]) -> bool:
+    """Whether every --scan_unroll value is "n" or "n:m" (`parse_unroll`)."""
+    try:
+        for value in values:
+            parse_unroll(value)
+    except ValueError:
+        return False
+    return True
+
+
+flags.register_validator("scan_unroll", _unroll_values_parse, "each value must be an integer n or a pair n:m")
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
 _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "execution.batch_chunks: 0 the trainer's default on one device "
                                 "(CPU: 4 chunks of at least 4 samples, else 2), n: gradients of n parts of the batch.")
@@ -136,7 +149,6 @@ def main(argv):
     peer_done: set[tuple[int, int]] = set()
     print(json.dumps(results["env"]), flush=True)
     for unroll in _UNROLL.value:
-        parse_unroll(unroll)  # a malformed value fails here, before anything runs
         casts = [ExecutionConfig(cast_params_once=v.strip()).cast_once for v in _CAST_ONCE.value]
         for depthwise, remat, cast in ((d, r, c) for d in _DEPTHWISE.value for c in casts for r in _REMAT.value):
             for dtype in _DTYPES.value:
