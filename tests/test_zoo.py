@@ -1,5 +1,6 @@
 """The model zoo: `zoo:NAME` loads shipped weights everywhere a checkpoint is accepted, reproduces MODEL_ZOO.md's
 numbers, and is part of the built package."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -83,11 +84,13 @@ def test_evaluate_cli_accepts_a_zoo_name(data_dir, tmp_path):
 
 def test_the_wheel_ships_the_weights(tmp_path):
     """A non-editable build (what `pip install .` installs) holds the zoo files and the native kernels' sources."""
-    try:
-        import setuptools  # noqa: F401
-        isolation = ["--no-build-isolation"]
-    except ImportError:
-        isolation = []
+    # Build with this environment's setuptools where it can make wheels (setuptools >= 70.1 has bdist_wheel, an
+    # older one needs the `wheel` package: a fresh Python 3.11 venv has setuptools 65.5 and no `wheel`); else
+    # let pip build in isolation, fetching setuptools from the package index.
+    can_build = importlib.util.find_spec("setuptools") is not None and (
+        importlib.util.find_spec("wheel") is not None
+        or importlib.util.find_spec("setuptools.command.bdist_wheel") is not None)
+    isolation = ["--no-build-isolation"] if can_build else []
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path),
                           REPO], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
