@@ -1,8 +1,10 @@
-"""What the command-line entry points that take an experiment config share: absl's flag parsing with a bad
---config (a mistyped key in an override, a file that cannot be read) turned into one line instead of a
-traceback. Defines no flags."""
+"""What the command-line entry points share: absl's `app.run` with a misuse (`app.UsageError`) told in one line
+instead of after the module's whole help text, and, for those that take an experiment config, a bad --config
+(a mistyped key in an override, a file that cannot be read) turned into one line instead of a traceback.
+Defines no flags."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Any, Callable
@@ -49,3 +51,22 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
         return remaining
 
     return parse
+
+
+def usage_error_line(error: app.UsageError, program: str) -> str:
+    return f"{program}: error: {error} (see --helpshort)"
+
+
+def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
+    """`absl.app.run(main)`, but an `app.UsageError` that `main` raises (a flag combination that cannot work)
+    ends the process with one line on stderr and exit status 1: absl prints the module's docstring and every
+    flag first, which buries the reason. absl's own flag errors (a malformed value) are one line already."""
+    program = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "rnan_jax"
+
+    def one_line(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            sys.exit(usage_error_line(e, program))
+
+    app.run(one_line, flags_parser=flags_parser or app.parse_flags_with_usage)

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from rnan_jax import api, benchmark_sets, checkpoint, degrade, env, images, inference, report
+from rnan_jax import api, benchmark_sets, checkpoint, cli, degrade, env, images, inference, report
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 
@@ -348,4 +348,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -8,7 +8,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from rnan_jax.cli import config_flags_parser
+from rnan_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and the config go.")
@@ -51,8 +51,8 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
-parse_flags = config_flags_parser(_CONFIG)
+parse_flags = cli.config_flags_parser(_CONFIG)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags)

@@ -27,7 +27,7 @@ import jax
 from absl import app, flags
 from tqdm import tqdm
 
-from rnan_jax import checkpoint, degrade, env, images, inference
+from rnan_jax import checkpoint, cli, degrade, env, images, inference
 from rnan_jax.checkpoint import WHICH, CheckpointError
 from rnan_jax.model import RNANConfig
 
@@ -158,4 +158,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

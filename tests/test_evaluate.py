@@ -76,6 +76,22 @@ def _bicubic_psnr(hr, scale):
     return metrics.psnr_y(degrade.imresize(degrade.bicubic_lr(hr, scale), scale), hr, scale)
 
 
+def test_cli_misuse_is_one_line(tmp_path):
+    """A flag combination that cannot work ends in one line naming it (exit 1), not absl's whole help text, and
+    the same for upscale's and the export tool's checks (rnan_jax.cli.run)."""
+    cases = ((["-m", "rnan_jax.evaluate", "--method", "bicubic", "--self_ensemble"],
+              "evaluate: error: --self_ensemble applies to a model (--checkpoint) (see --helpshort)"),
+             (["-m", "rnan_jax.evaluate", "--method", "bicubic", "--scales", "2,x"],
+              "evaluate: error: --scales must be integers like 2,3,4, got '2,x' (see --helpshort)"),
+             (["-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2", "--output", str(tmp_path)],
+              "upscale: error: give one or more input images or folders (see --helpshort)"),
+             (["tools/export.py", "--checkpoint", "zoo:small_x2", "--fixed_size", "3", "--output", str(tmp_path)],
+              "export: error: --fixed_size must be H,W (positive integers), got '3' (see --helpshort)"))
+    for args, line in cases:
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert (proc.returncode, proc.stderr.strip().splitlines(), proc.stdout) == (1, [line], "")
+
+
 def test_cli_on_odd_inputs(tmp_path):
     rgb, gray = _make_odd_dataset(str(tmp_path))
     out = tmp_path / "out"

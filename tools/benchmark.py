@@ -46,6 +46,7 @@ from typing import Any, Callable
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # rnan_jax without an install
+from rnan_jax import cli
 from rnan_jax.bench import (PRESETS, bench_forward, bench_train_step, environment, forward_line,  # noqa: E402
                             parse_unroll, peer_line, peer_steps, table, train_line)
 
@@ -195,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

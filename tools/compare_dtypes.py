@@ -47,6 +47,6 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from rnan_jax.cli import config_flags_parser
+    from rnan_jax import cli
 
-    app.run(main, flags_parser=config_flags_parser(_CONFIG))
+    cli.run(main, flags_parser=cli.config_flags_parser(_CONFIG))

@@ -17,10 +17,10 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
-from rnan_jax import data
+from rnan_jax import cli, data
 from rnan_jax.bench import data_throughput
 from rnan_jax.env import default_data_dir
 
@@ -74,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

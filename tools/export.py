@@ -16,7 +16,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from rnan_jax import env
+from rnan_jax import cli, env
 from rnan_jax.checkpoint import WHICH, CheckpointError, load
 from rnan_jax.export import DEFAULT_PLATFORMS, export_model, save
 
@@ -54,4 +54,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

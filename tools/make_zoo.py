@@ -12,9 +12,9 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from rnan_jax import checkpoint, env, zoo
+from rnan_jax import checkpoint, cli, env, zoo
 from rnan_jax.api import count_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.", required=True)
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

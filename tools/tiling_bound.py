@@ -24,9 +24,9 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from rnan_jax import api, images, inference
+from rnan_jax import api, cli, images, inference
 from rnan_jax.checkpoint import CheckpointError, load
 from rnan_jax.env import default_data_dir
 from rnan_jax.model import RNANConfig
@@ -116,4 +116,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)
