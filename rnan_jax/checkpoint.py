@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -61,6 +63,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> 
     raises for unreadable files."""
     from rnan_jax.step import TrainState
 
+    quiet_failed_reads()
     items = _state_items(target, None, restore=True)
     for item in items:
         if item != "meta":
@@ -101,6 +104,36 @@ def quiet():
         yield
     finally:
         absl_logging.set_verbosity(previous)
+
+
+def _closed_loop_callback(unraisable: Any) -> bool:
+    return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+
+
+def _unretrieved_read(record: logging.LogRecord) -> bool:
+    text = str(record.msg)
+    return text.startswith("Task exception was never retrieved") and "coro=<async_deserialize()" in text
+
+
+def quiet_failed_reads() -> None:
+    """Keeps a failed restore's report to the one error it raises. orbax reads an item's arrays as tasks on an
+    event loop of its own; when one read fails (a damaged checkpoint), the others finish later, on
+    tensorstore's threads: their callbacks find the loop closed (asyncio reports each as an unraisable
+    'Event loop is closed' with its traceback) and their failures are never retrieved (asyncio logs each,
+    with a traceback, when the task is collected): dozens of tracebacks for one damaged item, after the
+    restore has raised. Only those two kinds are dropped, for the rest of the process (they come late); any
+    other unraisable error or asyncio log is reported as before. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_rnan_jax_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._rnan_jax_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda record: not _unretrieved_read(record))
 
 
 def check_item(item_dir: str) -> None:
@@ -226,6 +259,7 @@ def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:
     item_dir = os.path.join(directory, str(step), item)
     if not paths.isdir(item_dir):
         raise CheckpointError(f"{os.path.dirname(item_dir)}: holds no {item} (was the run trained with EMA?)")
+    quiet_failed_reads()
     try:
         config = config_from_meta(read_meta(directory, step))
         with quiet():

@@ -148,7 +148,8 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
     reported in one line and moved aside (kept, under checkpoints_damaged/), and the one before it tried;
     a checkpoint of another architecture is refused in one line naming both."""
     directory = os.fspath(mngr.directory)
-    for at in sorted(mngr.all_steps(), reverse=True):
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for at in steps:
         try:
             saved = checkpoint.config_from_meta(checkpoint.read_meta(directory, at))
         except (checkpoint.CheckpointError, KeyError, TypeError) as e:
@@ -168,7 +169,8 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"rnan_jax_damaged_{at}")
         mngr.reload()
-        _log(f"{error}; moved it to {where} and trying the step before it")
+        then = "trying the step before it" if at != steps[-1] else "no checkpoint before it: training starts afresh"
+        _log(f"{error}; moved it to {where}; {then}")
     return None
 
 

@@ -324,10 +324,33 @@ def test_a_damaged_latest_step_is_named_and_training_resumes_before_it(images, s
     capsys.readouterr()
     train_and_evaluate(x4_config(images), str(damaged))
     out = capsys.readouterr().out
-    assert f"moved it to {damaged}/checkpoints_damaged/6 and trying the step before it" in out
+    assert f"moved it to {damaged}/checkpoints_damaged/6; trying the step before it" in out
     assert f"resumed from {damaged}/checkpoints/3" in out
     assert os.listdir(damaged / "checkpoints_damaged" / "6" / "params")
     assert _equal_trees(load(str(straight))[0], load(str(damaged))[0])
+
+
+def test_checkpoints_with_their_array_data_gone_are_reported_in_one_line_each(images, straight, tmp_path):
+    """Every step's params/d (the arrays' data files) deleted: orbax fails inside its reads, whose late callbacks
+    would print dozens of 'Event loop is closed' tracebacks; evaluate says one line, and training names each
+    damaged step, keeps it aside and starts afresh."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(straight[0], damaged)
+    for step in (3, 6):
+        shutil.rmtree(damaged / "checkpoints" / str(step) / "params" / "d")
+    r = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--checkpoint", str(damaged), "--datasets",
+                        "Set5", "--data_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"--checkpoint: {damaged}/checkpoints/6: damaged checkpoint (")
+    r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(damaged), *_flags(overrides(images))])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "Event loop is closed" not in out and "Traceback" not in out, out
+    assert f"; moved it to {damaged}/checkpoints_damaged/6; trying the step before it" in out
+    assert f"; moved it to {damaged}/checkpoints_damaged/3; no checkpoint before it: training starts afresh" in out
+    assert sorted(os.listdir(damaged / "checkpoints")) == ["3", "6"]
+    assert _equal_trees(load(str(straight[0]))[0], load(str(damaged))[0])
 
 
 def test_a_workdir_of_another_architecture_is_refused_in_one_line(images, tmp_path):
