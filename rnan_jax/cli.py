@@ -70,3 +70,15 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
             sys.exit(usage_error_line(e, program))
 
     app.run(one_line, flags_parser=flags_parser or app.parse_flags_with_usage)
+
+
+def output_folder_error(path: str, flag: str = "--output") -> str | None:
+    """None when `path` is a folder this process can write into (created if need be), else one line saying
+    why not: checked before any work, so that a typo or a file in the way costs nothing."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        return f"{flag} {path}: cannot create or write that folder ({e.strerror or e})"
+    return None

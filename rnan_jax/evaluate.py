@@ -285,6 +285,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--save_images needs --output DIR")
     if FLAGS.self_ensemble and not FLAGS.checkpoint:
         raise app.UsageError("--self_ensemble applies to a model (--checkpoint)")
+    if FLAGS.output and (error := cli.output_folder_error(FLAGS.output)) is not None:
+        sys.exit(f"evaluate: {error}")  # before any scoring, which may take hours
     env.prepare_process()
     env.enable_compilation_cache()
     datasets = _parse_list(FLAGS.datasets)

@@ -100,13 +100,8 @@ def main(argv: Sequence[str]) -> None:
     errors += plan_errors
     for message in errors:
         print(f"failed: {message}", file=sys.stderr)
-    try:
-        os.makedirs(FLAGS.output, exist_ok=True)
-        if not os.access(FLAGS.output, os.W_OK):
-            raise PermissionError("not writable")
-    except OSError as e:
-        print(f"upscale: --output {FLAGS.output}: cannot create or write that folder "
-              f"({e.strerror or e})", file=sys.stderr)
+    if (error := cli.output_folder_error(FLAGS.output)) is not None:
+        print(f"upscale: {error}", file=sys.stderr)
         sys.exit(2)
     done = 0
     bar = tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr)

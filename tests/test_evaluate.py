@@ -90,6 +90,13 @@ def test_cli_misuse_is_one_line(tmp_path):
     for args, line in cases:
         proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert (proc.returncode, proc.stderr.strip().splitlines(), proc.stdout) == (1, [line], "")
+    # an --output that cannot be a folder is refused before any scoring
+    in_the_way = tmp_path / "results.txt"
+    in_the_way.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--method", "bicubic", "--output",
+                           str(in_the_way)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr.strip().splitlines(), proc.stdout) == (
+        1, [f"evaluate: --output {in_the_way}: cannot create or write that folder (File exists)"], "")
 
 
 def test_cli_on_odd_inputs(tmp_path):
