@@ -138,6 +138,9 @@ def apply(params: Params, lr: jax.Array, *, config: RNANConfig | None = None, dt
     lr = jnp.asarray(lr)
     if lr.ndim not in (3, 4) or lr.shape[-1] != 3:
         raise ValueError(f"lr must be [B, h, w, 3] or [h, w, 3], got shape {lr.shape}")
+    if not jnp.issubdtype(lr.dtype, jnp.floating):  # e.g. np.asarray(a PIL image): 0..255 would pass silently
+        raise TypeError(f"lr must be floating point with values in [0, 1], got {lr.dtype} (an 8-bit image: "
+                        "divide by 255, or call inference.upscale_image, which takes uint8)")
     single = lr.ndim == 3
     sr = build(config, scan_unroll=scan_unroll, depthwise=depthwise).apply(
         {"params": cast_params(params, config.dtype)}, lr[None] if single else lr)

@@ -198,8 +198,12 @@ def test_config_validation():
         RNANConfig(scale=8)
     with pytest.raises(ValueError, match="block_interval"):
         RNANConfig(num_blocks=20, block_interval=3)
+    params = init(jax.random.key(0), RNANConfig(scale=2, **TINY))
     with pytest.raises(ValueError, match=r"\[B, h, w, 3\]"):
-        apply(init(jax.random.key(0), RNANConfig(scale=2, **TINY)), jnp.zeros((4, 4)))
+        apply(params, jnp.zeros((4, 4)))
+    # an 8-bit image as it comes (0..255) is refused, not upscaled into values near 1,000
+    with pytest.raises(TypeError, match=r"^lr must be floating point with values in \[0, 1\], got uint8 \(an 8-bit"):
+        apply(params, np.zeros((4, 4, 3), np.uint8))
 
 
 def test_init_draws_the_modules_own_distribution():
