@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 from typing import Any
 
 import grain
@@ -203,6 +204,13 @@ def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index:
     return parts[process_index::process_count] if process_count > 1 else parts
 
 
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """In each worker process: a terminal's Ctrl-C reaches the whole process group, and the trainer's first one
+    means "save a checkpoint and stop", which needs no worker to die with a traceback; closing the iterator
+    (the trainer does on any exit) ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BatchIterator(grain.DatasetIterator):
     """Iterates an infinite MapDataset of batches through grain (read threads, optional worker processes).
 
@@ -225,7 +233,7 @@ class BatchIterator(grain.DatasetIterator):
         if self._it is None:
             ds = self._batches[self._next_batch:].to_iter_dataset(self._read_options)
             if self._multiprocessing_options is not None:
-                ds = ds.mp_prefetch(self._multiprocessing_options)
+                ds = ds.mp_prefetch(self._multiprocessing_options, worker_init_fn=_ignore_ctrl_c)
             self._it = iter(ds)
         return self._it
 

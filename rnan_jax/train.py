@@ -46,7 +46,7 @@ def main(argv):
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except trainer.Preempted as e:
         print(e, flush=True)
-        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+        sys.exit(128 + e.signum)  # 143 (SIGTERM) or 130 (Ctrl-C), as if the signal had ended the process
     except (ValueError, trainer.TrainingError, OSError) as e:
         sys.exit(f"error: {e}")
 

@@ -35,29 +35,50 @@ CPU_NOTE_PARAMS = 2_000_000  # above this a CPU run gets a line saying it is one
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of the step reached was saved (the message says where)."""
+    """SIGTERM or Ctrl-C arrived; a checkpoint of the step reached was saved (the message says where).
+    `signum` is the signal (the CLI exits with 128 + signum, as if the signal had ended the process)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
 
 
 class _Preemption:
-    """Turns SIGTERM (a TPU/GPU preemption notice) into a flag the loop checks after each step."""
+    """Turns SIGTERM (a TPU/GPU preemption notice) and a first Ctrl-C (SIGINT) into a flag the loop checks
+    after each step, which then saves a checkpoint and stops; a second Ctrl-C interrupts at once, as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = signal.SIGTERM
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, as in a notebook's worker thread
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                previous = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handler, as in a notebook's worker thread
+                continue
+            if signum == signal.SIGINT and previous is signal.SIG_IGN:  # started ignoring Ctrl-C: keep it so
+                signal.signal(signum, previous)
+                continue
+            self._previous[signum] = previous
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested and self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now, "
+                        b"without one)\n")
+        if not self.requested:
+            self.signum = signum
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _agree(flag: bool) -> bool:
@@ -311,8 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     checkpoint.save_train_state(mngr, s, state, meta)
                 if stop:
                     mngr.wait_until_finished()
-                    raise Preempted(f"SIGTERM: saved a checkpoint at step {s} in {mngr.directory}; rerun the same "
-                                    f"command to resume")
+                    raise Preempted(f"{signal.Signals(preemption.signum).name}: saved a checkpoint at step {s} in "
+                                    f"{mngr.directory}; rerun the same command to resume", preemption.signum)
     finally:
         mngr.wait_until_finished()
         best_mngr.wait_until_finished()

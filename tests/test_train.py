@@ -180,23 +180,29 @@ def test_cli_rejects_a_config_file_it_cannot_read(tmp_path):
     assert not workdir.exists()
 
 
-def test_sigterm_saves_a_checkpoint(images, tmp_path):
+@pytest.mark.parametrize("signum,workers", [(signal.SIGTERM, 0), (signal.SIGINT, 2)])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint(images, tmp_path, signum, workers):
+    """SIGTERM (a preemption notice) or a terminal's Ctrl-C (SIGINT to the whole process group, grain's worker
+    processes included): a checkpoint of the step reached, one line saying where, exit 128 + the signal."""
     args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path),
             *_flags(overrides(images, total_steps=100000, log_every=1, eval_every=100000,
-                              checkpoint_every=100000))]
+                              checkpoint_every=100000, **{"data.num_workers": workers}))]
     proc = subprocess.Popen([sys.executable, "-m", "rnan_jax.train", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         for line in proc.stdout:
             if line.startswith("step 2/"):
-                proc.send_signal(signal.SIGTERM)
+                os.killpg(proc.pid, signum)
                 break
         out = proc.stdout.read()
-        assert proc.wait(timeout=120) == 143, out
+        assert proc.wait(timeout=120) == 128 + signum, out
     finally:
         proc.kill()
-    step = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    name = signal.Signals(signum).name
+    step = int(out.split(f"{name}: saved a checkpoint at step ")[1].split()[0])
     assert step >= 2 and os.listdir(tmp_path / "checkpoints") == [str(step)]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert ("Ctrl-C: saving a checkpoint after this step" in out) == (signum == signal.SIGINT)
     _, config = load(str(tmp_path))
     assert config.scale == 4
 
