@@ -60,7 +60,8 @@ def usage_error_line(error: app.UsageError, program: str) -> str:
 def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
     """`absl.app.run(main)`, but an `app.UsageError` that `main` raises (a flag combination that cannot work)
     ends the process with one line on stderr and exit status 1: absl prints the module's docstring and every
-    flag first, which buries the reason. absl's own flag errors (a malformed value) are one line already."""
+    flag first, which buries the reason. absl's own flag errors (a malformed value) are one line already.
+    Ctrl-C ends it with "<program>: interrupted" and status 130 (the trainer saves a checkpoint first)."""
     program = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "rnan_jax"
 
     def one_line(argv: list[str]) -> Any:
@@ -68,6 +69,9 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
             return main(argv)
         except app.UsageError as e:
             sys.exit(usage_error_line(e, program))
+        except KeyboardInterrupt:  # Ctrl-C: what was written stays; no traceback of wherever it landed
+            print(f"\n{program}: interrupted", file=sys.stderr)
+            sys.exit(130)
 
     app.run(one_line, flags_parser=flags_parser or app.parse_flags_with_usage)
 
