@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rnan_jax import benchmark_sets, evaluate, images, metrics
+from rnan_jax import benchmark_sets, cli, evaluate, images, metrics
 from rnan_jax.summary import METRICS_FILE
 
 
@@ -150,19 +150,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare.add_argument("--label", default="RNAN", help="the model's panel title")
     compare.add_argument("--data_dir", default=None, help="default: $RNAN_DATA_DIR or ../shared/data")
     args = parser.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if (error := cli.output_folder_error(folder, flag="--output's folder")) is not None:
+        print(f"figures: {error}", file=sys.stderr)  # before any work
+        return 2
     try:
         if args.command == "curve":
             refs = {}
             for item in args.reference:
                 name, _, value = item.rpartition("=")
-                refs[name] = float(value)
+                try:
+                    refs[name] = float(value)
+                except ValueError:
+                    raise FigureError(f"--reference takes NAME=DB, e.g. 'FSRCNN (paper)=37.05', got {item!r}") from None
             training_curve(args.workdir, args.output, title=args.title, references=refs)
             print(f"wrote {args.output}")
         else:
-            params, config = checkpoint.load(args.checkpoint)
-            box = [int(v) for v in args.box.split(",")]
+            try:
+                box = [int(v) for v in args.box.split(",")]
+            except ValueError:
+                box = []
             if len(box) != 3:
-                raise FigureError(f"--box takes x,y,size, got {args.box!r}")
+                raise FigureError(f"--box takes x,y,size (integers), got {args.box!r}")
+            params, config = checkpoint.load(args.checkpoint)
             scores = comparison({"Bicubic": evaluate.bicubic_upscaler,
                                  args.label: evaluate.model_upscaler(params, config)}, args.image, box,
                                 args.output, scale=config.scale, data_dir=args.data_dir or env.default_data_dir())

@@ -47,3 +47,18 @@ def test_comparison_scores_each_panel_as_evaluate(tmp_path):
     assert scores["Bicubic"] == pytest.approx((bicubic.psnr, bicubic.ssim))
     with pytest.raises(figures.FigureError, match="does not fit"):
         figures.comparison(upscalers, "Mine/pic", (40, 30, 20), str(out), scale=2, data_dir=str(tmp_path))
+
+
+def test_cli_refuses_bad_flags_in_one_line_before_any_work(tmp_path, capsys):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("")
+    cases = ((["curve", "--workdir", str(tmp_path), "--output", str(in_the_way / "f.png")],
+              f"figures: --output's folder {in_the_way}: cannot create or write that folder (File exists)"),
+             (["curve", "--workdir", str(tmp_path), "--output", str(tmp_path / "f.png"), "--reference", "37.05"],
+              "figures: --reference takes NAME=DB, e.g. 'FSRCNN (paper)=37.05', got '37.05'"),
+             (["compare", "--checkpoint", str(tmp_path / "nope"), "--image", "Set5/baby", "--box", "1,2,x",
+               "--output", str(tmp_path / "c.png")], "figures: --box takes x,y,size (integers), got '1,2,x'"))
+    for argv, line in cases:
+        assert figures.main(argv) == 2
+        assert capsys.readouterr().err.splitlines() == [line]
+    assert sorted(os.listdir(tmp_path)) == ["file"]
