@@ -160,9 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for item in args.reference:
                 name, _, value = item.rpartition("=")
                 try:
-                    refs[name] = float(value)
+                    db = float(value)
                 except ValueError:
-                    raise FigureError(f"--reference takes NAME=DB, e.g. 'FSRCNN (paper)=37.05', got {item!r}") from None
+                    db = float("nan")
+                if not name or not np.isfinite(db):
+                    raise FigureError(f"--reference takes NAME=DB, e.g. 'FSRCNN (paper)=37.05', got {item!r}")
+                refs[name] = db
             training_curve(args.workdir, args.output, title=args.title, references=refs)
             print(f"wrote {args.output}")
         else:
