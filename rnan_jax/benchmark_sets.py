@@ -24,8 +24,23 @@ def hr_folder(data_dir: str, dataset: str) -> str:
 
 
 def list_hr(data_dir: str, dataset: str) -> list[str]:
-    """Sorted HR files of `dataset`; raises `images.ImageError` naming the folder when missing or empty."""
-    return images.list_images(hr_folder(data_dir, dataset))
+    """Sorted HR files of `dataset`; raises `images.ImageError` naming the folder when missing or empty, and
+    for a set that is not there, the sets that are (for a name in the wrong case, the one meant)."""
+    folder = hr_folder(data_dir, dataset)
+    if not os.path.isdir(folder):
+        raise images.ImageError(f"{folder}: no such folder; {_sets_there(data_dir, dataset)}")
+    return images.list_images(folder)
+
+
+def _sets_there(data_dir: str, dataset: str) -> str:
+    root = os.path.join(data_dir, "benchmark")
+    if not os.path.isdir(root):
+        return f"{root}: no such folder (is --data_dir or RNAN_DATA_DIR right?)"
+    there = sorted(n for n in os.listdir(root) if os.path.isdir(hr_folder(data_dir, n)))
+    meant = [n for n in there if n.lower() == dataset.lower()]
+    if meant:
+        return f"did you mean {meant[0]}?"
+    return f"the sets in {root}: {', '.join(there)}" if there else f"{root} holds no <set>/HR folder"
 
 
 def completeness_warning(dataset: str, count: int) -> str | None:

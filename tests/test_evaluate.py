@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from rnan_jax import RNANConfig, apply, degrade, init, metrics, report
+from rnan_jax import RNANConfig, apply, benchmark_sets, degrade, images, init, metrics, report
 from rnan_jax.ensemble import inverse_transform, transform
 from rnan_jax.evaluate import evaluate_bicubic, evaluate_model, evaluate_sr_dir
 
@@ -116,6 +116,8 @@ def test_cli_on_odd_inputs(tmp_path):
     assert results["conventions"]["y_rounding"] == "rounded" and results["conventions"]["shave"] == "scale"
     skipped = "\n".join(results["run"]["skipped"])
     assert "corrupt.png" in skipped and "Missing" in skipped
+    assert f"dataset Missing: {tmp_path}/benchmark/Missing/HR: no such folder; the sets in {tmp_path}/benchmark: " \
+        "Tiny" in skipped
     assert "tiny.png: image is 5x1, smaller than the scale x2" in skipped
     assert "tiny.png: image is 5x1, smaller than the scale x3" in skipped
     assert "corrupt.png" in proc.stderr and "Missing" in proc.stderr
@@ -309,3 +311,14 @@ def test_a_set_missing_images_gets_no_score_and_exit_1(tmp_path):
     x4 = [m for m in results["run"]["skipped"] if "x4" in m]
     assert len(x4) == 1 and "Three/x4: no such folder" in x4[0], x4
     assert len(results["run"]["skipped"]) == 3  # im1, im2 at x2 and the x4 folder
+
+
+def test_a_set_that_is_not_there_is_named_with_the_sets_that_are(tmp_path):
+    _make_odd_dataset(str(tmp_path))
+    with pytest.raises(images.ImageError) as e:
+        benchmark_sets.list_hr(str(tmp_path), "tiny")
+    assert str(e.value) == f"{tmp_path}/benchmark/tiny/HR: no such folder; did you mean Tiny?"
+    with pytest.raises(images.ImageError) as e:
+        benchmark_sets.list_hr(str(tmp_path / "elsewhere"), "Set5")
+    assert str(e.value) == (f"{tmp_path}/elsewhere/benchmark/Set5/HR: no such folder; {tmp_path}/elsewhere/benchmark: "
+                            "no such folder (is --data_dir or RNAN_DATA_DIR right?)")
