@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 from typing import Any
 
 import grain
@@ -204,6 +205,9 @@ def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index:
     return parts[process_index::process_count] if process_count > 1 else parts
 
 
+_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"  # the -W form: action:message-start:category
+
+
 def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
     """In each worker process: a terminal's Ctrl-C reaches the whole process group, and the trainer's first one
     means "save a checkpoint and stop", which needs no worker to die with a traceback; closing the iterator
@@ -285,6 +289,12 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, proces
             # grain's worker start-up reads its absl flags (google/grain#1355); outside an absl app nothing
             # parses them, so take their defaults.
             flags.FLAGS.mark_as_parsed()
+        # The worker processes hand batches over in shared memory; those still queued when the iterator closes
+        # are unlinked by multiprocessing's resource tracker, which then warns of "leaked shared_memory
+        # objects" at every exit though nothing leaks. The tracker is started later with this process's
+        # warning options, so this one warning is silenced there; our own processes are unaffected.
+        if _TRACKER_WARNING not in sys.warnoptions:
+            sys.warnoptions.append(_TRACKER_WARNING)
         mp_options = grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                   per_worker_buffer_size=cfg.worker_buffer_size)
     return BatchIterator(ds, read_options, mp_options)
