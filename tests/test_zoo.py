@@ -45,32 +45,38 @@ def test_corrupt_file_is_one_error(tmp_path):
         zoo.read(str(path))
 
 
-def test_small_x2_loads_with_its_config():
-    params, config = rnan_jax.load("zoo:small_x2")
-    assert config.scale == 2
+@pytest.mark.parametrize("name", zoo.names())
+def test_each_zoo_model_loads_with_its_config(name):
+    params, config = rnan_jax.load(f"zoo:{name}")
+    assert config.scale == int(name.rsplit("_x", 1)[1])
     assert config == rnan_jax.infer_config(params)
-    assert os.path.getsize(zoo.path_of("small_x2")) < 4 * 2**20  # "a few MB at most"
+    assert os.path.getsize(zoo.path_of(name)) < 4 * 2**20  # "a few MB at most"
 
 
-def _model_zoo_number(dataset: str, column: str) -> float:
-    """The small_x2 row's PSNR for `dataset` in MODEL_ZOO.md's results table (`column`: "RNAN" or "RNAN+")."""
+def _model_zoo_number(name: str, dataset: str, column: str = "RNAN") -> float:
+    """Zoo model `name`'s PSNR for `dataset` in MODEL_ZOO.md's results table (`column`: "RNAN" or "RNAN+");
+    every table's first columns are Set5, Set14, B100 (then Urban100, where scored)."""
     text = open(os.path.join(REPO, "MODEL_ZOO.md")).read()
-    row = re.search(rf"^\| \**zoo:small_x2 \(this repo, {re.escape(column)}\)\** \|(.*)$", text, re.M)
-    assert row, f"MODEL_ZOO.md has no '| zoo:small_x2 (this repo, {column}) |' row"
+    row = re.search(rf"^\| \**zoo:{name} \(this repo, {re.escape(column)}\)\** \|(.*)$", text, re.M)
+    assert row, f"MODEL_ZOO.md has no '| zoo:{name} (this repo, {column}) |' row"
     cells = [c.strip().strip("*") for c in row.group(1).split("|")]
     index = ["Set5", "Set14", "B100", "Urban100"].index(dataset)
     return float(cells[index].split("/")[0])
 
 
-def test_small_x2_reproduces_model_zoo_set5(data_dir):
-    params, config = rnan_jax.load("zoo:small_x2")
+FSRCNN_SET5 = {2: (37.05, 0.9560), 3: (33.18, 0.9140), 4: (30.72, 0.8660)}  # Table 1's FSRCNN row
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_each_zoo_model_reproduces_model_zoo_set5(name, data_dir):
+    params, config = rnan_jax.load(f"zoo:{name}")
     evaluation = evaluate_model(params, config, ["Set5"], data_dir=data_dir, progress=False)
     assert evaluation.skipped == [] and evaluation.warnings == []
-    got = evaluation.summary()["Set5"]["x2"]
+    got = evaluation.summary()["Set5"][f"x{config.scale}"]
     assert got["images"] == 5
-    assert abs(got["psnr"] - _model_zoo_number("Set5", "RNAN")) < 0.005
-    # Above FSRCNN's x2 row of Table 1 (37.05 / .9560).
-    assert got["psnr"] > 37.05 and got["ssim"] > 0.9560
+    assert abs(got["psnr"] - _model_zoo_number(name, "Set5")) < 0.005
+    psnr, ssim = FSRCNN_SET5[config.scale]  # every zoo model is above FSRCNN's row of Table 1 on Set5
+    assert got["psnr"] > psnr and got["ssim"] > ssim
 
 
 def test_evaluate_cli_accepts_a_zoo_name(data_dir, tmp_path):
