@@ -180,6 +180,15 @@ def test_cli_rejects_a_config_file_it_cannot_read(tmp_path):
     assert not workdir.exists()
 
 
+def test_cli_refuses_a_workdir_that_is_a_file(tmp_path):
+    in_the_way = tmp_path / "run"
+    in_the_way.write_text("notes")
+    r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(in_the_way)])
+    assert (r.returncode, r.stderr.strip().splitlines()) == (
+        1, [f"error: --workdir {in_the_way}: a file is in the way (the workdir is a folder)"])
+    assert in_the_way.read_text() == "notes"
+
+
 @pytest.mark.parametrize("signum,workers", [(signal.SIGTERM, 0), (signal.SIGINT, 2)])
 def test_sigterm_or_ctrl_c_saves_a_checkpoint(images, tmp_path, signum, workers):
     """SIGTERM (a preemption notice) or a terminal's Ctrl-C (SIGINT to the whole process group, grain's worker
