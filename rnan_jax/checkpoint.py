@@ -110,9 +110,10 @@ def _closed_loop_callback(unraisable: Any) -> bool:
     return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
 
 
-def _unretrieved_read(record: logging.LogRecord) -> bool:
+def _not_an_unretrieved_read(record: logging.LogRecord) -> bool:
+    """A filter for asyncio's logger: False for its report of a failed orbax read that nobody awaited."""
     text = str(record.msg)
-    return text.startswith("Task exception was never retrieved") and "coro=<async_deserialize()" in text
+    return not (text.startswith("Task exception was never retrieved") and "coro=<async_deserialize()" in text)
 
 
 def quiet_failed_reads() -> None:
@@ -123,6 +124,7 @@ def quiet_failed_reads() -> None:
     with a traceback, when the task is collected): dozens of tracebacks for one damaged item, after the
     restore has raised. Only those two kinds are dropped, for the rest of the process (they come late); any
     other unraisable error or asyncio log is reported as before. Idempotent."""
+    logging.getLogger("asyncio").addFilter(_not_an_unretrieved_read)  # the same function is added once
     previous = sys.unraisablehook
     if getattr(previous, "_rnan_jax_quiet", False):
         return
@@ -133,7 +135,6 @@ def quiet_failed_reads() -> None:
 
     hook._rnan_jax_quiet = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(lambda record: not _unretrieved_read(record))
 
 
 def check_item(item_dir: str) -> None:

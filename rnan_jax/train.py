@@ -3,7 +3,6 @@
 Trains RNAN, resuming from the latest checkpoint in --workdir. Multi-host (TPU pods, several GPU hosts):
 add --distributed (and, off TPU, --coordinator_address, --num_processes, --process_id).
 """
-import os
 import sys
 
 from absl import app, flags
@@ -37,9 +36,6 @@ def main(argv):
     model = _CONFIG.value.model
     full_unroll = _CONFIG.value.execution.scan_unroll < 0
     big = model.num_groups * model.num_blocks > api.CPU_FULL_UNROLL_MAX_BLOCKS
-    workdir = _WORKDIR.value
-    if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
-        sys.exit(f"error: --workdir {workdir}: a file is in the way (the workdir is a folder)")
     try:
         if _DRY_RUN.value:
             print(trainer.dry_run(_CONFIG.value, _WORKDIR.value))

@@ -232,10 +232,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Returns the last logged metrics and validation results. `stop_after` ends the loop after that step
     without saving, as a crash would (for tests of resuming). Raises ValueError for a config that does
-    not fit, TrainingError for a non-finite loss, Preempted after SIGTERM's checkpoint.
+    not fit, TrainingError for a non-finite loss, Preempted after SIGTERM's or Ctrl-C's checkpoint.
     """
     cfg = TrainConfig.from_config(config)
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
+    if paths.exists(workdir) and not paths.isdir(workdir):
+        raise ValueError(f"--workdir {workdir}: a file is in the way (the workdir is a folder)")
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
