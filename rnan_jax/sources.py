@@ -276,6 +276,28 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
     return specs
 
 
+class _NoVariantWarnings(logging.Filter):
+    """Drops TFDS's 'Variant folder ... has no dataset_info.json' warning: the DataError says it in its line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
+
+def _tfds_unprepared(name: str, data_dir: str | None) -> str | None:
+    """Why `name` is not prepared under `data_dir` (TFDS's default where None), or None if a version is."""
+    from rnan_jax import paths
+
+    root = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    folder = f"{paths.resolve(root).rstrip('/')}/{name}"
+    try:
+        versions = paths.listdir(folder) if paths.isdir(folder) else []
+        if any(paths.exists(f"{folder}/{v}/dataset_info.json") for v in versions):
+            return None
+    except OSError:  # cannot look (permissions, a bucket not reachable): TFDS's own reason stands
+        return None
+    return f"not prepared there: no {folder}/<version>/dataset_info.json"
+
+
 def open_tfds(name: str, split: str, data_dir: str | None):
     """`tfds.data_source(name, split=split, data_dir=data_dir)`: array_record, read without TensorFlow.
 
@@ -283,15 +305,20 @@ def open_tfds(name: str, split: str, data_dir: str | None):
     """
     import tensorflow_datasets as tfds
 
+    quiet = _NoVariantWarnings()
+    logging.getLogger("absl").addFilter(quiet)
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises several unrelated types for "not prepared here"
         where = data_dir or "TFDS's default data_dir"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = _tfds_unprepared(name, data_dir) or first
         raise DataError(
-            f"cannot read TFDS dataset {name!r} split {split!r} from {where} ({first}); prepare it with "
+            f"cannot read TFDS dataset {name!r} split {split!r} from {where} ({why}); prepare it with "
             "file_format=array_record (README: 'Preparing DIV2K with TFDS') or use data.source='folder'"
         ) from None
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
 
 
 def _tfds_example(source, index: int, name: str) -> tuple[np.ndarray, np.ndarray]:

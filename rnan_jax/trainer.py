@@ -221,7 +221,12 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"NOT divisible by the {n_dev} devices: the run would stop")
     lines.append(f"global batch {cfg.batch_size} ({per_device}) of {cfg.data.patch_size}x{cfg.data.patch_size} "
                  f"LR patches; {cfg.total_steps:,} steps")
-    state = "exists" if paths.isdir(workdir) else "not created yet; a run creates it"
+    if paths.isdir(workdir):
+        state = "exists"
+    elif paths.exists(workdir):
+        state = "a file is in the way (the workdir is a folder): the run would stop"
+    else:
+        state = "not created yet; a run creates it"
     lines.append(f"workdir: {workdir} ({state}); dry run: nothing read or written")
     return "\n".join(lines)
 

@@ -255,11 +255,13 @@ def test_tfds_source_reads_a_div2k_shaped_dataset(tmp_path):
     ]
 
 
-def test_tfds_source_errors_in_one_line(tmp_path):
+def test_tfds_source_errors_in_one_line(tmp_path, caplog):
     cfg = config(4, source="tfds", tfds_data_dir=str(tmp_path / "none"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(sources.DataError, match="cannot read TFDS dataset 'div2k/bicubic_x4'") as e:
         data.training_pairs(cfg)
     assert "\n" not in str(e.value)
+    assert f"(not prepared there: no {tmp_path}/none/div2k/bicubic_x4/<version>/dataset_info.json)" in str(e.value)
+    assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]  # said once, in the error
     with mock_data(num_examples=3):  # random HR/LR shapes that do not match: all skipped
         with pytest.raises(sources.DataError, match="no usable image: all 3 were skipped") as e:
             data.training_pairs(cfg)

@@ -14,7 +14,7 @@ import pytest
 from rnan_jax import checkpoint, load, metrics
 from rnan_jax.api import apply
 from rnan_jax.images import write_image
-from rnan_jax.trainer import TrainingError, train_and_evaluate
+from rnan_jax.trainer import TrainingError, dry_run, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(features=8, num_groups=1, num_blocks=2, gc_reduction=2)
@@ -315,7 +315,13 @@ def test_dry_run_prints_the_config_and_count_and_writes_nothing(tmp_path):
     assert "model: RNAN x4, 17,303,749 parameters" in r.stdout
     assert "  optim.lr = 0.0001" in r.stdout and "  data.patch_size = 48" in r.stdout
     assert "global batch 16 (16 per device)" in r.stdout and "1 process(es)" in r.stdout
+    assert f"workdir: {workdir} (not created yet; a run creates it)" in r.stdout
     assert not workdir.exists()
+    # A file where the workdir would be: the dry run says the run would stop there (as the run does).
+    workdir.write_text("notes")
+    out = dry_run(runpy.run_path(os.path.join(REPO, "experiments", "small291.py"))["get_config"](), str(workdir))
+    assert f"workdir: {workdir} (a file is in the way (the workdir is a folder): the run would stop)" in out
+    assert workdir.read_text() == "notes"
 
 
 def _damage(workdir, step, name):
