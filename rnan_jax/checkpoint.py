@@ -34,9 +34,12 @@ class CheckpointError(ValueError):
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    """A CheckpointManager over `directory` (created if missing), saving asynchronously."""
+    """A CheckpointManager over `directory` (created if missing), saving asynchronously, for the one run that
+    writes there: it removes the partial step folders (`<step>.orbax-checkpoint-tmp*`) of a save that did not
+    finish (the process killed, or stopped by a second Ctrl-C, while writing)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           create=True)
+                                           create=True, cleanup_tmp_directories=True)
+    logging.getLogger("absl").addFilter(_not_an_interrupted_wait)  # the same function is added once
     return ocp.CheckpointManager(paths.resolve(directory), options=options)
 
 
@@ -135,6 +138,25 @@ def quiet_failed_reads() -> None:
 
     hook._rnan_jax_quiet = True
     sys.unraisablehook = hook
+
+
+def _not_from_orbax(record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _not_an_interrupted_wait(record: logging.LogRecord) -> bool:
+    """A filter for absl's logger: False for orbax's error when Ctrl-C lands in its wait for a save (the
+    interruption is reported once, by the caller)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt) and not _not_from_orbax(record))
+
+
+def abandon_saves() -> None:
+    """For a process that stops while a save may be in flight (a second Ctrl-C) and will not wait for it:
+    orbax's save threads then fail as the interpreter shuts down, each logging errors with tracebacks
+    ('cannot schedule new futures after interpreter shutdown'); those logs are dropped from here on. The
+    save's partial folder is removed when a run next opens the workdir (`manager`)."""
+    logging.getLogger("absl").addFilter(_not_from_orbax)
+    quiet_failed_reads()
 
 
 def check_item(item_dir: str) -> None:

@@ -69,8 +69,8 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
             return main(argv)
         except app.UsageError as e:
             sys.exit(usage_error_line(e, program))
-        except KeyboardInterrupt:  # Ctrl-C: what was written stays; no traceback of wherever it landed
-            print(f"\n{program}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:  # Ctrl-C: what was written stays; no traceback of wherever it landed
+            print(f"\n{program}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
             sys.exit(130)
 
     app.run(one_line, flags_parser=flags_parser or app.parse_flags_with_usage)

@@ -299,6 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat {module.remat}; "
          "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
+    interrupted = False
     try:
         with _Preemption() as preemption:
             for s in range(first + 1, cfg.total_steps + 1):
@@ -341,9 +342,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     mngr.wait_until_finished()
                     raise Preempted(f"{signal.Signals(preemption.signum).name}: saved a checkpoint at step {s} in "
                                     f"{mngr.directory}; rerun the same command to resume", preemption.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, not waiting for a save that may be in flight
+        interrupted = True
+        checkpoint.abandon_saves()
+        raise KeyboardInterrupt(f"stopped without a checkpoint of the step reached; rerun the same command to "
+                                f"resume from the latest complete one in {mngr.directory}") from None
     finally:
-        mngr.wait_until_finished()
-        best_mngr.wait_until_finished()
+        if not interrupted:
+            mngr.wait_until_finished()
+            best_mngr.wait_until_finished()
         writer.close()
         it.close()
         if progress is not None:

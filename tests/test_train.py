@@ -1,5 +1,6 @@
 """Training: the real experiment config shrunk, exact resume, preemption, NaN, init_from, devices, hosts."""
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -215,6 +216,47 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint(images, tmp_path, signum, workers)
     assert ("Ctrl-C: saving a checkpoint after this step" in out) == (signum == signal.SIGINT)
     _, config = load(str(tmp_path))
     assert config.scale == 4
+
+
+_SECOND_CTRL_C = """
+import os, runpy, signal, sys
+from rnan_jax import checkpoint
+real, calls = checkpoint.save_train_state, []
+
+def save(*args):  # Ctrl-C after the save at step 3 (asks for a checkpoint), again right after the one it asks for
+    real(*args)
+    calls.append(args[1])
+    os.kill(os.getpid(), signal.SIGINT)
+
+checkpoint.save_train_state = save
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["train", *sys.argv[1:]]
+runpy.run_module("rnan_jax.train", run_name="__main__")
+"""
+
+
+def test_a_second_ctrl_c_while_saving_stops_at_once_in_one_line(images, straight, tmp_path):
+    """Ctrl-C, then Ctrl-C again while the checkpoint it asked for is being written: the run stops without
+    waiting for the save, in one line with status 130, none of orbax's errors from its interrupted wait or
+    from its save threads at exit; a partial step folder left behind goes when a run next opens the workdir."""
+    args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path / "run"),
+            *_flags(overrides(images, total_steps=100, eval_every=100))]
+    r = subprocess.run([sys.executable, "-c", _SECOND_CTRL_C, *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Ctrl-C: saving a checkpoint after this step" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"train: interrupted: stopped without a checkpoint of the step reached; rerun the same command to resume "
+        f"from the latest complete one in {tmp_path}/run/checkpoints"), r.stderr[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    assert not re.search(r"^[EW]\d{4} ", r.stdout + r.stderr, re.M), r.stderr[-3000:]  # absl's error lines
+    # A save cut short leaves <step>.orbax-checkpoint-tmp: the next run removes it and resumes from step 6.
+    workdir = tmp_path / "partial"
+    shutil.copytree(straight[0], workdir)
+    shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / "9.orbax-checkpoint-tmp")
+    os.remove(workdir / "checkpoints" / "9.orbax-checkpoint-tmp" / "params" / "_METADATA")
+    train_and_evaluate(x4_config(images, total_steps=6), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
 
 
 def _free_port():
