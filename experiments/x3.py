@@ -1,4 +1,5 @@
-"""RNAN x3: the paper's recipe (`configs.paper_config`, documented in experiments/x4.py) at scale 3, on div2k/bicubic_x3.
+"""RNAN x3: the paper's recipe (`configs.paper_config`, documented in experiments/x4.py) at scale 3, on
+div2k/bicubic_x3.
 
 Command:   python -m rnan_jax.train --config experiments/x3.py --workdir runs/x3 [--config.init_from=runs/x2]
 Target (the paper's Table 1, RNAN x3; not reproduced here): Set5 34.73/.9297, Set14 30.59/.8473,

@@ -363,7 +363,8 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
         with open(path) as f:
             res = json.load(f)
         env = res["env"]
-        run = f"{env['device_kind']}, jax {env['jax']}" + (f", XLA_FLAGS={env['xla_flags']}" if env.get("xla_flags") else "")
+        run = f"{env['device_kind']}, jax {env['jax']}"
+        run += f", XLA_FLAGS={env['xla_flags']}" if env.get("xla_flags") else ""
         for r in res.get("train", []):
             mem = r.get("device_peak_bytes_in_use") or r["peak_memory_bytes"]
             lines.append(f"| {run} | train b{r['batch']} {r['patch']}px x{r['scale']} | {r['dtype']} | "
@@ -386,8 +387,8 @@ def table(paths: Sequence[str], peer_log: str = "") -> str:
                 top = "; ".join(f"{k['name'][:60]} {k['ms_per_step']:.2f} ms ({k['calls_per_step']:g}x)"
                                 for k in p["top_kernels"][:6])
                 profiles.append(f"- profile b{r['batch']} {r['dtype']} {r['scan_unroll']}/{r['depthwise']}: "
-                                f"{p['kernels_per_step']:.0f} kernels/step, {p['kernel_ms_per_step']:.1f} ms busy/step; "
-                                f"top: {top}")
+                                f"{p['kernels_per_step']:.0f} kernels/step, "
+                                f"{p['kernel_ms_per_step']:.1f} ms busy/step; top: {top}")
             elif p:
                 profiles.append(f"- profile b{r['batch']} {r['dtype']}: {p['error']}")
         for e in res.get("errors", []):

@@ -169,7 +169,9 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
     params = jax.device_put(params)
 
     def run(x: np.ndarray) -> np.ndarray:
-        fn = lambda y: forward(params, y)
+        def fn(y):
+            return forward(params, y)
+
         return np.asarray(ensemble.self_ensemble(fn, x) if self_ensemble else fn(x), np.float32)
 
     def finish(sr: np.ndarray) -> np.ndarray:

@@ -68,7 +68,8 @@ class RNANConfig:
             (self.gc_reduction > 0 and self.features % self.gc_reduction == 0,
              f"gc_reduction {self.gc_reduction} must divide features {self.features}"),
             (len(self.rgb_mean) == 3, "rgb_mean must have 3 values"),
-            (self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32, bfloat16 or float16, got {self.dtype}"),
+            (self.dtype in ("float32", "bfloat16", "float16"),
+             f"dtype must be float32, bfloat16 or float16, got {self.dtype}"),
         ]
         for ok, message in checks:
             if not ok:

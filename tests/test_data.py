@@ -157,7 +157,9 @@ def test_same_seed_same_batches_other_seed_other_batches(div2k_folder, tmp_path)
     root, _ = div2k_folder
     cfg = config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
                  cache_dir=str(tmp_path / "cache"))
-    make = lambda seed: data.train_iterator(cfg, global_batch_size=4, seed=seed, process_index=0, process_count=1)
+    def make(seed):
+        return data.train_iterator(cfg, global_batch_size=4, seed=seed, process_index=0, process_count=1)
+
     a, b, c = take(make(7), 5), take(make(7), 5), take(make(8), 5)
     assert_batches_equal(a, b)
     assert not all(np.array_equal(x["hr"], y["hr"]) for x, y in zip(a, c))
@@ -166,10 +168,12 @@ def test_same_seed_same_batches_other_seed_other_batches(div2k_folder, tmp_path)
 @pytest.mark.parametrize("workers,resume_workers", [(0, 0), (0, 2)])
 def test_restored_iterator_state_gives_the_same_following_batches(div2k_folder, tmp_path, workers, resume_workers):
     root, _ = div2k_folder
-    make = lambda n: data.train_iterator(
-        config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
-               cache_dir=str(tmp_path / "cache"), num_workers=n),
-        global_batch_size=4, seed=1, process_index=0, process_count=1)
+    def make(n):
+        return data.train_iterator(
+            config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
+                   cache_dir=str(tmp_path / "cache"), num_workers=n),
+            global_batch_size=4, seed=1, process_index=0, process_count=1)
+
     it = make(workers)
     take(it, 5)  # past the 3 images: the epoch boundary and a reshuffle are inside the span
     state = it.get_state()
@@ -188,7 +192,9 @@ def test_iterator_state_round_trips_through_an_orbax_checkpoint(div2k_folder, tm
     root, _ = div2k_folder
     cfg = config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
                  cache_dir=str(tmp_path / "cache"))
-    make = lambda: data.train_iterator(cfg, global_batch_size=4, seed=5, process_index=0, process_count=1)
+    def make():
+        return data.train_iterator(cfg, global_batch_size=4, seed=5, process_index=0, process_count=1)
+
     it = make()
     take(it, 4)
     manager = ocp.CheckpointManager(tmp_path / "ckpt")

@@ -235,7 +235,8 @@ def test_float_input_with_nan_or_inf_is_refused(params):
 
 def test_float_input_in_0_255_is_refused_with_the_fix(params):
     image = _photo(8, 8).astype(np.float32)  # forgot / 255
-    with pytest.raises(ValueError, match=r"values span \[.*\]; expected \[0, 1\] \(a 0\.\.255 image\? divide it by 255"):
+    with pytest.raises(ValueError,
+                       match=r"values span \[.*\]; expected \[0, 1\] \(a 0\.\.255 image\? divide it by 255"):
         upscale_image(params, image)
     # Rounding noise just outside [0, 1] is accepted.
     ok = np.clip(image / 255, 0, 1) * (1 + 1e-5)
@@ -355,7 +356,7 @@ def test_cli_unusable_output_folder_is_one_line(tmp_path, workdir, kind):
         output = tmp_path / "ro" / "out"
     proc = _cli("--checkpoint", workdir, str(tmp_path / "a.png"), "--output", str(output), cache=tmp_path / "xla")
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines == [f"upscale: --output {output}: cannot create or write that folder (Not a directory)"], lines
 
 
@@ -366,7 +367,7 @@ def test_load_of_a_good_checkpoint_prints_no_warning(tmp_path, workdir):
                 cache=tmp_path / "xla")
     assert proc.returncode == 0, proc.stderr
     assert "Metadata file does not exist" not in proc.stderr
-    assert not [l for l in proc.stderr.splitlines() if l[:1] in "IW" and l[1:5].isdigit()], proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if line[:1] in "IW" and line[1:5].isdigit()], proc.stderr
 
 
 def test_cli_works_beside_a_clone_named_rnan_jax(tmp_path, workdir):

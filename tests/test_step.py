@@ -123,7 +123,8 @@ def test_batch_chunks_resolves_the_default_and_rejects_a_chunking_that_would_not
     assert step.batch_chunks(0, 16, 1) == step.default_batch_chunks(16, 1)
     # the CPU default: 4 chunks of at least 4 samples, else 2 of an even batch; one chunk on accelerators or many
     # devices
-    assert [step.default_batch_chunks(b, 1, "cpu") for b in (2, 3, 4, 6, 8, 12, 16, 20, 64)] == [1, 1, 2, 2, 2, 2, 4, 4, 4]
+    batches = (2, 3, 4, 6, 8, 12, 16, 20, 64)
+    assert [step.default_batch_chunks(b, 1, "cpu") for b in batches] == [1, 1, 2, 2, 2, 2, 4, 4, 4]
     assert step.default_batch_chunks(16, 1, "gpu") == step.default_batch_chunks(16, 2, "cpu") == 1
     assert step.batch_chunks(4, 16, 1) == 4
     with pytest.raises(ValueError, match="execution.batch_chunks 3 does not divide the per-device batch 4"):

@@ -34,7 +34,8 @@ def test_write_read_round_trip(tmp_path):
 
 
 def test_unknown_name_lists_the_models():
-    with pytest.raises(checkpoint.CheckpointError, match=r"zoo:nope: no such model in the zoo \(available: zoo:small_x2"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"zoo:nope: no such model in the zoo \(available: zoo:small_x2"):
         rnan_jax.load("zoo:nope")
 
 

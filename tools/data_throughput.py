@@ -6,8 +6,8 @@
 `--source=folder` defaults to ../shared/data/train/{T91,BSD200} (LR made with degrade.bicubic_lr, cached
 under --cache_dir).
 For each worker count it prints the start-up time (building the source, starting the workers, first batch)
-and the steady rate over --batches batches after --warmup (median of --repeats runs). It also prints what converting a batch to
-float32 on the host would cost, the alternative to shipping uint8 and converting on the device.
+and the steady rate over --batches batches after --warmup (median of --repeats runs). It also prints what
+converting a batch to float32 on the host would cost, the alternative to shipping uint8 and converting on the device.
 The timing is `rnan_jax.bench.data_throughput`; this file holds the flags and prints the lines.
 """
 from __future__ import annotations

@@ -63,7 +63,8 @@ def main(argv: Sequence[str]) -> None:
         params = api.init(jax.random.key(0), config)
         source = f"INIT WEIGHTS of the demo architecture (no checkpoint: {e})"
     header = ("| image | LR (w x h) | tile | overlap | PSNR tiled vs whole, float (dB) | same, uint8 (dB) | "
-              "max diff (levels) | Y-PSNR vs HR whole / tiled (dB) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+              "max diff (levels) | Y-PSNR vs HR whole / tiled (dB) |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"## Tiled vs whole-image output, x{config.scale} model from {source}\n\n{header}")
     data_dir = FLAGS.data_dir or default_data_dir()
     for name in FLAGS.images:
