@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -153,9 +154,11 @@ def _not_an_interrupted_wait(record: logging.LogRecord) -> bool:
 def abandon_saves() -> None:
     """For a process that stops while a save may be in flight (a second Ctrl-C) and will not wait for it:
     orbax's save threads then fail as the interpreter shuts down, each logging errors with tracebacks
-    ('cannot schedule new futures after interpreter shutdown'); those logs are dropped from here on. The
+    ('cannot schedule new futures after interpreter shutdown'), and the coroutines of its writes that never
+    ran warn at exit ("coroutine '...write_fragment' was never awaited"); both are dropped from here on. The
     save's partial folder is removed when a run next opens the workdir (`manager`)."""
     logging.getLogger("absl").addFilter(_not_from_orbax)
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     quiet_failed_reads()
 
 

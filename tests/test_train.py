@@ -248,7 +248,7 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_in_one_line(images, straight
     assert r.stderr.strip().splitlines()[-1] == (
         f"train: interrupted: stopped without a checkpoint of the step reached; rerun the same command to resume "
         f"from the latest complete one in {tmp_path}/run/checkpoints"), r.stderr[-3000:]
-    assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
     assert not re.search(r"^[EW]\d{4} ", r.stdout + r.stderr, re.M), r.stderr[-3000:]  # absl's error lines
     # A save cut short leaves <step>.orbax-checkpoint-tmp: the next run removes it and resumes from step 6.
     workdir = tmp_path / "partial"
@@ -291,8 +291,11 @@ def _elastic_values(total_steps):
 
 
 def _close(a, b):
+    """Equal up to the reduction order of sharded sums: after 4 Adam steps that differs by up to 2.1e-6 on
+    an Intel Xeon (1e-6 on an AMD EPYC), while a lost step or a wrong batch moves parameters by about the
+    learning rate, 1e-3."""
     leaves = list(zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
-    return len(leaves) > 0 and all(np.allclose(x, y, atol=2e-6, rtol=0) for x, y in leaves)
+    return len(leaves) > 0 and all(np.allclose(x, y, atol=1e-5, rtol=0) for x, y in leaves)
 
 
 def test_elastic_resume_from_one_process_to_two(images, straight_b8, tmp_path):
