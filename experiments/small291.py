@@ -9,7 +9,7 @@ Recipe:    batch 16 of 32x32 LR patches (64x64 HR), random flips/rotations, L1, 
            with cosine decay to 0 over the run, no warmup, no EMA; validation on all of Set5 every 1000 steps.
 Results:   MODEL_ZOO.md (every number from `python -m rnan_jax.evaluate --checkpoint zoo:small_x2`).
 x3, x4:    zoo:small_x3 and zoo:small_x4 continue zoo:small_x2 with --config.model.scale=3 (or 4)
-           --config.init_from=zoo:small_x2 --config.total_steps=2000 (x4: 12000, 37 minutes); MODEL_ZOO.md.
+           --config.init_from=zoo:small_x2 --config.total_steps=12000 (x3: 58 minutes, x4: 37); MODEL_ZOO.md.
 
 How it was chosen (measured on these 2 cores; pilots of about 4 minutes each, cosine to 0 within the pilot,
 Set5 x2 PSNR at the end, nothing else running):
