@@ -27,7 +27,7 @@ class ExecutionConfig:
     scan_unroll: int = 0  # 0: the default (CPU: full up to 24 blocks, else rolled; GPU: 2; TPU: rolled); -1: full; n
     block_unroll: int = 0  # the RNA blocks' scan inside each GCRG alone: 0 as scan_unroll; -1: full; n
     depthwise: str = "auto"  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
-    batch_chunks: int = 0  # 0: the default (up to 4 on a one-device CPU run, else 1); n: gradients of n parts, averaged
+    batch_chunks: int = 0  # 0: the default (2 on a one-device CPU run, else 1); n: gradients of n parts, averaged
     # "true": parameters cast to model.dtype once per step (model.cast_params) rather than per block inside the
     # scan; fewer kernels, bfloat16-rounded weight gradients; no effect in float32. "auto": true on GPUs (measured
     # faster there), false elsewhere.

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rnan_jax import native
 from rnan_jax.api import build, default_cast_params_once, init
 from rnan_jax.model import RNANConfig, cast_params
 
@@ -108,17 +109,19 @@ def l1_loss(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> jax.Ar
 
 
 def default_batch_chunks(per_device_batch: int, num_devices: int, backend: str | None = None) -> int:
-    """On a one-device CPU run 4 equal chunks of at least 4 samples each, else 2 for an even batch of at least
-    4, else 1.
+    """On a one-device CPU run 2 equal chunks for an even batch of at least 4, else 1; without the native
+    kernels (`native.available()` false) 4 chunks of at least 4 samples each where the batch allows.
 
-    Measured on 2 cores (tools/BENCHMARKS.md): the small model at batch 16 took 71 ms a step in 4 chunks, 78 in
-    2 (C 48: 147 and 158 ms); with the Winograd conv kernels 4 and 2 are level (55.0-55.2 against 53.8-56.2 ms,
-    8: 58.1-59.7); at batch 8 of 24x24 (the demo) 2 chunks beat 4, 24.0 against 26.0 ms. XLA:CPU's
-    executor offloads ready work to the other core only when more than 8 kernels are ready at once: more
-    independent chunks keep both cores busy more of the time, until they make the kernels too small."""
+    Measured on 2 cores (tools/BENCHMARKS.md): before the Winograd conv kernels the small model at batch 16
+    took 71 ms a step in 4 chunks, 78 in 2 (C 48: 147 and 158 ms) on an AMD EPYC; with them 4 and 2 are level
+    there (55.0-55.2 against 53.8-56.2 ms, 8: 58.1-59.7), and 2 is faster on an Intel Xeon in each of 6 pairs
+    (C 32: 95-98 against 101-110 ms; C 48: 164-180 against 170-194); without them, 2 and 4 level on the Xeon
+    (191-193 against 191-208 ms). XLA:CPU's executor offloads ready work to the other core only when more
+    than 8 kernels are ready at once: more independent chunks keep both cores busy more of the time, until
+    they make the kernels too small; the native kernels run on a pool of their own, so 2 chunks suffice."""
     if (backend or jax.default_backend()) != "cpu" or num_devices != 1:
         return 1
-    if per_device_batch % 4 == 0 and per_device_batch >= 16:
+    if per_device_batch % 4 == 0 and per_device_batch >= 16 and not native.available():
         return 4
     return 2 if per_device_batch >= 4 and per_device_batch % 2 == 0 else 1
 

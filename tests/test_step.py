@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnan_jax import RNANConfig, step
+from rnan_jax import RNANConfig, native, step
 from rnan_jax.step import OptimConfig, StepSpec, create_state, empty_metrics, learning_rate, train_step
 
 MODEL = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
@@ -117,13 +117,16 @@ def test_casting_parameters_once_keeps_the_loss_and_rounds_only_the_scanned_weig
     assert differing and all(p.startswith("['groups']") and p.endswith("['kernel']") for p in differing)
 
 
-def test_batch_chunks_resolves_the_default_and_rejects_a_chunking_that_would_not_split():
+def test_batch_chunks_resolves_the_default_and_rejects_a_chunking_that_would_not_split(monkeypatch):
     """The trainer and tools/benchmark.py both resolve execution.batch_chunks here, so neither runs (or
     reports) a chunk count that the step would silently ignore."""
     assert step.batch_chunks(0, 16, 1) == step.default_batch_chunks(16, 1)
-    # the CPU default: 4 chunks of at least 4 samples, else 2 of an even batch; one chunk on accelerators or many
-    # devices
+    # the CPU default: 2 chunks of an even batch; without the native kernels 4 chunks of at least 4 samples;
+    # one chunk on accelerators or many devices
     batches = (2, 3, 4, 6, 8, 12, 16, 20, 64)
+    monkeypatch.setattr(native, "available", lambda: True)
+    assert [step.default_batch_chunks(b, 1, "cpu") for b in batches] == [1, 1, 2, 2, 2, 2, 2, 2, 2]
+    monkeypatch.setattr(native, "available", lambda: False)
     assert [step.default_batch_chunks(b, 1, "cpu") for b in batches] == [1, 1, 2, 2, 2, 2, 4, 4, 4]
     assert step.default_batch_chunks(16, 1, "gpu") == step.default_batch_chunks(16, 2, "cpu") == 1
     assert step.batch_chunks(4, 16, 1) == 4
