@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any, Callable
 
-from absl import app
+from absl import app, flags
 
 
 def config_error_line(error: Exception, argv: list[str]) -> str:
@@ -33,6 +33,34 @@ def config_file_error_line(error: OSError) -> str:
     return f"error: --config: {reason.split('earlier failure to load: ')[-1]}"
 
 
+def program_name() -> str:
+    """The running entry point's name as its messages start ("train" for `python -m rnan_jax.train`)."""
+    return os.path.splitext(os.path.basename(sys.argv[0]))[0] or "rnan_jax"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a malformed value or an unknown flag told in one line, exit status 1 ("train:
+    error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc' (see --helpshort)";
+    absl's `parse_flags_with_usage` prints it after "FATAL Flags parsing error:" and adds a second line)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"{program_name()}: error: {' '.join(str(e).split())} (see --helpshort)")
+
+
+def require_ints(name: str, minimum: int = 1) -> None:
+    """Checks list flag `name` while the flags are parsed: every value an integer of at least `minimum`, else
+    one line (`parse_flags`) before any work, where `int()` in the middle of a tool raised a traceback."""
+
+    def check(values: list[str]) -> bool:
+        try:
+            return all(int(v) >= minimum for v in values)
+        except ValueError:
+            return False
+
+    flags.register_validator(name, check, f"each value must be an integer of at least {minimum}")
+
+
 def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
     """A `flags_parser` for `absl.app.run`: absl's parsing, then the config that `config_flag` (what
     `config_flags.DEFINE_config_file` returned) holds is touched, so that a mistyped key or an unreadable file
@@ -40,7 +68,7 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
 
     def parse(argv: list[str]) -> list[str]:
         try:
-            remaining = app.parse_flags_with_usage(argv)
+            remaining = parse_flags(argv)
             # ml_collections defers a config file's failure to load to the config's first use (an override meets
             # it while parsing): raised here, not in the middle of main
             getattr(config_flag.value, "model", None)
@@ -62,7 +90,7 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
     ends the process with one line on stderr and exit status 1: absl prints the module's docstring and every
     flag first, which buries the reason. absl's own flag errors (a malformed value) are one line already.
     Ctrl-C ends it with "<program>: interrupted" and status 130 (the trainer saves a checkpoint first)."""
-    program = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "rnan_jax"
+    program = program_name()
 
     def one_line(argv: list[str]) -> Any:
         try:
@@ -73,7 +101,7 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
             print(f"\n{program}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
             sys.exit(130)
 
-    app.run(one_line, flags_parser=flags_parser or app.parse_flags_with_usage)
+    app.run(one_line, flags_parser=flags_parser or parse_flags)
 
 
 def output_folder_error(path: str, flag: str = "--output") -> str | None:

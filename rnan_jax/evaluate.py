@@ -290,6 +290,8 @@ def main(argv: Sequence[str]) -> None:
     env.prepare_process()
     env.enable_compilation_cache()
     datasets = _parse_list(FLAGS.datasets)
+    if not datasets:
+        raise app.UsageError(f"--datasets names no set (e.g. {','.join(DEFAULT_DATASETS)})")
     try:
         scales = [int(s) for s in _parse_list(FLAGS.scales)] or None
         if scales and min(scales) < 1:

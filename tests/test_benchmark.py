@@ -66,8 +66,9 @@ def test_scan_unroll_values_name_both_scans():
         parse_unroll("1:x")
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--scan_unroll=2,1:x"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and bad.stderr.splitlines()[0] == (
-        "FATAL Flags parsing error: flag --scan_unroll=['2', '1:x']: each value must be an integer n or a pair n:m")
+    assert bad.returncode == 1 and bad.stderr.splitlines()[-1] == (
+        "benchmark: error: flag --scan_unroll=['2', '1:x']: each value must be an integer n or a pair n:m "
+        "(see --helpshort)")
 
 
 def test_alternating_windows_take_turns():

@@ -1,4 +1,8 @@
 """rnan_jax.cli.run: what every command-line entry point does with a misuse and with Ctrl-C."""
+import os
+import subprocess
+import sys
+
 import pytest
 from absl import app
 
@@ -25,3 +29,32 @@ def test_a_usage_error_is_one_line_naming_the_program(monkeypatch, capsys):
 
     code, err = _run(main, monkeypatch, capsys)
     assert (code, err) == ("upscale: error: --overlap (8) must be smaller than --tile (8) (see --helpshort)", "")
+
+
+_BAD_FLAGS = [
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run", "--config.batch_size=abc"],
+     "train: error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc' (see --helpshort)"),
+    (["-m", "rnan_jax.evaluate", "--checkpont", "zoo:small_x2"],
+     "evaluate: error: Unknown command line flag 'checkpont'. Did you mean: checkpoint ? (see --helpshort)"),
+    (["-m", "rnan_jax.evaluate", "--checkpoint", "zoo:small_x2", "--datasets="],
+     "evaluate: error: --datasets names no set (e.g. Set5,Set14,B100,Urban100) (see --helpshort)"),
+    (["tools/benchmark.py", "--dtypes=float64"],
+     "benchmark: error: flag --dtypes=['float64']: each value must be float32, bfloat16 or float16 (see --helpshort)"),
+    (["tools/tiling_bound.py", "--overlaps=8,-3"],
+     "tiling_bound: error: flag --overlaps=['8', '-3']: each value must be an integer of at least 0 (see --helpshort)"),
+    (["tools/data_throughput.py", "--workers=a"],
+     "data_throughput: error: flag --workers=['a']: each value must be an integer of at least 0 (see --helpshort)"),
+]
+
+
+@pytest.mark.parametrize("args,line", _BAD_FLAGS, ids=[a[1] if a[0] == "-m" else a[0] for a, _ in _BAD_FLAGS])
+def test_a_malformed_or_unknown_flag_is_one_line_before_any_work(args, line, tmp_path):
+    """absl's own flag errors (a value that does not parse, an unknown flag) and the tools' list flags: one line,
+    exit status 1, nothing written (absl printed "FATAL Flags parsing error:" and a second line; the tools'
+    int() of a list value raised a traceback mid-run)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, *[a.format(tmp=tmp_path) for a in args]], cwd=repo, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = [x for x in r.stderr.splitlines() if "libtpu" not in x]
+    assert (r.returncode, lines) == (1, [line]), r.stderr[-2000:]
+    assert not os.listdir(tmp_path)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from functools import partial
 from typing import Any, Callable
@@ -56,7 +57,7 @@ TINY = dict(model="tiny", batch_sizes=["2"], patch_size=12, dtypes=["float32"], 
 
 _MODEL = flags.DEFINE_enum("model", "paper", list(PRESETS), "Model preset (paper: the default x4 RNAN).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["16", "64"], "Batch sizes (16: the paper's).")
-_PATCH = flags.DEFINE_integer("patch_size", 48, "LR patch side (48: the paper's).")
+_PATCH = flags.DEFINE_integer("patch_size", 48, "LR patch side (48: the paper's).", lower_bound=1)
 _SCALE = flags.DEFINE_integer("scale", 0, "Upscaling factor (0: the preset's; the paper preset is x4).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters stay float32).")
 _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n; "
@@ -73,20 +74,35 @@ def _unroll_values_parse(values: list[str]) -> bool:
     return True
 
 
+def _one_of(*choices: str) -> Callable[[list[str]], bool]:
+    return lambda values: all(v.strip() in choices for v in values)
+
+
 flags.register_validator("scan_unroll", _unroll_values_parse, "each value must be an integer n or a pair n:m")
+cli.require_ints("batch_sizes")
+flags.register_validator("dtypes", _one_of("float32", "bfloat16", "float16"),
+                         "each value must be float32, bfloat16 or float16")
 _DEPTHWISE = flags.DEFINE_list("depthwise", ["auto"], "Depthwise conv: auto (backend default), grouped, shifted.")
+flags.register_validator("depthwise", _one_of("auto", "grouped", "shifted"),
+                         "each value must be auto, grouped or shifted")
 _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "execution.batch_chunks: 0 the trainer's default on one device "
-                                "(CPU: 4 chunks of at least 4 samples, else 2), n: gradients of n parts of the batch.")
+                                "(CPU: 2 chunks of an even batch; 4 without the native kernels), n: gradients "
+                                "of n parts of the batch.", lower_bound=0)
 _CAST_ONCE = flags.DEFINE_list("cast_params_once", ["auto"], "auto (backend default), false, true or several: cast "
                                "the parameters to the compute dtype once per step (execution.cast_params_once).")
 _REMAT = flags.DEFINE_list("remat", ["auto"], "What the backward recomputes of each RNA block (execution.remat): "
                            "auto (backend default), none, block, convs.")
+flags.register_validator("cast_params_once", _one_of("auto", "true", "false"), "each value must be auto, true or false")
+flags.register_validator("remat", _one_of("auto", "none", "block", "convs"),
+                         "each value must be auto, none, block or convs")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows; the median window is reported.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile and count, run nothing.")
 _SKIP_FORWARD = flags.DEFINE_bool("skip_forward", False, "Skip the forward timing (slow on a CPU).")
 _FORWARD_LR = flags.DEFINE_string("forward_lr", "270x480", "LR size HxW of the forward timing.")
+flags.register_validator("forward_lr", lambda v: bool(re.fullmatch(r"[1-9]\d*[xX][1-9]\d*", v)),
+                         "must be HxW, e.g. 270x480")
 _FORWARD_STEPS = flags.DEFINE_integer("forward_steps", 3, "Forward passes per timed window.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Trace --profile_steps steps of the first batch size here.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")

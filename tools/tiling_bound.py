@@ -113,6 +113,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("scan_tile", 256, "Tile side for the scan over --sets (overlap: the default).")
     flags.DEFINE_list("sizes", ["64", "128", "256", "512", "1024"], "Square LR sides for part 2.")
     flags.DEFINE_float("budget_gib", 16.0, "Device memory budget for part 2 (GiB).")
+    cli.require_ints("tiles")
+    cli.require_ints("overlaps", minimum=0)
+    cli.require_ints("sizes")
 
 
 if __name__ == "__main__":
