@@ -45,7 +45,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"{program_name()}: error: {' '.join(str(e).split())} (see --helpshort)")
+        text = " ".join(str(e).split())
+        required = re.fullmatch(r"flag --(\w+)=None: Flag --\w+ must have a value other than None\.", text)
+        text = f"--{required.group(1)} is required" if required else text
+        sys.exit(f"{program_name()}: error: {text} (see --helpshort)")
 
 
 def require_ints(name: str, minimum: int = 1) -> None:
