@@ -47,6 +47,16 @@ def test_comparison_scores_each_panel_as_evaluate(tmp_path):
     assert scores["Bicubic"] == pytest.approx((bicubic.psnr, bicubic.ssim))
     with pytest.raises(figures.FigureError, match="does not fit"):
         figures.comparison(upscalers, "Mine/pic", (40, 30, 20), str(out), scale=2, data_dir=str(tmp_path))
+    hr = str(hr_dir)
+    for image, error in (("pic", "--image takes SET/NAME, e.g. Set14/barbara, got 'pic'"),
+                         ("mine/pic", f"{tmp_path}/benchmark/mine/HR: no such folder; did you mean Mine?"),
+                         ("Other/pic", f"{tmp_path}/benchmark/Other/HR: no such folder; the sets in "
+                                       f"{tmp_path}/benchmark: Mine"),
+                         ("Mine/Pic", f"{hr}: no image named Pic; did you mean Mine/pic?"),
+                         ("Mine/nope", f"{hr}: no image named nope; it holds pic")):
+        with pytest.raises(figures.FigureError) as e:
+            figures.comparison(upscalers, image, (8, 6, 20), str(out), scale=2, data_dir=str(tmp_path))
+        assert str(e.value) == error
 
 
 def test_cli_refuses_bad_flags_in_one_line_before_any_work(tmp_path, capsys):
