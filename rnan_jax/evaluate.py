@@ -309,7 +309,7 @@ def main(argv: Sequence[str]) -> None:
         try:
             params, config = checkpoint.load(FLAGS.checkpoint, which=FLAGS.which)
         except (ValueError, OSError) as e:  # CheckpointError is a ValueError naming the path
-            sys.exit(f"--checkpoint: {e}")
+            sys.exit(f"evaluate: cannot load --checkpoint: {e}")
         if scales and scales != [config.scale]:
             raise app.UsageError(f"the checkpoint is an x{config.scale} model; --scales {FLAGS.scales} does not apply")
         evaluation = evaluate_model(params, config, datasets, self_ensemble=FLAGS.self_ensemble, **common)

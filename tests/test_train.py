@@ -386,7 +386,8 @@ def test_a_damaged_latest_step_is_named_and_training_resumes_before_it(images, s
                             "the newest)")
     r = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--checkpoint", str(damaged), "--datasets",
                         "Set5", "--data_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"--checkpoint: {e.value}"], r.stderr
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [f"evaluate: cannot load --checkpoint: {e.value}"], r.stderr
     # Training resumes from step 3, keeps the damaged step aside, and ends where a straight run does.
     capsys.readouterr()
     train_and_evaluate(x4_config(images), str(damaged))
@@ -409,7 +410,7 @@ def test_checkpoints_with_their_array_data_gone_are_reported_in_one_line_each(im
                         "Set5", "--data_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"--checkpoint: {damaged}/checkpoints/6: damaged checkpoint (")
+    assert lines[0].startswith(f"evaluate: cannot load --checkpoint: {damaged}/checkpoints/6: damaged checkpoint (")
     r = _run_cli(["--config", "experiments/x4.py", "--workdir", str(damaged), *_flags(overrides(images))])
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
