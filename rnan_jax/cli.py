@@ -91,7 +91,8 @@ def usage_error_line(error: app.UsageError, program: str) -> str:
 def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
     """`absl.app.run(main)`, but an `app.UsageError` that `main` raises (a flag combination that cannot work)
     ends the process with one line on stderr and exit status 1: absl prints the module's docstring and every
-    flag first, which buries the reason. absl's own flag errors (a malformed value) are one line already.
+    flag first, which buries the reason. absl's own flag errors (a malformed value, an unknown flag) are told
+    in one line by `parse_flags`.
     Ctrl-C ends it with "<program>: interrupted" and status 130 (the trainer saves a checkpoint first)."""
     program = program_name()
 

@@ -285,13 +285,13 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--save_images needs --output DIR")
     if FLAGS.self_ensemble and not FLAGS.checkpoint:
         raise app.UsageError("--self_ensemble applies to a model (--checkpoint)")
+    if not _parse_list(FLAGS.datasets):
+        raise app.UsageError(f"--datasets names no set (e.g. {','.join(DEFAULT_DATASETS)})")
     if FLAGS.output and (error := cli.output_folder_error(FLAGS.output)) is not None:
         sys.exit(f"evaluate: {error}")  # before any scoring, which may take hours
     env.prepare_process()
     env.enable_compilation_cache()
     datasets = _parse_list(FLAGS.datasets)
-    if not datasets:
-        raise app.UsageError(f"--datasets names no set (e.g. {','.join(DEFAULT_DATASETS)})")
     try:
         scales = [int(s) for s in _parse_list(FLAGS.scales)] or None
         if scales and min(scales) < 1:

@@ -83,8 +83,8 @@ def _save(fig: Any, output: str) -> None:
     fig.savefig(output)
 
 
-def find_benchmark_image(data_dir: str, image: str) -> str:
-    """The file of benchmark image `image` ("Set14/barbara"); FigureError in one line when the name is not
+def find_benchmark_image(data_dir: str, image: str) -> tuple[str, str]:
+    """(set, file) of benchmark image `image` ("Set14/barbara"); FigureError in one line when the name is not
     SET/NAME, the set is not there (the sets that are, or the one meant) or the set has no such image (the one
     meant, or its names)."""
     dataset, _, name = image.partition("/")
@@ -94,14 +94,13 @@ def find_benchmark_image(data_dir: str, image: str) -> str:
         files = benchmark_sets.list_hr(data_dir, dataset)
     except images.ImageError as e:
         raise FigureError(str(e)) from None
-    path = images.find_image(benchmark_sets.hr_folder(data_dir, dataset), (name,))
-    if path is None:
-        names = [benchmark_sets.image_name(f) for f in files]
-        meant = [n for n in names if n.lower() == name.lower()]
-        there = (f"did you mean {dataset}/{meant[0]}?" if meant else f"it holds {', '.join(names)}" if len(names) <= 20
-                 else f"it holds {len(names)} images, e.g. {', '.join(names[:5])}")
-        raise FigureError(f"{benchmark_sets.hr_folder(data_dir, dataset)}: no image named {name}; {there}")
-    return path
+    names = [benchmark_sets.image_name(f) for f in files]
+    if name in names:
+        return dataset, files[names.index(name)]
+    meant = [n for n in names if n.lower() == name.lower()]
+    there = (f"did you mean {dataset}/{meant[0]}?" if meant else f"it holds {', '.join(names)}" if len(names) <= 20
+             else f"it holds {len(names)} images, e.g. {', '.join(names[:5])}")
+    raise FigureError(f"{benchmark_sets.hr_folder(data_dir, dataset)}: no image named {name}; {there}")
 
 
 def comparison(upscalers: dict[str, evaluate.Upscaler], image: str, box: Sequence[int], output: str, *,
@@ -109,8 +108,8 @@ def comparison(upscalers: dict[str, evaluate.Upscaler], image: str, box: Sequenc
     """Figure 3's layout for the benchmark image `image` ("Urban100/img_004"): the HR image with `box`
     (x, y, size in HR pixels) drawn, then the boxed crop of HR and of each upscaler's output, labelled with
     the whole image's PSNR/SSIM (Y, shave = scale, as `evaluate`). Returns {name: (psnr, ssim)}."""
-    path = find_benchmark_image(data_dir, image)
-    pair = benchmark_sets.make_pair(image.partition("/")[0], path, images.decode(path).pixels, scale)
+    dataset, path = find_benchmark_image(data_dir, image)
+    pair = benchmark_sets.make_pair(dataset, path, images.decode(path).pixels, scale)
     x, y, size = (int(v) for v in box)
     h, w = pair.hr.shape[:2]
     if x < 0 or y < 0 or size <= 0 or x + size > w or y + size > h:
