@@ -11,10 +11,11 @@ region and zoomed crops of HR, bicubic and the model, each labelled with its who
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -146,13 +147,19 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+class _Parser(argparse.ArgumentParser):
+    """argparse with a misuse (a missing flag, an unknown command) told in one line, exit status 1, as the other
+    entry points (`cli.parse_flags`) do: argparse prints its whole usage first and exits with 2."""
 
+    def error(self, message: str) -> NoReturn:
+        sys.exit(f"figures: error: {message} (see {self.prog} --help)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from rnan_jax import checkpoint, env
 
-    parser = argparse.ArgumentParser(prog="python -m rnan_jax.figures", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m rnan_jax.figures", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     curve = sub.add_parser("curve", help="validation PSNR against step from a training workdir")
     curve.add_argument("--workdir", required=True, help="a training workdir, or its tensorboard/metrics.jsonl")
     curve.add_argument("--output", required=True)
@@ -170,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = os.path.dirname(os.path.abspath(args.output))
     if (error := cli.output_folder_error(folder, flag="--output's folder")) is not None:
         print(f"figures: {error}", file=sys.stderr)  # before any work
-        return 2
+        return 1
     try:
         if args.command == "curve":
             refs = {}
@@ -199,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.output}: " + ", ".join(f"{k} {p:.2f} dB / {s:.4f}" for k, (p, s) in scores.items()))
     except (FigureError, checkpoint.CheckpointError, images.ImageError, ValueError) as e:
         print(f"figures: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

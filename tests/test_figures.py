@@ -69,6 +69,16 @@ def test_cli_refuses_bad_flags_in_one_line_before_any_work(tmp_path, capsys):
              (["compare", "--checkpoint", str(tmp_path / "nope"), "--image", "Set5/baby", "--box", "1,2,x",
                "--output", str(tmp_path / "c.png")], "figures: --box takes x,y,size (integers), got '1,2,x'"))
     for argv, line in cases:
-        assert figures.main(argv) == 2
+        assert figures.main(argv) == 1
         assert capsys.readouterr().err.splitlines() == [line]
+    usage = (([], "figures: error: the following arguments are required: command (see python -m rnan_jax.figures "
+                  "--help)"),
+             (["curve", "--workdir", str(tmp_path)], "figures: error: the following arguments are required: "
+                                                     "--output (see python -m rnan_jax.figures curve --help)"),
+             (["plot"], "figures: error: argument command: invalid choice: 'plot' (choose from 'curve', 'compare') "
+                        "(see python -m rnan_jax.figures --help)"))
+    for argv, line in usage:  # argparse's misuse: one line and status 1 as well, not its usage text and 2
+        with pytest.raises(SystemExit) as e:
+            figures.main(argv)
+        assert e.value.code == line and capsys.readouterr().err == ""
     assert sorted(os.listdir(tmp_path)) == ["file"]
