@@ -1,7 +1,8 @@
 """The SR benchmark sets on disk: `<data_dir>/benchmark/<name>/HR/*.png`, optionally `LR_bicubic/X<s>/` beside HR.
 
 An HR image is cropped to a multiple of the scale (top-left); its LR image is read from `LR_bicubic/X<s>`
-when that folder exists (EDSR's layout, `<stem>x<s>.png` or `<stem>.png`), else made with `bicubic_lr`.
+when that folder exists (EDSR's layout, `<stem>x<s>.png` or `<stem>.png`), else made with `bicubic_lr` (also
+for a file that folder lacks: `Pair.lr_missing_from` says so). A set can also be given as a folder path.
 Grayscale images stay [H, W]; alpha is dropped; 16-bit is scaled to 8 bits (all by `images.decode`).
 """
 from __future__ import annotations
@@ -19,27 +20,56 @@ from rnan_jax.metrics import SSIM_WINDOW
 STANDARD_SIZES = {"Set5": 5, "Set14": 14, "B100": 100, "Urban100": 100, "Manga109": 109}
 
 
+LAYOUT = ("a set is <data_dir>/benchmark/<name>/HR/*.png (LR_bicubic/X<s>/ beside HR is optional), or give "
+          "the set's folder as a path: one holding HR/, or the HR images themselves")
+
+
+def is_path(dataset: str) -> bool:
+    """Whether a --datasets entry is a folder path (it has a slash or starts with ~ or .) rather than a name."""
+    return "/" in dataset or os.sep in dataset or dataset.startswith(("~", "."))
+
+
+def set_name(dataset: str) -> str:
+    """The name a set is reported, saved and looked up in --sr_dir by: the entry itself, or for a path the
+    folder's name ('Set5' for '/data/Set5' and for '/data/Set5/HR')."""
+    if not is_path(dataset):
+        return dataset
+    path = os.path.normpath(os.path.abspath(os.path.expanduser(dataset)))
+    if os.path.basename(path) == "HR" and not os.path.isdir(os.path.join(path, "HR")):
+        path = os.path.dirname(path)
+    return os.path.basename(path)
+
+
 def hr_folder(data_dir: str, dataset: str) -> str:
-    return os.path.join(data_dir, "benchmark", dataset, "HR")
+    """`<data_dir>/benchmark/<dataset>/HR` for a name; for a path, `<path>/HR` when there is one, else the path."""
+    if not is_path(dataset):
+        return os.path.join(data_dir, "benchmark", dataset, "HR")
+    path = os.path.normpath(os.path.abspath(os.path.expanduser(dataset)))
+    return os.path.join(path, "HR") if os.path.isdir(os.path.join(path, "HR")) else path
 
 
 def list_hr(data_dir: str, dataset: str) -> list[str]:
-    """Sorted HR files of `dataset`; raises `images.ImageError` naming the folder when missing or empty, and
-    for a set that is not there, the sets that are (for a name in the wrong case, the one meant)."""
+    """Sorted HR files of `dataset` (a name under `data_dir`, or a folder path); raises `images.ImageError`
+    naming the folder when missing or empty, and for a set that is not there, the sets that are (for a name
+    in the wrong case, the one meant; for a folder beside benchmark/, that folder). `LAYOUT` says the rules."""
     folder = hr_folder(data_dir, dataset)
     if not os.path.isdir(folder):
-        raise images.ImageError(f"{folder}: no such folder; {_sets_there(data_dir, dataset)}")
+        where = "no such folder" if is_path(dataset) else f"no such folder; {_sets_there(data_dir, dataset)}"
+        raise images.ImageError(f"{folder}: {where}")
     return images.list_images(folder)
 
 
 def _sets_there(data_dir: str, dataset: str) -> str:
     root = os.path.join(data_dir, "benchmark")
-    if not os.path.isdir(root):
-        return f"{root}: no such folder (is --data_dir or RNAN_DATA_DIR right?)"
-    there = sorted(n for n in os.listdir(root) if os.path.isdir(hr_folder(data_dir, n)))
+    there = sorted(n for n in os.listdir(root) if os.path.isdir(hr_folder(data_dir, n))) if os.path.isdir(root) else []
     meant = [n for n in there if n.lower() == dataset.lower()]
     if meant:
         return f"did you mean {meant[0]}?"
+    beside = os.path.join(data_dir, dataset)
+    if os.path.isdir(beside):
+        return f"{beside} is there: give it as a path, --datasets {beside}"
+    if not os.path.isdir(root):
+        return f"{root}: no such folder (is --data_dir or RNAN_DATA_DIR right?)"
     return f"the sets in {root}: {', '.join(there)}" if there else f"{root} holds no <set>/HR folder"
 
 
@@ -59,9 +89,13 @@ def image_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def lr_folder(hr_path: str, scale: int) -> str:
-    """`<set>/LR_bicubic/X<scale>` beside the `<set>/HR` folder holding `hr_path`."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(hr_path))), "LR_bicubic", f"X{scale}")
+def lr_folder(hr_path: str, scale: int) -> str | None:
+    """`<set>/LR_bicubic/X<scale>` beside the `<set>/HR` folder holding `hr_path`; None when that folder is not
+    named HR (a folder of HR images given as a path: an LR_bicubic beside it belongs to something else)."""
+    hr_dir = os.path.dirname(os.path.abspath(hr_path))
+    if os.path.basename(hr_dir) != "HR":
+        return None
+    return os.path.join(os.path.dirname(hr_dir), "LR_bicubic", f"X{scale}")
 
 
 def min_side(scale: int) -> int:
@@ -83,6 +117,7 @@ class Pair:
     hr: np.ndarray
     lr_path: str | None = None
     given_lr: np.ndarray | None = dataclasses.field(default=None, repr=False)  # a source's own LR (TFDS)
+    lr_missing_from: str | None = None  # an LR_bicubic folder that lacked this image's LR file (LR made instead)
 
     @functools.cached_property
     def lr(self) -> np.ndarray:
@@ -123,10 +158,13 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: st
     if lr_dir is not None:
         return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=find_lr_file(hr_path, lr_dir, scale))
     folder = lr_folder(hr_path, scale)
-    lr_path = find_lr_file(hr_path, folder, scale, required=False) if os.path.isdir(folder) else None
-    if lr_path is None and os.path.isdir(folder):
-        logging.warning("%s: no LR file for %s, making it with bicubic_lr", folder, name)
-    return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=lr_path)
+    if folder is None or not os.path.isdir(folder):
+        return Pair(dataset=dataset, name=name, scale=scale, hr=hr)
+    lr_path = find_lr_file(hr_path, folder, scale, required=False)
+    if lr_path is None:
+        logging.info("%s: no LR file for %s, making it with bicubic_lr", folder, name)
+    return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=lr_path,
+                lr_missing_from=folder if lr_path is None else None)
 
 
 def find_lr_file(hr_path: str, lr_dir: str, scale: int, *, required: bool = True) -> str | None:

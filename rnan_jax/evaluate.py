@@ -4,8 +4,11 @@
     python -m rnan_jax.evaluate --checkpoint WORKDIR --self_ensemble --output results/
     python -m rnan_jax.evaluate --sr_dir OTHER_METHOD/ --output results/
 
+`--datasets` takes names under `<data_dir>/benchmark/<name>/HR` or folder paths (your own set: a folder
+holding `HR/` and optionally `LR_bicubic/X<s>/`, or the HR images themselves), reported by the folder's name.
 `--sr_dir` holds `<dataset>/x<scale>/<HR file name>` (the layout that `--save_images` writes under
-`<output>/images/`). From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, config, ...)`.
+`<output>/images/`; EDSR's `<name>_x<s>_SR.png` is found too).
+From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, config, ...)`.
 """
 from __future__ import annotations
 
@@ -137,16 +140,23 @@ def evaluate(
     """
     if any(int(s) != s or s < 1 for s in scales):
         raise ValueError(f"scales must be positive integers, got {list(scales)}")
+    scales = list(dict.fromkeys(int(s) for s in scales))  # a repeated scale or set would count its images twice
     evaluation = Evaluation(method=method, rounded_y=rounded_y, self_ensemble=self_ensemble,
                             allow_incomplete=allow_incomplete)
-    for dataset in datasets:
+    for entry in dict.fromkeys(datasets):
+        dataset = benchmark_sets.set_name(entry)
+        if dataset in evaluation.listed:
+            _skip(evaluation, f"dataset {entry}: a set named {dataset} is already being scored (sets are reported, "
+                  "saved and found in --sr_dir by their folder's name: rename one)")
+            continue
         try:
-            files = benchmark_sets.list_hr(data_dir, dataset)
+            files = benchmark_sets.list_hr(data_dir, entry)
         except images.ImageError as e:
-            _skip(evaluation, f"dataset {dataset}: {e}")
+            _skip(evaluation, f"dataset {entry}: {e} ({benchmark_sets.LAYOUT})")
             continue
         evaluation.listed[dataset] = len(files)
         missing_folders: set[int] = set()  # scales whose SR folder is missing: said once, not per image
+        made_lr: dict[int, list[str]] = {}  # scale -> images whose LR_bicubic file was missing, so made
         if (message := benchmark_sets.completeness_warning(dataset, len(files))) is not None:
             _warn(evaluation, message)
         bar = tqdm(files, desc=dataset, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -160,7 +170,8 @@ def evaluate(
                 if scale in missing_folders:
                     continue
                 try:
-                    score = _score_one(upscale, dataset, path, hr, scale, rounded_y, save_dir)
+                    pair = benchmark_sets.make_pair(dataset, path, hr, scale)
+                    score = _score_one(upscale, pair, path, rounded_y, save_dir)
                 except MissingFolderError as e:
                     missing_folders.add(scale)
                     _skip(evaluation, f"{dataset} x{scale}: {e}")
@@ -168,9 +179,16 @@ def evaluate(
                 except (images.ImageError, ValueError, OSError) as e:
                     _skip(evaluation, f"{dataset} x{scale}: {e}")
                     continue
+                if pair.lr_missing_from is not None:
+                    made_lr.setdefault(scale, []).append(pair.name)
                 evaluation.scores.append(score)
                 bar.set_postfix_str(f"x{scale} {score.name} {score.psnr:.2f} dB", refresh=False)
         bar.close()
+        for scale, names in made_lr.items():
+            folder = benchmark_sets.lr_folder(files[0], scale)
+            _warn(evaluation, f"{dataset} x{scale}: {folder} lacks the LR file of {len(names)} of {len(files)} "
+                  f"images ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); made with MATLAB bicubic "
+                  "from HR instead")
     for message in evaluation.incomplete():
         _warn(evaluation, message)
     return evaluation
@@ -180,24 +198,21 @@ class MissingFolderError(images.ImageError):
     """An upscaler's whole folder for one (dataset, scale) is missing: reported once, not per image."""
 
 
-def _score_one(
-    upscale: Upscaler, dataset: str, path: str, hr: np.ndarray, scale: int, rounded_y: bool, save_dir: str | None
-) -> ImageScore:
-    pair = benchmark_sets.make_pair(dataset, path, hr, scale)
+def _score_one(upscale: Upscaler, pair: Pair, path: str, rounded_y: bool, save_dir: str | None) -> ImageScore:
     sr = np.asarray(upscale(pair))
     if sr.dtype != np.uint8:
         raise ValueError(f"{path}: the SR function returned {sr.dtype}, expected uint8")
     if sr.shape[:2] != pair.hr.shape[:2]:
         raise ValueError(
-            f"{path}: SR image is {sr.shape[1]}x{sr.shape[0]}, the HR image cropped to a multiple of {scale} "
+            f"{path}: SR image is {sr.shape[1]}x{sr.shape[0]}, the HR image cropped to a multiple of {pair.scale} "
             f"is {pair.hr.shape[1]}x{pair.hr.shape[0]}"
         )
     if save_dir is not None:
-        images.write_image(os.path.join(save_dir, dataset, f"x{scale}", f"{pair.name}.png"), sr)
+        images.write_image(os.path.join(save_dir, pair.dataset, f"x{pair.scale}", f"{pair.name}.png"), sr)
     psnr, ssim = benchmark_sets.score(sr, pair, rounded_y=rounded_y)
     return ImageScore(
-        dataset=dataset,
-        scale=scale,
+        dataset=pair.dataset,
+        scale=pair.scale,
         name=pair.name,
         psnr=psnr,
         ssim=ssim,
@@ -212,18 +227,34 @@ def bicubic_upscaler(pair: Pair) -> np.ndarray:
     return degrade.imresize(pair.lr, pair.scale)
 
 
+def sr_file_stems(name: str, scale: int) -> tuple[str, ...]:
+    """The names an SR image of HR image `name` may have in `--sr_dir` (any image extension): the HR file's,
+    EDSR-PyTorch's `--save_results` name, and `<name>x<s>`, `<name>_x<s>`, in that order of preference."""
+    return (name, f"{name}_x{scale}_SR", f"{name}x{scale}", f"{name}_x{scale}")
+
+
 def sr_dir_upscaler(sr_dir: str) -> Upscaler:
-    """Reads another method's SR image `<sr_dir>/<dataset>/x<scale>/<name>.*` (or `X<scale>`)."""
+    """Reads another method's SR image `<sr_dir>/<dataset>/x<scale>/<name>.*` (or `X<scale>`; names as
+    `sr_file_stems`); a file that is not the size of the cropped HR image is refused, naming the file."""
 
     def upscale(pair: Pair) -> np.ndarray:
         folders = [os.path.join(sr_dir, pair.dataset, f"{x}{pair.scale}") for x in ("x", "X")]
         if not any(os.path.isdir(f) for f in folders):
             raise MissingFolderError(f"{folders[0]}: no such folder (no SR images of {pair.dataset} at "
                                      f"x{pair.scale}; expected {sr_dir}/<dataset>/x<scale>/<HR file name>)")
+        stems = sr_file_stems(pair.name, pair.scale)
         for folder in folders:
-            if (path := images.find_image(folder, (pair.name,))) is not None:
-                return images.decode(path).pixels
-        raise images.ImageError(f"{folders[0]}: no SR image named {pair.name}")
+            if (path := images.find_image(folder, stems)) is not None:
+                sr = images.decode(path).pixels
+                if sr.shape[:2] != pair.hr.shape[:2]:
+                    h, w = pair.hr.shape[:2]
+                    raise images.ImageError(
+                        f"{path}: SR image is {sr.shape[1]}x{sr.shape[0]}, expected {w}x{h} (the HR image cropped "
+                        f"to a multiple of {pair.scale}, top-left)")
+                return sr
+        folder = next(f for f in folders if os.path.isdir(f))
+        raise images.ImageError(f"{folder}: no SR image of {pair.name} (looked for "
+                                f"{', '.join(s + '.*' for s in stems)})")
 
     return upscale
 
@@ -287,13 +318,17 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--self_ensemble applies to a model (--checkpoint)")
     if not _parse_list(FLAGS.datasets):
         raise app.UsageError(f"--datasets names no set (e.g. {','.join(DEFAULT_DATASETS)})")
-    if FLAGS.output and (error := cli.output_folder_error(FLAGS.output)) is not None:
+    if FLAGS.output and (error := (cli.output_folder_error(FLAGS.output)
+                                   or report.output_error(FLAGS.output, save_images=FLAGS.save_images))):
         sys.exit(f"evaluate: {error}")  # before any scoring, which may take hours
+    if FLAGS.sr_dir and not os.path.isdir(FLAGS.sr_dir):
+        sys.exit(f"evaluate: --sr_dir {FLAGS.sr_dir}: no such folder (expected <dataset>/x<scale>/<HR file name> "
+                 "inside)")
     env.prepare_process()
     env.enable_compilation_cache()
     datasets = _parse_list(FLAGS.datasets)
     try:
-        scales = [int(s) for s in _parse_list(FLAGS.scales)] or None
+        scales = list(dict.fromkeys(int(s) for s in _parse_list(FLAGS.scales))) or None
         if scales and min(scales) < 1:
             raise ValueError
     except ValueError:
@@ -301,7 +336,7 @@ def main(argv: Sequence[str]) -> None:
     common = dict(
         data_dir=FLAGS.data_dir or env.default_data_dir(),
         rounded_y=FLAGS.rounded_y,
-        save_dir=os.path.join(FLAGS.output, "images") if FLAGS.save_images else None,
+        save_dir=os.path.join(FLAGS.output, report.IMAGES_FOLDER) if FLAGS.save_images else None,
         progress=FLAGS.progress,
         allow_incomplete=FLAGS.allow_incomplete,
     )
@@ -319,8 +354,11 @@ def main(argv: Sequence[str]) -> None:
         evaluation = evaluate_bicubic(datasets, scales or DEFAULT_SCALES, **common)
     print(report.markdown_table(evaluation))
     if FLAGS.output:
-        for path in report.write_report(evaluation, FLAGS.output):
-            logging.info("wrote %s", path)
+        try:
+            for path in report.write_report(evaluation, FLAGS.output):
+                logging.info("wrote %s", path)
+        except OSError as e:  # e.g. a full disk; the table above holds the numbers
+            sys.exit(f"evaluate: --output {FLAGS.output}: cannot write the report ({e})")
     if evaluation.skipped:
         print(f"\n{len(evaluation.skipped)} skipped:", *evaluation.skipped, sep="\n  ", file=sys.stderr)
         for message in evaluation.incomplete():
@@ -334,7 +372,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("sr_dir", None, "Score the SR images in DIR/<dataset>/x<scale>/<HR file name>.")
     flags.DEFINE_string("checkpoint", None, "Score an RNAN checkpoint (a training workdir or checkpoint path).")
     flags.DEFINE_enum("which", "latest", ["latest", "best", "ema"], "Which parameters of --checkpoint.")
-    flags.DEFINE_string("datasets", ",".join(DEFAULT_DATASETS), "Comma-separated benchmark sets.")
+    flags.DEFINE_string("datasets", ",".join(DEFAULT_DATASETS), "Comma-separated benchmark sets: names under "
+                        "<data_dir>/benchmark/<name>/HR, or folder paths (holding HR/, or the HR images themselves).")
     flags.DEFINE_string(
         "data_dir", None, "Folder holding benchmark/<set>/HR (default $RNAN_DATA_DIR or ../shared/data)."
     )

@@ -100,10 +100,29 @@ def write_per_image_csv(evaluation: Evaluation, path: str) -> None:
             writer.writerow([s.dataset, s.scale, s.name, psnr, f"{s.ssim:.6f}", s.height, s.width, int(s.gray)])
 
 
+REPORT_FILES = ("results.json", "results.md", "per_image.csv")
+IMAGES_FOLDER = "images"
+
+
+def output_error(output_dir: str, *, save_images: bool = False) -> str | None:
+    """None when the report files (and with `save_images` the images folder) can be written in the existing
+    folder `output_dir`, else one line saying what is in the way: checked before scoring, which may take hours."""
+    for name in REPORT_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            return f"--output {output_dir}: {path} is a folder, in the way of the report file"
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            return f"--output {output_dir}: {path} exists and cannot be overwritten (permission denied)"
+    images = os.path.join(output_dir, IMAGES_FOLDER)
+    if save_images and os.path.exists(images) and not os.path.isdir(images):
+        return f"--output {output_dir}: {images} is a file, in the way of --save_images' folder"
+    return None
+
+
 def write_report(evaluation: Evaluation, output_dir: str) -> list[str]:
     """Writes results.json, results.md and per_image.csv into `output_dir`; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
-    paths = [os.path.join(output_dir, n) for n in ("results.json", "results.md", "per_image.csv")]
+    paths = [os.path.join(output_dir, n) for n in REPORT_FILES]
     with open(paths[0], "w") as f:
         json.dump(results_json(evaluation), f, indent=2, allow_nan=False)
         f.write("\n")

@@ -99,6 +99,25 @@ def test_cli_misuse_is_one_line(tmp_path):
         1, [f"evaluate: --output {in_the_way}: cannot create or write that folder (File exists)"], "")
 
 
+def test_cli_refuses_a_missing_sr_dir_and_report_files_in_the_way_before_scoring(tmp_path):
+    (tmp_path / "out" / "results.json").mkdir(parents=True)
+    (tmp_path / "out2").mkdir()
+    (tmp_path / "out2" / "images").write_text("")
+    cases = ((["--sr_dir", str(tmp_path / "nope")],
+              f"evaluate: --sr_dir {tmp_path}/nope: no such folder (expected <dataset>/x<scale>/<HR file name> "
+              "inside)"),
+             (["--method", "bicubic", "--output", str(tmp_path / "out")],
+              f"evaluate: --output {tmp_path}/out: {tmp_path}/out/results.json is a folder, in the way of the "
+              "report file"),
+             (["--method", "bicubic", "--output", str(tmp_path / "out2"), "--save_images"],
+              f"evaluate: --output {tmp_path}/out2: {tmp_path}/out2/images is a file, in the way of "
+              "--save_images' folder"))
+    for args, line in cases:
+        proc = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--data_dir", str(tmp_path / "nowhere"),
+                               *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert (proc.returncode, proc.stderr.strip().splitlines(), proc.stdout) == (1, [line], "")
+
+
 def test_cli_on_odd_inputs(tmp_path):
     rgb, gray = _make_odd_dataset(str(tmp_path))
     out = tmp_path / "out"
@@ -117,7 +136,8 @@ def test_cli_on_odd_inputs(tmp_path):
     skipped = "\n".join(results["run"]["skipped"])
     assert "corrupt.png" in skipped and "Missing" in skipped
     assert f"dataset Missing: {tmp_path}/benchmark/Missing/HR: no such folder; the sets in {tmp_path}/benchmark: " \
-        "Tiny" in skipped
+        "Tiny (a set is <data_dir>/benchmark/<name>/HR/*.png (LR_bicubic/X<s>/ beside HR is optional), or give the " \
+        "set's folder as a path: one holding HR/, or the HR images themselves)" in skipped
     assert "tiny.png: image is 5x1, smaller than the scale x2" in skipped
     assert "tiny.png: image is 5x1, smaller than the scale x3" in skipped
     assert "corrupt.png" in proc.stderr and "Missing" in proc.stderr
@@ -159,7 +179,8 @@ def test_sr_dir_scores_saved_images_and_exact_ones_are_infinite(tmp_path):
                             allow_incomplete=True)
     assert [s.name for s in exact.scores] == ["rgb"]
     assert exact.scores[0].psnr == float("inf") and exact.scores[0].ssim == pytest.approx(1.0)
-    assert any("no SR image named gray" in m for m in exact.skipped)
+    assert f"Tiny x2: {exact_dir}: no SR image of gray (looked for gray.*, gray_x2_SR.*, grayx2.*, gray_x2.*)" \
+        in exact.skipped
     paths = report.write_report(exact, str(tmp_path / "report"))
     results = json.loads(open(paths[0]).read(), parse_constant=pytest.fail)
     assert results["Tiny"]["x2"] == {"psnr": "inf", "ssim": pytest.approx(1.0), "images": 1, "of": 6}
@@ -177,11 +198,15 @@ def test_lr_bicubic_folder_is_used_and_checked(tmp_path):
     os.makedirs(lr_dir)
     Image.fromarray(np.full((20, 18, 3), 100, np.uint8)).save(os.path.join(lr_dir, "ax2.png"))
     Image.fromarray(np.full((19, 18, 3), 100, np.uint8)).save(os.path.join(lr_dir, "bx2.png"))
-    evaluation = evaluate_bicubic(["Mine"], (2,), data_dir=root, progress=False)
-    assert [s.name for s in evaluation.scores] == ["a"]
+    Image.fromarray(hr).save(os.path.join(hr_dir, "c.png"))  # no LR file: made from HR, and said in the results
+    evaluation = evaluate_bicubic(["Mine"], (2,), data_dir=root, progress=False, allow_incomplete=True)
+    assert [s.name for s in evaluation.scores] == ["a", "c"]
     expected = metrics.psnr_y(np.full((40, 36, 3), 100, np.uint8), hr, 2)
     assert evaluation.scores[0].psnr == pytest.approx(expected, abs=1e-12)
+    assert evaluation.scores[1].psnr == pytest.approx(_bicubic_psnr(hr, 2), abs=1e-12)
     assert any("bx2.png: LR image is 18x19, expected 18x20" in m for m in evaluation.skipped)
+    assert f"Mine x2: {lr_dir} lacks the LR file of 1 of 3 images (c); made with MATLAB bicubic from HR instead" \
+        in evaluation.warnings
 
 
 def test_incomplete_standard_set_warns(tmp_path):
@@ -322,3 +347,68 @@ def test_a_set_that_is_not_there_is_named_with_the_sets_that_are(tmp_path):
         benchmark_sets.list_hr(str(tmp_path / "elsewhere"), "Set5")
     assert str(e.value) == (f"{tmp_path}/elsewhere/benchmark/Set5/HR: no such folder; {tmp_path}/elsewhere/benchmark: "
                             "no such folder (is --data_dir or RNAN_DATA_DIR right?)")
+    # a set folder put beside benchmark/ instead of in it is pointed at
+    os.makedirs(tmp_path / "Mine" / "HR")
+    with pytest.raises(images.ImageError) as e:
+        benchmark_sets.list_hr(str(tmp_path), "Mine")
+    assert str(e.value) == (f"{tmp_path}/benchmark/Mine/HR: no such folder; {tmp_path}/Mine is there: give it as a "
+                            f"path, --datasets {tmp_path}/Mine")
+
+
+def test_a_set_given_as_a_path_is_named_by_its_folder_and_saved_under_output(tmp_path):
+    """--datasets /path/Mine (holding HR/), /path/Mine/HR, or a plain folder of images: scored as the set 'Mine'
+    and saved under the output folder (an absolute set path used to send --save_images into the data folder)."""
+    hr = _rgb(40, 36)
+    mine = tmp_path / "data" / "Mine"
+    (mine / "HR").mkdir(parents=True)
+    Image.fromarray(hr).save(mine / "HR" / "a.png")
+    flat = tmp_path / "flat" / "Own"
+    flat.mkdir(parents=True)
+    Image.fromarray(hr).save(flat / "a.png")
+    # an LR_bicubic beside a plain folder of images belongs to something else: not read
+    (flat.parent / "LR_bicubic" / "X2").mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 18, 3), np.uint8)).save(flat.parent / "LR_bicubic" / "X2" / "a.png")
+    expected = _bicubic_psnr(hr, 2)
+    for entry, name in ((str(mine), "Mine"), (f"{mine}/HR/", "Mine"), (str(flat), "Own")):
+        save = tmp_path / "out" / name
+        evaluation = evaluate_bicubic([entry], (2,), data_dir=str(tmp_path / "nowhere"), save_dir=str(save),
+                                      progress=False)
+        assert evaluation.skipped == [] and evaluation.warnings == [], entry
+        assert [(s.dataset, s.name) for s in evaluation.scores] == [(name, "a")], entry
+        assert evaluation.scores[0].psnr == pytest.approx(expected, abs=1e-12), entry
+        assert evaluation.summary()[name]["x2"]["images"] == 1
+        assert (save / name / "x2" / "a.png").is_file(), entry
+    assert not (mine / "x2").exists() and not (flat / "x2").exists()
+    # two sets of one name would merge into one row: the second is refused, by name
+    twice = evaluate_bicubic([str(mine), f"{mine}/HR"], (2,), data_dir=str(tmp_path), progress=False)
+    assert len(twice.scores) == 1
+    assert twice.skipped == [f"dataset {mine}/HR: a set named Mine is already being scored (sets are reported, "
+                             "saved and found in --sr_dir by their folder's name: rename one)"]
+
+
+def test_a_repeated_set_or_scale_is_scored_once(tmp_path):
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Mine")
+    for name in ("a", "b"):
+        Image.fromarray(_rgb(40, 36, left=100 + 20 * len(name))).save(os.path.join(hr_dir, f"{name}.png"))
+    evaluation = evaluate_bicubic(["Mine", "Mine"], (2, 2), data_dir=root, progress=False)
+    assert [(s.name, s.scale) for s in evaluation.scores] == [("a", 2), ("b", 2)]
+    assert evaluation.summary()["Mine"]["x2"]["images"] == 2 and evaluation.skipped == []
+
+
+def test_sr_dir_wrong_size_names_the_sr_file_and_edsr_names_are_found(tmp_path):
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Mine")
+    hr = _rgb(41, 37)  # cropped to 40x36 at x2
+    for name in ("a", "b"):
+        Image.fromarray(hr).save(os.path.join(hr_dir, f"{name}.png"))
+    sr = tmp_path / "sr" / "Mine" / "x2"
+    sr.mkdir(parents=True)
+    Image.fromarray(hr).save(sr / "a.png")  # the uncropped size
+    Image.fromarray(hr[:40, :36]).save(sr / "b_x2_SR.jpg", quality=100)  # EDSR-PyTorch's name, another format
+    evaluation = evaluate_sr_dir(str(tmp_path / "sr"), ["Mine"], (2,), data_dir=root, progress=False,
+                                 allow_incomplete=True)
+    assert evaluation.skipped == [f"Mine x2: {sr}/a.png: SR image is 37x41, expected 36x40 (the HR image cropped "
+                                  "to a multiple of 2, top-left)"]
+    [score] = evaluation.scores
+    assert score.name == "b" and 40 < score.psnr < 70
