@@ -1,17 +1,25 @@
 """Reading and writing image files as uint8 arrays, with every odd case turned into a clear outcome.
 
 Shared by the data pipeline, the evaluation script and the upscaling CLI so that all three treat grayscale,
-alpha, palette and 16-bit files the same way.
+alpha, palette and 16-bit files the same way. The upscaling CLI alone keeps 16-bit files at 16 bits
+(`decode(..., high_bit_depth=True)`, `write_image` of uint16): Pillow reads 16-bit colour PNGs as 8 bits and
+writes none, so those go through `_read_png16` and `encode_png16`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import NamedTuple
+import struct
+import zlib
+from typing import BinaryIO, Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# What the upscaling CLI's folder scans take: also the formats Pillow reads that SR datasets do not come in
+# (the training and benchmark scans keep to IMAGE_EXTENSIONS). An animated file gives its first frame.
+READABLE_EXTENSIONS = IMAGE_EXTENSIONS + (".gif", ".pbm", ".pnm", ".tga", ".qoi")
 
 
 class ImageError(ValueError):
@@ -19,10 +27,13 @@ class ImageError(ValueError):
 
 
 class Decoded(NamedTuple):
-    """A decoded image: `pixels` uint8 [H, W, 3] (colour) or [H, W] (gray); `alpha` uint8 [H, W] or None."""
+    """A decoded image: `pixels` uint8 [H, W, 3] (colour) or [H, W] (gray); `alpha` [H, W] of the same type, or
+    None; both uint16 for a 16-bit file decoded with `high_bit_depth`. `frames`: the file's frame count (the
+    pixels are the first frame's)."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None
+    frames: int = 1
 
     @property
     def is_gray(self) -> bool:
@@ -42,17 +53,61 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)
 
 
+def _to_uint16(a: np.ndarray) -> np.ndarray:
+    """Samples as uint16 at full scale: 8-bit ones x257 (255 -> 65535), floats in [0, 1] x65535."""
+    if a.dtype == np.uint8:
+        return a.astype(np.uint16) * 257
+    if a.dtype == bool:
+        return a.astype(np.uint16) * 65535
+    if np.issubdtype(a.dtype, np.floating):
+        return np.clip(np.rint(a * 65535.0), 0, 65535).astype(np.uint16)
+    return np.clip(a, 0, 65535).astype(np.uint16)
+
+
+def _deep(a: np.ndarray) -> bool:
+    """Whether samples hold more than 8 bits: 16-bit types, and 32-bit integers above 255 (Pillow's mode I)."""
+    if a.dtype.itemsize == 2 or np.issubdtype(a.dtype, np.floating):
+        return True
+    return np.issubdtype(a.dtype, np.integer) and a.dtype.itemsize > 2 and int(a.max(initial=0)) > 255
+
+
+# Pillow's raw modes for 16-bit colour PNGs, which it unpacks to 8 bits (LA;16B to RGBA).
+_PNG16_RAWMODES = ("RGB;16B", "RGBA;16B", "LA;16B")
+
+
+def _load_with_rawmode(path: str, rawmode: str) -> np.ndarray:
+    """A PNG decoded by Pillow (filters, interlacing, EXIF orientation) but unpacked with `rawmode`."""
+    with Image.open(path) as im:
+        im.tile = [im.tile[0]._replace(args=rawmode)]
+        im.load()
+        return np.asarray(ImageOps.exif_transpose(im))
+
+
+def _read_png16(path: str, rawmode: str) -> np.ndarray:
+    """uint16 [H, W, C] samples (C: 3 RGB, 4 RGBA, 2 gray + alpha) of a 16-bit colour PNG whose Pillow raw mode
+    is `rawmode`: Pillow's unpacker keeps each sample's high byte; the same bytes read as little-endian give
+    the low one, and gray + alpha (4 bytes a pixel) is copied byte for byte as 8-bit RGBA."""
+    if rawmode == "LA;16B":
+        b = _load_with_rawmode(path, "RGBA").astype(np.uint16)
+        return np.stack([b[..., 0] << 8 | b[..., 1], b[..., 2] << 8 | b[..., 3]], axis=-1)
+    high = _load_with_rawmode(path, rawmode).astype(np.uint16)
+    return high << 8 | _load_with_rawmode(path, rawmode[:-1] + "L")
+
+
 # Pillow's decompression-bomb guard: an image above this many pixels is refused (None: no limit). Pillow's
 # default (89.5 M) warns and twice that raises; here the limit is one number, raised by the CLIs' flag.
 DEFAULT_MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 Image.MAX_IMAGE_PIXELS = None  # `decode` checks `max_pixels` itself, per call, with a message that says what to do
 
 
-def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+           high_bit_depth: bool = False) -> Decoded:
     """Reads an image file, keeping grayscale as gray and alpha apart from the colour channels.
 
     The EXIF orientation is applied, as image viewers do (a phone photo stored sideways comes out upright).
-    16-bit samples are scaled to 8 bits, palette images expanded, CMYK/YCbCr converted to RGB.
+    16-bit samples are scaled to 8 bits, palette images expanded, CMYK/YCbCr converted to RGB. With
+    `high_bit_depth`, a file of more than 8 bits a sample (16-bit PNG or TIFF, 32-bit integer or float TIFF)
+    gives uint16 pixels and alpha at full precision instead; 8-bit files give what they give without it.
     Raises `ImageError` naming the file for a missing, unreadable, truncated or empty image, and for one of
     more than `max_pixels` pixels (a decompression bomb, or a very large photo: pass a higher limit or None).
     """
@@ -64,6 +119,11 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
                 raise ImageError(f"{path}: {w}x{h} is {w * h / 1e6:.1f} M pixels, above the limit of "
                                  f"{max_pixels / 1e6:.1f} M that guards against decompression bombs "
                                  f"(raise it with --max_image_pixels, 0 for no limit)")
+            try:  # counting frames scans a GIF or TIFF; a broken later frame must not lose the first
+                frames = getattr(im, "n_frames", 1)
+            except (OSError, EOFError, ValueError, SyntaxError):
+                frames = 1
+            rawmode = im.tile[0].args if im.format == "PNG" and len(im.tile) == 1 else None
             im.load()
             im = ImageOps.exif_transpose(im)
             mode = im.mode
@@ -74,6 +134,8 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
             a = np.asarray(im)
+        if high_bit_depth and rawmode in _PNG16_RAWMODES:
+            a = _read_png16(path, rawmode)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -82,13 +144,14 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
         raise ImageError(f"{path}: cannot read image ({e})") from None
     if a.size == 0 or a.shape[0] == 0 or a.shape[1] == 0:
         raise ImageError(f"{path}: image is empty")
+    convert = _to_uint16 if high_bit_depth and _deep(a) else _to_uint8
     alpha = None
     if a.ndim == 3 and a.shape[2] in (2, 4):
-        alpha = _to_uint8(a[..., -1])
+        alpha = convert(a[..., -1])
         a = a[..., :-1]
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    return Decoded(_to_uint8(a), alpha)
+    return Decoded(convert(a), alpha, frames)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -102,31 +165,97 @@ def as_rgb(pixels: np.ndarray) -> np.ndarray:
 
 
 def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray | None = None) -> None:
-    """Writes uint8 [H, W] or [H, W, 3] (plus optional alpha [H, W]); the format follows the extension."""
-    pixels = np.asarray(pixels, dtype=np.uint8)
+    """Writes uint8 [H, W] or [H, W, 3] (plus optional alpha [H, W]); the format follows the extension.
+
+    uint16 pixels (and alpha) are written as a 16-bit PNG, or reduced to 8 bits for any other format. The
+    file is written beside `path` and renamed, so that a failure (a full disk) leaves no half-written image
+    and an earlier file of that name as it was.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    image_format = Image.registered_extensions().get(ext)
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image file extension {ext!r}")
+    pixels = np.asarray(pixels)
+    deep = pixels.dtype == np.uint16 and image_format == "PNG"
+
+    def convert(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        if deep:
+            return _to_uint16(a)
+        return np.rint(a / 257.0).astype(np.uint8) if a.dtype == np.uint16 else np.asarray(a, dtype=np.uint8)
+
+    samples = convert(pixels)
+    samples = samples if samples.ndim == 3 else samples[..., None]
     if alpha is not None:
-        alpha = np.asarray(alpha, dtype=np.uint8)
-        pixels = np.concatenate([pixels if pixels.ndim == 3 else pixels[..., None], alpha[..., None]], axis=-1)
-        if pixels.shape[-1] == 2:
-            im = Image.fromarray(pixels, mode="LA")
-        else:
-            im = Image.fromarray(pixels, mode="RGBA")
-    else:
-        im = Image.fromarray(pixels)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    im.save(os.fspath(path))
+        samples = np.concatenate([samples, convert(alpha)[..., None]], axis=-1)
+    if deep and samples.shape[-1] > 1:  # Pillow writes 16-bit gray only
+        _write_atomically(path, lambda f: f.write(encode_png16(samples)))
+        return
+    im = Image.fromarray(samples[..., 0] if samples.shape[-1] == 1 else samples,
+                         mode={1: None, 2: "LA", 3: None, 4: "RGBA"}[samples.shape[-1]])
+    _write_atomically(path, lambda f: im.save(f, format=image_format))
 
 
-def list_images(folder: str | os.PathLike) -> list[str]:
-    """Sorted image files directly in `folder`; raises `ImageError` for a missing or empty folder."""
+def _write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def encode_png16(samples: np.ndarray, rows_per_band: int = 256) -> bytes:
+    """A 16-bit PNG file of uint16 [H, W, C] samples, C: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA.
+
+    Every row is Paeth-filtered (what photographs compress best with), `rows_per_band` rows at a time so that
+    the int16 temporaries stay small beside a large image."""
+    h, w, c = samples.shape
+    bpp = 2 * c  # bytes a pixel: the filters' left neighbour
+    data = np.ascontiguousarray(samples, dtype=">u2").view(np.uint8).reshape(h, w * bpp)
+    compressor = zlib.compressobj(6)
+    idat = []
+    for y in range(0, h, rows_per_band):
+        x = data[y:y + rows_per_band].astype(np.int16)
+        up = np.zeros_like(x)
+        up[0] = data[y - 1] if y > 0 else 0
+        up[1:] = x[:-1]
+        left, up_left = np.zeros_like(x), np.zeros_like(x)
+        left[:, bpp:], up_left[:, bpp:] = x[:, :-bpp], up[:, :-bpp]
+        p = left + up - up_left
+        pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - up_left)
+        predicted = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
+        rows = np.empty((len(x), 1 + w * bpp), np.uint8)
+        rows[:, 0] = 4  # Paeth
+        rows[:, 1:] = (x - predicted) & 255
+        idat.append(compressor.compress(rows.tobytes()))
+    idat.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(idat))
+            + _png_chunk(b"IEND", b""))
+
+
+def list_images(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
+    """Sorted image files (names ending in one of `extensions`) directly in `folder`; raises `ImageError` for a
+    missing or empty folder."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ImageError(f"{folder}: no such folder")
     files = sorted(
-        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
+        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(extensions)
     )
     if not files:
-        raise ImageError(f"{folder}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ImageError(f"{folder}: folder holds no image files ({', '.join(extensions)})")
     return files
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from rnan_jax import api, ensemble, metrics
+from rnan_jax import api, degrade, ensemble, metrics
 from rnan_jax.model import RNANConfig
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,12 @@ def check_float_image(lr: np.ndarray, tolerance: float = 1e-3) -> None:
         raise ValueError(f"float image values span [{low:.4g}, {high:.4g}]; expected [0, 1]{hint}")
 
 
+def _gray16(rgb: np.ndarray) -> np.ndarray:
+    """uint16 [..., 3] -> uint16 [...]: round(0.299 R + 0.587 G + 0.114 B), halves up (`metrics.rgb_to_gray`'s)."""
+    n = rgb.astype(np.int64) @ np.array([299, 587, 114], np.int64)
+    return ((2 * n + 1000) // 2000).astype(np.uint16)
+
+
 def is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
 
@@ -138,10 +144,11 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Super-resolves one image of any size: [H, W, 3] RGB or [H, W] gray -> [s*H, s*W(, 3)], same kind out.
 
-    image: uint8 (0..255), or float in [0, 1] (NaN, inf or values outside [0, 1] raise ValueError). uint8
-      output is clipped and rounded; float output is float32, not clipped (as `apply`). Gray is fed to the
-      model replicated to RGB, and its output reduced back to gray as round(0.299 R + 0.587 G + 0.114 B)
-      (the metrics' convention; unrounded for float).
+    image: uint8 (0..255), uint16 (0..65535, read at full precision: x / 65535), or float in [0, 1] (NaN, inf
+      or values outside [0, 1] raise ValueError). Integer output has the input's type, clipped and rounded;
+      float output is float32, not clipped (as `apply`). Gray is fed to the model replicated to RGB, and its
+      output reduced back to gray as round(0.299 R + 0.587 G + 0.114 B) (the metrics' convention; unrounded
+      for float).
     config: the architecture (default: read off `params`).
     tile: LR window side for tiled processing (None: the whole image at once; if that runs out of device
       memory, the largest of FALLBACK_TILES that fits is used, with a warning). overlap: LR pixels that
@@ -155,11 +162,13 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         raise ValueError(f"image must be [H, W, 3] or [H, W], got shape {image.shape}")
     if image.dtype == np.uint8:
         lr = image.astype(np.float32) / 255.0
+    elif image.dtype == np.uint16:
+        lr = image.astype(np.float32) / 65535.0
     elif np.issubdtype(image.dtype, np.floating):
         lr = image.astype(np.float32)
         check_float_image(lr)
     else:
-        raise TypeError(f"image must be uint8 or float, got {image.dtype}")
+        raise TypeError(f"image must be uint8, uint16 or float, got {image.dtype}")
     if lr.ndim == 2:
         lr = np.repeat(lr[..., None], 3, axis=-1)
     if tile is not None and not 0 <= overlap < tile:
@@ -178,6 +187,9 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         if image.dtype == np.uint8:
             sr = metrics.quantize(sr)
             return metrics.rgb_to_gray(sr) if image.ndim == 2 else sr
+        if image.dtype == np.uint16:
+            sr = degrade.round_half_up(np.clip(sr.astype(np.float64), 0.0, 1.0) * 65535.0).astype(np.uint16)
+            return _gray16(sr) if image.ndim == 2 else sr
         if image.ndim == 2:
             sr = sr[..., 0] * 0.299 + sr[..., 1] * 0.587 + sr[..., 2] * 0.114
         return sr.astype(np.float32)

@@ -3,14 +3,18 @@
     python -m rnan_jax.upscale --checkpoint WORKDIR photos/ extra.jpg --output out/ [--tile 256]
         [--overlap 32] [--self_ensemble] [--which latest|best|ema]
 
-Inputs are image files (anything Pillow reads) or folders (their image files, not recursing). Each
+Inputs are image files (anything Pillow reads) or folders (their files with an `images.READABLE_EXTENSIONS`
+extension, GIF included, not recursing; of an animated file the first frame, with a note). Each
 `<name>.<ext>` is written as `<output>/<name>_x<scale>.png`: PNG always, so outputs are lossless and keep
-grayscale and alpha. Gray stays gray; alpha is upscaled with MATLAB-style bicubic `imresize`; 16-bit input
-is read as 8 bits and written as 8 bits. An output path that is one of the inputs is never written (that
-file is reported as failed), nor is one that an earlier input of the same run already produced; outputs of
-earlier runs are replaced. A file that cannot be read or upscaled is reported by name and the rest go on;
-the exit status is 1 if any input failed, 2 for an unusable checkpoint.
+grayscale, alpha and bit depth. Gray stays gray; alpha is upscaled with MATLAB-style bicubic `imresize`;
+16-bit input goes into the model at full precision and comes out as a 16-bit PNG (8-bit input as 8-bit).
+Inputs that differ only in extension (`a.png`, `a.jpg`) are written as `<name>_<ext>_x<scale>.png`, with a
+note. An output path that is one of the inputs is never written (that file is reported as failed), nor is
+one that another input of the same run produces; outputs of earlier runs are replaced, each only once its
+new file is complete. A file that cannot be read, upscaled or written is reported by name in one line and
+the rest go on; the exit status is 1 if any input failed, 2 for an unusable checkpoint or --output.
 
+`--overlap` defaults to 32 LR pixels, or half of a `--tile` of 64 or less.
 Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR
 pixel for the paper's x4 model); one that does not fit is tiled automatically, in the largest window that
 fits (a warning says which). `--tile` bounds memory by the window (a second progress bar counts windows);
@@ -24,6 +28,7 @@ import sys
 from typing import Sequence
 
 import jax
+import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
@@ -37,7 +42,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     files, errors, seen = [], [], set()
     for path in inputs:
         try:
-            found = images.list_images(path) if os.path.isdir(path) else [path]
+            found = images.list_images(path, images.READABLE_EXTENSIONS) if os.path.isdir(path) else [path]
         except images.ImageError as e:
             errors.append(str(e))
             continue
@@ -48,19 +53,29 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, errors
 
 
-def output_path(input_path: str, output_dir: str, scale: int) -> str:
-    stem = os.path.splitext(os.path.basename(input_path))[0]
+def output_path(input_path: str, output_dir: str, scale: int, *, with_extension: bool = False) -> str:
+    """`<output_dir>/<stem>_x<scale>.png`, or `<stem>_<ext>_x<scale>.png` `with_extension`."""
+    stem, ext = os.path.splitext(os.path.basename(input_path))
+    if with_extension and ext:
+        stem = f"{stem}_{ext[1:].lower()}"
     return os.path.join(output_dir, f"{stem}_x{scale}.png")
 
 
-def plan(files: Sequence[str], output_dir: str, scale: int) -> tuple[list[tuple[str, str]], list[str]]:
-    """([(input, output)], error messages), refusing any output that is an input or is another input's output."""
+def plan(files: Sequence[str], output_dir: str, scale: int
+         ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """([(input, output)], error messages, notes), refusing any output that is an input or is another input's
+    output. Inputs whose plain outputs would be the same file get their extension in the name (a note each)."""
     inputs = {os.path.realpath(f) for f in files}
+    plain = [os.path.realpath(output_path(f, output_dir, scale)) for f in files]
+    shared = {p for p in plain if plain.count(p) > 1}
     taken: dict[str, str] = {}
-    jobs, errors = [], []
-    for f in files:
-        out = output_path(f, output_dir, scale)
+    jobs, errors, notes = [], [], []
+    for f, first in zip(files, plain):
+        out = output_path(f, output_dir, scale, with_extension=first in shared)
         real = os.path.realpath(out)
+        if first in shared and real != first:
+            others = [g for g, p in zip(files, plain) if p == first and g != f]
+            notes.append(f"{f}: written as {out}, since {', '.join(others)} would have the same output name")
         if real in inputs:
             errors.append(f"{f}: its output {out} is an input file; not overwriting it (choose another --output)")
         elif real in taken:
@@ -68,26 +83,43 @@ def plan(files: Sequence[str], output_dir: str, scale: int) -> tuple[list[tuple[
         else:
             taken[real] = f
             jobs.append((f, out))
-    return jobs, errors
+    return jobs, errors, notes
+
+
+def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+    """MATLAB-style bicubic upscaling of a uint8 or uint16 alpha [H, W], rounded and clipped to its type."""
+    if alpha.dtype == np.uint8:
+        return degrade.imresize(alpha, scale)
+    out = degrade.round_half_up(degrade.imresize(alpha.astype(np.float64), scale))
+    return np.clip(out, 0, np.iinfo(alpha.dtype).max).astype(alpha.dtype)
 
 
 def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: str, *,
-                 max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **kwargs) -> None:
-    """Reads `src`, upscales its colour (gray stays gray) and alpha, writes `dst`. kwargs as `upscale_image`.
+                 max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **kwargs) -> int:
+    """Reads `src`, upscales its colour (gray stays gray) and alpha at the file's bit depth, writes `dst`.
+    kwargs as `upscale_image`. Returns the file's frame count (its first frame is what was upscaled).
 
-    Raises `images.ImageError` naming `src` for an unreadable file or one above `max_pixels` pixels."""
-    decoded = images.decode(src, max_pixels=max_pixels)
+    Raises `images.ImageError` naming `src` for an unreadable file, one above `max_pixels` pixels, or an
+    output that cannot be written."""
+    decoded = images.decode(src, max_pixels=max_pixels, high_bit_depth=True)
     sr = inference.upscale_image(params, decoded.pixels, config=config, **kwargs)
-    alpha = None if decoded.alpha is None else degrade.imresize(decoded.alpha, config.scale)
-    images.write_image(dst, sr, alpha)
+    alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, config.scale)
+    try:
+        images.write_image(dst, sr, alpha)
+    except OSError as e:  # a full disk, a folder in the way: the partial file is gone, an earlier `dst` kept
+        raise images.ImageError(f"{src}: cannot write {dst} ({e.strerror or e})") from None
+    return decoded.frames
 
 
 def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if len(argv) < 2:
         raise app.UsageError("give one or more input images or folders")
-    if FLAGS.tile is not None and FLAGS.overlap >= FLAGS.tile:
-        raise app.UsageError(f"--overlap ({FLAGS.overlap}) must be smaller than --tile ({FLAGS.tile})")
+    overlap = FLAGS.overlap
+    if FLAGS.tile is not None and not FLAGS["overlap"].present:
+        overlap = min(overlap, FLAGS.tile // 2)  # the default, fitted to a small --tile
+    if FLAGS.tile is not None and overlap >= FLAGS.tile:
+        raise app.UsageError(f"--overlap ({overlap}) must be smaller than --tile ({FLAGS.tile})")
     env.prepare_process()
     env.enable_compilation_cache()
     try:
@@ -96,10 +128,12 @@ def main(argv: Sequence[str]) -> None:
         print(f"upscale: cannot load --checkpoint: {e}", file=sys.stderr)
         sys.exit(2)
     files, errors = expand_inputs(argv[1:])
-    jobs, plan_errors = plan(files, FLAGS.output, config.scale)
+    jobs, plan_errors, notes = plan(files, FLAGS.output, config.scale)
     errors += plan_errors
     for message in errors:
         print(f"failed: {message}", file=sys.stderr)
+    for message in notes:
+        print(f"note: {message}", file=sys.stderr)
     if (error := cli.output_folder_error(FLAGS.output)) is not None:
         print(f"upscale: {error}", file=sys.stderr)
         sys.exit(2)
@@ -115,10 +149,12 @@ def main(argv: Sequence[str]) -> None:
             windows.update(count - windows.n)
 
         try:
-            upscale_file(params, config, src, dst, tile=FLAGS.tile, overlap=FLAGS.overlap,
-                         self_ensemble=FLAGS.self_ensemble, progress=progress,
-                         max_pixels=FLAGS.max_image_pixels or None)
+            frames = upscale_file(params, config, src, dst, tile=FLAGS.tile, overlap=overlap,
+                                  self_ensemble=FLAGS.self_ensemble, progress=progress,
+                                  max_pixels=FLAGS.max_image_pixels or None)
             done += 1
+            if frames > 1:
+                tqdm.write(f"note: {src}: has {frames} frames; upscaled the first", file=sys.stderr)
         except (images.ImageError, OSError, ValueError, jax.errors.JaxRuntimeError) as e:
             # JaxRuntimeError: typically out of device memory, after upscale_image's own fallback to tiles.
             message = str(e) if isinstance(e, images.ImageError) else f"{src}: {type(e).__name__}: {e}"
@@ -143,8 +179,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("which", "latest", list(WHICH), "Which parameters of --checkpoint.")
     flags.DEFINE_integer("tile", None, "Upscale in overlapping TILE x TILE LR windows, bounding device memory "
                          "(default: whole images).", lower_bound=1)
-    flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring windows.",
-                         lower_bound=0)
+    flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring windows "
+                         "(default: 32, or half of a --tile of 64 or less).", lower_bound=0)
     flags.DEFINE_bool("self_ensemble", False, "Average the 8 flips/rotations (RNAN+; 8x slower).")
     flags.DEFINE_integer("max_image_pixels", images.DEFAULT_MAX_PIXELS, "Refuse (per file, the rest going on) "
                          "images of more pixels than this, a guard against decompression bombs; 0: no limit.",

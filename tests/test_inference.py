@@ -79,7 +79,7 @@ def test_kinds_in_are_kinds_out(params):
 def test_rejects_what_it_cannot_upscale(params):
     with pytest.raises(ValueError, match="shape"):
         upscale_image(params, np.zeros((8, 8, 4), np.uint8))
-    with pytest.raises(TypeError, match="uint8 or float"):
+    with pytest.raises(TypeError, match="uint8, uint16 or float"):
         upscale_image(params, np.zeros((8, 8, 3), np.int16))
     with pytest.raises(ValueError, match="overlap"):
         upscale_image(params, np.zeros((20, 20, 3), np.uint8), tile=8, overlap=8)
@@ -189,9 +189,8 @@ def test_cli_gray_rgba_16bit_and_a_corrupt_file(tmp_path, workdir, params):
     np.testing.assert_array_equal(got[..., :3], expected(rgb))
     np.testing.assert_array_equal(got[..., 3], degrade.imresize(alpha, 2))
     with Image.open(out / "deep_x2.png") as im:
-        assert im.mode == "L"  # 16-bit in, 8-bit out
-        deep8 = np.clip(np.rint(deep / 257.0), 0, 255).astype(np.uint8)
-        np.testing.assert_array_equal(np.asarray(im), expected(deep8))
+        assert im.mode == "I;16"  # 16-bit in, 16-bit out, computed from all 16 bits
+        np.testing.assert_array_equal(np.asarray(im), expected(deep))
     with Image.open(out / "single_x2.png") as im:
         np.testing.assert_array_equal(np.asarray(im), expected(rgb[:, ::-1]))
     with Image.open(out / "rgb_x2.png") as im, Image.open(photos / "rgb.jpg") as src:
@@ -381,3 +380,147 @@ def test_cli_works_beside_a_clone_named_rnan_jax(tmp_path, workdir):
                            "out"], cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr
     assert os.listdir(tmp_path / "out") == ["a_x2.png"]
+
+
+# 16-bit files, formats beyond the datasets', name collisions, small tiles, failed writes.
+
+def _gradient16(h, w):
+    """uint16 RGB whose samples mostly are not 8-bit values scaled up (multiples of 257)."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 65535 // (w - 1), y * 65535 // (h - 1), (x + y) * 65535 // (h + w - 2)],
+                    axis=-1).astype(np.uint16)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16bit_png_round_trip(tmp_path, channels):
+    from rnan_jax import images
+
+    samples = np.random.default_rng(channels).integers(0, 65536, (19, 23, channels)).astype(np.uint16)
+    pixels = samples[..., 0] if channels <= 2 else samples[..., :3]
+    alpha = samples[..., -1] if channels in (2, 4) else None
+    images.write_image(tmp_path / "a.png", pixels, alpha)
+    with Image.open(tmp_path / "a.png") as im:  # a real 16-bit PNG: Pillow reads its header and 8-bit view
+        assert im.size == (23, 19) and im.mode == {1: "I;16", 2: "RGBA", 3: "RGB", 4: "RGBA"}[channels]
+        if channels == 1:
+            np.testing.assert_array_equal(np.asarray(im), pixels)
+        else:
+            np.testing.assert_array_equal(np.asarray(im)[..., :3 if channels > 2 else 1],
+                                          (samples[..., :3 if channels > 2 else 1] >> 8).astype(np.uint8))
+    decoded = images.decode(tmp_path / "a.png", high_bit_depth=True)
+    assert decoded.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(decoded.pixels, pixels)
+    if alpha is None:
+        assert decoded.alpha is None
+    else:
+        np.testing.assert_array_equal(decoded.alpha, alpha)
+    assert images.decode(tmp_path / "a.png").pixels.dtype == np.uint8  # the default stays 8 bits
+    # 8-bit files decode as without high_bit_depth
+    Image.fromarray((pixels >> 8).astype(np.uint8)).save(tmp_path / "b.png")
+    assert images.decode(tmp_path / "b.png", high_bit_depth=True).pixels.dtype == np.uint8
+
+
+def test_16bit_decoder_applies_exif_orientation_and_banded_encoder_agrees(tmp_path):
+    from rnan_jax import images
+
+    samples = _gradient16(10, 30)
+    png = images.encode_png16(samples, rows_per_band=3)
+    assert png == images.encode_png16(samples)  # bands do not change the file
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    (tmp_path / "r.png").write_bytes(png[:33] + images._png_chunk(b"eXIf", exif.tobytes()) + png[33:])
+    np.testing.assert_array_equal(images.decode(tmp_path / "r.png", high_bit_depth=True).pixels,
+                                  np.rot90(samples, -1))
+
+
+def test_upscale_image_keeps_16_bits(params):
+    image = _gradient16(11, 15)
+    expected = np.asarray(reference(params, image.astype(np.float32) / 65535, config=TINY), np.float64)
+    out = upscale_image(params, image)
+    assert out.dtype == np.uint16 and out.shape == (22, 30, 3)
+    np.testing.assert_array_equal(out, np.floor(np.clip(expected, 0, 1) * 65535 + 0.5).astype(np.uint16))
+    assert (out % 257 != 0).mean() > 0.9
+    gray = upscale_image(params, image[..., 0])
+    assert gray.dtype == np.uint16 and gray.shape == (22, 30)
+    rgb = upscale_image(params, np.repeat(image[..., :1], 3, -1)).astype(np.int64)
+    np.testing.assert_array_equal(gray, (2 * (rgb @ [299, 587, 114]) + 1000) // 2000)
+
+
+def test_failed_write_leaves_no_partial_file_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    from rnan_jax import images
+
+    path = tmp_path / "a.png"
+    images.write_image(path, _photo(8, 8))
+    before = path.read_bytes()
+
+    def full_disk(im, fp, filename, *args):
+        fp.write(b"\x89PNG half an image")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(Image.SAVE, "PNG", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        images.write_image(path, _photo(8, 8)[::-1])
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["a.png"]
+
+
+def test_plan_names_inputs_that_differ_only_in_extension_apart(tmp_path):
+    from rnan_jax import upscale
+
+    a, b, c = str(tmp_path / "x" / "a.png"), str(tmp_path / "x" / "a.JPG"), str(tmp_path / "y" / "a.png")
+    out = str(tmp_path / "out")
+    jobs, errors, notes = upscale.plan([a, b, str(tmp_path / "b.png")], out, 2)
+    assert jobs == [(a, f"{out}/a_png_x2.png"), (b, f"{out}/a_jpg_x2.png"),
+                    (str(tmp_path / "b.png"), f"{out}/b_x2.png")]
+    assert errors == [] and notes == [f"{a}: written as {out}/a_png_x2.png, since {b} would have the same output name",
+                                      f"{b}: written as {out}/a_jpg_x2.png, since {a} would have the same output name"]
+    jobs, errors, _ = upscale.plan([a, c], out, 2)  # the same name in two folders: no extension tells them apart
+    assert jobs == [(a, f"{out}/a_png_x2.png")]
+    assert errors == [f"{c}: its output {out}/a_png_x2.png is also that of {a}; rename one of them"]
+
+
+def test_cli_16bit_gif_collisions_small_tile_and_failed_write(tmp_path, workdir, params):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from rnan_jax import images
+
+    deep = _gradient16(12, 16)
+    images.write_image(photos / "deep.png", deep)
+    rgb = _photo(12, 16)
+    Image.fromarray(rgb).save(photos / "a.png")
+    Image.fromarray(rgb[::-1]).save(photos / "a.jpg", quality=95)
+    frames = [Image.fromarray(rgb).convert("P"), Image.fromarray(rgb[::-1]).convert("P")]
+    frames[0].save(photos / "anim.gif", save_all=True, append_images=frames[1:])
+    out = tmp_path / "out"
+    (out / "z_x2.png").mkdir(parents=True)  # a folder where z.png's output goes
+    Image.fromarray(rgb).save(photos / "z.png")
+
+    proc = _cli("--checkpoint", workdir, str(photos), "--output", str(out), "--tile", "8", cache=tmp_path / "xla")
+    assert proc.returncode == 1, proc.stderr
+    assert f"failed: {photos / 'z.png'}: cannot write {out / 'z_x2.png'} (Is a directory)" in proc.stderr
+    assert f"note: {photos / 'a.jpg'}: written as {out / 'a_jpg_x2.png'}" in proc.stderr
+    assert f"note: {photos / 'anim.gif'}: has 2 frames; upscaled the first" in proc.stderr
+    assert "wrote 4 image(s)" in proc.stderr and "1 failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(os.listdir(out)) == ["a_jpg_x2.png", "a_png_x2.png", "anim_x2.png", "deep_x2.png", "z_x2.png"]
+
+    def expected(pixels):  # --tile 8 without --overlap: overlap 4, half the tile
+        return upscale_image(params, pixels, tile=8, overlap=4)
+
+    sr = images.decode(out / "deep_x2.png", high_bit_depth=True).pixels
+    assert sr.dtype == np.uint16 and sr.shape == (24, 32, 3)
+    assert (sr % 257 != 0).any()
+    np.testing.assert_array_equal(sr, expected(deep))
+    with Image.open(out / "a_png_x2.png") as im:  # 8-bit in: what it was before 16-bit support
+        assert im.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(im), expected(rgb))
+    with Image.open(photos / "anim.gif") as gif, Image.open(out / "anim_x2.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), expected(np.asarray(gif.convert("RGB"))))
+
+
+def test_upscale_folder_scans_take_gif_but_dataset_scans_do_not(tmp_path):
+    from rnan_jax import images
+
+    Image.fromarray(_photo(8, 8)).save(tmp_path / "a.gif")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert images.list_images(tmp_path, images.READABLE_EXTENSIONS) == [str(tmp_path / "a.gif")]
+    with pytest.raises(images.ImageError, match="folder holds no image files"):
+        images.list_images(tmp_path)
