@@ -48,9 +48,10 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.floating):
         return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
-    a = a.astype(np.int64)
-    peak = 65535 if a.max(initial=0) > 255 else 255
-    return np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)
+    # 16-bit types are scaled by their range, not their values: a dark 16-bit image (every sample <= 255) is
+    # dark, not 8-bit. Pillow's 32-bit mode I does not say its depth: above 255 is taken as 16-bit.
+    peak = 65535 if a.dtype.itemsize == 2 or a.max(initial=0) > 255 else 255
+    return np.clip(np.rint(a.astype(np.int64) * (255.0 / peak)), 0, 255).astype(np.uint8)
 
 
 def _to_uint16(a: np.ndarray) -> np.ndarray:
@@ -78,7 +79,8 @@ _PNG16_RAWMODES = ("RGB;16B", "RGBA;16B", "LA;16B")
 def _load_with_rawmode(path: str, rawmode: str) -> np.ndarray:
     """A PNG decoded by Pillow (filters, interlacing, EXIF orientation) but unpacked with `rawmode`."""
     with Image.open(path) as im:
-        im.tile = [im.tile[0]._replace(args=rawmode)]
+        tile = im.tile[0]  # (codec, extents, offset, args): a tuple before Pillow 11, a named one since
+        im.tile = [type(tile)(*tile[:3], rawmode) if hasattr(tile, "_replace") else (*tile[:3], rawmode)]
         im.load()
         return np.asarray(ImageOps.exif_transpose(im))
 
@@ -105,9 +107,10 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     """Reads an image file, keeping grayscale as gray and alpha apart from the colour channels.
 
     The EXIF orientation is applied, as image viewers do (a phone photo stored sideways comes out upright).
-    16-bit samples are scaled to 8 bits, palette images expanded, CMYK/YCbCr converted to RGB. With
-    `high_bit_depth`, a file of more than 8 bits a sample (16-bit PNG or TIFF, 32-bit integer or float TIFF)
-    gives uint16 pixels and alpha at full precision instead; 8-bit files give what they give without it.
+    16-bit samples are scaled to 8 bits (rounded, by the type's range: a dark 16-bit image stays dark), palette
+    images expanded, CMYK/YCbCr converted to RGB. With `high_bit_depth`, a file of more than 8 bits a sample
+    (16-bit PNG or TIFF, 32-bit integer or float TIFF) gives uint16 pixels and alpha at full precision instead;
+    8-bit files give what they give without it.
     Raises `ImageError` naming the file for a missing, unreadable, truncated or empty image, and for one of
     more than `max_pixels` pixels (a decompression bomb, or a very large photo: pass a higher limit or None).
     """
@@ -123,7 +126,7 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
                 frames = getattr(im, "n_frames", 1)
             except (OSError, EOFError, ValueError, SyntaxError):
                 frames = 1
-            rawmode = im.tile[0].args if im.format == "PNG" and len(im.tile) == 1 else None
+            rawmode = im.tile[0][3] if im.format == "PNG" and len(im.tile) == 1 else None
             im.load()
             im = ImageOps.exif_transpose(im)
             mode = im.mode
@@ -134,7 +137,7 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
             a = np.asarray(im)
-        if high_bit_depth and rawmode in _PNG16_RAWMODES:
+        if rawmode in _PNG16_RAWMODES:  # also for 8 bits: rounded from 16 (Pillow truncates) and LA stays gray
             a = _read_png16(path, rawmode)
     except ImageError:
         raise

@@ -419,6 +419,28 @@ def test_16bit_png_round_trip(tmp_path, channels):
     assert images.decode(tmp_path / "b.png", high_bit_depth=True).pixels.dtype == np.uint8
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16bit_png_read_as_8_bits_is_rounded_by_the_type_and_keeps_gray(tmp_path, channels):
+    """The default (evaluation, training) path: 16 -> 8 bits as round(v / 257) whatever the image's values
+    (a dark 16-bit image, every sample <= 255, came out as if 8-bit, up to 257x too bright; Pillow's own 8-bit
+    view of colour truncates, 255 -> 0), and 16-bit gray + alpha stays gray (it came out RGB)."""
+    from rnan_jax import images
+
+    samples = np.random.default_rng(channels).integers(0, 256, (9, 11, channels)).astype(np.uint16)
+    samples[0, 0] = 255  # truncation gives 0, rounding 1
+    pixels = samples[..., 0] if channels <= 2 else samples[..., :3]
+    alpha = samples[..., -1] if channels in (2, 4) else None
+    images.write_image(tmp_path / "dark.png", pixels, alpha)
+    decoded = images.decode(tmp_path / "dark.png")
+    expected = np.rint(samples / 257.0).astype(np.uint8)
+    assert decoded.pixels.dtype == np.uint8 and decoded.pixels.shape == pixels.shape
+    np.testing.assert_array_equal(decoded.pixels, expected[..., 0] if channels <= 2 else expected[..., :3])
+    if alpha is None:
+        assert decoded.alpha is None
+    else:
+        np.testing.assert_array_equal(decoded.alpha, expected[..., -1])
+
+
 def test_16bit_decoder_applies_exif_orientation_and_banded_encoder_agrees(tmp_path):
     from rnan_jax import images
 
@@ -427,7 +449,8 @@ def test_16bit_decoder_applies_exif_orientation_and_banded_encoder_agrees(tmp_pa
     assert png == images.encode_png16(samples)  # bands do not change the file
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW to display
-    (tmp_path / "r.png").write_bytes(png[:33] + images._png_chunk(b"eXIf", exif.tobytes()) + png[33:])
+    tiff = exif.tobytes().removeprefix(b"Exif\x00\x00")  # PNG's eXIf holds the TIFF bytes alone (Pillow 10 adds it)
+    (tmp_path / "r.png").write_bytes(png[:33] + images._png_chunk(b"eXIf", tiff) + png[33:])
     np.testing.assert_array_equal(images.decode(tmp_path / "r.png", high_bit_depth=True).pixels,
                                   np.rot90(samples, -1))
 
