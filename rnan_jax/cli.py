@@ -111,6 +111,8 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
 def output_folder_error(path: str, flag: str = "--output") -> str | None:
     """None when `path` is a folder this process can write into (created if need be), else one line saying
     why not: checked before any work, so that a typo or a file in the way costs nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{flag} {path}: is a file, not a folder"
     try:
         os.makedirs(path, exist_ok=True)
         if not os.access(path, os.W_OK):

@@ -96,7 +96,7 @@ def test_cli_misuse_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--method", "bicubic", "--output",
                            str(in_the_way)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr.strip().splitlines(), proc.stdout) == (
-        1, [f"evaluate: --output {in_the_way}: cannot create or write that folder (File exists)"], "")
+        1, [f"evaluate: --output {in_the_way}: is a file, not a folder"], "")
 
 
 def test_cli_refuses_a_missing_sr_dir_and_report_files_in_the_way_before_scoring(tmp_path):

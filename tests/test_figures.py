@@ -63,7 +63,7 @@ def test_cli_refuses_bad_flags_in_one_line_before_any_work(tmp_path, capsys):
     in_the_way = tmp_path / "file"
     in_the_way.write_text("")
     cases = ((["curve", "--workdir", str(tmp_path), "--output", str(in_the_way / "f.png")],
-              f"figures: --output's folder {in_the_way}: cannot create or write that folder (File exists)"),
+              f"figures: --output's folder {in_the_way}: is a file, not a folder"),
              (["curve", "--workdir", str(tmp_path), "--output", str(tmp_path / "f.png"), "--reference", "37.05"],
               "figures: --reference takes NAME=DB, e.g. 'FSRCNN (paper)=37.05', got '37.05'"),
              (["compare", "--checkpoint", str(tmp_path / "nope"), "--image", "Set5/baby", "--box", "1,2,x",
