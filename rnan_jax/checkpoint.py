@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -63,15 +64,19 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, state: Any, meta: d
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
     """(state, meta) of checkpoint `step`, restored onto the shardings of `target` (a `step.TrainState` of
-    arrays or ShapeDtypeStructs). Raises CheckpointError for an item with a file missing, else what orbax
-    raises for unreadable files."""
+    arrays or ShapeDtypeStructs). A checkpoint saved without EMA (optim.ema_decay 0) restored for a target
+    with one gives `state.ema` None: the caller starts the EMA. Raises CheckpointError for an item with a
+    file missing, else what orbax raises for unreadable files."""
     from rnan_jax.step import TrainState
 
     quiet_failed_reads()
+    step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+    if target.ema is not None and not paths.exists(os.path.join(step_dir, "ema")):
+        target = target.replace(ema=None)
     items = _state_items(target, None, restore=True)
     for item in items:
         if item != "meta":
-            check_item(os.path.join(os.fspath(mngr.directory), str(step), item))
+            check_item(os.path.join(step_dir, item))
     r = mngr.restore(step, args=ocp.args.Composite(**items))
     state = TrainState(step=r["opt"]["step"], params=r["params"], opt_state=r["opt"]["opt_state"],
                        ema=r["ema"] if target.ema is not None else None, loss_avg=r["opt"]["loss_avg"])
@@ -79,9 +84,26 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> 
 
 
 def save_best(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    """Saves the parameters (and EMA) of the best validation so far under `best/` (params, ema, meta)."""
+    """Saves the parameters (and EMA) of the best validation so far under `best/` (params, ema, meta).
+
+    A step at or after `step` already there was left by a run that went further and was lost (resumed from an
+    earlier checkpoint); the caller only saves above its PSNR (`best_psnr`), so it is replaced. orbax would
+    otherwise skip the save (a step not after its latest) and keep the stale one."""
     items = {k: v for k, v in _state_items(state, meta, restore=False).items() if k != "opt"}
-    mngr.save(step, args=ocp.args.Composite(**items))
+    for stale in mngr.all_steps():
+        if stale >= step:
+            mngr.delete(stale)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def best_psnr(directory: str) -> float:
+    """The validation PSNR recorded with the newest checkpoint in `directory` (a `best/` folder); -inf when
+    there is none or its record is unreadable."""
+    steps = complete_steps(directory)
+    try:
+        return float(read_meta(directory, steps[-1])["val_psnr"]) if steps else -math.inf
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return -math.inf
 
 
 def meta_for(config: RNANConfig, step: int, **metrics: Any) -> dict:

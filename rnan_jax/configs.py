@@ -90,9 +90,10 @@ class TrainConfig:
     num_val_images_logged: int = 3  # LR/bicubic/SR/HR comparisons written to TensorBoard per validation
 
     def __post_init__(self):
-        for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
+        for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        _check_optim(self.optim)
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> TrainConfig:
@@ -101,6 +102,22 @@ class TrainConfig:
         return cls(model=model, optim=OptimConfig(**c.optim.to_dict(), total_steps=c.total_steps),
                    data=data.DataConfig.from_config(c.data, scale=model.scale),
                    execution=ExecutionConfig(**c.execution.to_dict()), **top)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """Raises ValueError (one line) for optimizer values that would train silently wrong: a negative rate, a
+    warmup that never ends inside the run, a step schedule that never decays, an EMA that never moves."""
+    if o.lr < 0 or o.grad_clip < 0 or o.skip_threshold < 0 or o.eps < 0:
+        raise ValueError(f"optim.lr, grad_clip, skip_threshold and eps must be >= 0; got {o.lr}, {o.grad_clip}, "
+                         f"{o.skip_threshold} and {o.eps}")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and 0 <= o.ema_decay < 1):
+        raise ValueError(f"optim.b1, b2 and ema_decay must be in [0, 1); got {o.b1}, {o.b2} and {o.ema_decay}")
+    if not 0 <= o.warmup_steps < o.total_steps:
+        raise ValueError(f"optim.warmup_steps must be in [0, total_steps {o.total_steps}), got {o.warmup_steps} (a "
+                         "warmup as long as the run never reaches optim.lr)")
+    if o.schedule == "step" and (o.decay_every <= 0 or o.decay_factor <= 0):
+        raise ValueError(f"optim.schedule 'step' needs a positive decay_every and decay_factor; got "
+                         f"{o.decay_every} and {o.decay_factor}")
 
 
 def default_config() -> ml_collections.ConfigDict:

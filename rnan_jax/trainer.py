@@ -182,6 +182,10 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
                                  f"--config.init_from={workdir} to start from its matching parameters)")
             try:
                 state, meta = checkpoint.restore_train_state(mngr, at, target)
+                if target.ema is not None and state.ema is None:  # EMA switched on for this run: start it here
+                    state = state.replace(ema=jax.tree_util.tree_map(jnp.copy, state.params))
+                    _log(f"{directory}/{at} holds no EMA (saved with optim.ema_decay 0): the EMA starts from "
+                         "its parameters")
                 it.set_state({"next_batch": int(state.step)})  # one batch per step: global batch `step` is next
                 return state, meta, at
             except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
@@ -231,6 +235,23 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     return "\n".join(lines)
 
 
+def _prepare_workdir(workdir: str) -> None:
+    """Refuses a file where the workdir or one of the folders the run writes goes, and creates the workdir,
+    before anything is read or trained: orbax otherwise failed at the first save, from its save thread, with
+    a traceback."""
+    if paths.exists(workdir) and not paths.isdir(workdir):
+        raise ValueError(f"--workdir {workdir}: a file is in the way (the workdir is a folder)")
+    for name in (checkpoint.CHECKPOINTS, checkpoint.BEST, "tensorboard", checkpoint.CHECKPOINTS + "_damaged"):
+        path = os.path.join(workdir, name)
+        if paths.exists(path) and not paths.isdir(path):
+            raise ValueError(f"--workdir {workdir}: a file is in the way at {path} (the run writes a folder there)")
+    if jax.process_index() == 0:
+        try:
+            paths.makedirs(workdir)
+        except OSError as e:
+            raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: int | None = None) -> dict[str, float]:
     """Trains (resuming from the latest checkpoint in `workdir`), validates and checkpoints.
@@ -241,8 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     cfg = TrainConfig.from_config(config)
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
-    if paths.exists(workdir) and not paths.isdir(workdir):
-        raise ValueError(f"--workdir {workdir}: a file is in the way (the workdir is a folder)")
+    _prepare_workdir(workdir)
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
@@ -252,12 +272,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          cfg.execution.cast_once, cfg.execution.remat_policy)
     train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)
 
-    it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
-    validator = _Validator(cfg)
+    # The managers (which create their folders) before the data, which can take minutes to prepare: a workdir
+    # that cannot be written fails first.
     mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), max_to_keep=cfg.keep_checkpoints)
     # Synchronous: orbax names its multi-host barrier for an async save by the step alone, so two managers
     # saving the same step asynchronously collide ("Barrier _async_write_complete.<step> is already ongoing").
     best_mngr = checkpoint.manager(os.path.join(workdir, checkpoint.BEST), max_to_keep=1, async_save=False)
+    it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
+    validator = _Validator(cfg)
 
     rng = jax.random.key(cfg.seed)
     abstract = jax.eval_shape(partial(step.create_state, spec=spec), rng)
@@ -274,6 +296,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             params = _init_from(cfg, init(rng, cfg.model))
         state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(rng, params)
         _write_run_info(workdir, config)
+    # best/ may hold a step past the resumed one (validated, then lost before its checkpoint): a new best must
+    # beat it too, or the one there is kept.
+    best_psnr = max(best_psnr, checkpoint.best_psnr(os.fspath(best_mngr.directory)))
     _log(f"RNAN x{cfg.model.scale} on {n_dev} {jax.devices()[0].platform} device(s), {jax.process_count()} "
          f"process(es); global batch {cfg.batch_size}; parameters:\n{summary.parameter_table(state.params)}")
     _log(f"validation: {len(validator.pairs)} image(s), bicubic PSNR {validator.bicubic_psnr:.3f} dB")

@@ -88,3 +88,29 @@ def test_block_unroll_unrolls_the_rna_block_scan_apart():
     train = TrainConfig.from_config(config)
     model = api.build(train.model, scan_unroll=train.execution.unroll)
     assert model.scan_unroll == (1, True)  # CPU, 200 blocks: the groups rolled; the blocks as asked
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("keep_checkpoints", 0, "keep_checkpoints must be positive, got 0"),
+    ("keep_checkpoints", -1, "keep_checkpoints must be positive, got -1"),
+    ("optim.warmup_steps", 1_000_000, r"optim.warmup_steps must be in \[0, total_steps 1000000\), got 1000000"),
+    ("optim.warmup_steps", -5, r"optim.warmup_steps must be in \[0, total_steps 1000000\), got -5"),
+    ("optim.decay_every", 0, "optim.schedule 'step' needs a positive decay_every and decay_factor; got 0 and 0.5"),
+    ("optim.lr", -1e-4, "optim.lr, grad_clip, skip_threshold and eps must be >= 0"),
+    ("optim.ema_decay", 1.0, r"optim.b1, b2 and ema_decay must be in \[0, 1\)"),
+])
+def test_values_that_would_train_silently_wrong_fail_in_one_line(key, value, message):
+    """Each of these used to train: keep_checkpoints 0 as 'keep all', -1 failing in orbax after the data was
+    read, a warmup longer than the run never reaching optim.lr, decay_every 0 a constant rate, ..."""
+    config = _load("x4")
+    *parents, leaf = key.split(".")
+    (config[parents[0]] if parents else config)[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_config(config)
+
+
+def test_edge_values_that_fit_still_convert():
+    config = _load("demo")
+    config.optim.update(warmup_steps=config.total_steps - 1, decay_every=0, lr=0.0)  # cosine: decay_every unused
+    config.keep_checkpoints = 1
+    assert TrainConfig.from_config(config).optim.warmup_steps == 599

@@ -1,4 +1,5 @@
 """Training: the real experiment config shrunk, exact resume, preemption, NaN, init_from, devices, hosts."""
+import json
 import os
 import re
 import runpy
@@ -188,6 +189,21 @@ def test_cli_refuses_a_workdir_that_is_a_file(tmp_path):
     assert (r.returncode, r.stderr.strip().splitlines()) == (
         1, [f"error: --workdir {in_the_way}: a file is in the way (the workdir is a folder)"])
     assert in_the_way.read_text() == "notes"
+
+
+def test_a_file_where_the_run_writes_a_folder_is_refused_before_training(images, tmp_path):
+    """A file at workdir/checkpoints (or a workdir under a file) used to fail at the first save, steps into the
+    run, with a traceback from orbax's save thread."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("notes")
+    with pytest.raises(ValueError, match=f"^--workdir {tmp_path}/run: a file is in the way at {tmp_path}/run/"
+                       "checkpoints \\(the run writes a folder there\\)$"):
+        train_and_evaluate(x4_config(images), str(tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints").read_text() == "notes"
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints"]  # nothing trained or written
+    with pytest.raises(ValueError, match=f"^--workdir {tmp_path}/run/checkpoints/sub: cannot create it "
+                       "\\(Not a directory\\)$"):
+        train_and_evaluate(x4_config(images), str(tmp_path / "run" / "checkpoints" / "sub"))
 
 
 @pytest.mark.parametrize("signum,workers", [(signal.SIGTERM, 0), (signal.SIGINT, 2)])
@@ -429,6 +445,51 @@ def test_a_workdir_of_another_architecture_is_refused_in_one_line(images, tmp_pa
     assert message.startswith(f"{tmp_path} holds an x2 model (features 8, 1 groups x 2 blocks") and "\n" not in message
     assert "the config asks for an x3 model (features 8" in message and "strict" not in message
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]  # nothing lost
+
+
+def test_switching_ema_on_at_resume_starts_it_from_the_checkpoint(images, straight, tmp_path, capsys):
+    """A run saved without EMA, resumed with optim.ema_decay > 0: its checkpoints were taken for damaged
+    (no ema item), moved aside and training silently started again from step 0."""
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    capsys.readouterr()
+    train_and_evaluate(x4_config(images, total_steps=4, **{"optim.ema_decay": 0.5}), str(tmp_path))
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/checkpoints/3 holds no EMA (saved with optim.ema_decay 0): the EMA starts from its " \
+        "parameters" in out
+    assert f"resumed from {tmp_path}/checkpoints/3 (step 3)" in out
+    assert not (tmp_path / "checkpoints_damaged").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4"]
+    at3, _ = load(str(straight[0] / "checkpoints" / "3"))
+    params, _ = load(str(tmp_path))
+    ema, _ = load(str(tmp_path), which="ema")
+    # One step of EMA 0.5 from the step-3 parameters: halfway between them and the step-4 parameters.
+    for e, p, q in zip(*(jax.tree_util.tree_leaves(t) for t in (ema, params, at3))):
+        np.testing.assert_allclose(e, 0.5 * p + 0.5 * q, rtol=1e-6, atol=1e-7)
+
+
+def _set_meta(step_dir, **values):
+    path = step_dir / "meta" / "metadata"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+def test_a_stale_best_from_a_lost_run_is_replaced_by_a_better_one(images, straight, tmp_path):
+    """best/4 left by a run that validated at step 4 and was lost before its step-4 checkpoint; resumed from
+    step 3, the new step 4 scores higher: orbax skipped the save (step 4 already there), so best/ kept the
+    stale parameters while the run recorded the new PSNR as its best."""
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    _set_meta(tmp_path / "checkpoints" / "3", best_psnr=0.0)
+    shutil.copytree(straight[0] / "checkpoints" / "6", tmp_path / "best" / "4")  # other parameters
+    shutil.rmtree(tmp_path / "best" / "4" / "opt")
+    _set_meta(tmp_path / "best" / "4", step=4, val_psnr=-1.0)
+    results = train_and_evaluate(x4_config(images, total_steps=4, eval_every=4), str(tmp_path))
+    assert os.listdir(tmp_path / "best") == ["4"]
+    assert checkpoint.read_meta(str(tmp_path / "best"), 4)["val_psnr"] == results["val/psnr"]
+    assert _equal_trees(load(str(tmp_path), which="best")[0], load(str(tmp_path))[0])
+    # A stale best that scores higher than anything this run reaches is kept (nothing better replaces it).
+    _set_meta(tmp_path / "best" / "4", val_psnr=1000.0)
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    train_and_evaluate(x4_config(images, total_steps=4, eval_every=4), str(tmp_path))
+    assert checkpoint.read_meta(str(tmp_path / "best"), 4)["val_psnr"] == 1000.0
 
 
 def test_no_complete_checkpoint_yet(tmp_path):
