@@ -70,7 +70,10 @@ class StepSpec:
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
     if cfg.schedule == "step":
-        base = optax.exponential_decay(cfg.lr, cfg.decay_every, cfg.decay_factor, staircase=True)
+        decay = optax.exponential_decay(cfg.lr, cfg.decay_every, cfg.decay_factor, staircase=True)
+        # join_schedules counts the second schedule from the warmup's end: the milestones stay multiples of
+        # decay_every from step 0 (EDSR's MultiStepLR), not warmup_steps later
+        base = decay if cfg.warmup_steps <= 0 else lambda count: decay(count + cfg.warmup_steps)
     elif cfg.schedule == "cosine":
         base = optax.cosine_decay_schedule(cfg.lr, max(cfg.total_steps - cfg.warmup_steps, 1))
     else:

@@ -334,6 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 if s == first + 1:  # the compile's cost, measured (a long compile was announced above)
                     jax.block_until_ready(acc)
                     _log(f"first step, compiling included: {time.time() - t_last:.1f} s")
+                    if s % cfg.log_every and s != cfg.total_steps:  # the first log's speed and ETA without it
+                        t_last, s_last = time.time(), s
                 if progress is not None:
                     progress.update(1)
                 final = s == cfg.total_steps

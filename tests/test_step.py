@@ -68,6 +68,10 @@ def test_schedules():
     warm = learning_rate(OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10, total_steps=110))
     assert [float(warm(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx([0, 5e-4, 1e-3, 5e-4, 0], abs=1e-9)
     assert float(learning_rate(OptimConfig(lr=3e-4, schedule="constant"))(10**6)) == pytest.approx(3e-4)
+    # a warmup does not move the step schedule's milestones (they were warmup_steps late)
+    warm_step = learning_rate(OptimConfig(lr=1e-4, decay_every=1000, decay_factor=0.5, warmup_steps=100))
+    assert [float(warm_step(s)) for s in (0, 50, 100, 999, 1000, 1099, 2000)] == pytest.approx(
+        [0, 5e-5, 1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5])
 
 
 def test_gradient_clipping_scales_the_gradient_to_the_threshold():
