@@ -225,26 +225,34 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"NOT divisible by the {n_dev} devices: the run would stop")
     lines.append(f"global batch {cfg.batch_size} ({per_device}) of {cfg.data.patch_size}x{cfg.data.patch_size} "
                  f"LR patches; {cfg.total_steps:,} steps")
-    if paths.isdir(workdir):
-        state = "exists"
-    elif paths.exists(workdir):
-        state = "a file is in the way (the workdir is a folder): the run would stop"
+    if (problem := _workdir_problem(workdir)) is not None:
+        state = f"{problem.split(': ', 1)[1]}: the run would stop"
+    elif paths.isdir(workdir):
+        steps = checkpoint.complete_steps(os.path.join(workdir, checkpoint.CHECKPOINTS))
+        state = f"exists; the run resumes from its step {steps[-1]}" if steps else "exists, no checkpoint yet"
     else:
         state = "not created yet; a run creates it"
     lines.append(f"workdir: {workdir} ({state}); dry run: nothing read or written")
     return "\n".join(lines)
 
 
-def _prepare_workdir(workdir: str) -> None:
-    """Refuses a file where the workdir or one of the folders the run writes goes, and creates the workdir,
-    before anything is read or trained: orbax otherwise failed at the first save, from its save thread, with
-    a traceback."""
+def _workdir_problem(workdir: str) -> str | None:
+    """One line when a file is where the workdir, or one of the folders the run writes in it, goes; else None."""
     if paths.exists(workdir) and not paths.isdir(workdir):
-        raise ValueError(f"--workdir {workdir}: a file is in the way (the workdir is a folder)")
+        return f"--workdir {workdir}: a file is in the way (the workdir is a folder)"
     for name in (checkpoint.CHECKPOINTS, checkpoint.BEST, "tensorboard", checkpoint.CHECKPOINTS + "_damaged"):
         path = os.path.join(workdir, name)
         if paths.exists(path) and not paths.isdir(path):
-            raise ValueError(f"--workdir {workdir}: a file is in the way at {path} (the run writes a folder there)")
+            return f"--workdir {workdir}: a file is in the way at {path} (the run writes a folder there)"
+    return None
+
+
+def _prepare_workdir(workdir: str) -> None:
+    """Refuses a file where the workdir or one of the folders the run writes goes (`_workdir_problem`), and
+    creates the workdir, before anything is read or trained: orbax otherwise failed at the first save, from its
+    save thread, with a traceback."""
+    if (problem := _workdir_problem(workdir)) is not None:
+        raise ValueError(problem)
     if jax.process_index() == 0:
         try:
             paths.makedirs(workdir)

@@ -383,6 +383,16 @@ def test_dry_run_prints_the_config_and_count_and_writes_nothing(tmp_path):
     out = dry_run(runpy.run_path(os.path.join(REPO, "experiments", "small291.py"))["get_config"](), str(workdir))
     assert f"workdir: {workdir} (a file is in the way (the workdir is a folder): the run would stop)" in out
     assert workdir.read_text() == "notes"
+    # ... or where the run writes a folder; and a workdir with checkpoints says which step the run resumes from
+    config = runpy.run_path(os.path.join(REPO, "experiments", "small291.py"))["get_config"]()
+    workdir.unlink()
+    (workdir / "checkpoints" / "1200" / "params").mkdir(parents=True)
+    (workdir / "checkpoints" / "3400" / "params").mkdir(parents=True)
+    (workdir / "checkpoints" / "3600.orbax-checkpoint-tmp-17").mkdir()  # an interrupted save
+    assert f"workdir: {workdir} (exists; the run resumes from its step 3400)" in dry_run(config, str(workdir))
+    (workdir / "best").write_text("")
+    assert (f"workdir: {workdir} (a file is in the way at {workdir}/best (the run writes a folder there): the run "
+            "would stop)") in dry_run(config, str(workdir))
 
 
 def _damage(workdir, step, name):
