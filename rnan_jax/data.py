@@ -96,9 +96,26 @@ class DataConfig:
         if unknown := sorted(set(values) - set(defaults)):
             raise ValueError(f"unknown data config keys {unknown}; known: {sorted(defaults)}")
         values = {**defaults, **values}
+        _check_read(values)
         resolved = {name: _RESOLVE.get(name, lambda v, s, d=defaults[name]: type(d)(v))(values[name], scale)
                     for name in defaults}
         return cls(scale=int(scale), **resolved)
+
+
+def _check_read(values: dict[str, Any]) -> None:
+    """Raises ValueError for a data key set (in the config as given, before defaults are resolved) that the
+    chosen sources do not read: it would be ignored without a word, and the run train on other data."""
+    source, val_source = values["source"], values["val_source"]
+    unread = [(key, f"data.source is {source!r}; set --config.data.source=folder to train on it")
+              for key in ("hr_dirs", "lr_dirs") if values[key] and source != "folder"]
+    unread += [(key, f"data.val_source is {val_source!r}")
+               for key, readers in (("val_dir", ("folder", "benchmark")), ("val_lr_dir", ("folder",)))
+               if values[key] and val_source not in readers]
+    unread += [(key, f"neither data.source nor data.val_source is 'tfds' (they are {source!r} and {val_source!r})")
+               for key in ("tfds_name", "tfds_data_dir") if values[key] and "tfds" not in (source, val_source)]
+    if unread:
+        key, why = unread[0]
+        raise ValueError(f"data.{key} is set but nothing reads it: {why}")
 
 
 # How a key's config value becomes its DataConfig value (the rest: cast to the default's type).

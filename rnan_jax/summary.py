@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import shutil
@@ -73,6 +74,74 @@ class Writer:
             self._mirror(flush=False)
             if self._remote:
                 shutil.rmtree(self._local, ignore_errors=True)
+
+
+RUN_LOG = "train.log"
+
+
+class RunLog:
+    """`<workdir>/train.log`, as EDSR's log.txt: the trainer's lines and the package's warnings (skipped
+    images, remade cache entries; the `rnan_jax` loggers), each line stamped with the UTC time, appended by
+    every run in the workdir (a resumed run continues it), written by process 0 only. A URL's log (objects
+    there cannot be appended to) is kept in a local file and copied there after every line. A context
+    manager: the warnings are taken while it is open."""
+
+    def __init__(self, path: str):
+        self._path, self._file, self._handler = path, None, None
+        if jax.process_index() != 0:
+            return
+        self._remote = path if paths.is_url(path) else None
+        if self._remote:
+            fd, self._local = tempfile.mkstemp(prefix="rnan_train_", suffix=".log")
+            os.close(fd)
+            if paths.exists(path):  # a resumed run continues the log
+                with open(self._local, "w") as f:
+                    f.write(paths.read_text(path))
+        else:
+            self._local = path
+        self._file = open(self._local, "a")
+        self._handler = _RunLogHandler(self)
+        logging.getLogger("rnan_jax").addHandler(self._handler)
+
+    def write(self, message: str) -> None:
+        if self._file is None:
+            return
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        self._file.write("".join(f"{stamp}  {line}\n" for line in str(message).splitlines() or [""]))
+        self._file.flush()
+        if self._remote:
+            with open(self._local) as f:
+                paths.write_text(self._remote, f.read())
+
+    def close(self) -> None:
+        if self._handler is not None:
+            logging.getLogger("rnan_jax").removeHandler(self._handler)
+            self._handler = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self._remote:
+                os.remove(self._local)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _RunLogHandler(logging.Handler):
+    """The package's warnings into a `RunLog`, as `warning: <message>`."""
+
+    def __init__(self, run_log: RunLog):
+        super().__init__(level=logging.WARNING)
+        self._run_log = run_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._run_log.write(f"{record.levelname.lower()}: {record.getMessage()}")
+        except Exception:  # a log that cannot be written must not stop the run
+            self.handleError(record)
 
 
 def eta(seconds: float) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from functools import partial
@@ -90,10 +91,15 @@ def _agree(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
+_run_log: summary.RunLog | None = None  # the workdir's train.log while a run is on
+
+
 def _log(message: str) -> None:
     if jax.process_index() == 0:
         logging.info(message)
         print(message, flush=True)
+        if _run_log is not None:
+            _run_log.write(message)
 
 
 def _copy_matching(params: Any, source: Any, origin: str) -> Any:
@@ -268,9 +274,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     without saving, as a crash would (for tests of resuming). Raises ValueError for a config that does
     not fit, TrainingError for a non-finite loss, Preempted after SIGTERM's or Ctrl-C's checkpoint.
     """
+    global _run_log
     cfg = TrainConfig.from_config(config)
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
     _prepare_workdir(workdir)
+    with summary.RunLog(os.path.join(workdir, summary.RUN_LOG)) as _run_log:
+        _run_log.write(f"started: {' '.join(sys.argv)} (rnan_jax "
+                       f"{summary.git_revision(summary.package_dir())}, jax {jax.__version__}, {socket.gethostname()})")
+        try:
+            return _train(cfg, config, workdir, stop_after)
+        except BaseException as e:  # what ended the run, in the log too (the CLI prints it)
+            _run_log.write(f"stopped: {type(e).__name__}: {e}")
+            raise
+        finally:
+            _run_log = None
+
+
+def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
+           stop_after: int | None) -> dict[str, float]:
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
@@ -392,7 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             progress.close()
     if "val/psnr" in results:
         gain = results["val/psnr"] - results["val/bicubic_psnr"]
-        _log(f"done: {cfg.total_steps} steps; validation PSNR {results['val/psnr']:.3f} dB vs bicubic "
+        _log(f"done: {int(state.step)} steps; validation PSNR {results['val/psnr']:.3f} dB vs bicubic "
              f"{results['val/bicubic_psnr']:.3f} dB ({gain:+.3f} dB); checkpoints in {mngr.directory}")
     return results
 

@@ -98,6 +98,11 @@ def test_block_unroll_unrolls_the_rna_block_scan_apart():
     ("optim.decay_every", 0, "optim.schedule 'step' needs a positive decay_every and decay_factor; got 0 and 0.5"),
     ("optim.lr", -1e-4, "optim.lr, grad_clip, skip_threshold and eps must be >= 0"),
     ("optim.ema_decay", 1.0, r"optim.b1, b2 and ema_decay must be in \[0, 1\)"),
+    # a data key that the chosen sources do not read (x4: DIV2K via TFDS, Set5 validation): ignored, it trained
+    # on other data than the user named
+    ("data.hr_dirs", "/data/T91", "data.hr_dirs is set but nothing reads it: data.source is 'tfds'; set "
+                                  "--config.data.source=folder to train on it"),
+    ("data.val_lr_dir", "/data/val_lr", "data.val_lr_dir is set but nothing reads it: data.val_source is 'benchmark'"),
 ])
 def test_values_that_would_train_silently_wrong_fail_in_one_line(key, value, message):
     """Each of these used to train: keep_checkpoints 0 as 'keep all', -1 failing in orbax after the data was
@@ -114,3 +119,5 @@ def test_edge_values_that_fit_still_convert():
     config.optim.update(warmup_steps=config.total_steps - 1, decay_every=0, lr=0.0)  # cosine: decay_every unused
     config.keep_checkpoints = 1
     assert TrainConfig.from_config(config).optim.warmup_steps == 599
+    config.data.update(source="folder", hr_dirs="/data/T91", val_source="tfds", tfds_name="div2k/bicubic_x2")
+    assert TrainConfig.from_config(config).data.tfds_name == "div2k/bicubic_x2"  # read by the validation

@@ -101,6 +101,10 @@ def test_gs_workdir_train_kill_resume_load_evaluate_upscale(gcs, images, straigh
     board = paths.listdir(f"{url}/tensorboard")
     assert "metrics.jsonl" in board and any(n.startswith("events.out.tfevents") for n in board)
     assert '"step": 6' in epath.Path(url, "tensorboard", "metrics.jsonl").read_text()
+    # train.log (copied there after every line) holds the three runs, the killed one up to its kill
+    log = epath.Path(url, "train.log").read_text()
+    runs = log.split("  started: ")[1:]
+    assert len(runs) == 3 and "step 4/6" in runs[1] and runs[2].rstrip().splitlines()[-1][21:].startswith("done: 6 ")
 
     a, _ = load(straight)
     b, config = load(url)

@@ -106,6 +106,30 @@ def test_resume_after_a_crash_is_exact(images, straight, tmp_path):
     a, _ = load(str(straight))
     b, _ = load(str(crashed))
     assert _equal_trees(a, b)
+    # train.log holds both runs' lines, each stamped, the second continuing the first
+    lines = (crashed / "train.log").read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ", line) for line in lines)
+    text = [line[21:] for line in lines]
+    starts = [i for i, t in enumerate(text) if t.startswith("started: ")]
+    assert len(starts) == 2 and text[starts[1] + 1] == f"resumed from {crashed}/checkpoints/3 (step 3)"
+    assert "step 4/6" in " ".join(text[:starts[1]]) and text[-1].startswith("done: 6 steps; validation PSNR")
+
+
+def test_run_log_takes_the_package_warnings_and_what_stopped_a_run(tmp_path):
+    import logging
+
+    from rnan_jax import summary
+
+    path = tmp_path / "train.log"
+    path.write_text("2026-01-01 00:00:00  an earlier run\n")
+    with summary.RunLog(str(path)) as log:
+        log.write("a\nb")
+        logging.getLogger("rnan_jax.sources").warning("skipping %s", "x.png: cannot read image")
+        logging.getLogger("rnan_jax.sources").info("not this")
+        logging.getLogger("orbax").warning("nor this")
+    logging.getLogger("rnan_jax.sources").warning("nor this, after the run")
+    text = [line[21:] for line in path.read_text().splitlines()]
+    assert text == ["an earlier run", "a", "b", "warning: skipping x.png: cannot read image"]
 
 
 def test_nan_stops_the_run_and_keeps_the_checkpoint(images, straight, tmp_path):
@@ -113,6 +137,8 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(images, straight, tmp_path):
     before, _ = load(str(tmp_path))
     with pytest.raises(TrainingError, match=r"non-finite .* last good checkpoint \(step 3\) is intact"):
         train_and_evaluate(x4_config(images, **{"optim.lr": 1e30}), str(tmp_path))
+    last = (tmp_path / "train.log").read_text().splitlines()[-1]
+    assert re.fullmatch(r".{21}stopped: TrainingError: non-finite .* \(step 3\) is intact.*", last), last
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
     after, _ = load(str(tmp_path))
     assert _equal_trees(before, after)
