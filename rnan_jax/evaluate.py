@@ -118,6 +118,20 @@ def _skip(evaluation: Evaluation, message: str) -> None:
     evaluation.skipped.append(message)
 
 
+def _one_per_name(files: list[str], dataset: str, evaluation: Evaluation) -> list[str]:
+    """`files` with one file per image name (the first): `a.png` and `a.bmp` would be scored, reported and
+    saved as one image `a` twice. A warning names the files left out."""
+    by_name: dict[str, str] = {}
+    for path in files:
+        name = benchmark_sets.image_name(path)
+        if name in by_name:
+            _warn(evaluation, f"{dataset}: {os.path.basename(path)} has the name of {os.path.basename(by_name[name])}"
+                  f" (images are reported, saved and found by name): scored {os.path.basename(by_name[name])} only")
+        else:
+            by_name[name] = path
+    return list(by_name.values())
+
+
 def evaluate(
     upscale: Upscaler,
     datasets: Sequence[str],
@@ -154,6 +168,7 @@ def evaluate(
         except images.ImageError as e:
             _skip(evaluation, f"dataset {entry}: {e} ({benchmark_sets.LAYOUT})")
             continue
+        files = _one_per_name(files, dataset, evaluation)
         evaluation.listed[dataset] = len(files)
         missing_folders: set[int] = set()  # scales whose SR folder is missing: said once, not per image
         made_lr: dict[int, list[str]] = {}  # scale -> images whose LR_bicubic file was missing, so made

@@ -394,6 +394,12 @@ def test_a_repeated_set_or_scale_is_scored_once(tmp_path):
     evaluation = evaluate_bicubic(["Mine", "Mine"], (2, 2), data_dir=root, progress=False)
     assert [(s.name, s.scale) for s in evaluation.scores] == [("a", 2), ("b", 2)]
     assert evaluation.summary()["Mine"]["x2"]["images"] == 2 and evaluation.skipped == []
+    # two files of one name: scored once, with a warning (both were scored as "a", and saved over each other)
+    Image.fromarray(_rgb(40, 36, left=30)).save(os.path.join(hr_dir, "a.bmp"))
+    evaluation = evaluate_bicubic(["Mine"], (2,), data_dir=root, progress=False)
+    assert [s.name for s in evaluation.scores] == ["a", "b"] and evaluation.listed == {"Mine": 2}
+    assert evaluation.warnings == ["Mine: a.png has the name of a.bmp (images are reported, saved and found by "
+                                   "name): scored a.bmp only"]
 
 
 def test_sr_dir_wrong_size_names_the_sr_file_and_edsr_names_are_found(tmp_path):
