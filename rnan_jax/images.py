@@ -29,11 +29,13 @@ class ImageError(ValueError):
 class Decoded(NamedTuple):
     """A decoded image: `pixels` uint8 [H, W, 3] (colour) or [H, W] (gray); `alpha` [H, W] of the same type, or
     None; both uint16 for a 16-bit file decoded with `high_bit_depth`. `frames`: the file's frame count (the
-    pixels are the first frame's)."""
+    pixels are the first frame's). `icc_profile`: the embedded ICC profile (a phone's Display P3, Adobe RGB), kept
+    only when its colour space is the pixels' (a CMYK file's profile does not describe the RGB it becomes)."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None
     frames: int = 1
+    icc_profile: bytes | None = None  # the file's embedded colour profile, when it describes `pixels` (RGB or gray)
 
     @property
     def is_gray(self) -> bool:
@@ -127,6 +129,7 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             except (OSError, EOFError, ValueError, SyntaxError):
                 frames = 1
             rawmode = im.tile[0][3] if im.format == "PNG" and len(im.tile) == 1 else None
+            icc = im.info.get("icc_profile") or None
             im.load()
             im = ImageOps.exif_transpose(im)
             mode = im.mode
@@ -154,7 +157,9 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
         a = a[..., :-1]
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    return Decoded(convert(a), alpha, frames)
+    if icc is not None and icc[16:20] != (b"GRAY" if a.ndim == 2 else b"RGB "):  # the data colour space field
+        icc = None
+    return Decoded(convert(a), alpha, frames, icc)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -167,8 +172,10 @@ def as_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels
 
 
-def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray | None = None) -> None:
+def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray | None = None, *,
+                icc_profile: bytes | None = None) -> None:
     """Writes uint8 [H, W] or [H, W, 3] (plus optional alpha [H, W]); the format follows the extension.
+    `icc_profile` (e.g. `Decoded.icc_profile`) is embedded where the format holds one (PNG, JPEG, TIFF, WebP).
 
     uint16 pixels (and alpha) are written as a 16-bit PNG, or reduced to 8 bits for any other format. The
     file is written beside `path` and renamed, so that a failure (a full disk) leaves no half-written image
@@ -193,11 +200,12 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray |
     if alpha is not None:
         samples = np.concatenate([samples, convert(alpha)[..., None]], axis=-1)
     if deep and samples.shape[-1] > 1:  # Pillow writes 16-bit gray only
-        _write_atomically(path, lambda f: f.write(encode_png16(samples)))
+        _write_atomically(path, lambda f: f.write(encode_png16(samples, icc_profile=icc_profile)))
         return
     im = Image.fromarray(samples[..., 0] if samples.shape[-1] == 1 else samples,
                          mode={1: None, 2: "LA", 3: None, 4: "RGBA"}[samples.shape[-1]])
-    _write_atomically(path, lambda f: im.save(f, format=image_format))
+    extra = {"icc_profile": icc_profile} if icc_profile and image_format in ("PNG", "JPEG", "TIFF", "WEBP") else {}
+    _write_atomically(path, lambda f: im.save(f, format=image_format, **extra))
 
 
 def _write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
@@ -218,8 +226,9 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def encode_png16(samples: np.ndarray, rows_per_band: int = 256) -> bytes:
-    """A 16-bit PNG file of uint16 [H, W, C] samples, C: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA.
+def encode_png16(samples: np.ndarray, rows_per_band: int = 256, *, icc_profile: bytes | None = None) -> bytes:
+    """A 16-bit PNG file of uint16 [H, W, C] samples, C: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA (and an iCCP
+    chunk holding `icc_profile`, if given).
 
     Every row is Paeth-filtered (what photographs compress best with), `rows_per_band` rows at a time so that
     the int16 temporaries stay small beside a large image."""
@@ -244,7 +253,8 @@ def encode_png16(samples: np.ndarray, rows_per_band: int = 256) -> bytes:
         idat.append(compressor.compress(rows.tobytes()))
     idat.append(compressor.flush())
     header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(idat))
+    iccp = _png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile)) if icc_profile else b""
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + iccp + _png_chunk(b"IDAT", b"".join(idat))
             + _png_chunk(b"IEND", b""))
 
 

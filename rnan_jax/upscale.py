@@ -96,7 +96,8 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
 
 def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: str, *,
                  max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **kwargs) -> int:
-    """Reads `src`, upscales its colour (gray stays gray) and alpha at the file's bit depth, writes `dst`.
+    """Reads `src`, upscales its colour (gray stays gray) and alpha at the file's bit depth, writes `dst` with
+    the file's colour profile.
     kwargs as `upscale_image`. Returns the file's frame count (its first frame is what was upscaled).
 
     Raises `images.ImageError` naming `src` for an unreadable file, one above `max_pixels` pixels, or an
@@ -105,7 +106,7 @@ def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: st
     sr = inference.upscale_image(params, decoded.pixels, config=config, **kwargs)
     alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, config.scale)
     try:
-        images.write_image(dst, sr, alpha)
+        images.write_image(dst, sr, alpha, icc_profile=decoded.icc_profile)
     except OSError as e:  # a full disk, a folder in the way: the partial file is gone, an earlier `dst` kept
         raise images.ImageError(f"{src}: cannot write {dst} ({e.strerror or e})") from None
     return decoded.frames

@@ -547,3 +547,27 @@ def test_upscale_folder_scans_take_gif_but_dataset_scans_do_not(tmp_path):
     assert images.list_images(tmp_path, images.READABLE_EXTENSIONS) == [str(tmp_path / "a.gif")]
     with pytest.raises(images.ImageError, match="folder holds no image files"):
         images.list_images(tmp_path)
+
+
+def test_upscale_keeps_the_colour_profile_that_describes_the_pixels(tmp_path, params):
+    """A phone photo's Display P3 (here: an sRGB profile) was dropped, so colour-managed viewers showed the output
+    in other colours; a profile of another colour space (a CMYK file's, once converted to RGB) is not kept."""
+    from PIL import ImageCms
+
+    from rnan_jax import images
+    from rnan_jax.upscale import upscale_file
+
+    rgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    lab_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png", icc_profile=rgb_profile)
+    Image.fromarray(pixels).save(tmp_path / "b.jpg", icc_profile=rgb_profile, quality=95)
+    (tmp_path / "c.png").write_bytes(images.encode_png16(_gradient16(6, 7), icc_profile=rgb_profile))
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "d.png", icc_profile=rgb_profile)  # gray: not its space
+    Image.fromarray(pixels).save(tmp_path / "e.png", icc_profile=lab_profile)
+    for name, kept in (("a.png", True), ("b.jpg", True), ("c.png", True), ("d.png", False), ("e.png", False)):
+        upscale_file(params, TINY, str(tmp_path / name), str(tmp_path / "out" / f"{name}.png"))
+        with Image.open(tmp_path / "out" / f"{name}.png") as im:
+            assert im.info.get("icc_profile") == (rgb_profile if kept else None), name
+            assert im.size == (7 * TINY.scale, 6 * TINY.scale)
+    assert images.decode(tmp_path / "out" / "c.png.png", high_bit_depth=True).pixels.dtype == np.uint16
