@@ -6,6 +6,7 @@ of the batch (`jax.make_array_from_process_local_data`). The step is jitted once
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -215,6 +216,25 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[
     return out
 
 
+def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+    """`KEY OLD -> NEW` for every key whose value differs from the workdir's config.json (the config of the run
+    that started it), e.g. a resumed run's new total_steps, which also stretches a cosine schedule."""
+    try:
+        saved = json.loads(paths.read_text(os.path.join(workdir, "config.json")))
+    except (OSError, ValueError):
+        return []
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
+    return [f"{k} {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
+
+
 def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """What a run with this config would do, without reading data or writing anything: every config key
     (as `--config.KEY=VALUE` sets it), the parameter count, the devices, processes and batch split."""
@@ -319,6 +339,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         state, meta, latest = resumed
         best_psnr = float(meta.get("best_psnr", -math.inf))
         _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
+        if changes := _config_changes(workdir, config):
+            _log(f"config changed since the run that made {workdir} (its config.json): {'; '.join(changes)}")
     else:
         params = None
         if cfg.init_from:

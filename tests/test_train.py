@@ -113,6 +113,19 @@ def test_resume_after_a_crash_is_exact(images, straight, tmp_path):
     starts = [i for i, t in enumerate(text) if t.startswith("started: ")]
     assert len(starts) == 2 and text[starts[1] + 1] == f"resumed from {crashed}/checkpoints/3 (step 3)"
     assert "step 4/6" in " ".join(text[:starts[1]]) and text[-1].startswith("done: 6 steps; validation PSNR")
+    assert not any(t.startswith("config changed") for t in text)  # the same config
+
+
+def test_a_resumed_run_names_the_config_changes_since_the_workdir_began(images, tmp_path):
+    from rnan_jax.trainer import _config_changes
+
+    config = x4_config(images)
+    assert _config_changes(str(tmp_path), config) == []  # no config.json: nothing to compare
+    (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    assert _config_changes(str(tmp_path), config) == []
+    config.total_steps, config.optim.lr, config.data.val_max_images = 12, 5e-4, 0
+    assert _config_changes(str(tmp_path), config) == ["data.val_max_images 10 -> 0", "optim.lr 0.001 -> 0.0005",
+                                                      "total_steps 6 -> 12"]
 
 
 def test_run_log_takes_the_package_warnings_and_what_stopped_a_run(tmp_path):
