@@ -5,16 +5,21 @@ vmapped and differentiated, and reads the architecture off the parameter shapes 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rnan_jax.model import DEPTHWISE_IMPLS, REMAT_POLICIES, RNAN, RNANConfig, cast_params, torch_bound
 
 Params = Mapping[str, Any]
+# A concrete LR batch whose values pass this is refused as a 0..255 image; under jit, vmap or grad the values
+# are not checked (tracers). Some slack above 1: an unclipped output fed back in overshoots a little.
+_LR_MAX = 2.0
 
 # Chosen by measurement on XLA:CPU (../shared/DESIGN.md): a rolled scan's backward is 8x slower there and
 # `feature_group_count` depthwise is 4x slower than shifted multiply-adds. But full unrolling grows the
@@ -105,7 +110,9 @@ def _init(rng: jax.Array, config: RNANConfig) -> dict:
 def infer_config(params: Params, **overrides) -> RNANConfig:
     """Reads the architecture off a parameter tree: groups and blocks from the stacked axes, features from
     the head, the fusion intervals from the fusion convs' widths, the scale from the upsampler. `rgb_mean`
-    and `dtype` are not in the parameters: they take RNANConfig's defaults unless given in `overrides`."""
+    and `dtype` are not in the parameters: they take RNANConfig's defaults unless given in `overrides`.
+    Raises ValueError naming the entry when the tree is not an RNAN's (every shape is checked)."""
+    _check_unwrapped(params)
     try:
         c = params["head"]["kernel"].shape[-1]
         groups = params["groups"]
@@ -117,12 +124,54 @@ def infer_config(params: Params, **overrides) -> RNANConfig:
             scale = 4
         else:
             scale = math.isqrt(params["up_0"]["kernel"].shape[-1] // c)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        fields = dict(scale=scale, features=c, num_groups=g, num_blocks=b, group_interval=g * c // group_cat,
+                      block_interval=b * c // block_cat, gc_reduction=c // cr)
+        config = RNANConfig(**{**fields, **{k: v for k, v in overrides.items() if k in ("rgb_mean", "dtype")}})
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError) as e:
         raise ValueError(f"not an RNAN parameter tree (missing or odd entry: {e})") from None
-    fields = dict(scale=scale, features=c, num_groups=g, num_blocks=b, group_interval=g * c // group_cat,
-                  block_interval=b * c // block_cat, gc_reduction=c // cr)
-    fields.update(overrides)
-    return RNANConfig(**fields)
+    check_params(params, config, what="not an RNAN parameter tree")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _check_unwrapped(params: Params) -> None:
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        raise ValueError("params is a {'params': tree} variables dict: pass variables['params'], the bare tree")
+
+
+def param_shapes(config: RNANConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of `config`'s network, keyed by its path as `jax.tree_util.keystr` writes
+    it ("['groups']['blocks']['c1']['kernel']": [G, B, 3, 3, C, C])."""
+    return dict(_param_shapes(dataclasses.replace(config, dtype="float32")))
+
+
+@lru_cache(maxsize=32)
+def _param_shapes(config: RNANConfig) -> dict[str, tuple[int, ...]]:
+    shapes = jax.eval_shape(lambda rng: _init(rng, config), jax.random.key(0))
+    return {jax.tree_util.keystr(path): tuple(s.shape)
+            for path, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def check_params(params: Params, config: RNANConfig, *, what: str | None = None) -> None:
+    """Raises ValueError naming the first entry of `params` that is missing, extra or of the wrong shape for
+    `config` (instead of Flax's error from deep inside the network)."""
+    _check_unwrapped(params)
+    expected = _param_shapes(dataclasses.replace(config, dtype="float32"))
+    try:
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        given = {jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in leaves}
+    except Exception as e:  # not a tree of arrays at all
+        raise ValueError(f"{what or 'params'}: {type(e).__name__}: {e}") from None
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    wrong = [k for k in expected if k in given and given[k] != expected[k]]
+    if not (missing or extra or wrong):
+        return
+    problem = (f"params{wrong[0]} has shape {given[wrong[0]]}, expected {expected[wrong[0]]}" if wrong else
+               f"params{missing[0]} is missing" if missing else f"params{extra[0]} is not an RNAN parameter")
+    count = len(missing) + len(extra) + len(wrong)
+    raise ValueError(f"{what or 'params do not fit the config'}: {problem}"
+                     + (f" ({count - 1} more entries differ)" if count > 1 else "")
+                     + (f"; config {config}" if what is None else ""))
 
 
 def apply(params: Params, lr: jax.Array, *, config: RNANConfig | None = None, dtype: str | None = None,
@@ -132,19 +181,42 @@ def apply(params: Params, lr: jax.Array, *, config: RNANConfig | None = None, dt
     config: the architecture (default: read off `params`). dtype: compute dtype override ("bfloat16").
     scan_unroll, depthwise: execution knobs (same function, different speed; default per backend).
     """
-    config = config or infer_config(params)
+    if config is None:
+        config = infer_config(params)
+    else:
+        check_params(params, config)
     if dtype is not None:
-        config = RNANConfig(**{**config.__dict__, "dtype": dtype})
+        dtype = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name  # jnp.bfloat16 as well as "bfloat16"
+        config = dataclasses.replace(config, dtype=dtype)
     lr = jnp.asarray(lr)
-    if lr.ndim not in (3, 4) or lr.shape[-1] != 3:
-        raise ValueError(f"lr must be [B, h, w, 3] or [h, w, 3], got shape {lr.shape}")
-    if not jnp.issubdtype(lr.dtype, jnp.floating):  # e.g. np.asarray(a PIL image): 0..255 would pass silently
-        raise TypeError(f"lr must be floating point with values in [0, 1], got {lr.dtype} (an 8-bit image: "
-                        "divide by 255, or call inference.upscale_image, which takes uint8)")
+    _check_lr(lr)
     single = lr.ndim == 3
     sr = build(config, scan_unroll=scan_unroll, depthwise=depthwise).apply(
         {"params": cast_params(params, config.dtype)}, lr[None] if single else lr)
     return sr[0] if single else sr
+
+
+def _check_lr(lr: jax.Array) -> None:
+    """ValueError/TypeError naming what is wrong with an LR batch, with the likely mistake."""
+    shape = tuple(lr.shape)
+    if lr.ndim not in (3, 4) or lr.shape[-1] != 3:
+        hint = ""
+        if lr.ndim == 2 or (lr.ndim in (3, 4) and lr.shape[-1] == 1):
+            hint = (" (a gray image: repeat it to 3 channels, e.g. jnp.repeat(lr[..., None], 3, -1) for [h, w], "
+                    "or call rnan_jax.upscale_image, which takes gray)")
+        elif lr.ndim in (3, 4) and lr.shape[-3] == 3:
+            hint = (" (channels first? apply takes channels last: "
+                    f"lr.transpose({'0, 2, 3, 1' if lr.ndim == 4 else '1, 2, 0'}))")
+        raise ValueError(f"lr must be [B, h, w, 3] or [h, w, 3], got shape {shape}{hint}")
+    if not jnp.issubdtype(lr.dtype, jnp.floating):  # e.g. np.asarray(a PIL image): 0..255 would pass silently
+        raise TypeError(f"lr must be floating point with values in [0, 1], got {lr.dtype} (an 8-bit image: "
+                        "divide by 255, or call inference.upscale_image, which takes uint8)")
+    if lr.size and not isinstance(lr, jax.core.Tracer):  # a concrete input: a 0..255 float image is caught
+        with jax.ensure_compile_time_eval():  # also a constant closed over by a jitted caller
+            top = float(jnp.max(lr))
+        if top > _LR_MAX:
+            raise ValueError(f"lr must have values in [0, 1], got values up to {top:g} (a 0..255 image? "
+                             "divide by 255)")
 
 
 def count_params(params: Params) -> int:

@@ -5,41 +5,78 @@ from typing import Mapping
 
 import numpy as np
 
+from rnan_jax.api import param_shapes
 from rnan_jax.model import RNANConfig
 
+# Buffers of the PyTorch module that are not parameters here (the mean shift is RNANConfig.rgb_mean).
+_BUFFERS = ("mean",)
+# Prefixes that wrappers put before every key: nn.DataParallel / DistributedDataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-def _conv(sd: Mapping[str, np.ndarray], prefix: str) -> dict:
-    # OIHW -> HWIO; a depthwise [C, 1, 3, 3] becomes [3, 3, 1, C], the layout of feature_group_count=C.
-    return {"kernel": np.transpose(np.asarray(sd[f"{prefix}.weight"]), (2, 3, 1, 0)),
-            "bias": np.asarray(sd[f"{prefix}.bias"])}
+
+def _unwrapped(sd: dict) -> dict:
+    for prefix in _WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            return _unwrapped({k[len(prefix):]: v for k, v in sd.items()})
+    return sd
+
+
+def from_torch_state_dict(state_dict: Mapping[str, object], config: RNANConfig) -> dict:
+    """PyTorch `state_dict` (tensors or arrays) -> rnan_jax parameter tree, float32 numpy arrays.
+
+    Keys may carry a DataParallel ("module.") or torch.compile ("_orig_mod.") prefix. Raises ValueError naming
+    the first key that is missing, left over or of the wrong shape for `config`."""
+    sd = _unwrapped({k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+                     for k, v in state_dict.items()})
+    missing = [k for k in ("head.weight", "tail.weight", "fuse1.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"not an RNAN state_dict: missing {', '.join(missing)} (keys start: "
+                         f"{', '.join(list(sd)[:3]) or 'none'})")
+    shapes = param_shapes(config)
+    used: set[str] = set()
+
+    def take(key: str, shape: tuple[int, ...], *, any_layout: bool = False) -> np.ndarray:
+        if key not in sd:
+            raise ValueError(f"state_dict: {key} missing (the config has {config.num_groups} groups of "
+                             f"{config.num_blocks} blocks, scale {config.scale})")
+        value = sd[key]
+        if value.shape != shape and not (any_layout and value.size == int(np.prod(shape))):
+            raise ValueError(f"state_dict: {key} has shape {value.shape}, expected {shape} for {config}")
+        used.add(key)
+        return value.reshape(shape)
+
+    def conv(prefix: str, *path: str) -> dict:
+        # OIHW -> HWIO; a depthwise [C, 1, 3, 3] becomes [3, 3, 1, C], the layout of feature_group_count=C.
+        h, w, i, o = shapes["".join(f"[{k!r}]" for k in (*path, "kernel"))][-4:]
+        return {"kernel": np.transpose(take(f"{prefix}.weight", (o, i, h, w)), (2, 3, 1, 0)),
+                "bias": take(f"{prefix}.bias", (o,))}
+
+    def group(g: int) -> dict:
+        p = f"groups.{g}"
+        blocks = [{"c1": conv(f"{p}.blocks.{b}.c1", "groups", "blocks", "c1"),
+                   "c2": conv(f"{p}.blocks.{b}.c2", "groups", "blocks", "c2"),
+                   "na": {"dc": conv(f"{p}.blocks.{b}.na.dc", "groups", "blocks", "na", "dc"),
+                          "pc": conv(f"{p}.blocks.{b}.na.pc", "groups", "blocks", "na", "pc")}}
+                  for b in range(config.num_blocks)]
+        gc = {name: conv(f"{p}.gc.{name}", "groups", "gc", name) for name in ("k", "v1", "v2")}
+        reduced = (config.features // config.gc_reduction,)
+        gc["ln"] = {"scale": take(f"{p}.gc.ln.weight", reduced, any_layout=True),  # torch: [C/r, 1, 1]
+                    "bias": take(f"{p}.gc.ln.bias", reduced, any_layout=True)}
+        return {"blocks": _stack(blocks), "fuse1": conv(f"{p}.fuse1", "groups", "fuse1"),
+                "fuse3": conv(f"{p}.fuse3", "groups", "fuse3"), "gc": gc}
+
+    params = {"head": conv("head", "head"), "groups": _stack([group(g) for g in range(config.num_groups)]),
+              "fuse1": conv("fuse1", "fuse1"), "fuse3": conv("fuse3", "fuse3"), "tail": conv("tail", "tail")}
+    for i in range(len(config.upsample_stages)):
+        params[f"up_{i}"] = conv(f"up.{2 * i}", f"up_{i}")  # nn.Sequential(conv, PixelShuffle, conv, PixelShuffle)
+    extra = [k for k in sd if k not in used and k not in _BUFFERS]
+    if extra:
+        raise ValueError(f"state_dict: {extra[0]} is not a parameter of {config}"
+                         + (f" ({len(extra) - 1} more keys left over)" if len(extra) > 1 else ""))
+    return params
 
 
 def _stack(trees: list) -> dict:
     if isinstance(trees[0], dict):
         return {k: _stack([t[k] for t in trees]) for k in trees[0]}
     return np.stack(trees)
-
-
-def from_torch_state_dict(state_dict: Mapping[str, object], config: RNANConfig) -> dict:
-    """PyTorch `state_dict` (tensors or arrays) -> rnan_jax parameter tree, float32 numpy arrays."""
-    sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
-          for k, v in state_dict.items()}
-    missing = [k for k in ("head.weight", "tail.weight", "fuse1.weight") if k not in sd]
-    if missing:
-        raise ValueError(f"not an RNAN state_dict: missing {', '.join(missing)}")
-
-    def group(g: int) -> dict:
-        p = f"groups.{g}"
-        blocks = [{"c1": _conv(sd, f"{p}.blocks.{b}.c1"), "c2": _conv(sd, f"{p}.blocks.{b}.c2"),
-                   "na": {"dc": _conv(sd, f"{p}.blocks.{b}.na.dc"), "pc": _conv(sd, f"{p}.blocks.{b}.na.pc")}}
-                  for b in range(config.num_blocks)]
-        gc = {name: _conv(sd, f"{p}.gc.{name}") for name in ("k", "v1", "v2")}
-        gc["ln"] = {"scale": sd[f"{p}.gc.ln.weight"].reshape(-1), "bias": sd[f"{p}.gc.ln.bias"].reshape(-1)}
-        return {"blocks": _stack(blocks), "fuse1": _conv(sd, f"{p}.fuse1"), "fuse3": _conv(sd, f"{p}.fuse3"),
-                "gc": gc}
-
-    params = {"head": _conv(sd, "head"), "groups": _stack([group(g) for g in range(config.num_groups)]),
-              "fuse1": _conv(sd, "fuse1"), "fuse3": _conv(sd, "fuse3"), "tail": _conv(sd, "tail")}
-    for i in range(len(config.upsample_stages)):
-        params[f"up_{i}"] = _conv(sd, f"up.{2 * i}")  # nn.Sequential(conv, PixelShuffle, conv, PixelShuffle)
-    return params

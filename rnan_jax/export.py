@@ -33,10 +33,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from rnan_jax import api
+from rnan_jax import api, native
 from rnan_jax.model import RNANConfig
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
@@ -44,8 +45,18 @@ def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
                  dtype: str | None = None, scan_unroll: int | bool = 1,
                  depthwise: str = "grouped") -> jax.export.Exported:
     """`lr [B, h, w, 3] -> apply(params, lr)` exported with `params` as constants; B symbolic, and h, w too
-    unless `fixed_size` = (h, w). dtype, scan_unroll, depthwise: as `rnan_jax.apply`."""
-    config = config or api.infer_config(params)
+    unless `fixed_size` = (h, w). dtype, scan_unroll, depthwise: as `rnan_jax.apply`. Raises ValueError for
+    an unknown platform, a non-positive size or parameters that do not fit `config`."""
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or not platforms:
+        raise ValueError(f"platforms must be some of {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}"
+                         + (" (NVIDIA GPUs are 'cuda')" if "gpu" in unknown else ""))
+    if fixed_size is not None and (len(fixed_size) != 2 or min(fixed_size) < 1):
+        raise ValueError(f"fixed_size must be (h, w), both positive, got {fixed_size}")
+    if config is None:
+        config = api.infer_config(params)
+    else:
+        api.check_params(params, config)
     params = jax.tree_util.tree_map(jnp.asarray, params)
 
     def upscale(lr: jax.Array) -> jax.Array:
@@ -55,14 +66,24 @@ def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
         shape = jax.export.symbolic_shape("b, h, w, 3")
     else:
         shape = (*jax.export.symbolic_shape("b"), *fixed_size, 3)
-    return jax.export.export(jax.jit(upscale), platforms=tuple(platforms))(
-        jax.ShapeDtypeStruct(shape, jnp.float32))
+    with native.disabled():  # XLA's convolutions: jax.export refuses the native kernels' custom calls
+        return jax.export.export(jax.jit(upscale), platforms=tuple(platforms))(
+            jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
 def save(exported: jax.export.Exported, path: str) -> int:
-    """Writes the serialized artifact to `path`; returns its size in bytes."""
+    """Writes the serialized artifact to `path` (its folder made if missing; a file there replaced only once
+    the new one is complete); returns its size in bytes. Raises OSError naming the path."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder (give a file name, e.g. {os.path.join(path, 'rnan.jaxexport')})")
     blob = exported.serialize()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(blob)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return len(blob)

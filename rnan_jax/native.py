@@ -37,6 +37,7 @@ keeps XLA's convolutions and pure-JAX gradients: the same numbers up to float ro
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -45,6 +46,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from typing import Iterator
 
 from rnan_jax import env
 
@@ -102,8 +104,23 @@ def _build() -> str:
     return path
 
 
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within it `available()` is False, so what is traced there uses XLA's convolutions: for `jax.export`, which
+    refuses the native kernels' custom calls (no compatibility guarantee, and a loader lacks the library)."""
+    before = _state.get("off", False)
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state["off"] = before
+
+
 def available() -> bool:
-    """Whether the native kernels are built and registered with JAX (tries once per process)."""
+    """Whether the native kernels are built and registered with JAX (tries once per process), and not
+    `disabled()`."""
+    if _state.get("off"):
+        return False
     if "ok" not in _state:
         _state["ok"] = False
         if os.environ.get(NATIVE_ENV, "1") != "0":

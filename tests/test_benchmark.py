@@ -198,3 +198,42 @@ def test_kernel_categories_group_device_kernels_per_step():
         "device-to-device copies": 0.025, "the scan's dynamic-(update-)slices": 0.02, "dtype converts": 0.01,
         "everything else": 0.005}
     assert sum(v["kernels_per_step"] for v in got.values()) == 3
+
+
+TOOLS = ("benchmark", "export", "make_zoo", "compare_dtypes", "data_throughput", "trace_breakdown", "tiling_bound")
+
+
+def _tool(name, *args, tmp_path):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_every_tool_has_help(name, tmp_path):
+    proc = _tool(name, "--help", tmp_path=tmp_path)
+    # absl's --help exits with status 1 after the text (its convention); argparse's with 0
+    assert proc.returncode in (0, 1) and "--" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name,args,says", [
+    ("benchmark", ["--table=nope.json"], "--table: cannot read"),
+    ("benchmark", ["--tiny", "--steps=0"], "--steps"),
+    ("benchmark", ["--tiny", "--scale=5"], "--scale"),
+    ("benchmark", ["--tiny", "--output=/dev/null/b.json"], "cannot write --output"),
+    ("trace_breakdown", ["list.json"], "not a Perfetto trace"),
+    ("trace_breakdown", ["list.json", "--steps=0"], "--steps must be at least 1"),
+    ("data_throughput", ["--source=demo", "--repeats=0"], "--repeats"),
+    ("make_zoo", ["--workdir=nope", "--name=../../x"], "--name"),
+    ("compare_dtypes", ["--config=nope.py", "--workdir=w", "--dtypes=int8"], "--dtypes"),
+    ("export", ["--checkpoint=zoo:small_x2", "--output=.", "--platforms=cpu"], "is a folder"),
+    ("export", ["--checkpoint=zoo:small_x2", "--output=a.jaxexport", "--platforms=gpu"], "cuda"),
+    ("tiling_bound", ["--images=baboon"], "<set>/<name>"),
+    ("tiling_bound", ["--checkpoint=zoo:small_x2", "--images=Set5/nope", "--sizes=8", "--data_dir=."], "no such"),
+])
+def test_tool_misuse_is_one_line(name, args, says, tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    proc = _tool(name, *args, tmp_path=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith(("I1", "W1", "WARNING"))
+             and "libtpu" not in line and line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert says in proc.stderr + proc.stdout and len(lines) <= 2, proc.stderr[-3000:]

@@ -58,3 +58,26 @@ def test_fixed_size_keeps_batch_symbolic(params):
     np.testing.assert_allclose(np.asarray(exported.call(lr)), np.asarray(expected), atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         exported.call(lr[:, :5])
+
+
+def test_model_with_native_cpu_kernels_exports_and_matches_apply(tmp_path):
+    # 16 features: on CPU `apply` runs the 3x3 convs as native (FFI) kernels, which jax.export cannot
+    # serialize; the artifact must hold XLA's convolutions and still reproduce apply on an odd size.
+    config = RNANConfig(scale=2, features=16, num_groups=1, num_blocks=2, gc_reduction=4)
+    params = init(jax.random.key(1), config)
+    path = tmp_path / "out" / "rnan.jaxexport"
+    save(export_model(params, config, platforms=("cpu",)), str(path))
+    exported = jax.export.deserialize(bytearray(path.read_bytes()))
+    lr = np.random.default_rng(2).random((1, 7, 5, 3), np.float32)
+    np.testing.assert_allclose(np.asarray(exported.call(lr)), np.asarray(apply(params, lr)), atol=1e-5)
+
+
+def test_misuse_is_named(tmp_path, params):
+    with pytest.raises(ValueError, match="'cuda'"):
+        export_model(params, TINY, platforms=("gpu",))
+    with pytest.raises(ValueError, match="fixed_size"):
+        export_model(params, TINY, fixed_size=(0, 4))
+    with pytest.raises(ValueError, match=r"params\['up_0'\]\['bias'\] has shape"):
+        export_model(params, RNANConfig(**{**TINY.__dict__, "scale": 2}))
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save(export_model(params, TINY, platforms=("cpu",)), str(tmp_path))

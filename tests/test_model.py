@@ -260,3 +260,92 @@ def test_the_train_step_lowered_for_a_gpu_calls_no_native_cpu_kernel():
     targets = ("rnan_conv_kernel_grad", "rnan_conv3x3", "rnan_depthwise_kernel_grad")
     assert all(t in cpu for t in targets)
     assert not any(t in cuda for t in targets)
+
+
+SMALL = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+
+
+@pytest.fixture(scope="module")
+def small_params():
+    return init(jax.random.key(0), SMALL)
+
+
+@pytest.mark.parametrize("shape,hint", [((6, 5), "gray"), ((2, 6, 5, 1), "gray"), ((3, 6, 5), r"transpose\(1, 2, 0\)"),
+                                        ((2, 3, 6, 5), r"transpose\(0, 2, 3, 1\)")])
+def test_lr_layout_mistakes_are_named(small_params, shape, hint):
+    with pytest.raises(ValueError, match=hint):
+        apply(small_params, np.zeros(shape, np.float32))
+
+
+def test_lr_of_0_to_255_is_refused_outside_jit_and_odd_sizes_work(small_params):
+    lr = np.random.default_rng(0).random((1, 6, 5, 3)) * 255  # float64, as numpy makes it
+    with pytest.raises(ValueError, match="0..255 image"):
+        apply(small_params, lr)
+    assert apply(small_params, lr / 255).dtype == jnp.float32
+    assert jax.jit(apply)(small_params, lr).shape == (1, 12, 10, 3)  # traced: values unchecked, no error
+    for shape in [(1, 1, 5, 3), (1, 5, 1, 3), (0, 4, 4, 3)]:
+        assert apply(small_params, jnp.zeros(shape)).shape == (shape[0], 2 * shape[1], 2 * shape[2], 3)
+    np.testing.assert_allclose(apply(small_params, lr / 255, dtype=jnp.bfloat16),
+                               apply(small_params, lr / 255, dtype="bfloat16"))
+
+
+def test_params_that_do_not_fit_are_named(small_params):
+    with pytest.raises(ValueError, match=r"params\['up_0'\]\['bias'\] has shape \(32,\), expected \(72,\)"):
+        apply(small_params, np.zeros((1, 4, 4, 3), np.float32), config=RNANConfig(**{**SMALL.__dict__, "scale": 3}))
+    with pytest.raises(ValueError, match=r"variables\['params'\]"):
+        apply({"params": small_params}, np.zeros((1, 4, 4, 3), np.float32))
+    odd = {**small_params, "fuse1": {"kernel": np.zeros((1, 1, 5, 8)), "bias": np.zeros(8)}}
+    with pytest.raises(ValueError, match=r"not an RNAN parameter tree: params\['fuse1'\]\['kernel'\] has shape"):
+        infer_config(odd)
+    odd = {**small_params, "up_0": {"kernel": np.zeros((3, 3, 8, 20)), "bias": np.zeros(20)}}
+    with pytest.raises(ValueError, match="not an RNAN parameter tree"):
+        infer_config(odd)
+    with pytest.raises(ValueError, match=r"params\['tail'\]\['bias'\] is missing"):
+        infer_config({k: v for k, v in small_params.items() if k != "tail"})
+
+
+def _torch_layout(params, config):
+    """The state_dict that ../shared/peers/rnan_torch.py would hold for `params` (HWIO -> OIHW)."""
+    sd = {"mean": np.asarray(config.rgb_mean, np.float32).reshape(1, 3, 1, 1)}
+
+    def conv(prefix, p):
+        sd[f"{prefix}.weight"] = np.transpose(np.asarray(p["kernel"]), (3, 2, 0, 1))
+        sd[f"{prefix}.bias"] = np.asarray(p["bias"])
+
+    for name in ("head", "fuse1", "fuse3", "tail"):
+        conv(name, params[name])
+    for i in range(len(config.upsample_stages)):
+        conv(f"up.{2 * i}", params[f"up_{i}"])
+    one = lambda tree, *index: jax.tree_util.tree_map(lambda a: a[index], tree)  # noqa: E731
+    for g in range(config.num_groups):
+        group = one(params["groups"], g)
+        for name in ("fuse1", "fuse3"):
+            conv(f"groups.{g}.{name}", group[name])
+        for name in ("k", "v1", "v2"):
+            conv(f"groups.{g}.gc.{name}", group["gc"][name])
+        sd[f"groups.{g}.gc.ln.weight"] = np.asarray(group["gc"]["ln"]["scale"]).reshape(-1, 1, 1)
+        sd[f"groups.{g}.gc.ln.bias"] = np.asarray(group["gc"]["ln"]["bias"]).reshape(-1, 1, 1)
+        for b in range(config.num_blocks):
+            block = one(group["blocks"], b)
+            for name in ("c1", "c2"):
+                conv(f"groups.{g}.blocks.{b}.{name}", block[name])
+            for name in ("dc", "pc"):
+                conv(f"groups.{g}.blocks.{b}.na.{name}", block["na"][name])
+    return sd
+
+
+def test_convert_round_trip_and_bad_state_dicts_named_by_key(small_params):
+    from rnan_jax.convert import from_torch_state_dict
+
+    sd = _torch_layout(small_params, SMALL)
+    for state_dict in (sd, {f"module.{k}": v for k, v in sd.items()}):  # DataParallel's prefix too
+        jax.tree_util.tree_map(np.testing.assert_array_equal, from_torch_state_dict(state_dict, SMALL), small_params)
+    with pytest.raises(ValueError, match=r"groups\.0\.blocks\.1\.c2\.weight missing"):
+        from_torch_state_dict({k: v for k, v in sd.items() if k != "groups.0.blocks.1.c2.weight"}, SMALL)
+    with pytest.raises(ValueError, match=r"groups\.0\.blocks\.2\.c1\.weight is not a parameter"):
+        from_torch_state_dict({**sd, "groups.0.blocks.2.c1.weight": sd["groups.0.blocks.1.c1.weight"]}, SMALL)
+    with pytest.raises(ValueError, match=r"groups\.0\.blocks\.1\.c1\.weight has shape \(8, 8, 1, 1\), expected "
+                                         r"\(8, 8, 3, 3\)"):
+        from_torch_state_dict({**sd, "groups.0.blocks.1.c1.weight": np.zeros((8, 8, 1, 1))}, SMALL)
+    with pytest.raises(ValueError, match=r"up\.0\.weight has shape"):
+        from_torch_state_dict(sd, RNANConfig(**{**SMALL.__dict__, "scale": 3}))

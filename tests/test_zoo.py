@@ -109,3 +109,22 @@ def test_the_wheel_ships_the_weights(tmp_path):
     assert "rnan_jax/zoo/small_x2.msgpack" in names
     for source in native._SOURCES:  # rnan_jax.native builds them on first use
         assert f"rnan_jax/kernels/{os.path.basename(source)}" in names
+
+
+def test_load_reads_a_zoo_file_by_path_and_names_a_bad_one(tmp_path):
+    from flax import serialization
+
+    params, config = rnan_jax.load("zoo:small_x2")
+    path = tmp_path / "mine.msgpack"
+    zoo.write(str(path), params, config)
+    loaded, loaded_config = rnan_jax.load(str(path))  # what tools/make_zoo.py writes, from anywhere
+    assert loaded_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    (tmp_path / "cut.msgpack").write_bytes(path.read_bytes()[:1000])
+    (tmp_path / "other.msgpack").write_bytes(serialization.msgpack_serialize({"a": np.zeros(3)}))
+    (tmp_path / "wrong.msgpack").write_bytes(serialization.msgpack_serialize(
+        {"config": {**config.__dict__, "rgb_mean": list(config.rgb_mean), "features": 16}, "params": params}))
+    for name, says in [("cut", "incomplete input"), ("other", "KeyError"), ("wrong", "do not fit its config"),
+                       ("absent", "no such file")]:
+        with pytest.raises(checkpoint.CheckpointError, match=f"{name}.msgpack: .*{says}"):
+            rnan_jax.load(str(tmp_path / f"{name}.msgpack"))

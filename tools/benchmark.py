@@ -58,7 +58,8 @@ TINY = dict(model="tiny", batch_sizes=["2"], patch_size=12, dtypes=["float32"], 
 _MODEL = flags.DEFINE_enum("model", "paper", list(PRESETS), "Model preset (paper: the default x4 RNAN).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["16", "64"], "Batch sizes (16: the paper's).")
 _PATCH = flags.DEFINE_integer("patch_size", 48, "LR patch side (48: the paper's).", lower_bound=1)
-_SCALE = flags.DEFINE_integer("scale", 0, "Upscaling factor (0: the preset's; the paper preset is x4).")
+_SCALE = flags.DEFINE_enum("scale", "0", ["0", "2", "3", "4"], "Upscaling factor (0: the preset's; the paper preset "
+                           "is x4).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters stay float32).")
 _UNROLL = flags.DEFINE_list("scan_unroll", ["0"], "Scan unroll factors: 0 the backend's default, -1 full, n; "
                             "n:m the GCRGs' scan by n and each GCRG's RNA-block scan by m (1:-1: blocks unrolled).")
@@ -95,17 +96,17 @@ _REMAT = flags.DEFINE_list("remat", ["auto"], "What the backward recomputes of e
 flags.register_validator("cast_params_once", _one_of("auto", "true", "false"), "each value must be auto, true or false")
 flags.register_validator("remat", _one_of("auto", "none", "block", "convs"),
                          "each value must be auto, none, block or convs")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows; the median window is reported.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.", lower_bound=0)
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed window.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows; the median window is reported.", lower_bound=1)
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile and count, run nothing.")
 _SKIP_FORWARD = flags.DEFINE_bool("skip_forward", False, "Skip the forward timing (slow on a CPU).")
 _FORWARD_LR = flags.DEFINE_string("forward_lr", "270x480", "LR size HxW of the forward timing.")
 flags.register_validator("forward_lr", lambda v: bool(re.fullmatch(r"[1-9]\d*[xX][1-9]\d*", v)),
                          "must be HxW, e.g. 270x480")
-_FORWARD_STEPS = flags.DEFINE_integer("forward_steps", 3, "Forward passes per timed window.")
+_FORWARD_STEPS = flags.DEFINE_integer("forward_steps", 3, "Forward passes per timed window.", lower_bound=1)
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Trace --profile_steps steps of the first batch size here.")
-_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.", lower_bound=1)
 _TINY = flags.DEFINE_bool("tiny", False, f"Preset for a quick CPU run: {TINY}.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON file written (after every setting, so a cut run keeps some).")
 _TABLE = flags.DEFINE_list("table", [], "Print markdown rows for these JSON files and exit.")
@@ -147,8 +148,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _TABLE.value:
-        print(table(_TABLE.value, _PEER_LOG.value))
+        try:
+            print(table(_TABLE.value, _PEER_LOG.value))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a missing or foreign file
+            sys.exit(f"benchmark: --table: cannot read {_TABLE.value} as benchmark.py's JSON output "
+                     f"({type(e).__name__}: {e})")
         return
+    if _OUTPUT.value:  # found now, not after the first setting's minutes
+        try:
+            if os.path.isdir(_OUTPUT.value):
+                raise IsADirectoryError(f"{_OUTPUT.value}: is a folder")
+            os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+        except OSError as e:
+            sys.exit(f"benchmark: cannot write --output: {e}")
     if _TINY.value:
         _apply_tiny_preset()
     from rnan_jax import env
@@ -170,7 +182,7 @@ def main(argv):
         for depthwise, remat, cast in ((d, r, c) for d in _DEPTHWISE.value for c in casts for r in _REMAT.value):
             for dtype in _DTYPES.value:
                 config = RNANConfig(**{**PRESETS[_MODEL.value], "dtype": dtype,
-                                       **({"scale": _SCALE.value} if _SCALE.value else {})})
+                                       **({"scale": int(_SCALE.value)} if _SCALE.value != "0" else {})})
                 what = dict(model=_MODEL.value, dtype=dtype, scan_unroll=unroll, depthwise=depthwise, remat=remat,
                             cast_params_once=cast)
                 params = None

@@ -19,6 +19,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent folder of one workdir per dtype.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to compare.")
+flags.register_validator("dtypes", lambda values: bool(values) and all(v in ("float32", "bfloat16", "float16")
+                                                                       for v in values),
+                         "each value must be float32, bfloat16 or float16")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

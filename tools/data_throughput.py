@@ -28,15 +28,16 @@ _SOURCE = flags.DEFINE_enum("source", "folder", data.SOURCES, "Training source."
 _HR_DIRS = flags.DEFINE_string("hr_dirs", "", "Comma-separated HR folders ('' = T91,BSD200 in the data folder).")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data_dir for --source=tfds.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Cache of decoded images ('' = the default).")
-_SCALE = flags.DEFINE_integer("scale", 4, "Upscaling factor.")
-_PATCH = flags.DEFINE_integer("patch_size", 48, "LR patch side.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Patches per batch.")
+_SCALE = flags.DEFINE_enum("scale", "4", ["2", "3", "4"], "Upscaling factor.")
+_PATCH = flags.DEFINE_integer("patch_size", 48, "LR patch side.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Patches per batch.", lower_bound=1)
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker process counts to measure.")
 cli.require_ints("workers", minimum=0)
-_READ_THREADS = flags.DEFINE_integer("read_threads", 4, "grain ReadOptions.num_threads per process.")
-_BATCHES = flags.DEFINE_integer("batches", 200, "Batches timed per worker count.")
-_WARMUP = flags.DEFINE_integer("warmup", 10, "Batches read before timing.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Runs per worker count; the median rate is printed with the range.")
+_READ_THREADS = flags.DEFINE_integer("read_threads", 4, "grain ReadOptions.num_threads per process.", lower_bound=1)
+_BATCHES = flags.DEFINE_integer("batches", 200, "Batches timed per worker count.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 10, "Batches read before timing.", lower_bound=0)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Runs per worker count; the median rate is printed with the range.",
+                                lower_bound=1)
 
 
 def main(argv):
@@ -47,7 +48,7 @@ def main(argv):
             "tfds_data_dir": _TFDS_DATA_DIR.value, "cache_dir": _CACHE_DIR.value, "patch_size": _PATCH.value,
             "read_threads": _READ_THREADS.value, "val_source": "demo"}
     try:
-        cfg = data.DataConfig.from_config(base, scale=_SCALE.value)
+        cfg = data.DataConfig.from_config(base, scale=int(_SCALE.value))
         start = time.perf_counter()
         pairs = data.training_pairs(cfg)  # fills the cache, so the timings below are of a warm start
     except ValueError as e:  # DataError and config errors name what is wrong
@@ -56,14 +57,14 @@ def main(argv):
           f"batch={_BATCH.value} read_threads={cfg.read_threads} cpus={os.cpu_count()} "
           f"(source ready in {time.perf_counter() - start:.1f} s)")
     for workers in (int(w) for w in _WORKERS.value):
-        cfg = data.DataConfig.from_config({**base, "num_workers": workers}, scale=_SCALE.value)
+        cfg = data.DataConfig.from_config({**base, "num_workers": workers}, scale=int(_SCALE.value))
         runs = [data_throughput(cfg, _BATCHES.value, _WARMUP.value, _BATCH.value) for _ in range(_REPEATS.value)]
         rates = sorted(rate for _, rate in runs)
         rate = float(np.median(rates))
         print(f"workers={workers}: first batch after {np.median([f for f, _ in runs]):.2f} s, {rate:.0f} patches/s "
               f"({rate / _BATCH.value:.1f} batches/s; runs {rates[0]:.0f}..{rates[-1]:.0f})")
 
-    cfg = data.DataConfig.from_config(base, scale=_SCALE.value)
+    cfg = data.DataConfig.from_config(base, scale=int(_SCALE.value))
     batch = next(data.train_iterator(cfg, global_batch_size=_BATCH.value, seed=0, process_index=0, process_count=1))
     start = time.perf_counter()
     for _ in range(20):

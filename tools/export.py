@@ -11,6 +11,7 @@ and shows how to load and run the artifact with JAX alone, without rnan_jax.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -18,27 +19,36 @@ from absl import app, flags
 
 from rnan_jax import cli, env
 from rnan_jax.checkpoint import WHICH, CheckpointError, load
-from rnan_jax.export import DEFAULT_PLATFORMS, export_model, save
+from rnan_jax.export import DEFAULT_PLATFORMS, PLATFORMS, export_model, save
 
 
 def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    env.prepare_process()
-    try:
-        params, config = load(FLAGS.checkpoint, which=FLAGS.which)
-    except CheckpointError as e:
-        print(f"export: cannot load --checkpoint: {e}", file=sys.stderr)
-        sys.exit(2)
     fixed = None
     if FLAGS.fixed_size:
         parts = [p.strip() for p in FLAGS.fixed_size.split(",")]
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise app.UsageError(f"--fixed_size must be H,W (positive integers), got {FLAGS.fixed_size!r}")
         fixed = (int(parts[0]), int(parts[1]))
-    exported = export_model(params, config, platforms=FLAGS.platforms, fixed_size=fixed, dtype=FLAGS.dtype)
-    size = save(exported, FLAGS.output)
+    if os.path.isdir(FLAGS.output):  # found before the minutes an export can take
+        raise app.UsageError(f"--output {FLAGS.output} is a folder; give the artifact's file name")
+    env.prepare_process()
+    try:
+        params, config = load(FLAGS.checkpoint, which=FLAGS.which)
+    except CheckpointError as e:
+        print(f"export: cannot load --checkpoint: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        exported = export_model(params, config, platforms=FLAGS.platforms, fixed_size=fixed, dtype=FLAGS.dtype)
+    except ValueError as e:  # e.g. parameters that do not fit the checkpoint's config
+        sys.exit(f"export: cannot export {FLAGS.checkpoint}: {' '.join(str(e).split())[:500]}")
+    try:
+        size = save(exported, FLAGS.output)
+    except OSError as e:
+        print(f"export: cannot write --output: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {FLAGS.output} ({size / 2**20:.1f} MiB): x{config.scale}, input {exported.in_avals[0]}, "
           f"output {exported.out_avals[0]}, platforms {', '.join(exported.platforms)}")
 
@@ -48,6 +58,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("output", None, "Where to write the serialized artifact.", required=True)
     flags.DEFINE_enum("which", "latest", list(WHICH), "Which parameters of --checkpoint.")
     flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for (cpu, cuda, rocm, tpu).")
+    flags.register_validator("platforms", lambda values: bool(values) and all(v in PLATFORMS for v in values),
+                             f"each value must be one of {', '.join(PLATFORMS)} (NVIDIA GPUs: cuda)")
     flags.DEFINE_string("fixed_size", None, "H,W: export for this LR size only (batch stays symbolic).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import flags
@@ -19,6 +20,8 @@ from rnan_jax.api import count_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.", required=True)
 _NAME = flags.DEFINE_string("name", None, "The zoo name, e.g. small_x2.", required=True)
+flags.register_validator("name", lambda name: name is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)),
+                         "must be a plain file name such as small_x2 (letters, digits, _ . -), no folder")
 _WHICH = flags.DEFINE_enum("which", "latest", list(checkpoint.WHICH), "Which parameters of the workdir.")
 
 
@@ -36,7 +39,10 @@ def main(argv):
             with open(path) as f:
                 meta[name] = json.load(f) if name.endswith(".json") else f.read().strip()
     out = os.path.join(os.path.dirname(zoo.__file__), f"{_NAME.value}.msgpack")
-    size = zoo.write(out, params, config, meta)
+    try:
+        size = zoo.write(out, params, config, meta)
+    except OSError as e:  # e.g. an installed package's read-only folder
+        sys.exit(f"make_zoo: cannot write {out}: {e}")
     print(f"wrote {out} ({size / 2**20:.2f} MiB, {meta['parameters']:,} parameters, x{config.scale})")
 
 

@@ -20,6 +20,7 @@ The measuring is `rnan_jax.tiling`; this file holds the flags and prints the tab
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 import jax
@@ -53,8 +54,13 @@ def _print_rows(name: str, rows: list[dict]) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    FLAGS = flags.FLAGS
-    del argv
+    try:
+        _report(flags.FLAGS)
+    except images.ImageError as e:  # a benchmark image or set that is not there
+        sys.exit(f"tiling_bound: {e} (see --data_dir, --images, --sets)")
+
+
+def _report(FLAGS: flags.FlagValues) -> None:
     try:
         params, config = load(FLAGS.checkpoint, which=FLAGS.which)
         source = f"{FLAGS.checkpoint} ({FLAGS.which})"
@@ -116,6 +122,11 @@ def _define_flags() -> None:
     cli.require_ints("tiles")
     cli.require_ints("overlaps", minimum=0)
     cli.require_ints("sizes")
+    flags.register_validator("per_set", lambda v: v >= 0, "must be at least 0")
+    flags.register_validator("images", lambda names: all(n.count("/") == 1 and all(n.split("/")) for n in names),
+                             "each value must be <set>/<name>, e.g. Set14/baboon")
+    flags.register_validator("scan_tile", lambda v: v >= 1, "must be at least 1")
+    flags.register_validator("budget_gib", lambda v: v > 0, "must be positive")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,17 @@ def main() -> None:
     parser.add_argument("traces", nargs="+")
     parser.add_argument("--steps", type=int, default=3, help="steps the trace holds (benchmark.py --profile_steps)")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     tables = []
     for path in args.traces:
         try:
             with gzip.open(path) if path.endswith(".gz") else open(path) as f:
                 tables.append(kernel_categories(json.load(f), args.steps))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             sys.exit(f"{path}: cannot read the trace ({type(e).__name__}: {e})")
+        except (AttributeError, KeyError, TypeError) as e:
+            sys.exit(f"{path}: not a Perfetto trace of jax.profiler ({type(e).__name__}: {e})")
     print("| per step | " + " | ".join(os.path.basename(p) for p in args.traces) + " |")
     print("| --- |" + " --- |" * len(args.traces))
     total = [sum(c["ms_per_step"] for c in t.values()) for t in tables]

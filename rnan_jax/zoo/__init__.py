@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from flax import serialization
 
+from rnan_jax.api import check_params
 from rnan_jax.model import RNANConfig
 
 PREFIX = "zoo:"
@@ -26,7 +27,9 @@ class ZooError(ValueError):
 
 
 def is_zoo(path: Any) -> bool:
-    return isinstance(path, str) and path.startswith(PREFIX)
+    """Whether `path` names zoo weights: "zoo:NAME", or a zoo-format file anywhere ("weights/NAME.msgpack",
+    what tools/make_zoo.py writes), which `checkpoint.load` then reads as the zoo's own."""
+    return isinstance(path, str) and (path.startswith(PREFIX) or path.endswith(_SUFFIX))
 
 
 def names() -> list[str]:
@@ -36,8 +39,10 @@ def names() -> list[str]:
 
 
 def path_of(name: str) -> str:
-    """The file of zoo model `name` ("small_x2" or "zoo:small_x2")."""
-    name = name[len(PREFIX):] if is_zoo(name) else name
+    """The file of zoo model `name` ("small_x2" or "zoo:small_x2"; a path ending in .msgpack is itself)."""
+    if not name.startswith(PREFIX) and name.endswith(_SUFFIX):
+        return name
+    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     available = names()
     if name not in available:
         raise ZooError(f"{PREFIX}{name}: no such model in the zoo (available: "
@@ -73,7 +78,10 @@ def read(path: str) -> tuple[dict, RNANConfig, dict]:
         with open(path, "rb") as f:
             record = serialization.msgpack_restore(f.read())
         config = RNANConfig(**record["config"])  # RNANConfig makes rgb_mean a tuple of floats itself
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        check_params(record["params"], config, what="parameters that do not fit its config")
+    except FileNotFoundError:
+        raise ZooError(f"{path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ZooError(f"{path}: not a readable zoo file ({type(e).__name__}: {e})") from None
     return record["params"], config, dict(record.get("meta") or {})
 
