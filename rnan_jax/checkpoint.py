@@ -288,7 +288,7 @@ def read_meta(directory: str, step: int) -> dict:
         raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
 
 
-def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:
+def load(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANConfig]:
     """Parameters and architecture from a training workdir, one step's checkpoint folder, or a model of the
     package's zoo ("zoo:small_x2", see MODEL_ZOO.md).
 
@@ -297,6 +297,9 @@ def load(path: str, *, which: str = "latest") -> tuple[dict, RNANConfig]:
     """
     if which not in WHICH:
         raise CheckpointError(f"which must be one of {WHICH}, got {which!r}")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):  # "" would be the current folder
+        raise CheckpointError(f"path must name a workdir, checkpoint folder or zoo model, got {path!r}")
+    path = os.fspath(path)
     if zoo.is_zoo(path):  # shipped weights: one set of parameters, `which` does not apply
         try:
             return zoo.load(path)

@@ -128,3 +128,9 @@ def test_load_reads_a_zoo_file_by_path_and_names_a_bad_one(tmp_path):
                        ("absent", "no such file")]:
         with pytest.raises(checkpoint.CheckpointError, match=f"{name}.msgpack: .*{says}"):
             rnan_jax.load(str(tmp_path / f"{name}.msgpack"))
+    loaded, _ = rnan_jax.load(path)  # a pathlib.Path as well
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    for bad in (None, 5, ""):  # a raw TypeError from the path helpers, or "" silently the current folder
+        with pytest.raises(checkpoint.CheckpointError, match="path must name a workdir, checkpoint folder or zoo "
+                                                              f"model, got {bad!r}"):
+            rnan_jax.load(bad)
