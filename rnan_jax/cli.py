@@ -41,14 +41,22 @@ def program_name() -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a malformed value or an unknown flag told in one line, exit status 1 ("train:
     error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc' (see --helpshort)";
-    absl's `parse_flags_with_usage` prints it after "FATAL Flags parsing error:" and adds a second line)."""
+    absl's `parse_flags_with_usage` prints it after "FATAL Flags parsing error:" and adds a second line).
+    `--help` exits with status 0 (absl's 1 made `tool --help && ...` fail)."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         text = " ".join(str(e).split())
-        required = re.fullmatch(r"flag --(\w+)=None: Flag --\w+ must have a value other than None\.", text)
-        text = f"--{required.group(1)} is required" if required else text
+        required = r"flag --(\w+)=None: Flag --\w+ must have a value other than None\."
+        if re.fullmatch(rf"{required}( {required})*", text):  # "--config and --workdir are required"
+            names = [f"--{name}" for name in re.findall(required, text)]
+            text = (f"{', '.join(names[:-1])} and {names[-1]} are required" if len(names) > 1
+                    else f"{names[0]} is required")
         sys.exit(f"{program_name()}: error: {text} (see --helpshort)")
+    except SystemExit as e:  # absl's --help exits with status 1 after its text: asked for, it is a success
+        if e.code == 1 and any(a in ("-h", "-?") or a.startswith("--help") for a in argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def require_ints(name: str, minimum: int = 1) -> None:

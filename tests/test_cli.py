@@ -40,6 +40,7 @@ _BAD_FLAGS = [
      "evaluate: error: --datasets names no set (e.g. Set5,Set14,B100,Urban100) (see --helpshort)"),
     (["-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2", "photo.png"],
      "upscale: error: --output is required (see --helpshort)"),
+    (["-m", "rnan_jax.train"], "train: error: --config and --workdir are required (see --helpshort)"),
     (["tools/benchmark.py", "--dtypes=float64"],
      "benchmark: error: flag --dtypes=['float64']: each value must be float32, bfloat16 or float16 (see --helpshort)"),
     (["tools/tiling_bound.py", "--overlaps=8,-3"],
