@@ -321,14 +321,15 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                          cfg.execution.cast_once, cfg.execution.remat_policy)
     train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)
 
-    # The managers (which create their folders) before the data, which can take minutes to prepare: a workdir
-    # that cannot be written fails first.
+    # The data before the checkpoint managers (a workdir that cannot be written has failed already, in
+    # _prepare_workdir): a manager's start-up cleanup thread, cut off by the exit that a data error causes,
+    # printed orbax's tracebacks ("cannot schedule new futures after shutdown") under the one-line error.
+    it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
+    validator = _Validator(cfg)
     mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), max_to_keep=cfg.keep_checkpoints)
     # Synchronous: orbax names its multi-host barrier for an async save by the step alone, so two managers
     # saving the same step asynchronously collide ("Barrier _async_write_complete.<step> is already ongoing").
     best_mngr = checkpoint.manager(os.path.join(workdir, checkpoint.BEST), max_to_keep=1, async_save=False)
-    it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
-    validator = _Validator(cfg)
 
     rng = jax.random.key(cfg.seed)
     abstract = jax.eval_shape(partial(step.create_state, spec=spec), rng)
