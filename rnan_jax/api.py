@@ -211,9 +211,12 @@ def _check_lr(lr: jax.Array) -> None:
     if not jnp.issubdtype(lr.dtype, jnp.floating):  # e.g. np.asarray(a PIL image): 0..255 would pass silently
         raise TypeError(f"lr must be floating point with values in [0, 1], got {lr.dtype} (an 8-bit image: "
                         "divide by 255, or call inference.upscale_image, which takes uint8)")
-    if lr.size and not isinstance(lr, jax.core.Tracer):  # a concrete input: a 0..255 float image is caught
-        with jax.ensure_compile_time_eval():  # also a constant closed over by a jitted caller
-            top = float(jnp.max(lr))
+    if lr.size:  # a concrete input: a 0..255 float image is caught
+        try:
+            with jax.ensure_compile_time_eval():  # also a constant closed over by a jitted caller
+                top = float(jnp.max(lr))
+        except jax.errors.ConcretizationTypeError:  # traced (jit, vmap, grad): the values are not known here
+            return
         if top > _LR_MAX:
             raise ValueError(f"lr must have values in [0, 1], got values up to {top:g} (a 0..255 image? "
                              "divide by 255)")
