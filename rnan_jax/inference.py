@@ -137,6 +137,48 @@ def is_out_of_memory(error: Exception) -> bool:
 
 # Window sides tried, largest first, when a whole image does not fit in device memory.
 FALLBACK_TILES = (1024, 512, 256, 128, 64)
+# On CPU, the share of the available host memory that one whole-image program may take before windows are used.
+HOST_MEMORY_SHARE = 0.7
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _host_memory_tile(forward: Any, params: Params, size: tuple[int, int], overlap: int) -> int | None:
+    """On CPU, where device memory is host memory and running out of it gets the process killed (no error to
+    fall back on, and the other images of a run lost), the window side to use instead of the whole image: None
+    when the whole image's program (compiled here, and reused by the call that follows) fits in
+    HOST_MEMORY_SHARE of the available memory, else the largest of FALLBACK_TILES whose share of that
+    program's memory, by area, fits (a warning says which)."""
+    available = host_memory_available()
+    if available is None:
+        return None
+    h, w = size
+    try:
+        memory = forward.lower(params, jax.ShapeDtypeStruct((1, h, w, 3), np.float32)).compile().memory_analysis()
+        need = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+    except (AttributeError, TypeError, NotImplementedError):  # no analysis on this backend or version
+        return None
+    budget = HOST_MEMORY_SHARE * available
+    if need <= budget:
+        return None
+    per_pixel = need / (h * w)
+    fitting = [t for t in FALLBACK_TILES if t < max(h, w) and t > overlap and per_pixel * t * t <= budget]
+    tile = fitting[0] if fitting else min((t for t in FALLBACK_TILES if t > overlap), default=None)
+    if tile is not None:
+        log.warning("a %dx%d image needs about %.1f GiB of host memory whole, %.1f GiB are available; upscaling "
+                    "it in %d-pixel windows (choose with --tile / tile=)", w, h, need / 2**30, available / 2**30,
+                    tile)
+    return tile
 
 
 def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | None = None,
@@ -195,6 +237,8 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         return sr.astype(np.float32)
 
     h, w, _ = lr.shape
+    if tile is None and jax.default_backend() == "cpu":
+        tile = _host_memory_tile(forward, params, (h, w), overlap)
     if tile is not None and (tile < h or tile < w):
         return _tiled(run, lr, config.scale, tile, overlap, finish, progress)
     try:

@@ -301,6 +301,29 @@ def test_out_of_device_memory_falls_back_to_tiles(params, monkeypatch, caplog):
     np.testing.assert_array_equal(out, upscale_image(params, image, tile=64, overlap=DEFAULT_OVERLAP))
 
 
+def test_on_cpu_a_whole_image_beyond_host_memory_is_tiled_before_it_runs(params, monkeypatch, caplog):
+    """On CPU, running out of memory gets the process killed (no error to fall back on, the run's other images
+    lost): the whole-image program's own memory analysis, against the memory available, picks windows first."""
+    from rnan_jax import inference
+
+    image = _photo(100, 90)
+    memory = compiled_forward(TINY).lower(jax.device_put(params), jax.ShapeDtypeStruct((1, 100, 90, 3), np.float32)
+                                          ).compile().memory_analysis()
+    need = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+    monkeypatch.setattr(inference, "FALLBACK_TILES", (256, 128, 64, 32))
+    monkeypatch.setattr(inference, "host_memory_available", lambda: int(need / inference.HOST_MEMORY_SHARE * 0.9))
+    with caplog.at_level("WARNING"):
+        out = upscale_image(params, image)
+    assert f"a 90x100 image needs about {need / 2**30:.1f} GiB of host memory whole" in caplog.text
+    assert "upscaling it in 64-pixel windows (choose with --tile / tile=)" in caplog.text
+    np.testing.assert_array_equal(out, upscale_image(params, image, tile=64, overlap=DEFAULT_OVERLAP))
+    caplog.clear()
+    monkeypatch.setattr(inference, "host_memory_available", lambda: int(need / inference.HOST_MEMORY_SHARE * 1.1))
+    with caplog.at_level("WARNING"):
+        upscale_image(params, image)  # it fits: the whole image, as before
+    assert "windows" not in caplog.text
+
+
 def test_exif_orientation_is_applied(tmp_path):
     from rnan_jax import images
 
