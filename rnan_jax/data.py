@@ -10,9 +10,11 @@ than making the batch (tools/BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -232,6 +234,39 @@ def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _ctrl_c_blocked_for_new_workers():
+    """Blocks SIGINT in this thread while the worker processes are started, from threads this one creates (a
+    new thread and a new process inherit the signal mask), so that they are born deaf to Ctrl-C: `_ignore_ctrl_c`
+    runs only after a worker's imports, and a Ctrl-C during those seconds ended each worker with a
+    KeyboardInterrupt traceback, then could hang the trainer. The process still gets the signal: another of its
+    threads takes it, or it waits until this thread unblocks it."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _dead_worker_code(error: RuntimeError) -> int | None:
+    """The exit code in grain's "Worker process was terminated unexpectedly with exit code N", else None."""
+    match = re.match(r"Worker process was terminated unexpectedly with exit code (-?\d+)", str(error))
+    return int(match.group(1)) if match else None
+
+
+def _exit_reason(code: int) -> str:
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"killed by {name}" + (", as the kernel's out-of-memory killer does" if -code == signal.SIGKILL else "")
+
+
 class BatchIterator(grain.DatasetIterator):
     """Iterates an infinite MapDataset of batches through grain (read threads, optional worker processes).
 
@@ -248,6 +283,7 @@ class BatchIterator(grain.DatasetIterator):
         self._multiprocessing_options = multiprocessing_options
         self._next_batch = 0
         self._it: grain.DatasetIterator | None = None
+        self._workers_starting = False
 
     def _pipeline(self) -> grain.DatasetIterator:
         self._assert_not_closed()
@@ -256,10 +292,28 @@ class BatchIterator(grain.DatasetIterator):
             if self._multiprocessing_options is not None:
                 ds = ds.mp_prefetch(self._multiprocessing_options, worker_init_fn=_ignore_ctrl_c)
             self._it = iter(ds)
+            self._workers_starting = self._multiprocessing_options is not None
         return self._it
 
+    def _starting(self):
+        """Around making the pipeline and asking for its first batch: its worker processes start then, from
+        threads made then."""
+        new_workers = self._multiprocessing_options is not None and (self._it is None or self._workers_starting)
+        return _ctrl_c_blocked_for_new_workers() if new_workers else contextlib.nullcontext()
+
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._pipeline())
+        """The next batch; raises `sources.DataError` (one line) when a worker process has died."""
+        try:
+            with self._starting():
+                batch = next(self._pipeline())
+            self._workers_starting = False
+        except RuntimeError as e:
+            if (code := _dead_worker_code(e)) is None:
+                raise
+            raise sources.DataError(
+                f"a data worker process died at batch {self._next_batch} ({_exit_reason(code)}); rerun to resume "
+                "from the last checkpoint, with a lower data.num_workers or data.worker_buffer_size if memory ran "
+                "out") from None
         self._next_batch += 1
         return batch
 
@@ -271,7 +325,8 @@ class BatchIterator(grain.DatasetIterator):
         self._next_batch = int(state["next_batch"])
 
     def start_prefetch(self) -> None:
-        self._pipeline().start_prefetch()
+        with self._starting():
+            self._pipeline().start_prefetch()
 
     def close(self) -> None:
         """Stops the worker processes and threads (also on garbage collection); idempotent."""
@@ -312,6 +367,11 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, proces
         # warning options, so this one warning is silenced there; our own processes are unaffected.
         if _TRACKER_WARNING not in sys.warnoptions:
             sys.warnoptions.append(_TRACKER_WARNING)
+        # Started now, not by the first worker's start: starting it unblocks SIGINT in the thread that does, which
+        # then started the other workers able to die of a Ctrl-C (`_ctrl_c_blocked_for_new_workers`).
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
         mp_options = grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                   per_worker_buffer_size=cfg.worker_buffer_size)
     return BatchIterator(ds, read_options, mp_options)
@@ -332,9 +392,19 @@ def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
         return [benchmark_sets.Pair("demo", name, cfg.scale, degrade.modcrop(hr, cfg.scale))]
     if cfg.val_source == "tfds":
         pairs = []
-        for spec in _limit(sources.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir), cfg.val_max_images):
-            hr, lr = sources.make_pair(*spec.load(), cfg.scale, spec.name)
+        specs = _limit(sources.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir), cfg.val_max_images)
+        for spec in specs:
+            try:
+                hr, lr = sources.make_pair(*spec.load(), cfg.scale, spec.name)
+                if min(hr.shape[:2]) < benchmark_sets.min_side(cfg.scale):
+                    raise images.ImageError(f"{spec.name}: image is {hr.shape[1]}x{hr.shape[0]}, too small to score "
+                                            f"at x{cfg.scale}")
+            except images.ImageError as e:
+                log.warning("skipping %s", e)
+                continue
             pairs.append(benchmark_sets.Pair(cfg.tfds_name or "div2k", spec.name, cfg.scale, hr, given_lr=lr))
+        if not pairs:
+            raise sources.DataError(f"{what}: no usable image in the validation split of {cfg.tfds_name}")
         return pairs
     if cfg.val_source == "benchmark":
         hr_dir = os.path.join(cfg.val_dir or os.path.join(default_data_dir(), "benchmark"), cfg.val_set, "HR")
@@ -348,7 +418,9 @@ def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
     pairs = []
     for path in files:
         try:
-            pairs.append(benchmark_sets.make_pair(dataset, path, images.decode(path).pixels, cfg.scale, lr_dir))
+            pair = benchmark_sets.make_pair(dataset, path, images.decode(path).pixels, cfg.scale, lr_dir)
+            pair.lr  # read (and size-checked) now, so that an unusable LR file is skipped like a missing one
+            pairs.append(pair)
         except images.ImageError as e:
             log.warning("skipping %s", e)
     if not pairs:

@@ -9,6 +9,7 @@ name and skipped; only a source left with no image is an error.
 """
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 
 # Bump when what goes into a cache file changes (e.g. the resize code), so old entries are not reused.
 _CACHE_VERSION = "1"
+_CHANGED = ("something removed or rewrote it (a cleaned data.cache_dir?); rerun to remake it, or give each run its "
+            "own data.cache_dir")
+# np.save's header for a C-ordered uint8 [H, W, C] array (numpy 1.x and 2.x write it alike).
+_NPY_PARSER_LOCK = threading.Lock()  # ast.literal_eval is not safe from several threads at once on CPython 3.11
+_NPY_UINT8_HWC = re.compile(r"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+), (\d+), (\d+)\), \}")
 
 DEMO_TRAIN_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 # The held-out demo validation image: the centre 320x240 (width x height) crop of the left motorcycle view.
@@ -91,29 +97,60 @@ class StoredImage:
 
     @classmethod
     def open(cls, path: str) -> StoredImage:
-        """Reads the `.npy` header; raises ValueError if it is not a C-ordered uint8 [H, W, C] array."""
+        """Reads the `.npy` header; raises ValueError if it is not a C-ordered uint8 [H, W, C] array or is truncated.
+
+        The header is matched as `np.save` writes it, not parsed by numpy: numpy's `ast.literal_eval` fails at
+        random when threads call it at once on CPython 3.11 ("AST constructor recursion depth mismatch"), and
+        `prepare_cached` opens its entries from a pool of threads. A header written another way (another
+        numpy) is parsed with `ast.literal_eval`, one thread at a time.
+        """
         with open(path, "rb") as f:
-            fmt = np.lib.format
-            read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(f)
-            offset = f.tell()
-        if dtype != np.uint8 or fortran_order or len(shape) != 3:
-            raise ValueError(f"{path}: not a C-ordered uint8 [H, W, C] array")
+            magic = f.read(8)
+            if magic[:6] != b"\x93NUMPY" or magic[6:7] not in (b"\x01", b"\x02", b"\x03"):
+                raise ValueError(f"{path}: not a .npy file")
+            size_bytes = 2 if magic[6:7] == b"\x01" else 4
+            header_len = int.from_bytes(f.read(size_bytes), "little")
+            header = f.read(header_len).decode("latin1")
+            offset = 8 + size_bytes + header_len
+        if len(header) != header_len:
+            raise ValueError(f"{path}: truncated")
+        match = _NPY_UINT8_HWC.fullmatch(header.strip())
+        if match is not None:
+            shape = tuple(int(v) for v in match.groups())
+        else:  # another numpy's way of writing it: numpy's own parser, one thread at a time
+            with _NPY_PARSER_LOCK:
+                try:
+                    fields = ast.literal_eval(header.strip())
+                except (ValueError, SyntaxError):
+                    fields = {}
+            fields = fields if isinstance(fields, dict) else {}
+            shape = tuple(fields.get("shape", ()))
+            if (fields.get("descr") != "|u1" or fields.get("fortran_order", True) or len(shape) != 3
+                    or not all(isinstance(v, int) for v in shape)):
+                raise ValueError(f"{path}: not a C-ordered uint8 [H, W, C] array")
         if os.path.getsize(path) != offset + int(np.prod(shape)):
             raise ValueError(f"{path}: truncated")
-        return cls(path, tuple(shape), offset)
+        return cls(path, shape, offset)
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        """Raises `DataError` (one line) when the file has gone or shrunk since it was opened."""
         rows, cols = key
         h, w, c = self.shape
         start, stop, step = rows.indices(h)
         if step != 1:
             raise IndexError("StoredImage rows must be a contiguous slice")
-        fd = os.open(self.path, os.O_RDONLY)
+        size = max(stop - start, 0) * w * c
         try:
-            band = os.pread(fd, max(stop - start, 0) * w * c, self.offset + start * w * c)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                band = os.pread(fd, size, self.offset + start * w * c)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise DataError(f"cache file {self.path}: {e.strerror or e} while training; {_CHANGED}") from None
+        if len(band) != size:
+            raise DataError(f"cache file {self.path}: shorter than when it was opened (truncated) while training; "
+                            f"{_CHANGED}")
         return np.frombuffer(band, np.uint8).reshape(-1, w, c)[:, cols]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -151,15 +188,25 @@ def _digest(*parts: object) -> str:
 
 
 def _file_id(path: str) -> str:
+    # The inode and change time too: a copy that keeps the old modification time (cp -p, rsync -a, tar x) of
+    # another image of the same size (any BMP or PPM of the same shape) left the size and mtime unchanged, and
+    # the cache served the old image's pixels. Neither can be set back by a user.
     st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
+    """Writes `array` to `path` through a temporary file (removed if the write fails): a run that reads the
+    cache while another makes the same entry sees the old file or the whole new one."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class _Skip(Exception):
@@ -195,9 +242,17 @@ def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tup
         hr, lr = make_pair(hr, lr, scale, spec.name)
     except images.ImageError as e:
         raise _Skip("unreadable", str(e)) from None
-    _save_atomic(hr_path, hr)
-    _save_atomic(lr_path, lr)
+    try:
+        _save_atomic(hr_path, hr)
+        _save_atomic(lr_path, lr)
+    except OSError as e:  # no permission, disk full
+        raise _unwritable(cache_dir, e) from None
     return spec.name, StoredImage.open(hr_path), StoredImage.open(lr_path)
+
+
+def _unwritable(cache_dir: str, error: OSError) -> DataError:
+    return DataError(f"cannot write the decoded-image cache in data.cache_dir={cache_dir} "
+                     f"({error.strerror or error}); point data.cache_dir (or $RNAN_CACHE_DIR) at a writable folder")
 
 
 def prepare_cached(
@@ -206,20 +261,28 @@ def prepare_cached(
     """Decodes (and resizes) each spec once into `cache_dir`, reusing earlier entries; skips and logs unusable ones.
 
     `min_lr_size`: images whose LR side would be below it (HR below scale * min_lr_size) are skipped.
-    Raises `DataError` (one line) when no image is usable.
+    Raises `DataError` (one line) when no image is usable or `cache_dir` cannot be written.
     """
-    os.makedirs(cache_dir, exist_ok=True)
     start = time.perf_counter()
     threads = threads or min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise _unwritable(cache_dir, e) from None
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    entries, skipped = [], []
+    try:
         futures = [pool.submit(_prepare_one, s, scale, min_lr_size, cache_dir) for s in specs]
-        entries, skipped = [], []
         for f in futures:
             try:
                 entries.append(f.result())
             except _Skip as e:
                 log.warning("skipping %s", e)
                 skipped.append(e)
+    finally:
+        # On an error or Ctrl-C, the images not started are dropped: waiting for them (`with pool`) took as long
+        # as decoding the whole set (minutes for DIV2K) before the run could stop.
+        pool.shutdown(wait=True, cancel_futures=True)
     _report(what, len(specs), skipped, scale * min_lr_size)
     log.info("%s: %d images ready in %s (%.1f s)", what, len(entries), cache_dir, time.perf_counter() - start)
     return CachedPairs(entries)

@@ -165,7 +165,7 @@ def test_same_seed_same_batches_other_seed_other_batches(div2k_folder, tmp_path)
     assert not all(np.array_equal(x["hr"], y["hr"]) for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("workers,resume_workers", [(0, 0), (0, 2)])
+@pytest.mark.parametrize("workers,resume_workers", [(0, 0), (0, 2), (2, 0)])
 def test_restored_iterator_state_gives_the_same_following_batches(div2k_folder, tmp_path, workers, resume_workers):
     root, _ = div2k_folder
     def make(n):
@@ -342,3 +342,180 @@ def test_benchmark_validation_images(data_dir):
     assert [p.name for p in val] == ["baby", "bird", "butterfly"]
     assert val[1].hr.shape == (288, 288, 3) and val[1].lr.shape == (72, 72, 3)
     np.testing.assert_array_equal(val[1].lr, degrade.bicubic_lr(val[1].hr, 4))
+
+
+def test_cache_headers_are_read_without_numpy_s_thread_unsafe_parser(tmp_path, monkeypatch):
+    """np.load's header parse (ast.literal_eval) fails at random in threads on CPython 3.11 ("AST constructor
+    recursion depth mismatch"): the cache's pool of threads opened every entry with it."""
+    import ast
+
+    np.save(tmp_path / "a.npy", smooth_image(5, 7, 0))
+    np.save(tmp_path / "f.npy", np.zeros((5, 7, 3), np.float32))
+    (tmp_path / "t.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-1])
+
+    def fail(*args, **kwargs):
+        raise SystemError("AST constructor recursion depth mismatch (before=33, after=29)")
+
+    monkeypatch.setattr(ast, "literal_eval", fail)
+    stored = sources.StoredImage.open(str(tmp_path / "a.npy"))
+    assert stored.shape == (5, 7, 3) and stored.offset == 128
+    np.testing.assert_array_equal(np.asarray(stored), smooth_image(5, 7, 0))
+    with pytest.raises(ValueError, match="truncated"):
+        sources.StoredImage.open(str(tmp_path / "t.npy"))
+    monkeypatch.undo()  # a header np.save did not write for a uint8 image: the parser, one thread at a time
+    with pytest.raises(ValueError, match="not a C-ordered uint8"):
+        sources.StoredImage.open(str(tmp_path / "f.npy"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_cache_file_cut_short_while_training_is_named_in_one_line(div2k_folder, tmp_path, workers):
+    root, _ = div2k_folder
+    cfg = config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "cache"), num_workers=workers)
+    it = data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    for path in (tmp_path / "cache").glob("*.hr.npy"):
+        with open(path, "r+b") as f:
+            f.truncate(200)
+    try:
+        with pytest.raises(sources.DataError, match=r"cache file .*\.hr\.npy: shorter than when it was opened .*; "
+                                                    "something removed or rewrote it") as e:
+            take(it, 3)
+        assert "\n" not in str(e.value)
+    finally:
+        it.close()
+    gone = sources.StoredImage(str(tmp_path / "cache" / "gone.npy"), (2, 2, 3), 128)
+    with pytest.raises(sources.DataError, match="gone.npy: No such file or directory while training"):
+        gone[0:1, :]
+    os.remove(next((tmp_path / "cache").glob("*.lr.npy")))
+    assert len(data.training_pairs(cfg)) == 3  # the next run remakes the damaged and the missing entries
+
+
+def test_a_worker_process_that_dies_is_one_line(tmp_path):
+    import multiprocessing
+    import signal
+
+    cfg = config(2, source="demo", patch_size=8, num_workers=2)
+    it = data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    try:
+        next(it)
+        workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain-process-prefetch")]
+        assert len(workers) == 2
+        for p in workers:  # as the kernel's out-of-memory killer ends a process
+            os.kill(p.pid, signal.SIGKILL)
+        with pytest.raises(sources.DataError, match=r"a data worker process died at batch \d+ \(killed by SIGKILL, "
+                                                    r"as the kernel's out-of-memory killer does\); rerun to resume"):
+            take(it, 50)
+    finally:
+        it.close()
+
+
+def test_worker_processes_are_born_deaf_to_ctrl_c(tmp_path):
+    """A Ctrl-C while the workers import (seconds) killed each with a KeyboardInterrupt traceback: they must
+    start with SIGINT blocked, before the worker_init_fn that ignores it can run."""
+    import multiprocessing
+    import signal
+
+    cfg = config(2, source="demo", patch_size=8, num_workers=2)
+    it = data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    try:
+        next(it)
+        workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain-process-prefetch")]
+        assert len(workers) == 2
+        for p in workers:
+            with open(f"/proc/{p.pid}/status") as f:
+                blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+            assert blocked & (1 << (signal.SIGINT - 1)), p.pid
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread: unblocked again
+    finally:
+        it.close()
+
+
+def test_a_changed_image_file_is_not_served_from_the_cache(tmp_path):
+    """Same name, same size, same modification time (cp -p, rsync -a, tar x of another image; any BMP of the
+    same shape has the same size): the cache kept serving the old image's pixels."""
+    from PIL import Image
+
+    path = tmp_path / "HR" / "0001.bmp"
+    path.parent.mkdir()
+    old, new = smooth_image(40, 40, 0), smooth_image(40, 40, 1)
+    Image.fromarray(old).save(path)
+    times = os.stat(path)
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8, cache_dir=str(tmp_path / "c"))
+    np.testing.assert_array_equal(np.asarray(data.training_pairs(cfg)[0]["hr"]), old)
+    replacement = tmp_path / "new.bmp"
+    Image.fromarray(new).save(replacement)
+    os.replace(replacement, path)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert os.stat(path).st_size == times.st_size
+    np.testing.assert_array_equal(np.asarray(data.training_pairs(cfg)[0]["hr"]), new)
+
+
+def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    write_image(tmp_path / "HR" / "0001.png", smooth_image(40, 40, 0))
+    (tmp_path / "file").write_text("x")
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8, cache_dir=str(tmp_path / "file" / "c"))
+    with pytest.raises(sources.DataError, match=r"cannot write the decoded-image cache in data.cache_dir=.*/file/c "
+                                                r"\(Not a directory\); point data.cache_dir"):
+        data.training_pairs(cfg)
+
+    def disk_full(file, array):
+        file.write(b"\x93NUMPY")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(sources.DataError, match=r"data.cache_dir=.*/c \(No space left on device\)"):
+        data.training_pairs(cfg)
+    assert os.listdir(tmp_path / "c") == []  # no temporary file left behind
+
+
+def test_ctrl_c_while_the_cache_is_made_does_not_wait_for_the_other_images(tmp_path):
+    import signal
+    import threading
+    import time
+
+    loaded = []
+
+    def load(i):
+        loaded.append(i)
+        if i == 0:  # a Ctrl-C reaches the main thread, waiting for this image's result
+            time.sleep(0.2)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.5)
+        return smooth_image(40, 40, i), None
+
+    specs = [sources.PairSpec(f"img{i}", f"key{i}", lambda i=i: load(i)) for i in range(20)]
+    with pytest.raises(KeyboardInterrupt):
+        sources.prepare_cached(specs, scale=2, min_lr_size=8, cache_dir=str(tmp_path), what="t", threads=1)
+    assert loaded == [0]
+
+
+def test_folder_validation_skips_missing_and_mis_sized_lr_files(tmp_path, caplog):
+    for i in range(4):
+        write_image(tmp_path / "HR" / f"{i:04d}.png", smooth_image(40, 48, i))
+    write_image(tmp_path / "LR" / "0000x2.png", degrade.bicubic_lr(smooth_image(40, 48, 0), 2))
+    write_image(tmp_path / "LR" / "0001x2.png", smooth_image(19, 24, 1))  # should be 24x20
+    write_image(tmp_path / "LR" / "0003x2.png", degrade.bicubic_lr(smooth_image(40, 48, 3), 2))
+    cfg = config(2, val_source="folder", val_dir=str(tmp_path / "HR"), val_lr_dir=str(tmp_path / "LR"),
+                 val_max_images=100)  # more than there are
+    with caplog.at_level(logging.WARNING):
+        val = data.validation_images(cfg)
+    assert [p.name for p in val] == ["0000", "0003"]
+    for p in val:
+        assert p.lr.shape == (20, 24, 3)
+    assert "0001x2.png: LR image is 24x19, expected 24x20" in caplog.text
+    assert "0002.png: no LR image in" in caplog.text
+
+
+def test_tfds_validation_skips_an_unusable_example(tmp_path, caplog):
+    def examples(builder, split, **kw):
+        out = _div2k_examples(split)
+        if str(split) == "validation":
+            out[0] = {"hr": out[0]["hr"], "lr": out[0]["lr"][:-1]}  # LR one row short
+        return out
+
+    cfg = config(4, source="demo", tfds_data_dir=str(tmp_path / "tfds"), val_source="tfds", val_max_images=5)
+    with mock_data(as_data_source_fn=examples), caplog.at_level(logging.WARNING):
+        val = data.validation_images(cfg)
+    assert [p.name for p in val] == ["div2k/bicubic_x4:validation[1]"]
+    assert "validation[0]: LR image is 24x15" in caplog.text
