@@ -17,9 +17,10 @@ the rest go on; the exit status is 1 if any input failed, 2 for an unusable chec
 `--overlap` defaults to 32 LR pixels, or half of a `--tile` of 64 or less.
 Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR
 pixel for the paper's x4 model); one that does not fit is tiled automatically, in the largest window that
-fits (a warning says which; on a CPU before it runs, by its compiled program's memory against the host's). `--tile` bounds memory by the window (a second progress bar counts windows);
-the output then differs slightly from whole-image output because the GC block sees each window's context,
-not the image's (tools/BENCHMARKS.md, "Inference: tiling", measures by how much).
+fits (a warning says which; on a CPU before it runs, by its compiled program's memory against the host's).
+`--tile` bounds memory by the window (a second progress bar counts windows); the output then differs
+slightly from whole-image output because the GC block sees each window's context, not the image's
+(tools/BENCHMARKS.md, "Inference: tiling", measures by how much).
 """
 from __future__ import annotations
 
