@@ -1,10 +1,11 @@
 """Process settings for the command-line entry points: the data folder, JAX's persistent compilation cache,
-logging, and how host memory freed by XLA is kept for reuse."""
+logging, how host memory freed by XLA is kept for reuse, and joining the other processes of a multi-host run."""
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
+import threading
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,3 +97,65 @@ def reuse_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(mallopt(param, value) == 1 for param, value in
                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+
+
+DISTRIBUTED_TIMEOUT_S = 300  # jax.distributed.initialize's own default wait for every process to join
+
+
+def distributed_flags_problem(coordinator_address: str | None, num_processes: int | None,
+                              process_id: int | None) -> str | None:
+    """One line when --coordinator_address/--num_processes/--process_id cannot describe a run (checked before
+    JAX is asked, whose errors were tracebacks), else None. All three unset leaves it to JAX to detect the
+    cluster (a TPU pod slice, SLURM, Open MPI)."""
+    given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+             "--process_id": process_id}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [name for name, v in given.items() if v is None]
+    if missing:
+        return (f"{', '.join(missing)} missing: off a TPU pod slice, --distributed takes --coordinator_address="
+                "HOST:PORT (process 0's), --num_processes=N and --process_id=I, the same on every process but I")
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"--coordinator_address {coordinator_address!r} is not HOST:PORT (process 0's host, a free port)"
+    if num_processes < 1:
+        return f"--num_processes {num_processes}: at least 1"
+    if not 0 <= process_id < num_processes:
+        return (f"--process_id {process_id} is not one of the {num_processes} processes' indices "
+                f"(0 to {num_processes - 1})")
+    return None
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, timeout_s: int = DISTRIBUTED_TIMEOUT_S) -> None:
+    """`jax.distributed.initialize`, with every failure one line: a flag combination that cannot work, or no
+    cluster detected, raises ValueError; processes that do not all join within `timeout_s` (a coordinator that
+    never answers, a process never started) end this process with one line on stderr and exit status 1, where
+    JAX aborted it (SIGABRT) with a C++ stack trace, after 300 s."""
+    import jax
+
+    if (problem := distributed_flags_problem(coordinator_address, num_processes, process_id)) is not None:
+        raise ValueError(problem)
+    if timeout_s < 1:
+        raise ValueError(f"--distributed_timeout {timeout_s}: at least 1 second")
+    where = f"the coordinator {coordinator_address}" if coordinator_address else "the coordinator"
+
+    def give_up() -> None:  # a thread: JAX's wait holds the main thread in C++ (it releases the GIL)
+        os.write(2, f"error: --distributed: not every process joined {where} within {timeout_s} s (is process 0 "
+                    "running there and reachable, and was every process started with the same --num_processes? "
+                    "--distributed_timeout sets the wait)\n".encode())
+        os._exit(1)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:  # JAX's own deadline later than the watchdog's: it aborts the process where the watchdog exits
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   initialization_timeout=timeout_s + 60)
+    except (ValueError, TypeError, RuntimeError) as e:  # no cluster detected, a port in use, and the like
+        hint = ("off a TPU pod slice or a detected cluster, pass --coordinator_address=HOST:PORT "
+                "--num_processes=N --process_id=I" if coordinator_address is None else
+                f"process 0 serves {coordinator_address}: is that port free on its host?")
+        raise ValueError(f"--distributed: {' '.join(str(e).split())} ({hint})") from None
+    finally:
+        watchdog.cancel()

@@ -99,8 +99,17 @@ def create_state(rng: jax.Array, params: Any = None, *, spec: StepSpec) -> Train
 
 
 def empty_metrics() -> dict[str, jax.Array]:
-    names = ("loss", "grad_norm", "steps", "skipped", "nonfinite")
+    """The running sums `train_step` adds to, and "lr": the learning rate of the latest step (not a sum)."""
+    names = ("loss", "grad_norm", "steps", "skipped", "nonfinite", "lr")
     return {k: jnp.zeros((), jnp.float32) for k in names}
+
+
+def updates_applied(opt_state: Any) -> jax.Array:
+    """How many updates the optimizer has applied: the schedule's position, which a skipped (spike or
+    non-finite) step does not advance, so it trails `TrainState.step` by the steps skipped."""
+    adam = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(x, optax.ScaleByAdamState)]
+    return adam[0].count
 
 
 def l1_loss(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> jax.Array:
@@ -146,7 +155,14 @@ def _loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -
     n = spec.batch_chunks
     if n <= 1 or lr.shape[0] % n:
         return jax.value_and_grad(l1_loss)(params, lr, hr, spec)
-    parts = [jax.value_and_grad(l1_loss)(params, a, b, spec) for a, b in zip(jnp.split(lr, n), jnp.split(hr, n))]
+    # Chunk c is samples c, c + n, c + 2n, ...: with the batch sharded over devices in contiguous blocks (of a
+    # multiple of n samples), each device holds its own share of every chunk, where contiguous chunks
+    # (jnp.split) each lay on a few devices and were moved between them (collective-permutes) every step.
+    def split(x: jax.Array) -> list[jax.Array]:
+        strided = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+        return [strided[:, c] for c in range(n)]
+
+    parts = [jax.value_and_grad(l1_loss)(params, a, b, spec) for a, b in zip(split(lr), split(hr))]
     loss = sum(p[0] for p in parts) / n
     return loss, jax.tree_util.tree_map(lambda *g: sum(g) / n, *[p[1] for p in parts])
 
@@ -197,5 +213,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], acc: dict[str, ja
     acc = {"loss": acc["loss"] + jnp.where(finite, loss, 0.0),
            "grad_norm": acc["grad_norm"] + jnp.where(finite, grad_norm, 0.0),
            "steps": acc["steps"] + 1, "skipped": acc["skipped"] + spike.astype(jnp.float32),
-           "nonfinite": acc["nonfinite"] + (~finite).astype(jnp.float32)}
+           "nonfinite": acc["nonfinite"] + (~finite).astype(jnp.float32),
+           # the rate this step's update took (or would have): the schedule at the optimizer's count, not at
+           # state.step, which runs ahead of it by every skipped step
+           "lr": jnp.asarray(learning_rate(spec.optim)(updates_applied(state.opt_state)), jnp.float32)}
     return new_state, acc

@@ -3,6 +3,8 @@
 Trains RNAN, resuming from the latest checkpoint in --workdir. Multi-host (TPU pods, several GPU hosts):
 add --distributed (and, off TPU, --coordinator_address, --num_processes, --process_id).
 """
+import os
+import re
 import sys
 
 from absl import app, flags
@@ -16,6 +18,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (off TPU).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (off TPU).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (off TPU).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds --distributed waits for every "
+                                            "process to join before it stops with one line.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config (every key --config.KEY= can set), "
                              "the parameter count and the devices, then exit without reading data or writing.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -28,11 +32,18 @@ def main(argv):
 
     from rnan_jax import api, env, trainer
 
+    host_flags = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
+    if host_flags and not _DISTRIBUTED.value:  # they were silently ignored: N processes each trained alone
+        raise app.UsageError(f"{' and '.join(host_flags)} without --distributed: add it (a multi-host run)")
     env.prepare_process()  # before JAX starts; the trainer prints its own lines, so library chatter stays out
     if _DISTRIBUTED.value:
         if jax.config.jax_platforms == "cpu" or (_NUM_PROCESSES.value and not jax.config.jax_platforms):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        try:
+            env.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                       timeout_s=_DISTRIBUTED_TIMEOUT.value)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     model = _CONFIG.value.model
     full_unroll = _CONFIG.value.execution.scan_unroll < 0
     big = model.num_groups * model.num_blocks > api.CPU_FULL_UNROLL_MAX_BLOCKS
@@ -47,8 +58,31 @@ def main(argv):
     except trainer.Preempted as e:
         print(e, flush=True)
         sys.exit(128 + e.signum)  # 143 (SIGTERM) or 130 (Ctrl-C), as if the signal had ended the process
-    except (ValueError, trainer.TrainingError, OSError) as e:
+    except (ValueError, trainer.TrainingError, OSError, jax.errors.JaxRuntimeError) as e:
+        if jax.process_count() > 1:
+            _exit_now(e)
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            raise
         sys.exit(f"error: {e}")
+
+
+_RUNTIME_STATUS = re.compile(r"(UNKNOWN|UNAVAILABLE|INTERNAL|DEADLINE_EXCEEDED|ABORTED|CANCELLED): ")
+
+
+def _exit_now(error: BaseException) -> None:
+    """A multi-process run's error in one line, then out at once: `sys.exit` ran jax.distributed.shutdown, which
+    waits for every process; one that had died (the usual cause of a failed collective, which JAX raises as a
+    JaxRuntimeError or a ValueError) was waited for until its heartbeat timed out, 90 s, and then the process
+    aborted with a C++ stack trace (status 134) under the Python traceback."""
+    import jax
+
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, jax.errors.JaxRuntimeError) or _RUNTIME_STATUS.match(text):
+        text += (" (a collective with the other processes failed: did one of them stop? The latest complete "
+                 "checkpoint is kept; rerun every process to resume from it)")
+    sys.stdout.flush()
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 parse_flags = cli.config_flags_parser(_CONFIG)

@@ -36,9 +36,11 @@ class TrainingError(RuntimeError):
 CPU_NOTE_PARAMS = 2_000_000  # above this a CPU run gets a line saying it is one (the paper's model: 17 M)
 
 
-class Preempted(Exception):
-    """SIGTERM or Ctrl-C arrived; a checkpoint of the step reached was saved (the message says where).
-    `signum` is the signal (the CLI exits with 128 + signum, as if the signal had ended the process)."""
+class Preempted(BaseException):
+    """SIGTERM or Ctrl-C arrived; a checkpoint of the step reached was saved (the message says where), or, before
+    the first step, there was nothing to save. `signum` is the signal (the CLI exits with 128 + signum, as if the
+    signal had ended the process). A BaseException, as KeyboardInterrupt: raised in the middle of a restore, it
+    must not be taken for a damaged checkpoint by an `except Exception`."""
 
     def __init__(self, message: str, signum: int = signal.SIGTERM):
         super().__init__(message)
@@ -47,13 +49,17 @@ class Preempted(Exception):
 
 class _Preemption:
     """Turns SIGTERM (a TPU/GPU preemption notice) and a first Ctrl-C (SIGINT) into a flag the loop checks
-    after each step, which then saves a checkpoint and stops; a second Ctrl-C interrupts at once, as usual."""
+    after each step, which then saves a checkpoint and stops; a second Ctrl-C interrupts at once, as usual.
+    While `before_training` is set (the set-up: data, resume, validation images), nothing has been trained that
+    a checkpoint could keep: SIGTERM raises Preempted at once, Ctrl-C KeyboardInterrupt, where SIGTERM used to
+    kill the process with no line in train.log."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
         self.signum = signal.SIGTERM
+        self.before_training: str | None = None  # where the run resumes from, while the set-up runs
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -69,6 +75,11 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
+        if self.before_training is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Preempted(f"{signal.Signals(signum).name} before the first step: nothing trained, nothing to "
+                            f"save; rerun the same command to {self.before_training}", signum)
         if signum == signal.SIGINT:
             if self.requested and self.signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -302,7 +313,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _run_log.write(f"started: {' '.join(sys.argv)} (rnan_jax "
                        f"{summary.git_revision(summary.package_dir())}, jax {jax.__version__}, {socket.gethostname()})")
         try:
-            return _train(cfg, config, workdir, stop_after)
+            with _Preemption() as preemption:
+                preemption.before_training = "start (or resume from the latest checkpoint)"
+                return _train(cfg, config, workdir, stop_after, preemption)
         except BaseException as e:  # what ended the run, in the log too (the CLI prints it)
             _run_log.write(f"stopped: {type(e).__name__}: {e}")
             raise
@@ -311,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
-           stop_after: int | None) -> dict[str, float]:
+           stop_after: int | None, preemption: _Preemption) -> dict[str, float]:
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
@@ -340,6 +353,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         state, meta, latest = resumed
         best_psnr = float(meta.get("best_psnr", -math.inf))
         _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
+        preemption.before_training = f"resume from step {latest} again"
         if changes := _config_changes(workdir, config):
             _log(f"config changed since the run that made {workdir} (its config.json): {'; '.join(changes)}")
     else:
@@ -365,7 +379,6 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         it.close()
         return {}
 
-    lr_schedule = step.learning_rate(cfg.optim)
     writer = summary.Writer(os.path.join(workdir, "tensorboard"))
     acc = jax.device_put(step.empty_metrics(), replicated)
     first = int(state.step)
@@ -377,50 +390,50 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
          "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
     interrupted = False
+    preemption.before_training = None  # from here a signal is a flag: the step reached is saved
     try:
-        with _Preemption() as preemption:
-            for s in range(first + 1, cfg.total_steps + 1):
-                batch = next(it)
-                batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
-                state, acc = train_step(state, batch, acc)
-                if s == first + 1:  # the compile's cost, measured (a long compile was announced above)
-                    jax.block_until_ready(acc)
-                    _log(f"first step, compiling included: {time.time() - t_last:.1f} s")
-                    if s % cfg.log_every and s != cfg.total_steps:  # the first log's speed and ETA without it
-                        t_last, s_last = time.time(), s
-                if progress is not None:
-                    progress.update(1)
-                final = s == cfg.total_steps
-                if s % cfg.log_every == 0 or final:
-                    host = jax.device_get(acc)
-                    acc = jax.device_put(step.empty_metrics(), replicated)
-                    _check_finite(host, s, mngr)
-                    now = time.time()
-                    rate = (s - s_last) / max(now - t_last, 1e-9)
-                    t_last, s_last = now, s
-                    train = _train_metrics(host, s, rate, cfg, lr_schedule)
-                    results.update(train)
-                    writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
-                    _log(summary.log_line(s, cfg.total_steps, train))
-                if s % cfg.eval_every == 0 or final:
-                    scores = _validate(validator, state, s, cfg, writer)
-                    results.update(scores)
-                    if scores["val/psnr"] > best_psnr:
-                        best_psnr = scores["val/psnr"]
-                        checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr))
-                if stop_after is not None and s >= stop_after:
-                    break
-                stop = _agree(preemption.requested) if (jax.process_count() == 1 or s % cfg.log_every == 0) else False
-                if s % cfg.checkpoint_every == 0 or final or stop:
-                    host = jax.device_get(acc)
-                    _check_finite(host, s, mngr)
-                    meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
-                        k: v for k, v in results.items() if k.startswith("val/")})
-                    checkpoint.save_train_state(mngr, s, state, meta)
-                if stop:
-                    mngr.wait_until_finished()
-                    raise Preempted(f"{signal.Signals(preemption.signum).name}: saved a checkpoint at step {s} in "
-                                    f"{mngr.directory}; rerun the same command to resume", preemption.signum)
+        for s in range(first + 1, cfg.total_steps + 1):
+            batch = next(it)
+            batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+            state, acc = train_step(state, batch, acc)
+            if s == first + 1:  # the compile's cost, measured (a long compile was announced above)
+                jax.block_until_ready(acc)
+                _log(f"first step, compiling included: {time.time() - t_last:.1f} s")
+                if s % cfg.log_every and s != cfg.total_steps:  # the first log's speed and ETA without it
+                    t_last, s_last = time.time(), s
+            if progress is not None:
+                progress.update(1)
+            final = s == cfg.total_steps
+            if s % cfg.log_every == 0 or final:
+                host = jax.device_get(acc)
+                acc = jax.device_put(step.empty_metrics(), replicated)
+                _check_finite(host, s, mngr)
+                now = time.time()
+                rate = (s - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, s
+                train = _train_metrics(host, s, rate, cfg)
+                results.update(train)
+                writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
+                _log(summary.log_line(s, cfg.total_steps, train))
+            if s % cfg.eval_every == 0 or final:
+                scores = _validate(validator, state, s, cfg, writer)
+                results.update(scores)
+                if scores["val/psnr"] > best_psnr:
+                    best_psnr = scores["val/psnr"]
+                    checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr))
+            if stop_after is not None and s >= stop_after:
+                break
+            stop = _agree(preemption.requested) if (jax.process_count() == 1 or s % cfg.log_every == 0) else False
+            if s % cfg.checkpoint_every == 0 or final or stop:
+                host = jax.device_get(acc)
+                _check_finite(host, s, mngr)
+                meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
+                    k: v for k, v in results.items() if k.startswith("val/")})
+                checkpoint.save_train_state(mngr, s, state, meta)
+            if stop:
+                mngr.wait_until_finished()
+                raise Preempted(f"{signal.Signals(preemption.signum).name}: saved a checkpoint at step {s} in "
+                                f"{mngr.directory}; rerun the same command to resume", preemption.signum)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, not waiting for a save that may be in flight
         interrupted = True
         checkpoint.abandon_saves()
@@ -441,10 +454,12 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     return results
 
 
-def _train_metrics(host: dict, s: int, rate: float, cfg: TrainConfig, lr_schedule) -> dict[str, float]:
-    """Means over the steps since the last log (non-finite ones excluded), speed and ETA."""
+def _train_metrics(host: dict, s: int, rate: float, cfg: TrainConfig) -> dict[str, float]:
+    """Means over the steps since the last log (non-finite ones excluded), the learning rate of the last
+    step (the one it applied: the schedule at the optimizer's count, behind the step after skipped steps),
+    speed and ETA."""
     n = max(host["steps"] - host["nonfinite"], 1)
-    return {"loss": host["loss"] / n, "grad_norm": host["grad_norm"] / n, "lr": float(lr_schedule(s - 1)),
+    return {"loss": host["loss"] / n, "grad_norm": host["grad_norm"] / n, "lr": float(host["lr"]),
             "steps_per_s": rate, "patches_per_s": rate * cfg.batch_size,
             "eta_s": (cfg.total_steps - s) / rate if rate > 0 else math.inf, "skipped": host["skipped"]}
 
@@ -463,10 +478,13 @@ def _validate(validator: _Validator, state: step.TrainState, s: int, cfg: TrainC
 def _check_finite(host: dict, s: int, mngr: ocp.CheckpointManager) -> None:
     if host["nonfinite"] > 0:
         mngr.wait_until_finished()
+        latest = mngr.latest_step()
+        kept = (f"the last good checkpoint (step {latest}) is intact" if latest is not None else
+                "there is no checkpoint yet")
+        then = "resume from it" if latest is not None else "start afresh"
         raise TrainingError(
             f"non-finite loss or gradient in {int(host['nonfinite'])} step(s) up to step {s}; stopped without "
-            f"saving: the last good checkpoint (step {mngr.latest_step()}) is intact. Lower optim.lr or set "
-            f"optim.grad_clip, then rerun to resume from it")
+            f"saving: {kept}. Lower optim.lr or set optim.grad_clip, then rerun to {then}")
 
 
 def _progress(first: int, total: int):

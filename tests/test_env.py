@@ -50,3 +50,20 @@ def test_after_the_backend_started_it_changes_nothing():
 
     jax.numpy.ones(1).block_until_ready()
     assert env.reuse_freed_memory() is False
+
+
+def test_distributed_flags_that_cannot_describe_a_run_are_named_in_one_line():
+    from rnan_jax.env import distributed_flags_problem, initialize_distributed
+
+    assert distributed_flags_problem(None, None, None) is None  # left to JAX's cluster detection (a TPU pod)
+    assert distributed_flags_problem("10.0.0.1:1234", 2, 1) is None
+    assert distributed_flags_problem(None, 2, 0) == (
+        "--coordinator_address missing: off a TPU pod slice, --distributed takes --coordinator_address=HOST:PORT "
+        "(process 0's), --num_processes=N and --process_id=I, the same on every process but I")
+    assert distributed_flags_problem("10.0.0.1", 2, 0) == (
+        "--coordinator_address '10.0.0.1' is not HOST:PORT (process 0's host, a free port)")
+    assert distributed_flags_problem("10.0.0.1:1234", 0, 0) == "--num_processes 0: at least 1"
+    assert distributed_flags_problem("10.0.0.1:1234", 2, -1) == (
+        "--process_id -1 is not one of the 2 processes' indices (0 to 1)")
+    with pytest.raises(ValueError, match="^--process_id 2 is not one of the 2 processes' indices \\(0 to 1\\)$"):
+        initialize_distributed("127.0.0.1:1234", 2, 2)  # refused before JAX is asked (its error: a traceback)

@@ -1,5 +1,8 @@
 """The train step's options: EMA, loss-spike skipping, non-finite steps, the learning-rate schedules."""
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -138,3 +141,38 @@ def test_batch_chunks_resolves_the_default_and_rejects_a_chunking_that_would_not
         step.batch_chunks(3, 4, 1)
     with pytest.raises(ValueError, match="batch_chunks -1"):
         step.batch_chunks(-1, 4, 1)
+
+
+_CHUNKS_ON_DEVICES = """
+import jax, numpy as np
+from rnan_jax import RNANConfig, step
+spec = step.StepSpec(RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2),
+                     step.OptimConfig(), batch_chunks=2)
+f, replicated, sharded = step.jit_train_step(spec, step.data_mesh())
+state = jax.eval_shape(lambda: step.create_state(jax.random.key(0), spec=spec))
+state, acc = (jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), t)
+              for t in (state, step.empty_metrics()))
+batch = {k: jax.ShapeDtypeStruct((8, p, p, 3), np.uint8, sharding=sharded) for k, p in (("lr", 6), ("hr", 12))}
+print("collective-permute" in f.lower(state, batch, acc).compile().as_text())
+"""
+
+
+def test_batch_chunks_on_several_devices_move_no_samples_between_them():
+    """Chunks of the global batch taken contiguously (jnp.split) each lay on some of the devices: the compiled
+    step moved samples between devices (collective-permutes) every step. Strided chunks stay where they are."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", _CHUNKS_ON_DEVICES], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr[-3000:]
+
+
+def test_batch_chunks_give_the_loss_and_gradient_of_the_whole_batch():
+    params = create_state(jax.random.key(0), spec=StepSpec(MODEL, OptimConfig())).params
+    b = _batch()
+    b = {k: np.concatenate([v, v[::-1] // 2]) for k, v in b.items()}  # 4 samples, 2 chunks of 2
+    lr, hr = (jnp.asarray(b[k], jnp.float32) / 255.0 for k in ("lr", "hr"))
+    whole = step._loss_and_grads(params, lr, hr, StepSpec(MODEL, OptimConfig()))
+    chunked = step._loss_and_grads(params, lr, hr, StepSpec(MODEL, OptimConfig(), batch_chunks=2))
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+    for a, c in zip(_leaves(whole[1]), _leaves(chunked[1])):
+        np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-7)

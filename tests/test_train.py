@@ -155,6 +155,11 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(images, straight, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
     after, _ = load(str(tmp_path))
     assert _equal_trees(before, after)
+    # before any checkpoint: said so, not "the last good checkpoint (step None) is intact"
+    with pytest.raises(TrainingError, match=r"up to step 2; stopped without saving: there is no checkpoint yet\. "
+                       r"Lower optim.lr or set optim.grad_clip, then rerun to start afresh$"):
+        train_and_evaluate(x4_config(images, total_steps=2, **{"optim.lr": 1e30}), str(tmp_path / "fresh"))
+    assert not (tmp_path / "fresh" / "checkpoints").exists() or not os.listdir(tmp_path / "fresh" / "checkpoints")
 
 
 def test_init_from_x2_to_x4(images, tmp_path, capsys):
@@ -273,6 +278,105 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint(images, tmp_path, signum, workers)
     assert config.scale == 4
 
 
+
+def test_distributed_misuse_is_one_line_and_a_silent_coordinator_times_out(tmp_path):
+    """--num_processes without --distributed was ignored (each process trained alone); a --process_id out of
+    range was JAX's traceback; a coordinator that never answers aborted the process (SIGABRT, a C++ stack
+    trace) after 300 s. Each is one line, exit status 1, and no workdir."""
+    workdir, port = tmp_path / "run", _free_port()
+    base = ["--config", "experiments/x4.py", "--workdir", str(workdir), "--dry_run"]
+    env = {"JAX_PLATFORMS": "cpu"}
+    r = _run_cli([*base, "--num_processes=2"], env=env)
+    assert (r.returncode, r.stderr.strip().splitlines()) == (
+        1, ["train: error: --num_processes without --distributed: add it (a multi-host run) (see --helpshort)"])
+    r = _run_cli([*base, "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  "--process_id=2"], env=env)
+    assert (r.returncode, r.stderr.strip().splitlines()) == (
+        1, ["error: --process_id 2 is not one of the 2 processes' indices (0 to 1)"])
+    r = _run_cli([*base, "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  "--process_id=1", "--distributed_timeout=2"], env=env)
+    assert (r.returncode, r.stderr.strip().splitlines()) == (1, [
+        f"error: --distributed: not every process joined the coordinator 127.0.0.1:{port} within 2 s (is process "
+        "0 running there and reachable, and was every process started with the same --num_processes? "
+        "--distributed_timeout sets the wait)"]), r.stderr[-3000:]
+    assert not workdir.exists()
+
+
+_SIGTERM_WHILE_RESUMING = """
+import os, runpy, signal, sys
+from rnan_jax import checkpoint
+real = checkpoint.restore_train_state
+
+def restore(*args):  # a preemption notice in the middle of the resume, before any step
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+
+checkpoint.restore_train_state = restore
+sys.argv = ["train", *sys.argv[1:]]
+runpy.run_module("rnan_jax.train", run_name="__main__")
+"""
+
+
+def test_sigterm_before_the_first_step_stops_in_one_line_and_keeps_the_checkpoint(images, straight, tmp_path):
+    """SIGTERM during the set-up (here: while the checkpoint is restored) killed the process outright: no line,
+    nothing in train.log. Now: one line, status 143, train.log's last line says so, and the checkpoint is not
+    taken for a damaged one (Preempted raised inside the restore is no Exception); the rerun resumes from it."""
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path), *_flags(overrides(images))]
+    r = subprocess.run([sys.executable, "-c", _SIGTERM_WHILE_RESUMING, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    line = ("SIGTERM before the first step: nothing trained, nothing to save; rerun the same command to start (or "
+            "resume from the latest checkpoint)")
+    assert (r.returncode, r.stdout.strip().splitlines()[-1]) == (143, line), r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    assert (tmp_path / "train.log").read_text().splitlines()[-1][21:] == f"stopped: Preempted: {line}"
+    assert os.listdir(tmp_path / "checkpoints") == ["3"] and not (tmp_path / "checkpoints_damaged").exists()
+    train_and_evaluate(x4_config(images, total_steps=4), str(tmp_path))
+    assert f"resumed from {tmp_path}/checkpoints/3 (step 3)" in (tmp_path / "train.log").read_text()
+
+
+
+_SIGTERM_TWICE_WHILE_VALIDATING = """
+import os, runpy, signal, sys
+from rnan_jax import trainer
+real = trainer._Validator.__call__
+
+def validate(self, *args):  # two preemption notices in the middle of the step-3 validation
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, *args)
+
+trainer._Validator.__call__ = validate
+sys.argv = ["train", *sys.argv[1:]]
+runpy.run_module("rnan_jax.train", run_name="__main__")
+"""
+
+
+def test_sigterm_twice_while_validating_saves_that_step_and_resumes_exactly(images, straight, tmp_path):
+    args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path), *_flags(overrides(images))]
+    r = subprocess.run([sys.executable, "-c", _SIGTERM_TWICE_WHILE_VALIDATING, *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    line = f"SIGTERM: saved a checkpoint at step 3 in {tmp_path}/checkpoints; rerun the same command to resume"
+    assert (r.returncode, r.stdout.strip().splitlines()[-1]) == (143, line), r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "train.log").read_text().splitlines()[-1][21:] == f"stopped: Preempted: {line}"
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
+    train_and_evaluate(x4_config(images), str(tmp_path))
+    assert _equal_trees(load(str(straight[0]))[0], load(str(tmp_path))[0])
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_applied(images, tmp_path, monkeypatch):
+    """Skipped steps (loss spikes) do not advance the optimizer's schedule: the logged lr was the schedule at
+    the step number, ahead of the rate applied by every step skipped."""
+    from rnan_jax import step
+
+    monkeypatch.setattr(step, "_SKIP_WARMUP", 0)  # every step a spike: the running loss starts at 0
+    config = x4_config(images, total_steps=4, eval_every=4, checkpoint_every=4, **{
+        "optim.skip_threshold": 2.0, "optim.decay_every": 1, "optim.decay_factor": 0.5})
+    results = train_and_evaluate(config, str(tmp_path))
+    assert results["skipped"] == 2  # steps 3 and 4, both skipped: no update applied yet
+    assert results["lr"] == pytest.approx(1e-3)  # the schedule at count 0, not 1e-3 * 0.5**3
+
+
 _SECOND_CTRL_C = """
 import os, runpy, signal, sys
 from rnan_jax import checkpoint
@@ -370,6 +474,38 @@ def straight_b8(images, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight_b8")
     train_and_evaluate(x4_config(images, **_elastic_values(4)), str(workdir))
     return workdir
+
+
+
+def test_a_process_that_dies_ends_the_others_in_one_line(images, tmp_path):
+    """One of two processes killed mid-run: the other printed JAX's traceback of the failed collective, then
+    waited in jax.distributed.shutdown for the lost process until its heartbeat timeout and aborted there
+    (status 134, a C++ stack trace), 90 s later. Now: one line, status 1, at once."""
+    port = _free_port()
+    values = overrides(images, total_steps=100000, batch_size=8, log_every=1, eval_every=100000,
+                       checkpoint_every=100000)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "rnan_jax.train", "--config", "experiments/x4.py",
+                               "--workdir", str(tmp_path), "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}", *_flags(values)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("step 3/"):
+                procs[1].kill()
+                break
+        out, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+    lines = err.strip().splitlines()
+    assert procs[0].returncode == 1 and "Traceback" not in out + err, err[-3000:]
+    assert lines[-1].startswith("error: ") and lines[-1].endswith(
+        "(a collective with the other processes failed: did one of them stop? The latest complete checkpoint is "
+        "kept; rerun every process to resume from it)"), err[-3000:]
+    last = (tmp_path / "train.log").read_text().splitlines()[-1][21:]
+    assert re.match(r"stopped: (JaxRuntimeError|ValueError): [A-Z_]+: ", last), last  # where the collective failed
 
 
 _ELASTIC_DEVICES = """
