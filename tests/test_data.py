@@ -1,4 +1,5 @@
 """The input pipeline: patch alignment, transforms, determinism, resumption, sharding, sources, bad input."""
+import contextlib
 import logging
 import os
 
@@ -390,9 +391,10 @@ def test_a_cache_file_cut_short_while_training_is_named_in_one_line(div2k_folder
     assert len(data.training_pairs(cfg)) == 3  # the next run remakes the damaged and the missing entries
 
 
-def test_a_worker_process_that_dies_is_one_line(tmp_path):
+@contextlib.contextmanager
+def _demo_with_two_workers():
+    """(iterator, its 2 grain worker processes) of a demo-source pipeline, after its first batch; closed after."""
     import multiprocessing
-    import signal
 
     cfg = config(2, source="demo", patch_size=8, num_workers=2)
     it = data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
@@ -400,34 +402,33 @@ def test_a_worker_process_that_dies_is_one_line(tmp_path):
         next(it)
         workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain-process-prefetch")]
         assert len(workers) == 2
+        yield it, workers
+    finally:
+        it.close()
+
+
+def test_a_worker_process_that_dies_is_one_line(tmp_path):
+    import signal
+
+    with _demo_with_two_workers() as (it, workers):
         for p in workers:  # as the kernel's out-of-memory killer ends a process
             os.kill(p.pid, signal.SIGKILL)
         with pytest.raises(sources.DataError, match=r"a data worker process died at batch \d+ \(killed by SIGKILL, "
                                                     r"as the kernel's out-of-memory killer does\); rerun to resume"):
             take(it, 50)
-    finally:
-        it.close()
 
 
 def test_worker_processes_are_born_deaf_to_ctrl_c(tmp_path):
     """A Ctrl-C while the workers import (seconds) killed each with a KeyboardInterrupt traceback: they must
     start with SIGINT blocked, before the worker_init_fn that ignores it can run."""
-    import multiprocessing
     import signal
 
-    cfg = config(2, source="demo", patch_size=8, num_workers=2)
-    it = data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
-    try:
-        next(it)
-        workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain-process-prefetch")]
-        assert len(workers) == 2
+    with _demo_with_two_workers() as (_, workers):
         for p in workers:
             with open(f"/proc/{p.pid}/status") as f:
                 blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
             assert blocked & (1 << (signal.SIGINT - 1)), p.pid
         assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread: unblocked again
-    finally:
-        it.close()
 
 
 def test_a_changed_image_file_is_not_served_from_the_cache(tmp_path):

@@ -424,15 +424,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_processes(images, workdir, total_steps):
+def _start_two_processes(workdir, values, *, stderr=subprocess.STDOUT):
+    """Two CPU processes of one --distributed run of experiments/x4.py with `values`, their output piped."""
     port = _free_port()
-    values = overrides(images, **_elastic_values(total_steps))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    procs = [subprocess.Popen([sys.executable, "-m", "rnan_jax.train", "--config", "experiments/x4.py",
-                               "--workdir", str(workdir), "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={i}", *_flags(values)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for i in range(2)]
+    return [subprocess.Popen([sys.executable, "-m", "rnan_jax.train", "--config", "experiments/x4.py",
+                              "--workdir", str(workdir), "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                              "--num_processes=2", f"--process_id={i}", *_flags(values)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+            for i in range(2)]
+
+
+def _two_processes(images, workdir, total_steps):
+    procs = _start_two_processes(workdir, overrides(images, **_elastic_values(total_steps)))
     outs = []
     for p in procs:
         try:
@@ -481,15 +485,9 @@ def test_a_process_that_dies_ends_the_others_in_one_line(images, tmp_path):
     """One of two processes killed mid-run: the other printed JAX's traceback of the failed collective, then
     waited in jax.distributed.shutdown for the lost process until its heartbeat timeout and aborted there
     (status 134, a C++ stack trace), 90 s later. Now: one line, status 1, at once."""
-    port = _free_port()
     values = overrides(images, total_steps=100000, batch_size=8, log_every=1, eval_every=100000,
                        checkpoint_every=100000)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    procs = [subprocess.Popen([sys.executable, "-m", "rnan_jax.train", "--config", "experiments/x4.py",
-                               "--workdir", str(tmp_path), "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={i}", *_flags(values)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]
+    procs = _start_two_processes(tmp_path, values, stderr=subprocess.PIPE)
     try:
         for line in procs[0].stdout:
             if line.startswith("step 3/"):
