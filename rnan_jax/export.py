@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from rnan_jax import api, native
+from rnan_jax import api, native, paths
 from rnan_jax.model import RNANConfig
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -77,13 +77,5 @@ def save(exported: jax.export.Exported, path: str) -> int:
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder (give a file name, e.g. {os.path.join(path, 'rnan.jaxexport')})")
     blob = exported.serialize()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    paths.write_atomically(path, lambda f: f.write(blob))
     return len(blob)

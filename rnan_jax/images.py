@@ -7,14 +7,15 @@ writes none, so those go through `_read_png16` and `encode_png16`.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 import zlib
-from typing import BinaryIO, Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from rnan_jax import paths
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # What the upscaling CLI's folder scans take: also the formats Pillow reads that SR datasets do not come in
@@ -200,26 +201,12 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray |
     if alpha is not None:
         samples = np.concatenate([samples, convert(alpha)[..., None]], axis=-1)
     if deep and samples.shape[-1] > 1:  # Pillow writes 16-bit gray only
-        _write_atomically(path, lambda f: f.write(encode_png16(samples, icc_profile=icc_profile)))
+        paths.write_atomically(path, lambda f: f.write(encode_png16(samples, icc_profile=icc_profile)))
         return
     im = Image.fromarray(samples[..., 0] if samples.shape[-1] == 1 else samples,
                          mode={1: None, 2: "LA", 3: None, 4: "RGBA"}[samples.shape[-1]])
     extra = {"icc_profile": icc_profile} if icc_profile and image_format in ("PNG", "JPEG", "TIFF", "WEBP") else {}
-    _write_atomically(path, lambda f: im.save(f, format=image_format, **extra))
-
-
-def _write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as f:
-            write(f)
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise
+    paths.write_atomically(path, lambda f: im.save(f, format=image_format, **extra))
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

@@ -6,8 +6,11 @@ it at an emulator). orbax and tensorstore read and write gs:// themselves (`TENS
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
+from typing import BinaryIO, Callable
 
 from etils import epath
 
@@ -45,6 +48,24 @@ def listdir(path: str) -> list[str]:
 
 def makedirs(path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Calls `write` on a partial file beside local `path` (its folder made if missing), then renames it to
+    `path`: a failure (a full disk, Ctrl-C) leaves no half-written file and an earlier file of that name as it
+    was, and a reader meanwhile sees the old file or the whole new one. The partial file's name is unique per
+    process and thread, so concurrent writers of one path do not collide."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
 
 
 def read_text(path: str) -> str:

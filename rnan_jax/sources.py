@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rnan_jax import degrade, env, images
+from rnan_jax import degrade, env, images, paths
 from rnan_jax.benchmark_sets import find_lr_file
 
 log = logging.getLogger(__name__)
@@ -195,20 +195,6 @@ def _file_id(path: str) -> str:
     return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
-def _save_atomic(path: str, array: np.ndarray) -> None:
-    """Writes `array` to `path` through a temporary file (removed if the write fails): a run that reads the
-    cache while another makes the same entry sees the old file or the whole new one."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class _Skip(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -243,8 +229,10 @@ def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tup
     except images.ImageError as e:
         raise _Skip("unreadable", str(e)) from None
     try:
-        _save_atomic(hr_path, hr)
-        _save_atomic(lr_path, lr)
+        # through a partial file: a run reading the cache while another makes the same entry sees the old file
+        # or the whole new one, and a failed write leaves nothing
+        for path, array in ((hr_path, hr), (lr_path, lr)):
+            paths.write_atomically(path, lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
     except OSError as e:  # no permission, disk full
         raise _unwritable(cache_dir, e) from None
     return spec.name, StoredImage.open(hr_path), StoredImage.open(lr_path)

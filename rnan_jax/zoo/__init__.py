@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from flax import serialization
 
+from rnan_jax import paths
 from rnan_jax.api import check_params
 from rnan_jax.model import RNANConfig
 
@@ -54,10 +55,7 @@ def write(path: str, params: Any, config: RNANConfig, meta: dict | None = None) 
     """Writes a zoo file (float32 parameters, the config, `meta`); returns its size in bytes."""
     data = serialization.msgpack_serialize({"params": _to_numpy(params), "config": _plain(dataclasses.asdict(config)),
                                             "meta": _plain(meta or {})})
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    paths.write_atomically(path, lambda f: f.write(data))
     return len(data)
 
 
