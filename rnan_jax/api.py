@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnan_jax.model import DEPTHWISE_IMPLS, REMAT_POLICIES, RNAN, RNANConfig, cast_params, torch_bound
+from rnan_jax.convs import DEPTHWISE_IMPLS, torch_bound
+from rnan_jax.model import REMAT_POLICIES, RNAN, RNANConfig, cast_params
 
 Params = Mapping[str, Any]
 # A concrete LR batch whose values pass this is refused as a 0..255 image; under jit, vmap or grad the values
@@ -82,7 +83,7 @@ def init(rng: jax.Array, config: RNANConfig) -> dict:
     The same distribution as `RNAN(config).init` (PyTorch's default: every conv kernel and bias
     U(+-1/sqrt(fan_in)), LayerNorm scale 1 and bias 0), drawn with one random call: the module's own init
     compiles hundreds of threefry draws, 10 s on XLA:CPU even for a tiny model. Each conv's bound is
-    `model.torch_bound` of its kernel shape, the rule the modules' initializers are built from.
+    `convs.torch_bound` of its kernel shape, the rule the modules' initializers are built from.
     """
     return _init(rng, config)
 

@@ -14,7 +14,8 @@ import dataclasses
 import ml_collections
 
 from rnan_jax import data
-from rnan_jax.model import DEPTHWISE_IMPLS, REMAT_POLICIES, RNANConfig
+from rnan_jax.convs import DEPTHWISE_IMPLS
+from rnan_jax.model import REMAT_POLICIES, RNANConfig
 from rnan_jax.step import OptimConfig
 
 SECTIONS = ("model", "optim", "data", "execution")

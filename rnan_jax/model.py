@@ -3,19 +3,19 @@
 Section 2 of the paper, read as ../shared/DESIGN.md decides: a shallow conv, G global-context-enhanced
 residual groups (GCRG) of B residual neuron attention blocks (RNAB) applied with `nn.scan` (stacked
 parameters: block parameters have leading axes [G, B]), global fusion of every N-th group output, a sub-pixel
-upsampler and a reconstruction conv, inside an EDSR-style mean shift. Every conv uses PyTorch's default
-initialization (U(+-1/sqrt(fan_in)) for kernels and biases): Flax's default explodes through 200 blocks.
+upsampler and a reconstruction conv, inside an EDSR-style mean shift. Every conv (rnan_jax/convs.py) uses
+PyTorch's default initialization (U(+-1/sqrt(fan_in)) for kernels and biases): Flax's default explodes through
+200 blocks.
 
 Layout is NHWC. Three execution knobs change how, not what, is computed, over the same parameters:
 `scan_unroll` (the unroll factor of both scans, or a pair: the GCRGs' scan's and the RNA blocks'), `depthwise`
-("grouped": `feature_group_count`; "shifted": nine shifted multiply-adds) and `remat` (what the backward
-recomputes of each RNA block: `REMAT_POLICIES`).
+(`convs.DEPTHWISE_IMPLS`: "grouped", `feature_group_count`; "shifted", nine shifted multiply-adds) and `remat`
+(what the backward recomputes of each RNA block: `REMAT_POLICIES`).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,10 +23,9 @@ import jax.numpy as jnp
 
 from jax.ad_checkpoint import checkpoint_name
 
-from rnan_jax import native
+from rnan_jax.convs import DepthwiseConv, conv
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
-DEPTHWISE_IMPLS = ("grouped", "shifted")
 # What the backward keeps of each RNA block's forward (`remat`): "none" every intermediate autodiff saves (about
 # six activations per block, stacked by the scan), "block" only the block's input (the rest recomputed in the
 # backward, `jax.checkpoint`), "convs" the input and the outputs of the two 3x3 convs (the attention branch
@@ -78,230 +77,6 @@ class RNANConfig:
     @property
     def upsample_stages(self) -> tuple[int, ...]:
         return (2, 2) if self.scale == 4 else (self.scale,)
-
-
-def torch_bound(kernel_shape: Sequence[int]) -> float:
-    """PyTorch's default init bound for a conv's kernel and bias alike (kaiming_uniform with a = sqrt(5), and
-    the bias rule): 1/sqrt(fan_in), fan_in = kh * kw * in / groups read off the kernel shape
-    (..., kh, kw, in / groups, out); leading axes (nn.scan's stacking) do not count.
-
-    The one statement of the rule: the modules' initializers and `api.init`'s single draw both use it."""
-    return 1.0 / math.sqrt(math.prod(kernel_shape[-4:-1]))
-
-
-def torch_uniform(kernel_shape: Sequence[int]) -> Callable[..., jax.Array]:
-    """The initializer of the kernel and the bias of a conv with kernel shape `kernel_shape`:
-    U(+-torch_bound(kernel_shape))."""
-    bound = torch_bound(kernel_shape)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-class SameConv(nn.Module):
-    """A biased `size` x `size` 'SAME' conv (`size` 1 or 3, set by the subclass) with `nn.Conv`'s parameters
-    (kernel [size, size, in, out], bias [out]) and PyTorch's initialization, through `_conv`."""
-
-    features: int
-    in_features: int
-    dtype: Any = jnp.float32
-    size = 3
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (self.size, self.size, self.in_features, self.features)
-        init = torch_uniform(shape)
-        kernel = self.param("kernel", init, shape).astype(self.dtype)
-        bias = self.param("bias", init, (self.features,)).astype(self.dtype)
-        return _conv(x.astype(self.dtype), kernel) + bias
-
-
-class PointwiseConv(SameConv):
-    """A biased 1x1 conv with `nn.Conv`'s parameters (kernel [1, 1, in, out], bias [out], same initialization),
-    computed on CPU as a matrix product over the channel axis and elsewhere as a convolution; checkpoints do
-    not depend on the form (`jax.lax.platform_dependent` picks it when the program is lowered).
-
-    XLA:CPU lowers a 1x1 convolution's kernel gradient to a convolution over transposed activations: one
-    transpose of a whole activation per conv, 24 of the small model's 48 per step; as a dot, the gradient
-    contracts the rows in place (one-core step 200 -> 178 ms, tools/BENCHMARKS.md), and through `native_conv`
-    that contraction is a native kernel. GPUs and TPUs keep the convolution that their measurements were taken
-    with until a GPU session compares the two."""
-
-    size = 1
-
-
-def _pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
-
-
-def _pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _plain_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The 'SAME' cross-correlation with an HWIO kernel of size 1 (a dot on CPU) or 3, as XLA computes it."""
-    if kernel.shape[0] == 1:
-        return jax.lax.platform_dependent(x, kernel, cpu=_pointwise_dot, default=_pointwise_conv)
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _native_3x3(in_features: int, features: int) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
-    """The native CPU kernel for a 3x3 conv with these channel counts, if one takes it: Winograd's F(2x2, 3x3)
-    (`native.conv3x3_winograd`) with 16 or more channels on both sides, the direct `native.conv3x3` from fewer
-    than 16."""
-    if native.winograd_supported(in_features, features):
-        return native.conv3x3_winograd
-    if native.conv3x3_narrow(in_features, features):
-        return native.conv3x3
-    return None
-
-
-def _native_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`_plain_conv`, except a 3x3 conv that a native kernel takes (`_native_3x3`) on CPU."""
-    fast = _native_3x3(kernel.shape[2], kernel.shape[3]) if kernel.shape[0] == 3 else None
-    if fast is None:
-        return _plain_conv(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, cpu=lambda x, k: fast(x, k).astype(x.dtype), default=_plain_conv)
-
-
-@jax.custom_vjp
-def native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`_plain_conv` whose kernel gradient on CPU is a native kernel (`native.conv_kernel_grad`, reading x and
-    the output gradient in place; XLA:CPU transposes the gradient for YNNPACK first, leaves a 3x3 conv with 3
-    output channels to Eigen, and contracts a 1x1 conv's rows in a slow dot). A 3x3 conv's forward and input
-    gradient (the same conv of the output gradient with the kernel flipped and transposed) run natively too: by
-    Winograd's F(2x2, 3x3) (`native.conv3x3_winograd`, 2.25x fewer multiply-adds than YNNPACK's direct convs)
-    with 16 or more channels on both sides, directly (`native.conv3x3`) from or to fewer than 16. The 1x1
-    convs' forward and input gradient stay XLA's, and on other platforms all of it."""
-    return _native_forward(x, kernel)
-
-
-def _native_conv_fwd(x, kernel):
-    return _native_forward(x, kernel), (x, kernel)
-
-
-def _native_conv_bwd(residuals, g):
-    x, kernel = residuals
-
-    def xla_input_grad(g, kernel):
-        return jax.vjp(lambda x: _plain_conv(x, kernel), x)[1](g)[0]
-
-    fast = _native_3x3(kernel.shape[3], kernel.shape[2]) if kernel.shape[0] == 3 else None
-    if fast is None:
-        dx = xla_input_grad(g, kernel)
-    else:  # the same conv of g with the kernel flipped and transposed
-        dx = jax.lax.platform_dependent(
-            g, kernel, cpu=lambda g, k: fast(g, jnp.flip(k, (0, 1)).swapaxes(2, 3)).astype(x.dtype),
-            default=xla_input_grad)
-
-    def xla_grad(x, g):
-        return jax.vjp(lambda k: _plain_conv(x, k), kernel)[1](g)[0].astype(jnp.float32)
-
-    def native_grad(x, g):
-        return native.conv_kernel_grad(x, g, kernel.shape[0])
-
-    dk = jax.lax.platform_dependent(x, g, cpu=native_grad, default=xla_grad)
-    return dx, dk.astype(kernel.dtype)
-
-
-native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
-
-
-def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A 'SAME' conv (HWIO kernel of size 1 or 3) through `native_conv` where the native kernel gradient takes
-    it (CPU kernels built, one channel count a multiple of 16), else `_plain_conv`: the same numbers up to
-    rounding."""
-    if x.ndim == 4 and native.conv_supported(kernel.shape[2], kernel.shape[3]) and native.available():
-        return native_conv(x, kernel)
-    return _plain_conv(x, kernel)
-
-
-class Conv3x3(SameConv):
-    """A biased 3x3 'SAME' conv with `nn.Conv`'s parameters (kernel [3, 3, in, out], bias [out]) and PyTorch's
-    initialization, through `native_conv` on CPU where it applies: checkpoints do not depend on the form."""
-
-    size = 3
-
-
-def conv(features: int, kernel: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Module:
-    """A biased 'SAME' conv (1x1 or 3x3) with PyTorch-style initialization: `PointwiseConv` or `Conv3x3`."""
-    if kernel == 1:
-        return PointwiseConv(features, in_features, dtype, name=name)
-    if kernel == 3:
-        return Conv3x3(features, in_features, dtype, name=name)
-    raise ValueError(f"conv: kernel size {kernel} is not 1 or 3")
-
-
-def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    h, w = x.shape[-3], x.shape[-2]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(3) for j in range(3))
-
-
-@jax.custom_vjp
-def shifted_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3 depthwise cross-correlation ('SAME', kernel [3, 3, 1, C]) as nine shifted multiply-adds.
-
-    Its gradient is written out (the input gradient is the same sum with the flipped kernel, the kernel
-    gradient nine channel sums) instead of left to autodiff, whose transpose of the nine slices XLA:CPU
-    turned into separate pad fusions, each materializing the whole tensor (39 ms of a 205 ms step). On CPU the
-    kernel gradient is one pass of a C++ kernel (`native.depthwise_kernel_grad`) when it could be built: as nine
-    sums, XLA:CPU still wrote out every shifted copy for YNNPACK's reductions."""
-    return _shifted_sum(x, kernel)
-
-
-def _shifted_depthwise_fwd(x, kernel):
-    return _shifted_sum(x, kernel), (x, kernel)
-
-
-def _shifted_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-    """The depthwise kernel's gradient as nine channel sums of shifted products, float32 [3, 3, 1, C]."""
-    h, w = x.shape[-3], x.shape[-2]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dk = jnp.stack([jnp.sum(xp[:, i:i + h, j:j + w, :] * g, axis=tuple(range(g.ndim - 1)))
-                    for i in range(3) for j in range(3)])
-    return dk.reshape(3, 3, 1, x.shape[-1]).astype(jnp.float32)
-
-
-def _shifted_depthwise_bwd(residuals, g):
-    x, kernel = residuals
-    dx = _shifted_sum(g, jnp.flip(kernel, (0, 1)))
-    if x.ndim == 4 and native.available():  # on CPU, one pass of a native kernel (rnan_jax/native.py)
-        dk = jax.lax.platform_dependent(x, g, cpu=native.depthwise_kernel_grad, default=_shifted_kernel_grad)
-    else:
-        dk = _shifted_kernel_grad(x, g)
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
-
-
-class DepthwiseConv(nn.Module):
-    """3x3 depthwise conv ('DC' of eq. 7): kernel [3, 3, 1, C], bias [C], the layout of `nn.Conv` with
-    `feature_group_count=C`, computed either through `feature_group_count` or as shifted multiply-adds."""
-
-    features: int
-    dtype: Any = jnp.float32
-    impl: str = "grouped"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (3, 3, 1, self.features)
-        init = torch_uniform(shape)
-        kernel = self.param("kernel", init, shape).astype(self.dtype)
-        bias = self.param("bias", init, (self.features,)).astype(self.dtype)
-        x = x.astype(self.dtype)
-        if self.impl == "grouped":
-            y = jax.lax.conv_general_dilated(
-                x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=self.features)
-        elif self.impl == "shifted":
-            y = shifted_depthwise(x, kernel)
-        else:
-            raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {self.impl!r}")
-        return y + bias
 
 
 class NeuronAttention(nn.Module):

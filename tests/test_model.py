@@ -226,7 +226,7 @@ def test_pointwise_conv_is_a_dot_on_cpu_and_the_convolution_elsewhere():
     """Same parameters and numbers as nn.Conv's 1x1; lowered as a dot for CPU, as a convolution for GPUs."""
     import flax.linen as nn
 
-    from rnan_jax.model import PointwiseConv
+    from rnan_jax.convs import PointwiseConv
 
     layer = PointwiseConv(8, 4)
     x = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))

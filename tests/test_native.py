@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnan_jax import model, native
+from rnan_jax import convs, native
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None or
                                     os.environ.get(native.NATIVE_ENV) == "0",
@@ -35,7 +35,7 @@ def test_native_kernel_gradient_matches_float64():
     got = np.asarray(jax.jit(native.depthwise_kernel_grad)(x, g))
     ref = _reference(x, g)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(model._shifted_kernel_grad(x, g)), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(convs._shifted_kernel_grad(x, g)), ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_compiler
@@ -53,13 +53,13 @@ def test_depthwise_gradients_through_the_native_kernel_equal_autodiff_of_the_gro
     def loss(f):
         return lambda x, k: jnp.sum(f(x, k) * g)
 
-    dx, dk = jax.jit(jax.grad(loss(model.shifted_depthwise), argnums=(0, 1)))(x, kernel)
+    dx, dk = jax.jit(jax.grad(loss(convs.shifted_depthwise), argnums=(0, 1)))(x, kernel)
     rx, rk = jax.grad(loss(grouped), argnums=(0, 1))(x, kernel)
     np.testing.assert_allclose(dx, rx, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dk, rk, rtol=1e-4, atol=1e-4)
     # under vmap (the kernel is called once per mapped element)
     def one(xi, gi, k):
-        return jax.grad(lambda k: jnp.sum(model.shifted_depthwise(xi, k) * gi))(k)
+        return jax.grad(lambda k: jnp.sum(convs.shifted_depthwise(xi, k) * gi))(k)
 
     dks = jax.vmap(one, in_axes=(0, 0, None))(x[:, None], g[:, None], kernel)
     np.testing.assert_allclose(dks.sum(0), rk, rtol=1e-4, atol=1e-4)
@@ -158,21 +158,21 @@ def test_conv_gradients_through_the_native_kernel_equal_autodiff(size, channels)
     def reference(x, k):
         return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    y = jax.jit(model.native_conv)(x, kernel)
+    y = jax.jit(convs.native_conv)(x, kernel)
     np.testing.assert_allclose(y, reference(x, kernel), rtol=1e-5, atol=1e-5)
-    dx, dk = jax.jit(jax.grad(loss(model.native_conv), argnums=(0, 1)))(x, kernel)
+    dx, dk = jax.jit(jax.grad(loss(convs.native_conv), argnums=(0, 1)))(x, kernel)
     rx, rk = jax.grad(loss(reference), argnums=(0, 1))(x, kernel)
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dk, rk, rtol=1e-4, atol=1e-4)
     # under vmap (the kernel is called once per mapped element)
-    dks = jax.vmap(lambda xi, gi: jax.grad(lambda k: jnp.sum(model.native_conv(xi, k) * gi))(kernel))(
+    dks = jax.vmap(lambda xi, gi: jax.grad(lambda k: jnp.sum(convs.native_conv(xi, k) * gi))(kernel))(
         x[:, None], g[:, None])
     np.testing.assert_allclose(dks.sum(0), rk, rtol=1e-4, atol=1e-4)
 
 
 def test_the_conv_modules_keep_nn_conv_parameters():
     x = jnp.ones((1, 5, 5, 16))
-    for module, size in ((model.Conv3x3(3, 16), 3), (model.PointwiseConv(3, 16), 1)):
+    for module, size in ((convs.Conv3x3(3, 16), 3), (convs.PointwiseConv(3, 16), 1)):
         params = module.init(jax.random.key(4), x)
         assert jax.tree_util.tree_map(jnp.shape, params) == {"params": {"kernel": (size, size, 16, 3), "bias": (3,)}}
         reference = nn.Conv(3, (size, size), padding="SAME").apply(params, x)
@@ -181,9 +181,9 @@ def test_the_conv_modules_keep_nn_conv_parameters():
 
 _PROBE = """
 import jax, jax.numpy as jnp
-from rnan_jax import model, native
+from rnan_jax import convs, native
 x = jnp.ones((1, 4, 4, 2))
-dk = jax.grad(lambda k: model.shifted_depthwise(x, k).sum())(jnp.ones((3, 3, 1, 2)))
+dk = jax.grad(lambda k: convs.shifted_depthwise(x, k).sum())(jnp.ones((3, 3, 1, 2)))
 print(native.available(), float(dk[1, 1, 0, 0]), float(dk[0, 0, 0, 0]))
 """
 
