@@ -3,27 +3,23 @@
 Training: a random-access source of full (HR, LR) pairs (`rnan_jax.sources`, this process's share) ->
 repeat to >= 16k entries -> shuffle -> repeat forever -> a random LR patch with the HR patch at the matching
 place and one of the 8 rot90/flip transforms -> batch -> `to_iter_dataset` with read threads (+ worker
-processes), wrapped in `BatchIterator`, whose checkpointable state is a batch count. Batches stay uint8 on
+processes), wrapped in `loader.BatchIterator`, whose checkpointable state is a batch count. Batches stay uint8 on
 the host, {"lr": [b, p, p, 3], "hr": [b, s*p, s*p, 3]}: the train step should convert them to float32 in
 [0, 1] on the device, which moves a quarter of the bytes and spares the host a conversion that costs more
 than making the batch (tools/BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import re
-import signal
-import sys
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import grain
 import ml_collections
 import numpy as np
 
-from rnan_jax import benchmark_sets, degrade, images, sources
+from rnan_jax import benchmark_sets, degrade, images, loader, sources
 from rnan_jax.ensemble import transform  # the 8 dihedral maps, shared with RNAN+
 from rnan_jax.env import default_data_dir
 
@@ -71,7 +67,7 @@ class DataConfig:
     val_set: str = "Set5"  # val_source="benchmark": Set5, Set14, B100 or Urban100
     val_dir: str = ""  # "benchmark": the folder holding <val_set>/HR ("" = <data dir>/benchmark); "folder": HR folder
     val_lr_dir: str = ""  # val_source="folder": LR folder in DIV2K naming; "" = bicubic
-    val_max_images: int = 10  # use the first N validation images (0 = all)
+    val_max_images: int = 10  # use the first N usable validation images (0 = all); unusable ones do not count
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -224,123 +220,8 @@ def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index:
     return parts[process_index::process_count] if process_count > 1 else parts
 
 
-_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"  # the -W form: action:message-start:category
-
-
-def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
-    """In each worker process: a terminal's Ctrl-C reaches the whole process group, and the trainer's first one
-    means "save a checkpoint and stop", which needs no worker to die with a traceback; closing the iterator
-    (the trainer does on any exit) ends the workers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _ctrl_c_blocked_for_new_workers():
-    """Blocks SIGINT in this thread while the worker processes are started, from threads this one creates (a
-    new thread and a new process inherit the signal mask), so that they are born deaf to Ctrl-C: `_ignore_ctrl_c`
-    runs only after a worker's imports, and a Ctrl-C during those seconds ended each worker with a
-    KeyboardInterrupt traceback, then could hang the trainer. The process still gets the signal: another of its
-    threads takes it, or it waits until this thread unblocks it."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _dead_worker_code(error: RuntimeError) -> int | None:
-    """The exit code in grain's "Worker process was terminated unexpectedly with exit code N", else None."""
-    match = re.match(r"Worker process was terminated unexpectedly with exit code (-?\d+)", str(error))
-    return int(match.group(1)) if match else None
-
-
-def _exit_reason(code: int) -> str:
-    if code >= 0:
-        return f"exit status {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    return f"killed by {name}" + (", as the kernel's out-of-memory killer does" if -code == signal.SIGKILL else "")
-
-
-class BatchIterator(grain.DatasetIterator):
-    """Iterates an infinite MapDataset of batches through grain (read threads, optional worker processes).
-
-    Its state is the number of batches taken, {"next_batch": n}, so a checkpoint restores under any
-    num_workers or read_threads (grain's own multiprocess state does not); restoring restarts the
-    pipeline at batch n, and batch n does not depend on how many workers made it.
-    """
-
-    def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions,
-                 multiprocessing_options: grain.MultiprocessingOptions | None = None):
-        super().__init__()
-        self._batches = batches
-        self._read_options = read_options
-        self._multiprocessing_options = multiprocessing_options
-        self._next_batch = 0
-        self._it: grain.DatasetIterator | None = None
-        self._workers_starting = False
-
-    def _pipeline(self) -> grain.DatasetIterator:
-        self._assert_not_closed()
-        if self._it is None:
-            ds = self._batches[self._next_batch:].to_iter_dataset(self._read_options)
-            if self._multiprocessing_options is not None:
-                ds = ds.mp_prefetch(self._multiprocessing_options, worker_init_fn=_ignore_ctrl_c)
-            self._it = iter(ds)
-            self._workers_starting = self._multiprocessing_options is not None
-        return self._it
-
-    def _starting(self):
-        """Around making the pipeline and asking for its first batch: its worker processes start then, from
-        threads made then."""
-        new_workers = self._multiprocessing_options is not None and (self._it is None or self._workers_starting)
-        return _ctrl_c_blocked_for_new_workers() if new_workers else contextlib.nullcontext()
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        """The next batch; raises `sources.DataError` (one line) when a worker process has died."""
-        try:
-            with self._starting():
-                batch = next(self._pipeline())
-            self._workers_starting = False
-        except RuntimeError as e:
-            if (code := _dead_worker_code(e)) is None:
-                raise
-            raise sources.DataError(
-                f"a data worker process died at batch {self._next_batch} ({_exit_reason(code)}); rerun to resume "
-                "from the last checkpoint, with a lower data.num_workers or data.worker_buffer_size if memory ran "
-                "out") from None
-        self._next_batch += 1
-        return batch
-
-    def get_state(self) -> dict[str, int]:
-        return {"next_batch": self._next_batch}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._stop()
-        self._next_batch = int(state["next_batch"])
-
-    def start_prefetch(self) -> None:
-        with self._starting():
-            self._pipeline().start_prefetch()
-
-    def close(self) -> None:
-        """Stops the worker processes and threads (also on garbage collection); idempotent."""
-        self._stop()
-        super().close()
-
-    def _stop(self) -> None:
-        if getattr(self, "_it", None) is not None:
-            self._it.close()
-            self._it = None
-
-
 def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                   process_count: int | None = None) -> BatchIterator:
+                   process_count: int | None = None) -> loader.BatchIterator:
     """The infinite, checkpointable iterator of this process's batches.
 
     Yields {"lr": uint8 [b, p, p, 3], "hr": uint8 [b, s*p, s*p, 3]} with b = global_batch_size //
@@ -353,56 +234,51 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, proces
     ds = train_dataset(cfg, batch_size=global_batch_size, seed=seed, process_index=process_index,
                        process_count=process_count)
     read_options = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
-    mp_options = None
-    if cfg.num_workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            # grain's worker start-up reads its absl flags (google/grain#1355); outside an absl app nothing
-            # parses them, so take their defaults.
-            flags.FLAGS.mark_as_parsed()
-        # The worker processes hand batches over in shared memory; those still queued when the iterator closes
-        # are unlinked by multiprocessing's resource tracker, which then warns of "leaked shared_memory
-        # objects" at every exit though nothing leaks. The tracker is started later with this process's
-        # warning options, so this one warning is silenced there; our own processes are unaffected.
-        if _TRACKER_WARNING not in sys.warnoptions:
-            sys.warnoptions.append(_TRACKER_WARNING)
-        # Started now, not by the first worker's start: starting it unblocks SIGINT in the thread that does, which
-        # then started the other workers able to die of a Ctrl-C (`_ctrl_c_blocked_for_new_workers`).
-        from multiprocessing import resource_tracker
-
-        resource_tracker.ensure_running()
-        mp_options = grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                                  per_worker_buffer_size=cfg.worker_buffer_size)
-    return BatchIterator(ds, read_options, mp_options)
+    return loader.BatchIterator(ds, read_options, loader.worker_options(cfg.num_workers, cfg.worker_buffer_size))
 
 
-def _limit(items: list, n: int) -> list:
-    return items[:n] if n > 0 else items
+def _first_usable(items: Iterable, make: Callable[..., benchmark_sets.Pair], n: int) -> list[benchmark_sets.Pair]:
+    """make(item) for the items in order until n are made (0 = all); an item whose make raises
+    `images.ImageError` is skipped with a warning, and items after the n-th pair are never made."""
+    pairs = []
+    for item in items:
+        try:
+            pairs.append(make(item))
+        except images.ImageError as e:
+            log.warning("skipping %s", e)
+            continue
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+def _tfds_pair(spec: sources.PairSpec, cfg: DataConfig) -> benchmark_sets.Pair:
+    hr, lr = sources.make_pair(*spec.load(), cfg.scale, spec.name)
+    if min(hr.shape[:2]) < benchmark_sets.min_side(cfg.scale):
+        raise images.ImageError(f"{spec.name}: image is {hr.shape[1]}x{hr.shape[0]}, too small to score "
+                                f"at x{cfg.scale}")
+    return benchmark_sets.Pair(cfg.tfds_name or "div2k", spec.name, cfg.scale, hr, given_lr=lr)
+
+
+def _file_pair(path: str, dataset: str, lr_dir: str | None, scale: int) -> benchmark_sets.Pair:
+    pair = benchmark_sets.make_pair(dataset, path, images.decode(path).pixels, scale, lr_dir)
+    pair.lr  # read (and size-checked) now, so that an unusable LR file is skipped like a missing one
+    return pair
 
 
 def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
-    """The first val_max_images full validation images as `benchmark_sets.Pair`s, the pairs `evaluate`
-    scores: HR cropped to a multiple of the scale (gray files stay gray), LR from the source when it has
-    one (DIV2K's validation split, val_lr_dir, a benchmark set's LR_bicubic/X<s>), else `bicubic_lr`.
-    Every process gets the same list; unreadable or too small images are skipped with a warning."""
+    """The first val_max_images usable full validation images (0 = all) as `benchmark_sets.Pair`s, the pairs
+    `evaluate` scores: HR cropped to a multiple of the scale (gray files stay gray), LR from the source when it
+    has one (DIV2K's validation split, val_lr_dir, a benchmark set's LR_bicubic/X<s>), else `bicubic_lr`.
+    Every process gets the same list. Unreadable or too small images are skipped with a warning and do not
+    count; images after the val_max_images-th usable one are not read."""
     what = f"validation images ({cfg.val_source})"
     if cfg.val_source == "demo":
         name, hr = sources.demo_validation_image()
         return [benchmark_sets.Pair("demo", name, cfg.scale, degrade.modcrop(hr, cfg.scale))]
     if cfg.val_source == "tfds":
-        pairs = []
-        specs = _limit(sources.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir), cfg.val_max_images)
-        for spec in specs:
-            try:
-                hr, lr = sources.make_pair(*spec.load(), cfg.scale, spec.name)
-                if min(hr.shape[:2]) < benchmark_sets.min_side(cfg.scale):
-                    raise images.ImageError(f"{spec.name}: image is {hr.shape[1]}x{hr.shape[0]}, too small to score "
-                                            f"at x{cfg.scale}")
-            except images.ImageError as e:
-                log.warning("skipping %s", e)
-                continue
-            pairs.append(benchmark_sets.Pair(cfg.tfds_name or "div2k", spec.name, cfg.scale, hr, given_lr=lr))
+        specs = sources.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir)
+        pairs = _first_usable(specs, lambda spec: _tfds_pair(spec, cfg), cfg.val_max_images)
         if not pairs:
             raise sources.DataError(f"{what}: no usable image in the validation split of {cfg.tfds_name}")
         return pairs
@@ -412,19 +288,10 @@ def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
     else:
         hr_dir, dataset, lr_dir = cfg.val_dir, "folder", cfg.val_lr_dir or None
     try:
-        files = _limit(images.list_images(hr_dir), cfg.val_max_images)
+        files = images.list_images(hr_dir)
     except images.ImageError as e:
         raise sources.DataError(f"{what}: {e}") from None
-    pairs = []
-    for path in files:
-        try:
-            pair = benchmark_sets.make_pair(dataset, path, images.decode(path).pixels, cfg.scale, lr_dir)
-            pair.lr  # read (and size-checked) now, so that an unusable LR file is skipped like a missing one
-            pairs.append(pair)
-        except images.ImageError as e:
-            log.warning("skipping %s", e)
+    pairs = _first_usable(files, lambda path: _file_pair(path, dataset, lr_dir, cfg.scale), cfg.val_max_images)
     if not pairs:
         raise sources.DataError(f"{what}: no usable image in {hr_dir}")
     return pairs
-
-

@@ -520,3 +520,41 @@ def test_tfds_validation_skips_an_unusable_example(tmp_path, caplog):
         val = data.validation_images(cfg)
     assert [p.name for p in val] == ["div2k/bicubic_x4:validation[1]"]
     assert "validation[0]: LR image is 24x15" in caplog.text
+
+
+def test_val_max_images_counts_usable_images_and_reads_no_further(tmp_path, caplog):
+    """val_max_images=2 means the first 2 images that can be scored: a corrupt or too small file before them
+    does not count, and files after the second usable one are not read (a big folder is not decoded)."""
+    hr_dir = tmp_path / "HR"
+    (hr_dir / "0000.png").parent.mkdir()
+    (hr_dir / "0000.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    write_image(hr_dir / "0001.png", smooth_image(40, 48, 1))
+    write_image(hr_dir / "0002.png", smooth_image(12, 12, 2))  # under the 15 px a side scored at x2
+    write_image(hr_dir / "0003.png", smooth_image(40, 48, 3))
+    (hr_dir / "0004.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png either")
+    cfg = config(2, val_source="folder", val_dir=str(hr_dir), val_max_images=2)
+    with caplog.at_level(logging.WARNING):
+        val = data.validation_images(cfg)
+    assert [p.name for p in val] == ["0001", "0003"]
+    assert "0000.png" in caplog.text and "0002.png" in caplog.text
+    assert "0004.png" not in caplog.text
+
+    reads = []
+
+    class Examples(list):
+        def __getitem__(self, i):
+            reads.append(i)
+            if i == 3:
+                raise OSError("damaged record")
+            return super().__getitem__(i)
+
+    def examples(builder, split, **kw):
+        out = [{"hr": coordinate_image(64, 96, i), "lr": coordinate_image(64, 96, i)[::4, ::4]} for i in range(4)]
+        out[0]["lr"] = out[0]["lr"][:-1]  # LR one row short
+        return Examples(out)
+
+    cfg = config(4, source="demo", tfds_data_dir=str(tmp_path / "tfds"), val_source="tfds", val_max_images=2)
+    with mock_data(as_data_source_fn=examples):
+        val = data.validation_images(cfg)
+    assert [p.name for p in val] == ["div2k/bicubic_x4:validation[1]", "div2k/bicubic_x4:validation[2]"]
+    assert reads == [0, 1, 2]
