@@ -56,6 +56,21 @@ def _state_items(state: Any, meta: dict | None, restore: bool) -> dict:
     return items
 
 
+def room_problem(mngr: ocp.CheckpointManager, step: int, items: Any) -> str | None:
+    """One line when the local filesystem of `mngr` lacks the room for checkpoint `step` of `items` (about
+    their bytes: orbax stores the arrays as they are; the older checkpoints it removes go only after the new
+    one is complete), after the save in flight has finished; None when there is room, or for a gs:// URL.
+    Saving into a full disk failed in orbax's save threads with hundreds of lines of tracebacks."""
+    directory = os.fspath(mngr.directory)
+    mngr.wait_until_finished()
+    free = paths.free_bytes(directory)
+    need = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(items)) * 1.02 + 2**16  # + metadata
+    if free is None or free >= need:
+        return None
+    return (f"no room for checkpoint {step} in {directory}: it needs about {need / 2**20:,.1f} MiB, "
+            f"{free / 2**20:,.1f} MiB are free")
+
+
 def save_train_state(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
     """Saves `state` (a `step.TrainState`) as checkpoint `step`: params, opt, ema, meta. No data item: the
     input pipeline's position is the step (`data.train_dataset`), so a run resumes under any process count."""

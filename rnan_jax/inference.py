@@ -217,7 +217,9 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap} and tile {tile}")
 
     forward = compiled_forward(config)
-    params = jax.device_put(params)
+    # on the device once, not per call; arrays there already stay where they are (a training run's parameters,
+    # replicated over the devices of several processes, which device_put to one device refuses)
+    params = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
 
     def run(x: np.ndarray) -> np.ndarray:
         def fn(y):

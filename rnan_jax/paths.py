@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import threading
 from typing import BinaryIO, Callable
 
@@ -48,6 +49,16 @@ def listdir(path: str) -> list[str]:
 
 def makedirs(path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def free_bytes(path: str) -> int | None:
+    """Bytes free on the filesystem of a local `path` (an existing folder); None for a URL or when unknown."""
+    if is_url(path):
+        return None
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:

@@ -30,7 +30,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
 
-    from rnan_jax import api, env, trainer
+    from rnan_jax import api, env, preemption, trainer
 
     host_flags = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
     if host_flags and not _DISTRIBUTED.value:  # they were silently ignored: N processes each trained alone
@@ -55,7 +55,7 @@ def main(argv):
             print("note: the persistent compilation cache is off for this run (XLA:CPU cannot reload a fully "
                   "unrolled network of this depth)", flush=True)
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except trainer.Preempted as e:
+    except preemption.Preempted as e:
         print(e, flush=True)
         sys.exit(128 + e.signum)  # 143 (SIGTERM) or 130 (Ctrl-C), as if the signal had ended the process
     except (ValueError, trainer.TrainingError, OSError, jax.errors.JaxRuntimeError) as e:

@@ -3,10 +3,10 @@
 `train_and_evaluate(config, workdir)` is what `python -m rnan_jax.train` runs. The state is replicated and
 the batch sharded over a 1-D "data" mesh of all devices of all processes; each process feeds its own share
 of the batch (`jax.make_array_from_process_local_data`). The step is jitted once with the state donated.
+Stopping on a signal is `preemption`'s, the workdir's own files and checks `rundir`'s.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -24,8 +24,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from rnan_jax import benchmark_sets, checkpoint, data, degrade, images, metrics, paths, step, summary
-from rnan_jax.api import apply, build, count_params, init
+from rnan_jax import (benchmark_sets, checkpoint, data, degrade, images, inference, paths, preemption, rundir,
+                      step, summary)
+from rnan_jax.api import build, count_params, init
 from rnan_jax.configs import TrainConfig
 
 
@@ -34,73 +35,6 @@ class TrainingError(RuntimeError):
 
 
 CPU_NOTE_PARAMS = 2_000_000  # above this a CPU run gets a line saying it is one (the paper's model: 17 M)
-
-
-class Preempted(BaseException):
-    """SIGTERM or Ctrl-C arrived; a checkpoint of the step reached was saved (the message says where), or, before
-    the first step, there was nothing to save. `signum` is the signal (the CLI exits with 128 + signum, as if the
-    signal had ended the process). A BaseException, as KeyboardInterrupt: raised in the middle of a restore, it
-    must not be taken for a damaged checkpoint by an `except Exception`."""
-
-    def __init__(self, message: str, signum: int = signal.SIGTERM):
-        super().__init__(message)
-        self.signum = signum
-
-
-class _Preemption:
-    """Turns SIGTERM (a TPU/GPU preemption notice) and a first Ctrl-C (SIGINT) into a flag the loop checks
-    after each step, which then saves a checkpoint and stops; a second Ctrl-C interrupts at once, as usual.
-    While `before_training` is set (the set-up: data, resume, validation images), nothing has been trained that
-    a checkpoint could keep: SIGTERM raises Preempted at once, Ctrl-C KeyboardInterrupt, where SIGTERM used to
-    kill the process with no line in train.log."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self.signum = signal.SIGTERM
-        self.before_training: str | None = None  # where the run resumes from, while the set-up runs
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        for signum in self.SIGNALS:
-            try:
-                previous = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: no handler, as in a notebook's worker thread
-                continue
-            if signum == signal.SIGINT and previous is signal.SIG_IGN:  # started ignoring Ctrl-C: keep it so
-                signal.signal(signum, previous)
-                continue
-            self._previous[signum] = previous
-        return self
-
-    def _handle(self, signum, frame):
-        if self.before_training is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise Preempted(f"{signal.Signals(signum).name} before the first step: nothing trained, nothing to "
-                            f"save; rerun the same command to {self.before_training}", signum)
-        if signum == signal.SIGINT:
-            if self.requested and self.signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now, "
-                        b"without one)\n")
-        if not self.requested:
-            self.signum = signum
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-
-def _agree(flag: bool) -> bool:
-    """True on every process if it is true on any (one decision for all hosts)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
 _run_log: summary.RunLog | None = None  # the workdir's train.log while a run is on
@@ -147,21 +81,21 @@ def _init_from(cfg: TrainConfig, params: Any) -> Any:
 
 class _Validator:
     """PSNR/SSIM of the model on full validation images against bicubic: `data.validation_images`' pairs
-    scored by `benchmark_sets.score`, the pairs and rule of `python -m rnan_jax.evaluate`, so the logged
-    val/psnr is what evaluate prints for the same parameters and images."""
+    upscaled by `inference.upscale_image` and scored by `benchmark_sets.score`, the pairs, call and rule of
+    `python -m rnan_jax.evaluate`, so the logged val/psnr is what evaluate prints for the same parameters and
+    images (an image too large for the device at once is upscaled in windows, with a warning, as there)."""
 
     def __init__(self, cfg: TrainConfig):
         self.pairs = data.validation_images(cfg.data)
         self.bicubic = [degrade.imresize(p.lr, p.scale) for p in self.pairs]  # evaluate's Bicubic row
         self.bicubic_psnr = float(np.mean([benchmark_sets.score(b, p)[0] for b, p in zip(self.bicubic, self.pairs)]))
-        self._apply = jax.jit(partial(apply, config=cfg.model, scan_unroll=cfg.execution.unroll,
-                                      depthwise=cfg.execution.depthwise_impl))
+        self.config = cfg.model
 
     def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         psnrs, ssims, strips = [], [], {}
         for i, (pair, bic) in enumerate(zip(self.pairs, self.bicubic)):
             lr = images.as_rgb(pair.lr)  # a gray image goes in replicated, as evaluate feeds it
-            sr = metrics.quantize(self._apply(params, lr.astype(np.float32) / 255.0))
+            sr = inference.upscale_image(params, lr, config=self.config)
             psnr, ssim = benchmark_sets.score(sr, pair)
             psnrs.append(psnr)
             ssims.append(ssim)
@@ -171,14 +105,6 @@ class _Validator:
                     lr_up, images.as_rgb(bic), sr, images.as_rgb(pair.hr))
         return {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims)),
                 "val/bicubic_psnr": self.bicubic_psnr}, strips
-
-
-def _write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
-    if jax.process_index() != 0:
-        return
-    paths.makedirs(workdir)
-    paths.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    paths.write_text(os.path.join(workdir, "git_revision.txt"), summary.git_revision(summary.package_dir()) + "\n")
 
 
 def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: TrainConfig,
@@ -217,35 +143,6 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
     return None
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out += _flatten(value, f"{prefix}{key}.")
-        else:
-            out.append((prefix + key, value))
-    return out
-
-
-def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
-    """`KEY OLD -> NEW` for every key whose value differs from the workdir's config.json (the config of the run
-    that started it), e.g. a resumed run's new total_steps, which also stretches a cosine schedule."""
-    try:
-        saved = json.loads(paths.read_text(os.path.join(workdir, "config.json")))
-    except (OSError, ValueError):
-        return []
-
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
-
-    old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
-    return [f"{k} {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k)]
-
-
 def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """What a run with this config would do, without reading data or writing anything: every config key
     (as `--config.KEY=VALUE` sets it), the parameter count, the devices, processes and batch split."""
@@ -254,7 +151,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     n_dev, n_proc = jax.device_count(), jax.process_count()
     lines = ["config (override any key with --config.KEY=VALUE):"]
-    lines += [f"  {key} = {value!r}" for key, value in _flatten(config)]
+    lines += [f"  {key} = {value!r}" for key, value in rundir.flatten_config(config)]
     lines.append(f"model: RNAN x{cfg.model.scale}, {n_params:,} parameters")
     lines.append(f"devices: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), {n_proc} process(es), "
                  f"{jax.local_device_count()} local")
@@ -262,7 +159,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"NOT divisible by the {n_dev} devices: the run would stop")
     lines.append(f"global batch {cfg.batch_size} ({per_device}) of {cfg.data.patch_size}x{cfg.data.patch_size} "
                  f"LR patches; {cfg.total_steps:,} steps")
-    if (problem := _workdir_problem(workdir)) is not None:
+    if (problem := rundir.problem(workdir)) is not None:
         state = f"{problem.split(': ', 1)[1]}: the run would stop"
     elif paths.isdir(workdir):
         steps = checkpoint.complete_steps(os.path.join(workdir, checkpoint.CHECKPOINTS))
@@ -273,49 +170,25 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     return "\n".join(lines)
 
 
-def _workdir_problem(workdir: str) -> str | None:
-    """One line when a file is where the workdir, or one of the folders the run writes in it, goes; else None."""
-    if paths.exists(workdir) and not paths.isdir(workdir):
-        return f"--workdir {workdir}: a file is in the way (the workdir is a folder)"
-    for name in (checkpoint.CHECKPOINTS, checkpoint.BEST, "tensorboard", checkpoint.CHECKPOINTS + "_damaged"):
-        path = os.path.join(workdir, name)
-        if paths.exists(path) and not paths.isdir(path):
-            return f"--workdir {workdir}: a file is in the way at {path} (the run writes a folder there)"
-    return None
-
-
-def _prepare_workdir(workdir: str) -> None:
-    """Refuses a file where the workdir or one of the folders the run writes goes (`_workdir_problem`), and
-    creates the workdir, before anything is read or trained: orbax otherwise failed at the first save, from its
-    save thread, with a traceback."""
-    if (problem := _workdir_problem(workdir)) is not None:
-        raise ValueError(problem)
-    if jax.process_index() == 0:
-        try:
-            paths.makedirs(workdir)
-        except OSError as e:
-            raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: int | None = None) -> dict[str, float]:
     """Trains (resuming from the latest checkpoint in `workdir`), validates and checkpoints.
 
     Returns the last logged metrics and validation results. `stop_after` ends the loop after that step
     without saving, as a crash would (for tests of resuming). Raises ValueError for a config that does
-    not fit, TrainingError for a non-finite loss, Preempted after SIGTERM's or Ctrl-C's checkpoint.
+    not fit, TrainingError for a non-finite loss, preemption.Preempted after SIGTERM's or Ctrl-C's checkpoint.
     """
     global _run_log
     cfg = TrainConfig.from_config(config)
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
-    _prepare_workdir(workdir)
+    rundir.prepare(workdir)
     with summary.RunLog(os.path.join(workdir, summary.RUN_LOG)) as _run_log:
         _run_log.write(f"started: {' '.join(sys.argv)} (rnan_jax "
                        f"{summary.git_revision(summary.package_dir())}, jax {jax.__version__}, {socket.gethostname()})")
         try:
-            with _Preemption() as preemption:
-                preemption.before_training = "start (or resume from the latest checkpoint)"
-                return _train(cfg, config, workdir, stop_after, preemption)
+            with preemption.Preemption() as signals:
+                signals.before_training = "start (or resume from the latest checkpoint)"
+                return _train(cfg, config, workdir, stop_after, signals)
         except BaseException as e:  # what ended the run, in the log too (the CLI prints it)
             _run_log.write(f"stopped: {type(e).__name__}: {e}")
             raise
@@ -324,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
-           stop_after: int | None, preemption: _Preemption) -> dict[str, float]:
+           stop_after: int | None, signals: preemption.Preemption) -> dict[str, float]:
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
@@ -353,15 +226,15 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         state, meta, latest = resumed
         best_psnr = float(meta.get("best_psnr", -math.inf))
         _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
-        preemption.before_training = f"resume from step {latest} again"
-        if changes := _config_changes(workdir, config):
+        signals.before_training = f"resume from step {latest} again"
+        if changes := rundir.config_changes(workdir, config):
             _log(f"config changed since the run that made {workdir} (its config.json): {'; '.join(changes)}")
     else:
         params = None
         if cfg.init_from:
             params = _init_from(cfg, init(rng, cfg.model))
         state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(rng, params)
-        _write_run_info(workdir, config)
+        rundir.write_info(workdir, config)
     # best/ may hold a step past the resumed one (validated, then lost before its checkpoint): a new best must
     # beat it too, or the one there is kept.
     best_psnr = max(best_psnr, checkpoint.best_psnr(os.fspath(best_mngr.directory)))
@@ -389,8 +262,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat {module.remat}; "
          "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
-    interrupted = False
-    preemption.before_training = None  # from here a signal is a flag: the step reached is saved
+    interrupted, doing, s = False, "train", first
+    signals.before_training = None  # from here a signal is a flag: the step reached is saved
     try:
         for s in range(first + 1, cfg.total_steps + 1):
             batch = next(it)
@@ -416,24 +289,35 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
                 _log(summary.log_line(s, cfg.total_steps, train))
             if s % cfg.eval_every == 0 or final:
+                doing = "validation"
                 scores = _validate(validator, state, s, cfg, writer)
                 results.update(scores)
                 if scores["val/psnr"] > best_psnr:
                     best_psnr = scores["val/psnr"]
+                    _check_room(best_mngr, s, (state.params, state.ema), mngr)
                     checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr))
+                doing = "train"
             if stop_after is not None and s >= stop_after:
                 break
-            stop = _agree(preemption.requested) if (jax.process_count() == 1 or s % cfg.log_every == 0) else False
+            at_log = jax.process_count() == 1 or s % cfg.log_every == 0
+            stop = preemption.agree(signals.requested) if at_log else False
             if s % cfg.checkpoint_every == 0 or final or stop:
                 host = jax.device_get(acc)
                 _check_finite(host, s, mngr)
                 meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
                     k: v for k, v in results.items() if k.startswith("val/")})
+                _check_room(mngr, s, state, mngr)
                 checkpoint.save_train_state(mngr, s, state, meta)
             if stop:
                 mngr.wait_until_finished()
-                raise Preempted(f"{signal.Signals(preemption.signum).name}: saved a checkpoint at step {s} in "
-                                f"{mngr.directory}; rerun the same command to resume", preemption.signum)
+                raise preemption.Preempted(f"{signal.Signals(signals.signum).name}: saved a checkpoint at step {s} "
+                                           f"in {mngr.directory}; rerun the same command to resume", signals.signum)
+    except jax.errors.JaxRuntimeError as e:
+        if not inference.is_out_of_memory(e):
+            raise
+        kept, then = _kept(mngr)
+        line = _out_of_memory(e, cfg, doing, s, chunks, module.remat)
+        raise TrainingError(f"{line}; {kept}: rerun to {then}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, not waiting for a save that may be in flight
         interrupted = True
         checkpoint.abandon_saves()
@@ -475,13 +359,44 @@ def _validate(validator: _Validator, state: step.TrainState, s: int, cfg: TrainC
     return scores
 
 
+def _out_of_memory(error: Exception, cfg: TrainConfig, doing: str, s: int, chunks: int, remat: str) -> str:
+    """One line for a device out of memory in the train step or in validation: where, the error's first line,
+    and the settings that need less."""
+    first = str(error).strip().splitlines()[0]
+    where = f"out of {jax.devices()[0].platform} memory"
+    if doing == "validation":
+        return (f"{where} validating step {s}: {first} Fewer or smaller validation images (data.val_max_images, "
+                "data.val_source) need less")
+    per_device = cfg.batch_size // jax.device_count()
+    less = ["A smaller batch_size or data.patch_size"]
+    if more := next((n for n in range(chunks + 1, per_device + 1) if per_device % n == 0), None):
+        less.append(f"execution.batch_chunks={more} (gradients of {more} parts)")
+    if remat != "block":
+        less.append("execution.remat=block")
+    return (f"{where} in the train step (global batch {cfg.batch_size}, {per_device} per device, of "
+            f"{cfg.data.patch_size}x{cfg.data.patch_size} LR patches, model.dtype {cfg.model.dtype}, remat {remat}): "
+            f"{first} {', '.join(less[:-1]) + ' or ' if len(less) > 1 else ''}{less[-1]} needs less")
+
+
+def _check_room(mngr: ocp.CheckpointManager, s: int, items: Any, checkpoints: ocp.CheckpointManager) -> None:
+    """Stops the run in one line, before a save that the disk has no room for (`checkpoint.room_problem`)."""
+    if (line := checkpoint.room_problem(mngr, s, items)) is not None:
+        kept, then = _kept(checkpoints)
+        raise TrainingError(f"{line}; {kept}: make room and rerun to {then}")
+
+
+def _kept(mngr: ocp.CheckpointManager) -> tuple[str, str]:
+    """What a run that stops without saving leaves (once the saves in flight are done), and what a rerun does."""
+    mngr.wait_until_finished()
+    latest = mngr.latest_step()
+    if latest is None:
+        return "there is no checkpoint yet", "start afresh"
+    return f"the last good checkpoint (step {latest}) is intact", "resume from it"
+
+
 def _check_finite(host: dict, s: int, mngr: ocp.CheckpointManager) -> None:
     if host["nonfinite"] > 0:
-        mngr.wait_until_finished()
-        latest = mngr.latest_step()
-        kept = (f"the last good checkpoint (step {latest}) is intact" if latest is not None else
-                "there is no checkpoint yet")
-        then = "resume from it" if latest is not None else "start afresh"
+        kept, then = _kept(mngr)
         raise TrainingError(
             f"non-finite loss or gradient in {int(host['nonfinite'])} step(s) up to step {s}; stopped without "
             f"saving: {kept}. Lower optim.lr or set optim.grad_clip, then rerun to {then}")

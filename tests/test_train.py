@@ -117,14 +117,14 @@ def test_resume_after_a_crash_is_exact(images, straight, tmp_path):
 
 
 def test_a_resumed_run_names_the_config_changes_since_the_workdir_began(images, tmp_path):
-    from rnan_jax.trainer import _config_changes
+    from rnan_jax.rundir import config_changes
 
     config = x4_config(images)
-    assert _config_changes(str(tmp_path), config) == []  # no config.json: nothing to compare
+    assert config_changes(str(tmp_path), config) == []  # no config.json: nothing to compare
     (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
-    assert _config_changes(str(tmp_path), config) == []
+    assert config_changes(str(tmp_path), config) == []
     config.total_steps, config.optim.lr, config.data.val_max_images = 12, 5e-4, 0
-    assert _config_changes(str(tmp_path), config) == ["data.val_max_images 10 -> 0", "optim.lr 0.001 -> 0.0005",
+    assert config_changes(str(tmp_path), config) == ["data.val_max_images 10 -> 0", "optim.lr 0.001 -> 0.0005",
                                                       "total_steps 6 -> 12"]
 
 
@@ -160,6 +160,66 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(images, straight, tmp_path):
                        r"Lower optim.lr or set optim.grad_clip, then rerun to start afresh$"):
         train_and_evaluate(x4_config(images, total_steps=2, **{"optim.lr": 1e30}), str(tmp_path / "fresh"))
     assert not (tmp_path / "fresh" / "checkpoints").exists() or not os.listdir(tmp_path / "fresh" / "checkpoints")
+
+
+_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes.\nBufferAssignment OOM Debugging."
+
+
+def test_out_of_device_memory_is_one_line_saying_what_needs_less(images, straight, tmp_path, monkeypatch):
+    """A device out of memory (RESOURCE_EXHAUSTED, which JAX raises on GPU/TPU) in the train step or in validation:
+    one TrainingError line, where, what needs less and what was kept; it was a JaxRuntimeError traceback."""
+    from rnan_jax import inference, step
+
+    def out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(_OOM)
+
+    real = step.jit_train_step
+
+    def oom_step(*args, **kwargs):
+        _, replicated, batch_sharding = real(*args, **kwargs)
+        return out_of_memory, replicated, batch_sharding
+
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    with monkeypatch.context() as m:
+        m.setattr(step, "jit_train_step", oom_step)
+        with pytest.raises(TrainingError) as e:
+            train_and_evaluate(x4_config(images), str(tmp_path))
+    assert str(e.value) == (
+        "out of cpu memory in the train step (global batch 4, 4 per device, of 6x6 LR patches, model.dtype float32, "
+        "remat none): RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes. A smaller "
+        "batch_size or data.patch_size, execution.batch_chunks=4 (gradients of 4 parts) or execution.remat=block "
+        "needs less; the last good checkpoint (step 3) is intact: rerun to resume from it")
+    assert (tmp_path / "train.log").read_text().splitlines()[-1][21:] == f"stopped: TrainingError: {e.value}"
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+    monkeypatch.setattr(inference, "upscale_image", out_of_memory)  # every fallback window ran out too
+    with pytest.raises(TrainingError, match=r"^out of cpu memory validating step 3: RESOURCE_EXHAUSTED: .* bytes\. "
+                       r"Fewer or smaller validation images \(data.val_max_images, data.val_source\) need less; "
+                       r"there is no checkpoint yet: rerun to start afresh$"):
+        train_and_evaluate(x4_config(images, **{"execution.remat": "block", "execution.batch_chunks": 4}),
+                           str(tmp_path / "fresh"))
+
+
+def test_a_disk_without_room_for_the_next_checkpoint_stops_the_run_in_one_line(images, straight, tmp_path,
+                                                                               monkeypatch):
+    """Checked before each save: a full disk made orbax's save threads print hundreds of lines of tracebacks
+    (measured on a 3 MiB tmpfs) and left a partial step folder."""
+    from rnan_jax import checkpoint, paths
+
+    assert paths.free_bytes("gs://bucket/run") is None and paths.free_bytes(str(tmp_path)) > 0
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    monkeypatch.setattr(paths, "free_bytes", lambda path: 2**20 if path.endswith("best") else 2**17)
+    with pytest.raises(TrainingError, match=rf"^no room for checkpoint 6 in {re.escape(str(tmp_path))}/checkpoints: "
+                       r"it needs about 0\.2 MiB, 0\.1 MiB are free; the last good checkpoint \(step 3\) is intact: "
+                       r"make room and rerun to resume from it$"):
+        train_and_evaluate(x4_config(images), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    assert os.listdir(tmp_path / "best") == ["6"]  # there was room there
+    monkeypatch.setattr(paths, "free_bytes", lambda path: 100)  # best/ first, at step 3 of a new run
+    with pytest.raises(TrainingError, match=r"^no room for checkpoint 3 in .*/fresh/best: it needs about 0\.\d MiB, "
+                       r"0\.0 MiB are free; there is no checkpoint yet: make room and rerun to start afresh$"):
+        train_and_evaluate(x4_config(images), str(tmp_path / "fresh"))
+    assert checkpoint.complete_steps(str(tmp_path / "fresh" / "checkpoints")) == []
 
 
 def test_init_from_x2_to_x4(images, tmp_path, capsys):

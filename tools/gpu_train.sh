@@ -50,11 +50,12 @@ echo "== training: dtype $DTYPE, command buffers $USE_CMDBUF, parameters cast on
 [ "$USE_CMDBUF" = 1 ] && export XLA_FLAGS="$COMMAND_BUFFER_FLAGS"
 extra+=(--config.execution.cast_params_once="$CAST" --config.execution.remat="$REMAT"
         --config.execution.scan_unroll="$UNROLL" --config.execution.block_unroll="$BLOCK_UNROLL")
+WARMUP=$((STEPS / 10 < 100 ? STEPS / 10 : 100))  # under total_steps, which the config requires
 rm -rf /tmp/run291
 start=$SECONDS
 timeout -s TERM -k 60 "$TRAIN_S" "$PY" -m rnan_jax.train --config experiments/classic291.py --workdir /tmp/run291 \
   --config.total_steps="$STEPS" --config.optim.schedule=cosine --config.optim.lr=2e-4 \
-  --config.optim.warmup_steps=100 --config.eval_every="$STEPS" --config.checkpoint_every=100000 \
+  --config.optim.warmup_steps="$WARMUP" --config.eval_every="$STEPS" --config.checkpoint_every=100000 \
   --config.log_every=100 --config.data.num_workers=8 --config.model.dtype="$DTYPE" "${extra[@]}" 2>&1 \
   | tee "$OUT/train.log"
 echo "== trained for $((SECONDS - start)) s" | tee -a "$OUT/train.log"

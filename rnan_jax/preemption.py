@@ -1,0 +1,78 @@
+"""Stopping a run cleanly: SIGTERM (a TPU/GPU preemption notice) or Ctrl-C becomes a flag the training loop
+checks after each step, one decision for all processes (`agree`), and `Preempted` once the step reached is saved.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class Preempted(BaseException):
+    """SIGTERM or Ctrl-C arrived; a checkpoint of the step reached was saved (the message says where), or, before
+    the first step, there was nothing to save. `signum` is the signal (the CLI exits with 128 + signum, as if the
+    signal had ended the process). A BaseException, as KeyboardInterrupt: raised in the middle of a restore, it
+    must not be taken for a damaged checkpoint by an `except Exception`."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Preemption:
+    """Turns SIGTERM (a TPU/GPU preemption notice) and a first Ctrl-C (SIGINT) into a flag the loop checks
+    after each step, which then saves a checkpoint and stops; a second Ctrl-C interrupts at once, as usual.
+    While `before_training` is set (the set-up: data, resume, validation images), nothing has been trained that
+    a checkpoint could keep: SIGTERM raises Preempted at once, Ctrl-C KeyboardInterrupt, where SIGTERM used to
+    kill the process with no line in train.log."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.signum = signal.SIGTERM
+        self.before_training: str | None = None  # where the run resumes from, while the set-up runs
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            try:
+                previous = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handler, as in a notebook's worker thread
+                continue
+            if signum == signal.SIGINT and previous is signal.SIG_IGN:  # started ignoring Ctrl-C: keep it so
+                signal.signal(signum, previous)
+                continue
+            self._previous[signum] = previous
+        return self
+
+    def _handle(self, signum, frame):
+        if self.before_training is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Preempted(f"{signal.Signals(signum).name} before the first step: nothing trained, nothing to "
+                            f"save; rerun the same command to {self.before_training}", signum)
+        if signum == signal.SIGINT:
+            if self.requested and self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now, "
+                        b"without one)\n")
+        if not self.requested:
+            self.signum = signum
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def agree(flag: bool) -> bool:
+    """True on every process if it is true on any (one decision for all hosts)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
