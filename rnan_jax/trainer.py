@@ -3,7 +3,8 @@
 `train_and_evaluate(config, workdir)` is what `python -m rnan_jax.train` runs. The state is replicated and
 the batch sharded over a 1-D "data" mesh of all devices of all processes; each process feeds its own share
 of the batch (`jax.make_array_from_process_local_data`). The step is jitted once with the state donated.
-Stopping on a signal is `preemption`'s, the workdir's own files and checks `rundir`'s.
+Stopping on a signal is `preemption`'s, the workdir's own files and checks `rundir`'s, what it validates on
+`validation`'s.
 """
 from __future__ import annotations
 
@@ -24,8 +25,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from rnan_jax import (benchmark_sets, checkpoint, data, degrade, images, inference, paths, preemption, rundir,
-                      step, summary)
+from rnan_jax import checkpoint, data, inference, paths, preemption, rundir, step, summary, validation
 from rnan_jax.api import build, count_params, init
 from rnan_jax.configs import TrainConfig
 
@@ -77,34 +77,6 @@ def _init_from(cfg: TrainConfig, params: Any) -> Any:
         raise ValueError(f"init_from {cfg.init_from}: its architecture differs beyond the scale "
                          f"({'; '.join(differs)}); only the upsampler may differ")
     return _copy_matching(params, source, f"{cfg.init_from} (x{source_cfg.scale} -> x{cfg.model.scale})")
-
-
-class _Validator:
-    """PSNR/SSIM of the model on full validation images against bicubic: `data.validation_images`' pairs
-    upscaled by `inference.upscale_image` and scored by `benchmark_sets.score`, the pairs, call and rule of
-    `python -m rnan_jax.evaluate`, so the logged val/psnr is what evaluate prints for the same parameters and
-    images (an image too large for the device at once is upscaled in windows, with a warning, as there)."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.pairs = data.validation_images(cfg.data)
-        self.bicubic = [degrade.imresize(p.lr, p.scale) for p in self.pairs]  # evaluate's Bicubic row
-        self.bicubic_psnr = float(np.mean([benchmark_sets.score(b, p)[0] for b, p in zip(self.bicubic, self.pairs)]))
-        self.config = cfg.model
-
-    def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        psnrs, ssims, strips = [], [], {}
-        for i, (pair, bic) in enumerate(zip(self.pairs, self.bicubic)):
-            lr = images.as_rgb(pair.lr)  # a gray image goes in replicated, as evaluate feeds it
-            sr = inference.upscale_image(params, lr, config=self.config)
-            psnr, ssim = benchmark_sets.score(sr, pair)
-            psnrs.append(psnr)
-            ssims.append(ssim)
-            if i < num_logged:
-                lr_up = np.repeat(np.repeat(lr, pair.scale, 0), pair.scale, 1)
-                strips[f"val/{pair.name} (LR | bicubic | SR | HR)"] = summary.comparison_strip(
-                    lr_up, images.as_rgb(bic), sr, images.as_rgb(pair.hr))
-        return {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims)),
-                "val/bicubic_psnr": self.bicubic_psnr}, strips
 
 
 def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: TrainConfig,
@@ -211,7 +183,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     # _prepare_workdir): a manager's start-up cleanup thread, cut off by the exit that a data error causes,
     # printed orbax's tracebacks ("cannot schedule new futures after shutdown") under the one-line error.
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
-    validator = _Validator(cfg)
+    validator = validation.Validator(cfg)
     mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), max_to_keep=cfg.keep_checkpoints)
     # Synchronous: orbax names its multi-host barrier for an async save by the step alone, so two managers
     # saving the same step asynchronously collide ("Barrier _async_write_complete.<step> is already ongoing").
@@ -348,7 +320,7 @@ def _train_metrics(host: dict, s: int, rate: float, cfg: TrainConfig) -> dict[st
             "eta_s": (cfg.total_steps - s) / rate if rate > 0 else math.inf, "skipped": host["skipped"]}
 
 
-def _validate(validator: _Validator, state: step.TrainState, s: int, cfg: TrainConfig,
+def _validate(validator: validation.Validator, state: step.TrainState, s: int, cfg: TrainConfig,
               writer: summary.Writer) -> dict[str, float]:
     """Scores the EMA parameters when there are some, else the parameters; logs and writes them."""
     scores, strips = validator(state.ema if state.ema is not None else state.params, cfg.num_val_images_logged)

@@ -398,15 +398,15 @@ def test_sigterm_before_the_first_step_stops_in_one_line_and_keeps_the_checkpoin
 
 _SIGTERM_TWICE_WHILE_VALIDATING = """
 import os, runpy, signal, sys
-from rnan_jax import trainer
-real = trainer._Validator.__call__
+from rnan_jax import validation
+real = validation.Validator.__call__
 
 def validate(self, *args):  # two preemption notices in the middle of the step-3 validation
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGTERM)
     return real(self, *args)
 
-trainer._Validator.__call__ = validate
+validation.Validator.__call__ = validate
 sys.argv = ["train", *sys.argv[1:]]
 runpy.run_module("rnan_jax.train", run_name="__main__")
 """
