@@ -186,7 +186,7 @@ def evaluate(
                     continue
                 try:
                     pair = benchmark_sets.make_pair(dataset, path, hr, scale)
-                    score = _score_one(upscale, pair, path, rounded_y, save_dir)
+                    score, sr = _score_one(upscale, pair, path, rounded_y)
                 except MissingFolderError as e:
                     missing_folders.add(scale)
                     _skip(evaluation, f"{dataset} x{scale}: {e}")
@@ -194,6 +194,13 @@ def evaluate(
                 except (images.ImageError, ValueError, OSError) as e:
                     _skip(evaluation, f"{dataset} x{scale}: {e}")
                     continue
+                if save_dir is not None:
+                    try:
+                        images.write_image(os.path.join(save_dir, pair.dataset, f"x{scale}", f"{pair.name}.png"), sr)
+                    except OSError as e:  # a full disk: said once; the scores are what was asked for
+                        _warn(evaluation, f"cannot save SR images in {save_dir} ({e.strerror or e}, at {dataset} "
+                              f"x{scale} {pair.name}); scoring goes on without saving them")
+                        save_dir = None
                 if pair.lr_missing_from is not None:
                     made_lr.setdefault(scale, []).append(pair.name)
                 evaluation.scores.append(score)
@@ -213,7 +220,8 @@ class MissingFolderError(images.ImageError):
     """An upscaler's whole folder for one (dataset, scale) is missing: reported once, not per image."""
 
 
-def _score_one(upscale: Upscaler, pair: Pair, path: str, rounded_y: bool, save_dir: str | None) -> ImageScore:
+def _score_one(upscale: Upscaler, pair: Pair, path: str, rounded_y: bool) -> tuple[ImageScore, np.ndarray]:
+    """The image's score and its SR image."""
     sr = np.asarray(upscale(pair))
     if sr.dtype != np.uint8:
         raise ValueError(f"{path}: the SR function returned {sr.dtype}, expected uint8")
@@ -222,8 +230,6 @@ def _score_one(upscale: Upscaler, pair: Pair, path: str, rounded_y: bool, save_d
             f"{path}: SR image is {sr.shape[1]}x{sr.shape[0]}, the HR image cropped to a multiple of {pair.scale} "
             f"is {pair.hr.shape[1]}x{pair.hr.shape[0]}"
         )
-    if save_dir is not None:
-        images.write_image(os.path.join(save_dir, pair.dataset, f"x{pair.scale}", f"{pair.name}.png"), sr)
     psnr, ssim = benchmark_sets.score(sr, pair, rounded_y=rounded_y)
     return ImageScore(
         dataset=pair.dataset,
@@ -234,7 +240,7 @@ def _score_one(upscale: Upscaler, pair: Pair, path: str, rounded_y: bool, save_d
         height=pair.hr.shape[0],
         width=pair.hr.shape[1],
         gray=pair.is_gray,
-    )
+    ), sr
 
 
 def bicubic_upscaler(pair: Pair) -> np.ndarray:

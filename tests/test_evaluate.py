@@ -188,6 +188,27 @@ def test_sr_dir_scores_saved_images_and_exact_ones_are_infinite(tmp_path):
     assert "Tiny,2,rgb,inf,1.000000,40,36,0" in open(paths[2]).read()
 
 
+def test_a_full_disk_while_saving_images_is_said_once_and_every_image_is_still_scored(tmp_path, monkeypatch):
+    """Saving the SR images failed image by image (a full disk), each failure dropping that image's score, so no
+    set got one: a save is not the score."""
+    root = str(tmp_path)
+    _make_odd_dataset(root)
+    bicubic = evaluate_bicubic(["Tiny"], (2, 4), data_dir=root, progress=False)
+    written = []
+
+    def write_image(path, pixels):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+
+    monkeypatch.setattr(images, "write_image", write_image)
+    full = evaluate_bicubic(["Tiny"], (2, 4), data_dir=root, save_dir=str(tmp_path / "sr"), progress=False)
+    assert full.scores == bicubic.scores and len(full.scores) == 8 and len(written) == 1
+    assert full.skipped == bicubic.skipped  # the odd set's own: a corrupt file, one too small
+    assert full.warnings == [f"cannot save SR images in {tmp_path / 'sr'} (No space left on device, at Tiny x4 "
+                             f"{full.scores[1].name}); scoring goes on without saving them", *bicubic.warnings]
+
+
 def test_lr_bicubic_folder_is_used_and_checked(tmp_path):
     root = str(tmp_path)
     hr_dir = _hr_dir(root, "Mine")
