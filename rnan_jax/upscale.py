@@ -12,7 +12,7 @@ Inputs that differ only in extension (`a.png`, `a.jpg`) are written as `<name>_<
 note. An output path that is one of the inputs is never written (that file is reported as failed), nor is
 one that another input of the same run produces; outputs of earlier runs are replaced, each only once its
 new file is complete. A file that cannot be read, upscaled or written is reported by name in one line and
-the rest go on; the exit status is 1 if any input failed, 2 for an unusable checkpoint or --output.
+the rest go on (a full disk stops the run there, saying how many were not attempted); the exit status is 1 if any input failed, 2 for an unusable checkpoint or --output.
 
 `--overlap` defaults to 32 LR pixels, or half of a `--tile` of 64 or less.
 Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR
@@ -24,6 +24,7 @@ slightly from whole-image output because the GC block sees each window's context
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Sequence
@@ -95,6 +96,10 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
     return np.clip(out, 0, np.iinfo(alpha.dtype).max).astype(alpha.dtype)
 
 
+class OutputFull(images.ImageError):
+    """The output's filesystem is full (or over quota): no later image can be written either."""
+
+
 def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: str, *,
                  max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **kwargs) -> int:
     """Reads `src`, upscales its colour (gray stays gray) and alpha at the file's bit depth, writes `dst` with
@@ -102,14 +107,15 @@ def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: st
     kwargs as `upscale_image`. Returns the file's frame count (its first frame is what was upscaled).
 
     Raises `images.ImageError` naming `src` for an unreadable file, one above `max_pixels` pixels, or an
-    output that cannot be written."""
+    output that cannot be written (`OutputFull` when its disk is full)."""
     decoded = images.decode(src, max_pixels=max_pixels, high_bit_depth=True)
     sr = inference.upscale_image(params, decoded.pixels, config=config, **kwargs)
     alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, config.scale)
     try:
         images.write_image(dst, sr, alpha, icc_profile=decoded.icc_profile)
     except OSError as e:  # a full disk, a folder in the way: the partial file is gone, an earlier `dst` kept
-        raise images.ImageError(f"{src}: cannot write {dst} ({e.strerror or e})") from None
+        error = OutputFull if e.errno in (errno.ENOSPC, errno.EDQUOT) else images.ImageError
+        raise error(f"{src}: cannot write {dst} ({e.strerror or e})") from None
     return decoded.frames
 
 
@@ -139,9 +145,9 @@ def main(argv: Sequence[str]) -> None:
     if (error := cli.output_folder_error(FLAGS.output)) is not None:
         print(f"upscale: {error}", file=sys.stderr)
         sys.exit(2)
-    done = 0
+    done, not_attempted = 0, 0
     bar = tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr)
-    for src, dst in bar:
+    for k, (src, dst) in enumerate(bar):
         windows = None
 
         def progress(count: int, total: int) -> None:  # a tiled image: a second bar counting its windows
@@ -166,11 +172,15 @@ def main(argv: Sequence[str]) -> None:
                     else f"even in {min(inference.FALLBACK_TILES)}-pixel windows")
             errors.append(message)
             tqdm.write(f"failed: {message}", file=sys.stderr)
+            if isinstance(e, OutputFull):  # every later image would be computed, then fail the same way
+                not_attempted = len(jobs) - k - 1
+                break
         finally:
             if windows is not None:
                 windows.close()
-    print(f"wrote {done} image(s) to {FLAGS.output}" + (f"; {len(errors)} failed" if errors else ""),
-          file=sys.stderr)
+    bar.close()
+    print(f"wrote {done} image(s) to {FLAGS.output}" + (f"; {len(errors)} failed" if errors else "") + (
+          f"; stopped with the disk full: {not_attempted} not attempted" if not_attempted else ""), file=sys.stderr)
     if errors:
         sys.exit(1)
 

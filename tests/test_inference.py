@@ -509,6 +509,37 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_earlier_one(tmp_path,
     assert os.listdir(tmp_path) == ["a.png"]
 
 
+_FULL_DISK = """
+import runpy, sys
+from rnan_jax import images
+
+def write_image(path, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+images.write_image = write_image
+sys.argv = ["upscale", *sys.argv[1:]]
+runpy.run_module("rnan_jax.upscale", run_name="__main__")
+"""
+
+
+def test_cli_stops_at_a_full_disk_rather_than_upscaling_every_image_for_nothing(tmp_path, workdir):
+    """Every image was upscaled (minutes each for large photos and the paper's model) and then failed to be
+    written, one by one."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(_photo(12, 16)).save(photos / f"{name}.png")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, "--checkpoint", workdir, str(photos), "--output",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla")))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("failed: ") == 1 and "Traceback" not in proc.stderr
+    assert f"failed: {photos / 'a.png'}: cannot write {out / 'a_x2.png'} (No space left on device)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"wrote 0 image(s) to {out}; 1 failed; stopped with the disk full: 2 not attempted")
+
+
 def test_plan_names_inputs_that_differ_only_in_extension_apart(tmp_path):
     from rnan_jax import upscale
 
