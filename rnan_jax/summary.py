@@ -1,6 +1,7 @@
 """What a training run shows: TensorBoard event files (tensorboardX, no TensorFlow), log lines, tables."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -8,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any, Mapping
 
 import jax
@@ -18,6 +20,33 @@ from rnan_jax import paths
 
 
 METRICS_FILE = "metrics.jsonl"
+
+
+_EVENT_THREAD_ERRORS: dict[threading.Thread, OSError] = {}  # tensorboardX writer threads that died, and why
+
+
+def _keep_event_thread_errors() -> None:
+    """tensorboardX writes event files from a thread of its own. An OSError there (a full disk) printed a
+    traceback and ended the thread, whose queue then filled until an add_scalar waited forever: the error is
+    kept here instead, for `Writer` to raise in the caller's thread before its next write."""
+    from tensorboardX import event_file_writer
+
+    previous = threading.excepthook
+    if getattr(previous, "rnan_jax", False):
+        return
+
+    def hook(args):
+        if isinstance(args.thread, event_file_writer._EventLoggerThread) and issubclass(args.exc_type, OSError):
+            _EVENT_THREAD_ERRORS[args.thread] = args.exc_value
+        else:
+            previous(args)
+
+    hook.rnan_jax = True
+    threading.excepthook = hook
+
+
+def _event_writers(writer: Any) -> list[Any]:
+    return [w.event_writer for w in (writer.all_writers or {}).values()]
 
 
 class Writer:
@@ -37,13 +66,21 @@ class Writer:
 
             self._local = tempfile.mkdtemp(prefix="rnan_tensorboard_") if self._remote else logdir
 
+            _keep_event_thread_errors()
             self._writer = SummaryWriter(self._local, flush_secs=30)
             self._jsonl = os.path.join(self._local, METRICS_FILE)
+
+    def _events(self) -> Any:
+        """The SummaryWriter; raises the OSError that ended one of its writer threads, if one did."""
+        for events in _event_writers(self._writer):
+            if (error := _EVENT_THREAD_ERRORS.get(getattr(events, "_worker", None))) is not None:
+                raise OSError(error.errno, f"{error.strerror}, writing TensorBoard events")
+        return self._writer
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer:
             for k, v in values.items():
-                self._writer.add_scalar(k, float(v), step)
+                self._events().add_scalar(k, float(v), step)
             with open(self._jsonl, "a") as f:
                 f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
             self._mirror()
@@ -52,7 +89,7 @@ class Writer:
         """uint8 [H, W, 3] images."""
         if self._writer:
             for k, v in images.items():
-                self._writer.add_image(k, np.asarray(v), step, dataformats="HWC")
+                self._events().add_image(k, np.asarray(v), step, dataformats="HWC")
             self._mirror()
 
     def _mirror(self, flush: bool = True) -> None:
@@ -69,11 +106,25 @@ class Writer:
                 self._copied[name] = size
 
     def close(self) -> None:
-        if self._writer:
-            self._writer.close()
-            self._mirror(flush=False)
-            if self._remote:
-                shutil.rmtree(self._local, ignore_errors=True)
+        """Flushes and closes the event files; idempotent. On an OSError (a full disk) they are given up, with no
+        second try at exit, and the error raised."""
+        if not self._writer:
+            return
+        try:
+            self._events().close()
+        except OSError:
+            for events in _event_writers(self._writer):
+                worker = getattr(events, "_worker", None)
+                if worker is not None and worker.is_alive():  # a dead one's full queue would take no stop signal
+                    with contextlib.suppress(Exception):
+                        worker.stop()
+                events._closed = True  # what tensorboardX's own close at exit checks
+            raise
+        finally:
+            self._writer = None
+        self._mirror(flush=False)
+        if self._remote:
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 RUN_LOG = "train.log"
@@ -107,8 +158,14 @@ class RunLog:
         if self._file is None:
             return
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        self._file.write("".join(f"{stamp}  {line}\n" for line in str(message).splitlines() or [""]))
-        self._file.flush()
+        try:
+            self._file.write("".join(f"{stamp}  {line}\n" for line in str(message).splitlines() or [""]))
+            self._file.flush()
+        except OSError:  # a full disk: raised once; the log writes nothing after it (its close would fail too)
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            raise
         if self._remote:
             with open(self._local) as f:
                 paths.write_text(self._remote, f.read())

@@ -8,6 +8,7 @@ Stopping on a signal is `preemption`'s, the workdir's own files and checks `rund
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -284,12 +285,17 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 mngr.wait_until_finished()
                 raise preemption.Preempted(f"{signal.Signals(signals.signum).name}: saved a checkpoint at step {s} "
                                            f"in {mngr.directory}; rerun the same command to resume", signals.signum)
+        writer.close()  # its last flush may fail: the error is the run's
     except jax.errors.JaxRuntimeError as e:
         if not inference.is_out_of_memory(e):
             raise
         kept, then = _kept(mngr)
         line = _out_of_memory(e, cfg, doing, s, chunks, module.remat)
         raise TrainingError(f"{line}; {kept}: rerun to {then}") from None
+    except OSError as e:  # the run's logs (train.log, tensorboard/) on a full disk: nothing after it can be saved
+        kept, then = _kept(mngr)
+        raise TrainingError(f"cannot write in {workdir} ({e.strerror or e}) at step {s}; {kept}: make room and "
+                            f"rerun to {then}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, not waiting for a save that may be in flight
         interrupted = True
         checkpoint.abandon_saves()
@@ -299,7 +305,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         if not interrupted:
             mngr.wait_until_finished()
             best_mngr.wait_until_finished()
-        writer.close()
+        with contextlib.suppress(OSError):  # closed already, unless the run failed: that error is the one
+            writer.close()
         it.close()
         if progress is not None:
             progress.close()

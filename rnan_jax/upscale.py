@@ -12,7 +12,8 @@ Inputs that differ only in extension (`a.png`, `a.jpg`) are written as `<name>_<
 note. An output path that is one of the inputs is never written (that file is reported as failed), nor is
 one that another input of the same run produces; outputs of earlier runs are replaced, each only once its
 new file is complete. A file that cannot be read, upscaled or written is reported by name in one line and
-the rest go on (a full disk stops the run there, saying how many were not attempted); the exit status is 1 if any input failed, 2 for an unusable checkpoint or --output.
+the rest go on (a full disk stops the run there, saying how many were not attempted); the exit status is 1
+if any input failed, 2 for an unusable checkpoint or --output.
 
 `--overlap` defaults to 32 LR pixels, or half of a `--tile` of 64 or less.
 Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR

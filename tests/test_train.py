@@ -222,6 +222,52 @@ def test_a_disk_without_room_for_the_next_checkpoint_stops_the_run_in_one_line(i
     assert checkpoint.complete_steps(str(tmp_path / "fresh" / "checkpoints")) == []
 
 
+def test_a_full_disk_under_the_logs_stops_the_run_in_one_line(images, tmp_path, monkeypatch):
+    """train.log, metrics.jsonl or TensorBoard's files failing to be written (a full disk) ended the run with a
+    bare "[Errno 28] No space left on device", naming neither the workdir nor what was kept."""
+    from rnan_jax import summary
+
+    real, calls = summary.Writer.scalars, []
+
+    def scalars(self, step, values):
+        calls.append(step)
+        if len(calls) == 3:  # step 4's training line, after step 3's checkpoint
+            raise OSError(28, "No space left on device")
+        real(self, step, values)
+
+    monkeypatch.setattr(summary.Writer, "scalars", scalars)
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images), str(tmp_path))
+    assert str(e.value) == (f"cannot write in {tmp_path} (No space left on device) at step 4; the last good "
+                            "checkpoint (step 3) is intact: make room and rerun to resume from it")
+    assert (tmp_path / "train.log").read_text().splitlines()[-1][21:] == f"stopped: TrainingError: {e.value}"
+
+
+def test_tensorboards_writer_thread_failing_is_raised_in_the_callers_thread_and_closing_never_hangs(tmp_path, capfd):
+    """tensorboardX writes events from a thread of its own: its OSError printed a traceback there and ended it,
+    and the run went on until its queue (10 events) filled and add_scalar waited forever."""
+    from rnan_jax import summary
+
+    writer = summary.Writer(str(tmp_path / "tb"))
+    writer.scalars(1, {"a": 1.0})
+    events = next(iter(writer._writer.all_writers.values())).event_writer
+
+    def full_disk(event):
+        raise OSError(28, "No space left on device")
+
+    events._ev_writer.write_event = full_disk
+    writer.scalars(2, {"a": 2.0})
+    events._worker.join(timeout=30)
+    assert not events._worker.is_alive()
+    with pytest.raises(OSError, match=r"^\[Errno 28\] No space left on device, writing TensorBoard events$"):
+        writer.scalars(3, {f"k{i}": float(i) for i in range(5)})
+    with pytest.raises(OSError, match="writing TensorBoard events"):
+        writer.close()
+    writer.close()  # closed: nothing more to do, nothing left for tensorboardX's own close at exit
+    assert events._closed
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_init_from_x2_to_x4(images, tmp_path, capsys):
     x2 = x4_config(images, total_steps=2, **{"model.scale": 2})
     train_and_evaluate(x2, str(tmp_path / "x2"))
