@@ -26,7 +26,8 @@ def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True)
 
     Called by the command-line entry points, never at import, so that importing rnan_jax changes no setting.
     `safe=False` (a CPU program that XLA:CPU cannot reload: the fully unrolled paper-size network, whose cached
-    executable crashed the process that loaded it with jax 0.10.2) leaves it off and returns None.
+    executable crashed the process that loaded it with jax 0.10.2) leaves it off and returns None, as does a
+    local folder that cannot be written (with a note on stderr).
     """
     import jax
 
@@ -34,7 +35,15 @@ def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True)
         return None
 
     folder = cache_dir or cache_folder("xla", "RNAN_JAX_CACHE")
-    os.makedirs(folder, exist_ok=True)
+    if "://" not in folder:  # a gs:// cache (shared by a pod's hosts) is JAX's to create; os.makedirs made "gs:/"
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as e:  # the cache only saves compile time: the run goes on without it, said once
+            print(f"note: the persistent compilation cache is off: cannot write in {folder} ({e.strerror or e}); "
+                  "point RNAN_JAX_CACHE at a writable folder", file=sys.stderr, flush=True)
+            return None
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -51,7 +51,8 @@ def main(argv):
         if _DRY_RUN.value:
             print(trainer.dry_run(_CONFIG.value, _WORKDIR.value))
             return
-        if env.enable_compilation_cache(safe=not (jax.default_backend() == "cpu" and full_unroll and big)) is None:
+        safe = not (jax.default_backend() == "cpu" and full_unroll and big)
+        if env.enable_compilation_cache(safe=safe) is None and not safe:
             print("note: the persistent compilation cache is off for this run (XLA:CPU cannot reload a fully "
                   "unrolled network of this depth)", flush=True)
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -67,3 +67,34 @@ def test_distributed_flags_that_cannot_describe_a_run_are_named_in_one_line():
         "--process_id -1 is not one of the 2 processes' indices (0 to 1)")
     with pytest.raises(ValueError, match="^--process_id 2 is not one of the 2 processes' indices \\(0 to 1\\)$"):
         initialize_distributed("127.0.0.1:1234", 2, 2)  # refused before JAX is asked (its error: a traceback)
+
+
+@pytest.fixture
+def cache_settings():
+    """Restores JAX's compilation-cache settings that enable_compilation_cache changes."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    yield jax.config
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def test_a_compilation_cache_that_cannot_be_written_is_a_note_not_the_end_of_the_run(tmp_path, capsys, monkeypatch,
+                                                                                   cache_settings):
+    """It stopped train, evaluate and upscale with "[Errno 2] No such file or directory"; a gs:// cache left a
+    local "gs:" folder behind."""
+    from rnan_jax import env
+
+    before = cache_settings.jax_compilation_cache_dir
+    (tmp_path / "file").write_text("x")
+    assert env.enable_compilation_cache(str(tmp_path / "file" / "xla")) is None
+    assert capsys.readouterr().err == (
+        f"note: the persistent compilation cache is off: cannot write in {tmp_path / 'file' / 'xla'} (Not a "
+        "directory); point RNAN_JAX_CACHE at a writable folder\n")
+    assert cache_settings.jax_compilation_cache_dir == before
+    monkeypatch.chdir(tmp_path)
+    assert env.enable_compilation_cache("gs://bucket/xla") == "gs://bucket/xla"
+    assert sorted(os.listdir(tmp_path)) == ["file"] and cache_settings.jax_compilation_cache_dir == "gs://bucket/xla"
