@@ -13,6 +13,7 @@ From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, conf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from typing import Any, Callable, Mapping, Sequence
@@ -157,6 +158,29 @@ def evaluate(
     scales = list(dict.fromkeys(int(s) for s in scales))  # a repeated scale or set would count its images twice
     evaluation = Evaluation(method=method, rounded_y=rounded_y, self_ensemble=self_ensemble,
                             allow_incomplete=allow_incomplete)
+    try:
+        _score_sets(evaluation, upscale, datasets, scales, data_dir, save_dir, progress)
+    except KeyboardInterrupt:
+        _warn(evaluation, f"interrupted (Ctrl-C) after {len(evaluation.scores)} image score(s): "
+              f"{', '.join(evaluation.listed) or 'no set'} begun, of {', '.join(dict.fromkeys(datasets))}")
+        raise Interrupted(evaluation) from None
+    for message in evaluation.incomplete():
+        _warn(evaluation, message)
+    return evaluation
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `evaluate`; `evaluation` holds what was scored before it (the sets scored in full keep their
+    scores; the one it stopped in is incomplete)."""
+
+    def __init__(self, evaluation: Evaluation):
+        super().__init__()
+        self.evaluation = evaluation
+
+
+def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[str], scales: list[int], data_dir: str,
+                save_dir: str | None, progress: bool) -> None:
+    rounded_y = evaluation.rounded_y
     for entry in dict.fromkeys(datasets):
         dataset = benchmark_sets.set_name(entry)
         if dataset in evaluation.listed:
@@ -211,9 +235,6 @@ def evaluate(
             _warn(evaluation, f"{dataset} x{scale}: {folder} lacks the LR file of {len(names)} of {len(files)} "
                   f"images ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); made with MATLAB bicubic "
                   "from HR instead")
-    for message in evaluation.incomplete():
-        _warn(evaluation, message)
-    return evaluation
 
 
 class MissingFolderError(images.ImageError):
@@ -368,11 +389,17 @@ def main(argv: Sequence[str]) -> None:
             sys.exit(f"evaluate: cannot load --checkpoint: {e}")
         if scales and scales != [config.scale]:
             raise app.UsageError(f"the checkpoint is an x{config.scale} model; --scales {FLAGS.scales} does not apply")
-        evaluation = evaluate_model(params, config, datasets, self_ensemble=FLAGS.self_ensemble, **common)
+        run = functools.partial(evaluate_model, params, config, datasets, self_ensemble=FLAGS.self_ensemble)
     elif FLAGS.sr_dir:
-        evaluation = evaluate_sr_dir(FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES, **common)
+        run = functools.partial(evaluate_sr_dir, FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES)
     else:
-        evaluation = evaluate_bicubic(datasets, scales or DEFAULT_SCALES, **common)
+        run = functools.partial(evaluate_bicubic, datasets, scales or DEFAULT_SCALES)
+    interrupted = False
+    try:
+        evaluation = run(**common)
+    except Interrupted as e:  # the sets scored before Ctrl-C are reported and written, as if they were all
+        evaluation, interrupted = e.evaluation, True
+        print(file=sys.stderr)
     print(report.markdown_table(evaluation))
     if FLAGS.output:
         try:
@@ -384,6 +411,9 @@ def main(argv: Sequence[str]) -> None:
         print(f"\n{len(evaluation.skipped)} skipped:", *evaluation.skipped, sep="\n  ", file=sys.stderr)
         for message in evaluation.incomplete():
             print(f"incomplete: {message}", file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt(f"after {len(evaluation.scores)} image score(s); the table holds the sets scored in "
+                                "full" + (f", written to {FLAGS.output}" if FLAGS.output else ""))
     if evaluation.skipped or not evaluation.scores:
         sys.exit(1)  # something could not be scored: the table above is not the whole job
 

@@ -334,6 +334,44 @@ def test_cli_checkpoint_path(tmp_path):
     assert "| RNAN+ | " in proc.stdout
 
 
+_CTRL_C_AT_THE_THIRD_IMAGE = """
+import runpy, sys
+from rnan_jax import benchmark_sets
+
+real, scored = benchmark_sets.score, []
+
+def score(*args, **kwargs):
+    if len(scored) == 2:
+        raise KeyboardInterrupt
+    scored.append(1)
+    return real(*args, **kwargs)
+
+benchmark_sets.score = score
+sys.argv = ["evaluate", *sys.argv[1:]]
+runpy.run_module("rnan_jax.evaluate", run_name="__main__")
+"""
+
+
+def test_ctrl_c_keeps_the_sets_scored_in_full(tmp_path):
+    """Ctrl-C in the third set of a long evaluation (hours for the paper's model on a CPU) lost the two done."""
+    root = str(tmp_path)
+    for name, count in (("One", 2), ("Two", 3)):
+        hr_dir = _hr_dir(root, name)
+        for i in range(count):
+            Image.fromarray(_rgb(40, 36 + 2 * i)).save(os.path.join(hr_dir, f"im{i}.png"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_AT_THE_THIRD_IMAGE, "--method", "bicubic", "--data_dir", root,
+                           "--datasets", "One,Two", "--scales", "2", "--output", str(out), "--noprogress"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"evaluate: interrupted: after 2 image score(s); the table holds the sets scored in full, written to {out}")
+    assert "| Bicubic | " in proc.stdout and "Traceback" not in proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["One"]["x2"]["images"] == 2 and "Two" not in results
+    assert "interrupted (Ctrl-C) after 2 image score(s): One, Two begun, of One, Two" in json.dumps(results)
+
+
 def test_a_set_missing_images_gets_no_score_and_exit_1(tmp_path):
     """`--sr_dir` holding 1 of a set's 3 SR images: no row for that set, a warning, exit status 1."""
     root = str(tmp_path)
