@@ -281,7 +281,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                     k: v for k, v in results.items() if k.startswith("val/")})
                 _check_room(mngr, s, state, mngr)
                 checkpoint.save_train_state(mngr, s, state, meta)
-            if stop:
+            if stop and final:  # saved above, and nothing is left to resume: the run ends as a whole one does
+                _log(f"{signal.Signals(signals.signum).name} during the last step: the run is complete")
+            elif stop:
                 mngr.wait_until_finished()
                 raise preemption.Preempted(f"{signal.Signals(signals.signum).name}: saved a checkpoint at step {s} "
                                            f"in {mngr.directory}; rerun the same command to resume", signals.signum)

@@ -468,6 +468,15 @@ def test_sigterm_twice_while_validating_saves_that_step_and_resumes_exactly(imag
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
     train_and_evaluate(x4_config(images), str(tmp_path))
     assert _equal_trees(load(str(straight[0]))[0], load(str(tmp_path))[0])
+    # in the last step: saved, and the run is complete (it exited 143, "rerun the same command to resume", and
+    # the rerun had nothing to do)
+    args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path / "last"), *_flags(overrides(images)),
+            "--config.total_steps=3"]
+    r = subprocess.run([sys.executable, "-c", _SIGTERM_TWICE_WHILE_VALIDATING, *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "SIGTERM during the last step: the run is complete\ndone: 3 steps;" in r.stdout
+    assert os.listdir(tmp_path / "last" / "checkpoints") == ["3"]
 
 
 def test_the_logged_learning_rate_is_the_one_the_step_applied(images, tmp_path, monkeypatch):
