@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from typing import Any
@@ -42,6 +43,7 @@ def manager(directory: str, *, max_to_keep: int | None = 3, async_save: bool = T
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     logging.getLogger("absl").addFilter(_not_an_interrupted_wait)  # the same function is added once
+    quiet_failed_saves()
     return ocp.CheckpointManager(paths.resolve(directory), options=options)
 
 
@@ -166,6 +168,10 @@ def quiet_failed_reads() -> None:
     restore has raised. Only those two kinds are dropped, for the rest of the process (they come late); any
     other unraisable error or asyncio log is reported as before. Idempotent."""
     logging.getLogger("asyncio").addFilter(_not_an_unretrieved_read)  # the same function is added once
+    _drop_closed_loop_callbacks()
+
+
+def _drop_closed_loop_callbacks() -> None:
     previous = sys.unraisablehook
     if getattr(previous, "_rnan_jax_quiet", False):
         return
@@ -176,6 +182,35 @@ def quiet_failed_reads() -> None:
 
     hook._rnan_jax_quiet = True
     sys.unraisablehook = hook
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The reason (e.g. "No space left on device") when `error` is orbax's failure to write a checkpoint's
+    files, as its save raises it (a ValueError from tensorstore), else None."""
+    text = str(error)
+    if not isinstance(error, (ValueError, OSError)) or "Error writing" not in text:
+        return None
+    code = re.search(r"os_error_code='(\d+)'", text)
+    return os.strerror(int(code.group(1))) if code else text.splitlines()[0][:200]
+
+
+def _not_a_failed_write(record: logging.LogRecord) -> bool:
+    """A filter for absl's and asyncio's loggers: False for the reports of a checkpoint write that failed from
+    orbax's save threads (each array's, with a traceback) and from asyncio (its futures, never retrieved); the
+    save raises that failure in the caller's thread."""
+    error = record.exc_info[1] if record.exc_info else None
+    unretrieved = "exception was never retrieved" in str(record.msg).split("\n", 1)[0]
+    return not (error is not None and write_failure(error) is not None and
+                (unretrieved or not _not_from_orbax(record)))
+
+
+def quiet_failed_saves() -> None:
+    """Keeps a failed save's report (a full disk, a quota) to the one error it raises: orbax's save threads log
+    each array's failed write with its traceback, and tensorstore's callbacks into the event loop that orbax
+    closed on the failure print 'Event loop is closed' with theirs, some 800 lines. Idempotent."""
+    logging.getLogger("absl").addFilter(_not_a_failed_write)
+    logging.getLogger("asyncio").addFilter(_not_a_failed_write)
+    _drop_closed_loop_callbacks()
 
 
 def _not_from_orbax(record: logging.LogRecord) -> bool:

@@ -287,7 +287,15 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 mngr.wait_until_finished()
                 raise preemption.Preempted(f"{signal.Signals(signals.signum).name}: saved a checkpoint at step {s} "
                                            f"in {mngr.directory}; rerun the same command to resume", signals.signum)
+        mngr.wait_until_finished()  # the last saves, whose failure is the run's
+        best_mngr.wait_until_finished()
         writer.close()  # its last flush may fail: the error is the run's
+    except ValueError as e:
+        if (reason := checkpoint.write_failure(e)) is None:
+            raise
+        kept, then = _kept(mngr)
+        raise TrainingError(f"cannot save a checkpoint in {os.path.dirname(os.fspath(mngr.directory))} ({reason}); "
+                            f"{kept}: make room and rerun to {then}") from None
     except jax.errors.JaxRuntimeError as e:
         if not inference.is_out_of_memory(e):
             raise
@@ -304,10 +312,11 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         raise KeyboardInterrupt(f"stopped without a checkpoint of the step reached; rerun the same command to "
                                 f"resume from the latest complete one in {mngr.directory}") from None
     finally:
-        if not interrupted:
-            mngr.wait_until_finished()
-            best_mngr.wait_until_finished()
-        with contextlib.suppress(OSError):  # closed already, unless the run failed: that error is the one
+        if not interrupted:  # done already, unless the run failed: that error is the one
+            for manager in (mngr, best_mngr):
+                with contextlib.suppress(ValueError, OSError):
+                    manager.wait_until_finished()
+        with contextlib.suppress(OSError):
             writer.close()
         it.close()
         if progress is not None:
@@ -368,7 +377,8 @@ def _check_room(mngr: ocp.CheckpointManager, s: int, items: Any, checkpoints: oc
 
 def _kept(mngr: ocp.CheckpointManager) -> tuple[str, str]:
     """What a run that stops without saving leaves (once the saves in flight are done), and what a rerun does."""
-    mngr.wait_until_finished()
+    with contextlib.suppress(ValueError, OSError):  # a save that failed: its step is not among the complete ones
+        mngr.wait_until_finished()
     latest = mngr.latest_step()
     if latest is None:
         return "there is no checkpoint yet", "start afresh"

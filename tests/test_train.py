@@ -268,6 +268,50 @@ def test_tensorboards_writer_thread_failing_is_raised_in_the_callers_thread_and_
     assert "Traceback" not in capfd.readouterr().err
 
 
+_ORBAX_WRITE_FAILURE = (
+    'RESOURCE_EXHAUSTED: Error writing "opt_state.1.1.count/0" in OCDBT database at local file "/w/checkpoints/6.'
+    'orbax-checkpoint-tmp/opt.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/w/checkpoints/6.orbax-'
+    'checkpoint-tmp/opt.orbax-checkpoint-tmp/ocdbt.process_0/d/3cce38": Failed to write 183120 bytes to file 13: No '
+    "space left on device [os_error_code='28']")
+
+
+def test_a_checkpoint_that_fails_to_be_written_is_one_line_and_its_thread_reports_are_dropped(images, straight,
+                                                                                              tmp_path, monkeypatch):
+    """A save that the room check could not foresee (a user's quota): on a 3 MiB tmpfs orbax's save threads and
+    tensorstore's callbacks printed 821 lines of tracebacks around "error: RESOURCE_EXHAUSTED: Error writing ..."
+    (checked there: 16 lines now, ending in the one below)."""
+    import logging
+
+    from rnan_jax import checkpoint
+
+    assert checkpoint.write_failure(ValueError(_ORBAX_WRITE_FAILURE)) == "No space left on device"
+    assert checkpoint.write_failure(ValueError("RESOURCE_EXHAUSTED: Error writing x: quota")) == (
+        "RESOURCE_EXHAUSTED: Error writing x: quota")
+    assert checkpoint.write_failure(ValueError("a bad shape")) is None
+    failure = (ValueError, ValueError(_ORBAX_WRITE_FAILURE), None)
+
+    def record(pathname, msg, exc_info):
+        return logging.LogRecord("absl", logging.ERROR, pathname, 1, msg, None, exc_info)
+
+    orbax_thread = "/venv/site-packages/orbax/checkpoint/_src/futures/future.py"
+    assert not checkpoint._not_a_failed_write(record(orbax_thread, "_SignalingThread.run() raised", failure))
+    assert not checkpoint._not_a_failed_write(record("/lib/asyncio/base_events.py", "_GatheringFuture exception "
+                                                     "was never retrieved\nfuture: <...>", failure))
+    assert checkpoint._not_a_failed_write(record(orbax_thread, "another error", (KeyError, KeyError("k"), None)))
+    assert checkpoint._not_a_failed_write(record("/work/rnan_jax/trainer.py", "ours", failure))
+
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+
+    def save_train_state(mngr, step, state, meta):
+        raise ValueError(_ORBAX_WRITE_FAILURE)
+
+    monkeypatch.setattr(checkpoint, "save_train_state", save_train_state)
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images), str(tmp_path))
+    assert str(e.value) == (f"cannot save a checkpoint in {tmp_path} (No space left on device); the last good "
+                            "checkpoint (step 3) is intact: make room and rerun to resume from it")
+
+
 def test_init_from_x2_to_x4(images, tmp_path, capsys):
     x2 = x4_config(images, total_steps=2, **{"model.scale": 2})
     train_and_evaluate(x2, str(tmp_path / "x2"))
