@@ -12,11 +12,13 @@ From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, conf
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging as std_logging
 import os
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from absl import app, flags, logging
@@ -210,7 +212,9 @@ def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[st
                     continue
                 try:
                     pair = benchmark_sets.make_pair(dataset, path, hr, scale)
-                    score, sr = _score_one(upscale, pair, path, rounded_y)
+                    with _inference_warnings() as notes:  # windows instead of the whole image: in the report
+                        score, sr = _score_one(upscale, pair, path, rounded_y)
+                    evaluation.warnings += [f"{dataset} x{scale} {pair.name}: {note}" for note in notes]
                 except MissingFolderError as e:
                     missing_folders.add(scale)
                     _skip(evaluation, f"{dataset} x{scale}: {e}")
@@ -235,6 +239,27 @@ def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[st
             _warn(evaluation, f"{dataset} x{scale}: {folder} lacks the LR file of {len(names)} of {len(files)} "
                   f"images ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); made with MATLAB bicubic "
                   "from HR instead")
+
+
+class _Notes(std_logging.Handler):
+    def __init__(self):
+        super().__init__(std_logging.WARNING)
+        self.notes: list[str] = []
+
+    def emit(self, record: std_logging.LogRecord) -> None:
+        self.notes.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _inference_warnings() -> Iterator[list[str]]:
+    """The warnings `inference` logs meanwhile (an image upscaled in windows, which the GC block's global context
+    makes differ slightly from whole-image output), for the report; they are printed as before."""
+    handler, logger = _Notes(), std_logging.getLogger(inference.__name__)
+    logger.addHandler(handler)
+    try:
+        yield handler.notes
+    finally:
+        logger.removeHandler(handler)
 
 
 class MissingFolderError(images.ImageError):

@@ -174,6 +174,8 @@ def _host_memory_tile(forward: Any, params: Params, size: tuple[int, int], overl
     per_pixel = need / (h * w)
     fitting = [t for t in FALLBACK_TILES if t < max(h, w) and t > overlap and per_pixel * t * t <= budget]
     tile = fitting[0] if fitting else min((t for t in FALLBACK_TILES if t > overlap), default=None)
+    if tile is not None and tile >= max(h, w):  # no window smaller than the image: whole, as it would be anyway
+        return None
     if tile is not None:
         log.warning("a %dx%d image needs about %.1f GiB of host memory whole, %.1f GiB are available; upscaling "
                     "it in %d-pixel windows (choose with --tile / tile=)", w, h, need / 2**30, available / 2**30,

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -299,6 +300,25 @@ def test_model_path_with_tiny_model(tmp_path, params, forward, ensemble):
         # The architecture read off the parameters gives the same numbers.
         inferred = evaluate_model(params, None, ["Tiny"], data_dir=root, progress=False)
         assert inferred.scores == evaluation.scores
+
+
+def test_an_image_upscaled_in_windows_is_recorded_in_the_report(tmp_path, params, monkeypatch):
+    """On a CPU an image too large for the host's memory is upscaled in windows (inference._host_memory_tile),
+    which differs slightly from whole-image output: it was a warning on the terminal only, not in results.json."""
+    from rnan_jax import inference
+
+    root = str(tmp_path)
+    Image.fromarray(_rgb(160, 144)).save(os.path.join(_hr_dir(root, "Big"), "big.png"))
+    Image.fromarray(_rgb(40, 36)).save(os.path.join(_hr_dir(root, "Big"), "small.png"))
+    monkeypatch.setattr(inference, "host_memory_available", lambda: 1)  # nothing fits whole
+    evaluation = evaluate_model(params, TINY_MODEL, ["Big"], data_dir=root, progress=False)
+    assert len(evaluation.scores) == 2 and evaluation.skipped == []
+    assert len(evaluation.warnings) == 1, evaluation.warnings  # small.png (20x18 LR): no window is smaller
+    assert re.fullmatch(r"Big x2 big: a 72x80 image needs about \d+\.\d GiB of host memory whole, 0\.0 GiB are "
+                        r"available; upscaling it in 64-pixel windows \(choose with --tile / tile=\)",
+                        evaluation.warnings[0]), evaluation.warnings
+    results = json.loads(open(report.write_report(evaluation, str(tmp_path / "out"))[0]).read())
+    assert evaluation.warnings[0] in json.dumps(results)
 
 
 def test_cli_checkpoint_path(tmp_path):
