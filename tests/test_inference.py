@@ -625,3 +625,24 @@ def test_upscale_keeps_the_colour_profile_that_describes_the_pixels(tmp_path, pa
             assert im.info.get("icc_profile") == (rgb_profile if kept else None), name
             assert im.size == (7 * TINY.scale, 6 * TINY.scale)
     assert images.decode(tmp_path / "out" / "c.png.png", high_bit_depth=True).pixels.dtype == np.uint16
+
+
+def test_a_colour_key_transparency_comes_out_as_alpha(tmp_path, params):
+    """An RGB or gray PNG with a tRNS colour key (one colour drawn transparent) lost its transparency: upscaled,
+    the key colour is interpolated away, so it is read as an alpha channel, which the upscaler interpolates."""
+    from rnan_jax import images
+    from rnan_jax.upscale import upscale_file
+
+    rgb = _photo(12, 16)
+    rgb[:4, :5] = (10, 200, 30)  # the key colour, transparent
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", transparency=(10, 200, 30))
+    Image.fromarray(rgb[..., 1]).save(tmp_path / "gray.png", transparency=200)
+    for name, pixels in (("rgb", rgb), ("gray", rgb[..., 1])):
+        decoded = images.decode(tmp_path / f"{name}.png")
+        np.testing.assert_array_equal(decoded.pixels, pixels)
+        np.testing.assert_array_equal(decoded.alpha, np.where(pixels == 200 if name == "gray" else
+                                                              (pixels == (10, 200, 30)).all(-1), 0, 255))
+        upscale_file(params, TINY, str(tmp_path / f"{name}.png"), str(tmp_path / "out" / f"{name}.png"))
+        with Image.open(tmp_path / "out" / f"{name}.png") as im:
+            assert im.mode == ("RGBA" if name == "rgb" else "LA") and im.size == (32, 24)
+            assert np.asarray(im)[0, 0, -1] == 0 and np.asarray(im)[-1, -1, -1] == 255
