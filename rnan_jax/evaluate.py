@@ -13,103 +13,24 @@ From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, conf
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging as std_logging
 import os
 import sys
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from rnan_jax import api, benchmark_sets, checkpoint, cli, degrade, env, images, inference, report
+from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, report
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
+from rnan_jax.report import Evaluation, ImageScore
+from rnan_jax.upscalers import MissingFolderError, Upscaler, bicubic_upscaler, model_upscaler, sr_dir_upscaler
 
 DEFAULT_DATASETS = ("Set5", "Set14", "B100", "Urban100")
 DEFAULT_SCALES = (2, 3, 4)
-
-# Maps a Pair to its SR image: uint8 [H, W, 3] or [H, W], the size of `pair.hr`.
-Upscaler = Callable[[Pair], np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageScore:
-    dataset: str
-    scale: int
-    name: str
-    psnr: float  # dB; math.inf for an exact reconstruction
-    ssim: float
-    height: int  # of the cropped HR image
-    width: int
-    gray: bool
-
-
-@dataclasses.dataclass
-class Evaluation:
-    """Per-image scores plus everything skipped or suspicious, and how the numbers were made."""
-
-    method: str
-    rounded_y: bool = True
-    self_ensemble: bool = False
-    scores: list[ImageScore] = dataclasses.field(default_factory=list)
-    skipped: list[str] = dataclasses.field(default_factory=list)
-    warnings: list[str] = dataclasses.field(default_factory=list)
-    listed: dict[str, int] = dataclasses.field(default_factory=dict)  # image files found per dataset
-    allow_incomplete: bool = False  # report a set scored on fewer images than it holds (labelled as such)
-
-    def _groups(self) -> dict[str, dict[str, list[ImageScore]]]:
-        out: dict[str, dict[str, list[ImageScore]]] = {}
-        for s in self.scores:
-            out.setdefault(s.dataset, {}).setdefault(f"x{s.scale}", []).append(s)
-        return out
-
-    def incomplete(self) -> list[str]:
-        """One message per (dataset, scale) scored on fewer images than the dataset's folder holds."""
-        return [f"{ds} {key}: {len(group)} of {self.listed[ds]} images scored" +
-                ("" if self.allow_incomplete else f", so no {ds} {key} score is reported (--allow_incomplete "
-                 "reports the mean of those, labelled)")
-                for ds, by_scale in self._groups().items() for key, group in by_scale.items()
-                if len(group) < self.listed.get(ds, 0)]
-
-    def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
-        """{dataset: {"x<scale>": {"psnr": mean dB, "ssim": mean, "images": count, "of": listed}}}, in
-        evaluation order. A (dataset, scale) scored on fewer images than the dataset holds is left out
-        unless `allow_incomplete` (its mean is not that set's score)."""
-        out = {}
-        for ds, by_scale in self._groups().items():
-            rows = {
-                key: {
-                    "psnr": float(np.mean([s.psnr for s in group])),
-                    "ssim": float(np.mean([s.ssim for s in group])),
-                    "images": len(group),
-                    "of": self.listed.get(ds, len(group)),
-                }
-                for key, group in by_scale.items()
-                if self.allow_incomplete or len(group) >= self.listed.get(ds, 0)
-            }
-            if rows:
-                out[ds] = rows
-        return out
-
-    def conventions(self) -> dict[str, object]:
-        return {
-            "method": self.method,
-            "self_ensemble": self.self_ensemble,
-            "y_rounding": "rounded" if self.rounded_y else "unrounded",
-            "channel": "Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 (MATLAB rgb2ycbcr); grayscale "
-            "references on their gray values, RGB output reduced to round(0.299 R + 0.587 G + 0.114 B)",
-            "shave": "scale",
-            "psnr": "peak 255, mean over images of per-image PSNR; an exact reconstruction is infinite, written "
-            'as the string "inf"',
-            "ssim": "Wang et al.: Gaussian 11 / sigma 1.5, K1 0.01, K2 0.03, L 255, valid, mean of the map",
-            "quantization": "SR clipped to [0, 1], x255, rounded to uint8 before scoring",
-            "degradation": "HR cropped to a multiple of the scale (top-left), MATLAB imresize(hr, 1/s, 'bicubic') "
-            "with antialiasing, rounded to uint8 (or the LR_bicubic/X<s> files where present)",
-        }
-
 
 def _warn(evaluation: Evaluation, message: str) -> None:
     logging.warning("%s", message)
@@ -262,10 +183,6 @@ def _inference_warnings() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
-class MissingFolderError(images.ImageError):
-    """An upscaler's whole folder for one (dataset, scale) is missing: reported once, not per image."""
-
-
 def _score_one(upscale: Upscaler, pair: Pair, path: str, rounded_y: bool) -> tuple[ImageScore, np.ndarray]:
     """The image's score and its SR image."""
     sr = np.asarray(upscale(pair))
@@ -287,53 +204,6 @@ def _score_one(upscale: Upscaler, pair: Pair, path: str, rounded_y: bool) -> tup
         width=pair.hr.shape[1],
         gray=pair.is_gray,
     ), sr
-
-
-def bicubic_upscaler(pair: Pair) -> np.ndarray:
-    """The Bicubic baseline: MATLAB `imresize(lr, scale, 'bicubic')`, uint8."""
-    return degrade.imresize(pair.lr, pair.scale)
-
-
-def sr_file_stems(name: str, scale: int) -> tuple[str, ...]:
-    """The names an SR image of HR image `name` may have in `--sr_dir` (any image extension): the HR file's,
-    EDSR-PyTorch's `--save_results` name, and `<name>x<s>`, `<name>_x<s>`, in that order of preference."""
-    return (name, f"{name}_x{scale}_SR", f"{name}x{scale}", f"{name}_x{scale}")
-
-
-def sr_dir_upscaler(sr_dir: str) -> Upscaler:
-    """Reads another method's SR image `<sr_dir>/<dataset>/x<scale>/<name>.*` (or `X<scale>`; names as
-    `sr_file_stems`); a file that is not the size of the cropped HR image is refused, naming the file."""
-
-    def upscale(pair: Pair) -> np.ndarray:
-        folders = [os.path.join(sr_dir, pair.dataset, f"{x}{pair.scale}") for x in ("x", "X")]
-        if not any(os.path.isdir(f) for f in folders):
-            raise MissingFolderError(f"{folders[0]}: no such folder (no SR images of {pair.dataset} at "
-                                     f"x{pair.scale}; expected {sr_dir}/<dataset>/x<scale>/<HR file name>)")
-        stems = sr_file_stems(pair.name, pair.scale)
-        for folder in folders:
-            if (path := images.find_image(folder, stems)) is not None:
-                sr = images.decode(path).pixels
-                if sr.shape[:2] != pair.hr.shape[:2]:
-                    h, w = pair.hr.shape[:2]
-                    raise images.ImageError(
-                        f"{path}: SR image is {sr.shape[1]}x{sr.shape[0]}, expected {w}x{h} (the HR image cropped "
-                        f"to a multiple of {pair.scale}, top-left)")
-                return sr
-        folder = next(f for f in folders if os.path.isdir(f))
-        raise images.ImageError(f"{folder}: no SR image of {pair.name} (looked for "
-                                f"{', '.join(s + '.*' for s in stems)})")
-
-    return upscale
-
-
-def model_upscaler(params: Mapping[str, Any], config: RNANConfig, *, self_ensemble: bool = False) -> Upscaler:
-    """The model on one image at a time, through `inference.upscale_image` (whole image, compiled once per
-    distinct LR size): the LR image as RGB (gray replicated), the output quantized to uint8 RGB."""
-
-    def upscale(pair: Pair) -> np.ndarray:
-        return inference.upscale_image(params, images.as_rgb(pair.lr), config=config, self_ensemble=self_ensemble)
-
-    return upscale
 
 
 def evaluate_bicubic(datasets: Sequence[str], scales: Sequence[int] = DEFAULT_SCALES, **kwargs) -> Evaluation:

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
-from rnan_jax import benchmark_sets, cli, evaluate, images, metrics
+from rnan_jax import benchmark_sets, cli, images, metrics, upscalers
 from rnan_jax.summary import METRICS_FILE
 
 
@@ -104,7 +104,7 @@ def find_benchmark_image(data_dir: str, image: str) -> tuple[str, str]:
     raise FigureError(f"{benchmark_sets.hr_folder(data_dir, dataset)}: no image named {name}; {there}")
 
 
-def comparison(upscalers: dict[str, evaluate.Upscaler], image: str, box: Sequence[int], output: str, *,
+def comparison(upscalers: dict[str, upscalers.Upscaler], image: str, box: Sequence[int], output: str, *,
                scale: int, data_dir: str) -> dict[str, tuple[float, float]]:
     """Figure 3's layout for the benchmark image `image` ("Urban100/img_004"): the HR image with `box`
     (x, y, size in HR pixels) drawn, then the boxed crop of HR and of each upscaler's output, labelled with
@@ -200,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(box) != 3:
                 raise FigureError(f"--box takes x,y,size (integers), got {args.box!r}")
             params, config = checkpoint.load(args.checkpoint)
-            scores = comparison({"Bicubic": evaluate.bicubic_upscaler,
-                                 args.label: evaluate.model_upscaler(params, config)}, args.image, box,
+            scores = comparison({"Bicubic": upscalers.bicubic_upscaler,
+                                 args.label: upscalers.model_upscaler(params, config)}, args.image, box,
                                 args.output, scale=config.scale, data_dir=args.data_dir or env.default_data_dir())
             print(f"wrote {args.output}: " + ", ".join(f"{k} {p:.2f} dB / {s:.4f}" for k, (p, s) in scores.items()))
     except (FigureError, checkpoint.CheckpointError, images.ImageError, ValueError) as e:

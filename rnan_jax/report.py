@@ -1,14 +1,91 @@
-"""Writing an evaluation: results.json, a Markdown table laid out like the paper's Table 1, per-image CSV."""
+"""An evaluation's record (`Evaluation`: per-image scores, what was skipped or flagged, the conventions used) and
+how it is written: results.json, a Markdown table laid out like the paper's Table 1, per-image CSV."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from rnan_jax.evaluate import Evaluation
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageScore:
+    dataset: str
+    scale: int
+    name: str
+    psnr: float  # dB; math.inf for an exact reconstruction
+    ssim: float
+    height: int  # of the cropped HR image
+    width: int
+    gray: bool
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Per-image scores plus everything skipped or suspicious, and how the numbers were made."""
+
+    method: str
+    rounded_y: bool = True
+    self_ensemble: bool = False
+    scores: list[ImageScore] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    listed: dict[str, int] = dataclasses.field(default_factory=dict)  # image files found per dataset
+    allow_incomplete: bool = False  # report a set scored on fewer images than it holds (labelled as such)
+
+    def _groups(self) -> dict[str, dict[str, list[ImageScore]]]:
+        out: dict[str, dict[str, list[ImageScore]]] = {}
+        for s in self.scores:
+            out.setdefault(s.dataset, {}).setdefault(f"x{s.scale}", []).append(s)
+        return out
+
+    def incomplete(self) -> list[str]:
+        """One message per (dataset, scale) scored on fewer images than the dataset's folder holds."""
+        return [f"{ds} {key}: {len(group)} of {self.listed[ds]} images scored" +
+                ("" if self.allow_incomplete else f", so no {ds} {key} score is reported (--allow_incomplete "
+                 "reports the mean of those, labelled)")
+                for ds, by_scale in self._groups().items() for key, group in by_scale.items()
+                if len(group) < self.listed.get(ds, 0)]
+
+    def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
+        """{dataset: {"x<scale>": {"psnr": mean dB, "ssim": mean, "images": count, "of": listed}}}, in
+        evaluation order. A (dataset, scale) scored on fewer images than the dataset holds is left out
+        unless `allow_incomplete` (its mean is not that set's score)."""
+        out = {}
+        for ds, by_scale in self._groups().items():
+            rows = {
+                key: {
+                    "psnr": float(np.mean([s.psnr for s in group])),
+                    "ssim": float(np.mean([s.ssim for s in group])),
+                    "images": len(group),
+                    "of": self.listed.get(ds, len(group)),
+                }
+                for key, group in by_scale.items()
+                if self.allow_incomplete or len(group) >= self.listed.get(ds, 0)
+            }
+            if rows:
+                out[ds] = rows
+        return out
+
+    def conventions(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "self_ensemble": self.self_ensemble,
+            "y_rounding": "rounded" if self.rounded_y else "unrounded",
+            "channel": "Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 (MATLAB rgb2ycbcr); grayscale "
+            "references on their gray values, RGB output reduced to round(0.299 R + 0.587 G + 0.114 B)",
+            "shave": "scale",
+            "psnr": "peak 255, mean over images of per-image PSNR; an exact reconstruction is infinite, written "
+            'as the string "inf"',
+            "ssim": "Wang et al.: Gaussian 11 / sigma 1.5, K1 0.01, K2 0.03, L 255, valid, mean of the map",
+            "quantization": "SR clipped to [0, 1], x255, rounded to uint8 before scoring",
+            "degradation": "HR cropped to a multiple of the scale (top-left), MATLAB imresize(hr, 1/s, 'bicubic') "
+            "with antialiasing, rounded to uint8 (or the LR_bicubic/X<s> files where present)",
+        }
+
 
 # Table 1 of the paper (PSNR / SSIM on Y), for reference rows beside a result. BSD100 is our B100.
 PAPER_TABLE1: dict[str, dict[str, dict[int, tuple[float, float]]]] = {

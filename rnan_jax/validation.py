@@ -7,19 +7,20 @@ from typing import Any
 
 import numpy as np
 
-from rnan_jax import benchmark_sets, data, degrade, images, inference, summary
+from rnan_jax import benchmark_sets, data, images, summary, upscalers
 from rnan_jax.configs import TrainConfig
 
 
 class Validator:
     """PSNR/SSIM of the model on full validation images against bicubic: `data.validation_images`' pairs
-    upscaled by `inference.upscale_image` and scored by `benchmark_sets.score`, the pairs, call and rule of
-    `python -m rnan_jax.evaluate`, so the logged val/psnr is what evaluate prints for the same parameters and
-    images (an image too large for the device at once is upscaled in windows, with a warning, as there)."""
+    upscaled by `upscalers.model_upscaler` and `bicubic_upscaler` and scored by `benchmark_sets.score`, the
+    pairs, calls and rule of `python -m rnan_jax.evaluate`, so the logged val/psnr is what evaluate prints for
+    the same parameters and images (an image too large for the device at once is upscaled in windows, with a
+    warning, as there)."""
 
     def __init__(self, cfg: TrainConfig):
         self.pairs = data.validation_images(cfg.data)
-        self.bicubic = [degrade.imresize(p.lr, p.scale) for p in self.pairs]  # evaluate's Bicubic row
+        self.bicubic = [upscalers.bicubic_upscaler(p) for p in self.pairs]  # evaluate's Bicubic row
         self.bicubic_psnr = float(np.mean([benchmark_sets.score(b, p)[0] for b, p in zip(self.bicubic, self.pairs)]))
         self.config = cfg.model
 
@@ -27,7 +28,7 @@ class Validator:
         psnrs, ssims, strips = [], [], {}
         for i, (pair, bic) in enumerate(zip(self.pairs, self.bicubic)):
             lr = images.as_rgb(pair.lr)  # a gray image goes in replicated, as evaluate feeds it
-            sr = inference.upscale_image(params, lr, config=self.config)
+            sr = upscalers.model_upscaler(params, self.config)(pair)
             psnr, ssim = benchmark_sets.score(sr, pair)
             psnrs.append(psnr)
             ssims.append(ssim)

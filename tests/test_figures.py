@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from rnan_jax import RNANConfig, figures, init
-from rnan_jax.evaluate import bicubic_upscaler, model_upscaler
+from rnan_jax.upscalers import bicubic_upscaler, model_upscaler
 
 pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install -e '.[figures]')")
 
