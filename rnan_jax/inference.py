@@ -164,7 +164,7 @@ def _host_memory_tile(forward: Any, params: Params, size: tuple[int, int], overl
         return None
     h, w = size
     try:
-        memory = forward.lower(params, jax.ShapeDtypeStruct((1, h, w, 3), np.float32)).compile().memory_analysis()
+        memory = forward.lower(params, jax.ShapeDtypeStruct((h, w, 3), np.float32)).compile().memory_analysis()
         need = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
     except (AttributeError, TypeError, NotImplementedError):  # no analysis on this backend or version
         return None
