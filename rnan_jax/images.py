@@ -139,7 +139,7 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             elif mode in ("PA",):
                 im = im.convert("RGBA")
             elif mode in ("L", "RGB") and "transparency" in im.info:  # a colour key (tRNS): as alpha, which the
-                im = im.convert(mode[0].replace("R", "RGB") + "A")  # upscaler can interpolate; it is lost otherwise
+                im = im.convert({"L": "LA", "RGB": "RGBA"}[mode])  # upscaler interpolates; else it is lost
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
             a = np.asarray(im)

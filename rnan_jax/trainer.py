@@ -293,19 +293,14 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     except ValueError as e:
         if (reason := checkpoint.write_failure(e)) is None:
             raise
-        kept, then = _kept(mngr)
-        raise TrainingError(f"cannot save a checkpoint in {os.path.dirname(os.fspath(mngr.directory))} ({reason}); "
-                            f"{kept}: make room and rerun to {then}") from None
+        raise _stopped(f"cannot save a checkpoint in {os.path.dirname(os.fspath(mngr.directory))} ({reason})",
+                       mngr) from None
     except jax.errors.JaxRuntimeError as e:
         if not inference.is_out_of_memory(e):
             raise
-        kept, then = _kept(mngr)
-        line = _out_of_memory(e, cfg, doing, s, chunks, module.remat)
-        raise TrainingError(f"{line}; {kept}: rerun to {then}") from None
+        raise _stopped(_out_of_memory(e, cfg, doing, s, chunks, module.remat), mngr, advice="") from None
     except OSError as e:  # the run's logs (train.log, tensorboard/) on a full disk: nothing after it can be saved
-        kept, then = _kept(mngr)
-        raise TrainingError(f"cannot write in {workdir} ({e.strerror or e}) at step {s}; {kept}: make room and "
-                            f"rerun to {then}") from None
+        raise _stopped(f"cannot write in {workdir} ({e.strerror or e}) at step {s}", mngr) from None
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, not waiting for a save that may be in flight
         interrupted = True
         checkpoint.abandon_saves()
@@ -371,8 +366,13 @@ def _out_of_memory(error: Exception, cfg: TrainConfig, doing: str, s: int, chunk
 def _check_room(mngr: ocp.CheckpointManager, s: int, items: Any, checkpoints: ocp.CheckpointManager) -> None:
     """Stops the run in one line, before a save that the disk has no room for (`checkpoint.room_problem`)."""
     if (line := checkpoint.room_problem(mngr, s, items)) is not None:
-        kept, then = _kept(checkpoints)
-        raise TrainingError(f"{line}; {kept}: make room and rerun to {then}")
+        raise _stopped(line, checkpoints)
+
+
+def _stopped(line: str, mngr: ocp.CheckpointManager, advice: str = "make room and ") -> TrainingError:
+    """The error a run stops with: `line`, what it leaves in `mngr` (`_kept`) and what the rerun does."""
+    kept, then = _kept(mngr)
+    return TrainingError(f"{line}; {kept}: {advice}rerun to {then}")
 
 
 def _kept(mngr: ocp.CheckpointManager) -> tuple[str, str]:
