@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from rnan_jax import checkpoint, paths, summary
+from rnan_jax import checkpoint, configs, paths, summary
 
 
 def write_info(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -33,7 +33,10 @@ def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[
 
 def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
     """`KEY OLD -> NEW` for every key whose value differs from the workdir's config.json (the config of the run
-    that started it), e.g. a resumed run's new total_steps, which also stretches a cosine schedule."""
+    that started it), e.g. a resumed run's new total_steps, which also stretches a cosine schedule. A key the
+    package gained since (absent there) counts only when its value is not its default: the old run had the
+    default's behaviour."""
+
     try:
         saved = json.loads(paths.read_text(os.path.join(workdir, "config.json")))
     except (OSError, ValueError):
@@ -43,6 +46,8 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]
         return dict(flatten_config(ml_collections.ConfigDict(values)))
 
     old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
+    defaults = flat(json.loads(configs.default_config().to_json_best_effort()))
+    old.update({k: v for k, v in defaults.items() if k not in old and new.get(k) == v})
     return [f"{k} {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k)]
 

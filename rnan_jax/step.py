@@ -22,6 +22,7 @@ from rnan_jax.model import RNANConfig, cast_params
 
 _LOSS_AVG_DECAY = 0.99
 _SKIP_WARMUP = 100  # steps before loss-spike skipping starts (the running loss must settle first)
+LOSSES = ("l1", "l2", "charbonnier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,19 @@ class OptimConfig:
     grad_clip: float = 0.0  # global-norm clipping threshold (0: off)
     skip_threshold: float = 0.0  # skip a step whose loss exceeds this times the running loss (EDSR; 0: off)
     ema_decay: float = 0.0  # parameter EMA for evaluation (BasicSR uses 0.999; 0: off)
+    # The pixel loss on [0, 1] RGB: "l1" (the paper's), "l2" (mean squared error, as SRCNN/VDSR) or
+    # "charbonnier" (mean of sqrt(d^2 + charbonnier_eps^2), LapSRN's smooth L1)
+    loss: str = "l1"
+    charbonnier_eps: float = 1e-3
     total_steps: int = 1_000_000
 
     def __post_init__(self):
         if self.schedule not in ("step", "cosine", "constant"):
             raise ValueError(f"optim.schedule must be step, cosine or constant, got {self.schedule!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"optim.loss must be {', '.join(LOSSES[:-1])} or {LOSSES[-1]}, got {self.loss!r}")
+        if self.charbonnier_eps <= 0:
+            raise ValueError(f"optim.charbonnier_eps must be positive, got {self.charbonnier_eps}")
 
 
 @flax.struct.dataclass
@@ -52,7 +61,7 @@ class TrainState:
     params: Any
     opt_state: Any
     ema: Any  # EMA of params, or None when optim.ema_decay is 0
-    loss_avg: jax.Array  # running L1 loss, the reference for skip_threshold
+    loss_avg: jax.Array  # running loss (optim.loss), the reference for skip_threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +121,25 @@ def updates_applied(opt_state: Any) -> jax.Array:
     return adam[0].count
 
 
-def l1_loss(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> jax.Array:
+def pixel_loss(sr: jax.Array, hr: jax.Array, kind: str = "l1", eps: float = 1e-3) -> jax.Array:
+    """The mean over all samples of `kind` ("l1", "l2" or "charbonnier", see OptimConfig.loss) of sr - hr."""
+    d = sr - hr
+    if kind == "l1":
+        return jnp.mean(jnp.abs(d))
+    if kind == "l2":
+        return jnp.mean(jnp.square(d))
+    if kind == "charbonnier":
+        return jnp.mean(jnp.sqrt(jnp.square(d) + eps * eps))
+    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+
+
+def train_loss(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> jax.Array:
+    """The network's `spec.optim.loss` on one batch (lr, hr float in [0, 1])."""
     model = build(spec.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise, remat=spec.remat)
     if default_cast_params_once() if spec.cast_params_once is None else spec.cast_params_once:
         params = cast_params(params, spec.model.dtype)
     sr = model.apply({"params": params}, lr)
-    return jnp.mean(jnp.abs(sr - hr))
+    return pixel_loss(sr, hr, spec.optim.loss, spec.optim.charbonnier_eps)
 
 
 def default_batch_chunks(per_device_batch: int, num_devices: int, backend: str | None = None) -> int:
@@ -148,13 +170,13 @@ def batch_chunks(requested: int, per_device_batch: int, num_devices: int) -> int
 
 
 def _loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> tuple[jax.Array, Any]:
-    """The mean L1 loss and its gradient. With `batch_chunks` n > 1 the batch's n equal parts go through
+    """The mean loss (optim.loss) and its gradient. With `batch_chunks` n > 1 the batch's n equal parts go through
     separate forward/backward passes whose losses and gradients are averaged: the same numbers (up to the
     order of the float sums), as independent programs that XLA:CPU runs on separate threads (its convolution
     kernels use one thread each at these sizes): 27% off the small model's step on 2 cores."""
     n = spec.batch_chunks
     if n <= 1 or lr.shape[0] % n:
-        return jax.value_and_grad(l1_loss)(params, lr, hr, spec)
+        return jax.value_and_grad(train_loss)(params, lr, hr, spec)
     # Chunk c is samples c, c + n, c + 2n, ...: with the batch sharded over devices in contiguous blocks (of a
     # multiple of n samples), each device holds its own share of every chunk, where contiguous chunks
     # (jnp.split) each lay on a few devices and were moved between them (collective-permutes) every step.
@@ -162,7 +184,7 @@ def _loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -
         strided = x.reshape(x.shape[0] // n, n, *x.shape[1:])
         return [strided[:, c] for c in range(n)]
 
-    parts = [jax.value_and_grad(l1_loss)(params, a, b, spec) for a, b in zip(split(lr), split(hr))]
+    parts = [jax.value_and_grad(train_loss)(params, a, b, spec) for a, b in zip(split(lr), split(hr))]
     loss = sum(p[0] for p in parts) / n
     return loss, jax.tree_util.tree_map(lambda *g: sum(g) / n, *[p[1] for p in parts])
 

@@ -176,3 +176,43 @@ def test_batch_chunks_give_the_loss_and_gradient_of_the_whole_batch():
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
     for a, c in zip(_leaves(whole[1]), _leaves(chunked[1])):
         np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-7)
+
+
+def test_pixel_losses_against_numpy():
+    rng = np.random.RandomState(3)
+    sr, hr = rng.rand(2, 5, 4, 3).astype(np.float32), rng.rand(2, 5, 4, 3).astype(np.float32)
+    d = sr.astype(np.float64) - hr
+    assert float(step.pixel_loss(sr, hr, "l1")) == pytest.approx(np.abs(d).mean(), rel=1e-6)
+    assert float(step.pixel_loss(sr, hr, "l2")) == pytest.approx((d ** 2).mean(), rel=1e-6)
+    assert float(step.pixel_loss(sr, hr, "charbonnier", 0.1)) == pytest.approx(np.sqrt(d ** 2 + 0.01).mean(), rel=1e-6)
+    # Charbonnier is L1 where |d| >> eps, and eps where d = 0.
+    assert float(step.pixel_loss(sr, hr, "charbonnier", 1e-6)) == pytest.approx(np.abs(d).mean(), rel=1e-4)
+    assert float(step.pixel_loss(hr, hr, "charbonnier", 1e-3)) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["l1", "l2", "charbonnier"])
+def test_the_step_trains_on_the_configured_loss(loss):
+    """The step's loss is optim.loss of the network's output (computed apart here with apply and numpy), and
+    its gradient is that loss's: L2's and Charbonnier's differ from L1's."""
+    from rnan_jax import apply
+
+    spec = StepSpec(MODEL, OptimConfig(lr=1e-2, loss=loss, charbonnier_eps=0.05))
+    state = create_state(jax.random.key(0), spec=spec)
+    new, acc = _step(spec, state)
+    batch = _batch()
+    sr = np.asarray(apply(state.params, batch["lr"] / 255.0, config=MODEL), np.float64)
+    d = sr - batch["hr"] / 255.0
+    expected = {"l1": np.abs(d), "l2": d ** 2, "charbonnier": np.sqrt(d ** 2 + 0.05 ** 2)}[loss].mean()
+    assert float(acc["loss"]) == pytest.approx(expected, rel=1e-5)
+    grads = jax.grad(step.train_loss)(state.params, batch["lr"] / 255.0, batch["hr"] / 255.0, spec)
+    l1_grads = jax.grad(step.train_loss)(state.params, batch["lr"] / 255.0, batch["hr"] / 255.0,
+                                         dataclasses.replace(spec, optim=OptimConfig(lr=1e-2)))
+    same = all(np.allclose(a, b) for a, b in zip(_leaves(grads), _leaves(l1_grads)))
+    assert same == (loss == "l1")
+
+
+def test_an_unknown_loss_is_one_line():
+    with pytest.raises(ValueError, match=r"optim.loss must be l1, l2 or charbonnier, got 'L1'"):
+        OptimConfig(loss="L1")
+    with pytest.raises(ValueError, match=r"optim.charbonnier_eps must be positive, got 0.0"):
+        OptimConfig(loss="charbonnier", charbonnier_eps=0.0)

@@ -126,6 +126,14 @@ def test_a_resumed_run_names_the_config_changes_since_the_workdir_began(images, 
     config.total_steps, config.optim.lr, config.data.val_max_images = 12, 5e-4, 0
     assert config_changes(str(tmp_path), config) == ["data.val_max_images 10 -> 0", "optim.lr 0.001 -> 0.0005",
                                                       "total_steps 6 -> 12"]
+    # A workdir from before the package had a key: at its default the key is no change (the old run had the
+    # default's behaviour), set otherwise it is one.
+    saved = json.loads(config.to_json_best_effort())
+    del saved["optim"]["loss"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert config_changes(str(tmp_path), config) == []
+    config.optim.loss = "l2"
+    assert config_changes(str(tmp_path), config) == ["optim.loss '(absent)' -> 'l2'"]
 
 
 def test_run_log_takes_the_package_warnings_and_what_stopped_a_run(tmp_path):
