@@ -2,20 +2,24 @@
 
 Shared by the data pipeline, the evaluation script and the upscaling CLI so that all three treat grayscale,
 alpha, palette and 16-bit files the same way. The upscaling CLI alone keeps 16-bit files at 16 bits
-(`decode(..., high_bit_depth=True)`, `write_image` of uint16): Pillow reads 16-bit colour PNGs as 8 bits and
-writes none, so those go through `_read_png16` and `encode_png16`.
+(`decode(..., high_bit_depth=True)`, `write_image` of uint16): Pillow reads 16-bit colour PNGs and TIFFs as
+8 bits and writes no 16-bit colour PNG, so those go through `_read_deep` and `encode_png16`.
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import sys
 import zlib
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from rnan_jax import paths
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # What the upscaling CLI's folder scans take: also the formats Pillow reads that SR datasets do not come in
@@ -75,28 +79,81 @@ def _deep(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.integer) and a.dtype.itemsize > 2 and int(a.max(initial=0)) > 255
 
 
-# Pillow's raw modes for 16-bit colour PNGs, which it unpacks to 8 bits (LA;16B to RGBA).
-_PNG16_RAWMODES = ("RGB;16B", "RGBA;16B", "LA;16B")
+# Pillow's raw modes for 16-bit colour PNGs and TIFFs, all of which it unpacks to 8 bits, each sample's high byte:
+# big-endian (B) for PNG (LA;16B to RGBA); for TIFF the file's byte order, or the machine's (N) where libtiff
+# decodes (compressed files). RGBX has an unused 4th sample, RGBa premultiplied alpha; R;16L and the like (one
+# band of a planar TIFF) are `_deep_rawmodes`' own.
+_DEEP_RAWMODES = frozenset({"LA;16B"} | {f"{m};16{order}" for m in ("RGB", "RGBA", "RGBX", "RGBa", "R", "G", "B", "A")
+                                         for order in "LBN"})
+_MACHINE_ORDER = "L" if sys.byteorder == "little" else "B"
+_OTHER_BYTE_ORDER = {"L": "B", "B": "L"}
 
 
-def _load_with_rawmode(path: str, rawmode: str) -> np.ndarray:
-    """A PNG decoded by Pillow (filters, interlacing, EXIF orientation) but unpacked with `rawmode`."""
+def _deep_rawmodes(im: Image.Image) -> list[str] | None:
+    """For a just opened 16-bit colour PNG or TIFF, the raw mode Pillow unpacks each of its tiles with; None for
+    any other image, and for a compressed planar TIFF, whose bands Pillow's libtiff decoder unpacks in the
+    machine's byte order whatever the raw mode says (so its low bytes cannot be had). Pillow unpacks a band of an
+    uncompressed planar 16-bit TIFF as if 8-bit: 'R', not 'R;16L'."""
+    if im.format not in ("PNG", "TIFF") or not im.tile or (im.format == "PNG" and len(im.tile) > 1):
+        return None
+    if im.tile[0][0] == "libtiff" and im.tag_v2.get(TiffImagePlugin.PLANAR_CONFIGURATION, 1) == 2:
+        return None
+    rawmodes = [t[3] if isinstance(t[3], str) else t[3][0] for t in im.tile]
+    if im.format == "TIFF" and all(len(r) == 1 for r in rawmodes) and _tiff_bits(im) == 16:
+        rawmodes = [f"{r};16{'L' if im.tag_v2.prefix == b'II' else 'B'}" for r in rawmodes]
+    if not all(r in _DEEP_RAWMODES for r in rawmodes):
+        return None
+    # libtiff's machine order as the explicit one: Pillow before 11 has no 'RGBX;16N' (nor reads such a file)
+    return [r[:-1] + _MACHINE_ORDER if r.endswith("N") else r for r in rawmodes]
+
+
+def _tiff_bits(im: Image.Image) -> int:
+    """The most bits of any sample of a TIFF (8 for other images)."""
+    return max(im.tag_v2.get(TiffImagePlugin.BITSPERSAMPLE, (8,))) if im.format == "TIFF" else 8
+
+
+def _with_rawmode(tile: tuple, rawmode: str) -> tuple:
+    """A Pillow tile (codec, extents, offset, args) unpacked with `rawmode`: PNG's args are the raw mode, TIFF's a
+    tuple that starts with it. A plain tuple before Pillow 11, a named one since."""
+    args = rawmode if isinstance(tile[3], str) else (rawmode, *tile[3][1:])
+    return type(tile)(*tile[:3], args) if hasattr(tile, "_replace") else (*tile[:3], args)
+
+
+def _load_with_rawmodes(path: str, rawmodes: list[str]) -> np.ndarray:
+    """A PNG or TIFF decoded by Pillow (filters, compression, interlacing, tiles, EXIF orientation) but with each
+    tile unpacked with its raw mode in `rawmodes`."""
     with Image.open(path) as im:
-        tile = im.tile[0]  # (codec, extents, offset, args): a tuple before Pillow 11, a named one since
-        im.tile = [type(tile)(*tile[:3], rawmode) if hasattr(tile, "_replace") else (*tile[:3], rawmode)]
+        im.tile = [_with_rawmode(t, r) for t, r in zip(im.tile, rawmodes, strict=True)]
         im.load()
         return np.asarray(ImageOps.exif_transpose(im))
 
 
-def _read_png16(path: str, rawmode: str) -> np.ndarray:
-    """uint16 [H, W, C] samples (C: 3 RGB, 4 RGBA, 2 gray + alpha) of a 16-bit colour PNG whose Pillow raw mode
-    is `rawmode`: Pillow's unpacker keeps each sample's high byte; the same bytes read as little-endian give
-    the low one, and gray + alpha (4 bytes a pixel) is copied byte for byte as 8-bit RGBA."""
-    if rawmode == "LA;16B":
-        b = _load_with_rawmode(path, "RGBA").astype(np.uint16)
+def _read_deep(path: str, rawmodes: list[str]) -> np.ndarray:
+    """uint16 [H, W, C] samples (C: 3 RGB, 4 RGBA, 2 gray + alpha) of a 16-bit colour PNG or TIFF whose tiles
+    Pillow unpacks with `rawmodes` (`_deep_rawmodes`): those keep each sample's high byte; the same bytes read in
+    the other byte order give the low one. Gray + alpha (4 bytes a pixel) is copied byte for byte as 8-bit RGBA;
+    premultiplied alpha (RGBa) is read as RGBA and divided out at 16 bits."""
+    if rawmodes == ["LA;16B"]:
+        b = _load_with_rawmodes(path, ["RGBA"]).astype(np.uint16)
         return np.stack([b[..., 0] << 8 | b[..., 1], b[..., 2] << 8 | b[..., 3]], axis=-1)
-    high = _load_with_rawmode(path, rawmode).astype(np.uint16)
-    return high << 8 | _load_with_rawmode(path, rawmode[:-1] + "L")
+    straight = [r.replace("RGBa", "RGBA") for r in rawmodes]
+    high = _load_with_rawmodes(path, straight).astype(np.uint16)
+    a = high << 8 | _load_with_rawmodes(path, [r[:-1] + _OTHER_BYTE_ORDER[r[-1]] for r in straight])
+    return a if straight == rawmodes else _unpremultiply(a)
+
+
+def _unpremultiply(rgba: np.ndarray) -> np.ndarray:
+    """uint16 RGBA with colour premultiplied by alpha -> straight colour (0 where alpha is 0), rounded."""
+    alpha = rgba[..., 3:].astype(np.int64)
+    colour = (rgba[..., :3].astype(np.int64) * 65535 + alpha // 2) // np.maximum(alpha, 1)
+    return np.concatenate([np.minimum(colour, 65535) * (alpha > 0), alpha], axis=-1).astype(np.uint16)
+
+
+def _with_colour_key(a: np.ndarray, key: int | tuple[int, ...]) -> np.ndarray:
+    """16-bit gray [H, W] or RGB [H, W, 3] samples with an alpha channel appended: 0 where the pixel is the PNG
+    colour key (tRNS: a gray value, or an RGB triple, compared at full precision), 65535 elsewhere."""
+    keyed = np.all(a.reshape(*a.shape[:2], -1) == np.asarray(key).reshape(-1), axis=-1)
+    return np.dstack([a, np.where(keyed, 0, 65535).astype(a.dtype)])
 
 
 # Pillow's decompression-bomb guard: an image above this many pixels is refused (None: no limit). Pillow's
@@ -113,7 +170,8 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     16-bit samples are scaled to 8 bits (rounded, by the type's range: a dark 16-bit image stays dark), palette
     images expanded, CMYK/YCbCr converted to RGB. With `high_bit_depth`, a file of more than 8 bits a sample
     (16-bit PNG or TIFF, 32-bit integer or float TIFF) gives uint16 pixels and alpha at full precision instead;
-    8-bit files give what they give without it.
+    8-bit files give what they give without it. A PNG's colour key (tRNS) becomes alpha, at 16 bits for a 16-bit
+    PNG. A 16-bit TIFF that Pillow reads only at 8 bits (CMYK) is read so, with a warning naming the file.
     Raises `ImageError` naming the file for a missing, unreadable, truncated or empty image, and for one of
     more than `max_pixels` pixels (a decompression bomb, or a very large photo: pass a higher limit or None).
     """
@@ -129,7 +187,12 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
                 frames = getattr(im, "n_frames", 1)
             except (OSError, EOFError, ValueError, SyntaxError):
                 frames = 1
-            rawmode = im.tile[0][3] if im.format == "PNG" and len(im.tile) == 1 else None
+            deep = _deep_rawmodes(im)
+            if deep:  # the explicit byte order (Pillow before 11 cannot unpack 'RGBX;16N' itself)
+                im.tile = [_with_rawmode(t, r) for t, r in zip(im.tile, deep, strict=True)]
+            bits = _tiff_bits(im)
+            # a 16-bit PNG's colour key (tRNS) is a 16-bit value: matched after the samples are read in full
+            key = im.info.get("transparency") if im.format == "PNG" and (deep or im.mode.startswith("I")) else None
             icc = im.info.get("icc_profile") or None
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -138,13 +201,18 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif mode in ("PA",):
                 im = im.convert("RGBA")
-            elif mode in ("L", "RGB") and "transparency" in im.info:  # a colour key (tRNS): as alpha, which the
-                im = im.convert({"L": "LA", "RGB": "RGBA"}[mode])  # upscaler interpolates; else it is lost
+            elif mode in ("L", "RGB") and "transparency" in im.info and key is None:  # a colour key (tRNS): as
+                im = im.convert({"L": "LA", "RGB": "RGBA"}[mode])  # alpha, which the upscaler interpolates
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
             a = np.asarray(im)
-        if rawmode in _PNG16_RAWMODES:  # also for 8 bits: rounded from 16 (Pillow truncates) and LA stays gray
-            a = _read_png16(path, rawmode)
+        if deep:  # also for 8 bits: rounded from 16 (Pillow truncates) and LA stays gray
+            a = _read_deep(path, deep)
+        elif bits > 8 and mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+            log.warning("%s: a %d-bit %s TIFF, which Pillow reads at 8 bits (the high byte of each sample); read so",
+                        path, bits, mode)
+        if key is not None:
+            a = _with_colour_key(a, key)
     except ImageError:
         raise
     except FileNotFoundError:

@@ -1,0 +1,195 @@
+"""images.decode of 16-bit TIFFs (every layout and codec Pillow reads) and of 16-bit PNG colour keys, and the
+upscaling CLI keeping a 16-bit TIFF at 16 bits."""
+import io
+import logging
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import rnan_jax
+from rnan_jax import images, upscale_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compressed(block: np.ndarray, compression: str) -> bytes:
+    """uint8 [rows, bytes a row] as one TIFF strip or tile compressed by libtiff: the one strip of Pillow's 8-bit
+    gray TIFF of those bytes (LZW and deflate compress the bytes, PackBits each row, whatever the samples)."""
+    if compression == "raw":
+        return block.tobytes()
+    buf = io.BytesIO()
+    Image.fromarray(block).save(buf, "TIFF", compression=compression)
+    with Image.open(buf) as im:
+        (offset,), (count,) = im.tag_v2[273], im.tag_v2[279]
+    return buf.getvalue()[offset:offset + count]
+
+
+def _tiff(samples: np.ndarray, *, byteorder: str = "<", compression: str = "raw", rows_per_strip: int = 3,
+          tile: int | None = None, planar: bool = False, photometric: int | None = None,
+          extra_sample: int | None = 2, orientation: int = 1) -> bytes:
+    """A baseline TIFF of uint16 [H, W, C] samples (C: 1 or 2 gray, 3 or 4 RGB; the 2nd or 4th an extra sample,
+    `extra_sample` 2 unassociated alpha, 1 premultiplied, 0 unspecified, None none: CMYK with `photometric` 5),
+    in strips of `rows_per_strip` rows or `tile`-square tiles (edge tiles padded), the samples interleaved or
+    `planar` (a plane a band)."""
+    h, w, c = samples.shape
+    planes = [samples[..., i:i + 1] for i in range(c)] if planar else [samples]
+    if tile:
+        padded = [np.pad(p, ((0, -h % tile), (0, -w % tile), (0, 0))) for p in planes]
+        blocks = [p[y:y + tile, x:x + tile] for p in padded for y in range(0, h, tile) for x in range(0, w, tile)]
+    else:
+        blocks = [p[y:y + rows_per_strip] for p in planes for y in range(0, h, rows_per_strip)]
+    payloads = [_compressed(np.ascontiguousarray(b, byteorder + "u2").view(np.uint8).reshape(len(b), -1),
+                            compression) for b in blocks]
+    body = bytearray(b"II*\x00" if byteorder == "<" else b"MM\x00*") + bytes(4)
+    offsets = []
+    for p in payloads:
+        offsets.append(len(body))
+        body += p + bytes(len(p) % 2)
+    short, long = 3, 4
+    code = {"raw": 1, "tiff_lzw": 5, "tiff_adobe_deflate": 8, "packbits": 32773}[compression]
+    tags = {256: (long, [w]), 257: (long, [h]), 258: (short, [16] * c), 259: (short, [code]),
+            262: (short, [photometric or (2 if c >= 3 else 1)]), 274: (short, [orientation]), 277: (short, [c]),
+            284: (short, [2 if planar else 1])}
+    if c in (2, 4) and extra_sample is not None:
+        tags[338] = (short, [extra_sample])
+    if tile:
+        tags.update({322: (long, [tile]), 323: (long, [tile]), 324: (long, offsets),
+                     325: (long, [len(p) for p in payloads])})
+    else:
+        tags.update({273: (long, offsets), 278: (long, [rows_per_strip]), 279: (long, [len(p) for p in payloads])})
+    struct.pack_into(byteorder + "I", body, 4, len(body))
+    values_at = len(body) + 2 + 12 * len(tags) + 4
+    table, values = bytearray(struct.pack(byteorder + "H", len(tags))), bytearray()
+    for tag, (kind, vals) in sorted(tags.items()):
+        packed = struct.pack(byteorder + ("H" if kind == short else "I") * len(vals), *vals)
+        if len(packed) <= 4:
+            table += struct.pack(byteorder + "HHI", tag, kind, len(vals)) + packed.ljust(4, b"\x00")
+        else:
+            table += struct.pack(byteorder + "HHII", tag, kind, len(vals), values_at + len(values))
+            values += packed
+    return bytes(body + table + bytes(4) + values)
+
+
+def _samples(h, w, c, seed=0):
+    """Random uint16 samples: their low bytes matter (almost none is an 8-bit value scaled up, v = 257 k)."""
+    return np.random.default_rng(seed).integers(0, 65536, (h, w, c)).astype(np.uint16)
+
+
+def _with_alpha(decoded):
+    """The decoded pixels with the alpha, if any, as a last channel."""
+    return decoded.pixels if decoded.alpha is None else np.dstack([decoded.pixels, decoded.alpha])
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+@pytest.mark.parametrize("channels,layout,compression", [
+    *((channels, layout, compression) for compression in ("raw", "tiff_lzw", "packbits", "tiff_adobe_deflate")
+      for channels, layout in ((3, "strips"), (4, "tiles"))),
+    (3, "planar", "raw"),  # compressed planar: Pillow's libtiff decoder gives 8 bits only (the warning test)
+])
+def test_16bit_tiff_is_read_at_full_precision(tmp_path, caplog, byteorder, channels, layout, compression):
+    """Pillow reads 16-bit RGB(A) TIFFs as 8 bits, the high byte of each sample (and the bands of an uncompressed
+    planar one as garbage); `decode` gets all 16 bits, and rounds them for 8-bit use."""
+    samples = _samples(7, 20, channels, seed=channels)  # tiles: two of 16 x 16, both padded
+    path = tmp_path / "a.tif"
+    path.write_bytes(_tiff(samples, byteorder=byteorder, compression=compression,
+                           tile=16 if layout == "tiles" else None, planar=layout == "planar"))
+    with caplog.at_level(logging.WARNING, logger="rnan_jax.images"):
+        deep = images.decode(path, high_bit_depth=True)
+        shallow = images.decode(path)
+    assert not caplog.records
+    assert deep.pixels.dtype == np.uint16 and deep.pixels.shape == (7, 20, 3)
+    np.testing.assert_array_equal(_with_alpha(deep), samples)
+    assert shallow.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(_with_alpha(shallow), np.floor(samples / 257 + 0.5).astype(np.uint8))
+
+
+def test_16bit_tiff_premultiplied_alpha_unused_sample_and_orientation(tmp_path):
+    """RGBa (premultiplied alpha) comes out straight, divided at 16 bits; an unspecified 4th sample (RGBX) is
+    dropped; the EXIF orientation (6: rotate 90 degrees clockwise) is applied to all 16 bits."""
+    straight = _samples(5, 6, 4, seed=3)
+    straight[0, :, 3] = 0
+    straight[1, :, 3] = 65535
+    alpha = straight[..., 3:].astype(np.float64)
+    premultiplied = np.dstack([np.floor(straight[..., :3] * alpha / 65535 + 0.5), alpha]).astype(np.uint16)
+    (tmp_path / "a.tif").write_bytes(_tiff(premultiplied, byteorder=">", extra_sample=1))
+    decoded = images.decode(tmp_path / "a.tif", high_bit_depth=True)
+    colour = np.where(alpha > 0, np.floor(premultiplied[..., :3] * 65535.0 / np.maximum(alpha, 1) + 0.5), 0)
+    np.testing.assert_array_equal(decoded.pixels, colour.astype(np.uint16))
+    np.testing.assert_array_equal(decoded.alpha, straight[..., 3])
+    np.testing.assert_array_equal(decoded.pixels[1], straight[1, :, :3])  # opaque: exactly the colour written
+
+    (tmp_path / "x.tif").write_bytes(_tiff(straight, compression="tiff_lzw", extra_sample=0))
+    np.testing.assert_array_equal(_with_alpha(images.decode(tmp_path / "x.tif", high_bit_depth=True)),
+                                  straight[..., :3])
+    (tmp_path / "r.tif").write_bytes(_tiff(straight, compression="tiff_adobe_deflate", orientation=6))
+    np.testing.assert_array_equal(_with_alpha(images.decode(tmp_path / "r.tif", high_bit_depth=True)),
+                                  np.rot90(straight, k=-1))
+
+
+def test_16bit_tiff_pillow_reads_at_8_bits_warns_once_by_name(tmp_path, caplog):
+    """A compressed planar 16-bit TIFF (libtiff in Pillow unpacks its bands' high bytes only) and a 16-bit CMYK
+    one are read at 8 bits, with a warning naming the file, rather than silently."""
+    samples = _samples(6, 5, 4, seed=4)
+    (tmp_path / "planar.tif").write_bytes(_tiff(samples[..., :3], compression="tiff_lzw", planar=True))
+    (tmp_path / "cmyk.tif").write_bytes(_tiff(samples, photometric=5, extra_sample=None))
+    for name, mode in (("planar.tif", "RGB"), ("cmyk.tif", "CMYK")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rnan_jax.images"):
+            decoded = images.decode(tmp_path / name, high_bit_depth=True)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{tmp_path / name}: a 16-bit {mode} TIFF, which Pillow reads at 8 bits (the high byte of each sample); "
+            "read so"]
+        assert decoded.pixels.dtype == np.uint8 and decoded.pixels.shape == (6, 5, 3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rnan_jax.images"):  # for 8 bits too: truncated
+        np.testing.assert_array_equal(images.decode(tmp_path / "planar.tif").pixels, samples[..., :3] >> 8)
+    assert "planar.tif: a 16-bit RGB TIFF" in caplog.text
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16bit_png_colour_key_becomes_alpha_at_full_precision(tmp_path, channels):
+    """A 16-bit gray or RGB PNG's tRNS colour key is a 16-bit value: pixels equal to it in all 16 bits are
+    transparent, one that differs only in the low byte is not (it came out without alpha)."""
+    samples = _samples(4, 5, channels, seed=5)
+    key = samples[1, 2].copy()
+    samples[3, 4] = key
+    samples[0, 0] = key ^ 1  # the same high bytes
+    png = images.encode_png16(samples)
+    png = png[:33] + images._png_chunk(b"tRNS", struct.pack(f">{channels}H", *key)) + png[33:]
+    (tmp_path / "k.png").write_bytes(png)
+    transparent = np.ones((4, 5), bool)
+    transparent[1, 2] = transparent[3, 4] = False
+    deep = images.decode(tmp_path / "k.png", high_bit_depth=True)
+    np.testing.assert_array_equal(deep.pixels, samples[..., 0] if channels == 1 else samples)
+    assert deep.alpha is not None and deep.alpha.dtype == np.uint16
+    np.testing.assert_array_equal(deep.alpha, np.where(transparent, 65535, 0))
+    shallow = images.decode(tmp_path / "k.png")
+    np.testing.assert_array_equal(shallow.alpha, np.where(transparent, 255, 0).astype(np.uint8))
+    np.testing.assert_array_equal(shallow.pixels, np.floor(deep.pixels / 257 + 0.5).astype(np.uint8))
+
+
+def test_upscale_cli_writes_a_16bit_png_for_a_16bit_tiff(tmp_path):
+    """16-bit TIFF in (RGB LZW big-endian, RGBA PackBits tiled): 16-bit PNG out, computed from all 16 bits."""
+    rgb = _samples(12, 14, 3, seed=6)
+    rgba = _samples(12, 14, 4, seed=7)
+    (tmp_path / "rgb.tif").write_bytes(_tiff(rgb, byteorder=">", compression="tiff_lzw"))
+    (tmp_path / "rgba.tif").write_bytes(_tiff(rgba, compression="packbits", tile=16))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2",
+                           str(tmp_path / "rgb.tif"), str(tmp_path / "rgba.tif"), "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla")))
+    assert proc.returncode == 0, proc.stderr
+    params, config = rnan_jax.load("zoo:small_x2")
+    for name, samples in (("rgb", rgb), ("rgba", rgba)):
+        png = (out / f"{name}_x2.png").read_bytes()
+        assert png[24:26] == bytes([16, {3: 2, 4: 6}[samples.shape[-1]]])  # IHDR: 16 bits, RGB or RGBA
+        written = images.decode(out / f"{name}_x2.png", high_bit_depth=True)
+        assert written.pixels.dtype == np.uint16 and written.pixels.shape == (24, 28, 3)
+        np.testing.assert_array_equal(written.pixels, upscale_image(params, samples[..., :3], config=config))
+    assert images.decode(out / "rgba_x2.png", high_bit_depth=True).alpha.dtype == np.uint16
