@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from typing import Any, Callable
 
 from absl import app, flags
@@ -31,6 +32,36 @@ def config_file_error_line(error: OSError) -> str:
     the attempts over several lines, the last of which says why."""
     reason = str(error).strip().splitlines()[-1].strip()
     return f"error: --config: {reason.split('earlier failure to load: ')[-1]}"
+
+
+def _config_path(argv: list[str]) -> str:
+    """The --config file as given on the command line (without the ":ARGS" that config_flags may take)."""
+    for i, a in enumerate(argv):
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+        if a.startswith(("--config=", "-config=")):
+            return a.split("=", 1)[1].split(":")[0]
+    return "?"
+
+
+def _raised_in_config_file(error: BaseException, argv: list[str]) -> bool:
+    path = os.path.abspath(_config_path(argv))
+    return any(os.path.abspath(f.filename) == path for f in traceback.extract_tb(error.__traceback__))
+
+
+def config_code_error_line(error: BaseException, argv: list[str]) -> str:
+    """One line for a --config file whose own code fails (a syntax error, an exception in get_config): the
+    error and the file's line, where a traceback ran through 30 frames of absl and ml_collections."""
+    path = _config_path(argv)
+    if isinstance(error, SyntaxError):
+        where = f"line {error.lineno}" if error.lineno else ""
+        message = error.msg
+    else:
+        lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+                 if os.path.abspath(f.filename) == os.path.abspath(path)]
+        where = f"line {lines[-1]}" if lines else ""
+        message = str(error)
+    return f"error: --config {path}" + (f", {where}" if where else "") + f": {type(error).__name__}: {message}"
 
 
 def program_name() -> str:
@@ -84,9 +115,15 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
             # it while parsing): raised here, not in the middle of main
             getattr(config_flag.value, "model", None)
         except (AttributeError, KeyError) as e:
+            if "has no attribute 'get_config'" in str(e):
+                sys.exit(f"error: --config {_config_path(argv)}: the file defines no get_config()")
+            if _raised_in_config_file(e, argv):
+                sys.exit(config_code_error_line(e, argv))
             sys.exit(config_error_line(e, argv))
         except OSError as e:
             sys.exit(config_file_error_line(e))
+        except Exception as e:  # the config file's own code failed: SyntaxError, NameError, ImportError, ...
+            sys.exit(config_code_error_line(e, argv))
         return remaining
 
     return parse

@@ -10,6 +10,7 @@ clear line. Each section has one home: model `RNANConfig`, optim `step.OptimConf
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import ml_collections
 
@@ -98,11 +99,40 @@ class TrainConfig:
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> TrainConfig:
+        check_keys(c)
         model = RNANConfig(**{**c.model.to_dict(), "rgb_mean": tuple(c.model.rgb_mean)})
         top = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name not in SECTIONS}
         return cls(model=model, optim=OptimConfig(**c.optim.to_dict(), total_steps=c.total_steps),
                    data=data.DataConfig.from_config(c.data, scale=model.scale),
                    execution=ExecutionConfig(**c.execution.to_dict()), **top)
+
+
+def _keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    return [k for key, v in c.items()
+            for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, ml_collections.ConfigDict) else [prefix + key])]
+
+
+def check_keys(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError (one line) when an experiment file's config lacks keys of `default_config()` or has keys
+    it does not know (a typo in the file itself, which the locked config cannot catch: it was made unlocked)."""
+    if not isinstance(c, ml_collections.ConfigDict):
+        raise ValueError(f"get_config() must return an ml_collections.ConfigDict, got {type(c).__name__}")
+    known, given = _keys(default_config()), _keys(c)
+    sections = [s for s in SECTIONS if not isinstance(c.get(s), ml_collections.ConfigDict)]
+    if sections:  # not an RNAN training config at all: the sections first, not a list of every key
+        raise ValueError(f"the config has no {', '.join(sections)} section{'s' * (len(sections) > 1)}: start it from "
+                         "rnan_jax.configs.default_config() (or paper_config(scale)), as experiments/*.py do")
+    missing = [k for k in known if k not in given]
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], known, n=1)
+        what = "keys" if len(unknown) > 1 else "a key"
+        raise ValueError(f"the config has {what} that nothing reads: {', '.join(unknown)}"
+                         + (f' (did you mean "{near[0]}"?)' if near else "")
+                         + "; python -m rnan_jax.train --config FILE --dry_run lists every key")
+    if missing:
+        raise ValueError(f"the config lacks {', '.join(missing)}: start it from rnan_jax.configs.default_config() "
+                         "(or paper_config(scale)), as experiments/*.py do")
 
 
 def _check_optim(o: OptimConfig) -> None:

@@ -30,7 +30,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
 
-    from rnan_jax import api, env, preemption, trainer
+    from rnan_jax import api, configs, env, preemption, trainer
+
+    try:
+        configs.check_keys(_CONFIG.value)
+    except ValueError as e:
+        sys.exit(f"error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
 
     host_flags = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
     if host_flags and not _DISTRIBUTED.value:  # they were silently ignored: N processes each trained alone

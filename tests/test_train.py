@@ -384,6 +384,35 @@ def test_cli_rejects_a_config_file_it_cannot_read(tmp_path):
     assert not workdir.exists()
 
 
+def test_cli_names_the_fault_of_a_config_file_in_one_line(tmp_path):
+    """A config file whose code fails (a syntax error, an exception in get_config, no get_config) or whose
+    config does not fit the trainer's keys (a section missing, a key missing, a key nothing reads): one line
+    naming the file, where each was a traceback through absl and ml_collections (30-60 lines)."""
+    head = "from rnan_jax import configs\ndef get_config():\n    c = configs.default_config()\n"
+    cases = {
+        "def get_config(:\n    pass\n": ", line 1: SyntaxError: invalid syntax",
+        "def get_config():\n    return 1 / 0\n": ", line 2: ZeroDivisionError: division by zero",
+        "import no_such_module_here\n": ", line 1: ModuleNotFoundError: No module named 'no_such_module_here'",
+        "x = 1\n": ": the file defines no get_config()",
+        "import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'lr': 1})\n":
+            ": the config has no model, optim, data, execution sections: start it from "
+            "rnan_jax.configs.default_config() (or paper_config(scale)), as experiments/*.py do",
+        head + "    c.optim.wramup_steps = 10\n    return c\n":
+            ": the config has a key that nothing reads: optim.wramup_steps (did you mean \"optim.warmup_steps\"?); "
+            "python -m rnan_jax.train --config FILE --dry_run lists every key",
+        head + "    del c['seed']\n    return c\n":
+            ": the config lacks seed: start it from rnan_jax.configs.default_config() (or paper_config(scale)), "
+            "as experiments/*.py do",
+    }
+    workdir = tmp_path / "run"
+    for i, (text, line) in enumerate(cases.items()):
+        path = tmp_path / f"cfg{i}.py"
+        path.write_text(text)
+        r = _run_cli(["--config", str(path), "--workdir", str(workdir), "--dry_run"])
+        assert (r.returncode, r.stderr.strip().splitlines()) == (1, [f"error: --config {path}{line}"]), text
+    assert not workdir.exists()
+
+
 def test_cli_refuses_a_workdir_that_is_a_file(tmp_path):
     in_the_way = tmp_path / "run"
     in_the_way.write_text("notes")
