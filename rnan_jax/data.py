@@ -19,7 +19,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from rnan_jax import benchmark_sets, degrade, images, loader, sources
+from rnan_jax import benchmark_sets, degrade, images, loader, sources, tfds_source
 from rnan_jax.ensemble import transform  # the 8 dihedral maps, shared with RNAN+
 from rnan_jax.env import default_data_dir
 
@@ -165,9 +165,10 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
-def training_pairs(cfg: DataConfig):
+def training_pairs(cfg: DataConfig, announce: Callable[[str], None] | None = None):
     """All training pairs, the same list in every process (each then reads, lazily, the patches of its share
-    of each global batch: `train_dataset`).
+    of each global batch: `train_dataset`). `announce`: as `sources.prepare_cached`'s, the line that says a first
+    run decodes the images into the cache (and a progress bar on a terminal).
 
     Returns a grain random-access source of {"hr", "lr"} uint8 full images with `.names`.
     Raises `sources.DataError` (one line) when no usable image remains.
@@ -187,22 +188,24 @@ def training_pairs(cfg: DataConfig):
     if cfg.source == "folder":
         specs = sources.folder_specs(cfg.hr_dirs, cfg.lr_dirs, cfg.scale)
     else:
-        specs = sources.tfds_specs(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
-    return sources.prepare_cached(specs, scale=cfg.scale, min_lr_size=min_lr, cache_dir=cfg.cache_dir, what=what)
+        specs = tfds_source.tfds_specs(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
+    return sources.prepare_cached(specs, scale=cfg.scale, min_lr_size=min_lr, cache_dir=cfg.cache_dir, what=what,
+                                  announce=announce)
 
 
 def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
+                  process_count: int = 1, announce: Callable[[str], None] | None = None) -> grain.MapDataset:
     """The infinite MapDataset of this process's parts of the global batches (before `to_iter_dataset`).
 
     One global sequence of patches, a function of `seed` alone: global batch k is patches k*B .. k*B+B-1
     (B = `batch_size`, the global batch), and process i of n takes its i-th n-th of it. So batch k is the
     same whatever the number of processes, and a run checkpointed with n processes resumes with another
-    count at the same global batch (elastic resume): the data state is the step.
+    count at the same global batch (elastic resume): the data state is the step. `announce` (process 0's
+    only): see `training_pairs`.
     """
     if batch_size % process_count:
         raise ValueError(f"global batch size {batch_size} is not divisible by the {process_count} processes")
-    pairs = training_pairs(cfg)
+    pairs = training_pairs(cfg, announce if process_index == 0 else None)
     # Shuffle and crops get unrelated seeds (those of the former process 0, so one-process runs are unchanged).
     shuffle_seed, crop_seed = (int(v) for v in np.random.SeedSequence([seed, 0]).generate_state(2))
     # grain's index_shuffle costs about 30 ms / length per element (4.8 ms for the 6 demo images, 0.15 ms
@@ -221,18 +224,19 @@ def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index:
 
 
 def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                   process_count: int | None = None) -> loader.BatchIterator:
+                   process_count: int | None = None, announce: Callable[[str], None] | None = None
+                   ) -> loader.BatchIterator:
     """The infinite, checkpointable iterator of this process's batches.
 
     Yields {"lr": uint8 [b, p, p, 3], "hr": uint8 [b, s*p, s*p, 3]} with b = global_batch_size //
     process_count: this process's part of each global batch (`train_dataset`), read from the images as
     needed. The state is the number of batches taken, which the trainer sets to the global step on resume
     (`set_state({"next_batch": step})`): exact also with another num_workers or process count. Call
-    `close()` when done to stop worker processes.
+    `close()` when done to stop worker processes. `announce` (process 0's only): see `training_pairs`.
     """
     process_index, process_count = _process(process_index, process_count)
     ds = train_dataset(cfg, batch_size=global_batch_size, seed=seed, process_index=process_index,
-                       process_count=process_count)
+                       process_count=process_count, announce=announce)
     read_options = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
     return loader.BatchIterator(ds, read_options, loader.worker_options(cfg.num_workers, cfg.worker_buffer_size))
 
@@ -277,7 +281,7 @@ def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
         name, hr = sources.demo_validation_image()
         return [benchmark_sets.Pair("demo", name, cfg.scale, degrade.modcrop(hr, cfg.scale))]
     if cfg.val_source == "tfds":
-        specs = sources.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir)
+        specs = tfds_source.tfds_specs(cfg.tfds_name, "validation", cfg.tfds_data_dir)
         pairs = _first_usable(specs, lambda spec: _tfds_pair(spec, cfg), cfg.val_max_images)
         if not pairs:
             raise sources.DataError(f"{what}: no usable image in the validation split of {cfg.tfds_name}")

@@ -1,4 +1,5 @@
-"""Where (HR, LR) image pairs come from: DIV2K through TFDS, image folders, scikit-image's bundled images.
+"""Where (HR, LR) image pairs come from: image folders, scikit-image's bundled images, and the decoded-image
+cache that folders and DIV2K through TFDS (`rnan_jax.tfds_source`) are read into.
 
 Every source yields full images, `hr` [s*h, s*w, 3] and `lr` [h, w, 3] uint8 RGB, with the HR image cropped
 top-left to exactly `scale` times the LR size. TFDS and folder images are decoded once (LR made with
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -34,6 +36,8 @@ _CHANGED = ("something removed or rewrote it (a cleaned data.cache_dir?); rerun 
 # np.save's header for a C-ordered uint8 [H, W, C] array (numpy 1.x and 2.x write it alike).
 _NPY_PARSER_LOCK = threading.Lock()  # ast.literal_eval is not safe from several threads at once on CPython 3.11
 _NPY_UINT8_HWC = re.compile(r"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+), (\d+), (\d+)\), \}")
+
+_BAR_FROM = 10  # images to decode from which a progress bar shows
 
 DEMO_TRAIN_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 # The held-out demo validation image: the centre 320x240 (width x height) crop of the left motorcycle view.
@@ -183,7 +187,8 @@ class PairSpec:
     load: Callable[[], tuple[np.ndarray, np.ndarray | None]]
 
 
-def _digest(*parts: object) -> str:
+def digest(*parts: object) -> str:
+    """A short hex key of the parts, for cache file names (a spec's `key`)."""
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
@@ -211,10 +216,14 @@ def _open_cached(hr_path: str, lr_path: str) -> tuple[StoredImage, StoredImage] 
         return None
 
 
-def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tuple[str, StoredImage, StoredImage]:
+def _entry_paths(spec: PairSpec, scale: int, cache_dir: str) -> tuple[str, str]:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name)[-48:].lstrip("_.") or "image"
-    base = os.path.join(cache_dir, f"{stem}-{_digest(spec.key, scale, _CACHE_VERSION)}")
-    hr_path, lr_path = base + ".hr.npy", base + ".lr.npy"
+    base = os.path.join(cache_dir, f"{stem}-{digest(spec.key, scale, _CACHE_VERSION)}")
+    return base + ".hr.npy", base + ".lr.npy"
+
+
+def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tuple[str, StoredImage, StoredImage]:
+    hr_path, lr_path = _entry_paths(spec, scale, cache_dir)
     too_small = f"{spec.name}: {{w}}x{{h}} is smaller than the {scale * min_lr}-pixel HR patch (x{scale})"
     if cached := _open_cached(hr_path, lr_path):
         h, w, _ = cached[0].shape
@@ -244,11 +253,15 @@ def _unwritable(cache_dir: str, error: OSError) -> DataError:
 
 
 def prepare_cached(
-    specs: Sequence[PairSpec], *, scale: int, min_lr_size: int, cache_dir: str, what: str, threads: int = 0
+    specs: Sequence[PairSpec], *, scale: int, min_lr_size: int, cache_dir: str, what: str, threads: int = 0,
+    announce: Callable[[str], None] | None = None,
 ) -> CachedPairs:
     """Decodes (and resizes) each spec once into `cache_dir`, reusing earlier entries; skips and logs unusable ones.
 
     `min_lr_size`: images whose LR side would be below it (HR below scale * min_lr_size) are skipped.
+    `announce`: gets the one line that says how many images are decoded into which folder, before they are
+    (nothing when all are cached), and a progress bar shows on a terminal's stderr when more than a handful
+    are (the trainer passes its printer, on process 0 only); None: the line is logged at INFO, with no bar.
     Raises `DataError` (one line) when no image is usable or `cache_dir` cannot be written.
     """
     start = time.perf_counter()
@@ -257,6 +270,7 @@ def prepare_cached(
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:  # a file in the way, no permission
         raise _unwritable(cache_dir, e) from None
+    bar = _announce(specs, scale, cache_dir, what, announce)
     pool = concurrent.futures.ThreadPoolExecutor(threads)
     entries, skipped = [], []
     try:
@@ -267,13 +281,35 @@ def prepare_cached(
             except _Skip as e:
                 log.warning("skipping %s", e)
                 skipped.append(e)
+            if bar is not None:
+                bar.update()
     finally:
+        if bar is not None:
+            bar.close()
         # On an error or Ctrl-C, the images not started are dropped: waiting for them (`with pool`) took as long
         # as decoding the whole set (minutes for DIV2K) before the run could stop.
         pool.shutdown(wait=True, cancel_futures=True)
     _report(what, len(specs), skipped, scale * min_lr_size)
     log.info("%s: %d images ready in %s (%.1f s)", what, len(entries), cache_dir, time.perf_counter() - start)
     return CachedPairs(entries)
+
+
+def _announce(specs: Sequence[PairSpec], scale: int, cache_dir: str, what: str,
+              announce: Callable[[str], None] | None):
+    """Says how many of the images are not in the cache yet (the first run's decode of DIV2K takes minutes);
+    returns a tqdm bar over all of them (the cached ones counted done) when one should show, else None."""
+    todo = sum(not all(map(os.path.exists, _entry_paths(s, scale, cache_dir))) for s in specs)
+    if not todo:
+        return None
+    why = "first use" if todo == len(specs) else f"{len(specs) - todo} already cached"
+    (announce or log.info)(f"{what}: decoding {todo} of {len(specs)} images into {cache_dir} ({why}; later runs "
+                           "reuse them) ...")
+    if announce is None or todo < _BAR_FROM or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=len(specs), initial=len(specs) - todo, desc="decoding", unit="image", dynamic_ncols=True,
+                leave=False)
 
 
 def _report(what: str, total: int, skipped: Sequence[_Skip], hr_patch: int) -> None:
@@ -314,83 +350,16 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
             raise DataError(f"{what}: {lr_dir}: no such LR folder")
         for hr_path in files:
             if lr_dir is None:
-                specs.append(PairSpec(hr_path, _digest(_file_id(hr_path), "bicubic_lr"),
+                specs.append(PairSpec(hr_path, digest(_file_id(hr_path), "bicubic_lr"),
                                       lambda p=hr_path: _load_files(p, None)))
                 continue
             try:
                 lr_path = find_lr_file(hr_path, lr_dir, scale)
             except images.ImageError as e:
-                specs.append(PairSpec(hr_path, _digest(hr_path, "missing"), lambda e=e: _missing_lr(e)))
+                specs.append(PairSpec(hr_path, digest(hr_path, "missing"), lambda e=e: _missing_lr(e)))
                 continue
-            specs.append(PairSpec(hr_path, _digest(_file_id(hr_path), _file_id(lr_path)),
+            specs.append(PairSpec(hr_path, digest(_file_id(hr_path), _file_id(lr_path)),
                                   lambda p=hr_path, q=lr_path: _load_files(p, q)))
-    return specs
-
-
-class _NoVariantWarnings(logging.Filter):
-    """Drops TFDS's 'Variant folder ... has no dataset_info.json' warning: the DataError says it in its line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "has no dataset_info.json" not in record.getMessage()
-
-
-def _tfds_unprepared(name: str, data_dir: str | None) -> str | None:
-    """Why `name` is not prepared under `data_dir` (TFDS's default where None), or None if a version is."""
-    from rnan_jax import paths
-
-    root = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    folder = f"{paths.resolve(root).rstrip('/')}/{name}"
-    try:
-        versions = paths.listdir(folder) if paths.isdir(folder) else []
-        if any(paths.exists(f"{folder}/{v}/dataset_info.json") for v in versions):
-            return None
-    except OSError:  # cannot look (permissions, a bucket not reachable): TFDS's own reason stands
-        return None
-    return f"not prepared there: no {folder}/<version>/dataset_info.json"
-
-
-def open_tfds(name: str, split: str, data_dir: str | None):
-    """`tfds.data_source(name, split=split, data_dir=data_dir)`: array_record, read without TensorFlow.
-
-    Raises a one-line `DataError` when the dataset is not prepared there (never downloads).
-    """
-    import tensorflow_datasets as tfds
-
-    quiet = _NoVariantWarnings()
-    logging.getLogger("absl").addFilter(quiet)
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # TFDS raises several unrelated types for "not prepared here"
-        where = data_dir or "TFDS's default data_dir"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        why = _tfds_unprepared(name, data_dir) or first
-        raise DataError(
-            f"cannot read TFDS dataset {name!r} split {split!r} from {where} ({why}); prepare it with "
-            "file_format=array_record (README: 'Preparing DIV2K with TFDS') or use data.source='folder'"
-        ) from None
-    finally:
-        logging.getLogger("absl").removeFilter(quiet)
-
-
-def _tfds_example(source, index: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        example = source[index]
-        return np.asarray(example["hr"]), np.asarray(example["lr"])
-    except Exception as e:  # a damaged record: report it like an unreadable file
-        raise images.ImageError(f"{name}: cannot read example ({type(e).__name__}: {e})") from None
-
-
-def tfds_specs(name: str, split: str, data_dir: str | None) -> list[PairSpec]:
-    """One spec per example of the split, in the split's order; an example is read only when loaded."""
-    source = open_tfds(name, split, data_dir)
-    n = len(source)
-    version = getattr(getattr(source, "dataset_info", None), "version", "")
-    where = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else ""
-    specs = []
-    for i in range(n):
-        label = f"{name}:{split}[{i}]"
-        specs.append(PairSpec(label, _digest("tfds", name, version, split, where, n, i),
-                              lambda i=i, label=label: _tfds_example(source, i, label)))
     return specs
 
 

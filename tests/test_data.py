@@ -395,12 +395,21 @@ def test_a_cache_file_cut_short_while_training_is_named_in_one_line(div2k_folder
 def _demo_with_two_workers():
     """(iterator, its 2 grain worker processes) of a demo-source pipeline, after its first batch; closed after."""
     import multiprocessing
+    import time
 
     cfg = config(2, source="demo", patch_size=8, num_workers=2)
     it = data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
     try:
         next(it)
-        workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain-process-prefetch")]
+        # grain starts each worker from a thread of its own, and a process is listed only once its start() has
+        # returned, after the pipeline (megabytes of images) has gone down a pipe to it: under load that was after
+        # the first batch, which listed 1 worker (or none).
+        deadline = time.monotonic() + 60
+        while True:
+            workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain-process-prefetch")]
+            if len(workers) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert len(workers) == 2
         yield it, workers
     finally:
@@ -489,6 +498,51 @@ def test_ctrl_c_while_the_cache_is_made_does_not_wait_for_the_other_images(tmp_p
     with pytest.raises(KeyboardInterrupt):
         sources.prepare_cached(specs, scale=2, min_lr_size=8, cache_dir=str(tmp_path), what="t", threads=1)
     assert loaded == [0]
+
+
+def test_a_first_run_says_how_many_images_it_decodes_into_the_cache(tmp_path, caplog):
+    """DIV2K's first decode takes minutes: a run says so before, in one line; a cached rerun says nothing."""
+    for i in range(3):
+        write_image(tmp_path / "HR" / f"{i}.png", smooth_image(40, 40, i))
+    cache = tmp_path / "cache"
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8, cache_dir=str(cache))
+
+    def lines():
+        with caplog.at_level(logging.INFO, logger="rnan_jax.sources"):
+            caplog.clear()
+            data.training_pairs(cfg)
+        return [r.getMessage() for r in caplog.records if "decoding" in r.getMessage()]
+
+    assert lines() == [f"training images (folder): decoding 3 of 3 images into {cache} (first use; later runs "
+                       "reuse them) ..."]
+    assert lines() == []
+    os.remove(next(cache.glob("*.lr.npy")))
+    assert lines() == [f"training images (folder): decoding 1 of 3 images into {cache} (2 already cached; later "
+                       "runs reuse them) ..."]
+
+
+def test_the_trainer_s_line_and_a_progress_bar_on_a_terminal_come_from_process_0_only(tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for i in range(10):  # enough for a bar
+        write_image(tmp_path / "HR" / f"{i}.png", smooth_image(40, 40, i))
+    for index, count in ((1, 2), (0, 1)):
+        lines, stderr = [], Terminal()
+        monkeypatch.setattr("sys.stderr", stderr)
+        cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8,
+                     cache_dir=str(tmp_path / f"cache{index}"))
+        data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=index, process_count=count,
+                            announce=lines.append).close()
+        monkeypatch.undo()
+        if index:
+            assert lines == [] and stderr.getvalue() == ""
+    assert lines == [f"training images (folder): decoding 10 of 10 images into {tmp_path / 'cache0'} (first use; "
+                     "later runs reuse them) ..."]
+    assert "decoding:   0%" in stderr.getvalue() and "0/10" in stderr.getvalue()
 
 
 def test_folder_validation_skips_missing_and_mis_sized_lr_files(tmp_path, caplog):
