@@ -64,10 +64,17 @@ class DataConfig:
     # or bicubic), "tfds" (the validation split of tfds_name) or "demo" (a held-out crop of
     # skimage.data.stereo_motorcycle()). LR is made with degrade.bicubic_lr wherever no LR file is given.
     val_source: str = "benchmark"
-    val_set: str = "Set5"  # val_source="benchmark": Set5, Set14, B100 or Urban100
+    # val_source="benchmark": Set5, Set14, B100 or Urban100, or several, comma-separated ("Set5,Set14"): the
+    # first is the run's val/psnr (which picks best/), each other logged as val/<set>/psnr
+    val_set: str = "Set5"
     val_dir: str = ""  # "benchmark": the folder holding <val_set>/HR ("" = <data dir>/benchmark); "folder": HR folder
     val_lr_dir: str = ""  # val_source="folder": LR folder in DIV2K naming; "" = bicubic
     val_max_images: int = 10  # use the first N usable validation images (0 = all); unusable ones do not count
+
+    @property
+    def val_sets(self) -> tuple[str, ...]:
+        """The benchmark sets `val_set` names, in order."""
+        return tuple(n.strip() for n in self.val_set.split(","))
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -80,6 +87,9 @@ class DataConfig:
             raise ValueError("data.source='folder' needs data.hr_dirs (comma-separated HR image folders)")
         if self.lr_dirs and len(self.lr_dirs) != len(self.hr_dirs):
             raise ValueError(f"data.lr_dirs names {len(self.lr_dirs)} folders for {len(self.hr_dirs)} in data.hr_dirs")
+        if self.val_source == "benchmark" and (not all(self.val_sets) or len(set(self.val_sets)) < len(self.val_sets)):
+            raise ValueError(f"data.val_set must name one set or several, comma-separated and each once; got "
+                             f"{self.val_set!r}")
         if self.val_source == "folder" and not self.val_dir:
             raise ValueError("data.val_source='folder' needs data.val_dir (a folder of HR images)")
         if min(self.num_workers, self.val_max_images) < 0 or min(self.read_threads, self.prefetch_buffer_size,

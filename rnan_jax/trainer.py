@@ -213,7 +213,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     best_psnr = max(best_psnr, checkpoint.best_psnr(os.fspath(best_mngr.directory)))
     _log(f"RNAN x{cfg.model.scale} on {n_dev} {jax.devices()[0].platform} device(s), {jax.process_count()} "
          f"process(es); global batch {cfg.batch_size}; parameters:\n{summary.parameter_table(state.params)}")
-    _log(f"validation: {len(validator.pairs)} image(s), bicubic PSNR {validator.bicubic_psnr:.3f} dB")
+    _log(f"validation: {validator.describe()}")
     n_params = count_params(state.params)
     if jax.default_backend() == "cpu" and n_params > CPU_NOTE_PARAMS:
         _log(f"note: this is a CPU run of a {n_params:,}-parameter model, seconds per step (README, "
@@ -340,7 +340,7 @@ def _validate(validator: validation.Validator, state: step.TrainState, s: int, c
     writer.scalars(s, scores)
     writer.images(s, strips)
     _log(f"step {s}: validation PSNR {scores['val/psnr']:.3f} dB, SSIM {scores['val/ssim']:.4f} "
-         f"(bicubic {scores['val/bicubic_psnr']:.3f} dB)")
+         f"(bicubic {scores['val/bicubic_psnr']:.3f} dB){validator.others_line(scores)}")
     return scores
 
 

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -11,30 +12,70 @@ from rnan_jax import benchmark_sets, data, images, summary, upscalers
 from rnan_jax.configs import TrainConfig
 
 
+@dataclasses.dataclass(frozen=True)
+class ValidationSet:
+    """One set's pairs, their bicubic upscalings and its bicubic PSNR; `prefix` names its scalars."""
+
+    name: str
+    prefix: str
+    pairs: list[benchmark_sets.Pair]
+    bicubic: list[np.ndarray]
+    bicubic_psnr: float
+
+
 class Validator:
     """PSNR/SSIM of the model on full validation images against bicubic: `data.validation_images`' pairs
     upscaled by `upscalers.model_upscaler` and `bicubic_upscaler` and scored by `benchmark_sets.score`, the
     pairs, calls and rule of `python -m rnan_jax.evaluate`, so the logged val/psnr is what evaluate prints for
     the same parameters and images (an image too large for the device at once is upscaled in windows, with a
-    warning, as there)."""
+    warning, as there).
+
+    With several benchmark sets (`data.val_set="Set5,Set14"`, as EDSR's --data_test Set5+Set14) the first is
+    the run's validation set: its scores are val/psnr, val/ssim and val/bicubic_psnr, which pick the best
+    checkpoint; each other set's are val/<set>/psnr, val/<set>/ssim and val/<set>/bicubic_psnr."""
 
     def __init__(self, cfg: TrainConfig):
-        self.pairs = data.validation_images(cfg.data)
-        self.bicubic = [upscalers.bicubic_upscaler(p) for p in self.pairs]  # evaluate's Bicubic row
-        self.bicubic_psnr = float(np.mean([benchmark_sets.score(b, p)[0] for b, p in zip(self.bicubic, self.pairs)]))
+        self.sets = []
+        for i, name in enumerate(cfg.data.val_sets if cfg.data.val_source == "benchmark" else [""]):
+            pairs = data.validation_images(dataclasses.replace(cfg.data, val_set=name) if name else cfg.data)
+            bicubic = [upscalers.bicubic_upscaler(p) for p in pairs]  # evaluate's Bicubic row
+            psnr = float(np.mean([benchmark_sets.score(b, p)[0] for b, p in zip(bicubic, pairs)]))
+            self.sets.append(ValidationSet(name, "val/" if i == 0 else f"val/{name}/", pairs, bicubic, psnr))
         self.config = cfg.model
 
+    @property
+    def pairs(self) -> list[benchmark_sets.Pair]:
+        """The first set's pairs: the run's validation images."""
+        return self.sets[0].pairs
+
+    @property
+    def bicubic_psnr(self) -> float:
+        return self.sets[0].bicubic_psnr
+
+    def describe(self) -> str:
+        """What the run validates on, for its log: "5 image(s), bicubic PSNR 33.649 dB" (and per further set)."""
+        return "; ".join(f"{s.name + ' ' if len(self.sets) > 1 else ''}{len(s.pairs)} image(s), bicubic PSNR "
+                         f"{s.bicubic_psnr:.3f} dB" for s in self.sets)
+
     def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        psnrs, ssims, strips = [], [], {}
-        for i, (pair, bic) in enumerate(zip(self.pairs, self.bicubic)):
-            lr = images.as_rgb(pair.lr)  # a gray image goes in replicated, as evaluate feeds it
-            sr = upscalers.model_upscaler(params, self.config)(pair)
-            psnr, ssim = benchmark_sets.score(sr, pair)
-            psnrs.append(psnr)
-            ssims.append(ssim)
-            if i < num_logged:
-                lr_up = np.repeat(np.repeat(lr, pair.scale, 0), pair.scale, 1)
-                strips[f"val/{pair.name} (LR | bicubic | SR | HR)"] = summary.comparison_strip(
-                    lr_up, images.as_rgb(bic), sr, images.as_rgb(pair.hr))
-        return {"val/psnr": float(np.mean(psnrs)), "val/ssim": float(np.mean(ssims)),
-                "val/bicubic_psnr": self.bicubic_psnr}, strips
+        scores, strips = {}, {}
+        for k, vset in enumerate(self.sets):
+            psnrs, ssims = [], []
+            for i, (pair, bic) in enumerate(zip(vset.pairs, vset.bicubic)):
+                lr = images.as_rgb(pair.lr)  # a gray image goes in replicated, as evaluate feeds it
+                sr = upscalers.model_upscaler(params, self.config)(pair)
+                psnr, ssim = benchmark_sets.score(sr, pair)
+                psnrs.append(psnr)
+                ssims.append(ssim)
+                if k == 0 and i < num_logged:  # the run's validation set's images only
+                    lr_up = np.repeat(np.repeat(lr, pair.scale, 0), pair.scale, 1)
+                    strips[f"val/{pair.name} (LR | bicubic | SR | HR)"] = summary.comparison_strip(
+                        lr_up, images.as_rgb(bic), sr, images.as_rgb(pair.hr))
+            scores.update({f"{vset.prefix}psnr": float(np.mean(psnrs)), f"{vset.prefix}ssim": float(np.mean(ssims)),
+                           f"{vset.prefix}bicubic_psnr": vset.bicubic_psnr})
+        return scores, strips
+
+    def others_line(self, scores: dict[str, float]) -> str:
+        """"; Set14 30.512 dB, SSIM 0.8890 (bicubic 30.224 dB)" for each set after the first ("" for one set)."""
+        return "".join(f"; {s.name} {scores[s.prefix + 'psnr']:.3f} dB, SSIM {scores[s.prefix + 'ssim']:.4f} "
+                       f"(bicubic {s.bicubic_psnr:.3f} dB)" for s in self.sets[1:])

@@ -917,20 +917,36 @@ def test_a_second_process_runs_the_cached_train_step(images, tmp_path):
 
 
 def test_logged_validation_psnr_is_what_evaluate_prints(images, tmp_path, data_dir):
-    """Set14 (with its gray image, bridge) validated during training and scored by `python -m
-    rnan_jax.evaluate --checkpoint` afterwards: one scoring path, so the same numbers."""
+    """Set14 (with its gray image, bridge) and Set5 validated during training and scored by `python -m
+    rnan_jax.evaluate --checkpoint` afterwards: one scoring path, so the same numbers. The first set of
+    data.val_set is val/psnr (which picks best/), a further one val/<set>/psnr, both on the log's lines."""
     import json
 
     workdir, out = tmp_path / "run", tmp_path / "eval"
     values = {"total_steps": 2, "eval_every": 2, "checkpoint_every": 2, "data.val_source": "benchmark",
-              "data.val_set": "Set14", "data.val_dir": os.path.join(data_dir, "benchmark"), "data.val_max_images": 0}
+              "data.val_set": "Set14,Set5", "data.val_dir": os.path.join(data_dir, "benchmark"),
+              "data.val_max_images": 0}
     results = train_and_evaluate(x4_config(images, **values), str(workdir))
     r = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--checkpoint", str(workdir), "--datasets",
-                        "Set14", "--data_dir", data_dir, "--output", str(out), "--noprogress"], cwd=REPO,
+                        "Set14,Set5", "--data_dir", data_dir, "--output", str(out), "--noprogress"], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    scored = json.loads((out / "results.json").read_text())["Set14"]["x4"]
-    assert scored["images"] == 14
+    scores = json.loads((out / "results.json").read_text())
+    scored, set5 = scores["Set14"]["x4"], scores["Set5"]["x4"]
+    assert (scored["images"], set5["images"]) == (14, 5)
     assert results["val/psnr"] == pytest.approx(scored["psnr"], abs=1e-3)
     assert results["val/ssim"] == pytest.approx(scored["ssim"], abs=1e-5)
-    assert 10 < scored["psnr"] < 40
+    assert results["val/Set5/psnr"] == pytest.approx(set5["psnr"], abs=1e-3)
+    assert results["val/Set5/ssim"] == pytest.approx(set5["ssim"], abs=1e-5)
+    assert 10 < scored["psnr"] < 40 and 10 < set5["psnr"] < 40 and abs(scored["psnr"] - set5["psnr"]) > 0.01
+    log = (workdir / "train.log").read_text()
+    assert re.search(r"validation: Set14 14 image\(s\), bicubic PSNR 2\d\.\d{3} dB; Set5 5 image\(s\), bicubic PSNR "
+                     r"28\.419 dB\n", log)  # Table 1's Bicubic x4 row: 28.42 on Set5
+    assert re.search(rf"step 2: validation PSNR {results['val/psnr']:.3f} dB, SSIM {results['val/ssim']:.4f} "
+                     rf"\(bicubic {results['val/bicubic_psnr']:.3f} dB\); Set5 {results['val/Set5/psnr']:.3f} dB, "
+                     rf"SSIM {results['val/Set5/ssim']:.4f} \(bicubic 28\.419 dB\)\n", log)
+    metrics = [json.loads(line) for line in (workdir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("val/Set5/psnr") == results["val/Set5/psnr"] for m in metrics)
+    with pytest.raises(ValueError, match=r"data.val_set must name one set or several, comma-separated and each "
+                                         r"once; got 'Set5,,Set14'"):
+        train_and_evaluate(x4_config(images, **{**values, "data.val_set": "Set5,,Set14"}), str(tmp_path / "x"))
