@@ -208,6 +208,8 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             a = np.asarray(im)
         if deep:  # also for 8 bits: rounded from 16 (Pillow truncates) and LA stays gray
             a = _read_deep(path, deep)
+        elif 8 < bits < 16 and a.dtype == np.uint16:  # a 10/12/14-bit TIFF: Pillow gives 0..2^bits-1 as I;16,
+            a = np.rint(a * (65535.0 / (2 ** bits - 1))).astype(np.uint16)  # which reads as 16-bit: 16x too dark
         elif bits > 8 and mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
             log.warning("%s: a %d-bit %s TIFF, which Pillow reads at 8 bits (the high byte of each sample); read so",
                         path, bits, mode)

@@ -193,3 +193,33 @@ def test_upscale_cli_writes_a_16bit_png_for_a_16bit_tiff(tmp_path):
         assert written.pixels.dtype == np.uint16 and written.pixels.shape == (24, 28, 3)
         np.testing.assert_array_equal(written.pixels, upscale_image(params, samples[..., :3], config=config))
     assert images.decode(out / "rgba_x2.png", high_bit_depth=True).alpha.dtype == np.uint16
+
+
+def _tiff12(values: np.ndarray) -> bytes:
+    """A little-endian 12-bit gray TIFF (one uncompressed strip, samples packed MSB first, 3 bytes for 2) of
+    values [H, W] < 4096, W even: the layout of machine-vision and microscope cameras' files."""
+    h, w = values.shape
+    a = values.reshape(h, w // 2, 2).astype(np.uint32)
+    packed = np.stack([a[..., 0] >> 4, (a[..., 0] & 15) << 4 | a[..., 1] >> 8, a[..., 1] & 255], -1)
+    data = packed.astype(np.uint8).tobytes()
+    body = bytearray(b"II*\x00" + bytes(4)) + data + bytes(len(data) % 2)
+    struct.pack_into("<I", body, 4, len(body))
+    tags = {256: (4, w), 257: (4, h), 258: (3, 12), 259: (3, 1), 262: (3, 1), 273: (4, 8), 277: (3, 1),
+            278: (4, h), 279: (4, len(data))}
+    table = bytearray(struct.pack("<H", len(tags)))
+    for tag, (kind, value) in sorted(tags.items()):
+        table += struct.pack("<HHI", tag, kind, 1) + struct.pack("<H" if kind == 3 else "<I", value).ljust(4, b"\x00")
+    return bytes(body + table + bytes(4))
+
+
+def test_12bit_tiff_is_scaled_by_its_depth_not_read_16_times_too_dark(tmp_path):
+    """Pillow gives a 12-bit TIFF's samples as 0..4095 in a 16-bit mode; taken as 16-bit, the image was 16 times
+    too dark (4095 -> 16 of 255). By its depth: 4095 is white, at 16 bits and at 8."""
+    values = np.random.default_rng(5).integers(0, 4096, (4, 6)).astype(np.uint16)
+    values[0, :2] = (0, 4095)
+    path = tmp_path / "g12.tif"
+    path.write_bytes(_tiff12(values))
+    deep, shallow = images.decode(path, high_bit_depth=True), images.decode(path)
+    np.testing.assert_array_equal(deep.pixels, np.floor(values * (65535 / 4095) + 0.5).astype(np.uint16))
+    np.testing.assert_array_equal(shallow.pixels, np.floor(values * (255 / 4095) + 0.5).astype(np.uint8))
+    assert (deep.pixels[0, 0], deep.pixels[0, 1], shallow.pixels[0, 1]) == (0, 65535, 255)
