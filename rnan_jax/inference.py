@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -201,9 +202,19 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
     progress: called as progress(windows done, windows in all) while tiling.
     """
     config = config or api.infer_config(params)
+    if isinstance(image, (str, bytes, os.PathLike)):
+        raise TypeError(f"image must be an array of pixels, got the path {os.fsdecode(image)!r}: read it first, e.g. "
+                        "np.asarray(PIL.Image.open(path)) (or use python -m rnan_jax.upscale for files)")
     image = np.asarray(image)
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
-        raise ValueError(f"image must be [H, W, 3] or [H, W], got shape {image.shape}")
+        hint = ""
+        if image.ndim == 4:
+            hint = " (a batch: upscale each image, or call rnan_jax.apply, which takes [B, h, w, 3] floats in [0, 1])"
+        elif image.ndim == 3 and image.shape[-1] == 4:
+            hint = " (RGBA: upscale the RGB channels; python -m rnan_jax.upscale keeps alpha, upscaled apart)"
+        elif image.ndim == 3 and image.shape[0] in (1, 3):
+            hint = " (channels first? upscale_image takes channels last: image.transpose(1, 2, 0))"
+        raise ValueError(f"image must be [H, W, 3] or [H, W], got shape {image.shape}{hint}")
     if image.dtype == np.uint8:
         lr = image.astype(np.float32) / 255.0
     elif image.dtype == np.uint16:

@@ -77,8 +77,15 @@ def test_kinds_in_are_kinds_out(params):
 
 
 def test_rejects_what_it_cannot_upscale(params):
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"got shape \(8, 8, 4\) \(RGBA: upscale the RGB channels"):
         upscale_image(params, np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(2, 8, 8, 3\) \(a batch: upscale each image, or call "
+                                         r"rnan_jax.apply"):
+        upscale_image(params, np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(3, 8, 8\) \(channels first\? .*transpose\(1, 2, 0\)"):
+        upscale_image(params, np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(TypeError, match=r"image must be an array of pixels, got the path 'photo.png': read it first"):
+        upscale_image(params, "photo.png")
     with pytest.raises(TypeError, match="uint8, uint16 or float"):
         upscale_image(params, np.zeros((8, 8, 3), np.int16))
     with pytest.raises(ValueError, match="overlap"):
