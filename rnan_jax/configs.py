@@ -146,7 +146,7 @@ def _check_optim(o: OptimConfig) -> None:
     if not 0 <= o.warmup_steps < o.total_steps:
         raise ValueError(f"optim.warmup_steps must be in [0, total_steps {o.total_steps}), got {o.warmup_steps} (a "
                          "warmup as long as the run never reaches optim.lr)")
-    if o.schedule == "step" and (o.decay_every <= 0 or o.decay_factor <= 0):
+    if o.schedule == "step" and ((o.decay_every <= 0 and not o.milestone_steps) or o.decay_factor <= 0):
         raise ValueError(f"optim.schedule 'step' needs a positive decay_every and decay_factor; got "
                          f"{o.decay_every} and {o.decay_factor}")
 

@@ -33,9 +33,12 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    schedule: str = "step"  # "step": x decay_factor every decay_every steps; "cosine"; "constant"
+    schedule: str = "step"  # "step": x decay_factor every decay_every steps (or at milestones); "cosine"; "constant"
     decay_every: int = 200_000
     decay_factor: float = 0.5
+    # schedule "step": comma-separated steps at which the rate is multiplied by decay_factor, in place of every
+    # decay_every (BasicSR's MultiStepLR, EDSR's --decay 200-400; SwinIR's "250000,400000,450000,475000")
+    milestones: str = ""
     warmup_steps: int = 0
     grad_clip: float = 0.0  # global-norm clipping threshold (0: off)
     skip_threshold: float = 0.0  # skip a step whose loss exceeds this times the running loss (EDSR; 0: off)
@@ -46,9 +49,23 @@ class OptimConfig:
     charbonnier_eps: float = 1e-3
     total_steps: int = 1_000_000
 
+    @property
+    def milestone_steps(self) -> tuple[int, ...]:
+        """`milestones` as steps (() when empty). Raises ValueError for text that is not integers."""
+        return tuple(int(m) for m in self.milestones.split(",")) if self.milestones.strip() else ()
+
     def __post_init__(self):
         if self.schedule not in ("step", "cosine", "constant"):
             raise ValueError(f"optim.schedule must be step, cosine or constant, got {self.schedule!r}")
+        try:
+            steps = self.milestone_steps
+        except ValueError:
+            steps = ()
+        if self.milestones.strip() and (not steps or min(steps) <= 0 or list(steps) != sorted(set(steps))):
+            raise ValueError(f"optim.milestones must be increasing positive steps, comma-separated, e.g. "
+                             f"'200000,400000'; got {self.milestones!r}")
+        if self.milestones.strip() and self.schedule != "step":
+            raise ValueError(f"optim.milestones is read by schedule 'step' only; the schedule is {self.schedule!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"optim.loss must be {', '.join(LOSSES[:-1])} or {LOSSES[-1]}, got {self.loss!r}")
         if self.charbonnier_eps <= 0:
@@ -79,7 +96,10 @@ class StepSpec:
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
     if cfg.schedule == "step":
-        decay = optax.exponential_decay(cfg.lr, cfg.decay_every, cfg.decay_factor, staircase=True)
+        if cfg.milestone_steps:
+            decay = optax.piecewise_constant_schedule(cfg.lr, {m: cfg.decay_factor for m in cfg.milestone_steps})
+        else:
+            decay = optax.exponential_decay(cfg.lr, cfg.decay_every, cfg.decay_factor, staircase=True)
         # join_schedules counts the second schedule from the warmup's end: the milestones stay multiples of
         # decay_every from step 0 (EDSR's MultiStepLR), not warmup_steps later
         base = decay if cfg.warmup_steps <= 0 else lambda count: decay(count + cfg.warmup_steps)

@@ -1,6 +1,7 @@
 """The train step's options: EMA, loss-spike skipping, non-finite steps, the learning-rate schedules."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,26 @@ def test_schedules():
     warm_step = learning_rate(OptimConfig(lr=1e-4, decay_every=1000, decay_factor=0.5, warmup_steps=100))
     assert [float(warm_step(s)) for s in (0, 50, 100, 999, 1000, 1099, 2000)] == pytest.approx(
         [0, 5e-5, 1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5])
+    # explicit milestones (BasicSR's MultiStepLR; SwinIR's recipe), with and without a warmup
+    swinir = learning_rate(OptimConfig(lr=2e-4, milestones="250000,400000,450000,475000", decay_factor=0.5))
+    assert [float(swinir(s)) for s in (0, 249_999, 250_000, 399_999, 400_000, 450_000, 475_000, 499_999)] == \
+        pytest.approx([2e-4, 2e-4, 1e-4, 1e-4, 5e-5, 2.5e-5, 1.25e-5, 1.25e-5])
+    warm_ms = learning_rate(OptimConfig(lr=1e-4, milestones=" 300, 700", decay_factor=0.1, warmup_steps=100))
+    assert [float(warm_ms(s)) for s in (0, 50, 100, 299, 300, 699, 700)] == pytest.approx(
+        [0, 5e-5, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6])
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(milestones="400000,200000"), "optim.milestones must be increasing positive steps, comma-separated, e.g. "
+                                       "'200000,400000'; got '400000,200000'"),
+    (dict(milestones="200k"), "optim.milestones must be increasing positive steps"),
+    (dict(milestones="0,10"), "optim.milestones must be increasing positive steps"),
+    (dict(milestones="100", schedule="cosine"), "optim.milestones is read by schedule 'step' only; the schedule is "
+                                                "'cosine'"),
+])
+def test_bad_milestones_are_one_line(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OptimConfig(**fields)
 
 
 def test_gradient_clipping_scales_the_gradient_to_the_threshold():
