@@ -44,9 +44,10 @@ def _config_path(argv: list[str]) -> str:
     return "?"
 
 
-def _raised_in_config_file(error: BaseException, argv: list[str]) -> bool:
-    path = os.path.abspath(_config_path(argv))
-    return any(os.path.abspath(f.filename) == path for f in traceback.extract_tb(error.__traceback__))
+def _config_file_lines(error: BaseException, path: str) -> list[int]:
+    """The lines of the --config file `path` that `error`'s traceback passed through (none: raised elsewhere)."""
+    return [f.lineno for f in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
 
 
 def config_code_error_line(error: BaseException, argv: list[str]) -> str:
@@ -57,8 +58,7 @@ def config_code_error_line(error: BaseException, argv: list[str]) -> str:
         where = f"line {error.lineno}" if error.lineno else ""
         message = error.msg
     else:
-        lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
-                 if os.path.abspath(f.filename) == os.path.abspath(path)]
+        lines = _config_file_lines(error, path)
         where = f"line {lines[-1]}" if lines else ""
         message = str(error)
     return f"error: --config {path}" + (f", {where}" if where else "") + f": {type(error).__name__}: {message}"
@@ -117,7 +117,7 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
         except (AttributeError, KeyError) as e:
             if "has no attribute 'get_config'" in str(e):
                 sys.exit(f"error: --config {_config_path(argv)}: the file defines no get_config()")
-            if _raised_in_config_file(e, argv):
+            if _config_file_lines(e, _config_path(argv)):
                 sys.exit(config_code_error_line(e, argv))
             sys.exit(config_error_line(e, argv))
         except OSError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import Any
 
 import ml_collections
 
@@ -107,9 +108,15 @@ class TrainConfig:
                    execution=ExecutionConfig(**c.execution.to_dict()), **top)
 
 
-def _keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    return [k for key, v in c.items()
-            for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, ml_collections.ConfigDict) else [prefix + key])]
+def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(KEY, value) for every leaf, KEY as --config.KEY= names it ("optim.lr")."""
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += flatten_config(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
 
 
 def check_keys(c: ml_collections.ConfigDict) -> None:
@@ -117,7 +124,7 @@ def check_keys(c: ml_collections.ConfigDict) -> None:
     it does not know (a typo in the file itself, which the locked config cannot catch: it was made unlocked)."""
     if not isinstance(c, ml_collections.ConfigDict):
         raise ValueError(f"get_config() must return an ml_collections.ConfigDict, got {type(c).__name__}")
-    known, given = _keys(default_config()), _keys(c)
+    known, given = [k for k, _ in flatten_config(default_config())], [k for k, _ in flatten_config(c)]
     sections = [s for s in SECTIONS if not isinstance(c.get(s), ml_collections.ConfigDict)]
     if sections:  # not an RNAN training config at all: the sections first, not a list of every key
         raise ValueError(f"the config has no {', '.join(sections)} section{'s' * (len(sections) > 1)}: start it from "

@@ -21,29 +21,18 @@ def write_info(workdir: str, config: ml_collections.ConfigDict) -> None:
     paths.write_text(os.path.join(workdir, "git_revision.txt"), summary.git_revision(summary.package_dir()) + "\n")
 
 
-def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out += flatten_config(value, f"{prefix}{key}.")
-        else:
-            out.append((prefix + key, value))
-    return out
-
-
 def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
     """`KEY OLD -> NEW` for every key whose value differs from the workdir's config.json (the config of the run
     that started it), e.g. a resumed run's new total_steps, which also stretches a cosine schedule. A key the
     package gained since (absent there) counts only when its value is not its default: the old run had the
     default's behaviour."""
-
     try:
         saved = json.loads(paths.read_text(os.path.join(workdir, "config.json")))
     except (OSError, ValueError):
         return []
 
     def flat(values: dict) -> dict[str, Any]:
-        return dict(flatten_config(ml_collections.ConfigDict(values)))
+        return dict(configs.flatten_config(ml_collections.ConfigDict(values)))
 
     old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
     defaults = flat(json.loads(configs.default_config().to_json_best_effort()))

@@ -28,7 +28,7 @@ from absl import logging
 
 from rnan_jax import checkpoint, data, inference, paths, preemption, rundir, step, summary, validation
 from rnan_jax.api import build, count_params, init
-from rnan_jax.configs import TrainConfig
+from rnan_jax.configs import TrainConfig, flatten_config
 
 
 class TrainingError(RuntimeError):
@@ -124,7 +124,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     n_dev, n_proc = jax.device_count(), jax.process_count()
     lines = ["config (override any key with --config.KEY=VALUE):"]
-    lines += [f"  {key} = {value!r}" for key, value in rundir.flatten_config(config)]
+    lines += [f"  {key} = {value!r}" for key, value in flatten_config(config)]
     lines.append(f"model: RNAN x{cfg.model.scale}, {n_params:,} parameters")
     lines.append(f"devices: {n_dev} x {jax.devices()[0].device_kind} ({jax.default_backend()}), {n_proc} process(es), "
                  f"{jax.local_device_count()} local")

@@ -59,15 +59,16 @@ class Validator:
 
     def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         scores, strips = {}, {}
+        upscale = upscalers.model_upscaler(params, self.config)
         for k, vset in enumerate(self.sets):
             psnrs, ssims = [], []
             for i, (pair, bic) in enumerate(zip(vset.pairs, vset.bicubic)):
-                lr = images.as_rgb(pair.lr)  # a gray image goes in replicated, as evaluate feeds it
-                sr = upscalers.model_upscaler(params, self.config)(pair)
+                sr = upscale(pair)
                 psnr, ssim = benchmark_sets.score(sr, pair)
                 psnrs.append(psnr)
                 ssims.append(ssim)
                 if k == 0 and i < num_logged:  # the run's validation set's images only
+                    lr = images.as_rgb(pair.lr)  # a gray image as the model saw it, replicated
                     lr_up = np.repeat(np.repeat(lr, pair.scale, 0), pair.scale, 1)
                     strips[f"val/{pair.name} (LR | bicubic | SR | HR)"] = summary.comparison_strip(
                         lr_up, images.as_rgb(bic), sr, images.as_rgb(pair.hr))
