@@ -154,9 +154,15 @@ def _closed_loop_callback(unraisable: Any) -> bool:
 
 
 def _not_an_unretrieved_read(record: logging.LogRecord) -> bool:
-    """A filter for asyncio's logger: False for its report of a failed orbax read that nobody awaited."""
+    """A filter for asyncio's logger: False for its report of a failed orbax read that nobody awaited: the task
+    is orbax's `async_deserialize()`, or (as the timing falls) the `_wrap_awaitable()` around a tensorstore read
+    whose error names its spec."""
     text = str(record.msg)
-    return not (text.startswith("Task exception was never retrieved") and "coro=<async_deserialize()" in text)
+    if not text.startswith("Task exception was never retrieved"):
+        return True
+    error = str(record.exc_info[1]) if record.exc_info and record.exc_info[1] is not None else text
+    tensorstore_read = "tensorstore_spec" in error and ("Error reading" in error or "Error opening" in error)
+    return not ("coro=<async_deserialize()" in text or ("coro=<_wrap_awaitable()" in text and tensorstore_read))
 
 
 def quiet_failed_reads() -> None:
