@@ -348,8 +348,9 @@ def load(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANC
     """Parameters and architecture from a training workdir, one step's checkpoint folder, or a model of the
     package's zoo ("zoo:small_x2", see MODEL_ZOO.md).
 
-    which: "latest" (the newest checkpoint's parameters), "best" (best validation PSNR), or "ema" (the
-    newest checkpoint's exponential moving average of the parameters). Raises `CheckpointError`.
+    which: "latest" (the newest checkpoint's parameters), "best" (those that scored the best validation PSNR:
+    with EMA on, the EMA, which validation scores), or "ema" (the newest checkpoint's exponential moving average
+    of the parameters). Raises `CheckpointError`.
     """
     if which not in WHICH:
         raise CheckpointError(f"which must be one of {WHICH}, got {which!r}")
@@ -362,7 +363,8 @@ def load(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANC
         except zoo.ZooError as e:
             raise CheckpointError(str(e)) from None
     directory, step = _locate(path, which)
-    item = "ema" if which == "ema" else "params"
+    validated = which == "best" and paths.isdir(os.path.join(directory, str(step), "ema"))  # what scored best
+    item = "ema" if which == "ema" or validated else "params"
     item_dir = os.path.join(directory, str(step), item)
     if not paths.isdir(item_dir):
         raise CheckpointError(f"{os.path.dirname(item_dir)}: holds no {item} (was the run trained with EMA?)")

@@ -30,7 +30,9 @@ class ExecutionConfig:
     scan_unroll: int = 0  # 0: the default (CPU: full up to 24 blocks, else rolled; GPU: 2; TPU: rolled); -1: full; n
     block_unroll: int = 0  # the RNA blocks' scan inside each GCRG alone: 0 as scan_unroll; -1: full; n
     depthwise: str = "auto"  # "auto" (backend default), "grouped" (feature_group_count) or "shifted"
-    batch_chunks: int = 0  # 0: the default (2 on a one-device CPU run, else 1); n: gradients of n parts, averaged
+    # 0: the default (a one-device CPU run: 2, or 4 without the native kernels, step.default_batch_chunks; else 1);
+    # n: gradients of n parts of the batch, averaged
+    batch_chunks: int = 0
     # "true": parameters cast to model.dtype once per step (model.cast_params) rather than per block inside the
     # scan; fewer kernels, bfloat16-rounded weight gradients; no effect in float32. "auto": true on GPUs (measured
     # faster there), false elsewhere.
@@ -96,6 +98,8 @@ class TrainConfig:
         for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**63:  # what the data pipeline's SeedSequence and jax.random.key take
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         _check_optim(self.optim)
 
     @classmethod

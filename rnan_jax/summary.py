@@ -69,6 +69,9 @@ class Writer:
             _keep_event_thread_errors()
             self._writer = SummaryWriter(self._local, flush_secs=30)
             self._jsonl = os.path.join(self._local, METRICS_FILE)
+            if self._remote and paths.exists(remote := os.path.join(self._remote, METRICS_FILE)):
+                with open(self._jsonl, "w") as f:  # a resumed run continues the lines of the runs before it
+                    f.write(paths.read_text(remote))
 
     def _events(self) -> Any:
         """The SummaryWriter; raises the OSError that ended one of its writer threads, if one did."""

@@ -28,6 +28,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value.strip():  # an unset $WORKDIR: the run went into the current folder
+        raise app.UsageError("--workdir is empty: name the run's folder (--workdir=. for the current one)")
     import jax
 
     from rnan_jax import api, configs, env, preemption, trainer

@@ -261,7 +261,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 results.update(train)
                 writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
                 _log(summary.log_line(s, cfg.total_steps, train))
+            paused_at = None  # validation and saves are not training: the next log's steps/s leaves them out
             if s % cfg.eval_every == 0 or final:
+                paused_at = _synced_time(state)
                 doing = "validation"
                 scores = _validate(validator, state, s, cfg, writer)
                 results.update(scores)
@@ -275,12 +277,15 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             at_log = jax.process_count() == 1 or s % cfg.log_every == 0
             stop = preemption.agree(signals.requested) if at_log else False
             if s % cfg.checkpoint_every == 0 or final or stop:
+                paused_at = paused_at or _synced_time(state)
                 host = jax.device_get(acc)
                 _check_finite(host, s, mngr)
                 meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
                     k: v for k, v in results.items() if k.startswith("val/")})
                 _check_room(mngr, s, state, mngr)
                 checkpoint.save_train_state(mngr, s, state, meta)
+            if paused_at is not None:
+                t_last += time.time() - paused_at
             if stop and final:  # saved above, and nothing is left to resume: the run ends as a whole one does
                 _log(f"{signal.Signals(signals.signum).name} during the last step: the run is complete")
             elif stop:
@@ -331,6 +336,12 @@ def _train_metrics(host: dict, s: int, rate: float, cfg: TrainConfig) -> dict[st
     return {"loss": host["loss"] / n, "grad_norm": host["grad_norm"] / n, "lr": float(host["lr"]),
             "steps_per_s": rate, "patches_per_s": rate * cfg.batch_size,
             "eta_s": (cfg.total_steps - s) / rate if rate > 0 else math.inf, "skipped": host["skipped"]}
+
+
+def _synced_time(state: step.TrainState) -> float:
+    """The time once the steps dispatched so far have run (the pause that follows is then timed alone)."""
+    jax.block_until_ready(state)
+    return time.time()
 
 
 def _validate(validator: validation.Validator, state: step.TrainState, s: int, cfg: TrainConfig,

@@ -41,6 +41,8 @@ _BAD_FLAGS = [
     (["-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2", "photo.png"],
      "upscale: error: --output is required (see --helpshort)"),
     (["-m", "rnan_jax.train"], "train: error: --config and --workdir are required (see --helpshort)"),
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir=", "--dry_run"],  # a run wrote into "."
+     "train: error: --workdir is empty: name the run's folder (--workdir=. for the current one) (see --helpshort)"),
     (["tools/benchmark.py", "--dtypes=float64"],
      "benchmark: error: flag --dtypes=['float64']: each value must be float32, bfloat16 or float16 (see --helpshort)"),
     (["tools/tiling_bound.py", "--overlaps=8,-3"],

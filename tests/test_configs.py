@@ -1,5 +1,6 @@
 """The experiment configs: the paper's recipe, derived scales, and the typed conversion's checks."""
 import os
+import re
 import runpy
 
 import pytest
@@ -93,6 +94,9 @@ def test_block_unroll_unrolls_the_rna_block_scan_apart():
 @pytest.mark.parametrize("key,value,message", [
     ("keep_checkpoints", 0, "keep_checkpoints must be positive, got 0"),
     ("keep_checkpoints", -1, "keep_checkpoints must be positive, got -1"),
+    # the data pipeline failed on it after the set-up: "error: expected non-negative integer"
+    ("seed", -1, re.escape("seed must be in [0, 2**63), got -1")),
+    ("seed", 2**63, re.escape(f"seed must be in [0, 2**63), got {2**63}")),
     ("optim.warmup_steps", 1_000_000, r"optim.warmup_steps must be in \[0, total_steps 1000000\), got 1000000"),
     ("optim.warmup_steps", -5, r"optim.warmup_steps must be in \[0, total_steps 1000000\), got -5"),
     ("optim.decay_every", 0, "optim.schedule 'step' needs a positive decay_every and decay_factor; got 0 and 0.5"),

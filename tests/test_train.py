@@ -276,6 +276,22 @@ def test_tensorboards_writer_thread_failing_is_raised_in_the_callers_thread_and_
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_resumed_run_continues_the_metrics_lines_of_a_url_workdir(tmp_path, monkeypatch):
+    """On a gs:// workdir the scalars' JSON lines are written locally and copied over tensorboard/metrics.jsonl
+    there: a resumed run (a preempted TPU VM's rerun) replaced the earlier runs' lines with its own."""
+    from rnan_jax import summary
+
+    remote = tmp_path / "bucket" / "tensorboard"  # a local folder taken for a URL: epath writes it alike
+    monkeypatch.setattr(summary.paths, "is_url", lambda p: str(p).startswith(str(tmp_path / "bucket")))
+    remote.mkdir(parents=True)
+    for s, loss in ((100, 0.5), (200, 0.25)):  # the first run, then the resumed one
+        writer = summary.Writer(str(remote))
+        writer.scalars(s, {"train/loss": loss})
+        writer.close()
+    lines = [json.loads(line) for line in (remote / summary.METRICS_FILE).read_text().splitlines()]
+    assert lines == [{"step": 100, "train/loss": 0.5}, {"step": 200, "train/loss": 0.25}]
+
+
 _ORBAX_WRITE_FAILURE = (
     'RESOURCE_EXHAUSTED: Error writing "opt_state.1.1.count/0" in OCDBT database at local file "/w/checkpoints/6.'
     'orbax-checkpoint-tmp/opt.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/w/checkpoints/6.orbax-'
@@ -573,6 +589,26 @@ def test_the_logged_learning_rate_is_the_one_the_step_applied(images, tmp_path, 
     assert results["lr"] == pytest.approx(1e-3)  # the schedule at count 0, not 1e-3 * 0.5**3
 
 
+def test_the_logged_speed_leaves_out_validation_and_checkpoint_saves(images, tmp_path, monkeypatch):
+    """steps/s (and patches/s, ETA) is the train step's: the log after a validation and a checkpoint save counted
+    them as training time (the demo's 15-23 steps/s read 4.2 after each validation)."""
+    import time
+
+    from rnan_jax import trainer
+
+    def slow_validation(*args):
+        time.sleep(2.0)
+        return real(*args)
+
+    real = trainer._validate
+    monkeypatch.setattr(trainer, "_validate", slow_validation)
+    config = x4_config(images, total_steps=4, log_every=2, eval_every=2, checkpoint_every=2)
+    train_and_evaluate(config, str(tmp_path))
+    logs = [json.loads(line) for line in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    rate = {log["step"]: log["train/steps_per_s"] for log in logs if "train/steps_per_s" in log}
+    assert sorted(rate) == [2, 4] and rate[4] > 1.5  # steps 3 and 4 in well under a second; with the 2 s: < 1
+
+
 _SECOND_CTRL_C = """
 import os, runpy, signal, sys
 from rnan_jax import checkpoint
@@ -868,6 +904,24 @@ def test_switching_ema_on_at_resume_starts_it_from_the_checkpoint(images, straig
     # One step of EMA 0.5 from the step-3 parameters: halfway between them and the step-4 parameters.
     for e, p, q in zip(*(jax.tree_util.tree_leaves(t) for t in (ema, params, at3))):
         np.testing.assert_allclose(e, 0.5 * p + 0.5 * q, rtol=1e-6, atol=1e-7)
+
+
+def test_the_best_checkpoint_of_an_ema_run_loads_the_parameters_that_scored_best(images, tmp_path):
+    """With EMA on, validation scores the EMA and best/ is picked by its PSNR: load(which="best") (evaluate and
+    upscale --which best) gave the raw parameters of that step, which score otherwise."""
+    from rnan_jax import degrade
+    from rnan_jax.images import read_rgb
+
+    results = train_and_evaluate(x4_config(images, total_steps=2, eval_every=2, checkpoint_every=2,
+                                           **{"optim.ema_decay": 0.5}), str(tmp_path))
+    best, _ = load(str(tmp_path), which="best")
+    assert _equal_trees(best, load(str(tmp_path), which="ema")[0])
+    assert not _equal_trees(best, load(str(tmp_path))[0])
+    hr = read_rgb(images / "val" / "0006.png")
+    sr = metrics.quantize(apply(best, degrade.bicubic_lr(hr, 4).astype(np.float32) / 255.0))
+    psnr = metrics.psnr_y(sr, degrade.modcrop(hr, 4), 4)
+    assert psnr == pytest.approx(results["val/psnr"], abs=1e-9)
+    assert psnr == pytest.approx(checkpoint.read_meta(str(tmp_path / "best"), 2)["val_psnr"], abs=1e-9)
 
 
 def _set_meta(step_dir, **values):
