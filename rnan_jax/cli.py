@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from rnan_jax import paths
+
 
 def config_error_line(error: Exception, argv: list[str]) -> str:
     """One line for an override of a key that the config does not have (ml_collections raises it while the
@@ -151,6 +153,29 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
             sys.exit(130)
 
     app.run(one_line, flags_parser=flags_parser or parse_flags)
+
+
+def local_path(value: str) -> str:
+    """An output path as a flag gives it, `~` expanded (no shell expands the one in "--output=~/sr"). Raises
+    ValueError for a URL: the CLIs that take this write local files only, and os.makedirs("gs://b/x") would make
+    a folder "gs:" in the current one and report the work written to the bucket."""
+    if paths.is_url(value):
+        raise ValueError("a URL, but this command writes local files only (write them here, then copy them, e.g. "
+                         "gcloud storage cp -r)")
+    return os.path.expanduser(value)
+
+
+class _LocalPathParser(flags.ArgumentParser):
+    def parse(self, argument: str) -> str:
+        return local_path(argument)
+
+    def flag_type(self) -> str:
+        return "string"
+
+
+def define_local_output(name: str, default: str | None, help: str, **kwargs: Any) -> flags.FlagHolder:
+    """A string flag for a local output path: `~` expanded, a URL refused in one line while parsing."""
+    return flags.DEFINE(_LocalPathParser(), name, default, help, serializer=flags.ArgumentSerializer(), **kwargs)
 
 
 def output_folder_error(path: str, flag: str = "--output") -> str | None:

@@ -330,7 +330,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool(
         "rounded_y", True, "Round Y to integers as MATLAB's uint8 rgb2ycbcr does (--norounded_y: as RCAN's script)."
     )
-    flags.DEFINE_string("output", None, "Write results.json, results.md and per_image.csv here.")
+    cli.define_local_output("output", None, "Write results.json, results.md and per_image.csv here.")
     flags.DEFINE_bool("save_images", False, "Also write the SR images to <output>/images/<dataset>/x<scale>/.")
     flags.DEFINE_bool("progress", True, "Show a progress bar per dataset.")
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
-from rnan_jax import benchmark_sets, cli, images, metrics, upscalers
+from rnan_jax import benchmark_sets, cli, images, metrics, paths, upscalers
 from rnan_jax.summary import METRICS_FILE
+
+log = logging.getLogger(__name__)
 
 
 class FigureError(ValueError):
@@ -40,17 +43,24 @@ def _pyplot():
 
 def read_validation(workdir: str) -> tuple[list[int], list[float], float | None]:
     """(steps, validation PSNRs, bicubic PSNR) from a workdir's metrics.jsonl (or that file itself), in step
-    order (a resumed run's repeated steps keep the last value)."""
+    order (a resumed run's repeated steps keep the last value; a line that is not a record is skipped, with a
+    warning)."""
     path = workdir if os.path.isfile(workdir) else os.path.join(workdir, "tensorboard", METRICS_FILE)
     if not os.path.isfile(path):
         raise FigureError(f"{path}: no such file (written by the trainer since metrics.jsonl was added)")
-    by_step, bicubic = {}, None
+    by_step, bicubic, unreadable = {}, None, []
     with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if "val/psnr" in record:
-                by_step[record["step"]] = record["val/psnr"]
-                bicubic = record.get("val/bicubic_psnr", bicubic)
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                if "val/psnr" in record:
+                    by_step[record["step"]] = record["val/psnr"]
+                    bicubic = record.get("val/bicubic_psnr", bicubic)
+            except (ValueError, TypeError, KeyError):  # a line cut short when a run was killed mid-write
+                if line.strip():
+                    unreadable.append(number)
+    if unreadable:
+        log.warning("%s: skipped line(s) %s, not a JSON record with a step", path, ", ".join(map(str, unreadable)))
     if not by_step:
         raise FigureError(f"{path}: holds no validation record")
     steps = sorted(by_step)
@@ -79,9 +89,10 @@ def training_curve(workdir: str, output: str, *, title: str = "", references: di
 
 
 def _save(fig: Any, output: str) -> None:
-    if os.path.dirname(output):
-        os.makedirs(os.path.dirname(output), exist_ok=True)
-    fig.savefig(output)
+    """Writes `fig` to exactly `output` (whole or not at all), in the format its extension names, PNG without one
+    (matplotlib would write `output`.png instead)."""
+    image_format = os.path.splitext(output)[1][1:].lower() or "png"
+    paths.write_atomically(output, lambda f: fig.savefig(f, format=image_format))
 
 
 def find_benchmark_image(data_dir: str, image: str) -> tuple[str, str]:
@@ -174,8 +185,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare.add_argument("--label", default="RNAN", help="the model's panel title")
     compare.add_argument("--data_dir", default=None, help="default: $RNAN_DATA_DIR or ../shared/data")
     args = parser.parse_args(argv)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if (error := cli.output_folder_error(folder, flag="--output's folder")) is not None:
+    try:
+        args.output = cli.local_path(args.output)
+        folder = os.path.dirname(os.path.abspath(args.output))
+        error = (cli.output_folder_error(folder, flag="--output's folder")
+                 or (f"--output {args.output}: is a folder (give the figure's file name)"
+                     if os.path.isdir(args.output) else None))
+    except ValueError as e:
+        error = f"--output {args.output}: {e}"
+    if error is not None:
         print(f"figures: {error}", file=sys.stderr)  # before any work
         return 1
     try:
@@ -204,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.label: upscalers.model_upscaler(params, config)}, args.image, box,
                                 args.output, scale=config.scale, data_dir=args.data_dir or env.default_data_dir())
             print(f"wrote {args.output}: " + ", ".join(f"{k} {p:.2f} dB / {s:.4f}" for k, (p, s) in scores.items()))
-    except (FigureError, checkpoint.CheckpointError, images.ImageError, ValueError) as e:
+    except (FigureError, checkpoint.CheckpointError, images.ImageError, ValueError, OSError) as e:
         print(f"figures: {e}", file=sys.stderr)
         return 1
     return 0

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 
 import numpy as np
+
+from rnan_jax import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,17 +167,24 @@ def markdown_table(evaluation: Evaluation) -> str:
     notes += [f"Warning: {w}" for w in evaluation.warnings]
     if evaluation.skipped:
         notes.append(f"Skipped {len(evaluation.skipped)}: " + "; ".join(evaluation.skipped))
-    return "\n".join(lines + notes)
+    return _escaped("\n".join(lines + notes))
 
 
-def write_per_image_csv(evaluation: Evaluation, path: str) -> None:
+def _escaped(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (the undecodable bytes of a file name, which Python holds as lone
+    surrogates) written as escapes (b\\udcffx), so that it can be printed and written as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def per_image_csv(evaluation: Evaluation) -> str:
     """One row per (dataset, scale, image): psnr ("inf" when exact), ssim, cropped HR size, gray."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dataset", "scale", "image", "psnr", "ssim", "height", "width", "gray"])
-        for s in evaluation.scores:
-            psnr = "inf" if math.isinf(s.psnr) else f"{s.psnr:.6f}"
-            writer.writerow([s.dataset, s.scale, s.name, psnr, f"{s.ssim:.6f}", s.height, s.width, int(s.gray)])
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(["dataset", "scale", "image", "psnr", "ssim", "height", "width", "gray"])
+    for s in evaluation.scores:
+        psnr = "inf" if math.isinf(s.psnr) else f"{s.psnr:.6f}"
+        writer.writerow([s.dataset, s.scale, s.name, psnr, f"{s.ssim:.6f}", s.height, s.width, int(s.gray)])
+    return _escaped(f.getvalue())
 
 
 REPORT_FILES = ("results.json", "results.md", "per_image.csv")
@@ -197,13 +207,11 @@ def output_error(output_dir: str, *, save_images: bool = False) -> str | None:
 
 
 def write_report(evaluation: Evaluation, output_dir: str) -> list[str]:
-    """Writes results.json, results.md and per_image.csv into `output_dir`; returns their paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = [os.path.join(output_dir, n) for n in REPORT_FILES]
-    with open(paths[0], "w") as f:
-        json.dump(results_json(evaluation), f, indent=2, allow_nan=False)
-        f.write("\n")
-    with open(paths[1], "w") as f:
-        f.write(markdown_table(evaluation) + "\n")
-    write_per_image_csv(evaluation, paths[2])
-    return paths
+    """Writes results.json, results.md and per_image.csv (UTF-8) into `output_dir`; returns their paths. Each
+    file is written whole or not at all: a full disk or Ctrl-C leaves an earlier report's file as it was."""
+    texts = [json.dumps(results_json(evaluation), indent=2, allow_nan=False) + "\n",
+             markdown_table(evaluation) + "\n", per_image_csv(evaluation)]
+    files = [os.path.join(output_dir, n) for n in REPORT_FILES]
+    for path, text in zip(files, texts):
+        paths.write_atomically(path, lambda f, text=text: f.write(text.encode("utf-8")))
+    return files

@@ -188,7 +188,7 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A training workdir or one checkpoint step's folder.", required=True)
-    flags.DEFINE_string("output", None, "Folder for the upscaled images (created).", required=True)
+    cli.define_local_output("output", None, "Folder for the upscaled images (created).", required=True)
     flags.DEFINE_enum("which", "latest", list(WHICH), "Which parameters of --checkpoint.")
     flags.DEFINE_integer("tile", None, "Upscale in overlapping TILE x TILE LR windows, bounding device memory "
                          "(default: whole images).", lower_bound=1)

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import app
 
@@ -63,3 +64,35 @@ def test_a_malformed_or_unknown_flag_is_one_line_before_any_work(args, line, tmp
     lines = [x for x in r.stderr.splitlines() if "libtpu" not in x]
     assert (r.returncode, lines) == (1, [line]), r.stderr[-2000:]
     assert not os.listdir(tmp_path)
+
+
+def test_output_flags_expand_home_and_refuse_a_url(tmp_path):
+    """upscale, evaluate and figures write local files: --output=~/x (a ~ that no shell expands after "=") is the
+    home folder's x, and a gs:// URL is refused in one line before any work. Both made folders named "~" and
+    "gs:" in the current one, and the run then reported its images or scores written to the bucket."""
+    from PIL import Image
+
+    home, work, hr = tmp_path / "home", tmp_path / "work", tmp_path / "Tiny" / "HR"
+    for folder in (home, work, hr):
+        folder.mkdir(parents=True)
+    Image.fromarray((np.arange(24 * 24 * 3) % 251).astype(np.uint8).reshape(24, 24, 3)).save(hr / "a.png")
+    env = {**os.environ, "HOME": str(home), "JAX_PLATFORMS": "cpu"}
+
+    def run(module, *args):
+        r = subprocess.run([sys.executable, "-m", module, *args], cwd=work, capture_output=True, text=True,
+                           timeout=300, env=env)
+        return r.returncode, [x for x in r.stderr.splitlines() if "libtpu" not in x]
+
+    why = "a URL, but this command writes local files only (write them here, then copy them, e.g. gcloud storage cp -r)"
+    bicubic = ["--method", "bicubic", "--datasets", str(hr.parent), "--scales", "2"]
+    assert run("rnan_jax.upscale", "--checkpoint", "zoo:small_x2", str(hr / "a.png"), "--output=gs://b/sr") == (
+        1, [f"upscale: error: flag --output=gs://b/sr: {why} (see --helpshort)"])
+    assert run("rnan_jax.evaluate", *bicubic, "--output=gs://b/ev") == (
+        1, [f"evaluate: error: flag --output=gs://b/ev: {why} (see --helpshort)"])
+    assert run("rnan_jax.figures", "curve", "--workdir", str(work), "--output=gs://b/c.png") == (
+        1, [f"figures: --output gs://b/c.png: {why}"])
+    assert run("rnan_jax.upscale", "--checkpoint", "zoo:small_x2", str(hr / "a.png"), "--output=~/sr")[0] == 0
+    assert run("rnan_jax.evaluate", *bicubic, "--output=~/ev")[0] == 0
+    assert {"ev", "sr"} <= set(os.listdir(home))
+    assert os.listdir(home / "sr") == ["a_x2.png"] and "results.json" in os.listdir(home / "ev")
+    assert not os.listdir(work)

@@ -189,6 +189,48 @@ def test_sr_dir_scores_saved_images_and_exact_ones_are_infinite(tmp_path):
     assert "Tiny,2,rgb,inf,1.000000,40,36,0" in open(paths[2]).read()
 
 
+def _one_score_evaluation(name="bird", images_scored=1):
+    evaluation = report.Evaluation(method="Bicubic", listed={"Set5": images_scored})
+    for i in range(images_scored):
+        evaluation.scores.append(report.ImageScore("Set5", 2, f"{name}{i or ''}", 36.25, 0.9625, 288, 288, False))
+    return evaluation
+
+
+def test_report_of_a_file_name_that_is_not_utf8_is_written_with_the_bytes_escaped(tmp_path):
+    """A file name with a byte that is not UTF-8 (Python holds it as a lone surrogate) made the report a traceback,
+    leaving per_image.csv cut after its header (and results.md empty when the name was in a skipped message)."""
+    evaluation = _one_score_evaluation("b\udcffx")
+    evaluation.skipped.append("Set5: /data/Set5/HR/c\udcffy.png: cannot read image")
+    files = report.write_report(evaluation, str(tmp_path / "out"))
+    assert open(files[2], encoding="utf-8").read().splitlines()[1] == r"Set5,2,b\udcffx,36.250000,0.962500,288,288,0"
+    assert r"Skipped 1: Set5: /data/Set5/HR/c\udcffy.png: cannot read image" in open(files[1], encoding="utf-8").read()
+    assert json.load(open(files[0]))["run"]["skipped"] == evaluation.skipped
+    assert report.markdown_table(evaluation).encode("utf-8").count(rb"c\udcffy.png") == 1  # printable to stdout
+
+
+def test_report_files_are_written_whole_or_not_at_all(tmp_path):
+    """A full disk (here a file size limit) while writing the report cut results.json short over an earlier one."""
+    out = str(tmp_path / "out")
+    report.write_report(_one_score_evaluation(), out)
+    before = {name: open(os.path.join(out, name)).read() for name in report.REPORT_FILES}
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {os.path.join(REPO, "tests")!r})
+        from test_evaluate import _one_score_evaluation
+        from rnan_jax import report
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500, 500))  # results.json is about 1 kB
+        try:
+            report.write_report(_one_score_evaluation(images_scored=2), {out!r})
+        except OSError as e:
+            print("OSError", e.errno)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.stdout.strip() == "OSError 27", done.stderr
+    assert {name: open(os.path.join(out, name)).read() for name in report.REPORT_FILES} == before
+    assert sorted(os.listdir(out)) == sorted(report.REPORT_FILES)  # no partial file left behind
+
+
 def test_a_full_disk_while_saving_images_is_said_once_and_every_image_is_still_scored(tmp_path, monkeypatch):
     """Saving the SR images failed image by image (a full disk), each failure dropping that image's score, so no
     set got one: a save is not the score."""

@@ -29,6 +29,38 @@ def test_curve_reads_the_validation_records(tmp_path):
         figures.read_validation(str(tmp_path / "nope"))
 
 
+def test_curve_skips_a_line_cut_short_by_a_killed_run_and_says_so(tmp_path, caplog):
+    """A run killed mid-write leaves a partial line (a resumed run appends after it); the curve failed on it with
+    a JSON error naming no file ("figures: Expecting ':' delimiter: line 1 column 24 (char 23)"), and on a record
+    without a step with a KeyError traceback."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 100, "val/psnr": 30.5, "val/bicubic_psnr": 29.0}\n{"step": 200, "val/ps'
+                    '{"step": 150, "train/loss": 0.1}\n{"step": 200, "val/psnr": 31.0}\n\n{"val/psnr": 99.0}\n'
+                    '{"step": 300, "val/psnr": 31.5}\n{"st')
+    assert figures.read_validation(str(path)) == ([100, 200, 300], [30.5, 31.0, 31.5], 29.0)
+    assert caplog.messages == [f"{path}: skipped line(s) 2, 5, 7, not a JSON record with a step"]
+
+
+def test_cli_writes_the_figure_at_the_output_path_and_refuses_a_folder(tmp_path, capsys):
+    """An --output without extension was written as <output>.png while the tool said "wrote <output>"; an --output
+    that is a folder ended in an IsADirectoryError traceback after the work."""
+    workdir = tmp_path / "run" / "tensorboard"
+    workdir.mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text('{"step": 100, "val/psnr": 30.5}\n')
+    out = tmp_path / "figs" / "curve"
+    assert figures.main(["curve", "--workdir", str(tmp_path / "run"), "--output", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert os.listdir(out.parent) == ["curve"]
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    folder = tmp_path / "figs" / "curve.png"
+    folder.mkdir()
+    assert figures.main(["curve", "--workdir", str(tmp_path / "run"), "--output", str(folder)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"figures: --output {folder}: is a folder (give the figure's "
+                                                    "file name)"]
+    assert os.listdir(folder) == []
+
+
 def test_comparison_scores_each_panel_as_evaluate(tmp_path):
     hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
     hr_dir.mkdir(parents=True)
