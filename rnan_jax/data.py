@@ -1,6 +1,6 @@
 """Training and validation data: config, the seeded patch transform and the grain pipeline.
 
-Training: a random-access source of full (HR, LR) pairs (`rnan_jax.sources`, this process's share) ->
+Training: a random-access source of full (HR, LR) pairs (`rnan_jax.sources`, all of them in every process) ->
 repeat to >= 16k entries -> shuffle -> repeat forever -> a random LR patch with the HR patch at the matching
 place and one of the 8 rot90/flip transforms -> batch -> `to_iter_dataset` with read threads (+ worker
 processes), wrapped in `loader.BatchIterator`, whose checkpointable state is a batch count. Batches stay uint8 on
@@ -183,7 +183,8 @@ def training_pairs(cfg: DataConfig, announce: Callable[[str], None] | None = Non
     Returns a grain random-access source of {"hr", "lr"} uint8 full images with `.names`.
     Raises `sources.DataError` (one line) when no usable image remains.
     """
-    what = f"training images ({cfg.source})"
+    split = f" {cfg.tfds_name} split {cfg.tfds_split!r}" if cfg.source == "tfds" else ""
+    what = f"training images ({cfg.source}{split})"
     min_lr = cfg.patch_size
     if cfg.source == "demo":
         pairs = [(n, *sources.make_pair(im, None, cfg.scale, n)) for n, im in sources.demo_train_images()]

@@ -223,28 +223,32 @@ def _entry_paths(spec: PairSpec, scale: int, cache_dir: str) -> tuple[str, str]:
 
 
 def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tuple[str, StoredImage, StoredImage]:
+    """The spec's cached pair, made first if need be. An image too small for the patch is cached all the same
+    (it is small, and another patch size may use it): a rerun neither decodes it again nor announces it as to do."""
     hr_path, lr_path = _entry_paths(spec, scale, cache_dir)
     too_small = f"{spec.name}: {{w}}x{{h}} is smaller than the {scale * min_lr}-pixel HR patch (x{scale})"
-    if cached := _open_cached(hr_path, lr_path):
+    if (cached := _open_cached(hr_path, lr_path)) is not None:
         h, w, _ = cached[0].shape
-        if min(h, w) < scale * min_lr:
-            raise _Skip("small", too_small.format(w=w, h=h))
-        return spec.name, *cached
-    try:
-        hr, lr = spec.load()
-        if min(hr.shape[:2]) < scale * min_lr:  # checked before the resize, which is the slow part
-            raise _Skip("small", too_small.format(w=hr.shape[1], h=hr.shape[0]))
-        hr, lr = make_pair(hr, lr, scale, spec.name)
-    except images.ImageError as e:
-        raise _Skip("unreadable", str(e)) from None
-    try:
-        # through a partial file: a run reading the cache while another makes the same entry sees the old file
-        # or the whole new one, and a failed write leaves nothing
-        for path, array in ((hr_path, hr), (lr_path, lr)):
-            paths.write_atomically(path, lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
-    except OSError as e:  # no permission, disk full
-        raise _unwritable(cache_dir, e) from None
-    return spec.name, StoredImage.open(hr_path), StoredImage.open(lr_path)
+    else:
+        try:
+            hr, lr = spec.load()
+            if min(hr.shape[:2]) < scale:  # not one LR pixel
+                raise _Skip("small", too_small.format(w=hr.shape[1], h=hr.shape[0]))
+            hr, lr = make_pair(hr, lr, scale, spec.name)
+        except images.ImageError as e:
+            raise _Skip("unreadable", str(e)) from None
+        h, w, _ = hr.shape
+        try:
+            # through a partial file: a run reading the cache while another makes the same entry sees the old file
+            # or the whole new one, and a failed write leaves nothing
+            for path, array in ((hr_path, hr), (lr_path, lr)):
+                paths.write_atomically(path, lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
+        except OSError as e:  # no permission (a read-only cache made before small images were cached), disk full
+            if min(h, w) >= scale * min_lr:
+                raise _unwritable(cache_dir, e) from None
+    if min(h, w) < scale * min_lr:
+        raise _Skip("small", too_small.format(w=w, h=h))
+    return spec.name, *(cached or (StoredImage.open(hr_path), StoredImage.open(lr_path)))
 
 
 def _unwritable(cache_dir: str, error: OSError) -> DataError:
@@ -313,6 +317,8 @@ def _announce(specs: Sequence[PairSpec], scale: int, cache_dir: str, what: str,
 
 
 def _report(what: str, total: int, skipped: Sequence[_Skip], hr_patch: int) -> None:
+    if not total:  # an empty TFDS split ("train[800:]" of DIV2K's 800): a ZeroDivisionError in train_dataset
+        raise DataError(f"{what}: the source holds no image")
     if not skipped:
         return
     kinds = {"unreadable": "unreadable or without a matching LR image",
@@ -327,7 +333,7 @@ def _load_files(hr_path: str, lr_path: str | None) -> tuple[np.ndarray, np.ndarr
     return images.read_rgb(hr_path), None if lr_path is None else images.read_rgb(lr_path)
 
 
-def _missing_lr(error: images.ImageError) -> tuple[np.ndarray, np.ndarray | None]:
+def _unusable(error: images.ImageError) -> tuple[np.ndarray, np.ndarray | None]:
     raise error
 
 
@@ -349,17 +355,14 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
         if lr_dir is not None and not os.path.isdir(lr_dir):
             raise DataError(f"{what}: {lr_dir}: no such LR folder")
         for hr_path in files:
-            if lr_dir is None:
-                specs.append(PairSpec(hr_path, digest(_file_id(hr_path), "bicubic_lr"),
-                                      lambda p=hr_path: _load_files(p, None)))
-                continue
             try:
-                lr_path = find_lr_file(hr_path, lr_dir, scale)
-            except images.ImageError as e:
-                specs.append(PairSpec(hr_path, digest(hr_path, "missing"), lambda e=e: _missing_lr(e)))
+                lr_path = None if lr_dir is None else find_lr_file(hr_path, lr_dir, scale)
+                key = digest(_file_id(hr_path), "bicubic_lr" if lr_path is None else _file_id(lr_path))
+            except (images.ImageError, OSError) as e:  # no LR file; a broken link, a file gone since the listing
+                error = e if isinstance(e, images.ImageError) else images.ImageError(f"{e.filename}: {e.strerror}")
+                specs.append(PairSpec(hr_path, digest(hr_path, "missing"), lambda e=error: _unusable(e)))
                 continue
-            specs.append(PairSpec(hr_path, digest(_file_id(hr_path), _file_id(lr_path)),
-                                  lambda p=hr_path, q=lr_path: _load_files(p, q)))
+            specs.append(PairSpec(hr_path, key, lambda p=hr_path, q=lr_path: _load_files(p, q)))
     return specs
 
 

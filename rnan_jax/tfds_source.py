@@ -68,7 +68,7 @@ def tfds_specs(name: str, split: str, data_dir: str | None) -> list[PairSpec]:
     source = open_tfds(name, split, data_dir)
     n = len(source)
     version = getattr(getattr(source, "dataset_info", None), "version", "")
-    where = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else ""
+    where = paths.resolve(data_dir) if data_dir else ""  # a gs:// URL as it is: abspath made it depend on the cwd
     specs = []
     for i in range(n):
         label = f"{name}:{split}[{i}]"

@@ -11,7 +11,7 @@ import pytest
 # "AST constructor recursion depth mismatch" while earlier tests' grain threads are still running.
 from tensorflow_datasets.testing import mock_data
 
-from rnan_jax import data, degrade, ensemble, sources
+from rnan_jax import data, degrade, ensemble, sources, tfds_source
 from rnan_jax.images import write_image
 
 
@@ -262,6 +262,20 @@ def test_tfds_source_reads_a_div2k_shaped_dataset(tmp_path):
     ]
 
 
+def test_tfds_cache_keys_of_a_gs_data_dir_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """tfds_data_dir=gs://BUCKET/... (the README's TPU command): the keys held the cwd ("/home/u/gs:/BUCKET/..."),
+    so a run started from another folder decoded DIV2K (7 GB) into the cache again."""
+    def keys(data_dir, cwd):
+        monkeypatch.chdir(cwd)
+        with mock_data(as_data_source_fn=lambda builder, split, **kw: _div2k_examples(split)):
+            return [spec.key for spec in tfds_source.tfds_specs("div2k/bicubic_x4", "train", data_dir)]
+
+    (tmp_path / "a").mkdir()
+    assert keys("gs://bucket/tfds", tmp_path) == keys("gs://bucket/tfds", tmp_path / "a")
+    assert keys("tfds", tmp_path) != keys("tfds", tmp_path / "a")  # relative local folders: two folders
+    assert keys(str(tmp_path / "tfds"), tmp_path) == keys("tfds", tmp_path)
+
+
 def test_tfds_source_errors_in_one_line(tmp_path, caplog):
     cfg = config(4, source="tfds", tfds_data_dir=str(tmp_path / "none"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(sources.DataError, match="cannot read TFDS dataset 'div2k/bicubic_x4'") as e:
@@ -269,6 +283,12 @@ def test_tfds_source_errors_in_one_line(tmp_path, caplog):
     assert "\n" not in str(e.value)
     assert f"(not prepared there: no {tmp_path}/none/div2k/bicubic_x4/<version>/dataset_info.json)" in str(e.value)
     assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]  # said once, in the error
+    empty = config(4, source="tfds", tfds_data_dir=str(tmp_path / "none"), tfds_split="train[800:]",
+                   cache_dir=str(tmp_path / "cache"))
+    with mock_data(as_data_source_fn=lambda builder, split, **kw: []):  # TFDS's slice of an 800-example split
+        with pytest.raises(sources.DataError) as e:
+            data.train_iterator(empty, global_batch_size=2, seed=0, process_index=0, process_count=1)
+    assert str(e.value) == "training images (tfds div2k/bicubic_x4 split 'train[800:]'): the source holds no image"
     with mock_data(num_examples=3):  # random HR/LR shapes that do not match: all skipped
         with pytest.raises(sources.DataError, match="no usable image: all 3 were skipped") as e:
             data.training_pairs(cfg)
@@ -322,6 +342,26 @@ def test_missing_or_empty_folders_and_missing_lr_files(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert len(data.training_pairs(cfg)) == 1
     assert "0001.png: no LR image in" in caplog.text
+
+
+def test_a_broken_link_among_the_images_is_skipped_by_name(tmp_path, caplog):
+    """A dangling symlink (a dataset of links whose target moved), as HR or as LR file, is one unusable image
+    like an unreadable file: the run stopped at start-up with "[Errno 2] No such file or directory"."""
+    for i in range(2):
+        write_image(tmp_path / "HR" / f"{i:04d}.png", smooth_image(40, 40, i))
+        write_image(tmp_path / "LR" / "X2" / f"{i:04d}x2.png", smooth_image(20, 20, i))
+    os.symlink(tmp_path / "moved.png", tmp_path / "HR" / "0002.png")
+    os.remove(tmp_path / "LR" / "X2" / "0001x2.png")
+    os.symlink(tmp_path / "moved.png", tmp_path / "LR" / "X2" / "0001x2.png")
+    for lr_dirs, usable, broken in (("", ["0000.png", "0001.png"], tmp_path / "HR" / "0002.png"),
+                                    (str(tmp_path / "LR"), ["0000.png"], tmp_path / "LR" / "X2" / "0001x2.png")):
+        cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), lr_dirs=lr_dirs, patch_size=8,
+                     cache_dir=str(tmp_path / "c"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            pairs = data.training_pairs(cfg)
+        assert sorted(os.path.basename(n) for n in pairs.names) == usable
+        assert f"skipping {broken}: No such file or directory" in caplog.text
 
 
 def test_demo_sources(tmp_path):
@@ -519,6 +559,35 @@ def test_a_first_run_says_how_many_images_it_decodes_into_the_cache(tmp_path, ca
     os.remove(next(cache.glob("*.lr.npy")))
     assert lines() == [f"training images (folder): decoding 1 of 3 images into {cache} (2 already cached; later "
                        "runs reuse them) ..."]
+
+
+def test_a_rerun_neither_decodes_nor_announces_images_too_small_for_the_patch(tmp_path, monkeypatch):
+    """classic291 at x4: every run said "decoding 44 of 291 images ... (later runs reuse them)" and decoded the
+    skipped images again; they are cached like the others, and still skipped by size."""
+    write_image(tmp_path / "HR" / "big.png", smooth_image(40, 40, 0))
+    write_image(tmp_path / "HR" / "small.png", smooth_image(30, 45, 1))
+    cfg = config(3, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=12, cache_dir=str(tmp_path / "c"))
+    lines = []
+    assert [os.path.basename(n) for n in data.training_pairs(cfg, lines.append).names] == ["big.png"]
+    assert len(lines) == 1 and "decoding 2 of 2 images" in lines[0]
+    decoded = []
+    read_rgb = sources.images.read_rgb
+    monkeypatch.setattr(sources.images, "read_rgb", lambda path: decoded.append(path) or read_rgb(path))
+    assert [os.path.basename(n) for n in data.training_pairs(cfg, lines.append).names] == ["big.png"]
+    assert len(lines) == 1 and decoded == []
+    smaller = config(3, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=10, cache_dir=str(tmp_path / "c"))
+    pairs = data.training_pairs(smaller, lines.append)
+    assert [os.path.basename(n) for n in pairs.names] == ["big.png", "small.png"] and decoded == []
+    np.testing.assert_array_equal(np.asarray(pairs[1]["hr"]), smooth_image(30, 45, 1)[:, :45])
+    np.testing.assert_array_equal(np.asarray(pairs[1]["lr"]),
+                                  degrade.bicubic_lr(smooth_image(30, 45, 1), 3))
+
+    def read_only(path, write):
+        raise PermissionError(13, "Permission denied")
+
+    os.remove(next((tmp_path / "c").glob("*small.png-*.hr.npy")))  # a read-only cache made before small images were
+    monkeypatch.setattr(sources.paths, "write_atomically", read_only)  # cached: still usable
+    assert [os.path.basename(n) for n in data.training_pairs(cfg).names] == ["big.png"]
 
 
 def test_the_trainer_s_line_and_a_progress_bar_on_a_terminal_come_from_process_0_only(tmp_path, monkeypatch):
