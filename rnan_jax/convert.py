@@ -12,6 +12,8 @@ from rnan_jax.model import RNANConfig
 _BUFFERS = ("mean",)
 # Prefixes that wrappers put before every key: nn.DataParallel / DistributedDataParallel, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# How far a `mean` buffer may be from RNANConfig.rgb_mean: bfloat16 rounds 0.4488 to 0.4492.
+_MEAN_ATOL = 2e-3
 
 
 def _unwrapped(sd: dict) -> dict:
@@ -25,13 +27,19 @@ def from_torch_state_dict(state_dict: Mapping[str, object], config: RNANConfig) 
     """PyTorch `state_dict` (tensors or arrays) -> rnan_jax parameter tree, float32 numpy arrays.
 
     Keys may carry a DataParallel ("module.") or torch.compile ("_orig_mod.") prefix. Raises ValueError naming
-    the first key that is missing, left over or of the wrong shape for `config`."""
-    sd = _unwrapped({k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+    the first key that is missing, left over or of the wrong shape for `config`, and for a `mean` buffer that is
+    not `config.rgb_mean` (the parameters do not hold the mean: the model would shift by the wrong one)."""
+    # .float(): numpy has no bfloat16, the dtype of many half-precision checkpoints
+    sd = _unwrapped({k: np.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v, np.float32)
                      for k, v in state_dict.items()})
     missing = [k for k in ("head.weight", "tail.weight", "fuse1.weight") if k not in sd]
     if missing:
         raise ValueError(f"not an RNAN state_dict: missing {', '.join(missing)} (keys start: "
                          f"{', '.join(list(sd)[:3]) or 'none'})")
+    if "mean" in sd and not np.allclose(sd["mean"].ravel(), config.rgb_mean, rtol=0, atol=_MEAN_ATOL):
+        mean = tuple(round(float(v), 4) for v in sd["mean"].ravel())
+        raise ValueError(f"state_dict: mean is {mean}, but config.rgb_mean is {config.rgb_mean}: pass "
+                         f"RNANConfig(..., rgb_mean={mean})")
     shapes = param_shapes(config)
     used: set[str] = set()
 

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from rnan_jax import api, native, paths
 from rnan_jax.model import RNANConfig
@@ -72,10 +73,15 @@ def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
 
 
 def save(exported: jax.export.Exported, path: str) -> int:
-    """Writes the serialized artifact to `path` (its folder made if missing; a file there replaced only once
-    the new one is complete); returns its size in bytes. Raises OSError naming the path."""
-    if os.path.isdir(path):
+    """Writes the serialized artifact to `path`: a local file (~ expanded; its folder made if missing; a file
+    there replaced only once the new one is complete) or a gs:// URL. Returns its size in bytes. Raises OSError
+    naming the path, ValueError for a gs:// URL that nothing installed can reach."""
+    path = paths.resolve(path)
+    if paths.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder (give a file name, e.g. {os.path.join(path, 'rnan.jaxexport')})")
     blob = exported.serialize()
-    paths.write_atomically(path, lambda f: f.write(blob))
+    if paths.is_url(path):  # an object appears only once it is whole
+        epath.Path(path).write_bytes(blob)
+    else:
+        paths.write_atomically(path, lambda f: f.write(blob))
     return len(blob)

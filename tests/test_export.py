@@ -1,4 +1,5 @@
 """rnan_jax.export: the serialized artifact reproduces `apply` for any batch and size, without rnan_jax."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -6,6 +7,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from test_gcs import gcs  # noqa: F401 (fixture: a local GCS emulator)
 
 from rnan_jax import RNANConfig, apply, init
 from rnan_jax.export import export_model, save
@@ -81,3 +83,35 @@ def test_misuse_is_named(tmp_path, params):
         export_model(params, RNANConfig(**{**TINY.__dict__, "scale": 2}))
     with pytest.raises(IsADirectoryError, match="is a folder"):
         save(export_model(params, TINY, platforms=("cpu",)), str(tmp_path))
+
+
+def test_save_expands_home_and_writes_a_gs_url_to_the_bucket(tmp_path, monkeypatch, params, gcs):  # noqa: F811
+    from etils import epath
+
+    exported = export_model(params, TINY, platforms=("cpu",))
+    blob = exported.serialize()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # where "~" and "gs:" folders used to be made
+    assert save(exported, "~/models/rnan.jaxexport") == len(blob)
+    assert (tmp_path / "home" / "models" / "rnan.jaxexport").read_bytes() == blob
+    assert save(exported, "gs://bucket/models/rnan.jaxexport") == len(blob)
+    assert epath.Path("gs://bucket/models/rnan.jaxexport").read_bytes() == blob
+    assert sorted(os.listdir(tmp_path)) == ["home"]
+
+
+def test_convert_takes_a_bfloat16_state_dict_and_refuses_another_mean(torch_rnan):
+    import torch
+
+    from rnan_jax.convert import from_torch_state_dict
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    torch.manual_seed(0)
+    sd = torch_rnan(scale=2, c=8, n_groups=1, n_blocks=2, r=2).state_dict()
+    rounded = from_torch_state_dict({k: v.bfloat16().float() for k, v in sd.items()}, config)
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           from_torch_state_dict({k: v.bfloat16() for k, v in sd.items()}, config), rounded)
+    other = {**sd, "mean": torch.tensor([0.5, 0.45, 0.4]).view(1, 3, 1, 1)}
+    with pytest.raises(ValueError, match=r"mean is \(0\.5, 0\.45, 0\.4\), but config\.rgb_mean is \(0\.4488, "):
+        from_torch_state_dict(other, config)
+    params = from_torch_state_dict(other, RNANConfig(**{**config.__dict__, "rgb_mean": (0.5, 0.45, 0.4)}))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, from_torch_state_dict(sd, config))

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from rnan_jax import cli, env
+from rnan_jax import cli, env, paths
 from rnan_jax.checkpoint import WHICH, CheckpointError, load
 from rnan_jax.export import DEFAULT_PLATFORMS, PLATFORMS, export_model, save
 
@@ -32,7 +32,11 @@ def main(argv: Sequence[str]) -> None:
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise app.UsageError(f"--fixed_size must be H,W (positive integers), got {FLAGS.fixed_size!r}")
         fixed = (int(parts[0]), int(parts[1]))
-    if os.path.isdir(FLAGS.output):  # found before the minutes an export can take
+    try:  # --output=~/x: no shell expands a ~ after "="; a gs:// URL stays one (and needs gcsfs)
+        output = paths.resolve(FLAGS.output)
+    except ValueError as e:
+        raise app.UsageError(f"--output {e}") from None
+    if os.path.isdir(output):  # found before the minutes an export can take
         raise app.UsageError(f"--output {FLAGS.output} is a folder; give the artifact's file name")
     env.prepare_process()
     try:
@@ -45,17 +49,18 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:  # e.g. parameters that do not fit the checkpoint's config
         sys.exit(f"export: cannot export {FLAGS.checkpoint}: {' '.join(str(e).split())[:500]}")
     try:
-        size = save(exported, FLAGS.output)
+        size = save(exported, output)
     except OSError as e:
         print(f"export: cannot write --output: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {FLAGS.output} ({size / 2**20:.1f} MiB): x{config.scale}, input {exported.in_avals[0]}, "
+    print(f"wrote {output} ({size / 2**20:.1f} MiB): x{config.scale}, input {exported.in_avals[0]}, "
           f"output {exported.out_avals[0]}, platforms {', '.join(exported.platforms)}")
 
 
 def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A training workdir or one checkpoint step's folder.", required=True)
-    flags.DEFINE_string("output", None, "Where to write the serialized artifact.", required=True)
+    flags.DEFINE_string("output", None, "Where to write the serialized artifact: a file name or a gs:// URL.",
+                        required=True)
     flags.DEFINE_enum("which", "latest", list(WHICH), "Which parameters of --checkpoint.")
     flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for (cpu, cuda, rocm, tpu).")
     flags.register_validator("platforms", lambda values: bool(values) and all(v in PLATFORMS for v in values),
