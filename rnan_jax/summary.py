@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any, Mapping
 
 import jax
@@ -54,24 +55,32 @@ class Writer:
     lines in `logdir/metrics.jsonl` ({"step": s, "train/loss": ...}), readable without TensorBoard.
 
     A URL `logdir` (gs://bucket/run/tensorboard; objects there cannot be appended to) is written in a local
-    folder whose files are copied there after every write, so TensorBoard on the URL sees each step."""
+    folder whose changed files are copied there, whole, at most every `mirror_every_s` seconds, after each write
+    of images and at `close`. There each write of images also ends its event file and the next write begins
+    another (TensorBoard reads a run's files in order): one event file of every image strip of a 1M-step run
+    grew to hundreds of MB, copied again after every logged step, and stalled the step loop while it went."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, mirror_every_s: float = 60.0):
         self._writer = None
         self._jsonl = None
         self._remote = logdir if paths.is_url(logdir) else None
         self._copied: dict[str, int] = {}
+        self._mirror_every_s, self._mirrored_at, self._event_files = mirror_every_s, -math.inf, 0
         if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-
             self._local = tempfile.mkdtemp(prefix="rnan_tensorboard_") if self._remote else logdir
 
             _keep_event_thread_errors()
-            self._writer = SummaryWriter(self._local, flush_secs=30)
+            self._writer = self._new_event_file()
             self._jsonl = os.path.join(self._local, METRICS_FILE)
             if self._remote and paths.exists(remote := os.path.join(self._remote, METRICS_FILE)):
                 with open(self._jsonl, "w") as f:  # a resumed run continues the lines of the runs before it
                     f.write(paths.read_text(remote))
+
+    def _new_event_file(self) -> Any:
+        from tensorboardX import SummaryWriter
+
+        self._event_files += 1  # tensorboardX names a file by the second it began: the number keeps them apart
+        return SummaryWriter(self._local, flush_secs=30, filename_suffix=f".{self._event_files:04d}")
 
     def _events(self) -> Any:
         """The SummaryWriter; raises the OSError that ended one of its writer threads, if one did."""
@@ -93,12 +102,17 @@ class Writer:
         if self._writer:
             for k, v in images.items():
                 self._events().add_image(k, np.asarray(v), step, dataformats="HWC")
-            self._mirror()
+            if self._remote:  # the images' file is copied once, complete, and never again
+                self._events().close()
+                self._mirror(flush=False, now=True)
+                self._writer = self._new_event_file()
 
-    def _mirror(self, flush: bool = True) -> None:
-        """Copies the local files that changed since the last copy to the URL logdir."""
-        if not self._remote:
+    def _mirror(self, flush: bool = True, now: bool = False) -> None:
+        """Copies the local files that changed since the last copy to the URL logdir: `now`, or if the last copy
+        is `mirror_every_s` old."""
+        if not self._remote or not (now or time.monotonic() - self._mirrored_at >= self._mirror_every_s):
             return
+        self._mirrored_at = time.monotonic()
         if flush:
             self._writer.flush()
         for name in os.listdir(self._local):
@@ -125,7 +139,7 @@ class Writer:
             raise
         finally:
             self._writer = None
-        self._mirror(flush=False)
+        self._mirror(flush=False, now=True)
         if self._remote:
             shutil.rmtree(self._local, ignore_errors=True)
 

@@ -292,6 +292,39 @@ def test_a_resumed_run_continues_the_metrics_lines_of_a_url_workdir(tmp_path, mo
     assert lines == [{"step": 100, "train/loss": 0.5}, {"step": 200, "train/loss": 0.25}]
 
 
+def test_a_url_workdir_s_event_files_are_copied_at_most_once_a_minute_and_images_only_once(tmp_path, monkeypatch):
+    """On a gs:// workdir the TensorBoard files are written locally and copied there whole. They were copied after
+    every logged step, and every validation's image strips went into the one event file: over a 1M-step run
+    hundreds of MB, copied again every 100 steps. Now a write of images ends its event file (copied then, once)
+    and the rest is copied at most every mirror_every_s; TensorBoard reads the files in order, all values there."""
+    from rnan_jax import scalars, summary
+
+    remote = tmp_path / "bucket" / "tensorboard"  # a local folder taken for a URL: epath writes it alike
+    monkeypatch.setattr(summary.paths, "is_url", lambda p: str(p).startswith(str(tmp_path / "bucket")))
+    remote.mkdir(parents=True)
+    copies = []
+    write_bytes = summary.epath.Path.write_bytes
+    monkeypatch.setattr(summary.epath.Path, "write_bytes",
+                        lambda self, data: copies.append((self.name, len(data))) or write_bytes(self, data))
+    strip = np.random.default_rng(0).integers(0, 256, (64, 256, 3), dtype=np.uint8)  # incompressible: 49 KiB
+    writer = summary.Writer(str(remote))  # copies at most once a minute: only the first scalars, then images
+    for s in range(1, 7):
+        writer.scalars(s, {"train/loss": 1 / s})
+        if s % 3 == 0:
+            writer.images(s, {"val/strip": strip})
+    writer.close()
+    events = sorted(n for n in os.listdir(remote) if n.startswith("events.out.tfevents"))
+    assert [n[-5:] for n in events] == [".0001", ".0002", ".0003"]  # begun at the start and after each images
+    big = [(name, size) for name, size in copies if size > strip.size]
+    assert sorted(big) == [(events[0], os.path.getsize(remote / events[0])),
+                           (events[1], os.path.getsize(remote / events[1]))]  # each copied once, complete
+    assert [name for name, _ in copies].count(summary.METRICS_FILE) == 3  # the first write, each images (not close)
+    assert {s: round(v, 6) for s, (v, _) in scalars.read_scalars(str(remote))["train/loss"].items()} == {
+        s: round(1 / s, 6) for s in range(1, 7)}
+    lines = (remote / summary.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
 _ORBAX_WRITE_FAILURE = (
     'RESOURCE_EXHAUSTED: Error writing "opt_state.1.1.count/0" in OCDBT database at local file "/w/checkpoints/6.'
     'orbax-checkpoint-tmp/opt.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/w/checkpoints/6.orbax-'
