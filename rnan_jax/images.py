@@ -47,6 +47,12 @@ class Decoded(NamedTuple):
         return self.pixels.ndim == 2
 
 
+def _from_unit(a: np.ndarray, dtype: type) -> np.ndarray:
+    """Float samples in [0, 1] at `dtype`'s full scale, rounded; outside it clipped, NaN as 0."""
+    peak = np.iinfo(dtype).max
+    return np.clip(np.rint(np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0) * peak), 0, peak).astype(dtype)
+
+
 def _to_uint8(a: np.ndarray) -> np.ndarray:
     """Scales 16-bit (or 32-bit integer) samples to 8 bits with rounding; uint8 passes through."""
     if a.dtype == np.uint8:
@@ -54,7 +60,7 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == bool:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.floating):
-        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+        return _from_unit(a, np.uint8)
     # 16-bit types are scaled by their range, not their values: a dark 16-bit image (every sample <= 255) is
     # dark, not 8-bit. Pillow's 32-bit mode I does not say its depth: above 255 is taken as 16-bit.
     peak = 65535 if a.dtype.itemsize == 2 or a.max(initial=0) > 255 else 255
@@ -68,8 +74,22 @@ def _to_uint16(a: np.ndarray) -> np.ndarray:
     if a.dtype == bool:
         return a.astype(np.uint16) * 65535
     if np.issubdtype(a.dtype, np.floating):
-        return np.clip(np.rint(a * 65535.0), 0, 65535).astype(np.uint16)
+        return _from_unit(a, np.uint16)
     return np.clip(a, 0, 65535).astype(np.uint16)
+
+
+def _warn_out_of_range(path: str, a: np.ndarray) -> None:
+    """A warning for samples that `_to_uint8`/`_to_uint16` clip: a float TIFF outside [0, 1] (an HDR or 0..255
+    one came out nearly white), a 32-bit integer one above 65535."""
+    if np.issubdtype(a.dtype, np.floating):
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if lo < 0 or hi > 1 or finite.size < a.size:
+            log.warning("%s: float samples in [%g, %g]%s, read as [0, 1]: clipped", path, lo, hi,
+                        "" if finite.size == a.size else f" and {a.size - finite.size} NaN or infinite (NaN read as 0)")
+    elif a.dtype.itemsize == 4 and np.issubdtype(a.dtype, np.integer) and (a.min() < 0 or a.max() > 65535):
+        log.warning("%s: 32-bit integer samples in [%d, %d], read as 16-bit: clipped to [0, 65535]", path,
+                    a.min(), a.max())
 
 
 def _deep(a: np.ndarray) -> bool:
@@ -223,6 +243,7 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
         raise ImageError(f"{path}: cannot read image ({e})") from None
     if a.size == 0 or a.shape[0] == 0 or a.shape[1] == 0:
         raise ImageError(f"{path}: image is empty")
+    _warn_out_of_range(path, a)
     convert = _to_uint16 if high_bit_depth and _deep(a) else _to_uint8
     alpha = None
     if a.ndim == 3 and a.shape[2] in (2, 4):

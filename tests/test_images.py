@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -223,3 +224,29 @@ def test_12bit_tiff_is_scaled_by_its_depth_not_read_16_times_too_dark(tmp_path):
     np.testing.assert_array_equal(deep.pixels, np.floor(values * (65535 / 4095) + 0.5).astype(np.uint16))
     np.testing.assert_array_equal(shallow.pixels, np.floor(values * (255 / 4095) + 0.5).astype(np.uint8))
     assert (deep.pixels[0, 0], deep.pixels[0, 1], shallow.pixels[0, 1]) == (0, 65535, 255)
+
+
+def test_float_and_32bit_tiffs_outside_the_range_are_clipped_with_a_warning_by_name(tmp_path, caplog):
+    """A float TIFF outside [0, 1] (HDR, or 0..255) came out nearly white without a word, a NaN as an arbitrary
+    value with numpy's RuntimeWarning, a 32-bit integer one above 65535 clipped silently: now each is said."""
+    hdr = np.linspace(6, 1000, 64, dtype=np.float32).reshape(8, 8)
+    holes = np.full((8, 8), 0.5, np.float32)
+    holes[0, :3] = (np.nan, np.inf, -np.inf)
+    wide = (np.arange(64, dtype=np.int32) * 5000).reshape(8, 8)
+    for name, a, mode in (("hdr", hdr, "F"), ("holes", holes, "F"), ("wide", wide, "I"),
+                          ("fine", np.full((8, 8), 0.25, np.float32), "F")):
+        Image.fromarray(a, mode=mode).save(tmp_path / f"{name}.tif")
+    with caplog.at_level(logging.WARNING, logger="rnan_jax.images"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" for the NaN
+        hdr8 = images.decode(tmp_path / "hdr.tif").pixels
+        holes16 = images.decode(tmp_path / "holes.tif", high_bit_depth=True).pixels
+        wide16 = images.decode(tmp_path / "wide.tif", high_bit_depth=True).pixels
+        fine8 = images.decode(tmp_path / "fine.tif").pixels
+    assert hdr8.dtype == np.uint8 and (hdr8 == 255).all()
+    assert holes16[0, :4].tolist() == [0, 65535, 0, 32768] and holes16.dtype == np.uint16
+    assert wide16.max() == 65535 and wide16[0, :3].tolist() == [0, 5000, 10000]
+    assert (fine8 == 64).all()
+    assert [r.getMessage().replace(str(tmp_path), "T") for r in caplog.records] == [
+        "T/hdr.tif: float samples in [6, 1000], read as [0, 1]: clipped",
+        "T/holes.tif: float samples in [0.5, 0.5] and 3 NaN or infinite (NaN read as 0), read as [0, 1]: clipped",
+        "T/wide.tif: 32-bit integer samples in [0, 315000], read as 16-bit: clipped to [0, 65535]"]
