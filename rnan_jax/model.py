@@ -55,7 +55,10 @@ class RNANConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        object.__setattr__(self, "rgb_mean", tuple(float(v) for v in self.rgb_mean))
+        try:
+            object.__setattr__(self, "rgb_mean", tuple(float(v) for v in self.rgb_mean))
+        except (TypeError, ValueError):  # --config.model.rgb_mean=abc: "could not convert string to float"
+            raise ValueError(f"RNANConfig: rgb_mean must be 3 numbers, got {self.rgb_mean!r}") from None
         checks = [
             (self.scale in (2, 3, 4), f"scale must be 2, 3 or 4, got {self.scale}"),
             (self.features > 0 and self.num_groups > 0 and self.num_blocks > 0,

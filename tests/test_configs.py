@@ -97,6 +97,8 @@ def test_block_unroll_unrolls_the_rna_block_scan_apart():
     # the data pipeline failed on it after the set-up: "error: expected non-negative integer"
     ("seed", -1, re.escape("seed must be in [0, 2**63), got -1")),
     ("seed", 2**63, re.escape(f"seed must be in [0, 2**63), got {2**63}")),
+    # --config.model.rgb_mean=abc: "error: could not convert string to float: 'abc'", no key named
+    ("model.rgb_mean", ("abc",), re.escape("RNANConfig: rgb_mean must be 3 numbers, got ('abc',)")),
     ("optim.warmup_steps", 1_000_000, r"optim.warmup_steps must be in \[0, total_steps 1000000\), got 1000000"),
     ("optim.warmup_steps", -5, r"optim.warmup_steps must be in \[0, total_steps 1000000\), got -5"),
     ("optim.decay_every", 0, "optim.schedule 'step' needs a positive decay_every and decay_factor; got 0 and 0.5"),
