@@ -31,9 +31,10 @@ per pool thread.
 
 The shared library is compiled from the sources (shipped with the package) by `$CXX` (default `c++`) with
 `-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default ~/.cache/rnan_jax/native), named by a hash of the
-sources, the compiler, JAX's version and this CPU, so it is built once per machine. Without a compiler, or
-with `RNAN_JAX_NATIVE=0`, or if the build fails (said once in a warning), `available()` is False and the model
-keeps XLA's convolutions and pure-JAX gradients: the same numbers up to float rounding.
+sources, the compiler, JAX's version and this CPU, so it is built once per machine (again where the cached file
+was cut short). Without a compiler, or with `RNAN_JAX_NATIVE=0`, or if the build fails (said once in a warning),
+`available()` is False and the model keeps XLA's convolutions and pure-JAX gradients: the same numbers up to float
+rounding.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from typing import Iterator
@@ -72,8 +74,27 @@ def _cpu_id() -> bytes:
         return platform.processor().encode()
 
 
+def _whole(path: str) -> bool:
+    """Whether the library at `path` is there and not cut short: not empty and, if ELF, as long as the end of its
+    section header table, the last thing a linker writes. dlopen takes a library cut short (a crash while it was
+    written) without an error: it maps the file, and the process dies of SIGBUS on the first page past its end."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(64), os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if head[:4] != b"\x7fELF":
+        return size > 0  # another format (macOS's Mach-O): not checked further
+    if len(head) < 64 or head[4] not in (1, 2) or head[5] not in (1, 2):
+        return False
+    order = "<" if head[5] == 1 else ">"
+    offset, = struct.unpack_from(order + ("Q" if head[4] == 2 else "I"), head, 0x28 if head[4] == 2 else 0x20)
+    entry_size, count = struct.unpack_from(order + "HH", head, 0x3A if head[4] == 2 else 0x2E)
+    return 0 < offset and offset + entry_size * count <= size
+
+
 def _build() -> str:
-    """The path of the compiled library (built now unless already cached); raises OSError or
+    """The path of the compiled library (built now unless a whole one is cached); raises OSError or
     subprocess.CalledProcessError on failure."""
     import jax
 
@@ -88,7 +109,7 @@ def _build() -> str:
     key = hashlib.sha256(b"\0".join([*sources, version, jax.__version__.encode(), _cpu_id()])).hexdigest()[:16]
     cache = env.cache_folder("native", NATIVE_CACHE_ENV)
     path = os.path.join(cache, f"kernels_{key}.so")
-    if os.path.isfile(path):
+    if _whole(path):
         return path
     os.makedirs(cache, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)

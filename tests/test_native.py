@@ -79,11 +79,13 @@ def _conv_reference(x, g, size):
 # 13 and 3 input channels: register blocks of every height left over), and the input channels as the vector
 # axis where the output has 3 (the tail conv) or 5; odd image sizes for every border case. Both channel counts
 # multiples of 16 take Winograd's form for 3x3 (kernels/winograd.cc): odd sizes, 48 x 48 (register blocks of 12
-# input channels, vector blocks of 2 and 1), a 1 x 1 image, and 3 x 15 x 16 tiles (panels across images)
+# input channels, vector blocks of 2 and 1), a 1 x 1 image, and 3 x 15 x 16 tiles (panels across images); images
+# of width 0 (dk = 0: the tile height divided by the width killed the process with SIGFPE)
 @pytest.mark.parametrize("size", [3, 1])
 @pytest.mark.parametrize("x_shape,features", [((3, 7, 5, 13), 48), ((2, 5, 9, 32), 3), ((1, 1, 1, 3), 16),
                                               ((2, 6, 4, 29), 32), ((1, 3, 2, 16), 5), ((2, 7, 9, 16), 32),
-                                              ((3, 5, 6, 48), 48), ((1, 1, 1, 16), 16), ((3, 29, 32, 32), 16)])
+                                              ((3, 5, 6, 48), 48), ((1, 1, 1, 16), 16), ((3, 29, 32, 32), 16),
+                                              ((2, 3, 0, 3), 16), ((1, 4, 0, 32), 3)])
 @needs_compiler
 def test_native_conv_kernel_gradient_matches_float64(x_shape, features, size):
     assert native.available() and native.conv_supported(x_shape[-1], features)
@@ -195,3 +197,24 @@ def test_without_the_native_kernel_the_gradient_stays_in_jax(environ, tmp_path):
     assert out.stdout.split() == ["False", "16.0", "9.0"]  # centre tap: all 16 positions; corner: 3 x 3
     if "CXX" in environ:
         assert "native CPU kernels not built" in out.stderr
+
+
+@needs_compiler
+def test_a_cached_library_cut_short_is_built_again(tmp_path, monkeypatch):
+    """A library in the cache that a crash cut short is built again. Loaded as it was, half a library killed the
+    process (dlopen mapped it: SIGBUS on the first page past its end) and an empty one left the kernels off."""
+    assert native.available()
+    real = native._build()  # cached: the compiler below "builds" by copying it
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo fake 1 && exit 0\n'
+                   f'for a; do [ "$prev" = -o ] && cp "{real}" "$a"; prev="$a"; done\nexit 0\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv(native.NATIVE_CACHE_ENV, str(tmp_path / "cache"))
+    size = os.path.getsize(real)
+    path = native._build()
+    assert os.path.getsize(path) == size
+    for cut in (size // 2, 0):
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        assert native._build() == path and os.path.getsize(path) == size

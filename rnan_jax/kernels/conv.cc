@@ -78,8 +78,8 @@ static void KernelGrad(const float* xs, const float* gs, float* out, int64_t B, 
   // Vector side: g (co) or x (ci); the other is broadcast. acc layout per tap: [cb][cv].
   const int64_t cv = co_vector ? CO : CI, cb = co_vector ? CI : CO;
   std::vector<float> acc(taps * cb * cv, 0.0f);
-  // Rows per tile: the tile's x rows (with the halo) and g rows within ~64 KiB.
-  const int64_t budget = 16384 / W - 2 * half * CI;
+  // Rows per tile: the tile's x rows (with the halo) and g rows within ~64 KiB (an image of width 0: dk = 0).
+  const int64_t budget = 16384 / std::max<int64_t>(W, 1) - 2 * half * CI;
   const int64_t th = std::max<int64_t>(1, std::min<int64_t>(H, budget / (CI + CO)));
   std::vector<const float*> vrows(th), brows(th);
   for (int64_t b = 0; b < B; ++b) {
