@@ -29,6 +29,7 @@ from absl import logging
 from rnan_jax import checkpoint, data, inference, paths, preemption, rundir, step, summary, validation
 from rnan_jax.api import build, count_params, init
 from rnan_jax.configs import TrainConfig, flatten_config
+from rnan_jax.model import RNANConfig
 
 
 class TrainingError(RuntimeError):
@@ -69,15 +70,24 @@ def _copy_matching(params: Any, source: Any, origin: str) -> Any:
     return out
 
 
-def _init_from(cfg: TrainConfig, params: Any) -> Any:
-    source, source_cfg = checkpoint.load(cfg.init_from)
+def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig]:
+    """The parameters and architecture that `cfg.init_from` names; raises CheckpointError or ValueError (one line,
+    naming init_from) for a path that holds none, or an architecture that differs beyond the scale."""
+    try:
+        source, source_cfg = checkpoint.load(cfg.init_from)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"init_from: {e}") from None
     differs = [f"{k} {getattr(source_cfg, k)} vs {getattr(cfg.model, k)}"
                for k in ("features", "num_groups", "num_blocks", "group_interval", "block_interval", "gc_reduction")
                if getattr(source_cfg, k) != getattr(cfg.model, k)]
     if differs:
         raise ValueError(f"init_from {cfg.init_from}: its architecture differs beyond the scale "
                          f"({'; '.join(differs)}); only the upsampler may differ")
-    return _copy_matching(params, source, f"{cfg.init_from} (x{source_cfg.scale} -> x{cfg.model.scale})")
+    return source, source_cfg
+
+
+def _init_from(cfg: TrainConfig, params: Any, source: tuple[dict, RNANConfig]) -> Any:
+    return _copy_matching(params, source[0], f"{cfg.init_from} (x{source[1].scale} -> x{cfg.model.scale})")
 
 
 def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: TrainConfig,
@@ -180,6 +190,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                          cfg.execution.cast_once, cfg.execution.remat_policy)
     train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)
 
+    # init_from is read before the data, whose first decode can take many minutes, unless the run resumes
+    fresh = cfg.init_from and not checkpoint.complete_steps(os.path.join(workdir, checkpoint.CHECKPOINTS))
+    source = _init_source(cfg) if fresh else None
     # The data before the checkpoint managers (a workdir that cannot be written has failed already, in
     # _prepare_workdir): a manager's start-up cleanup thread, cut off by the exit that a data error causes,
     # printed orbax's tracebacks ("cannot schedule new futures after shutdown") under the one-line error.
@@ -205,7 +218,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     else:
         params = None
         if cfg.init_from:
-            params = _init_from(cfg, init(rng, cfg.model))
+            params = _init_from(cfg, init(rng, cfg.model), source or _init_source(cfg))
         state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(rng, params)
         rundir.write_info(workdir, config)
     # best/ may hold a step past the resumed one (validated, then lost before its checkpoint): a new best must

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from rnan_jax import checkpoint, load, metrics
+from rnan_jax import checkpoint, load, metrics, trainer
 from rnan_jax.api import apply
 from rnan_jax.images import write_image
 from rnan_jax.trainer import TrainingError, dry_run, train_and_evaluate
@@ -369,7 +369,7 @@ def test_a_checkpoint_that_fails_to_be_written_is_one_line_and_its_thread_report
                             "checkpoint (step 3) is intact: make room and rerun to resume from it")
 
 
-def test_init_from_x2_to_x4(images, tmp_path, capsys):
+def test_init_from_x2_to_x4(images, tmp_path, capsys, monkeypatch):
     x2 = x4_config(images, total_steps=2, **{"model.scale": 2})
     train_and_evaluate(x2, str(tmp_path / "x2"))
     source, _ = load(str(tmp_path / "x2"))
@@ -383,9 +383,16 @@ def test_init_from_x2_to_x4(images, tmp_path, capsys):
     assert config.scale == 4
     for name in ("head", "groups", "fuse1", "fuse3", "up_0", "tail"):  # x2's up_0 is C -> 4C, as x4's first
         assert _equal_trees(source[name], target[name]), name
+    # both refused before the data is read (a first DIV2K decode takes many minutes), the path's one named
+    monkeypatch.setattr(trainer.data, "train_iterator", lambda *a, **k: pytest.fail("the data was read first"))
     bad = x4_config(images, init_from=str(tmp_path / "x2"), **{"model.features": 16, "model.gc_reduction": 4})
     with pytest.raises(ValueError, match="differs beyond the scale .*features 8 vs 16"):
         train_and_evaluate(bad, str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=f"^init_from: {tmp_path}/x3: no such file or folder$"):
+        train_and_evaluate(x4_config(images, init_from=str(tmp_path / "x3")), str(tmp_path / "bad"))
+    # a resumed run does not read it again: its source may be gone
+    monkeypatch.undo()
+    train_and_evaluate(x4_config(images, total_steps=1, init_from=str(tmp_path / "x3")), str(tmp_path / "x4"))
 
 
 def test_config_that_does_not_fit_fails_with_one_line(images, tmp_path):
