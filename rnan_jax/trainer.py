@@ -196,8 +196,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     # The data before the checkpoint managers (a workdir that cannot be written has failed already, in
     # _prepare_workdir): a manager's start-up cleanup thread, cut off by the exit that a data error causes,
     # printed orbax's tracebacks ("cannot schedule new futures after shutdown") under the one-line error.
+    validator = validation.Validator(cfg)  # before the training data, whose first decode can take many minutes
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed, announce=_log)
-    validator = validation.Validator(cfg)
     mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), max_to_keep=cfg.keep_checkpoints)
     # Synchronous: orbax names its multi-host barrier for an async save by the step alone, so two managers
     # saving the same step asynchronously collide ("Barrier _async_write_complete.<step> is already ongoing").

@@ -383,13 +383,15 @@ def test_init_from_x2_to_x4(images, tmp_path, capsys, monkeypatch):
     assert config.scale == 4
     for name in ("head", "groups", "fuse1", "fuse3", "up_0", "tail"):  # x2's up_0 is C -> 4C, as x4's first
         assert _equal_trees(source[name], target[name]), name
-    # both refused before the data is read (a first DIV2K decode takes many minutes), the path's one named
+    # both refused before the training data is read (a first DIV2K decode takes many minutes), init_from named
     monkeypatch.setattr(trainer.data, "train_iterator", lambda *a, **k: pytest.fail("the data was read first"))
     bad = x4_config(images, init_from=str(tmp_path / "x2"), **{"model.features": 16, "model.gc_reduction": 4})
     with pytest.raises(ValueError, match="differs beyond the scale .*features 8 vs 16"):
         train_and_evaluate(bad, str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=f"^init_from: {tmp_path}/x3: no such file or folder$"):
         train_and_evaluate(x4_config(images, init_from=str(tmp_path / "x3")), str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=f"{tmp_path}/no_val: no such"):  # so are missing validation images
+        train_and_evaluate(x4_config(images, **{"data.val_dir": str(tmp_path / "no_val")}), str(tmp_path / "bad"))
     # a resumed run does not read it again: its source may be gone
     monkeypatch.undo()
     train_and_evaluate(x4_config(images, total_steps=1, init_from=str(tmp_path / "x3")), str(tmp_path / "x4"))
