@@ -42,6 +42,11 @@ def compiled_forward(config: RNANConfig) -> Callable[[Params, jax.Array], jax.Ar
     return jax.jit(functools.partial(api.apply, config=config))
 
 
+def default_overlap(tile: int | None) -> int:
+    """DEFAULT_OVERLAP, or half of a tile of 64 LR pixels or less (which the default would not fit)."""
+    return DEFAULT_OVERLAP if tile is None else min(DEFAULT_OVERLAP, tile // 2)
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of windows of size `tile` covering [0, length), evenly spread, neighbours overlapping by
     at least `overlap`; the first starts at 0 and the last ends at `length`. Needs tile <= length."""
@@ -185,7 +190,7 @@ def _host_memory_tile(forward: Any, params: Params, size: tuple[int, int], overl
 
 
 def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | None = None,
-                  tile: int | None = None, overlap: int = DEFAULT_OVERLAP, self_ensemble: bool = False,
+                  tile: int | None = None, overlap: int | None = None, self_ensemble: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Super-resolves one image of any size: [H, W, 3] RGB or [H, W] gray -> [s*H, s*W(, 3)], same kind out.
 
@@ -197,7 +202,8 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
     config: the architecture (default: read off `params`).
     tile: LR window side for tiled processing (None: the whole image at once; if that runs out of device
       memory, the largest of FALLBACK_TILES that fits is used, with a warning). overlap: LR pixels that
-      neighbouring windows share (>= 4 x the receptive field radius makes convolutions exact).
+      neighbouring windows share (>= 4 x the receptive field radius makes convolutions exact); default
+      `default_overlap(tile)`.
     self_ensemble: average the 8 flips/rotations of each window (RNAN+), in float.
     progress: called as progress(windows done, windows in all) while tiling.
     """
@@ -226,6 +232,7 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         raise TypeError(f"image must be uint8, uint16 or float, got {image.dtype}")
     if lr.ndim == 2:
         lr = np.repeat(lr[..., None], 3, axis=-1)
+    overlap = default_overlap(tile) if overlap is None else overlap
     if tile is not None and not 0 <= overlap < tile:
         raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap} and tile {tile}")
 

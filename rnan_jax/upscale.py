@@ -124,9 +124,7 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if len(argv) < 2:
         raise app.UsageError("give one or more input images or folders")
-    overlap = FLAGS.overlap
-    if FLAGS.tile is not None and not FLAGS["overlap"].present:
-        overlap = min(overlap, FLAGS.tile // 2)  # the default, fitted to a small --tile
+    overlap = FLAGS.overlap if FLAGS["overlap"].present else inference.default_overlap(FLAGS.tile)
     if FLAGS.tile is not None and overlap >= FLAGS.tile:
         raise app.UsageError(f"--overlap ({overlap}) must be smaller than --tile ({FLAGS.tile})")
     env.prepare_process()

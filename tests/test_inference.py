@@ -92,6 +92,17 @@ def test_rejects_what_it_cannot_upscale(params):
         upscale_image(params, np.zeros((20, 20, 3), np.uint8), tile=8, overlap=8)
 
 
+def test_a_small_tile_takes_the_overlap_the_cli_gives_it(params):
+    """upscale_image(tile=16) raised "need 0 <= overlap < tile" with its own default overlap (32), which the CLI's
+    --tile 16 fits to half the tile; both now take default_overlap(tile)."""
+    from rnan_jax import inference
+
+    assert [inference.default_overlap(t) for t in (None, 16, 64, 65, 512)] == [32, 8, 32, 32, 32]
+    image = _photo(20, 30)
+    np.testing.assert_array_equal(upscale_image(params, image, tile=16),
+                                  upscale_image(params, image, tile=16, overlap=8))
+
+
 @pytest.mark.parametrize("length,tile,overlap,scale", [(75, 40, 16, 2), (61, 40, 8, 3), (100, 24, 0, 2),
                                                        (50, 49, 20, 4), (301, 64, 32, 4)])
 def test_windows_cover_and_weights_sum_to_one(length, tile, overlap, scale):
