@@ -67,18 +67,17 @@ def output_path(input_path: str, output_dir: str, scale: int, *, with_extension:
 def plan(files: Sequence[str], output_dir: str, scale: int
          ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """([(input, output)], error messages, notes), refusing any output that is an input or is another input's
-    output. Inputs whose plain outputs would be the same file get their extension in the name (a note each)."""
+    output. Inputs whose plain outputs would be the same file get their extension in the name (a note each)
+    where that tells them apart (a.png and a.jpg; not a.png in two folders, of which the second is refused)."""
     inputs = {os.path.realpath(f) for f in files}
     plain = [os.path.realpath(output_path(f, output_dir, scale)) for f in files]
-    shared = {p for p in plain if plain.count(p) > 1}
+    extended = [os.path.realpath(output_path(f, output_dir, scale, with_extension=True)) for f in files]
     taken: dict[str, str] = {}
     jobs, errors, notes = [], [], []
-    for f, first in zip(files, plain):
-        out = output_path(f, output_dir, scale, with_extension=first in shared)
+    for f, first, named in zip(files, plain, extended):
+        by_extension = plain.count(first) > 1 and extended.count(named) == 1
+        out = output_path(f, output_dir, scale, with_extension=by_extension)
         real = os.path.realpath(out)
-        if first in shared and real != first:
-            others = [g for g, p in zip(files, plain) if p == first and g != f]
-            notes.append(f"{f}: written as {out}, since {', '.join(others)} would have the same output name")
         if real in inputs:
             errors.append(f"{f}: its output {out} is an input file; not overwriting it (choose another --output)")
         elif real in taken:
@@ -86,6 +85,9 @@ def plan(files: Sequence[str], output_dir: str, scale: int
         else:
             taken[real] = f
             jobs.append((f, out))
+            if by_extension:
+                others = [g for g, p in zip(files, plain) if p == first and g != f]
+                notes.append(f"{f}: written as {out}, since {', '.join(others)} would have the same output name")
     return jobs, errors, notes
 
 

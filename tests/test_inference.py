@@ -568,9 +568,15 @@ def test_plan_names_inputs_that_differ_only_in_extension_apart(tmp_path):
                     (str(tmp_path / "b.png"), f"{out}/b_x2.png")]
     assert errors == [] and notes == [f"{a}: written as {out}/a_png_x2.png, since {b} would have the same output name",
                                       f"{b}: written as {out}/a_jpg_x2.png, since {a} would have the same output name"]
-    jobs, errors, _ = upscale.plan([a, c], out, 2)  # the same name in two folders: no extension tells them apart
-    assert jobs == [(a, f"{out}/a_png_x2.png")]
-    assert errors == [f"{c}: its output {out}/a_png_x2.png is also that of {a}; rename one of them"]
+    # the same name in two folders: no extension tells them apart, so none is added, and the refused one gets no
+    # note (both were noted "written as a_png_x2.png")
+    jobs, errors, notes = upscale.plan([a, c], out, 2)
+    assert jobs == [(a, f"{out}/a_x2.png")] and notes == []
+    assert errors == [f"{c}: its output {out}/a_x2.png is also that of {a}; rename one of them"]
+    jobs, errors, notes = upscale.plan([a, b, c], out, 2)
+    assert jobs == [(a, f"{out}/a_x2.png"), (b, f"{out}/a_jpg_x2.png")]
+    assert errors == [f"{c}: its output {out}/a_x2.png is also that of {a}; rename one of them"]
+    assert notes == [f"{b}: written as {out}/a_jpg_x2.png, since {a}, {c} would have the same output name"]
 
 
 def test_cli_16bit_gif_collisions_small_tile_and_failed_write(tmp_path, workdir, params):
