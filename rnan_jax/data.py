@@ -11,6 +11,7 @@ than making the batch (tools/BENCHMARKS.md).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import Any, Callable, Iterable
@@ -204,6 +205,31 @@ def training_pairs(cfg: DataConfig, announce: Callable[[str], None] | None = Non
                                   announce=announce)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageList:
+    """Which training images a process cut its batches from: their count and a sha256 of their file names
+    (without folders, which may be mounted elsewhere on another host) and HR sizes, in order. Every process of
+    a run must have the same, or the global batches are not one sequence (the trainer checks)."""
+
+    count: int
+    digest: bytes  # 32 bytes
+
+    @classmethod
+    def of(cls, pairs) -> ImageList:
+        """The list of a `training_pairs` source; reads no pixels."""
+        h = hashlib.sha256()
+        for i, name in enumerate(pairs.names):
+            h.update(f"{os.path.basename(name)}\0{tuple(pairs[i]['hr'].shape)}\n".encode())
+        return cls(len(pairs.names), h.digest())
+
+
+def _part(batch_size: int, process_count: int) -> int:
+    """Each process's part of a global batch of `batch_size`."""
+    if batch_size % process_count:
+        raise ValueError(f"global batch size {batch_size} is not divisible by the {process_count} processes")
+    return batch_size // process_count
+
+
 def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, announce: Callable[[str], None] | None = None) -> grain.MapDataset:
     """The infinite MapDataset of this process's parts of the global batches (before `to_iter_dataset`).
@@ -214,9 +240,14 @@ def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index:
     count at the same global batch (elastic resume): the data state is the step. `announce` (process 0's
     only): see `training_pairs`.
     """
-    if batch_size % process_count:
-        raise ValueError(f"global batch size {batch_size} is not divisible by the {process_count} processes")
-    pairs = training_pairs(cfg, announce if process_index == 0 else None)
+    part = _part(batch_size, process_count)
+    return _batches(training_pairs(cfg, announce if process_index == 0 else None), cfg, part, seed, process_index,
+                    process_count)
+
+
+def _batches(pairs, cfg: DataConfig, part: int, seed: int, process_index: int, process_count: int
+             ) -> grain.MapDataset:
+    """`train_dataset` over `pairs` (a `training_pairs` source), `part` the patches of each process's part."""
     # Shuffle and crops get unrelated seeds (those of the former process 0, so one-process runs are unchanged).
     shuffle_seed, crop_seed = (int(v) for v in np.random.SeedSequence([seed, 0]).generate_state(2))
     # grain's index_shuffle costs about 30 ms / length per element (4.8 ms for the 6 demo images, 0.15 ms
@@ -229,7 +260,7 @@ def train_dataset(cfg: DataConfig, *, batch_size: int, seed: int, process_index:
         .shuffle(seed=shuffle_seed)
         .repeat()
         .random_map(RandomPatch(cfg.patch_size, cfg.scale, cfg.augment), seed=crop_seed)
-        .batch(batch_size // process_count, drop_remainder=True)
+        .batch(part, drop_remainder=True)
     )
     return parts[process_index::process_count] if process_count > 1 else parts
 
@@ -242,14 +273,17 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, proces
     Yields {"lr": uint8 [b, p, p, 3], "hr": uint8 [b, s*p, s*p, 3]} with b = global_batch_size //
     process_count: this process's part of each global batch (`train_dataset`), read from the images as
     needed. The state is the number of batches taken, which the trainer sets to the global step on resume
-    (`set_state({"next_batch": step})`): exact also with another num_workers or process count. Call
+    (`set_state({"next_batch": step})`): exact also with another num_workers or process count. Its `images`
+    is the `ImageList` of this process, for the trainer to check that every process has the same. Call
     `close()` when done to stop worker processes. `announce` (process 0's only): see `training_pairs`.
     """
     process_index, process_count = _process(process_index, process_count)
-    ds = train_dataset(cfg, batch_size=global_batch_size, seed=seed, process_index=process_index,
-                       process_count=process_count, announce=announce)
+    part = _part(global_batch_size, process_count)
+    pairs = training_pairs(cfg, announce if process_index == 0 else None)
+    ds = _batches(pairs, cfg, part, seed, process_index, process_count)
     read_options = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
-    return loader.BatchIterator(ds, read_options, loader.worker_options(cfg.num_workers, cfg.worker_buffer_size))
+    return loader.BatchIterator(ds, read_options, loader.worker_options(cfg.num_workers, cfg.worker_buffer_size),
+                                images=ImageList.of(pairs))
 
 
 def _first_usable(items: Iterable, make: Callable[..., benchmark_sets.Pair], n: int) -> list[benchmark_sets.Pair]:

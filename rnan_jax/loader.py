@@ -92,12 +92,14 @@ class BatchIterator(grain.DatasetIterator):
 
     Its state is the number of batches taken, {"next_batch": n}, so a checkpoint restores under any
     num_workers or read_threads (grain's own multiprocess state does not); restoring restarts the
-    pipeline at batch n, and batch n does not depend on how many workers made it.
+    pipeline at batch n, and batch n does not depend on how many workers made it. `images`: what the batches
+    are cut from, for the caller (`data.train_iterator` gives a `data.ImageList`); unused here.
     """
 
     def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions,
-                 multiprocessing_options: grain.MultiprocessingOptions | None = None):
+                 multiprocessing_options: grain.MultiprocessingOptions | None = None, *, images: Any = None):
         super().__init__()
+        self.images = images
         self._batches = batches
         self._read_options = read_options
         self._multiprocessing_options = multiprocessing_options

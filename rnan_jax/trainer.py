@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from rnan_jax import checkpoint, data, inference, paths, preemption, rundir, step, summary, validation
+from rnan_jax import checkpoint, data, inference, loader, paths, preemption, rundir, step, summary, validation
 from rnan_jax.api import build, count_params, init
 from rnan_jax.configs import TrainConfig, flatten_config
 from rnan_jax.model import RNANConfig
@@ -198,6 +198,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     # printed orbax's tracebacks ("cannot schedule new futures after shutdown") under the one-line error.
     validator = validation.Validator(cfg)  # before the training data, whose first decode can take many minutes
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed, announce=_log)
+    if jax.process_count() > 1:
+        _check_same_images(it)
     mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), max_to_keep=cfg.keep_checkpoints)
     # Synchronous: orbax names its multi-host barrier for an async save by the step alone, so two managers
     # saving the same step asynchronously collide ("Barrier _async_write_complete.<step> is already ongoing").
@@ -339,6 +341,23 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         _log(f"done: {int(state.step)} steps; validation PSNR {results['val/psnr']:.3f} dB vs bicubic "
              f"{results['val/bicubic_psnr']:.3f} dB ({gain:+.3f} dB); checkpoints in {mngr.directory}")
     return results
+
+
+def _check_same_images(it: loader.BatchIterator) -> None:
+    """Raises ValueError (one line, in every process) unless every process read the same training images (their
+    `data.ImageList`s): each cuts its part of global batch k from its own list, so lists that differ make global
+    batches that are no one sequence, silently."""
+    mine = np.concatenate([[it.images.count], np.frombuffer(it.images.digest, np.uint32)]).astype(np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    other = next((i for i, row in enumerate(every) if not np.array_equal(row, every[0])), None)
+    if other is None:
+        return
+    it.close()
+    first, count = int(every[0, 0]), int(every[other, 0])
+    which = (f"process 0: {first} images, process {other}: {count}" if first != count else
+             f"process 0 and process {other}: {first} images each, not the same names or sizes")
+    raise ValueError(f"the processes' training images differ ({which}): every process must read the same images "
+                     "(a copy that differs, or an image one of them skipped: see its warnings)")
 
 
 def _train_metrics(host: dict, s: int, rate: float, cfg: TrainConfig) -> dict[str, float]:

@@ -780,6 +780,37 @@ def test_a_process_that_dies_ends_the_others_in_one_line(images, tmp_path):
     assert re.match(r"stopped: (JaxRuntimeError|ValueError): [A-Z_]+: ", last), last  # where the collective failed
 
 
+def test_processes_that_read_different_training_images_stop_in_one_line(images, tmp_path):
+    """Process 1 given a folder with one image more: each process cut its part of every global batch from its
+    own list of images, so the global batches were no one sequence, and nothing said so (both trained to the
+    end). Now: one line in each process, status 1, before any checkpoint."""
+    more, workdir = tmp_path / "more", tmp_path / "run"
+    shutil.copytree(images / "train", more)
+    shutil.copy(images / "val" / "0006.png", more / "0006.png")  # 36x36: usable at x4 with 6-pixel LR patches
+    values = overrides(images, total_steps=2, batch_size=8, log_every=1, eval_every=2, checkpoint_every=2)
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs, logs = [], [tmp_path / f"process{i}.log" for i in range(2)]
+    for i, hr_dirs in enumerate([images / "train", more]):
+        with open(logs[i], "w") as log:  # files, not pipes: one process's full pipe cannot stall the other
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "rnan_jax.train", "--config", "experiments/x4.py", "--workdir", str(workdir),
+                 "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}", *_flags({**values, "data.hr_dirs": hr_dirs})],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env))
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    outs = [log.read_text() for log in logs]
+    line = ("error: the processes' training images differ (process 0: 6 images, process 1: 7): every process must "
+            "read the same images (a copy that differs, or an image one of them skipped: see its warnings)")
+    assert codes == [1, 1] and all("Traceback" not in out for out in outs), "\n----\n".join(o[-3000:] for o in outs)
+    assert [out.strip().splitlines()[-1] for out in outs] == [line, line], "\n----\n".join(o[-3000:] for o in outs)
+    assert [checkpoint.complete_steps(str(workdir / d)) for d in (checkpoint.CHECKPOINTS, checkpoint.BEST)] == [[], []]
+
+
 _ELASTIC_DEVICES = """
 import sys, jax
 sys.path.insert(0, {tests!r})
