@@ -29,12 +29,12 @@ convs it replaces spread over an idle core by themselves); asynchronously it is 
 A Winograd conv over 8,192 tiles or more (an image of 128 x 128 or larger: inference) is split into one task
 per pool thread.
 
-The shared library is compiled from the sources (shipped with the package) by `$CXX` (default `c++`) with
-`-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default ~/.cache/rnan_jax/native), named by a hash of the
-sources, the compiler, JAX's version and this CPU, so it is built once per machine (again where the cached file
-was cut short). Without a compiler, or with `RNAN_JAX_NATIVE=0`, or if the build fails (said once in a warning),
-`available()` is False and the model keeps XLA's convolutions and pure-JAX gradients: the same numbers up to float
-rounding.
+The shared library is compiled from the sources (shipped with the package) by `$CXX` (default `c++`; split as
+a shell would, so "ccache g++" works) with `-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default
+~/.cache/rnan_jax/native), named by a hash of the sources, the compiler, JAX's version and this CPU, so it is
+built once per machine (again where the cached file was cut short). Without a compiler, or with
+`RNAN_JAX_NATIVE=0` (or false, off, no), or if the build fails (said once in a warning), `available()` is False
+and the model keeps XLA's convolutions and pure-JAX gradients: the same numbers up to float rounding.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import struct
 import subprocess
@@ -93,19 +94,32 @@ def _whole(path: str) -> bool:
     return 0 < offset and offset + entry_size * count <= size
 
 
+def compiler() -> list[str] | None:
+    """The C++ compiler's command: `$CXX` as a shell splits it ("ccache g++" is two words), default `c++`; None
+    when its program is not found."""
+    words = shlex.split(os.environ.get("CXX") or "c++")
+    program = shutil.which(words[0]) if words else None
+    return None if program is None else [program, *words[1:]]
+
+
+def enabled_by_environment() -> bool:
+    """False when `$RNAN_JAX_NATIVE` turns the kernels off: 0, false, off or no (any case)."""
+    return os.environ.get(NATIVE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def _build() -> str:
     """The path of the compiled library (built now unless a whole one is cached); raises OSError or
     subprocess.CalledProcessError on failure."""
     import jax
 
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    cxx = compiler()
     if cxx is None:
-        raise OSError("no C++ compiler found (set CXX)")
+        raise OSError(f"no C++ compiler found (CXX={os.environ.get('CXX', '')!r}; set it to one)")
     sources = []
     for name in _SOURCES:
         with open(name, "rb") as f:
             sources.append(f.read())
-    version = subprocess.run([cxx, "--version"], capture_output=True, check=True).stdout
+    version = subprocess.run([*cxx, "--version"], capture_output=True, check=True).stdout
     key = hashlib.sha256(b"\0".join([*sources, version, jax.__version__.encode(), _cpu_id()])).hexdigest()[:16]
     cache = env.cache_folder("native", NATIVE_CACHE_ENV)
     path = os.path.join(cache, f"kernels_{key}.so")
@@ -116,7 +130,7 @@ def _build() -> str:
     os.close(fd)
     try:
         units = [name for name in _SOURCES if name.endswith(".cc")]  # the headers are hashed, not compiled
-        subprocess.run([cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+        subprocess.run([*cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
                         f"-I{jax.ffi.include_dir()}", *units, "-o", tmp], capture_output=True, check=True)
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
     finally:
@@ -144,7 +158,7 @@ def available() -> bool:
         return False
     if "ok" not in _state:
         _state["ok"] = False
-        if os.environ.get(NATIVE_ENV, "1") != "0":
+        if enabled_by_environment():
             try:
                 import jax
 

@@ -1,6 +1,5 @@
 """rnan_jax.native: the kernel gradients built from kernels/*.cc and called through jax.ffi."""
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,8 +11,7 @@ import pytest
 
 from rnan_jax import convs, native
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None or
-                                    os.environ.get(native.NATIVE_ENV) == "0",
+needs_compiler = pytest.mark.skipif(native.compiler() is None or not native.enabled_by_environment(),
                                     reason="no C++ compiler (or RNAN_JAX_NATIVE=0): the pure-JAX gradient is used")
 
 
@@ -197,6 +195,22 @@ def test_without_the_native_kernel_the_gradient_stays_in_jax(environ, tmp_path):
     assert out.stdout.split() == ["False", "16.0", "9.0"]  # centre tap: all 16 positions; corner: 3 x 3
     if "CXX" in environ:
         assert "native CPU kernels not built" in out.stderr
+
+
+def test_cxx_is_split_as_a_shell_would_and_rnan_jax_native_takes_the_usual_words_for_off(monkeypatch, tmp_path):
+    """CXX="ccache g++" (two words) was looked up as one program, not found, and the kernels were left off with
+    "no C++ compiler found"; RNAN_JAX_NATIVE=false or off did not turn them off (only 0 did)."""
+    wrapper = tmp_path / "ccache"
+    wrapper.write_text("#!/bin/sh\nexec \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", f"{wrapper} c++ -O2")
+    assert native.compiler() == [str(wrapper), "c++", "-O2"]
+    monkeypatch.setenv("CXX", "/nonexistent/c++ -O2")
+    assert native.compiler() is None
+    for value, enabled in (("0", False), ("false", False), ("OFF", False), (" no ", False), ("1", True),
+                           ("true", True), ("", True)):
+        monkeypatch.setenv(native.NATIVE_ENV, value)
+        assert native.enabled_by_environment() is enabled, value
 
 
 @needs_compiler
