@@ -1,11 +1,16 @@
 """The run's folder: what a run writes there first (config.json, git_revision.txt), what a resumed run
-compares with it, and the one-line refusals of a workdir that cannot be one (a file in the way, no permission).
+compares with it, the one-line refusals of a workdir that cannot be one (a file in the way, no permission) and
+the lock that keeps a second run out of it while one trains there.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
-from typing import Any
+import socket
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -63,3 +68,34 @@ def prepare(workdir: str) -> None:
             paths.makedirs(workdir)
         except OSError as e:
             raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
+
+
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str) -> Iterator[None]:
+    """Holds an exclusive lock on a local workdir while a run trains in it (process 0): a second run started
+    there (the same command in another terminal), whose checkpoints and logs would interleave with the first's,
+    is refused in one line naming the first. A flock on `workdir/train.lock`, which says who holds it: released
+    when the process ends, however it ends. A URL workdir (gs://) is not locked: nothing there can hold one; nor
+    is a file system that does not take locks."""
+    if jax.process_index() != 0 or paths.is_url(workdir):
+        yield
+        return
+    path = os.path.join(workdir, LOCK_FILE)
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "its process is not known"
+            raise ValueError(f"--workdir {workdir}: another run is training in it ({holder}); let it finish or stop "
+                             "it first, or use another --workdir") from None
+        except OSError:  # a file system without locks (some network mounts): not locked, as before
+            yield
+            return
+        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        f.flush()
+        yield

@@ -165,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     cfg = TrainConfig.from_config(config)
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
     rundir.prepare(workdir)
-    with summary.RunLog(os.path.join(workdir, summary.RUN_LOG)) as _run_log:
+    with rundir.exclusive(workdir), summary.RunLog(os.path.join(workdir, summary.RUN_LOG)) as _run_log:
         _run_log.write(f"started: {' '.join(sys.argv)} (rnan_jax "
                        f"{summary.git_revision(summary.package_dir())}, jax {jax.__version__}, {socket.gethostname()})")
         try:

@@ -480,6 +480,24 @@ def test_cli_refuses_a_workdir_that_is_a_file(tmp_path):
     assert in_the_way.read_text() == "notes"
 
 
+def test_a_second_run_in_a_workdir_where_one_trains_is_refused_in_one_line(images, tmp_path):
+    """The same command started twice (another terminal, a stale process of an earlier attempt): both trained and
+    wrote the same checkpoints and logs. The first holds workdir/train.lock (a flock, gone with its process)."""
+    from rnan_jax import rundir
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with rundir.exclusive(str(workdir)):  # the first run, here in this process
+        holder = (workdir / rundir.LOCK_FILE).read_text().strip()
+        assert re.fullmatch(rf"pid {os.getpid()} on {re.escape(socket.gethostname())}, started .* UTC", holder)
+        with pytest.raises(ValueError, match=re.escape(f"--workdir {workdir}: another run is training in it "
+                                                       f"({holder}); let it finish or stop it first")):
+            train_and_evaluate(x4_config(images, total_steps=1), str(workdir))
+        assert sorted(os.listdir(workdir)) == [rundir.LOCK_FILE]  # nothing of the first run's touched
+    train_and_evaluate(x4_config(images, total_steps=1), str(workdir))  # once it has ended
+    assert os.listdir(workdir / "checkpoints") == ["1"]
+
+
 def test_a_file_where_the_run_writes_a_folder_is_refused_before_training(images, tmp_path):
     """A file at workdir/checkpoints (or a workdir under a file) used to fail at the first save, steps into the
     run, with a traceback from orbax's save thread."""
