@@ -11,14 +11,16 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def default_data_dir() -> str:
-    """`$RNAN_DATA_DIR`, else `../shared/data` beside the repository root (layout of that folder)."""
-    return os.environ.get("RNAN_DATA_DIR") or os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data"))
+    """`$RNAN_DATA_DIR` (`~` expanded), else `../shared/data` beside the repository root (layout of that folder)."""
+    folder = os.environ.get("RNAN_DATA_DIR") or os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data"))
+    return os.path.expanduser(folder)
 
 
 def cache_folder(name: str, variable: str) -> str:
     """`$variable`, else ~/.cache/rnan_jax/<name>: where rnan_jax keeps what it makes once and reuses (the XLA
-    compilation cache, decoded training images, the native kernel's build), one folder per kind."""
-    return os.environ.get(variable) or os.path.expanduser(os.path.join("~/.cache/rnan_jax", name))
+    compilation cache, decoded training images, the native kernel's build), one folder per kind. A `~` in the
+    variable is expanded (a quoted "~/cache" made a folder named "~" in the current one)."""
+    return os.path.expanduser(os.environ.get(variable) or os.path.join("~/.cache/rnan_jax", name))
 
 
 def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True) -> str | None:

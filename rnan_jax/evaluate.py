@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging as std_logging
 import os
+import signal
 import sys
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -23,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, report
+from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, preemption, report
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 from rnan_jax.report import Evaluation, ImageScore
@@ -83,22 +84,25 @@ def evaluate(
                             allow_incomplete=allow_incomplete)
     try:
         _score_sets(evaluation, upscale, datasets, scales, data_dir, save_dir, progress)
-    except KeyboardInterrupt:
-        _warn(evaluation, f"interrupted (Ctrl-C) after {len(evaluation.scores)} image score(s): "
-              f"{', '.join(evaluation.listed) or 'no set'} begun, of {', '.join(dict.fromkeys(datasets))}")
-        raise Interrupted(evaluation) from None
+    except (KeyboardInterrupt, preemption.Preempted) as e:  # Preempted: SIGTERM, under preemption.sigterm_raises
+        signum = getattr(e, "signum", signal.SIGINT)
+        _warn(evaluation, f"interrupted ({'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}) "
+              f"after {len(evaluation.scores)} image score(s): {', '.join(evaluation.listed) or 'no set'} begun, of "
+              f"{', '.join(dict.fromkeys(datasets))}")
+        raise Interrupted(evaluation, signum) from None
     for message in evaluation.incomplete():
         _warn(evaluation, message)
     return evaluation
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during `evaluate`; `evaluation` holds what was scored before it (the sets scored in full keep their
-    scores; the one it stopped in is incomplete)."""
+    """Ctrl-C (or SIGTERM, `signum`) during `evaluate`; `evaluation` holds what was scored before it (the sets
+    scored in full keep their scores; the one it stopped in is incomplete)."""
 
-    def __init__(self, evaluation: Evaluation):
+    def __init__(self, evaluation: Evaluation, signum: int = signal.SIGINT):
         super().__init__()
         self.evaluation = evaluation
+        self.signum = signum
 
 
 def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[str], scales: list[int], data_dir: str,
@@ -271,7 +275,7 @@ def main(argv: Sequence[str]) -> None:
     except ValueError:
         raise app.UsageError(f"--scales must be integers like 2,3,4, got {FLAGS.scales!r}") from None
     common = dict(
-        data_dir=FLAGS.data_dir or env.default_data_dir(),
+        data_dir=os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else env.default_data_dir(),
         rounded_y=FLAGS.rounded_y,
         save_dir=os.path.join(FLAGS.output, report.IMAGES_FOLDER) if FLAGS.save_images else None,
         progress=FLAGS.progress,
@@ -289,11 +293,13 @@ def main(argv: Sequence[str]) -> None:
         run = functools.partial(evaluate_sr_dir, FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES)
     else:
         run = functools.partial(evaluate_bicubic, datasets, scales or DEFAULT_SCALES)
-    interrupted = False
+    signum = None
     try:
-        evaluation = run(**common)
+        with preemption.sigterm_raises():  # SIGTERM (a preemption, `timeout`) as Ctrl-C: what was scored is kept
+            evaluation = run(**common)
     except Interrupted as e:  # the sets scored before Ctrl-C are reported and written, as if they were all
-        evaluation, interrupted = e.evaluation, True
+        evaluation, signum = e.evaluation, e.signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C again: stop now (it met JAX's exit with a traceback)
         print(file=sys.stderr)
     print(report.markdown_table(evaluation))
     if FLAGS.output:
@@ -306,9 +312,13 @@ def main(argv: Sequence[str]) -> None:
         print(f"\n{len(evaluation.skipped)} skipped:", *evaluation.skipped, sep="\n  ", file=sys.stderr)
         for message in evaluation.incomplete():
             print(f"incomplete: {message}", file=sys.stderr)
-    if interrupted:
-        raise KeyboardInterrupt(f"after {len(evaluation.scores)} image score(s); the table holds the sets scored in "
-                                "full" + (f", written to {FLAGS.output}" if FLAGS.output else ""))
+    if signum is not None:
+        detail = (f"after {len(evaluation.scores)} image score(s); the table holds the sets scored in full"
+                  + (f", written to {FLAGS.output}" if FLAGS.output else ""))
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt(detail)
+        print(f"evaluate: {signal.Signals(signum).name}: {detail}", file=sys.stderr)
+        sys.exit(128 + signum)  # 143, as if SIGTERM had ended the process
     if evaluation.skipped or not evaluation.scores:
         sys.exit(1)  # something could not be scored: the table above is not the whole job
 

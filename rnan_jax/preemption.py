@@ -1,11 +1,14 @@
 """Stopping a run cleanly: SIGTERM (a TPU/GPU preemption notice) or Ctrl-C becomes a flag the training loop
 checks after each step, one decision for all processes (`agree`), and `Preempted` once the step reached is saved.
+Outside training (evaluate), `sigterm_raises` makes SIGTERM raise `Preempted` at once, as Ctrl-C raises
+KeyboardInterrupt, so that what was done is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -67,6 +70,26 @@ class Preemption:
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Preempted` wherever the program is, as Ctrl-C raises KeyboardInterrupt: for a long job
+    that is not training (evaluate's hours of scoring), which SIGTERM ended with nothing said and nothing kept.
+    The previous handler is back on leaving; off the main thread nothing changes."""
+
+    def handle(signum, frame):
+        raise Preempted(signal.Signals(signum).name, signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:  # None: a handler installed from C, which Python cannot put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def agree(flag: bool) -> bool:

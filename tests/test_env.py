@@ -98,3 +98,16 @@ def test_a_compilation_cache_that_cannot_be_written_is_a_note_not_the_end_of_the
     monkeypatch.chdir(tmp_path)
     assert env.enable_compilation_cache("gs://bucket/xla") == "gs://bucket/xla"
     assert sorted(os.listdir(tmp_path)) == ["file"] and cache_settings.jax_compilation_cache_dir == "gs://bucket/xla"
+
+
+def test_a_tilde_in_a_folder_variable_is_the_home_folder(tmp_path, monkeypatch, cache_settings):
+    """RNAN_JAX_CACHE="~/xla" (quoted, so no shell expanded it) made a folder named "~" in the current one."""
+    from rnan_jax import env
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RNAN_JAX_CACHE", "~/xla")
+    monkeypatch.setenv("RNAN_DATA_DIR", "~/data")
+    assert env.enable_compilation_cache() == str(tmp_path / "home" / "xla")
+    assert env.default_data_dir() == str(tmp_path / "home" / "data")
+    assert sorted(os.listdir(tmp_path)) == ["home"] and os.listdir(tmp_path / "home") == ["xla"]

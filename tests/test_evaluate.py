@@ -434,6 +434,71 @@ def test_ctrl_c_keeps_the_sets_scored_in_full(tmp_path):
     assert "interrupted (Ctrl-C) after 2 image score(s): One, Two begun, of One, Two" in json.dumps(results)
 
 
+_SIGNAL_AT_THE_THIRD_IMAGE = """
+import atexit, os, runpy, signal, sys, time
+from rnan_jax import benchmark_sets
+
+real, scored = benchmark_sets.score, []
+signum = getattr(signal, sys.argv.pop(1))
+
+def score(*args, **kwargs):
+    if len(scored) == 2:
+        os.kill(os.getpid(), signum)  # delivered here, as from another process
+    scored.append(1)
+    return real(*args, **kwargs)
+
+def ctrl_c_again():  # the user's second Ctrl-C, landing as the process exits (JAX's own atexit clean-up)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+
+benchmark_sets.score = score
+if signum == signal.SIGINT:
+    atexit.register(ctrl_c_again)
+sys.argv = ["evaluate", *sys.argv[1:]]
+runpy.run_module("rnan_jax.evaluate", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_sigterm_keeps_the_sets_scored_in_full_and_a_second_ctrl_c_stops_at_once(tmp_path, signame):
+    """SIGTERM (a preempted VM, `timeout`) ended evaluate with nothing said and nothing written; a second Ctrl-C
+    landing in the exit printed a traceback of JAX's atexit clean-up under the one-line message."""
+    root = str(tmp_path)
+    for name, count in (("One", 2), ("Two", 3)):
+        hr_dir = _hr_dir(root, name)
+        for i in range(count):
+            Image.fromarray(_rgb(40, 36 + 2 * i)).save(os.path.join(hr_dir, f"im{i}.png"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_AT_THE_THIRD_IMAGE, signame, "--method", "bicubic",
+                           "--data_dir", root, "--datasets", "One,Two", "--scales", "2", "--output", str(out),
+                           "--noprogress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    if signame == "SIGTERM":
+        assert proc.returncode == 143, proc.stderr
+        assert lines[-1] == (f"evaluate: SIGTERM: after 2 image score(s); the table holds the sets scored in full, "
+                             f"written to {out}")
+    else:  # the second Ctrl-C ended the process at once, by the signal
+        assert proc.returncode == -2, proc.stderr
+        assert lines[-1] == (f"evaluate: interrupted: after 2 image score(s); the table holds the sets scored in "
+                             f"full, written to {out}")
+    assert "| Bicubic | " in proc.stdout and "Traceback" not in proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["One"]["x2"]["images"] == 2 and "Two" not in results
+    what = "SIGTERM" if signame == "SIGTERM" else "Ctrl-C"
+    assert results["run"]["warnings"] == [f"interrupted ({what}) after 2 image score(s): One, Two begun, of One, Two"]
+
+
+def test_a_data_dir_flag_with_a_tilde_is_the_home_folder(tmp_path):
+    """--data_dir=~/data (no shell expands a ~ after "=") was read as a folder named "~" in the current one."""
+    hr_dir = _hr_dir(str(tmp_path / "home" / "data"), "Mine")
+    Image.fromarray(_rgb(40, 36)).save(os.path.join(hr_dir, "a.png"))
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--method", "bicubic", "--data_dir=~/data",
+                           "--datasets", "Mine", "--scales", "2", "--noprogress"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, HOME=str(tmp_path / "home")))
+    assert proc.returncode == 0, proc.stderr
+    assert f"| Bicubic | {_bicubic_psnr(_rgb(40, 36), 2):.3f}/" in proc.stdout
+
+
 def test_a_set_missing_images_gets_no_score_and_exit_1(tmp_path):
     """`--sr_dir` holding 1 of a set's 3 SR images: no row for that set, a warning, exit status 1."""
     root = str(tmp_path)
