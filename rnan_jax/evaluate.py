@@ -289,10 +289,13 @@ def main(argv: Sequence[str]) -> None:
         if scales and scales != [config.scale]:
             raise app.UsageError(f"the checkpoint is an x{config.scale} model; --scales {FLAGS.scales} does not apply")
         run = functools.partial(evaluate_model, params, config, datasets, self_ensemble=FLAGS.self_ensemble)
+        source = f"--checkpoint {FLAGS.checkpoint} --which {FLAGS.which}" + " --self_ensemble" * FLAGS.self_ensemble
     elif FLAGS.sr_dir:
         run = functools.partial(evaluate_sr_dir, FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES)
+        source = f"--sr_dir {os.path.abspath(FLAGS.sr_dir)}"
     else:
         run = functools.partial(evaluate_bicubic, datasets, scales or DEFAULT_SCALES)
+        source = "--method bicubic"
     signum = None
     try:
         with preemption.sigterm_raises():  # SIGTERM (a preemption, `timeout`) as Ctrl-C: what was scored is kept
@@ -301,6 +304,7 @@ def main(argv: Sequence[str]) -> None:
         evaluation, signum = e.evaluation, e.signum
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C again: stop now (it met JAX's exit with a traceback)
         print(file=sys.stderr)
+    evaluation.source = source  # in the report: which parameters (--which) a result is of
     print(report.markdown_table(evaluation))
     if FLAGS.output:
         try:

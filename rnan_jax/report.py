@@ -38,6 +38,7 @@ class Evaluation:
     warnings: list[str] = dataclasses.field(default_factory=list)
     listed: dict[str, int] = dataclasses.field(default_factory=dict)  # image files found per dataset
     allow_incomplete: bool = False  # report a set scored on fewer images than it holds (labelled as such)
+    source: str = ""  # what was scored, as the command named it ("--checkpoint runs/x4 --which best"), if known
 
     def _groups(self) -> dict[str, dict[str, list[ImageScore]]]:
         out: dict[str, dict[str, list[ImageScore]]] = {}
@@ -125,7 +126,8 @@ def results_json(evaluation: Evaluation) -> dict:
         for ds, by_scale in evaluation.summary().items()
     }
     out["conventions"] = evaluation.conventions()
-    out["run"] = {"skipped": list(evaluation.skipped), "warnings": list(evaluation.warnings)}
+    out["run"] = {"source": evaluation.source, "skipped": list(evaluation.skipped),
+                  "warnings": list(evaluation.warnings)}
     return out
 
 
@@ -163,7 +165,7 @@ def markdown_table(evaluation: Evaluation) -> str:
         "",
         f"PSNR (dB) / SSIM on {'rounded' if evaluation.rounded_y else 'unrounded'} Y, shave = scale. "
         f"Images scored: {counts}.",
-    ]
+    ] + ([f"Scored: {evaluation.source}."] if evaluation.source else [])
     notes += [f"Warning: {w}" for w in evaluation.warnings]
     if evaluation.skipped:
         notes.append(f"Skipped {len(evaluation.skipped)}: " + "; ".join(evaluation.skipped))

@@ -394,6 +394,9 @@ def test_cli_checkpoint_path(tmp_path):
     assert results["Tiny"]["x2"]["of"] == 2
     assert results["conventions"]["method"] == "RNAN+" and results["conventions"]["self_ensemble"] is True
     assert "| RNAN+ | " in proc.stdout
+    # which parameters were scored (--which best and latest reports could not be told apart)
+    assert results["run"]["source"] == "--checkpoint CKPT --which ema --self_ensemble"
+    assert "Scored: --checkpoint CKPT --which ema --self_ensemble." in (out / "results.md").read_text().splitlines()
 
 
 _CTRL_C_AT_THE_THIRD_IMAGE = """
