@@ -362,7 +362,24 @@ def load(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANC
             return zoo.load(path)
         except zoo.ZooError as e:
             raise CheckpointError(str(e)) from None
-    directory, step = _locate(path, which)
+    located = _locate(path, which)
+    while True:
+        try:
+            return _read(*located, which)
+        except CheckpointError:
+            # A run training in the workdir removes its older steps (and the best/ step a better one replaces)
+            # as it saves: one read while that happened fails, and the newest step then is another.
+            try:
+                newest = _locate(path, which)
+            except CheckpointError:
+                newest = located
+            if newest == located:
+                raise
+            located = newest
+
+
+def _read(directory: str, step: int, which: str) -> tuple[dict, RNANConfig]:
+    """The parameters and architecture of checkpoint `step` in `directory`, as `load` names them."""
     validated = which == "best" and paths.isdir(os.path.join(directory, str(step), "ema"))  # what scored best
     item = "ema" if which == "ema" or validated else "params"
     item_dir = os.path.join(directory, str(step), item)

@@ -410,6 +410,35 @@ def test_load_of_a_good_checkpoint_prints_no_warning(tmp_path, workdir):
     assert not [line for line in proc.stderr.splitlines() if line[:1] in "IW" and line[1:5].isdigit()], proc.stderr
 
 
+def test_load_during_training_reads_the_step_that_replaced_the_one_it_found(tmp_path, params, monkeypatch):
+    """A run training in the workdir saved a step and removed the one `load` had found (keep_checkpoints; best/
+    keeps one) while it was read: load (and evaluate, upscale --which best mid-run) failed with "damaged
+    checkpoint" for a step that was fine and gone."""
+    mgr = checkpoint.manager(str(tmp_path / checkpoint.CHECKPOINTS), max_to_keep=1, async_save=False)
+    newer = jax.tree_util.tree_map(lambda a: a + 1, params)
+
+    def save(step, p):
+        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(p),
+                                               meta=ocp.args.JsonSave(checkpoint.meta_for(TINY, step))))
+        mgr.wait_until_finished()
+
+    save(7, params)
+    read_meta = checkpoint.read_meta
+
+    def read_meta_while_training(directory, step):
+        meta = read_meta(directory, step)
+        if step == 7:
+            save(8, newer)  # the trainer's next save, which removes step 7
+        return meta
+
+    monkeypatch.setattr(checkpoint, "read_meta", read_meta_while_training)
+    loaded, config = checkpoint.load(str(tmp_path))
+    assert config == TINY and os.listdir(tmp_path / checkpoint.CHECKPOINTS) == ["8"]
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(newer)):
+        np.testing.assert_array_equal(a, b)
+    mgr.close()
+
+
 def test_cli_works_beside_a_clone_named_rnan_jax(tmp_path, workdir):
     """Run from the folder that holds a clone called rnan_jax (a namespace package that shadowed the
     editable install's `rnan_jax.load`)."""
