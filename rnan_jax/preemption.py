@@ -54,10 +54,10 @@ class Preemption:
 
     def _handle(self, signum, frame):
         if self.before_training is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise Preempted(f"{signal.Signals(signum).name} before the first step: nothing trained, nothing to "
-                            f"save; rerun the same command to {self.before_training}", signum)
+            # also a flag: raised inside a callback (JAX's garbage-collection one), the exception is ignored
+            # ("Exception ignored in: <function _xla_gc_callback>") and the run went on to train to the end
+            self.requested, self.signum = True, signum
+            raise self._setup_stop(signum, self.before_training)
         if signum == signal.SIGINT:
             if self.requested and self.signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -66,6 +66,20 @@ class Preemption:
         if not self.requested:
             self.signum = signum
         self.requested = True
+
+    @staticmethod
+    def _setup_stop(signum: int, where: str) -> BaseException:
+        if signum == signal.SIGINT:
+            return KeyboardInterrupt()
+        return Preempted(f"{signal.Signals(signum).name} before the first step: nothing trained, nothing to save; "
+                         f"rerun the same command to {where}", signum)
+
+    def training_begins(self) -> None:
+        """Ends the set-up: from here a signal is a flag and the step reached is saved. A signal of the set-up
+        whose exception was lost (ignored where it was raised) stops the run here, as it would have there."""
+        where, self.before_training = self.before_training, None
+        if self.requested and where is not None:
+            raise self._setup_stop(self.signum, where)
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():

@@ -251,7 +251,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
          "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
     interrupted, doing, s = False, "train", first
-    signals.before_training = None  # from here a signal is a flag: the step reached is saved
+    signals.training_begins()  # from here a signal is a flag: the step reached is saved
     try:
         for s in range(first + 1, cfg.total_steps + 1):
             batch = next(it)

@@ -615,6 +615,30 @@ runpy.run_module("rnan_jax.train", run_name="__main__")
 """
 
 
+def test_a_set_up_signal_whose_exception_was_ignored_still_stops_the_run_before_the_first_step():
+    """SIGTERM during the set-up raises Preempted from the handler; landing inside JAX's garbage-collection
+    callback, the exception was ignored ("Exception ignored in: <function _xla_gc_callback>") and the run trained
+    to the end (2 of 10 tries). The signal is now also a flag, which ends the set-up the same way."""
+    from rnan_jax import preemption
+
+    for signum, stop in ((signal.SIGTERM, preemption.Preempted), (signal.SIGINT, KeyboardInterrupt)):
+        with preemption.Preemption() as signals:
+            signals.before_training = "start (or resume from the latest checkpoint)"
+            try:
+                signals._handle(signum, None)  # what the callback's caller then ignores
+            except BaseException as e:
+                assert isinstance(e, stop)
+            with pytest.raises(stop) as raised:
+                signals.training_begins()
+            if stop is preemption.Preempted:
+                assert str(raised.value) == ("SIGTERM before the first step: nothing trained, nothing to save; "
+                                             "rerun the same command to start (or resume from the latest checkpoint)")
+        with preemption.Preemption() as signals:  # no signal: training begins
+            signals.before_training = "start"
+            signals.training_begins()
+            assert signals.before_training is None and not signals.requested
+
+
 def test_sigterm_twice_while_validating_saves_that_step_and_resumes_exactly(images, straight, tmp_path):
     args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path), *_flags(overrides(images))]
     r = subprocess.run([sys.executable, "-c", _SIGTERM_TWICE_WHILE_VALIDATING, *args], cwd=REPO,
