@@ -417,13 +417,19 @@ runpy.run_module("rnan_jax.evaluate", run_name="__main__")
 """
 
 
-def test_ctrl_c_keeps_the_sets_scored_in_full(tmp_path):
-    """Ctrl-C in the third set of a long evaluation (hours for the paper's model on a CPU) lost the two done."""
+def _two_sets(tmp_path) -> str:
+    """A data dir of two small sets, One (2 images) and Two (3): an interruption at the third image is in Two."""
     root = str(tmp_path)
     for name, count in (("One", 2), ("Two", 3)):
         hr_dir = _hr_dir(root, name)
         for i in range(count):
             Image.fromarray(_rgb(40, 36 + 2 * i)).save(os.path.join(hr_dir, f"im{i}.png"))
+    return root
+
+
+def test_ctrl_c_keeps_the_sets_scored_in_full(tmp_path):
+    """Ctrl-C in the third set of a long evaluation (hours for the paper's model on a CPU) lost the two done."""
+    root = _two_sets(tmp_path)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", _CTRL_C_AT_THE_THIRD_IMAGE, "--method", "bicubic", "--data_dir", root,
                            "--datasets", "One,Two", "--scales", "2", "--output", str(out), "--noprogress"], cwd=REPO,
@@ -466,11 +472,7 @@ runpy.run_module("rnan_jax.evaluate", run_name="__main__")
 def test_sigterm_keeps_the_sets_scored_in_full_and_a_second_ctrl_c_stops_at_once(tmp_path, signame):
     """SIGTERM (a preempted VM, `timeout`) ended evaluate with nothing said and nothing written; a second Ctrl-C
     landing in the exit printed a traceback of JAX's atexit clean-up under the one-line message."""
-    root = str(tmp_path)
-    for name, count in (("One", 2), ("Two", 3)):
-        hr_dir = _hr_dir(root, name)
-        for i in range(count):
-            Image.fromarray(_rgb(40, 36 + 2 * i)).save(os.path.join(hr_dir, f"im{i}.png"))
+    root = _two_sets(tmp_path)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", _SIGNAL_AT_THE_THIRD_IMAGE, signame, "--method", "bicubic",
                            "--data_dir", root, "--datasets", "One,Two", "--scales", "2", "--output", str(out),
