@@ -10,10 +10,11 @@ import threading
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def default_data_dir() -> str:
-    """`$RNAN_DATA_DIR` (`~` expanded), else `../shared/data` beside the repository root (layout of that folder)."""
-    folder = os.environ.get("RNAN_DATA_DIR") or os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data"))
-    return os.path.expanduser(folder)
+def default_data_dir(given: str | None = None) -> str:
+    """`given` (a --data_dir flag's value) if set, else `$RNAN_DATA_DIR`, else `../shared/data` beside the repository
+    root (layout of that folder); `~` expanded (no shell expands the one in "--data_dir=~/data")."""
+    return os.path.expanduser(given or os.environ.get("RNAN_DATA_DIR")
+                              or os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data")))
 
 
 def cache_folder(name: str, variable: str) -> str:

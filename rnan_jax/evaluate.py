@@ -275,7 +275,7 @@ def main(argv: Sequence[str]) -> None:
     except ValueError:
         raise app.UsageError(f"--scales must be integers like 2,3,4, got {FLAGS.scales!r}") from None
     common = dict(
-        data_dir=os.path.expanduser(FLAGS.data_dir) if FLAGS.data_dir else env.default_data_dir(),
+        data_dir=env.default_data_dir(FLAGS.data_dir),
         rounded_y=FLAGS.rounded_y,
         save_dir=os.path.join(FLAGS.output, report.IMAGES_FOLDER) if FLAGS.save_images else None,
         progress=FLAGS.progress,

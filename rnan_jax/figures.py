@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             params, config = checkpoint.load(args.checkpoint)
             scores = comparison({"Bicubic": upscalers.bicubic_upscaler,
                                  args.label: upscalers.model_upscaler(params, config)}, args.image, box,
-                                args.output, scale=config.scale, data_dir=args.data_dir or env.default_data_dir())
+                                args.output, scale=config.scale, data_dir=env.default_data_dir(args.data_dir))
             print(f"wrote {args.output}: " + ", ".join(f"{k} {p:.2f} dB / {s:.4f}" for k, (p, s) in scores.items()))
     except (FigureError, checkpoint.CheckpointError, images.ImageError, ValueError, OSError) as e:
         print(f"figures: {e}", file=sys.stderr)

@@ -86,10 +86,6 @@ def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig]:
     return source, source_cfg
 
 
-def _init_from(cfg: TrainConfig, params: Any, source: tuple[dict, RNANConfig]) -> Any:
-    return _copy_matching(params, source[0], f"{cfg.init_from} (x{source[1].scale} -> x{cfg.model.scale})")
-
-
 def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: TrainConfig,
             workdir: str) -> tuple[step.TrainState, dict, int] | None:
     """(state, meta, step) of the newest readable checkpoint, or None when there is none. A damaged step is
@@ -220,7 +216,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     else:
         params = None
         if cfg.init_from:
-            params = _init_from(cfg, init(rng, cfg.model), source or _init_source(cfg))
+            source_params, source_cfg = source or _init_source(cfg)
+            params = _copy_matching(init(rng, cfg.model), source_params,
+                                    f"{cfg.init_from} (x{source_cfg.scale} -> x{cfg.model.scale})")
         state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(rng, params)
         rundir.write_info(workdir, config)
     # best/ may hold a step past the resumed one (validated, then lost before its checkpoint): a new best must

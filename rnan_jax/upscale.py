@@ -25,6 +25,7 @@ slightly from whole-image output because the GC block sees each window's context
 """
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import sys
@@ -72,10 +73,11 @@ def plan(files: Sequence[str], output_dir: str, scale: int
     inputs = {os.path.realpath(f) for f in files}
     plain = [os.path.realpath(output_path(f, output_dir, scale)) for f in files]
     extended = [os.path.realpath(output_path(f, output_dir, scale, with_extension=True)) for f in files]
+    plain_uses, extended_uses = collections.Counter(plain), collections.Counter(extended)  # not a scan per file
     taken: dict[str, str] = {}
     jobs, errors, notes = [], [], []
     for f, first, named in zip(files, plain, extended):
-        by_extension = plain.count(first) > 1 and extended.count(named) == 1
+        by_extension = plain_uses[first] > 1 and extended_uses[named] == 1
         out = output_path(f, output_dir, scale, with_extension=by_extension)
         real = os.path.realpath(out)
         if real in inputs:

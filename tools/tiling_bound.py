@@ -72,7 +72,7 @@ def _report(FLAGS: flags.FlagValues) -> None:
               "max diff (levels) | Y-PSNR vs HR whole / tiled (dB) |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"## Tiled vs whole-image output, x{config.scale} model from {source}\n\n{header}")
-    data_dir = FLAGS.data_dir or default_data_dir()
+    data_dir = default_data_dir(FLAGS.data_dir)
     for name in FLAGS.images:
         rows = tiling_rows(params, config, _hr(data_dir, name), _ints(FLAGS.tiles), _ints(FLAGS.overlaps))
         _print_rows(name, rows)
