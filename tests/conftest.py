@@ -1,10 +1,24 @@
 import os
+import signal
 
 import pytest
 
 from rnan_jax.env import default_data_dir, reuse_freed_memory
 
 reuse_freed_memory()  # as the entry points do, before any test starts JAX: steps reuse freed memory
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_deliverable():
+    """A shell without job control starts `pytest ... &` (and nohup) with SIGINT ignored, which the processes the
+    Ctrl-C tests start inherit through exec: those tests then hung or failed. Each test runs with Python's own
+    Ctrl-C handler, so those processes start with the default one, as from a terminal."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")

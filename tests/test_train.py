@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -522,14 +523,17 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint(images, tmp_path, signum, workers)
                               checkpoint_every=100000, **{"data.num_workers": workers}))]
     proc = subprocess.Popen([sys.executable, "-m", "rnan_jax.train", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    watchdog = threading.Timer(600, proc.kill)  # a run that hangs fails the test rather than the whole suite
+    watchdog.start()
     try:
         for line in proc.stdout:
             if line.startswith("step 2/"):
                 os.killpg(proc.pid, signum)
                 break
-        out = proc.stdout.read()
-        assert proc.wait(timeout=120) == 128 + signum, out
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 128 + signum, out
     finally:
+        watchdog.cancel()
         proc.kill()
     name = signal.Signals(signum).name
     step = int(out.split(f"{name}: saved a checkpoint at step ")[1].split()[0])
