@@ -113,14 +113,16 @@ def save_best(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) ->
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def best_psnr(directory: str) -> float:
-    """The validation PSNR recorded with the newest checkpoint in `directory` (a `best/` folder); -inf when
-    there is none or its record is unreadable."""
+def best_psnr(directory: str) -> tuple[float, str | None]:
+    """The validation PSNR recorded with the newest checkpoint in `directory` (a `best/` folder), and what it
+    was measured on (the run's `Validator.describe()`; None in a record older than that field); -inf when there is
+    none or its record is unreadable."""
     steps = complete_steps(directory)
     try:
-        return float(read_meta(directory, steps[-1])["val_psnr"]) if steps else -math.inf
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        return -math.inf
+        meta = read_meta(directory, steps[-1]) if steps else {}
+        return float(meta["val_psnr"]) if steps else -math.inf, meta.get("validation")
+    except (CheckpointError, KeyError, TypeError, ValueError, AttributeError):
+        return -math.inf, None
 
 
 def meta_for(config: RNANConfig, step: int, **metrics: Any) -> dict:

@@ -223,7 +223,12 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         rundir.write_info(workdir, config)
     # best/ may hold a step past the resumed one (validated, then lost before its checkpoint): a new best must
     # beat it too, or the one there is kept.
-    best_psnr = max(best_psnr, checkpoint.best_psnr(os.fspath(best_mngr.directory)))
+    best_dir_psnr, chosen_on = checkpoint.best_psnr(os.fspath(best_mngr.directory))
+    best_psnr = max(best_psnr, best_dir_psnr)
+    if chosen_on is not None and chosen_on != validator.describe():  # its PSNR is of other images: not comparable
+        _log(f"validation changed since {best_mngr.directory} was chosen (on {chosen_on}): the next validation "
+             "replaces it")
+        best_psnr = -math.inf
     _log(f"RNAN x{cfg.model.scale} on {n_dev} {jax.devices()[0].platform} device(s), {jax.process_count()} "
          f"process(es); global batch {cfg.batch_size}; parameters:\n{summary.parameter_table(state.params)}")
     _log(f"validation: {validator.describe()}")
@@ -283,7 +288,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 if scores["val/psnr"] > best_psnr:
                     best_psnr = scores["val/psnr"]
                     _check_room(best_mngr, s, (state.params, state.ema), mngr)
-                    checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(cfg.model, s, val_psnr=best_psnr))
+                    checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(
+                        cfg.model, s, val_psnr=best_psnr, validation=validator.describe()))
                 doing = "train"
             if stop_after is not None and s >= stop_after:
                 break

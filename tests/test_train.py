@@ -1048,6 +1048,28 @@ def _set_meta(step_dir, **values):
     path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
 
 
+def test_best_is_chosen_afresh_when_a_resumed_run_validates_on_other_images(images, straight, tmp_path):
+    """Resumed with another validation set (here noisier images, so lower PSNRs), every new score lost to the
+    old set's best PSNR and best/ kept the parameters chosen on the old set, silently. Now a line says so and
+    the first validation on the new set replaces best/."""
+    shutil.copytree(straight[0], tmp_path / "run")
+    noisy = tmp_path / "noisy"
+    rng = np.random.RandomState(1)
+    write_image(noisy / "a.png", rng.randint(0, 256, (36, 36, 3)).astype(np.uint8))
+    old_best = checkpoint.read_meta(str(tmp_path / "run" / "best"), int(os.listdir(tmp_path / "run" / "best")[0]))
+    results = train_and_evaluate(x4_config(images, total_steps=9, **{"data.val_dir": str(noisy)}),
+                                 str(tmp_path / "run"))
+    assert results["val/psnr"] < old_best["val_psnr"] - 1  # never a new best by the old measure
+    assert os.listdir(tmp_path / "run" / "best") == ["9"]
+    meta = checkpoint.read_meta(str(tmp_path / "run" / "best"), 9)
+    assert meta["val_psnr"] == results["val/psnr"] and meta["validation"].startswith("1 image(s), bicubic PSNR ")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"validation changed since {tmp_path}/run/best was chosen (on {old_best['validation']}): the next " \
+        "validation replaces it" in log
+    assert old_best["validation"].startswith("1 image(s), bicubic PSNR ")
+    assert old_best["validation"] != meta["validation"]
+
+
 def test_a_stale_best_from_a_lost_run_is_replaced_by_a_better_one(images, straight, tmp_path):
     """best/4 left by a run that validated at step 4 and was lost before its step-4 checkpoint; resumed from
     step 3, the new step 4 scores higher: orbax skipped the save (step 4 already there), so best/ kept the
