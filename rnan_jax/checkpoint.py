@@ -380,6 +380,15 @@ def load(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANC
             located = newest
 
 
+def scored(path: str | os.PathLike) -> str:
+    """The `which` of the parameters that the newest checkpoint at `path` was validated with: "ema" where it
+    holds an EMA (validation scores the EMA when it is on), else "latest". Raises `CheckpointError`."""
+    if zoo.is_zoo(os.fspath(path)):
+        return "latest"
+    directory, step = _locate(os.fspath(path), "latest")
+    return "ema" if paths.isdir(os.path.join(directory, str(step), "ema")) else "latest"
+
+
 def _read(directory: str, step: int, which: str) -> tuple[dict, RNANConfig]:
     """The parameters and architecture of checkpoint `step` in `directory`, as `load` names them."""
     validated = which == "best" and paths.isdir(os.path.join(directory, str(step), "ema"))  # what scored best

@@ -70,11 +70,12 @@ def _copy_matching(params: Any, source: Any, origin: str) -> Any:
     return out
 
 
-def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig]:
+def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig, str]:
     """The parameters and architecture that `cfg.init_from` names; raises CheckpointError or ValueError (one line,
     naming init_from) for a path that holds none, or an architecture that differs beyond the scale."""
-    try:
-        source, source_cfg = checkpoint.load(cfg.init_from)
+    try:  # a run trained with EMA gives its EMA: the parameters its validation scored
+        which = checkpoint.scored(cfg.init_from)
+        source, source_cfg = checkpoint.load(cfg.init_from, which=which)
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"init_from: {e}") from None
     differs = [f"{k} {getattr(source_cfg, k)} vs {getattr(cfg.model, k)}"
@@ -83,7 +84,7 @@ def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig]:
     if differs:
         raise ValueError(f"init_from {cfg.init_from}: its architecture differs beyond the scale "
                          f"({'; '.join(differs)}); only the upsampler may differ")
-    return source, source_cfg
+    return source, source_cfg, which
 
 
 def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: TrainConfig,
@@ -216,9 +217,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     else:
         params = None
         if cfg.init_from:
-            source_params, source_cfg = source or _init_source(cfg)
-            params = _copy_matching(init(rng, cfg.model), source_params,
-                                    f"{cfg.init_from} (x{source_cfg.scale} -> x{cfg.model.scale})")
+            source_params, source_cfg, which = source or _init_source(cfg)
+            params = _copy_matching(init(rng, cfg.model), source_params, f"{cfg.init_from} "
+                                    f"({'its EMA, ' * (which == 'ema')}x{source_cfg.scale} -> x{cfg.model.scale})")
         state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(rng, params)
         rundir.write_info(workdir, config)
     # best/ may hold a step past the resumed one (validated, then lost before its checkpoint): a new best must

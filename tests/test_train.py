@@ -398,6 +398,20 @@ def test_init_from_x2_to_x4(images, tmp_path, capsys, monkeypatch):
     train_and_evaluate(x4_config(images, total_steps=1, init_from=str(tmp_path / "x3")), str(tmp_path / "x4"))
 
 
+def test_init_from_a_run_with_ema_copies_its_ema(images, tmp_path, capsys):
+    """The EMA is what an EMA run's validation scored and best/ holds; init_from copied the raw parameters."""
+    train_and_evaluate(x4_config(images, total_steps=2, **{"model.scale": 2, "optim.ema_decay": 0.5}),
+                       str(tmp_path / "x2"))
+    ema, raw = load(str(tmp_path / "x2"), which="ema")[0], load(str(tmp_path / "x2"))[0]
+    assert not _equal_trees(ema["head"], raw["head"])
+    train_and_evaluate(x4_config(images, total_steps=1, init_from=str(tmp_path / "x2"),
+                                 **{"optim.lr": 0.0, "optim.schedule": "constant"}), str(tmp_path / "x4"))
+    assert f"init_from {tmp_path}/x2 (its EMA, x2 -> x4): copied " in capsys.readouterr().out
+    target = load(str(tmp_path / "x4"))[0]
+    for name in ("head", "groups", "fuse1", "fuse3", "up_0", "tail"):
+        assert _equal_trees(ema[name], target[name]), name
+
+
 def test_config_that_does_not_fit_fails_with_one_line(images, tmp_path):
     big = x4_config(images, **{"data.patch_size": 64})  # HR patch 256 > every image
     with pytest.raises(ValueError, match="no usable image"):
