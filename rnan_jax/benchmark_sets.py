@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from rnan_jax import degrade, images, metrics
 from rnan_jax.metrics import SSIM_WINDOW
@@ -56,7 +57,10 @@ def list_hr(data_dir: str, dataset: str) -> list[str]:
     if not os.path.isdir(folder):
         where = "no such folder" if is_path(dataset) else f"no such folder; {_sets_there(data_dir, dataset)}"
         raise images.ImageError(f"{folder}: {where}")
-    return images.list_images(folder)
+    try:
+        return images.list_images(folder)
+    except OSError as e:  # a folder this user may not list (chmod, another user's copy): a traceback before
+        raise images.ImageError(f"{folder}: cannot list the folder ({e.strerror or e})") from None
 
 
 def _sets_there(data_dir: str, dataset: str) -> str:
@@ -98,6 +102,50 @@ def lr_folder(hr_path: str, scale: int) -> str | None:
     return os.path.join(os.path.dirname(hr_dir), "LR_bicubic", f"X{scale}")
 
 
+# The EXIF orientations (1..8) as applied to stored pixels [H, W(, C)] (what `images.decode` does, PIL's
+# `ImageOps.exif_transpose`), and each one's inverse.
+_ORIENT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+           8: lambda a: np.rot90(a, 1)}
+_UNDO = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
+
+
+def exif_orientation(path: str) -> int:
+    """The EXIF orientation tag of an image file (1..8), 1 when it has none or cannot be read; reads the header."""
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG" and "exif" not in im.info:  # none before the pixels: not worth decoding them for
+                return 1
+            value = im.getexif().get(0x0112, 1)
+    except Exception:  # the decode that follows reports an unreadable file
+        return 1
+    return value if isinstance(value, int) and value in _ORIENT else 1
+
+
+def lr_oriented_as_hr(hr: np.ndarray, hr_orientation: int, lr: np.ndarray, lr_orientation: int,
+                      scale: int) -> np.ndarray:
+    """A given LR image (decoded: its own EXIF orientation applied) as it lines up with the decoded HR image.
+
+    When the two files' orientation tags differ (a phone photo's HR with a tag, its LR written by a tool that
+    ignored the tag, as MATLAB's imread does, and wrote none), the LR's stored pixels may follow the HR's
+    stored pixels instead: then they get the HR's orientation. Of the two readings, the one of the size the HR
+    needs is taken, and when both have it (a square image, or a flip or a half turn), the one nearer to
+    `bicubic_lr` of the HR. With equal tags `lr` is returned as it is."""
+    if hr_orientation == lr_orientation:
+        return lr
+    other = np.ascontiguousarray(_ORIENT[hr_orientation](_ORIENT[_UNDO[lr_orientation]](lr)))
+    h, w = hr.shape[0] // scale, hr.shape[1] // scale
+    fits = [c for c in (lr, other) if c.shape[:2] == (h, w)]
+    if len(fits) < 2:
+        return fits[0] if fits else lr  # none: the caller reports the size
+
+    def gray(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float64).mean(axis=-1) if a.ndim == 3 else a.astype(np.float64)
+
+    expected = gray(degrade.bicubic_lr(hr[: scale * h, : scale * w], scale))
+    return min(fits, key=lambda c: float(np.abs(gray(c) - expected).mean()))
+
+
 def min_side(scale: int) -> int:
     """Smallest cropped HR side that can be scored: `scale` shaved from both borders leaves an SSIM window."""
     return 2 * scale + SSIM_WINDOW
@@ -118,6 +166,7 @@ class Pair:
     lr_path: str | None = None
     given_lr: np.ndarray | None = dataclasses.field(default=None, repr=False)  # a source's own LR (TFDS)
     lr_missing_from: str | None = None  # an LR_bicubic folder that lacked this image's LR file (LR made instead)
+    hr_orientation: int = 1  # the HR file's EXIF orientation tag, to line up an LR file written without it
 
     @functools.cached_property
     def lr(self) -> np.ndarray:
@@ -125,7 +174,8 @@ class Pair:
             return self.given_lr
         if self.lr_path is None:
             return degrade.bicubic_lr(self.hr, self.scale)
-        lr = images.decode(self.lr_path).pixels
+        lr = lr_oriented_as_hr(self.hr, self.hr_orientation, images.decode(self.lr_path).pixels,
+                               exif_orientation(self.lr_path), self.scale)
         h, w = self.hr.shape[0] // self.scale, self.hr.shape[1] // self.scale
         if lr.shape[:2] != (h, w):
             raise images.ImageError(
@@ -156,7 +206,8 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: st
         )
     name = image_name(hr_path)
     if lr_dir is not None:
-        return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=find_lr_file(hr_path, lr_dir, scale))
+        return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=find_lr_file(hr_path, lr_dir, scale),
+                    hr_orientation=exif_orientation(hr_path))
     folder = lr_folder(hr_path, scale)
     if folder is None or not os.path.isdir(folder):
         return Pair(dataset=dataset, name=name, scale=scale, hr=hr)
@@ -164,7 +215,8 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: st
     if lr_path is None:
         logging.info("%s: no LR file for %s, making it with bicubic_lr", folder, name)
     return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=lr_path,
-                lr_missing_from=folder if lr_path is None else None)
+                lr_missing_from=folder if lr_path is None else None,
+                hr_orientation=1 if lr_path is None else exif_orientation(hr_path))
 
 
 def find_lr_file(hr_path: str, lr_dir: str, scale: int, *, required: bool = True) -> str | None:
@@ -172,7 +224,11 @@ def find_lr_file(hr_path: str, lr_dir: str, scale: int, *, required: bool = True
     X{s}/{stem}, {stem}x{s}, {stem}. None when there is none and not `required`, else `images.ImageError`."""
     stem = image_name(hr_path)
     sub = os.path.join(lr_dir, f"X{scale}")
-    path = images.find_image(sub, (f"{stem}x{scale}", stem)) or images.find_image(lr_dir, (f"{stem}x{scale}", stem))
+    try:
+        path = (images.find_image(sub, (f"{stem}x{scale}", stem))
+                or images.find_image(lr_dir, (f"{stem}x{scale}", stem)))
+    except OSError as e:  # an LR folder this user may not list: a PermissionError traceback before
+        raise images.ImageError(f"{e.filename or lr_dir}: cannot list the LR folder ({e.strerror or e})") from None
     if path is not None or not required:
         return path
     raise images.ImageError(

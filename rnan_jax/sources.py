@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -24,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rnan_jax import degrade, env, images, paths
+from rnan_jax import benchmark_sets, degrade, env, images, paths
 from rnan_jax.benchmark_sets import find_lr_file
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,9 @@ class PairSpec:
     name: str
     key: str  # identifies the inputs' content (paths, sizes, times) for the cache
     load: Callable[[], tuple[np.ndarray, np.ndarray | None]]
+    # whether a failed load is tried again by a rerun: a TFDS record's key does not change when it is read
+    # again, and its failure may be a passing one (a gs:// read); a file's key changes with the file
+    retry_unusable: bool = False
 
 
 def digest(*parts: object) -> str:
@@ -222,6 +226,20 @@ def _entry_paths(spec: PairSpec, scale: int, cache_dir: str) -> tuple[str, str]:
     return base + ".hr.npy", base + ".lr.npy"
 
 
+def _unusable_path(spec: PairSpec, scale: int, cache_dir: str) -> str:
+    """Where the reason a spec cannot be used is kept: a rerun skips it again without reading it or announcing
+    it as to decode (a new key, as a changed or replaced file gets, tries again)."""
+    return _entry_paths(spec, scale, cache_dir)[0][: -len(".hr.npy")] + ".unusable.txt"
+
+
+def _known_unusable(spec: PairSpec, scale: int, cache_dir: str) -> str | None:
+    try:
+        with open(_unusable_path(spec, scale, cache_dir), encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tuple[str, StoredImage, StoredImage]:
     """The spec's cached pair, made first if need be. An image too small for the patch is cached all the same
     (it is small, and another patch size may use it): a rerun neither decodes it again nor announces it as to do."""
@@ -229,6 +247,8 @@ def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tup
     too_small = f"{spec.name}: {{w}}x{{h}} is smaller than the {scale * min_lr}-pixel HR patch (x{scale})"
     if (cached := _open_cached(hr_path, lr_path)) is not None:
         h, w, _ = cached[0].shape
+    elif (reason := _known_unusable(spec, scale, cache_dir)) is not None:
+        raise _Skip("unreadable", reason)
     else:
         try:
             hr, lr = spec.load()
@@ -236,7 +256,11 @@ def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tup
                 raise _Skip("small", too_small.format(w=hr.shape[1], h=hr.shape[0]))
             hr, lr = make_pair(hr, lr, scale, spec.name)
         except images.ImageError as e:
-            raise _Skip("unreadable", str(e)) from None
+            reason = " ".join(str(e).split())
+            with contextlib.suppress(OSError):  # remembered if it can be; else tried again next time
+                if not spec.retry_unusable:
+                    paths.write_atomically(_unusable_path(spec, scale, cache_dir), lambda f: f.write(reason.encode()))
+            raise _Skip("unreadable", reason) from None
         h, w, _ = hr.shape
         try:
             # through a partial file: a run reading the cache while another makes the same entry sees the old file
@@ -302,7 +326,8 @@ def _announce(specs: Sequence[PairSpec], scale: int, cache_dir: str, what: str,
               announce: Callable[[str], None] | None):
     """Says how many of the images are not in the cache yet (the first run's decode of DIV2K takes minutes);
     returns a tqdm bar over all of them (the cached ones counted done) when one should show, else None."""
-    todo = sum(not all(map(os.path.exists, _entry_paths(s, scale, cache_dir))) for s in specs)
+    todo = sum(not all(map(os.path.exists, _entry_paths(s, scale, cache_dir)))
+               and not os.path.exists(_unusable_path(s, scale, cache_dir)) for s in specs)
     if not todo:
         return None
     why = "first use" if todo == len(specs) else f"{len(specs) - todo} already cached"
@@ -329,8 +354,15 @@ def _report(what: str, total: int, skipped: Sequence[_Skip], hr_patch: int) -> N
     log.warning("%s: skipped %d of %d images (%s)", what, len(skipped), total, detail)
 
 
-def _load_files(hr_path: str, lr_path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-    return images.read_rgb(hr_path), None if lr_path is None else images.read_rgb(lr_path)
+def _load_files(hr_path: str, lr_path: str | None, scale: int) -> tuple[np.ndarray, np.ndarray | None]:
+    hr = images.read_rgb(hr_path)
+    if lr_path is None:
+        return hr, None
+    # an HR photo with an EXIF orientation tag and an LR file made from its stored pixels without the tag: the
+    # HR alone was turned, and the pair trained misaligned (a square one) or was skipped as mis-sized
+    lr = benchmark_sets.lr_oriented_as_hr(hr, benchmark_sets.exif_orientation(hr_path), images.read_rgb(lr_path),
+                                          benchmark_sets.exif_orientation(lr_path), scale)
+    return hr, lr
 
 
 def _unusable(error: images.ImageError) -> tuple[np.ndarray, np.ndarray | None]:
@@ -351,18 +383,29 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
             files = images.list_images(hr_dir)
         except images.ImageError as e:
             raise DataError(f"{what}: {e}") from None
+        except OSError as e:  # a folder this user may not list: a PermissionError traceback before
+            raise DataError(f"{what}: {hr_dir}: cannot list the folder ({e.strerror or e})") from None
         lr_dir = lr_dirs[i] if lr_dirs else None
         if lr_dir is not None and not os.path.isdir(lr_dir):
             raise DataError(f"{what}: {lr_dir}: no such LR folder")
+        for folder in [] if lr_dir is None else [lr_dir, os.path.join(lr_dir, f"X{scale}")]:
+            try:  # said once here, not once per image (800 lines for DIV2K) before "no usable image"
+                if os.path.isdir(folder):
+                    os.listdir(folder)
+            except OSError as e:
+                raise DataError(f"{what}: {folder}: cannot list the LR folder ({e.strerror or e})") from None
         for hr_path in files:
             try:
                 lr_path = None if lr_dir is None else find_lr_file(hr_path, lr_dir, scale)
                 key = digest(_file_id(hr_path), "bicubic_lr" if lr_path is None else _file_id(lr_path))
+                if lr_path is not None:  # pairs whose tags differ: entries made before they were lined up are not used
+                    tags = (benchmark_sets.exif_orientation(hr_path), benchmark_sets.exif_orientation(lr_path))
+                    key = key if tags[0] == tags[1] else digest(key, "orientations", *tags)
             except (images.ImageError, OSError) as e:  # no LR file; a broken link, a file gone since the listing
                 error = e if isinstance(e, images.ImageError) else images.ImageError(f"{e.filename}: {e.strerror}")
                 specs.append(PairSpec(hr_path, digest(hr_path, "missing"), lambda e=error: _unusable(e)))
                 continue
-            specs.append(PairSpec(hr_path, key, lambda p=hr_path, q=lr_path: _load_files(p, q)))
+            specs.append(PairSpec(hr_path, key, lambda p=hr_path, q=lr_path: _load_files(p, q, scale)))
     return specs
 
 

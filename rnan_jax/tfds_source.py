@@ -73,5 +73,5 @@ def tfds_specs(name: str, split: str, data_dir: str | None) -> list[PairSpec]:
     for i in range(n):
         label = f"{name}:{split}[{i}]"
         specs.append(PairSpec(label, digest("tfds", name, version, split, where, n, i),
-                              lambda i=i, label=label: _tfds_example(source, i, label)))
+                              lambda i=i, label=label: _tfds_example(source, i, label), retry_unusable=True))
     return specs

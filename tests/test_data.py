@@ -681,3 +681,137 @@ def test_val_max_images_counts_usable_images_and_reads_no_further(tmp_path, capl
         val = data.validation_images(cfg)
     assert [p.name for p in val] == ["div2k/bicubic_x4:validation[1]", "div2k/bicubic_x4:validation[2]"]
     assert reads == [0, 1, 2]
+
+
+def test_folders_that_cannot_be_listed_are_one_line(tmp_path, monkeypatch, caplog):
+    """An HR or LR folder this user may not list (chmod 000, another user's copy) stopped training and
+    validation with a PermissionError traceback, and an unlistable LR folder was one warning per image before
+    "no usable image". (os.listdir is refused by hand: root lists a chmod 000 folder.)"""
+    from rnan_jax import benchmark_sets, images
+
+    for i in range(3):
+        write_image(tmp_path / "S" / "HR" / f"{i:04d}.png", smooth_image(40, 40, i))
+        write_image(tmp_path / "S" / "LR_bicubic" / "X2" / f"{i:04d}x2.png", smooth_image(20, 20, i))
+    denied = set()
+    listdir = os.listdir
+
+    def refusing(path="."):
+        if os.path.abspath(path) in denied:
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refusing)
+    hr, lr = str(tmp_path / "S" / "HR"), str(tmp_path / "S" / "LR_bicubic")
+    train = config(2, source="folder", hr_dirs=hr, lr_dirs=lr, patch_size=8, cache_dir=str(tmp_path / "c"))
+    val = config(2, val_source="benchmark", val_set="S", val_dir=str(tmp_path))
+    denied.add(hr)
+    with pytest.raises(sources.DataError) as e:
+        data.training_pairs(train)
+    assert str(e.value) == f"training images: {hr}: cannot list the folder (Permission denied)"
+    with pytest.raises(sources.DataError) as e:
+        data.validation_images(val)
+    assert str(e.value) == f"validation images (benchmark): {hr}: cannot list the folder (Permission denied)"
+    with pytest.raises(images.ImageError, match=f"^{hr}: cannot list the folder \\(Permission denied\\)$"):
+        benchmark_sets.list_hr(str(tmp_path), str(tmp_path / "S"))
+    for folder in (lr, os.path.join(lr, "X2")):
+        denied = {folder}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), pytest.raises(sources.DataError) as e:
+            data.training_pairs(train)
+        assert str(e.value) == f"training images: {folder}: cannot list the LR folder (Permission denied)"
+        assert not caplog.records  # said once, in the error
+    with caplog.at_level(logging.WARNING), pytest.raises(sources.DataError, match="no usable image"):
+        data.validation_images(val)  # LR_bicubic/X2 beside HR: each image skipped, in one line each
+    assert f"{lr}/X2: cannot list the LR folder (Permission denied)" in caplog.text
+    assert len(caplog.records) == 3
+
+
+def test_an_lr_file_written_without_the_hr_photo_s_exif_orientation_lines_up(tmp_path):
+    """A phone photo (stored pixels + an EXIF orientation tag) whose LR file was made from the stored pixels and
+    written without the tag (MATLAB's imread ignores it): the HR alone was turned, so a square pair trained and
+    validated misaligned, and a landscape one was skipped as mis-sized. An LR made from the upright image (as
+    OpenCV reads it) is still read as it is, and so is a pair whose files have the same tag."""
+    from PIL import Image, ImageOps
+
+    def turned(pixels, orientation):  # as a viewer shows the stored pixels under the tag
+        im = Image.fromarray(pixels)
+        im.getexif()[0x0112] = orientation
+        return np.asarray(ImageOps.exif_transpose(im))
+
+    def save(path, pixels, orientation=1):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        exif = Image.Exif()
+        if orientation != 1:
+            exif[0x0112] = orientation
+        Image.fromarray(pixels).save(path, quality=100, subsampling=0, exif=exif.tobytes())
+
+    upright = {}
+    cases = [("square", (48, 48), 3, "stored"), ("wide", (40, 64), 6, "stored"), ("flip", (40, 64), 2, "stored"),
+             ("upright", (48, 48), 8, "upright"), ("both", (48, 48), 3, "both")]
+    for name, (h, w), tag, lr_from in cases:
+        stored = smooth_image(h, w, len(upright))
+        upright[name] = turned(stored, tag)
+        save(tmp_path / "HR" / f"{name}.jpg", stored, tag)
+        lr_source = upright[name] if lr_from == "upright" else stored
+        save(tmp_path / "LR" / "X2" / f"{name}x2.jpg", degrade.bicubic_lr(np.ascontiguousarray(lr_source), 2),
+             tag if lr_from == "both" else 1)
+    # the decoded HR is the upright image, so an aligned LR is close to its bicubic_lr (JPEG: within a few levels)
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), lr_dirs=str(tmp_path / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "c"))
+    pairs = data.training_pairs(cfg)
+    assert sorted(os.path.basename(n) for n in pairs.names) == sorted(f"{c[0]}.jpg" for c in cases)
+    for i, path in enumerate(pairs.names):
+        hr, lr = np.asarray(pairs[i]["hr"]), np.asarray(pairs[i]["lr"])
+        name = os.path.basename(path)[:-4]
+        assert hr.shape == upright[name].shape and np.abs(hr.astype(int) - upright[name]).mean() < 2, name
+        assert np.abs(lr.astype(int) - degrade.bicubic_lr(hr, 2)).mean() < 2, name
+    val = data.validation_images(config(2, val_source="folder", val_dir=str(tmp_path / "HR"),
+                                        val_lr_dir=str(tmp_path / "LR"), val_max_images=0))
+    assert sorted(p.name for p in val) == sorted(c[0] for c in cases)
+    for p in val:
+        assert np.abs(p.lr.astype(int) - degrade.bicubic_lr(p.hr, 2)).mean() < 2, p.name
+
+
+def test_a_rerun_neither_decodes_nor_announces_unusable_images(tmp_path, monkeypatch, caplog):
+    """Files that are not images (an HTML error page saved as .png by a failed download, an empty file): every
+    run said "decoding 2 of 4 images ... (2 already cached; later runs reuse them)" and tried them again. The
+    reason is kept in the cache; the image is still skipped by name, and a replaced file is tried again."""
+    for i in range(2):
+        write_image(tmp_path / "HR" / f"{i}.png", smooth_image(40, 40, i))
+        (tmp_path / "HR" / f"bad{i}.png").write_bytes(b"<html>404 Not Found</html>" if i else b"")
+    cache = tmp_path / "cache"
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8, cache_dir=str(cache))
+    decoded = []
+    decode = sources.images.decode
+    monkeypatch.setattr(sources.images, "decode", lambda path, **kw: decoded.append(os.path.basename(path))
+                        or decode(path, **kw))
+
+    def run():
+        decoded.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="rnan_jax.sources"):
+            pairs = data.training_pairs(cfg)
+        assert sorted(os.path.basename(n) for n in pairs.names) == ["0.png", "1.png"]
+        assert "skipped 2 of 4 images (2 unreadable or without a matching LR image)" in caplog.text
+        assert f"skipping {tmp_path / 'HR' / 'bad1.png'}: cannot read image" in caplog.text
+        return sorted(decoded), [r.getMessage() for r in caplog.records if "decoding" in r.getMessage()]
+
+    assert run() == (["0.png", "1.png", "bad0.png", "bad1.png"], [
+        f"training images (folder): decoding 4 of 4 images into {cache} (first use; later runs reuse them) ..."])
+    assert run() == ([], [])
+    (tmp_path / "HR" / "bad1.png").unlink()
+    write_image(tmp_path / "HR" / "bad1.png", smooth_image(40, 40, 5))  # downloaded again: used
+    decoded.clear()
+    with caplog.at_level(logging.INFO, logger="rnan_jax.sources"):
+        assert len(data.training_pairs(cfg)) == 3
+    assert decoded == ["bad1.png"]
+    # a TFDS record's failure may be a passing read error (gs://), and its key stays: tried again, not remembered
+    def examples(builder, split, **kw):
+        out = _div2k_examples(split)
+        return [{"hr": out[0]["hr"], "lr": out[0]["lr"][:-1]}] + out[1:]
+
+    tfds_cache = tmp_path / "tfds_cache"
+    with mock_data(as_data_source_fn=examples):
+        assert len(data.training_pairs(config(4, source="tfds", tfds_data_dir=str(tmp_path / "tfds"), patch_size=6,
+                                              cache_dir=str(tfds_cache)))) == 2
+    assert len(list(tfds_cache.glob("*.npy"))) == 4 and not list(tfds_cache.glob("*.unusable.txt"))
