@@ -219,6 +219,10 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: st
                 hr_orientation=1 if lr_path is None else exif_orientation(hr_path))
 
 
+class FolderError(images.ImageError):
+    """A folder that no image of a set can use (one this user may not list): said once, not once per image."""
+
+
 def find_lr_file(hr_path: str, lr_dir: str, scale: int, *, required: bool = True) -> str | None:
     """The LR file for `hr_path` in `lr_dir` (EDSR's and DIV2K's naming, any image extension): X{s}/{stem}x{s},
     X{s}/{stem}, {stem}x{s}, {stem}. None when there is none and not `required`, else `images.ImageError`."""
@@ -228,7 +232,7 @@ def find_lr_file(hr_path: str, lr_dir: str, scale: int, *, required: bool = True
         path = (images.find_image(sub, (f"{stem}x{scale}", stem))
                 or images.find_image(lr_dir, (f"{stem}x{scale}", stem)))
     except OSError as e:  # an LR folder this user may not list: a PermissionError traceback before
-        raise images.ImageError(f"{e.filename or lr_dir}: cannot list the LR folder ({e.strerror or e})") from None
+        raise FolderError(f"{e.filename or lr_dir}: cannot list the LR folder ({e.strerror or e})") from None
     if path is not None or not required:
         return path
     raise images.ImageError(

@@ -275,11 +275,14 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, proces
 
 def _first_usable(items: Iterable, make: Callable[..., benchmark_sets.Pair], n: int) -> list[benchmark_sets.Pair]:
     """make(item) for the items in order until n are made (0 = all); an item whose make raises
-    `images.ImageError` is skipped with a warning, and items after the n-th pair are never made."""
+    `images.ImageError` is skipped with a warning, and items after the n-th pair are never made. A
+    `benchmark_sets.FolderError` (a folder no image can use) is raised at once."""
     pairs = []
     for item in items:
         try:
             pairs.append(make(item))
+        except benchmark_sets.FolderError:
+            raise
         except images.ImageError as e:
             log.warning("skipping %s", e)
             continue
@@ -329,7 +332,10 @@ def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
         raise sources.DataError(f"{what}: {e}") from None
     except OSError as e:  # a folder this user may not list: a PermissionError traceback before
         raise sources.DataError(f"{what}: {hr_dir}: cannot list the folder ({e.strerror or e})") from None
-    pairs = _first_usable(files, lambda path: _file_pair(path, dataset, lr_dir, cfg.scale), cfg.val_max_images)
+    try:
+        pairs = _first_usable(files, lambda path: _file_pair(path, dataset, lr_dir, cfg.scale), cfg.val_max_images)
+    except benchmark_sets.FolderError as e:
+        raise sources.DataError(f"{what}: {e}") from None
     if not pairs:
         raise sources.DataError(f"{what}: no usable image in {hr_dir}")
     return pairs

@@ -140,7 +140,7 @@ def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[st
                     with _inference_warnings() as notes:  # windows instead of the whole image: in the report
                         score, sr = _score_one(upscale, pair, path, rounded_y)
                     evaluation.warnings += [f"{dataset} x{scale} {pair.name}: {note}" for note in notes]
-                except MissingFolderError as e:
+                except (MissingFolderError, benchmark_sets.FolderError) as e:  # said once for the set
                     missing_folders.add(scale)
                     _skip(evaluation, f"{dataset} x{scale}: {e}")
                     continue

@@ -273,6 +273,23 @@ def test_lr_bicubic_folder_is_used_and_checked(tmp_path):
         in evaluation.warnings
 
 
+def test_an_lr_folder_that_cannot_be_listed_skips_the_set_in_one_line(tmp_path, monkeypatch):
+    """Each image was skipped with the same line (5 for Set5); the other scale is still scored. (os.listdir
+    is refused by hand: root lists a chmod 000 folder.)"""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Mine")
+    for name in "abc":
+        Image.fromarray(_rgb(40, 36)).save(os.path.join(hr_dir, f"{name}.png"))
+    lr_dir = os.path.join(root, "benchmark", "Mine", "LR_bicubic", "X2")
+    os.makedirs(lr_dir)
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path=".": (_ for _ in ()).throw(PermissionError(
+        13, "Permission denied", path)) if os.path.abspath(path) == lr_dir else listdir(path))
+    evaluation = evaluate_bicubic(["Mine"], (2, 4), data_dir=root, progress=False, allow_incomplete=True)
+    assert evaluation.skipped == [f"Mine x2: {lr_dir}: cannot list the LR folder (Permission denied)"]
+    assert [(s.name, s.scale) for s in evaluation.scores] == [("a", 4), ("b", 4), ("c", 4)]
+
+
 def test_incomplete_standard_set_warns(tmp_path):
     root = str(tmp_path)
     hr_dir = _hr_dir(root, "Set5")
