@@ -18,9 +18,11 @@ from rnan_jax.convs import DEPTHWISE_IMPLS, torch_bound
 from rnan_jax.model import REMAT_POLICIES, RNAN, RNANConfig, cast_params
 
 Params = Mapping[str, Any]
-# A concrete LR batch whose values pass this is refused as a 0..255 image; under jit, vmap or grad the values
-# are not checked (tracers). Some slack above 1: an unclipped output fed back in overshoots a little.
+# A concrete LR batch whose values pass _LR_MAX is refused as a 0..255 image, one below _LR_MIN as a [-1, 1] one
+# (which gave garbage silently); under jit, vmap or grad the values are not checked (tracers). Some slack beyond
+# [0, 1]: an unclipped output fed back in overshoots a little (the zoo models' by up to 0.05 on Set5).
 _LR_MAX = 2.0
+_LR_MIN = -0.5
 
 # Chosen by measurement on XLA:CPU (../shared/DESIGN.md): a rolled scan's backward is 8x slower there and
 # `feature_group_count` depthwise is 4x slower than shifted multiply-adds. But full unrolling grows the
@@ -215,12 +217,15 @@ def _check_lr(lr: jax.Array) -> None:
     if lr.size:  # a concrete input: a 0..255 float image is caught
         try:
             with jax.ensure_compile_time_eval():  # also a constant closed over by a jitted caller
-                top = float(jnp.max(lr))
+                top, bottom = float(jnp.max(lr)), float(jnp.min(lr))
         except jax.errors.ConcretizationTypeError:  # traced (jit, vmap, grad): the values are not known here
             return
         if top > _LR_MAX:
             raise ValueError(f"lr must have values in [0, 1], got values up to {top:g} (a 0..255 image? "
                              "divide by 255)")
+        if bottom < _LR_MIN:
+            raise ValueError(f"lr must have values in [0, 1], got values down to {bottom:g} (a [-1, 1] image? "
+                             "pass (lr + 1) / 2)")
 
 
 def count_params(params: Params) -> int:

@@ -139,13 +139,29 @@ def _with_rawmode(tile: tuple, rawmode: str) -> tuple:
     return type(tile)(*tile[:3], args) if hasattr(tile, "_replace") else (*tile[:3], args)
 
 
+# EXIF orientation (2-8) -> the transpose that makes the image upright, as `ImageOps.exif_transpose` does.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """`ImageOps.exif_transpose`; for a malformed EXIF block that Pillow reads but cannot write back into the
+    turned image (struct.error: a WebP's or PNG's `exif` info), the same turn without rewriting the block."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (struct.error, TypeError, ValueError, IndexError, KeyError):
+        method = _UPRIGHT.get(im.getexif().get(0x0112))
+        return im if method is None else im.transpose(method)
+
+
 def _load_with_rawmodes(path: str, rawmodes: list[str]) -> np.ndarray:
     """A PNG or TIFF decoded by Pillow (filters, compression, interlacing, tiles, EXIF orientation) but with each
     tile unpacked with its raw mode in `rawmodes`."""
     with Image.open(path) as im:
         im.tile = [_with_rawmode(t, r) for t, r in zip(im.tile, rawmodes, strict=True)]
         im.load()
-        return np.asarray(ImageOps.exif_transpose(im))
+        return np.asarray(_upright(im))
 
 
 def _read_deep(path: str, rawmodes: list[str]) -> np.ndarray:
@@ -205,8 +221,9 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
                                  f"(raise it with --max_image_pixels, 0 for no limit)")
             try:  # counting frames scans a GIF or TIFF; a broken later frame must not lose the first
                 frames = getattr(im, "n_frames", 1)
-            except (OSError, EOFError, ValueError, SyntaxError):
+            except Exception:  # Pillow raises IndexError, TypeError, KeyError, SyntaxError, ... there
                 frames = 1
+                im.seek(0)  # the failed scan left the image set up as the broken frame (its size, its mode)
             deep = _deep_rawmodes(im)
             if deep:  # the explicit byte order (Pillow before 11 cannot unpack 'RGBX;16N' itself)
                 im.tile = [_with_rawmode(t, r) for t, r in zip(im.tile, deep, strict=True)]
@@ -215,7 +232,7 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             key = im.info.get("transparency") if im.format == "PNG" and (deep or im.mode.startswith("I")) else None
             icc = im.info.get("icc_profile") or None
             im.load()
-            im = ImageOps.exif_transpose(im)
+            im = _upright(im)
             mode = im.mode
             if mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -339,13 +356,14 @@ def encode_png16(samples: np.ndarray, rows_per_band: int = 256, *, icc_profile: 
 
 
 def list_images(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
-    """Sorted image files (names ending in one of `extensions`) directly in `folder`; raises `ImageError` for a
-    missing or empty folder."""
+    """Sorted image files (names ending in one of `extensions`) directly in `folder`, hidden ones (a name starting
+    with '.': the `._photo.png` metadata files macOS leaves on other filesystems and in archives) left out;
+    raises `ImageError` for a missing or empty folder."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ImageError(f"{folder}: no such folder")
     files = sorted(
-        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(extensions)
+        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(extensions) and not f.startswith(".")
     )
     if not files:
         raise ImageError(f"{folder}: folder holds no image files ({', '.join(extensions)})")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+from PIL import Image
 
 from rnan_jax import api, degrade, ensemble, metrics
 from rnan_jax.model import RNANConfig
@@ -210,7 +211,11 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
     config = config or api.infer_config(params)
     if isinstance(image, (str, bytes, os.PathLike)):
         raise TypeError(f"image must be an array of pixels, got the path {os.fsdecode(image)!r}: read it first, e.g. "
-                        "np.asarray(PIL.Image.open(path)) (or use python -m rnan_jax.upscale for files)")
+                        "np.asarray(PIL.Image.open(path).convert('RGB')) (or use python -m rnan_jax.upscale for files)")
+    if isinstance(image, Image.Image) and image.mode not in ("L", "RGB", "I;16", "F"):
+        # as an array, a palette image (GIF, many PNGs) is its palette indices, which passed as a gray image
+        raise ValueError(f"image is a PIL image of mode {image.mode}, whose array is not RGB or gray pixels: pass "
+                         "image.convert('RGB') (python -m rnan_jax.upscale keeps alpha, upscaled apart)")
     image = np.asarray(image)
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
         hint = ""
@@ -225,7 +230,7 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         lr = image.astype(np.float32) / 255.0
     elif image.dtype == np.uint16:
         lr = image.astype(np.float32) / 65535.0
-    elif np.issubdtype(image.dtype, np.floating):
+    elif jax.numpy.issubdtype(image.dtype, jax.numpy.floating):  # bfloat16 too, which NumPy does not call floating
         lr = image.astype(np.float32)
         check_float_image(lr)
     else:

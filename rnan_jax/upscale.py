@@ -4,10 +4,11 @@
         [--overlap 32] [--self_ensemble] [--which latest|best|ema]
 
 Inputs are image files (anything Pillow reads) or folders (their files with an `images.READABLE_EXTENSIONS`
-extension, GIF included, not recursing; of an animated file the first frame, with a note). Each
-`<name>.<ext>` is written as `<output>/<name>_x<scale>.png`: PNG always, so outputs are lossless and keep
-grayscale, alpha and bit depth. Gray stays gray; alpha is upscaled with MATLAB-style bicubic `imresize`;
-16-bit input goes into the model at full precision and comes out as a 16-bit PNG (8-bit input as 8-bit).
+extension, GIF included, not hidden ones such as macOS's `._name.png`, not recursing; of an animated file the
+first frame, with a note). Each `<name>.<ext>` is written as `<output>/<name>_x<scale>.png`: PNG always, so
+outputs are lossless and keep grayscale, alpha and bit depth. Gray stays gray; alpha is upscaled with
+MATLAB-style bicubic `imresize`; 16-bit input goes into the model at full precision and comes out as a 16-bit
+PNG (8-bit input as 8-bit).
 Inputs that differ only in extension (`a.png`, `a.jpg`) are written as `<name>_<ext>_x<scale>.png`, with a
 note. An output path that is one of the inputs is never written (that file is reported as failed), nor is
 one that another input of the same run produces; outputs of earlier runs are replaced, each only once its
@@ -49,6 +50,9 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
             found = images.list_images(path, images.READABLE_EXTENSIONS) if os.path.isdir(path) else [path]
         except images.ImageError as e:
             errors.append(str(e))
+            continue
+        except OSError as e:  # a folder this user may not list: a traceback before, and no image upscaled
+            errors.append(f"{path}: cannot list the folder ({e.strerror or e})")
             continue
         for f in found:
             if os.path.realpath(f) not in seen:

@@ -250,3 +250,80 @@ def test_float_and_32bit_tiffs_outside_the_range_are_clipped_with_a_warning_by_n
         "T/hdr.tif: float samples in [6, 1000], read as [0, 1]: clipped",
         "T/holes.tif: float samples in [0.5, 0.5] and 3 NaN or infinite (NaN read as 0), read as [0, 1]: clipped",
         "T/wide.tif: 32-bit integer samples in [0, 315000], read as 16-bit: clipped to [0, 65535]"]
+
+
+def test_folder_scans_leave_out_hidden_files_such_as_macos_appledouble(tmp_path):
+    # A folder copied from a Mac holds `._photo.png` (metadata, not a PNG) beside each image, and `.DS_Store`:
+    # the upscaling CLI reported each as failed (exit status 1), and one in a benchmark folder left the set unscored.
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "photo.png")
+    (tmp_path / "._photo.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60))
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    expected = [str(tmp_path / "photo.png")]
+    assert images.list_images(tmp_path) == expected
+    assert images.list_images(tmp_path, images.READABLE_EXTENSIONS) == expected
+
+
+def _broken_second_frame(first: np.ndarray, second: np.ndarray, tag: int, value: int) -> bytes:
+    """A two-frame little-endian TIFF (Pillow's) whose second IFD's SHORT `tag` holds `value`; a value of 0 for
+    tag 0 empties the IFD."""
+    buf = io.BytesIO()
+    Image.fromarray(first).save(buf, "TIFF", save_all=True, append_images=[Image.fromarray(second)])
+    b = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", b, 4)[0]
+    ifd = struct.unpack_from("<I", b, ifd + 2 + 12 * struct.unpack_from("<H", b, ifd)[0])[0]
+    if tag == 0:
+        struct.pack_into("<H", b, ifd, 0)
+    for i in range(struct.unpack_from("<H", b, ifd)[0]):
+        if struct.unpack_from("<H", b, ifd + 2 + 12 * i)[0] == tag:
+            struct.pack_into("<H", b, ifd + 2 + 12 * i + 8, value)
+    return bytes(b)
+
+
+@pytest.mark.parametrize("tag,value", [(0, 0), (259, 12345), (262, 77)])  # Pillow: TypeError, KeyError, SyntaxError
+def test_a_broken_later_frame_does_not_lose_the_first(tmp_path, tag, value):
+    # Counting the frames of a multi-page TIFF whose second page is broken raised TypeError or KeyError out of
+    # decode (a traceback that ended the upscaling run, the images after it not attempted); a SyntaxError was
+    # caught but left the image set up as the broken page, of another size: "tile cannot extend outside image".
+    rng = np.random.default_rng(0)
+    first, second = (rng.integers(0, 256, (h, w, 3)).astype(np.uint8) for h, w in ((6, 7), (9, 5)))
+    path = tmp_path / "pages.tif"
+    path.write_bytes(_broken_second_frame(first, second, tag, value))
+    decoded = images.decode(path)
+    assert decoded.frames == 1
+    np.testing.assert_array_equal(decoded.pixels, first)
+
+
+def test_a_gif_cut_short_anywhere_gives_its_first_frame_or_one_clear_error(tmp_path):
+    # An animated GIF cut short (a partial download) inside its second frame raised IndexError or struct.error
+    # while its frames were counted: a traceback that ended the upscaling run.
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (4, 5, 3)).astype(np.uint8)).quantize(4) for _ in range(2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    data = buf.getvalue()
+    with Image.open(buf) as im:
+        first = np.asarray(im.convert("RGB"))
+    path, complete = tmp_path / "cut.gif", 0
+    for cut in range(len(data) // 3, len(data)):
+        path.write_bytes(data[:cut])
+        try:
+            decoded = images.decode(path)
+        except images.ImageError as e:
+            assert str(e).startswith(f"{path}: cannot read image (")
+            continue
+        np.testing.assert_array_equal(decoded.pixels, first)
+        complete += 1
+    assert complete > 30  # every cut after the first frame's data
+
+
+def test_a_malformed_exif_block_still_turns_the_image_upright(tmp_path):
+    # Orientation 6 beside a tag of the wrong type (PhotometricInterpretation as text): Pillow reads the block but
+    # cannot write it back into the turned image, and decode raised struct.error (a traceback in the CLI).
+    exif = (b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + struct.pack("<H", 2) + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)
+            + struct.pack("<HHI4s", 0x0106, 2, 4, b"Cam\x00") + bytes(4))
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3)).astype(np.uint8)
+    for name, options in (("a.webp", {"lossless": True}), ("a.png", {})):
+        Image.fromarray(pixels).save(tmp_path / name, exif=exif, **options)
+        np.testing.assert_array_equal(images.decode(tmp_path / name).pixels, np.rot90(pixels, -1))
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", exif=exif)
+    assert images.decode(tmp_path / "a.jpg").pixels.shape == (5, 4, 3)

@@ -715,3 +715,63 @@ def test_the_cpu_memory_check_compiles_the_program_that_then_runs(params, caplog
         upscale_image(params, _photo(37, 29))
     compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(apply)")]
     assert inference.host_memory_available() is not None and len(compiles) == 1, compiles
+
+
+def test_an_unlistable_folder_is_one_error_and_the_other_inputs_go_on(tmp_path, monkeypatch):
+    # os.listdir's PermissionError (another user's folder; root reads any, so it is simulated) was a traceback
+    # from expand_inputs that ended the run before any image, where a missing folder is one line.
+    from rnan_jax import upscale
+
+    locked, photo = tmp_path / "locked", tmp_path / "a.png"
+    locked.mkdir()
+    Image.fromarray(_photo(4, 4)).save(photo)
+    listdir = os.listdir
+
+    def no_entry(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", no_entry)
+    files, errors = upscale.expand_inputs([str(locked), str(photo)])
+    assert files == [str(photo)]
+    assert errors == [f"{locked}: cannot list the folder (Permission denied)"]
+
+
+def test_a_bfloat16_image_is_a_float_image(params):
+    # upscale_image takes float images, but refused a bfloat16 one (a JAX pipeline's) with "image must be uint8,
+    # uint16 or float, got bfloat16": NumPy does not count ml_dtypes' bfloat16 as floating.
+    image = jnp.asarray(_photo(6, 7), jnp.float32) / 255
+    half = image.astype(jnp.bfloat16)
+    expected = np.asarray(reference(params, np.asarray(half, np.float32), config=TINY))
+    for given in (half, np.asarray(half)):
+        out = upscale_image(params, given)
+        assert out.dtype == np.float32 and out.shape == (12, 14, 3)
+        np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_a_palette_pil_image_is_refused_not_upscaled_as_gray_indices(params, tmp_path):
+    # np.asarray of a palette image (a GIF, many PNGs) is its palette indices, [H, W] uint8: upscale_image took
+    # them for a gray image and returned gray garbage (index 3 -> grey level 3). The path error's own advice,
+    # np.asarray(PIL.Image.open(path)), led there.
+    rgb = _photo(6, 7)
+    Image.fromarray(rgb).quantize(4).save(tmp_path / "a.gif")
+    with Image.open(tmp_path / "a.gif") as im:
+        with pytest.raises(ValueError, match=r"a PIL image of mode P, .* pass image.convert\('RGB'\)"):
+            upscale_image(params, im)
+        np.testing.assert_array_equal(upscale_image(params, im.convert("RGB")),
+                                      upscale_image(params, np.asarray(im.convert("RGB"))))
+    np.testing.assert_array_equal(upscale_image(params, Image.fromarray(rgb)), upscale_image(params, rgb))
+    with pytest.raises(TypeError, match=r"np.asarray\(PIL.Image.open\(path\).convert\('RGB'\)\)"):
+        upscale_image(params, str(tmp_path / "a.gif"))
+
+
+def test_apply_refuses_a_minus_one_to_one_image_but_takes_an_output_fed_back(params):
+    # Many SR codebases feed [-1, 1]: apply took it without a word (its check was for 0..255 only) and returned
+    # garbage. An unclipped output, a little below 0 in places, is still taken, and traced values are not checked.
+    lr = _photo(6, 7).astype(np.float32) / 255
+    with pytest.raises(ValueError, match=r"got values down to -0\.\d+ \(a \[-1, 1\] image\? pass \(lr \+ 1\) / 2\)"):
+        apply(params, lr * 2 - 1)
+    again = np.asarray(apply(params, lr - 0.05))
+    assert again.shape == (12, 14, 3)
+    assert jax.jit(apply)(params, lr * 2 - 1).shape == (12, 14, 3)
