@@ -11,22 +11,47 @@ import traceback
 from typing import Any, Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from rnan_jax import paths
+
+# The flags that `define_local_output` defines are their caller's (evaluate's, upscale's --output): without this
+# absl counted them as this module's, and `--help` of the command, which lists its own module's, left them out.
+flags.disclaim_key_flags()
 
 
 def config_error_line(error: Exception, argv: list[str]) -> str:
     """One line for an override of a key that the config does not have (ml_collections raises it while the
-    flags are parsed, as a KeyError/AttributeError whose text carries its "Did you mean" suggestion)."""
+    flags are parsed, as a KeyError/AttributeError whose text carries its "Did you mean" suggestion), naming that
+    override: the one with the key in its path that is not a key itself (`--config.model.scale=3
+    --config.model.scal=4` is about the second). A key of that name in another section of the training config is
+    suggested instead of ml_collections' spelling match: `--config.lr` is optim.lr, and `--config.patch_size`
+    data.patch_size, not "batch_size"."""
     text = " ".join(str(error.args[0] if error.args else error).replace("\\n", "\n").split())
     text = text.strip("\"'").replace("\\'", "'")
     key = re.match(r"'?([^'\s]+)'?", text)
-    given = [a for a in argv if key and a.startswith("--config.") and key.group(1) in a.split("=")[0]]
+    overrides = [a.split("=")[0].removeprefix("--config.") for a in argv if a.startswith("--config.")]
+    known = _training_keys() if key and overrides else []
+    given = ([o for o in overrides if key.group(1) in o.split(".") and not _is_key(o, known)]
+             or [o for o in overrides if key.group(1) in o]) if key else []
     suggestion = text[key.end():].strip() if key else ""
-    where = given[0].split("=")[0] if given else "a --config override"
+    where = f"--config.{given[0]}" if given else "a --config override"
+    if given and (elsewhere := [k for k in known if k.split(".")[-1] == given[0].split(".")[-1] and k != given[0]]):
+        suggestion = f"did you mean {' or '.join(f'--config.{k}' for k in elsewhere)}?"
     return (f"error: {where}: the config has no key {key.group(1) if key else text!r}"
             + (f"; {suggestion[0].lower()}{suggestion[1:]}" if suggestion else "")
             + " (python -m rnan_jax.train --config FILE --dry_run lists every key)")
+
+
+def _training_keys() -> list[str]:
+    """Every key of the training config (`configs.default_config()`, whose keys every --config file has)."""
+    from rnan_jax.configs import default_config, flatten_config  # here: configs imports jax, which --help need not
+
+    return [k for k, _ in flatten_config(default_config())]
+
+
+def _is_key(path: str, known: list[str]) -> bool:
+    return any(k == path or k.startswith(path + ".") for k in known)
 
 
 def config_file_error_line(error: OSError) -> str:
@@ -63,7 +88,19 @@ def config_code_error_line(error: BaseException, argv: list[str]) -> str:
         lines = _config_file_lines(error, path)
         where = f"line {lines[-1]}" if lines else ""
         message = str(error)
+        if not lines and isinstance(error, TypeError) and message.startswith("get_config()"):  # FILE:ARG's ARG
+            message += " (--config FILE:ARG passes ARG to get_config; FILE alone passes nothing)"
     return f"error: --config {path}" + (f", {where}" if where else "") + f": {type(error).__name__}: {message}"
+
+
+def _config_code_error(error: flags.Error) -> BaseException | None:
+    """The exception a --config file's code raised, when `error` is absl's wrapping of it: ml_collections re-raises
+    a TypeError or ValueError of get_config (a value of the wrong type, FILE:ARG's argument missing or extra) as
+    "Error whilst parsing config file:" and its whole traceback, which absl put into the flag's error text."""
+    wrapper = error.__context__
+    if isinstance(wrapper, (TypeError, ValueError)) and str(wrapper).startswith("Error whilst parsing config file"):
+        return wrapper.__context__
+    return None
 
 
 def program_name() -> str:
@@ -79,10 +116,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
+        if (code_error := _config_code_error(e)) is not None:
+            sys.exit(config_code_error_line(code_error, argv))
         text = " ".join(str(e).split())
+        # absl's and ml_collections' boolean parsers raise ValueError(message, value), shown as a tuple
+        text = re.sub(r"\('Non-boolean argument to boolean flag', '(.*)'\)$",
+                      r"'\1' is not a boolean (true, false, 1 or 0)", text)
         required = r"flag --(\w+)=None: Flag --\w+ must have a value other than None\."
         if re.fullmatch(rf"{required}( {required})*", text):  # "--config and --workdir are required"
-            names = [f"--{name}" for name in re.findall(required, text)]
+            names = re.findall(required, text)
+            if "config" in names and _config_path(argv) != "?":  # given: a None is what its get_config returned
+                sys.exit(f"error: --config {_config_path(argv)}: get_config() returned None (no return statement?)")
+            names = [f"--{name}" for name in names]
             text = (f"{', '.join(names[:-1])} and {names[-1]} are required" if len(names) > 1
                     else f"{names[0]} is required")
         sys.exit(f"{program_name()}: error: {text} (see --helpshort)")
@@ -111,6 +156,9 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
     ends the process with one line (exit status 1) before `main` runs or writes anything."""
 
     def parse(argv: list[str]) -> list[str]:
+        argv = _expand_config_path(argv)
+        logger = absl_logging.get_absl_logger()
+        logger.addFilter(_no_none_warning)  # a get_config() that returned None is told in parse_flags' one line
         try:
             remaining = parse_flags(argv)
             # ml_collections defers a config file's failure to load to the config's first use (an override meets
@@ -126,9 +174,26 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
             sys.exit(config_file_error_line(e))
         except Exception as e:  # the config file's own code failed: SyntaxError, NameError, ImportError, ...
             sys.exit(config_code_error_line(e, argv))
+        finally:
+            logger.removeFilter(_no_none_warning)
         return remaining
 
     return parse
+
+
+def _expand_config_path(argv: list[str]) -> list[str]:
+    """argv with the ~ of `--config=~/exp.py` expanded, as --workdir's is: no shell expands one after "=", and
+    ml_collections looked for a folder named "~" ("No such file or directory: '~/exp.py'")."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith(("--config=~", "-config=~")):
+            flag, value = a.split("=", 1)
+            out[i] = f"{flag}={os.path.expanduser(value)}"
+    return out
+
+
+def _no_none_warning(record: Any) -> bool:
+    return "get_config() returned None" not in record.getMessage()
 
 
 def usage_error_line(error: app.UsageError, program: str) -> str:

@@ -136,7 +136,10 @@ def check_keys(c: ml_collections.ConfigDict) -> None:
     missing = [k for k in known if k not in given]
     unknown = [k for k in given if k not in known]
     if unknown:
-        near = difflib.get_close_matches(unknown[0], known, n=1)
+        # a key of that name in another section first (patch_size: data.patch_size, which the spelling match took
+        # for batch_size), then the nearest spelling
+        leaf = unknown[0].split(".")[-1]
+        near = [k for k in known if k.split(".")[-1] == leaf] or difflib.get_close_matches(unknown[0], known, n=1)
         what = "keys" if len(unknown) > 1 else "a key"
         raise ValueError(f"the config has {what} that nothing reads: {', '.join(unknown)}"
                          + (f' (did you mean "{near[0]}"?)' if near else "")

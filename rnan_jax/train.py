@@ -32,7 +32,7 @@ def main(argv):
         raise app.UsageError("--workdir is empty: name the run's folder (--workdir=. for the current one)")
     import jax
 
-    from rnan_jax import api, configs, env, preemption, trainer
+    from rnan_jax import api, configs, env, paths, preemption, trainer
 
     try:
         configs.check_keys(_CONFIG.value)
@@ -55,8 +55,8 @@ def main(argv):
     full_unroll = _CONFIG.value.execution.scan_unroll < 0
     big = model.num_groups * model.num_blocks > api.CPU_FULL_UNROLL_MAX_BLOCKS
     try:
-        if _DRY_RUN.value:
-            print(trainer.dry_run(_CONFIG.value, _WORKDIR.value))
+        if _DRY_RUN.value:  # the workdir as the run resolves it: --workdir=~/run is $HOME/run, not ./~/run
+            print(trainer.dry_run(_CONFIG.value, paths.resolve(_WORKDIR.value)))
             return
         safe = not (jax.default_backend() == "cpu" and full_unroll and big)
         if env.enable_compilation_cache(safe=safe) is None and not safe:

@@ -42,6 +42,27 @@ _BAD_FLAGS = [
     (["-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2", "photo.png"],
      "upscale: error: --output is required (see --helpshort)"),
     (["-m", "rnan_jax.train"], "train: error: --config and --workdir are required (see --helpshort)"),
+    # absl's and ml_collections' boolean parsers: "('Non-boolean argument to boolean flag', 'yes')"
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run", "--config.data.augment=yes"],
+     "train: error: flag --config.data.augment=yes: 'yes' is not a boolean (true, false, 1 or 0) (see --helpshort)"),
+    (["-m", "rnan_jax.evaluate", "--method", "bicubic", "--progress=no"],
+     "evaluate: error: flag --progress=no: 'no' is not a boolean (true, false, 1 or 0) (see --helpshort)"),
+    # a key of another section named at the top level: no suggestion (lr), or a wrong one (patch_size: "batch_size")
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run", "--config.lr=1e-3"],
+     "error: --config.lr: the config has no key 'lr'; did you mean --config.optim.lr? (python -m rnan_jax.train "
+     "--config FILE --dry_run lists every key)"),
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run", "--config.patch_size=32"],
+     "error: --config.patch_size: the config has no key 'patch_size'; did you mean --config.data.patch_size? "
+     "(python -m rnan_jax.train --config FILE --dry_run lists every key)"),
+    # the override named is the one at fault, not an earlier valid one whose name holds the missing key
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run", "--config.model.scale=3",
+      "--config.model.scal=4"],
+     "error: --config.model.scal: the config has no key 'scal'; did you mean \"scale\" instead of \"scal\"? (python -m "
+     "rnan_jax.train --config FILE --dry_run lists every key)"),
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run", "--config.data.val_set=Set5",
+      "--config.val_set=Set14"],
+     "error: --config.val_set: the config has no key 'val_set'; did you mean --config.data.val_set? (python -m "
+     "rnan_jax.train --config FILE --dry_run lists every key)"),
     (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir=", "--dry_run"],  # a run wrote into "."
      "train: error: --workdir is empty: name the run's folder (--workdir=. for the current one) (see --helpshort)"),
     (["tools/benchmark.py", "--dtypes=float64"],
@@ -96,3 +117,85 @@ def test_output_flags_expand_home_and_refuse_a_url(tmp_path):
     assert {"ev", "sr"} <= set(os.listdir(home))
     assert os.listdir(home / "sr") == ["a_x2.png"] and "results.json" in os.listdir(home / "ev")
     assert not os.listdir(work)
+
+
+def _train(args, cwd, **env):
+    r = subprocess.run([sys.executable, "-m", "rnan_jax.train", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    return r.returncode, [x for x in r.stderr.splitlines() if "libtpu" not in x], r.stdout
+
+
+def test_a_config_file_whose_get_config_raises_a_type_or_value_error_is_one_line(tmp_path):
+    """ml_collections re-raises get_config's TypeError/ValueError with its whole traceback as the text, which absl
+    put in one 1,000-character "flag --config=...: Error whilst parsing config file: Traceback ..." line (a float
+    for an int key, FILE:ARG with an ARG that does not parse, a get_config that takes an ARG not given); and a
+    get_config without its return statement was "--config is required" after two absl log lines."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = "from rnan_jax import configs\ndef get_config({}):\n    c = configs.default_config()\n"
+    files = {
+        "float.py": head.format("") + "    c.batch_size = 16.0\n    return c\n",
+        "value.py": head.format("") + "    raise ValueError('no such scale')\n",
+        "arg.py": head.format("arg") + "    c.model.scale = int(arg)\n    return c\n",
+        "none.py": head.format(""),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    workdir = tmp_path / "run"
+    cases = [
+        ("float.py", "float.py, line 4: TypeError: Could not override field 'batch_size' (reference). 16.0 is of "
+                     "original type <class 'float'> and cannot be casted to type <class 'int'>"),
+        ("value.py", "value.py, line 4: ValueError: no such scale"),
+        ("arg.py:x4", "arg.py, line 4: ValueError: invalid literal for int() with base 10: 'x4'"),
+        ("arg.py", "arg.py: TypeError: get_config() missing 1 required positional argument: 'arg' (--config "
+                   "FILE:ARG passes ARG to get_config; FILE alone passes nothing)"),
+        ("none.py", "none.py: get_config() returned None (no return statement?)"),
+    ]
+    for config, line in cases:
+        assert _train(["--config", config, "--workdir", str(workdir), "--dry_run"], tmp_path)[:2] == (
+            1, [f"error: --config {line}"]), config
+    code, err, out = _train(["--config", "arg.py:3", "--workdir", str(workdir), "--dry_run"], tmp_path)
+    assert code == 0 and "model: RNAN x3, 17,340,677 parameters" in out, err
+    code, err, _ = _train(["--config", os.path.join(repo, "experiments", "x4.py") + ":3", "--workdir", str(workdir)],
+                          tmp_path)
+    assert (code, err) == (1, [f"error: --config {repo}/experiments/x4.py: TypeError: get_config() takes 0 positional "
+                               "arguments but 1 was given (--config FILE:ARG passes ARG to get_config; FILE alone "
+                               "passes nothing)"])
+    assert not workdir.exists()
+
+
+def test_dry_run_resolves_the_workdir_as_the_run_does(tmp_path):
+    """--workdir=~/run (a ~ that no shell expands after "=") is the home folder's run for the training; the dry run
+    looked for ./~/run and said "not created yet; a run creates it" of a workdir the run would resume."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    home = tmp_path / "home"
+    (home / "run" / "checkpoints" / "40" / "params").mkdir(parents=True)
+    code, err, out = _train(["--config", "experiments/demo.py", "--workdir=~/run", "--dry_run"], repo, HOME=str(home))
+    assert code == 0, err
+    assert out.splitlines()[-1] == (f"workdir: {home}/run (exists; the run resumes from its step 40); dry run: nothing "
+                                    "read or written")
+    assert sorted(os.listdir(home / "run")) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("module,line", [
+    ("rnan_jax.upscale", "  --output: Folder for the upscaled images (created)."),
+    ("rnan_jax.evaluate", "  --output: Write results.json, results.md and per_image.csv here."),
+])
+def test_help_lists_the_output_flag(module, line):
+    """`--output` (cli.define_local_output) was counted as rnan_jax.cli's flag, so --help, which lists the command's
+    own, left it out: upscale's help did not name the flag that it requires."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0 and line in r.stdout.splitlines(), r.stdout[-3000:]
+
+
+def test_a_config_path_after_equals_has_its_home_expanded(tmp_path):
+    """--config=~/exp.py (a ~ that no shell expands after "=") is the home folder's exp.py, as --workdir=~/run is
+    the home folder's run; it was "error: --config: [Errno 2] No such file or directory: '~/exp.py'"."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "exp.py").write_text(open(os.path.join(repo, "experiments", "demo.py")).read())
+    code, err, out = _train(["--config=~/exp.py", "--config.model.scale=3", "--workdir", str(tmp_path / "run"),
+                             "--dry_run"], repo, HOME=str(home))
+    assert code == 0 and "model: RNAN x3, 240,657 parameters" in out.splitlines(), err

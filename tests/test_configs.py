@@ -127,3 +127,15 @@ def test_edge_values_that_fit_still_convert():
     assert TrainConfig.from_config(config).optim.warmup_steps == 599
     config.data.update(source="folder", hr_dirs="/data/T91", val_source="tfds", tfds_name="div2k/bicubic_x2")
     assert TrainConfig.from_config(config).data.tfds_name == "div2k/bicubic_x2"  # read by the validation
+
+
+@pytest.mark.parametrize("key,suggested", [("patch_size", "data.patch_size"), ("lr", "optim.lr"),
+                                           ("model.lr", "optim.lr"), ("optim.lrr", "optim.lr")])
+def test_a_key_of_another_section_in_a_config_file_is_named_where_it_lives(key, suggested):
+    """An experiment file that sets `config.patch_size` (the data section's key at the top level) was told: did you
+    mean "batch_size"?, the one key it must not set to a patch size; `config.lr` got no suggestion."""
+    config = _load("demo")
+    *parents, leaf = key.split(".")
+    (config[parents[0]] if parents else config)[leaf] = 32
+    with pytest.raises(ValueError, match=re.escape(f'nothing reads: {key} (did you mean "{suggested}"?)')):
+        TrainConfig.from_config(config)
