@@ -137,6 +137,12 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
                  f"{jax.local_device_count()} local")
     per_device = f"{cfg.batch_size // n_dev} per device" if cfg.batch_size % n_dev == 0 else (
         f"NOT divisible by the {n_dev} devices: the run would stop")
+    if cfg.batch_size % n_dev == 0:
+        try:
+            chunks = step.batch_chunks(cfg.execution.batch_chunks, cfg.batch_size // n_dev, n_dev)
+            per_device += f", in {chunks} chunk(s)" if chunks > 1 else ""
+        except ValueError as e:
+            per_device += f"; {e}: the run would stop"
     lines.append(f"global batch {cfg.batch_size} ({per_device}) of {cfg.data.patch_size}x{cfg.data.patch_size} "
                  f"LR patches; {cfg.total_steps:,} steps")
     if (problem := rundir.problem(workdir)) is not None:
@@ -211,6 +217,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         state, meta, latest = resumed
         best_psnr = float(meta.get("best_psnr", -math.inf))
         _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
+        if cfg.init_from:  # given to a run that exists: it would otherwise seem to have been applied
+            _log(f"init_from {cfg.init_from} not read: it starts a new run, and this one resumes its own checkpoint")
         signals.before_training = f"resume from step {latest} again"
         if changes := rundir.config_changes(workdir, config):
             _log(f"config changed since the run that made {workdir} (its config.json): {'; '.join(changes)}")

@@ -393,9 +393,12 @@ def test_init_from_x2_to_x4(images, tmp_path, capsys, monkeypatch):
         train_and_evaluate(x4_config(images, init_from=str(tmp_path / "x3")), str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=f"{tmp_path}/no_val: no such"):  # so are missing validation images
         train_and_evaluate(x4_config(images, **{"data.val_dir": str(tmp_path / "no_val")}), str(tmp_path / "bad"))
-    # a resumed run does not read it again: its source may be gone
+    # a resumed run does not read it again (its source may be gone), and says so
     monkeypatch.undo()
+    capsys.readouterr()
     train_and_evaluate(x4_config(images, total_steps=1, init_from=str(tmp_path / "x3")), str(tmp_path / "x4"))
+    assert (f"init_from {tmp_path}/x3 not read: it starts a new run, and this one resumes its own checkpoint"
+            in capsys.readouterr().out)
 
 
 def test_init_from_a_run_with_ema_copies_its_ema(images, tmp_path, capsys):
@@ -913,7 +916,8 @@ def test_dry_run_prints_the_config_and_count_and_writes_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "model: RNAN x4, 17,303,749 parameters" in r.stdout
     assert "  optim.lr = 0.0001" in r.stdout and "  data.patch_size = 48" in r.stdout
-    assert "global batch 16 (16 per device)" in r.stdout and "1 process(es)" in r.stdout
+    assert re.search(r"global batch 16 \(16 per device(, in \d chunk\(s\))?\) of 48x48", r.stdout), r.stdout
+    assert "1 process(es)" in r.stdout
     assert f"workdir: {workdir} (not created yet; a run creates it)" in r.stdout
     assert not workdir.exists()
     # A file where the workdir would be: the dry run says the run would stop there (as the run does).
@@ -921,6 +925,11 @@ def test_dry_run_prints_the_config_and_count_and_writes_nothing(tmp_path):
     out = dry_run(runpy.run_path(os.path.join(REPO, "experiments", "small291.py"))["get_config"](), str(workdir))
     assert f"workdir: {workdir} (a file is in the way (the workdir is a folder): the run would stop)" in out
     assert workdir.read_text() == "notes"
+    # a batch split the step cannot make: the dry run said nothing, the run stopped at once
+    odd = runpy.run_path(os.path.join(REPO, "experiments", "small291.py"))["get_config"]()
+    odd.batch_size, odd.execution.batch_chunks = 2, 3
+    assert ("global batch 2 (2 per device; execution.batch_chunks 3 does not divide the per-device batch 2: the "
+            "run would stop)") in dry_run(odd, str(tmp_path / "odd"))
     # ... or where the run writes a folder; and a workdir with checkpoints says which step the run resumes from
     config = runpy.run_path(os.path.join(REPO, "experiments", "small291.py"))["get_config"]()
     workdir.unlink()
