@@ -215,6 +215,22 @@ def test_every_tool_has_help(name, tmp_path):
     assert proc.returncode == 0 and "--" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_compare_dtypes_stops_on_a_config_key_nothing_reads_and_fails_when_no_run_logged(tmp_path):
+    """A key nothing reads stopped each dtype's run alike, then an empty table and exit status 0."""
+    (tmp_path / "bad.py").write_text("from rnan_jax import configs\ndef get_config():\n"
+                                     "    c = configs.default_config()\n    c.patch_size = 3\n    return c\n")
+    proc = _tool("compare_dtypes", "--config=bad.py", "--workdir=w", tmp_path=tmp_path)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (1, (
+        'error: --config bad.py: the config has a key that nothing reads: patch_size (did you mean '
+        '"data.patch_size"?); python -m rnan_jax.train --config FILE --dry_run lists every key'))
+    assert not (tmp_path / "w").exists()
+    proc = _tool("compare_dtypes", f"--config={ROOT}/experiments/demo.py", "--config.data.source=folder",
+                 "--config.data.hr_dirs=nope", "--workdir=w", "--dtypes=float32", tmp_path=tmp_path)
+    assert "float32 stopped: training images: nope: no such folder" in proc.stdout, proc.stdout + proc.stderr
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (
+        1, "error: no run logged a value to compare (each one's reason is above)")
+
+
 @pytest.mark.parametrize("name,args,says", [
     ("benchmark", ["--table=nope.json"], "--table: cannot read"),
     ("benchmark", ["--tiny", "--steps=0"], "--steps"),

@@ -1,4 +1,4 @@
-"""Train-step and forward speed of rnan_jax on whatever device is present: printed, and written as JSON.
+r"""Train-step and forward speed of rnan_jax on whatever device is present: printed, and written as JSON.
 
     python tools/benchmark.py --output=bench.json          # paper setting and batch 64, float32 and bfloat16
     python tools/benchmark.py --tiny --output=/tmp/b.json  # a tiny model, seconds on a CPU (what the test runs)

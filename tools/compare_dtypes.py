@@ -28,9 +28,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from rnan_jax import env, trainer
+    from rnan_jax import configs, env, trainer
     from rnan_jax.scalars import comparison_table, read_scalars
 
+    try:  # as train does: a key nothing reads stopped every run alike, then an empty table and exit status 0
+        configs.check_keys(_CONFIG.value)
+    except ValueError as e:
+        sys.exit(f"error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
     env.prepare_process()
     env.enable_compilation_cache()
     logging.set_verbosity(logging.WARNING)  # the trainer prints its own lines
@@ -46,6 +50,8 @@ def main(argv):
             print(f"{dtype} stopped: {e}", flush=True)
         runs[dtype] = read_scalars(os.path.join(workdir, "tensorboard"))
     print(comparison_table(runs))
+    if not any(runs.values()):
+        sys.exit("error: no run logged a value to compare (each one's reason is above)")
 
 
 if __name__ == "__main__":
