@@ -48,7 +48,10 @@ def forward_memory(config: RNANConfig, side: int) -> tuple[int, int, int]:
 
 
 def largest_fitting(config: RNANConfig, budget: float, step: int = 16) -> int:
-    """The largest multiple of `step` whose square LR image's temp + arguments + output fit `budget` bytes."""
+    """The largest multiple of `step` whose square LR image's temp + arguments + output fit `budget` bytes;
+    0 when not even a `step` x `step` image fits."""
+    if sum(forward_memory(config, step)) > budget:
+        return 0
     lo, hi = step, step
     while sum(forward_memory(config, hi)) <= budget:
         lo, hi = hi, hi * 2

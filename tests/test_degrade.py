@@ -61,9 +61,10 @@ def test_uint8_rounds_halves_up_and_clips():
     # Output 1 of [2, 18, ...] x2 is 1.09375 * 2 - 0.09375 * 18 = 0.5 exactly: MATLAB rounds it to 1.
     out = degrade.imresize(np.array([[2, 18, 40, 40]], np.uint8), 2)
     assert out.dtype == np.uint8 and out[0, 0] == 1
-    # Overshoot at a sharp edge clips instead of wrapping.
+    # Overshoot at a sharp edge clips instead of wrapping: outputs 2, 3, 6, 7 are -765/128, -2295/128, 34935/128
+    # and 33405/128 (exact sums of the cubic weights with symmetric mirroring), i.e. below 0 and above 255.
     edge = degrade.imresize(np.array([[0, 0, 255, 255]], np.uint8), 2)
-    assert edge.min() == 0 and edge.max() == 255
+    np.testing.assert_array_equal(edge, [[0, 0, 0, 52, 203, 255, 255, 255]] * 2)
     assert degrade.imresize(np.array([[0.0, 0.0, 1.0, 1.0]]), 2).max() > 1.0
 
 
@@ -91,6 +92,29 @@ def test_interior_matches_pillow_bicubic(scale):
     m = 3 if scale < 1 else 3 * scale
     np.testing.assert_allclose(ours[m:-m, m:-m], pillow[m:-m, m:-m], atol=1e-6)
     assert np.abs(ours - pillow).max() > 1e-3
+
+
+@pytest.mark.parametrize("scale", [0.75, 1.5, 2.5])
+def test_interior_matches_pillow_at_non_integer_scales(scale):
+    # Sizes chosen so that in * scale is whole (Pillow places samples by out / in, MATLAB by the given scale).
+    # Here the kernel's taps do not sum to 1 by themselves: the weights must be normalized as MATLAB's are.
+    rng = np.random.default_rng(5)
+    x = rng.random((48, 36)).astype(np.float32)
+    ours = degrade.imresize(x.astype(np.float64), scale)
+    h, w = ours.shape
+    assert (h, w) == (48 * scale, 36 * scale)
+    pillow = np.asarray(Image.fromarray(x, "F").resize((w, h), Image.BICUBIC), np.float64)
+    np.testing.assert_allclose(ours[8:-8, 8:-8], pillow[8:-8, 8:-8], atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1 / 4, 1 / 3, 1 / 2, 3])
+def test_uint8_output_is_the_float_result_rounded_once(scale):
+    # The intermediate between the two axes stays in float (as BasicSR's MATLAB port, which matches MATLAB's
+    # uint8 output on Set5/Set14): rounding it to integers first changes some output pixels.
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    expected = np.clip(np.floor(degrade.imresize(image.astype(np.float64), scale) + 0.5), 0, 255)
+    np.testing.assert_array_equal(degrade.imresize(image, scale), expected)
 
 
 def test_bicubic_lr_crops_then_downscales():

@@ -84,3 +84,11 @@ def test_integer_outputs_are_averaged_in_float():
     expected = np.full((4, 5, 1), 10.0, np.float32)
     expected[[0, 0, -1, -1], [0, -1, 0, -1]] = (2 * 255 + 6 * 10) / 8
     np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_float64_outputs_are_averaged_in_float64():
+    # 1 + 2**-30 is not a float32 (its spacing near 1 is 2**-23): a float32 accumulation would return 1.0.
+    x = np.full((3, 4, 1), 1.0 + 2.0**-30, np.float64)
+    out = self_ensemble(lambda v: v, x)
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, x)

@@ -1,5 +1,6 @@
 """PSNR/SSIM on Y against independent computations (scikit-image), and the conventions around them."""
 import math
+from fractions import Fraction
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,16 @@ def test_quantize():
     x = np.array([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 0.5, 1.0, 1.3])
     np.testing.assert_array_equal(metrics.quantize(x), [0, 0, 1, 2, 128, 255, 255])
     assert metrics.quantize(jnp.asarray(x, jnp.float32)).dtype == np.uint8
+
+
+def test_quantize_rounds_the_exact_value_of_a_float32_input():
+    # float32(128.5 / 255) is 0.50392156839..., whose exact product with 255 is just below 128.5: it quantizes to
+    # 128. A float32 product rounds to 128.5 and would give 129 (so would many (k + 0.5) / 255 for k >= 128).
+    x = np.array([(k + 0.5) / 255 for k in range(256)], np.float32)
+    exact = [math.floor(Fraction(float(v)) * 255 + Fraction(1, 2)) for v in x]
+    assert exact[128] == 128
+    np.testing.assert_array_equal(metrics.quantize(x), np.minimum(exact, 255))
+    np.testing.assert_array_equal(metrics.quantize(jnp.asarray(x)), np.minimum(exact, 255))
 
 
 def test_rgb_to_y_and_gray_known_values():
@@ -72,6 +83,23 @@ def test_psnr_y_matches_skimage(shave):
     expected = peak_signal_noise_ratio(y_hr, y_sr, data_range=255)
     assert metrics.psnr_y(sr, hr, shave) == pytest.approx(expected, abs=1e-10)
     assert 28 < expected < 40
+
+
+def test_psnr_y_with_unrounded_y_matches_skimage():
+    sr, hr = _pair(2)
+    y_sr, y_hr = (color.rgb2ycbcr(x)[..., 0][2:-2, 2:-2] for x in (sr, hr))
+    expected = peak_signal_noise_ratio(y_hr, y_sr, data_range=255)
+    assert metrics.psnr_y(sr, hr, 2, rounded_y=False) == pytest.approx(expected, abs=1e-10)
+    assert metrics.psnr_y(sr, hr, 2, rounded_y=False) != pytest.approx(metrics.psnr_y(sr, hr, 2), abs=1e-3)
+
+
+def test_gray_output_against_colour_reference_is_scored_on_y_of_the_gray_replicated():
+    # Y of (g, g, g) is 16 + 219 g / 255 (the coefficients sum to 219), rounded.
+    sr, hr = _pair(3)
+    gray = sr[..., 1]
+    y_gray = np.floor(16 + 219 * gray.astype(np.float64) / 255 + 0.5)[2:-2, 2:-2]
+    expected = peak_signal_noise_ratio(_exact_rounded_y(hr)[2:-2, 2:-2].astype(np.float64), y_gray, data_range=255)
+    assert metrics.psnr_y(gray, hr, 2) == pytest.approx(expected, abs=1e-10)
 
 
 @pytest.mark.parametrize("rounded", [True, False])
@@ -140,3 +168,28 @@ def test_rejects_float_and_mismatched_inputs():
         metrics.psnr_y(sr[:-1], hr, 2)
     with pytest.raises(ValueError, match="SSIM needs"):
         metrics.ssim_y(sr[:14, :14], hr[:14, :14], 2)
+
+
+@pytest.mark.parametrize("size,shave", [((4, 30), 2), ((30, 6), 3), ((5, 5), 3)])
+def test_shaving_everything_is_refused_rather_than_scored_nan(size, shave):
+    sr, hr = _pair(shape=size)
+    with pytest.raises(ValueError, match="too small to shave"):
+        metrics.psnr_y(sr, hr, shave)
+    sr, hr = np.zeros((2, 2 * shave + 1, 2 * shave + 1, 3), np.uint8)  # one pixel left: Y 16 against Y 235
+    hr[shave, shave] = 255
+    assert metrics.psnr_y(sr, hr, shave) == pytest.approx(20 * math.log10(255 / 219), abs=1e-12)
+
+
+def test_psnr_of_uint8_arrays_and_other_peaks():
+    # Differences of -10 and +10 levels: mse 100 (uint8 subtraction would wrap -10 to 246).
+    a, b = np.array([[10, 200]], np.uint8), np.array([[20, 190]], np.uint8)
+    assert metrics.psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 100), abs=1e-12)
+    # Peak 1 (float images in [0, 1], as tools/tiling_bound.py compares them): mse 0.01 is 20 dB.
+    assert metrics.psnr(np.array([0.1, 0.5]), np.array([0.2, 0.4]), peak=1.0) == pytest.approx(20.0, abs=1e-12)
+    # SSIM's constants scale with the peak: on a 0..1 scale it equals the 0..255 value, as skimage's does.
+    rng = np.random.default_rng(8)
+    x, y = rng.integers(0, 256, (2, 24, 30)).astype(np.float64)
+    expected = structural_similarity(x / 255, y / 255, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False, data_range=1.0)
+    assert metrics.ssim(x / 255, y / 255, peak=1.0) == pytest.approx(expected, abs=1e-7)
+    assert metrics.ssim(x / 255, y / 255, peak=1.0) == pytest.approx(metrics.ssim(x, y), abs=1e-12)

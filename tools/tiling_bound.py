@@ -102,8 +102,9 @@ def _report(FLAGS: flags.FlagValues) -> None:
               f"{(temp + args + out) / 2**20:.0f} |", flush=True)
     budget = FLAGS.budget_gib * 2**30
     side = largest_fitting(x4, budget)
-    print(f"\nLargest square LR image processed whole within {FLAGS.budget_gib:g} GiB: {side} x {side} "
-          f"(output {4 * side} x {4 * side}); tiled, any size fits, at the memory of one tile above.")
+    whole = f"{side} x {side} (output {4 * side} x {4 * side})" if side else "none (not even a 16 x 16 image)"
+    print(f"\nLargest square LR image processed whole within {FLAGS.budget_gib:g} GiB: {whole}; tiled, any size "
+          "fits, at the memory of one tile above.")
 
 
 def _define_flags() -> None:

@@ -1,0 +1,105 @@
+"""Tiled upscaling's windows and blend weights, and rnan_jax.tiling (what tools/tiling_bound.py measures)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+from skimage.metrics import peak_signal_noise_ratio
+
+from rnan_jax import RNANConfig, degrade, init, tiling, upscale_image
+from rnan_jax.inference import blend_weights, tile_starts
+
+TINY = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+TINY_RADIUS = 7.5  # LR receptive field radius of TINY (tests/test_inference.py explains it)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init(jax.random.key(0), TINY)
+
+
+@pytest.fixture(scope="module")
+def params_without_gc(params):
+    """TINY with the GC block's output conv zeroed: the network is local, so a wide enough overlap is exact."""
+    p = jax.tree_util.tree_map(lambda a: a, params)
+    p["groups"]["gc"]["v2"] = jax.tree_util.tree_map(jnp.zeros_like, params["groups"]["gc"]["v2"])
+    return p
+
+
+def _photo(h, w):
+    return np.ascontiguousarray(skimage.data.astronaut()[100:100 + h, 150:150 + w])
+
+
+def test_blend_weights_are_a_linear_ramp_centred_in_the_overlap():
+    # Windows [0, 40) and [24, 64), overlap 16 LR pixels, x2. The ramp spans 16 - 2 * (16 // 4) = 8 LR pixels
+    # (16 HR pixels) centred on LR 32 (HR 64): HR 56..71. At pixel centres it reads (k + 0.5) / 16; the
+    # outer 4 LR pixels (8 HR pixels) of each inner edge get weight 0.
+    starts = tile_starts(64, 40, 16)
+    assert starts == [0, 24]
+    up = [(k + 0.5) / 16 for k in range(16)]
+    w0, w1 = blend_weights(starts, 40, 16, 2)
+    np.testing.assert_allclose(w0, [1.0] * 56 + up[::-1] + [0.0] * 8, atol=1e-7)
+    np.testing.assert_allclose(w1, [0.0] * 8 + up + [1.0] * 56, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(40, 75), (75, 40), (75, 30), (30, 75)])
+def test_tile_as_long_as_a_side_or_longer_than_one_is_exact_without_gc(params_without_gc, shape):
+    # A side equal to the tile or shorter than it is one window along that axis; the other is tiled.
+    assert tile_starts(40, 40, 32) == [0] and tile_starts(30, 40, 32) == [0]
+    image = _photo(*shape).astype(np.float32) / 255
+    whole = upscale_image(params_without_gc, image)
+    tiled = upscale_image(params_without_gc, image, tile=40, overlap=32)
+    assert 32 // 4 >= TINY_RADIUS and tiled.shape == whole.shape == (2 * shape[0], 2 * shape[1], 3)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+def _exact_y(rgb):
+    rgb = rgb.astype(np.int64)
+    n = 16 * 255000 + 65481 * rgb[..., 0] + 128553 * rgb[..., 1] + 24966 * rgb[..., 2]
+    return ((2 * n + 255000) // 510000).astype(np.float64)
+
+
+def test_tiling_rows_report_the_differences_tiling_makes(params):
+    hr = _photo(41, 37)  # not a multiple of the scale: the rows crop it as the LR image was cropped
+    rows = tiling.tiling_rows(params, TINY, hr, tiles=[8, 32], overlaps=[2, 4, 8])
+    # Overlap 8 >= tile 8: no row. Tile 32 >= the LR image: one window.
+    assert [(r["tile"], r["overlap"]) for r in rows] == [(8, 2), (8, 4), (32, 2), (32, 4), (32, 8)]
+    assert {r["lr"] for r in rows} == {"18x20"}  # width x height of the 20 x 18 LR image
+    lr = degrade.bicubic_lr(hr, 2).astype(np.float32) / 255
+    whole = upscale_image(params, lr)
+    y_hr = _exact_y(hr[:40, :36])[2:-2, 2:-2]
+    for r in rows:
+        tiled = upscale_image(params, lr, tile=r["tile"], overlap=r["overlap"])
+        q_tiled, q_whole = (np.floor(np.clip(x.astype(np.float64), 0, 1) * 255 + 0.5) for x in (tiled, whole))
+        mse = np.mean((tiled.astype(np.float64) - whole) ** 2)
+        assert r["float_psnr"] == (pytest.approx(10 * math.log10(1 / mse), abs=1e-9) if mse else math.inf)
+        mse8 = np.mean((q_tiled - q_whole) ** 2)
+        assert r["uint8_psnr"] == (pytest.approx(10 * math.log10(255**2 / mse8), abs=1e-9) if mse8 else math.inf)
+        assert r["max_levels"] == np.abs(q_tiled - q_whole).max()
+        for key, q in (("hr_whole", q_whole), ("hr_tiled", q_tiled)):
+            expected = peak_signal_noise_ratio(y_hr, _exact_y(q)[2:-2, 2:-2], data_range=255)
+            assert r[key] == pytest.approx(expected, abs=1e-9)
+    assert rows[0]["max_levels"] > 0 and rows[0]["float_psnr"] < 80  # 8-pixel windows: GC context differs
+    assert rows[0]["float_psnr"] != rows[1]["float_psnr"]  # each row tiles with its own overlap
+    assert all(r["float_psnr"] == math.inf and r["max_levels"] == 0 for r in rows[2:])  # the whole image
+
+
+def test_forward_memory_counts_the_parameters_input_and_output():
+    params_bytes = 4 * sum(x.size for x in jax.tree_util.tree_leaves(init(jax.random.key(0), TINY)))
+    temp, arguments, output = tiling.forward_memory(TINY, 8)
+    assert arguments == params_bytes + 4 * 8 * 8 * 3
+    assert output == 4 * 16 * 16 * 3
+    assert temp > 0
+
+
+def test_largest_fitting_is_the_largest_multiple_of_the_step_that_fits(monkeypatch):
+    monkeypatch.setattr(tiling, "forward_memory", lambda config, side: (100 * side * side, 5000, 12 * side * side))
+    fits = lambda side: 112 * side * side + 5000  # noqa: E731
+    for side in range(16, 1100, 16):
+        for budget in (fits(side), fits(side) + 7, fits(side + 16) - 1):
+            assert tiling.largest_fitting(TINY, budget) == side, budget
+    # Not even one step fits: 0, not the step (which would claim a 16 x 16 image fits).
+    assert tiling.largest_fitting(TINY, fits(16) - 1) == 0
+    assert tiling.largest_fitting(TINY, 1) == 0
