@@ -92,6 +92,25 @@ def test_rejects_what_it_cannot_upscale(params):
         upscale_image(params, np.zeros((20, 20, 3), np.uint8), tile=8, overlap=8)
 
 
+def test_a_model_whose_output_is_not_finite_is_refused_not_saved_black(params, tmp_path):
+    """Non-finite parameters (a diverged or badly converted checkpoint): NaN outputs were clipped and rounded to
+    black, written by upscale and scored by evaluate (a PSNR of a black image) with only numpy's warning."""
+    from rnan_jax.evaluate import evaluate_model
+
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    bad["tail"]["bias"] = bad["tail"]["bias"].at[0].set(jnp.nan)
+    for kwargs in ({}, {"tile": 16, "overlap": 4}):
+        with pytest.raises(ValueError, match=r"^the model's output holds \d+ NaN or infinite value\(s\): its "
+                                             "parameters are not finite, or its dtype overflowed$"):
+            upscale_image(bad, _photo(24, 24), **kwargs)
+    hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
+    hr_dir.mkdir(parents=True)
+    Image.fromarray(_photo(24, 24)).save(hr_dir / "a.png")
+    evaluation = evaluate_model(bad, TINY, ["Mine"], data_dir=str(tmp_path), progress=False, allow_incomplete=True)
+    assert evaluation.scores == [] and len(evaluation.skipped) == 1
+    assert "the model's output holds" in evaluation.skipped[0]
+
+
 def test_a_small_tile_takes_the_overlap_the_cli_gives_it(params):
     """upscale_image(tile=16) raised "need 0 <= overlap < tile" with its own default overlap (32), which the CLI's
     --tile 16 fits to half the tile; both now take default_overlap(tile)."""
