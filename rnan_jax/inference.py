@@ -190,6 +190,10 @@ def _host_memory_tile(forward: Any, params: Params, size: tuple[int, int], overl
     return tile
 
 
+class NonFiniteOutputError(ValueError):
+    """The model's output holds NaN or infinite values (non-finite parameters, or an overflow in its dtype)."""
+
+
 def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | None = None,
                   tile: int | None = None, overlap: int | None = None, self_ensemble: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -254,7 +258,7 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
 
     def finish(sr: np.ndarray) -> np.ndarray:
         if not np.isfinite(sr).all():  # clipped and rounded, a NaN was a black pixel: a black image scored or saved
-            raise ValueError(f"the model's output holds {int((~np.isfinite(sr)).sum())} NaN or infinite value(s): "
+            raise NonFiniteOutputError(f"the model's output holds {int((~np.isfinite(sr)).sum())} NaN or infinite value(s): "
                              "its parameters are not finite, or its dtype overflowed")
         if image.dtype == np.uint8:
             sr = metrics.quantize(sr)
