@@ -123,8 +123,11 @@ def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 def create_state(rng: jax.Array, params: Any = None, *, spec: StepSpec) -> TrainState:
     """A fresh state; `params` (e.g. from init_from) replaces the random initialization."""
     params = init(rng, spec.model) if params is None else params
+    # The EMA a copy, not the parameters' own arrays: `jit_train_step` donates the state, and a buffer in it
+    # twice failed the first step ("Attempt to donate the same buffer twice"; a segfault on several devices)
+    ema = jax.tree_util.tree_map(jnp.copy, params) if spec.optim.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer(spec.optim).init(params),
-                      ema=params if spec.optim.ema_decay > 0 else None, loss_avg=jnp.zeros((), jnp.float32))
+                      ema=ema, loss_avg=jnp.zeros((), jnp.float32))
 
 
 def empty_metrics() -> dict[str, jax.Array]:
@@ -221,16 +224,33 @@ def jit_train_step(spec: StepSpec, mesh: jax.sharding.Mesh):
     both run this one."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    jitted = jax.jit(functools.partial(train_step, spec=spec), in_shardings=(replicated, batch, replicated),
+    jitted = jax.jit(functools.partial(train_step, spec=spec, mesh=mesh), in_shardings=(replicated, batch, replicated),
                      out_shardings=(replicated, replicated), donate_argnums=(0, 2))
     return jitted, replicated, batch
 
 
+def _data_parallel_loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec,
+                                  mesh: jax.sharding.Mesh) -> tuple[jax.Array, Any]:
+    """`_loss_and_grads` of each device's share of the batch (sharded over "data"), averaged over the devices:
+    the whole batch's (equal shares), each device computing its own share only. Left to XLA's partitioner,
+    the native CPU kernels (custom calls, which it cannot split) made it gather the whole batch onto every
+    device before the network's first convolution, so that each device computed every sample."""
+    def local(p, a, b):
+        return jax.lax.pmean(_loss_and_grads(p, a, b, spec), "data")
+
+    data = jax.sharding.PartitionSpec("data")
+    return jax.shard_map(local, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), data, data),
+                         out_specs=jax.sharding.PartitionSpec(), check_vma=False)(params, lr, hr)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], acc: dict[str, jax.Array], *,
-               spec: StepSpec) -> tuple[TrainState, dict[str, jax.Array]]:
+               spec: StepSpec, mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     lr = batch["lr"].astype(jnp.float32) / 255.0
     hr = batch["hr"].astype(jnp.float32) / 255.0
-    loss, grads = _loss_and_grads(state.params, lr, hr, spec)
+    if mesh is not None and mesh.size > 1:  # the batch sharded over the mesh's "data" axis (jit_train_step)
+        loss, grads = _data_parallel_loss_and_grads(state.params, lr, hr, spec, mesh)
+    else:
+        loss, grads = _loss_and_grads(state.params, lr, hr, spec)
     updates, opt_state = optimizer(spec.optim).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)

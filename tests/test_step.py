@@ -1,5 +1,6 @@
 """The train step's options: EMA, loss-spike skipping, non-finite steps, the learning-rate schedules."""
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -39,6 +40,21 @@ def test_ema_is_the_moving_average_of_the_parameters():
     assert any(not np.array_equal(a, b) for a, b in zip(_leaves(new.params), _leaves(state.params)))
     assert int(new.step) == 1 and float(acc["steps"]) == 1 and float(acc["loss"]) > 0
     assert create_state(jax.random.key(0), spec=StepSpec(MODEL, OptimConfig())).ema is None
+
+
+def test_a_fresh_state_with_ema_goes_through_the_jitted_step_that_donates_it():
+    """create_state's EMA was the parameters' own arrays: jit_train_step, which donates the state, failed at the
+    first step ("Attempt to donate the same buffer twice"; a segfault on 4 devices). It is the same step as the
+    one that does not donate."""
+    spec = StepSpec(MODEL, OptimConfig(lr=1e-2, ema_decay=0.9))
+    state = create_state(jax.random.key(0), spec=spec)
+    expected, _ = _step(spec, state)
+    jitted, replicated, _ = step.jit_train_step(spec, step.data_mesh(jax.devices()[:1]))
+    new, acc = jitted(state, _batch(), jax.device_put(empty_metrics(), replicated))
+    assert int(new.step) == 1 and float(acc["steps"]) == 1
+    for a, b in zip(_leaves((new.params, new.ema)), _leaves((expected.params, expected.ema))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(new.ema), _leaves(new.params)))
 
 
 def test_loss_spike_is_skipped():
@@ -185,6 +201,48 @@ def test_batch_chunks_on_several_devices_move_no_samples_between_them():
     r = subprocess.run([sys.executable, "-c", _CHUNKS_ON_DEVICES], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr[-3000:]
+
+
+_STEP_ON_DEVICES = """
+import jax, json, numpy as np
+from rnan_jax import RNANConfig, step
+spec = step.StepSpec(RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2),
+                     step.OptimConfig(ema_decay=0.9), batch_chunks={chunks})
+rng = np.random.RandomState(0)
+batch = {{"lr": rng.randint(0, 256, (8, 6, 6, 3)).astype(np.uint8),
+          "hr": rng.randint(0, 256, (8, 12, 12, 3)).astype(np.uint8)}}
+out = {{}}
+for devices in (jax.devices()[:1], jax.devices()):
+    f, replicated, sharded = step.jit_train_step(spec, step.data_mesh(devices))
+    state = jax.jit(lambda k: step.create_state(k, spec=spec), out_shardings=replicated)(jax.random.key(0))
+    acc = jax.device_put(step.empty_metrics(), replicated)
+    b = {{k: jax.device_put(v, sharded) for k, v in batch.items()}}
+    hlo = f.lower(state, b, acc).compile().as_text()
+    state, acc = f(state, b, acc)
+    out[len(devices)] = {{"gathers": hlo.count("all-gather"), "loss": float(acc["loss"]),
+                          "grad_norm": float(acc["grad_norm"]),
+                          "params": [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state)]}}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_each_of_four_devices_computes_its_share_of_the_batch_and_the_step_is_the_one_device_step(chunks):
+    """The batch sharded over 4 devices, the state replicated: left to XLA's partitioner, the native CPU kernels
+    (custom calls, which it cannot split) had it gather the whole batch onto every device (all-gathers), so each
+    device computed every sample, the CPU step of 2 devices slower than one's. Each device now computes its own
+    share; the loss, gradient norm, parameters and EMA after the step are the one-device step's."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", _STEP_ON_DEVICES.format(chunks=chunks)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, four = (json.loads(r.stdout.splitlines()[-1])[k] for k in ("1", "4"))
+    assert four["gathers"] == 0
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-6) and one["loss"] > 0.1
+    assert four["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert len(four["params"]) == len(one["params"]) > 30
+    for a, b in zip(four["params"], one["params"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_batch_chunks_give_the_loss_and_gradient_of_the_whole_batch():
