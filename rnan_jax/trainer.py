@@ -228,6 +228,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             source_params, source_cfg, which = source or _init_source(cfg)
             params = _copy_matching(init(rng, cfg.model), source_params, f"{cfg.init_from} "
                                     f"({'its EMA, ' * (which == 'ema')}x{source_cfg.scale} -> x{cfg.model.scale})")
+        if params is not None:  # committed to one device by the copy: jit refused them for the others' state
+            params = jax.device_put(jax.device_get(params), replicated)
         state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(rng, params)
         rundir.write_info(workdir, config)
     # best/ may hold a step past the resumed one (validated, then lost before its checkpoint): a new best must

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from rnan_jax import benchmark_sets, data, images, summary, upscalers
@@ -59,6 +60,9 @@ class Validator:
 
     def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         scores, strips = {}, {}
+        # one device's copy of a training run's replicated parameters: with them all, every device upscaled
+        # every image (N times the work, and N copies of the memory that a CPU's tile budget counts once)
+        params = jax.tree_util.tree_map(_one_copy, params)
         upscale = upscalers.model_upscaler(params, self.config)
         for k, vset in enumerate(self.sets):
             psnrs, ssims = [], []
@@ -80,3 +84,10 @@ class Validator:
         """"; Set14 30.512 dB, SSIM 0.8890 (bicubic 30.224 dB)" for each set after the first ("" for one set)."""
         return "".join(f"; {s.name} {scores[s.prefix + 'psnr']:.3f} dB, SSIM {scores[s.prefix + 'ssim']:.4f} "
                        f"(bicubic {s.bicubic_psnr:.3f} dB)" for s in self.sets[1:])
+
+
+def _one_copy(x: Any) -> Any:
+    """A replicated array's copy on this process's first device holding it; anything else as it is."""
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 and x.is_fully_replicated:
+        return x.addressable_shards[0].data
+    return x

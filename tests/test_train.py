@@ -890,6 +890,43 @@ if jax.device_count() == 8:
 """
 
 
+_TWO_DEVICES = """
+import sys, jax
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_train import x4_config
+from rnan_jax import init, upscalers, validation
+from rnan_jax.configs import TrainConfig
+from rnan_jax.trainer import train_and_evaluate
+config = x4_config(Path({images!r}))
+validator = validation.Validator(TrainConfig.from_config(config))
+params = init(jax.random.key(0), TrainConfig.from_config(config).model)
+mesh = jax.make_mesh((2,), ("data",))
+replicated = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+seen, model_upscaler = [], upscalers.model_upscaler
+def spy(p, *args, **kwargs):
+    seen.append(sorted({{len(x.sharding.device_set) for x in jax.tree_util.tree_leaves(p)}}))
+    return model_upscaler(p, *args, **kwargs)
+upscalers.model_upscaler = spy
+print("validation", seen if validator(replicated, 0)[0] == validator(params, 0)[0] else "differs", flush=True)
+train_and_evaluate(x4_config(Path({images!r}), total_steps=1, init_from={source!r},
+                             **{{"optim.lr": 0.0, "optim.schedule": "constant"}}), {workdir!r})
+print("devices", jax.device_count())
+"""
+
+
+def test_two_devices_validate_on_one_and_start_from_init_from(images, straight, tmp_path):
+    """With parameters replicated over the devices, validation upscaled every image on each device; and a run
+    started with init_from on 2 devices failed at once ("Received incompatible devices for jitted computation")."""
+    script = _TWO_DEVICES.format(tests=os.path.dirname(__file__), images=str(images), source=str(straight[0]),
+                                 workdir=str(tmp_path / "run"))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert "validation [[1], [1]]" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and "devices 2" in r.stdout, r.stderr[-3000:]
+    assert _equal_trees(load(str(tmp_path / "run"))[0], load(str(straight[0]))[0])  # lr 0: init_from's
+
+
 def test_eight_devices_then_two_give_the_parameters_of_one(images, straight_b8, tmp_path):
     """Two steps on 8 devices equal two on one (the batch sharded, the state replicated); resumed on 2
     devices to step 4 (elastic resume), they equal an uninterrupted one-device run. A batch that does not
