@@ -12,6 +12,9 @@ from rnan_jax.model import RNANConfig
 _BUFFERS = ("mean",)
 # Prefixes that wrappers put before every key: nn.DataParallel / DistributedDataParallel, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Keys under which training scripts save the state_dict inside a larger checkpoint: PyTorch Lightning, BasicSR
+# ("params", "params_ema"), EDSR-PyTorch and many others.
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "params", "params_ema")
 # How far a `mean` buffer may be from RNANConfig.rgb_mean: bfloat16 rounds 0.4488 to 0.4492.
 _MEAN_ATOL = 2e-3
 
@@ -20,18 +23,53 @@ def _unwrapped(sd: dict) -> dict:
     for prefix in _WRAPPER_PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
             return _unwrapped({k[len(prefix):]: v for k, v in sd.items()})
+    # the attribute that holds the network in a PyTorch Lightning module ("model.head.weight") or another wrapper
+    prefixes = {k[:-len("head.weight")] for k in sd if k.endswith(".head.weight")}
+    if "head.weight" not in sd and len(prefixes) == 1:
+        prefix = prefixes.pop()
+        if all(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items()}
     return sd
+
+
+def _state_dict_of(checkpoint: object) -> Mapping:
+    """The flat state_dict inside what `torch.load` returned: a whole pickled nn.Module (`torch.save(model)`),
+    a checkpoint dict holding it under one of _NESTING_KEYS, or the state_dict itself."""
+    if not isinstance(checkpoint, Mapping):
+        if callable(getattr(checkpoint, "state_dict", None)):  # torch.save(model): the module itself
+            return _state_dict_of(checkpoint.state_dict())
+        raise ValueError(f"not a PyTorch state_dict: a {type(checkpoint).__name__}, not a mapping of parameter "
+                         "names to tensors")
+    nested = [k for k, v in checkpoint.items()
+              if isinstance(v, Mapping) or callable(getattr(v, "state_dict", None))]
+    if not nested:
+        return checkpoint
+    found = [k for k in _NESTING_KEYS if k in nested]
+    if len(found) == 1:
+        return _state_dict_of(checkpoint[found[0]])
+    which = found or nested
+    raise ValueError(f"a checkpoint with {'several state_dicts' if found else 'nested entries'} "
+                     f"({', '.join(map(repr, which[:5]))}): pass the one that holds the weights, e.g. "
+                     f"from_torch_state_dict(checkpoint[{which[0]!r}], config)")
+
+
+def _array(key: str, value: object) -> np.ndarray:
+    try:  # .float(): numpy has no bfloat16, the dtype of many half-precision checkpoints
+        return np.asarray(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value, np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"state_dict: {key} is not a tensor ({type(value).__name__}: {e})") from None
 
 
 def from_torch_state_dict(state_dict: Mapping[str, object], config: RNANConfig) -> dict:
     """PyTorch `state_dict` (tensors or arrays) -> rnan_jax parameter tree, float32 numpy arrays.
 
-    Keys may carry a DataParallel ("module.") or torch.compile ("_orig_mod.") prefix. Raises ValueError naming
+    `state_dict` may also be what `torch.load` returned for a whole pickled model or for a checkpoint that holds
+    the state_dict under "state_dict", "model_state_dict", "model", "net", "params" or "params_ema". Keys may
+    carry a DataParallel ("module.") or torch.compile ("_orig_mod.") prefix, or that of the attribute holding
+    the network (PyTorch Lightning's "model.") where every key has it. Raises ValueError naming
     the first key that is missing, left over or of the wrong shape for `config`, and for a `mean` buffer that is
     not `config.rgb_mean` (the parameters do not hold the mean: the model would shift by the wrong one)."""
-    # .float(): numpy has no bfloat16, the dtype of many half-precision checkpoints
-    sd = _unwrapped({k: np.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v, np.float32)
-                     for k, v in state_dict.items()})
+    sd = _unwrapped({k: _array(k, v) for k, v in _state_dict_of(state_dict).items()})
     missing = [k for k in ("head.weight", "tail.weight", "fuse1.weight") if k not in sd]
     if missing:
         raise ValueError(f"not an RNAN state_dict: missing {', '.join(missing)} (keys start: "

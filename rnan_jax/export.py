@@ -27,6 +27,7 @@ Loading and running it needs only JAX, not rnan_jax:
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Mapping, Sequence
 
@@ -48,12 +49,15 @@ def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
     """`lr [B, h, w, 3] -> apply(params, lr)` exported with `params` as constants; B symbolic, and h, w too
     unless `fixed_size` = (h, w). dtype, scan_unroll, depthwise: as `rnan_jax.apply`. Raises ValueError for
     an unknown platform, a non-positive size or parameters that do not fit `config`."""
+    if isinstance(platforms, str):  # "cpu" or "cpu,cuda", as --platforms takes them; not the letters c, p, u
+        platforms = [p.strip() for p in platforms.split(",") if p.strip()]
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown or not platforms:
         raise ValueError(f"platforms must be some of {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}"
                          + (" (NVIDIA GPUs are 'cuda')" if "gpu" in unknown else ""))
-    if fixed_size is not None and (len(fixed_size) != 2 or min(fixed_size) < 1):
-        raise ValueError(f"fixed_size must be (h, w), both positive, got {fixed_size}")
+    if fixed_size is not None and (len(fixed_size) != 2 or not all(isinstance(v, numbers.Integral) and v >= 1
+                                                                  for v in fixed_size)):
+        raise ValueError(f"fixed_size must be (h, w), both positive integers, got {fixed_size}")
     if config is None:
         config = api.infer_config(params)
     else:

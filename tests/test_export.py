@@ -115,3 +115,15 @@ def test_convert_takes_a_bfloat16_state_dict_and_refuses_another_mean(torch_rnan
         from_torch_state_dict(other, config)
     params = from_torch_state_dict(other, RNANConfig(**{**config.__dict__, "rgb_mean": (0.5, 0.45, 0.4)}))
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, from_torch_state_dict(sd, config))
+
+
+def test_a_platform_string_and_a_float_size(params):
+    """platforms="cpu" is the cpu platform (not the letters c, p, u: 'got c, p, u'); a size computed as a float
+    (h / 2) is a ValueError naming fixed_size, not jax's TypeError about a ShapeDtypeStruct."""
+    exported = export_model(params, TINY, platforms="cpu")
+    assert exported.platforms == ("cpu",)
+    assert export_model(params, TINY, platforms="cpu, cuda").platforms == ("cpu", "cuda")
+    with pytest.raises(ValueError, match=r"fixed_size must be \(h, w\), both positive integers, got \(4\.5, 4\)"):
+        export_model(params, TINY, platforms=("cpu",), fixed_size=(4.5, 4))
+    exported = export_model(params, TINY, platforms=("cpu",), fixed_size=(np.int64(5), 4))
+    assert str(exported.in_avals[0].shape) == "(b, 5, 4, 3)"

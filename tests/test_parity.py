@@ -34,3 +34,27 @@ def test_small_config_matches_pytorch(torch_rnan, scale):
 
 def test_default_config_matches_pytorch_on_tiny_input(torch_rnan):
     assert _compare(torch_rnan, RNANConfig(scale=4), (1, 6, 5, 3), seed=0) < 2e-5
+
+
+def test_convert_takes_what_torch_load_returns(torch_rnan, tmp_path):
+    """A checkpoint dict ({'state_dict': ...}, BasicSR's {'params': ...}), a whole pickled model (also inside
+    a dict), Lightning's "model."-prefixed keys convert as the state_dict; a non-tensor entry or an ambiguous
+    checkpoint is one ValueError (they were raw TypeErrors and AttributeErrors)."""
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    torch.manual_seed(0)
+    model = torch_rnan(scale=2, c=8, n_groups=1, n_blocks=2, r=2).eval()
+    sd = model.state_dict()
+    expected = from_torch_state_dict(sd, config)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save({"state_dict": sd, "optimizer": {"state": {}}, "epoch": 3}, tmp_path / "ckpt.pt")
+    for checkpoint in [torch.load(tmp_path / "ckpt.pt"), {"params": {"module." + k: v for k, v in sd.items()}},
+                       torch.load(tmp_path / "model.pt", weights_only=False),
+                       {"model": torch.nn.DataParallel(model), "epoch": 3},
+                       {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 3}]:  # PyTorch Lightning
+        jax.tree_util.tree_map(np.testing.assert_array_equal, from_torch_state_dict(checkpoint, config), expected)
+    for checkpoint, says in [({"params": sd, "params_ema": sd}, r"several state_dicts \('params', 'params_ema'\)"
+                              r": .*checkpoint\['params'\]"),
+                             ({**sd, "note": "abc"}, "state_dict: note is not a tensor"),
+                             ([sd], "not a PyTorch state_dict: a list")]:
+        with pytest.raises(ValueError, match=says):
+            from_torch_state_dict(checkpoint, config)

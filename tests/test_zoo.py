@@ -134,3 +134,73 @@ def test_load_reads_a_zoo_file_by_path_and_names_a_bad_one(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match="path must name a workdir, checkpoint folder or zoo "
                                                               f"model, got {bad!r}"):
             rnan_jax.load(bad)
+
+
+def test_a_zoo_file_under_home_is_written_and_loaded_by_a_tilde_path(tmp_path, monkeypatch):
+    """`--checkpoint=~/m.msgpack` (no shell expands a ~ after "=") and zoo.write("~/...") mean the home folder,
+    not a folder named "~" in the current one; a meta that is not a mapping is an unreadable file, not a raw
+    TypeError."""
+    from flax import serialization
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    params = init(jax.random.key(2), config)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    zoo.write("~/weights/m.msgpack", params, config, {"step": 3})
+    assert os.listdir(tmp_path) == ["home"] and os.path.isfile(tmp_path / "home" / "weights" / "m.msgpack")
+    loaded, loaded_config = rnan_jax.load("~/weights/m.msgpack")
+    assert loaded_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    assert zoo.read("~/weights/m.msgpack")[2] == {"step": 3}
+    record = serialization.msgpack_restore((tmp_path / "home" / "weights" / "m.msgpack").read_bytes())
+    (tmp_path / "listmeta.msgpack").write_bytes(serialization.msgpack_serialize({**record, "meta": [1, 2]}))
+    with pytest.raises(zoo.ZooError, match="listmeta.msgpack: not a readable zoo file"):
+        zoo.read(str(tmp_path / "listmeta.msgpack"))
+
+
+def test_make_zoo_records_the_step_and_the_run_of_a_step_folder(tmp_path):
+    """The meta names the step the parameters came from (the best/ one for --which best), and a step's
+    folder given as --workdir still records the run's config.json and git revision."""
+    import orbax.checkpoint as ocp
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    params = init(jax.random.key(3), config)
+    workdir = tmp_path / "run"
+    for folder, step in [(checkpoint.CHECKPOINTS, 7), (checkpoint.CHECKPOINTS, 9), ("best", 7)]:
+        mgr = checkpoint.manager(str(workdir / folder), async_save=False)
+        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               meta=ocp.args.JsonSave(checkpoint.meta_for(config, step))))
+        mgr.wait_until_finished()
+        mgr.close()
+    (workdir / "config.json").write_text('{"total_steps": 9}')
+    (workdir / "git_revision.txt").write_text("abc123\n")
+    zoo_dir = tmp_path / "zoo"
+    driver = ("import runpy, sys\nfrom rnan_jax import zoo\n"
+              f"zoo.__file__ = {str(zoo_dir / '__init__.py')!r}\n"
+              f"sys.argv = ['make_zoo.py'] + sys.argv[1:]\n"
+              f"runpy.run_path({os.path.join(REPO, 'tools', 'make_zoo.py')!r}, run_name='__main__')\n")
+    for args, name, step in [(["--workdir", str(workdir), "--which", "best"], "best", 7),
+                             (["--workdir", str(workdir / checkpoint.CHECKPOINTS / "7")], "seven", 7),
+                             (["--workdir", str(workdir)], "latest", 9)]:
+        proc = subprocess.run([sys.executable, "-c", driver, *args, "--name", name], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"x2, step {step})" in proc.stdout
+        _, got_config, meta = zoo.read(str(zoo_dir / f"{name}.msgpack"))
+        assert got_config == config
+        assert (meta["step"], meta["config.json"], meta["git_revision.txt"]) == (step, {"total_steps": 9}, "abc123")
+
+
+def test_write_refuses_parameters_that_do_not_fit_the_config_and_keeps_the_file_there(tmp_path):
+    """A zoo file that read() would refuse is never written, nor does it replace a good one."""
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    params = init(jax.random.key(4), config)
+    path = str(tmp_path / "m.msgpack")
+    zoo.write(path, params, config)
+    good = open(path, "rb").read()
+    for bad_params, bad_config, says in [(params, RNANConfig(**{**config.__dict__, "scale": 4}), r"up_1"),
+                                         ({"params": params}, config, "variables dict")]:
+        with pytest.raises(ValueError, match=says):
+            zoo.write(path, bad_params, bad_config)
+        assert open(path, "rb").read() == good
+    assert zoo.read(path)[1] == config

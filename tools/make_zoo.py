@@ -15,7 +15,7 @@ import sys
 
 from absl import flags
 
-from rnan_jax import checkpoint, cli, env, zoo
+from rnan_jax import checkpoint, cli, env, paths, zoo
 from rnan_jax.api import count_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.", required=True)
@@ -29,21 +29,26 @@ def main(argv):
     del argv
     env.prepare_process()
     try:
+        directory, step = (None, None) if zoo.is_zoo(_WORKDIR.value) else checkpoint._locate(_WORKDIR.value,
+                                                                                              _WHICH.value)
         params, config = checkpoint.load(_WORKDIR.value, which=_WHICH.value)
     except checkpoint.CheckpointError as e:
         sys.exit(f"make_zoo: {e}")
     meta = {"which": _WHICH.value, "parameters": count_params(params)}
-    for name in ("config.json", "git_revision.txt"):
-        path = os.path.join(_WORKDIR.value, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                meta[name] = json.load(f) if name.endswith(".json") else f.read().strip()
+    if directory is not None:  # the workdir's checkpoints/ or best/ (a step's folder given: the one above it)
+        meta["step"] = step
+        for name in ("config.json", "git_revision.txt"):
+            path = os.path.join(os.path.dirname(directory), name)
+            if paths.isfile(path):
+                text = paths.read_text(path)
+                meta[name] = json.loads(text) if name.endswith(".json") else text.strip()
     out = os.path.join(os.path.dirname(zoo.__file__), f"{_NAME.value}.msgpack")
     try:
         size = zoo.write(out, params, config, meta)
     except OSError as e:  # e.g. an installed package's read-only folder
         sys.exit(f"make_zoo: cannot write {out}: {e}")
-    print(f"wrote {out} ({size / 2**20:.2f} MiB, {meta['parameters']:,} parameters, x{config.scale})")
+    print(f"wrote {out} ({size / 2**20:.2f} MiB, {meta['parameters']:,} parameters, x{config.scale}"
+          + (f", step {meta['step']}" if "step" in meta else "") + ")")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def names() -> list[str]:
 def path_of(name: str) -> str:
     """The file of zoo model `name` ("small_x2" or "zoo:small_x2"; a path ending in .msgpack is itself)."""
     if not name.startswith(PREFIX) and name.endswith(_SUFFIX):
-        return name
+        return os.path.expanduser(name)  # --checkpoint=~/m.msgpack: no shell expands a ~ after "="
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     available = names()
     if name not in available:
@@ -52,10 +52,12 @@ def path_of(name: str) -> str:
 
 
 def write(path: str, params: Any, config: RNANConfig, meta: dict | None = None) -> int:
-    """Writes a zoo file (float32 parameters, the config, `meta`); returns its size in bytes."""
+    """Writes a zoo file (float32 parameters, the config, `meta`); returns its size in bytes. Raises ValueError,
+    writing nothing, for parameters that do not fit `config` (a file that `read` would refuse)."""
+    check_params(params, config)
     data = serialization.msgpack_serialize({"params": _to_numpy(params), "config": _plain(dataclasses.asdict(config)),
                                             "meta": _plain(meta or {})})
-    paths.write_atomically(path, lambda f: f.write(data))
+    paths.write_atomically(os.path.expanduser(path), lambda f: f.write(data))
     return len(data)
 
 
@@ -73,15 +75,16 @@ def _to_numpy(tree: Any) -> Any:
 def read(path: str) -> tuple[dict, RNANConfig, dict]:
     """(params, RNANConfig, meta) from a zoo file."""
     try:
-        with open(path, "rb") as f:
+        with open(os.path.expanduser(path), "rb") as f:
             record = serialization.msgpack_restore(f.read())
         config = RNANConfig(**record["config"])  # RNANConfig makes rgb_mean a tuple of floats itself
         check_params(record["params"], config, what="parameters that do not fit its config")
+        meta = dict(record.get("meta") or {})
     except FileNotFoundError:
         raise ZooError(f"{path}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ZooError(f"{path}: not a readable zoo file ({type(e).__name__}: {e})") from None
-    return record["params"], config, dict(record.get("meta") or {})
+    return record["params"], config, meta
 
 
 def load(name: str) -> tuple[dict, RNANConfig]:
