@@ -43,8 +43,9 @@ def _pyplot():
 
 def read_validation(workdir: str) -> tuple[list[int], list[float], float | None]:
     """(steps, validation PSNRs, bicubic PSNR) from a workdir's metrics.jsonl (or that file itself), in step
-    order (a resumed run's repeated steps keep the last value; a line that is not a record is skipped, with a
-    warning)."""
+    order (a resumed run's repeated steps keep the last value, and its line {"step": S, "resumed": true} drops
+    the earlier lines' steps after S, of a trajectory that no longer exists; a line that is not a record is
+    skipped, with a warning)."""
     path = workdir if os.path.isfile(workdir) else os.path.join(workdir, "tensorboard", METRICS_FILE)
     if not os.path.isfile(path):
         raise FigureError(f"{path}: no such file (written by the trainer since metrics.jsonl was added)")
@@ -53,6 +54,8 @@ def read_validation(workdir: str) -> tuple[list[int], list[float], float | None]
         for number, line in enumerate(f, 1):
             try:
                 record = json.loads(line)
+                if isinstance(record, dict) and record.get("resumed") is True:
+                    by_step = {k: v for k, v in by_step.items() if k <= record["step"]}
                 if "val/psnr" in record:
                     by_step[record["step"]] = record["val/psnr"]
                     bicubic = record.get("val/bicubic_psnr", bicubic)

@@ -13,7 +13,9 @@ def read_scalars(logdir: str) -> dict[str, dict[int, tuple[float, float]]]:
     """{tag: {step: (value, wall_time)}} from every TensorBoard event file under `logdir`.
 
     Event files are TFRecords (length, CRC, an `Event` proto, CRC); tensorboardX's proto reads them
-    without TensorFlow. CRCs are not checked.
+    without TensorFlow. CRCs are not checked. Files are read in the order they were begun; a resumed run's
+    file begins with a SessionLog START at the step after the one it resumed from (`summary.Writer`): as
+    TensorBoard does, the values that earlier files hold from that step on (steps trained again) are dropped.
     """
     from tensorboardX.proto import event_pb2
 
@@ -29,6 +31,10 @@ def read_scalars(logdir: str) -> dict[str, dict[int, tuple[float, float]]]:
             if len(record) < length:
                 break  # a record cut off by a running writer
             event = event_pb2.Event.FromString(record)
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                for values in scalars.values():
+                    for step in [s for s in values if s >= event.step]:
+                        del values[step]
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     scalars[value.tag][event.step] = (value.simple_value, event.wall_time)

@@ -58,14 +58,23 @@ class Writer:
     folder whose changed files are copied there, whole, at most every `mirror_every_s` seconds, after each write
     of images and at `close`. There each write of images also ends its event file and the next write begins
     another (TensorBoard reads a run's files in order): one event file of every image strip of a 1M-step run
-    grew to hundreds of MB, copied again after every logged step, and stalled the step loop while it went."""
+    grew to hundreds of MB, copied again after every logged step, and stalled the step loop while it went.
 
-    def __init__(self, logdir: str, mirror_every_s: float = 60.0):
+    A run that resumes from step `resumed_from` (the trainer gives its first step) logs the steps after it again:
+    what the runs before it logged past that step (up to the crash or kill, beyond the last checkpoint) is of a
+    trajectory that no longer exists. The first event file begins with tensorboardX's `purge_step` (a SessionLog
+    START at `resumed_from` + 1: TensorBoard hides the earlier files' values from that step on, as
+    `scalars.read_scalars` does), and metrics.jsonl, when runs before wrote it, gets the line {"step": resumed_from,
+    "resumed": true} (readers drop the earlier lines with a step after it, as `figures.read_validation` does). A
+    last line cut short (a killed run) is ended first, so that the next record is a line of its own."""
+
+    def __init__(self, logdir: str, mirror_every_s: float = 60.0, *, resumed_from: int | None = None):
         self._writer = None
         self._jsonl = None
         self._remote = logdir if paths.is_url(logdir) else None
         self._copied: dict[str, int] = {}
         self._mirror_every_s, self._mirrored_at, self._event_files = mirror_every_s, -math.inf, 0
+        self._purge_step = None if resumed_from is None else resumed_from + 1
         if jax.process_index() == 0:
             self._local = tempfile.mkdtemp(prefix="rnan_tensorboard_") if self._remote else logdir
 
@@ -75,12 +84,21 @@ class Writer:
             if self._remote and paths.exists(remote := os.path.join(self._remote, METRICS_FILE)):
                 with open(self._jsonl, "w") as f:  # a resumed run continues the lines of the runs before it
                     f.write(paths.read_text(remote))
+            if os.path.isfile(self._jsonl) and os.path.getsize(self._jsonl):
+                with open(self._jsonl, "rb+") as f:
+                    f.seek(-1, os.SEEK_END)
+                    cut = f.read(1) != b"\n"  # a line cut short by a killed run: the next record starts a line
+                    marker = {"step": resumed_from, "resumed": True}
+                    f.write((b"\n" if cut else b"") + (b"" if resumed_from is None else
+                                                        json.dumps(marker).encode() + b"\n"))
 
     def _new_event_file(self) -> Any:
         from tensorboardX import SummaryWriter
 
         self._event_files += 1  # tensorboardX names a file by the second it began: the number keeps them apart
-        return SummaryWriter(self._local, flush_secs=30, filename_suffix=f".{self._event_files:04d}")
+        purge = self._purge_step if self._event_files == 1 else None  # a later one's would hide this run's own
+        return SummaryWriter(self._local, flush_secs=30, filename_suffix=f".{self._event_files:04d}",
+                             purge_step=purge)
 
     def _events(self) -> Any:
         """The SummaryWriter; raises the OSError that ended one of its writer threads, if one did."""

@@ -254,9 +254,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         it.close()
         return {}
 
-    writer = summary.Writer(os.path.join(workdir, "tensorboard"))
-    acc = jax.device_put(step.empty_metrics(), replicated)
     first = int(state.step)
+    writer = summary.Writer(os.path.join(workdir, "tensorboard"), resumed_from=first)
+    acc = jax.device_put(step.empty_metrics(), replicated)
     results: dict[str, float] = {}
     t_last, s_last = time.time(), first
     module = build(cfg.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise, remat=spec.remat)  # resolved

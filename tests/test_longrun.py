@@ -1,0 +1,49 @@
+"""A run over many resumes: what the workdir's logs say after each (TensorBoard, metrics.jsonl, the curve)."""
+import json
+
+import pytest
+
+from rnan_jax import figures, scalars
+from rnan_jax.trainer import train_and_evaluate
+from test_train import images, x4_config  # noqa: F401 (fixture)
+
+
+def test_a_resumed_run_drops_the_steps_trained_again_from_the_scalars_and_the_curve(images, tmp_path):  # noqa: F811
+    """A run validated at step 6, then was killed before its next checkpoint (step 8); the rerun resumed from step
+    4 with eval_every 5. Step 6's scores were of a trajectory that no longer exists, yet read_scalars, TensorBoard
+    (no purge_step) and the curve kept them among the new run's: val/psnr at steps 2, 4, 5, 6, 10."""
+    workdir = tmp_path / "run"
+    first = x4_config(images, total_steps=10, log_every=1, eval_every=2, checkpoint_every=4)
+    train_and_evaluate(first, str(workdir), stop_after=7)  # logged 1-7, validated at 2, 4, 6; checkpoint 4
+    killed = scalars.read_scalars(str(workdir / "tensorboard"))
+    assert sorted(killed["val/psnr"]) == [2, 4, 6] and sorted(killed["train/loss"]) == list(range(1, 8))
+    train_and_evaluate(x4_config(images, total_steps=10, log_every=1, eval_every=5, checkpoint_every=4),
+                       str(workdir))
+    board = scalars.read_scalars(str(workdir / "tensorboard"))
+    assert sorted(board["val/psnr"]) == [2, 4, 5, 10]
+    assert sorted(board["train/loss"]) == list(range(1, 11))
+    for s in (1, 2, 3, 4):  # before the resumed step: the first run's values, as logged
+        assert board["train/loss"][s] == killed["train/loss"][s]
+    lines = [json.loads(line) for line in (workdir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 4, "resumed": True} in lines
+    new = {r["step"]: r["val/psnr"] for r in lines[lines.index({"step": 4, "resumed": True}):] if "val/psnr" in r}
+    steps, psnrs, _ = figures.read_validation(str(workdir))
+    assert steps == [2, 4, 5, 10] and psnrs[2:] == [new[5], new[10]]
+    assert psnrs[:2] == pytest.approx([killed["val/psnr"][2][0], killed["val/psnr"][4][0]], abs=1e-4)  # float32 there
+
+
+def test_a_line_cut_short_by_a_killed_run_does_not_swallow_the_resumed_runs_first_record(images, tmp_path):  # noqa: F811
+    """metrics.jsonl left by a run killed mid-line (a full disk, a kill -9 in a write): the resumed run's first record
+    was appended to that line, and both were lost to every reader (here step 3's loss, logged again)."""
+    workdir, config = tmp_path / "run", x4_config(images, total_steps=4, log_every=1, eval_every=2, checkpoint_every=2)
+    train_and_evaluate(config, str(workdir), stop_after=3)  # logged 1-3, checkpoint 2
+    jsonl = workdir / "tensorboard" / "metrics.jsonl"
+    with open(jsonl, "a") as f:
+        f.write('{"step": 4, "train/lo')
+    train_and_evaluate(config, str(workdir))
+    lines = jsonl.read_text().splitlines()
+    cut = [i for i, line in enumerate(lines) if line == '{"step": 4, "train/lo']
+    assert len(cut) == 1
+    after = [json.loads(line) for line in lines[cut[0] + 1:]]
+    assert [r["step"] for r in after if "train/loss" in r] == [3, 4] and after[0] == {"step": 2, "resumed": True}
+    assert figures.read_validation(str(workdir))[0] == [2, 4]
