@@ -294,7 +294,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             if s % cfg.eval_every == 0 or final:
                 paused_at = _synced_time(state)
                 doing = "validation"
-                scores = _validate(validator, state, s, cfg, writer)
+                scores = _validate(validator, state, s, cfg, writer, mngr)
                 results.update(scores)
                 if scores["val/psnr"] > best_psnr:
                     best_psnr = scores["val/psnr"]
@@ -392,9 +392,14 @@ def _synced_time(state: step.TrainState) -> float:
 
 
 def _validate(validator: validation.Validator, state: step.TrainState, s: int, cfg: TrainConfig,
-              writer: summary.Writer) -> dict[str, float]:
+              writer: summary.Writer, mngr: ocp.CheckpointManager) -> dict[str, float]:
     """Scores the EMA parameters when there are some, else the parameters; logs and writes them."""
-    scores, strips = validator(state.ema if state.ema is not None else state.params, cfg.num_val_images_logged)
+    try:
+        scores, strips = validator(state.ema if state.ema is not None else state.params, cfg.num_val_images_logged)
+    except inference.NonFiniteOutputError as e:  # diverged between two logs (or an overflow in model.dtype)
+        kept, then = _kept(mngr)
+        raise TrainingError(f"validating step {s}: {e} (model.dtype {cfg.model.dtype}); stopped without saving: "
+                            f"{kept}. float16 overflows where bfloat16 and float32 do not; rerun to {then}") from None
     writer.scalars(s, scores)
     writer.images(s, strips)
     _log(f"step {s}: validation PSNR {scores['val/psnr']:.3f} dB, SSIM {scores['val/ssim']:.4f} "

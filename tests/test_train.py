@@ -171,6 +171,24 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(images, straight, tmp_path):
     assert not (tmp_path / "fresh" / "checkpoints").exists() or not os.listdir(tmp_path / "fresh" / "checkpoints")
 
 
+def test_a_validation_output_that_is_not_finite_stops_the_run_in_one_line(images, tmp_path, monkeypatch):
+    """The model's validation outputs not finite (an overflow in model.dtype float16): the NaNs were clipped to
+    black and scored, a PSNR logged and the run went on; with the output check, a ValueError traceback."""
+    from rnan_jax import inference
+
+    def overflowed(*args, **kwargs):
+        raise inference.NonFiniteOutputError("the model's output holds 12 NaN or infinite value(s): its parameters "
+                                             "are not finite, or its dtype overflowed")
+
+    monkeypatch.setattr(inference, "upscale_image", overflowed)
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images, total_steps=3, eval_every=2), str(tmp_path))
+    assert str(e.value) == (
+        "validating step 2: the model's output holds 12 NaN or infinite value(s): its parameters are not finite, or "
+        "its dtype overflowed (model.dtype float32); stopped without saving: there is no checkpoint yet. float16 "
+        "overflows where bfloat16 and float32 do not; rerun to start afresh")
+
+
 _OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes.\nBufferAssignment OOM Debugging."
 
 
