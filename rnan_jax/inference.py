@@ -258,8 +258,8 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
 
     def finish(sr: np.ndarray) -> np.ndarray:
         if not np.isfinite(sr).all():  # clipped and rounded, a NaN was a black pixel: a black image scored or saved
-            raise NonFiniteOutputError(f"the model's output holds {int((~np.isfinite(sr)).sum())} NaN or infinite value(s): "
-                             "its parameters are not finite, or its dtype overflowed")
+            raise NonFiniteOutputError(f"the model's output holds {int((~np.isfinite(sr)).sum())} NaN or infinite "
+                                       "value(s): its parameters are not finite, or its dtype overflowed")
         if image.dtype == np.uint8:
             sr = metrics.quantize(sr)
             return metrics.rgb_to_gray(sr) if image.ndim == 2 else sr

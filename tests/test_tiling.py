@@ -2,34 +2,19 @@
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import skimage.data
 from skimage.metrics import peak_signal_noise_ratio
 
-from rnan_jax import RNANConfig, degrade, init, tiling, upscale_image
+from rnan_jax import degrade, init, tiling, upscale_image
 from rnan_jax.inference import blend_weights, tile_starts
 
-TINY = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
-TINY_RADIUS = 7.5  # LR receptive field radius of TINY (tests/test_inference.py explains it)
+import test_inference  # noqa: E402 (tests/, on the path as pytest runs them)
 
-
-@pytest.fixture(scope="module")
-def params():
-    return init(jax.random.key(0), TINY)
-
-
-@pytest.fixture(scope="module")
-def params_without_gc(params):
-    """TINY with the GC block's output conv zeroed: the network is local, so a wide enough overlap is exact."""
-    p = jax.tree_util.tree_map(lambda a: a, params)
-    p["groups"]["gc"]["v2"] = jax.tree_util.tree_map(jnp.zeros_like, params["groups"]["gc"]["v2"])
-    return p
-
-
-def _photo(h, w):
-    return np.ascontiguousarray(skimage.data.astronaut()[100:100 + h, 150:150 + w])
+# TINY, its receptive field, its parameters (with and without the GC block: fixtures) and the photo crops of the
+# tiling tests in test_inference.py
+TINY, TINY_RADIUS, _photo = test_inference.TINY, test_inference.TINY_RADIUS, test_inference._photo
+params, params_without_gc = test_inference.params, test_inference.params_without_gc
 
 
 def test_blend_weights_are_a_linear_ramp_centred_in_the_overlap():
