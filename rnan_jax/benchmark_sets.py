@@ -57,10 +57,7 @@ def list_hr(data_dir: str, dataset: str) -> list[str]:
     if not os.path.isdir(folder):
         where = "no such folder" if is_path(dataset) else f"no such folder; {_sets_there(data_dir, dataset)}"
         raise images.ImageError(f"{folder}: {where}")
-    try:
-        return images.list_images(folder)
-    except OSError as e:  # a folder this user may not list (chmod, another user's copy): a traceback before
-        raise images.ImageError(f"{folder}: cannot list the folder ({e.strerror or e})") from None
+    return images.list_images(folder)
 
 
 def _sets_there(data_dir: str, dataset: str) -> str:

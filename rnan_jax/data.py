@@ -330,8 +330,6 @@ def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
         files = images.list_images(hr_dir)
     except images.ImageError as e:
         raise sources.DataError(f"{what}: {e}") from None
-    except OSError as e:  # a folder this user may not list: a PermissionError traceback before
-        raise sources.DataError(f"{what}: {hr_dir}: cannot list the folder ({e.strerror or e})") from None
     try:
         pairs = _first_usable(files, lambda path: _file_pair(path, dataset, lr_dir, cfg.scale), cfg.val_max_images)
     except benchmark_sets.FolderError as e:

@@ -358,13 +358,15 @@ def encode_png16(samples: np.ndarray, rows_per_band: int = 256, *, icc_profile: 
 def list_images(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
     """Sorted image files (names ending in one of `extensions`) directly in `folder`, hidden ones (a name starting
     with '.': the `._photo.png` metadata files macOS leaves on other filesystems and in archives) left out;
-    raises `ImageError` for a missing or empty folder."""
+    raises `ImageError` for a missing or empty folder, or one this user may not list (chmod, another user's copy)."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ImageError(f"{folder}: no such folder")
-    files = sorted(
-        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(extensions) and not f.startswith(".")
-    )
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise ImageError(f"{folder}: cannot list the folder ({e.strerror or e})") from None
+    files = sorted(os.path.join(folder, f) for f in names if f.lower().endswith(extensions) and not f.startswith("."))
     if not files:
         raise ImageError(f"{folder}: folder holds no image files ({', '.join(extensions)})")
     return files

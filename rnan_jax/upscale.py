@@ -51,9 +51,6 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
         except images.ImageError as e:
             errors.append(str(e))
             continue
-        except OSError as e:  # a folder this user may not list: a traceback before, and no image upscaled
-            errors.append(f"{path}: cannot list the folder ({e.strerror or e})")
-            continue
         for f in found:
             if os.path.realpath(f) not in seen:
                 seen.add(os.path.realpath(f))
