@@ -354,15 +354,15 @@ def _report(what: str, total: int, skipped: Sequence[_Skip], hr_patch: int) -> N
     log.warning("%s: skipped %d of %d images (%s)", what, len(skipped), total, detail)
 
 
-def _load_files(hr_path: str, lr_path: str | None, scale: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_files(hr_path: str, lr_path: str | None, scale: int,
+                tags: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pair's pixels; `tags`: the HR and LR files' EXIF orientations (`folder_specs` read them for the key)."""
     hr = images.read_rgb(hr_path)
     if lr_path is None:
         return hr, None
     # an HR photo with an EXIF orientation tag and an LR file made from its stored pixels without the tag: the
     # HR alone was turned, and the pair trained misaligned (a square one) or was skipped as mis-sized
-    lr = benchmark_sets.lr_oriented_as_hr(hr, benchmark_sets.exif_orientation(hr_path), images.read_rgb(lr_path),
-                                          benchmark_sets.exif_orientation(lr_path), scale)
-    return hr, lr
+    return hr, benchmark_sets.lr_oriented_as_hr(hr, tags[0], images.read_rgb(lr_path), tags[1], scale)
 
 
 def _unusable(error: images.ImageError) -> tuple[np.ndarray, np.ndarray | None]:
@@ -383,8 +383,6 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
             files = images.list_images(hr_dir)
         except images.ImageError as e:
             raise DataError(f"{what}: {e}") from None
-        except OSError as e:  # a folder this user may not list: a PermissionError traceback before
-            raise DataError(f"{what}: {hr_dir}: cannot list the folder ({e.strerror or e})") from None
         lr_dir = lr_dirs[i] if lr_dirs else None
         if lr_dir is not None and not os.path.isdir(lr_dir):
             raise DataError(f"{what}: {lr_dir}: no such LR folder")
@@ -398,14 +396,15 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
             try:
                 lr_path = None if lr_dir is None else find_lr_file(hr_path, lr_dir, scale)
                 key = digest(_file_id(hr_path), "bicubic_lr" if lr_path is None else _file_id(lr_path))
-                if lr_path is not None:  # pairs whose tags differ: entries made before they were lined up are not used
-                    tags = (benchmark_sets.exif_orientation(hr_path), benchmark_sets.exif_orientation(lr_path))
-                    key = key if tags[0] == tags[1] else digest(key, "orientations", *tags)
+                tags = (1, 1) if lr_path is None else (benchmark_sets.exif_orientation(hr_path),
+                                                       benchmark_sets.exif_orientation(lr_path))
+                if tags[0] != tags[1]:  # pairs whose tags differ: entries made before they were lined up are not used
+                    key = digest(key, "orientations", *tags)
             except (images.ImageError, OSError) as e:  # no LR file; a broken link, a file gone since the listing
                 error = e if isinstance(e, images.ImageError) else images.ImageError(f"{e.filename}: {e.strerror}")
                 specs.append(PairSpec(hr_path, digest(hr_path, "missing"), lambda e=error: _unusable(e)))
                 continue
-            specs.append(PairSpec(hr_path, key, lambda p=hr_path, q=lr_path: _load_files(p, q, scale)))
+            specs.append(PairSpec(hr_path, key, lambda p=hr_path, q=lr_path, t=tags: _load_files(p, q, scale, t)))
     return specs
 
 
