@@ -31,7 +31,9 @@ def main(argv):
     try:
         directory, step = (None, None) if zoo.is_zoo(_WORKDIR.value) else checkpoint._locate(_WORKDIR.value,
                                                                                               _WHICH.value)
-        params, config = checkpoint.load(_WORKDIR.value, which=_WHICH.value)
+        # that step's folder, so that the step recorded is the one read (a run saving meanwhile moves the newest)
+        where = _WORKDIR.value if directory is None else os.path.join(directory, str(step))
+        params, config = checkpoint.load(where, which=_WHICH.value)
     except checkpoint.CheckpointError as e:
         sys.exit(f"make_zoo: {e}")
     meta = {"which": _WHICH.value, "parameters": count_params(params)}
