@@ -2,11 +2,11 @@
 # The prepared GPU benchmark on one H100/H200, at most 8.5 minutes (stages share RNAN_GPU_CHECK_BUDGET = 490 s),
 # all at the paper setting (x4, batch 16 of 48x48, bfloat16): the PyTorch peer; then tools/benchmark.py
 # processes of the default knobs (scans unrolled by 2, parameters cast once, remat convs), each compiling cold:
-# XLA's autotuning as it comes (profiled), at level 3 (no correctness checks), at level 0 (cuDNN's
-# heuristics), as it comes once more; then unroll 2, groups by 2 with their blocks unrolled, and the rolled
-# scans, in one process on the first process's autotuning cache. (Measured so far: tools/BENCHMARKS.md, from
+# XLA's autotuning as it comes (cache A), at level 0 (cuDNN's heuristics), at level 3 (no correctness
+# checks); on cache A's picks: command buffers that record the loops, then unroll 2 and groups by 2 with their
+# blocks unrolled in one process; if time is left, a second cold process as it comes (cache B). (Measured so far: tools/BENCHMARKS.md, from
 # "Measured on one NVIDIA H200" on.)
-# Logs, the JSON records (jax_json.tar), the Perfetto trace (traces.tar), the autotuning caches (autotune.tar)
+# Logs, the JSON records (jax_json.tar), the autotuning caches (autotune.tar)
 # and a markdown table (printed last) land in $OUT.
 #
 # Prepared on the CPU machine, in the repository root (the folders are git-ignored):
@@ -61,10 +61,10 @@ echo "== PyTorch peer, batch 16 ($(left) s left)"
 # process and 104.6 in another, and compiled in 91 s cold (tools/BENCHMARKS.md, "Third GPU session"). XLA's
 # autotuner times each candidate behind a delay kernel, which D2H copies of its correctness checks (autotune
 # level 4, the default) can stall (openxla/xla#42415); level 3 skips those checks, level 0 autotunes nothing.
-# So: a cold process of the default step (cache A, profiled), one at level 3 (cache C), one at level 0, a second
-# cold one at level 4 (cache B: do its picks and time match A's?), then the unroll variants on cache A.
+# So: a cold process of the default step (cache A), one at level 0, one at level 3 (cache C), the variants on
+# cache A, and if time is left a second cold one at level 4 (cache B: do its picks and time match A's?).
 # The caches come back in autotune.tar, to set beside the step times.
-rm -rf /tmp/rnan_autotune_a /tmp/rnan_autotune_b /tmp/rnan_autotune_c /tmp/rnan_profile
+rm -rf /tmp/rnan_autotune_a /tmp/rnan_autotune_b /tmp/rnan_autotune_c
 bench() {  # bench NAME KEEP_SECONDS XLA_FLAGS ARGS...: one benchmark.py process, its JSON in $OUT/jax_NAME.json
   local name=$1 keep=$2 flags=$3; shift 3
   echo "== JAX $name: XLA_FLAGS=$flags $* ($(left) s left)" | tee -a "$OUT/run.log"
@@ -72,13 +72,15 @@ bench() {  # bench NAME KEEP_SECONDS XLA_FLAGS ARGS...: one benchmark.py process
     "$@" 2>&1 | grep -v cuda_timer | tee -a "$OUT/run.log"
 }
 cache() { echo "--xla_gpu_per_fusion_autotune_cache_dir=/tmp/rnan_autotune_$1"; }
-bench cold_a 280 "$(cache a)" --profile_dir=/tmp/rnan_profile  # the default knobs: unroll 2, cast once, remat convs
-(cd /tmp/rnan_profile 2>/dev/null && find . -name perfetto_trace.json.gz | tar -cf "$OUT/traces.tar" -T -)
-bench level3 210 "$(cache c) --xla_gpu_autotune_level=3"
-bench heuristics 160 "--xla_gpu_autotune_level=0"
-bench cold_b 45 "$(cache b)"
+# A cold compile took about 90 s in the third session, so each cold stage keeps about 110 s for itself; the
+# stages on cache A's picks compile in 10-20 s.
+bench cold_a 250 "$(cache a)"  # the default knobs: unroll 2, cast once, remat convs
+bench heuristics 170 "--xla_gpu_autotune_level=0"
+bench level3 75 "$(cache c) --xla_gpu_autotune_level=3"
+bench cmdbuf 40 "$(cache a) $COMMAND_BUFFER_FLAGS"  # command buffers that record the unrolled-by-2 loops too
+bench variants 0 "$(cache a)" --scan_unroll=2,2:-1 --steps=6 --repeats=3
+if [ "$(left)" -ge 110 ]; then bench cold_b 0 "$(cache b)"; fi  # a second cold process: do its picks match A's?
 (cd /tmp && tar -cf "$OUT/autotune.tar" rnan_autotune_a rnan_autotune_b rnan_autotune_c 2>/dev/null)
-bench variants 0 "$(cache a)" --scan_unroll=2,2:-1,1 --steps=6 --repeats=3
 
 rm -rf /tmp/rnan_gpu_last && mkdir -p /tmp/rnan_gpu_last && cp "$OUT"/jax*.json /tmp/rnan_gpu_last/ 2>/dev/null  # for gpu_train.sh
 echo "== table ($(left) s left; $((SECONDS - start)) s used)"
