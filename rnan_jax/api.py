@@ -42,6 +42,12 @@ CPU_FULL_UNROLL_MAX_BLOCKS = 24
 # (neither) and 95.7 (remat alone), and a third less memory (5.7 against 8.7 GiB). Other backends: not measured.
 _REMAT = {"gpu": "convs"}
 _CAST_PARAMS_ONCE = {"gpu": True}
+# XLA:GPU's fusion autotuner (`xla_gpu_experimental_enable_fusion_autotuner`, on in XLA) times a Triton version
+# of each reduction and transpose fusion against XLA's own emitter when it compiles. On one H200 (jax 0.11.2,
+# tools/BENCHMARKS.md, "Fourth GPU session") it tried 342 fusions of the default train step and kept XLA's
+# emitter for 326; the step's cold compile took 89 s, 7-8 s once the picks were cached. Off is a knob
+# (`execution.fusion_autotuner`), left at XLA's default on every backend until a GPU session measures it.
+_FUSION_AUTOTUNER: dict[str, bool] = {}
 
 
 def default_knobs(backend: str | None = None, config: RNANConfig | None = None) -> tuple[int | bool, str]:
@@ -62,6 +68,11 @@ def default_remat(backend: str | None = None) -> str:
 def default_cast_params_once(backend: str | None = None) -> bool:
     """Whether the train step casts the parameters to the compute dtype once (`model.cast_params`) by default."""
     return _CAST_PARAMS_ONCE.get(backend or jax.default_backend(), False)
+
+
+def default_fusion_autotuner(backend: str | None = None) -> bool:
+    """Whether XLA:GPU's fusion autotuner runs when the train step compiles, by default on a backend."""
+    return _FUSION_AUTOTUNER.get(backend or jax.default_backend(), True)
 
 
 def build(config: RNANConfig, *, scan_unroll: int | bool | None | tuple = None, depthwise: str | None = None,

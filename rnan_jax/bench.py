@@ -131,13 +131,16 @@ def _knobs(unroll: int | str, depthwise: str, config, remat: str = "auto") -> tu
 def bench_train_step(config, batch: int, patch: int, unroll: int | str, depthwise: str, *, warmup: int, steps: int,
                      repeats: int, compile_only: bool = False, profile_dir: str = "", profile_steps: int = 3,
                      cast_params_once: bool | None = None, batch_chunks: int = 0, remat: str = "auto",
+                     fusion_autotuner: bool | None = None,
                      peers: Sequence[tuple[dict, Callable[[int], None]]] = ()) -> tuple[dict, Any]:
     """One setting's record, and the parameters (for the forward timing).
 
     `unroll`: 0 the backend's default, -1 full, n, or "n:m" (`parse_unroll`); `depthwise`: "auto" (the
     backend's default), "grouped" or "shifted"; `cast_params_once`: execution.cast_params_once (None: the
     backend's default); `batch_chunks`: execution.batch_chunks (0: what the trainer runs on one device);
-    `remat`: execution.remat ("auto": the backend's default). `compile_only`: compile and count, run nothing.
+    `remat`: execution.remat ("auto": the backend's default); `fusion_autotuner`: execution.fusion_autotuner
+    (None: the backend's default; the record's "compiler_options" say what the step compiled with).
+    `compile_only`: compile and count, run nothing.
     `profile_dir`: also trace `profile_steps` more steps there (`profiling.trace_window`).
     `peers`: `peer_steps`' contenders, timed in alternation with this step (`time_alternating`); their
     records, with the timings, come back under the record's "peers".
@@ -152,8 +155,10 @@ def bench_train_step(config, batch: int, patch: int, unroll: int | str, depthwis
     chunks = step.batch_chunks(batch_chunks, batch, 1)  # 0: what the trainer runs on one device
     if cast_params_once is None:
         cast_params_once = api.default_cast_params_once()
-    spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, cast_params_once, remat_policy)
     device = jax.devices()[0]
+    if fusion_autotuner is None:
+        fusion_autotuner = api.default_fusion_autotuner(device.platform)
+    spec = step.StepSpec(config, optim, scan_unroll, impl, chunks, cast_params_once, remat_policy, fusion_autotuner)
     jitted, replicated, sharded = step.jit_train_step(spec, step.data_mesh([device]))
     state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -174,6 +179,7 @@ def bench_train_step(config, batch: int, patch: int, unroll: int | str, depthwis
                   num_groups=config.num_groups, num_blocks=config.num_blocks, params=api.count_params(state.params),
                   batch=batch, patch=patch, dtype=config.dtype, scan_unroll=unroll_name, depthwise=impl_name,
                   batch_chunks=chunks, cast_params_once=cast_params_once, remat=remat_name,
+                  compiler_options=step.compiler_options(spec, device.platform),
                   lower_s=lower_s, compile_s=compile_s, train_flop_per_step=flops,
                   xla_cost_flops=profiling.cost_flops(compiled), memory=memory,
                   peak_memory_bytes=memory.get("peak_bytes"), hlo=profiling.hlo_stats(compiled.as_text()))
@@ -325,9 +331,11 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def _step_knobs(r: dict) -> list[str]:
-    """The train record's knobs beyond unroll and depthwise, where they are on: "cast once", "remat convs"."""
+    """The train record's knobs beyond unroll and depthwise, where they are not the plain ones: "cast once",
+    "remat convs", and the XLA options the step compiled with ("xla_gpu_...=False")."""
     return (["cast once"] if r.get("cast_params_once") else []) + (
-        [f"remat {r['remat']}"] if r.get("remat", "none") != "none" else [])
+        [f"remat {r['remat']}"] if r.get("remat", "none") != "none" else []) + [
+        f"{k}={v}" for k, v in sorted(r.get("compiler_options", {}).items())]
 
 
 def train_line(r: dict) -> str:

@@ -40,12 +40,18 @@ class ExecutionConfig:
     # What the backward recomputes of each RNA block: "auto" (backend default), "none", "block" (all but its
     # input) or "convs" (all but its input and its 3x3 convs' outputs); fewer stacked activations, more compute.
     remat: str = "auto"
+    # XLA:GPU's fusion autotuner when the train step compiles (it times Triton against XLA's emitter for each
+    # reduction and transpose fusion: most of a cold compile): "auto" (on: XLA's default), "true" or "false".
+    # No effect on other backends.
+    fusion_autotuner: str = "auto"
 
     def __post_init__(self):
         if self.depthwise not in ("auto", *DEPTHWISE_IMPLS):
             raise ValueError(f"execution.depthwise must be auto, grouped or shifted, got {self.depthwise!r}")
         if str(self.cast_params_once).lower() not in ("auto", "true", "false"):
             raise ValueError(f"execution.cast_params_once must be auto, true or false, got {self.cast_params_once!r}")
+        if str(self.fusion_autotuner).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"execution.fusion_autotuner must be auto, true or false, got {self.fusion_autotuner!r}")
         if self.remat not in ("auto", *REMAT_POLICIES):
             raise ValueError(f"execution.remat must be auto or one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.batch_chunks < 0:
@@ -69,6 +75,11 @@ class ExecutionConfig:
     def cast_once(self) -> bool | None:
         """cast_params_once as the step takes it: None (the backend's default), True or False."""
         return {"auto": None, "true": True, "false": False}[str(self.cast_params_once).lower()]
+
+    @property
+    def autotune_fusions(self) -> bool | None:
+        """fusion_autotuner as the step takes it: None (the backend's default), True or False."""
+        return {"auto": None, "true": True, "false": False}[str(self.fusion_autotuner).lower()]
 
     @property
     def remat_policy(self) -> str | None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from rnan_jax import native
-from rnan_jax.api import build, default_cast_params_once, init
+from rnan_jax.api import build, default_cast_params_once, default_fusion_autotuner, init
 from rnan_jax.model import RNANConfig, cast_params
 
 _LOSS_AVG_DECAY = 0.99
@@ -92,6 +92,19 @@ class StepSpec:
     batch_chunks: int = 1  # gradients of this many equal parts of the batch, computed apart and averaged
     cast_params_once: bool | None = None  # model.cast_params before the forward (bf16-rounded grads); None: default
     remat: str | None = None  # what the backward recomputes of each RNA block (model.REMAT_POLICIES); None: default
+    fusion_autotuner: bool | None = None  # XLA:GPU's fusion autotuner when the step compiles; None: default
+
+
+# XLA's name for the fusion autotuner's switch (a DebugOptions field, so jit's compiler_options takes it).
+FUSION_AUTOTUNER_OPTION = "xla_gpu_experimental_enable_fusion_autotuner"
+
+
+def compiler_options(spec: StepSpec, platform: str) -> dict[str, bool]:
+    """XLA options the step compiles with on `platform` ("cpu", "gpu", ...): the fusion autotuner's switch on
+    GPUs where `spec` turns it off; nothing otherwise (XLA's defaults), so that a jaxlib that lacks the
+    option fails only a run that asked for it."""
+    on = default_fusion_autotuner(platform) if spec.fusion_autotuner is None else spec.fusion_autotuner
+    return {FUSION_AUTOTUNER_OPTION: False} if platform == "gpu" and not on else {}
 
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
@@ -224,8 +237,9 @@ def jit_train_step(spec: StepSpec, mesh: jax.sharding.Mesh):
     both run this one."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    options = compiler_options(spec, mesh.devices.flat[0].platform)
     jitted = jax.jit(functools.partial(train_step, spec=spec, mesh=mesh), in_shardings=(replicated, batch, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=(0, 2))
+                     out_shardings=(replicated, replicated), donate_argnums=(0, 2), compiler_options=options or None)
     return jitted, replicated, batch
 
 

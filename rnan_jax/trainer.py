@@ -190,7 +190,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     mesh = step.data_mesh()
     chunks = step.batch_chunks(cfg.execution.batch_chunks, cfg.batch_size // n_dev, n_dev)
     spec = step.StepSpec(cfg.model, cfg.optim, cfg.execution.unroll, cfg.execution.depthwise_impl, chunks,
-                         cfg.execution.cast_once, cfg.execution.remat_policy)
+                         cfg.execution.cast_once, cfg.execution.remat_policy, cfg.execution.autotune_fusions)
     train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)
 
     # init_from is read before the data, whose first decode can take many minutes, unless the run resumes
@@ -261,7 +261,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     t_last, s_last = time.time(), first
     module = build(cfg.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise, remat=spec.remat)  # resolved
     unroll = module.scan_unroll
-    _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat {module.remat}; "
+    off = " fusion autotuner off," if step.compiler_options(spec, mesh.devices.flat[0].platform) else ""
+    _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat {module.remat};{off} "
          "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
     interrupted, doing, s = False, "train", first

@@ -35,6 +35,7 @@ def test_tiny_run_writes_every_field(tmp_path):
     (train,) = res["train"]
     assert (train["model"], train["batch"], train["patch"], train["dtype"]) == ("tiny", 2, 12, "float32")
     assert train["nonfinite_steps"] == 0 and train["timed_steps"] == 6
+    assert train["compiler_options"] == {}  # XLA's defaults: the fusion autotuner's switch is for GPUs alone
     _positive(train, ["step_ms", "step_ms_min", "step_ms_max", "patches_per_s", "tflops", "lower_s", "compile_s",
                       "train_flop_per_step", "xla_cost_flops", "peak_memory_bytes", "mean_loss", "params"])
     assert train["step_ms_min"] <= train["step_ms"] <= train["step_ms_max"]
@@ -69,6 +70,16 @@ def test_scan_unroll_values_name_both_scans():
     assert bad.returncode == 1 and bad.stderr.splitlines()[-1] == (
         "benchmark: error: flag --scan_unroll=['2', '1:x']: each value must be an integer n or a pair n:m "
         "(see --helpshort)")
+
+
+def test_rows_name_the_xla_options_the_step_compiled_with():
+    from rnan_jax.bench import _step_knobs
+
+    off = {"xla_gpu_experimental_enable_fusion_autotuner": False}
+    assert _step_knobs({"cast_params_once": True, "remat": "convs", "compiler_options": off}) == [
+        "cast once", "remat convs", "xla_gpu_experimental_enable_fusion_autotuner=False"]
+    assert _step_knobs({"cast_params_once": False, "remat": "none", "compiler_options": {}}) == []
+    assert _step_knobs({"remat": "none"}) == []  # records written before the field
 
 
 def test_alternating_windows_take_turns():

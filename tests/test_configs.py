@@ -50,7 +50,7 @@ def test_locked_config_rejects_a_mistyped_key_and_bad_values():
     bad.execution.depthwise = "fft"
     with pytest.raises(ValueError, match="execution.depthwise"):
         TrainConfig.from_config(bad)
-    for key, value in (("remat", "all"), ("cast_params_once", "yes")):
+    for key, value in (("remat", "all"), ("cast_params_once", "yes"), ("fusion_autotuner", "off")):
         bad = _load("x4")
         setattr(bad.execution, key, value)
         with pytest.raises(ValueError, match=f"execution.{key}"):
@@ -71,8 +71,11 @@ def test_execution_knobs_default_per_backend():
     assert api.default_knobs("cpu", paper.model) == (1, "shifted")  # 200 blocks: rolled
     config = _load("x4")
     config.execution.cast_params_once, config.execution.remat = "false", "block"
+    config.execution.fusion_autotuner = "FALSE"
     execution = TrainConfig.from_config(config).execution
-    assert (execution.cast_once, execution.remat_policy) == (False, "block")
+    assert (execution.cast_once, execution.remat_policy, execution.autotune_fusions) == (False, "block", False)
+    assert paper.execution.autotune_fusions is None  # auto: XLA's own default (on) everywhere, until measured
+    assert api.default_fusion_autotuner("gpu") and api.default_fusion_autotuner("cpu")
 
 
 def test_block_unroll_unrolls_the_rna_block_scan_apart():

@@ -161,6 +161,21 @@ def test_casting_parameters_once_keeps_the_loss_and_rounds_only_the_scanned_weig
     assert differing and all(p.startswith("['groups']") and p.endswith("['kernel']") for p in differing)
 
 
+def test_the_fusion_autotuner_is_switched_off_on_gpus_only_and_by_an_option_this_jaxlib_knows():
+    """execution.fusion_autotuner=false compiles the step with XLA's option off on a GPU; elsewhere, and by
+    default, the step compiles with no options. The option's name is one this jaxlib accepts: a misspelt one
+    fails the compile ("No such compile option"), also on the CPU."""
+    off = StepSpec(MODEL, OptimConfig(), fusion_autotuner=False)
+    assert step.compiler_options(off, "gpu") == {"xla_gpu_experimental_enable_fusion_autotuner": False}
+    assert step.compiler_options(off, "cpu") == {} == step.compiler_options(off, "tpu")
+    for spec in (StepSpec(MODEL, OptimConfig()), StepSpec(MODEL, OptimConfig(), fusion_autotuner=True)):
+        assert step.compiler_options(spec, "gpu") == {}
+    compiled = jax.jit(lambda x: x + 1, compiler_options=step.compiler_options(off, "gpu"))
+    assert float(compiled(jnp.float32(1))) == 2.0
+    with pytest.raises(Exception, match="No such compile option"):
+        jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_no_such_option": False})(jnp.float32(1))
+
+
 def test_batch_chunks_resolves_the_default_and_rejects_a_chunking_that_would_not_split(monkeypatch):
     """The trainer and tools/benchmark.py both resolve execution.batch_chunks here, so neither runs (or
     reports) a chunk count that the step would silently ignore."""

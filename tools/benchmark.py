@@ -6,9 +6,9 @@ r"""Train-step and forward speed of rnan_jax on whatever device is present: prin
         --scan_unroll=1,-1 --depthwise=grouped,shifted --skip_forward --compile_only   # knob variants
     python tools/benchmark.py --table=bench.json --peer_log=torch.log  # markdown rows of earlier runs
 
-Settings are the cross product of --batch_sizes, --dtypes, --scan_unroll, --depthwise, --cast_params_once and
---remat on the --model preset ("paper": the default x4 RNAN with 48x48 LR patches, so batch 16 is the paper's
-setting). Per setting:
+Settings are the cross product of --batch_sizes, --dtypes, --scan_unroll, --depthwise, --cast_params_once,
+--remat and --fusion_autotuner on the --model preset ("paper": the default x4 RNAN with 48x48 LR patches, so
+batch 16 is the paper's setting). Per setting:
 - compile: the train step jitted as the trainer does (a one-device "data" mesh, state and metrics donated),
   `lower` and `compile` timed apart; no persistent compilation cache is enabled here.
 - step time: --repeats windows of --steps steps after --warmup steps, on one random uint8 batch kept on the
@@ -93,7 +93,10 @@ _CAST_ONCE = flags.DEFINE_list("cast_params_once", ["auto"], "auto (backend defa
                                "the parameters to the compute dtype once per step (execution.cast_params_once).")
 _REMAT = flags.DEFINE_list("remat", ["auto"], "What the backward recomputes of each RNA block (execution.remat): "
                            "auto (backend default), none, block, convs.")
+_FUSION_AUTOTUNER = flags.DEFINE_list("fusion_autotuner", ["auto"], "auto (backend default), false, true or several: "
+                                      "XLA:GPU's fusion autotuner when the step compiles (execution.fusion_autotuner).")
 flags.register_validator("cast_params_once", _one_of("auto", "true", "false"), "each value must be auto, true or false")
+flags.register_validator("fusion_autotuner", _one_of("auto", "true", "false"), "each value must be auto, true or false")
 flags.register_validator("remat", _one_of("auto", "none", "block", "convs"),
                          "each value must be auto, none, block or convs")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing.", lower_bound=0)
@@ -179,12 +182,14 @@ def main(argv):
     print(json.dumps(results["env"]), flush=True)
     for unroll in _UNROLL.value:
         casts = [ExecutionConfig(cast_params_once=v.strip()).cast_once for v in _CAST_ONCE.value]
-        for depthwise, remat, cast in ((d, r, c) for d in _DEPTHWISE.value for c in casts for r in _REMAT.value):
+        tuners = [ExecutionConfig(fusion_autotuner=v.strip()).autotune_fusions for v in _FUSION_AUTOTUNER.value]
+        for depthwise, remat, cast, tuner in ((d, r, c, t) for t in tuners for d in _DEPTHWISE.value for c in casts
+                                              for r in _REMAT.value):
             for dtype in _DTYPES.value:
                 config = RNANConfig(**{**PRESETS[_MODEL.value], "dtype": dtype,
                                        **({"scale": int(_SCALE.value)} if _SCALE.value != "0" else {})})
                 what = dict(model=_MODEL.value, dtype=dtype, scan_unroll=unroll, depthwise=depthwise, remat=remat,
-                            cast_params_once=cast)
+                            cast_params_once=cast, fusion_autotuner=tuner)
                 params = None
                 for i, batch in enumerate(int(b) for b in _BATCH_SIZES.value):
                     peers = []  # the peer's steps, timed in alternation with ours (once per batch and patch)
@@ -197,7 +202,8 @@ def main(argv):
                         bench_train_step, config, batch, _PATCH.value, unroll, depthwise, warmup=_WARMUP.value,
                         steps=_STEPS.value, repeats=_REPEATS.value, compile_only=_COMPILE_ONLY.value,
                         profile_dir=_PROFILE_DIR.value if i == 0 else "", profile_steps=_PROFILE_STEPS.value,
-                        cast_params_once=cast, batch_chunks=_CHUNKS.value, remat=remat, peers=peers))
+                        cast_params_once=cast, batch_chunks=_CHUNKS.value, remat=remat, fusion_autotuner=tuner,
+                        peers=peers))
                     if peers:
                         peers[0][1].close()
                     if out is not None:

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU benchmark on one H100/H200, at most 8.5 minutes (stages share RNAN_GPU_CHECK_BUDGET = 490 s),
-# all at the paper setting (x4, batch 16 of 48x48, bfloat16): the PyTorch peer; then tools/benchmark.py
-# processes of the default knobs (scans unrolled by 2, parameters cast once, remat convs), each compiling cold:
-# XLA's autotuning as it comes (cache A), at level 0 (cuDNN's heuristics), at level 3 (no correctness
-# checks); on cache A's picks: command buffers that record the loops, then unroll 2 and groups by 2 with their
-# blocks unrolled in one process; if time is left, a second cold process as it comes (cache B). (Measured so far: tools/BENCHMARKS.md, from
-# "Measured on one NVIDIA H200" on.)
+# at the paper setting (x4, batch 16 of 48x48, bfloat16): the PyTorch peer; then tools/benchmark.py processes of
+# the default knobs (scans unrolled by 2, parameters cast once, remat convs), each compiling cold on an
+# autotuning cache of its own: XLA's fusion autotuner off then on in one process, off again, and the default;
+# then, if time is left, both dtypes at batch 16 and 64 and the peer at batch 64. (Measured so far:
+# tools/BENCHMARKS.md, from "Measured on one NVIDIA H200" on.)
 # Logs, the JSON records (jax_json.tar), the autotuning caches (autotune.tar)
 # and a markdown table (printed last) land in $OUT.
 #
@@ -56,15 +55,17 @@ cat "$OUT/env.txt"
 echo "== PyTorch peer, batch 16 ($(left) s left)"
 (cd .bench && timeout 100 "$PY" bench_torch.py "${peer16[@]}") 2>&1 | tee "$OUT/torch_b16.log"
 
-# XLA autotunes each convolution when it compiles and keeps its picks in a cache folder. Cold, on these
-# machines, its timer warns "Delay kernel timed out" and the picks vary: the same step ran at 71.7 ms in one
-# process and 104.6 in another, and compiled in 91 s cold (tools/BENCHMARKS.md, "Third GPU session"). XLA's
-# autotuner times each candidate behind a delay kernel, which D2H copies of its correctness checks (autotune
-# level 4, the default) can stall (openxla/xla#42415); level 3 skips those checks, level 0 autotunes nothing.
-# So: a cold process of the default step (cache A), one at level 0, one at level 3 (cache C), the variants on
-# cache A, and if time is left a second cold one at level 4 (cache B: do its picks and time match A's?).
+# A cold compile of the default step took 89-91 s (third and fourth sessions), 7-8 s on cached autotuning picks.
+# The fourth session's caches (tools/BENCHMARKS.md, "Fourth GPU session") hold 376 picks for the step: 34 cuDNN
+# convolution algorithms and 342 fusions on which XLA's fusion autotuner timed Triton against its own emitter
+# (kept its own for 326). Autotuning level 0 compiled in 7 s but ran 11.7 s a step; level 3 was not faster to
+# compile. So: the fusion autotuner off, then on, in one process on a fresh cache (D): the first compile is the
+# cold one without fusion autotuning, the second adds it on the same convolution picks, and the two steps run
+# the same conv algorithms; a second cold process with it off (cache E: are the compile and the step the
+# same?); the default cold (cache F) as the reference; then, if time is left, both dtypes at batch 16 and 64
+# with the faster setting, and the peer at batch 64.
 # The caches come back in autotune.tar, to set beside the step times.
-rm -rf /tmp/rnan_autotune_a /tmp/rnan_autotune_b /tmp/rnan_autotune_c
+rm -rf /tmp/rnan_autotune_d /tmp/rnan_autotune_e /tmp/rnan_autotune_f
 bench() {  # bench NAME KEEP_SECONDS XLA_FLAGS ARGS...: one benchmark.py process, its JSON in $OUT/jax_NAME.json
   local name=$1 keep=$2 flags=$3; shift 3
   echo "== JAX $name: XLA_FLAGS=$flags $* ($(left) s left)" | tee -a "$OUT/run.log"
@@ -72,20 +73,22 @@ bench() {  # bench NAME KEEP_SECONDS XLA_FLAGS ARGS...: one benchmark.py process
     "$@" 2>&1 | grep -v cuda_timer | tee -a "$OUT/run.log"
 }
 cache() { echo "--xla_gpu_per_fusion_autotune_cache_dir=/tmp/rnan_autotune_$1"; }
-# A cold compile took about 90 s in the third session, so each cold stage keeps about 110 s for itself; the
-# stages on cache A's picks compile in 10-20 s.
-bench cold_a 250 "$(cache a)"  # the default knobs: unroll 2, cast once, remat convs
-bench heuristics 170 "--xla_gpu_autotune_level=0"
-bench level3 75 "$(cache c) --xla_gpu_autotune_level=3"
-bench cmdbuf 40 "$(cache a) $COMMAND_BUFFER_FLAGS"  # command buffers that record the unrolled-by-2 loops too
-bench variants 0 "$(cache a)" --scan_unroll=2,2:-1 --steps=6 --repeats=3
-if [ "$(left)" -ge 110 ]; then bench cold_b 0 "$(cache b)"; fi  # a second cold process: do its picks match A's?
-(cd /tmp && tar -cf "$OUT/autotune.tar" rnan_autotune_a rnan_autotune_b rnan_autotune_c 2>/dev/null)
+bench tuner 200 "$(cache d)" --fusion_autotuner=false,true  # the default knobs: unroll 2, cast once, remat convs
+bench tuner_off_again 150 "$(cache e)" --fusion_autotuner=false
+bench default_cold 30 "$(cache f)"
+if [ "$(left)" -ge 150 ]; then  # the Done-when's rows: both dtypes, batch 16 and 64, on cache D's picks
+  bench dtypes 60 "$(cache d)" --fusion_autotuner=false --dtypes=float32,bfloat16 --batch_sizes=16,64 \
+    --steps=5 --repeats=3
+  [ -z "${RNAN_GPU_CHECK_TINY:-}" ] && peer64=(--skip_compile --batch=64 --steps=6) || peer64=("${peer16[@]}")
+  (cd .bench && timeout "$(limit 0)" "$PY" bench_torch.py "${peer64[@]}") 2>&1 | tee "$OUT/torch_b64.log"
+fi
+(cd /tmp && tar -cf "$OUT/autotune.tar" rnan_autotune_d rnan_autotune_e rnan_autotune_f 2>/dev/null)
 
 rm -rf /tmp/rnan_gpu_last && mkdir -p /tmp/rnan_gpu_last && cp "$OUT"/jax*.json /tmp/rnan_gpu_last/ 2>/dev/null  # for gpu_train.sh
 echo "== table ($(left) s left; $((SECONDS - start)) s used)"
 tables=$(ls "$OUT"/jax*.json 2>/dev/null | paste -sd, -)
-[ -n "$tables" ] && "$PY" tools/benchmark.py --table="$tables" --peer_log="$OUT/torch_b16.log" \
+peers=$(ls "$OUT"/torch_b*.log 2>/dev/null | paste -sd, -)
+[ -n "$tables" ] && "$PY" tools/benchmark.py --table="$tables" --peer_log="$peers" \
   | tee -a "$OUT/run.log"
 # The device tool returns at most 8 files: the JSON records travel as one tar.
 (cd "$OUT" && ls jax_*.json >/dev/null 2>&1 && tar -cf jax_json.tar jax_*.json && rm -f jax_*.json)

@@ -26,11 +26,12 @@ source tools/gpu_env.sh || exit 1
 
 # Knobs and run length from gpu_check's measurements: the faster dtype at batch 16 (float32 when unknown),
 # command buffers if they beat that; steps = the seconds left after start-up (about 60 s) over the step time.
-read -r DTYPE USE_CMDBUF CAST REMAT UNROLL BLOCK_UNROLL STEPS < <("$PY" - "$TRAIN_S" <<'PYEOF'
+read -r DTYPE USE_CMDBUF CAST REMAT UNROLL BLOCK_UNROLL FUSION STEPS < <("$PY" - "$TRAIN_S" <<'PYEOF'
 import glob, json, sys
 train_s = float(sys.argv[1])
-# (ms, dtype, command buffers, cast once, remat, scan_unroll, block_unroll): "auto"/0 while nothing is measured
-best = (150.0, "float32", 0, "auto", "auto", 0, 0)
+# (ms, dtype, command buffers, cast once, remat, scan_unroll, block_unroll, fusion autotuner): "auto"/0 while
+# nothing is measured
+best = (150.0, "float32", 0, "auto", "auto", 0, 0, "auto")
 config_value = {"full": -1}  # a record's unroll name ("2", "full", "1+full") as execution.* takes it
 for path in glob.glob("/tmp/rnan_gpu_last/jax*.json"):
     res = json.load(open(path))
@@ -40,16 +41,19 @@ for path in glob.glob("/tmp/rnan_gpu_last/jax*.json"):
             groups, _, blocks = str(r["scan_unroll"]).partition("+")
             unroll = [int(config_value.get(v, v)) for v in (groups, blocks or "0")]
             best = min(best, (r["step_ms"], r["dtype"], cmdbuf, str(bool(r.get("cast_params_once"))).lower(),
-                              r.get("remat", "none"), *unroll))
-ms, dtype, cmdbuf, cast, remat, unroll, block_unroll = best
-print(dtype, cmdbuf, cast, remat, unroll, block_unroll, max(100, int((train_s - 60) / (ms / 1000) * 0.9)))
+                              r.get("remat", "none"), *unroll,
+                              "false" if r.get("compiler_options", {}).get(
+                                  "xla_gpu_experimental_enable_fusion_autotuner") is False else "auto"))
+ms, dtype, cmdbuf, cast, remat, unroll, block_unroll, fusion = best
+print(dtype, cmdbuf, cast, remat, unroll, block_unroll, fusion, max(100, int((train_s - 60) / (ms / 1000) * 0.9)))
 PYEOF
 )
 echo "== training: dtype $DTYPE, command buffers $USE_CMDBUF, parameters cast once $CAST, remat $REMAT," \
-  "scan unroll $UNROLL (blocks $BLOCK_UNROLL), $STEPS steps in at most $TRAIN_S s"
+  "scan unroll $UNROLL (blocks $BLOCK_UNROLL), fusion autotuner $FUSION, $STEPS steps in at most $TRAIN_S s"
 [ "$USE_CMDBUF" = 1 ] && export XLA_FLAGS="$COMMAND_BUFFER_FLAGS"
 extra+=(--config.execution.cast_params_once="$CAST" --config.execution.remat="$REMAT"
-        --config.execution.scan_unroll="$UNROLL" --config.execution.block_unroll="$BLOCK_UNROLL")
+        --config.execution.scan_unroll="$UNROLL" --config.execution.block_unroll="$BLOCK_UNROLL"
+        --config.execution.fusion_autotuner="$FUSION")
 WARMUP=$((STEPS / 10 < 100 ? STEPS / 10 : 100))  # under total_steps, which the config requires
 rm -rf /tmp/run291
 start=$SECONDS
