@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -80,6 +81,46 @@ def test_rows_name_the_xla_options_the_step_compiled_with():
         "cast once", "remat convs", "xla_gpu_experimental_enable_fusion_autotuner=False"]
     assert _step_knobs({"cast_params_once": False, "remat": "none", "compiler_options": {}}) == []
     assert _step_knobs({"remat": "none"}) == []  # records written before the field
+
+
+def _pb(number: int, payload: bytes | int) -> bytes:
+    """One protobuf field: a varint (int) or length-delimited bytes (lengths under 128)."""
+    if isinstance(payload, int):
+        return bytes([number << 3, payload])
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def _cache_entry(fingerprint: str, backend: int, settings: bytes) -> bytes:
+    key = _pb(1, _pb(1, b"ed0e56ab8b2a0ecb") + _pb(3, fingerprint.encode())) + _pb(2, _pb(1, b"fe9062d0fff82a66"))
+    return _pb(1, key) + _pb(2, _pb(1, _pb(1, backend) + _pb(2, settings)) + _pb(2, b"v1"))
+
+
+def test_autotune_cache_counts_picks_per_backend_and_names_those_two_caches_disagree_on(tmp_path):
+    """XLA's per-fusion autotuning cache files, as written on an H200 (key, then the pick: backend 1 a cuDNN
+    algorithm with its tuning knobs, a map; 10 XLA's emitter): two knobs' map entries written in another order
+    are the same pick; another engine, or another backend, is a different one."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import autotune_cache
+
+    knobs = [_pb(4, _pb(1, 25) + _pb(2, 0)), _pb(4, _pb(1, 2) + _pb(2, 12))]
+    conv = lambda engine, order: _pb(4, _pb(1, engine) + b"".join(knobs[i] for i in order) + _pb(6, b""))  # noqa: E731
+    native = _pb(6, b"")
+    caches = {"a": [("f" * 32, 1, conv(58, (0, 1))), ("e" * 32, 1, conv(39, (0, 1))), ("d" * 32, 10, native)],
+              "b": [("f" * 32, 1, conv(58, (1, 0))), ("e" * 32, 1, conv(70, (0, 1))), ("d" * 32, 9, _pb(3, b"\x08\x04"))]}
+    for folder, entries in caches.items():
+        (tmp_path / folder / "ed0e56ab8b2a0ecb").mkdir(parents=True)
+        for i, (fingerprint, backend, settings) in enumerate(entries):
+            (tmp_path / folder / "ed0e56ab8b2a0ecb" / f"{i}.pb").write_bytes(_cache_entry(fingerprint, backend, settings))
+    with tarfile.open(tmp_path / "autotune.tar", "w") as tar:
+        tar.add(tmp_path / "a", "a")
+        tar.add(tmp_path / "b", "b")
+    got = autotune_cache.report(autotune_cache.read_folders([str(tmp_path / "autotune.tar")])).splitlines()
+    assert got[:3] == ["a: 3 entries: 2 cuDNN conv, 1 XLA emitter", "b: 3 entries: 2 cuDNN conv, 1 Triton block-level",
+                       "a against b: 3 keys in both, 2 picked differently"]
+    assert [line.split(":")[0].strip() for line in got[3:]] == ["d" * 32, "e" * 32]
+    assert "{1:39 6: 4:{1:2 2:12} 4:{1:25 2:0}}" in got[4] and "{1:70 " in got[4]
+    assert got == autotune_cache.report(autotune_cache.read_folders([str(tmp_path / "a"), str(tmp_path / "b")])
+                                        ).replace(str(tmp_path) + "/", "").splitlines()
 
 
 def test_alternating_windows_take_turns():
@@ -211,7 +252,8 @@ def test_kernel_categories_group_device_kernels_per_step():
     assert sum(v["kernels_per_step"] for v in got.values()) == 3
 
 
-TOOLS = ("benchmark", "export", "make_zoo", "compare_dtypes", "data_throughput", "trace_breakdown", "tiling_bound")
+TOOLS = ("benchmark", "export", "make_zoo", "compare_dtypes", "data_throughput", "trace_breakdown", "tiling_bound",
+         "autotune_cache")
 
 
 def _tool(name, *args, tmp_path):
@@ -255,6 +297,8 @@ def test_compare_dtypes_stops_on_a_config_key_nothing_reads_and_fails_when_no_ru
     ("export", ["--checkpoint=zoo:small_x2", "--output=.", "--platforms=cpu"], "is a folder"),
     ("export", ["--checkpoint=zoo:small_x2", "--output=a.jaxexport", "--platforms=gpu"], "cuda"),
     ("tiling_bound", ["--images=baboon"], "<set>/<name>"),
+    ("autotune_cache", ["nope"], "autotune_cache: nope: no such file or folder"),
+    ("autotune_cache", ["list.json"], "neither a folder nor a tar file"),
     ("tiling_bound", ["--checkpoint=zoo:small_x2", "--images=Set5/nope", "--sizes=8", "--data_dir=."], "no such"),
 ])
 def test_tool_misuse_is_one_line(name, args, says, tmp_path):
