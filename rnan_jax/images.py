@@ -238,8 +238,8 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif mode in ("PA",):
                 im = im.convert("RGBA")
-            elif mode in ("L", "RGB") and "transparency" in im.info and key is None:  # a colour key (tRNS): as
-                im = im.convert({"L": "LA", "RGB": "RGBA"}[mode])  # alpha, which the upscaler interpolates
+            elif mode in ("1", "L", "RGB") and "transparency" in im.info and key is None:  # a colour key (tRNS):
+                im = im.convert({"1": "LA", "L": "LA", "RGB": "RGBA"}[mode])  # as alpha, which the upscaler scales
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
             a = np.asarray(im)

@@ -8,7 +8,11 @@ extension, GIF included, not hidden ones such as macOS's `._name.png`, not recur
 first frame, with a note). Each `<name>.<ext>` is written as `<output>/<name>_x<scale>.png`: PNG always, so
 outputs are lossless and keep grayscale, alpha and bit depth. Gray stays gray; alpha is upscaled with
 MATLAB-style bicubic `imresize`; 16-bit input goes into the model at full precision and comes out as a 16-bit
-PNG (8-bit input as 8-bit).
+PNG (8-bit input as 8-bit). The colour of fully transparent pixels (alpha 0: of a cut-out, a palette's or
+colour key's transparent entry), which no viewer shows and is often black or garbage, is first replaced by
+that of the nearest visible pixel, so that it does not bleed into the visible edge as a dark or coloured fringe:
+visible pixels come out the same whatever colour was hidden, and an image without fully transparent pixels
+(alpha opaque everywhere) comes out exactly as its colour alone would.
 Inputs that differ only in extension (`a.png`, `a.jpg`) are written as `<name>_<ext>_x<scale>.png`, with a
 note. An output path that is one of the inputs is never written (that file is reported as failed), nor is
 one that another input of the same run produces; outputs of earlier runs are replaced, each only once its
@@ -35,6 +39,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from absl import app, flags
+from scipy import ndimage
 from tqdm import tqdm
 
 from rnan_jax import checkpoint, cli, degrade, env, images, inference
@@ -102,20 +107,36 @@ def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
     return np.clip(out, 0, np.iinfo(alpha.dtype).max).astype(alpha.dtype)
 
 
+def fill_transparent(pixels: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """`pixels` [H, W(, 3)] with the colour of each fully transparent pixel (`alpha` [H, W] 0) replaced by that of
+    the nearest pixel with alpha > 0; `pixels` itself where no pixel, or every pixel, is fully transparent.
+
+    The network's output at a visible edge depends on its transparent neighbours' colour, which the file holds
+    but nobody sees (black, white, a colour key's magenta): upscaled as stored, it shows as a fringe (a white
+    disc on transparent black came out with a grey rim, fully opaque pixels of it as dark as 152/255).
+    Premultiplying by alpha instead leaves a fringe too, since the network's edge is not the bicubic alpha's."""
+    hidden = alpha == 0
+    if not hidden.any() or hidden.all():
+        return pixels
+    rows, cols = ndimage.distance_transform_edt(hidden, return_distances=False, return_indices=True)
+    return pixels[rows, cols]
+
+
 class OutputFull(images.ImageError):
     """The output's filesystem is full (or over quota): no later image can be written either."""
 
 
 def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: str, *,
                  max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **kwargs) -> int:
-    """Reads `src`, upscales its colour (gray stays gray) and alpha at the file's bit depth, writes `dst` with
-    the file's colour profile.
+    """Reads `src`, upscales its colour (gray stays gray; fully transparent pixels' colour filled in by
+    `fill_transparent`) and alpha at the file's bit depth, writes `dst` with the file's colour profile.
     kwargs as `upscale_image`. Returns the file's frame count (its first frame is what was upscaled).
 
     Raises `images.ImageError` naming `src` for an unreadable file, one above `max_pixels` pixels, or an
     output that cannot be written (`OutputFull` when its disk is full)."""
     decoded = images.decode(src, max_pixels=max_pixels, high_bit_depth=True)
-    sr = inference.upscale_image(params, decoded.pixels, config=config, **kwargs)
+    pixels = decoded.pixels if decoded.alpha is None else fill_transparent(decoded.pixels, decoded.alpha)
+    sr = inference.upscale_image(params, pixels, config=config, **kwargs)
     alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, config.scale)
     try:
         images.write_image(dst, sr, alpha, icc_profile=decoded.icc_profile)

@@ -1,0 +1,106 @@
+"""python -m rnan_jax.upscale on images with transparency: the colour hidden under fully transparent pixels."""
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from rnan_jax import RNANConfig, images, init, upscale_image
+from rnan_jax.upscale import fill_transparent, upscale_alpha, upscale_file
+
+TINY = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+H, W = 14, 18
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init(jax.random.key(0), TINY)
+
+
+def _disc_alpha(peak=255, dtype=np.uint8):
+    """A disc with an antialiased rim (partial alpha) on a fully transparent background."""
+    y, x = np.mgrid[0:H, 0:W]
+    coverage = np.clip(5.5 - np.hypot(y - 6.5, x - 8.5), 0, 1)
+    return np.rint(coverage * peak).astype(dtype)
+
+
+def _rgba(path, colour, hidden, alpha):
+    rgb = np.where((alpha > 0)[..., None], np.asarray(colour, alpha.dtype), np.asarray(hidden, alpha.dtype))
+    images.write_image(path, rgb.astype(alpha.dtype), alpha)
+
+
+def _la(path, gray, hidden, alpha):
+    images.write_image(path, np.where(alpha > 0, gray, hidden).astype(np.uint8), alpha)
+
+
+def _palette(path, colour, hidden, alpha):
+    """A palette PNG: entry 0 (the background) fully transparent, entry 1 the opaque disc."""
+    im = Image.fromarray((alpha == 255).astype(np.uint8), "P")
+    im.putpalette(list(hidden) + list(colour))
+    im.save(path, transparency=bytes([0, 255]))
+
+
+def _colour_key(path, colour, hidden, alpha):
+    """An RGB PNG whose tRNS colour key (the background's colour) is transparent."""
+    Image.fromarray(np.where((alpha == 255)[..., None], np.uint8(colour), np.uint8(hidden))).save(
+        path, transparency=tuple(hidden))
+
+
+# (writer, visible colour, two hidden colours, alpha); each writes a disc of one colour on a hidden background
+CASES = {
+    "rgba8": (_rgba, (220, 120, 30), [(0, 0, 0), (255, 255, 255)], _disc_alpha()),
+    "la8": (_la, 200, [0, 255], _disc_alpha()),
+    "rgba16": (_rgba, (50000, 9000, 30000), [(0, 0, 0), (65535, 1234, 65535)], _disc_alpha(65535, np.uint16)),
+    "palette": (_palette, (220, 120, 30), [(0, 0, 0), (255, 255, 255)], _disc_alpha() // 255 * 255),
+    "colour_key": (_colour_key, (220, 120, 30), [(255, 0, 255), (0, 0, 0)], _disc_alpha() // 255 * 255),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_colour_hidden_under_transparent_pixels_does_not_reach_the_visible_ones(tmp_path, params, case):
+    """A cut-out (a disc of one colour) on fully transparent pixels of another colour, black or white, a
+    palette's transparent entry or a colour key's magenta: the network upscaled the hidden colour with the
+    visible one, which bled into the disc's edge (dark or coloured fringes; a white disc on black had opaque
+    pixels of 152/255). Now the colour is that of a flat image of the disc's colour, whatever was hidden."""
+    write, colour, hiddens, alpha = CASES[case]
+    outputs = []
+    for k, hidden in enumerate(hiddens):
+        write(tmp_path / f"{k}.png", colour, hidden, alpha)
+        upscale_file(params, TINY, str(tmp_path / f"{k}.png"), str(tmp_path / f"{k}_x2.png"))
+        outputs.append(images.decode(tmp_path / f"{k}_x2.png", high_bit_depth=True))
+    decoded = images.decode(tmp_path / "0.png", high_bit_depth=True)
+    flat = np.broadcast_to(np.asarray(colour, decoded.pixels.dtype), decoded.pixels.shape)
+    expected = upscale_image(params, np.ascontiguousarray(flat), config=TINY)
+    for out in outputs:
+        assert out.pixels.dtype == decoded.pixels.dtype and out.pixels.shape == expected.shape
+        np.testing.assert_array_equal(out.pixels, expected)
+        np.testing.assert_array_equal(out.alpha, upscale_alpha(decoded.alpha, 2))
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_an_opaque_alpha_gives_exactly_the_colour_of_the_image_without_it(tmp_path, params, gray):
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (H, W) if gray else (H, W, 3), dtype=np.uint8)
+    images.write_image(tmp_path / "plain.png", pixels)
+    images.write_image(tmp_path / "opaque.png", pixels, np.full((H, W), 255, np.uint8))
+    for name in ("plain", "opaque"):
+        upscale_file(params, TINY, str(tmp_path / f"{name}.png"), str(tmp_path / f"{name}_x2.png"))
+    plain, opaque = (images.decode(tmp_path / f"{n}_x2.png") for n in ("plain", "opaque"))
+    assert plain.alpha is None and (opaque.alpha == 255).all()
+    np.testing.assert_array_equal(opaque.pixels, plain.pixels)
+    np.testing.assert_array_equal(plain.pixels, upscale_image(params, pixels, config=TINY))
+
+
+def test_fill_transparent_takes_the_nearest_visible_pixel():
+    pixels = np.array([[10, 20, 30, 40],
+                       [50, 60, 70, 80],
+                       [90, 100, 110, 120]], np.uint16)
+    alpha = np.array([[0, 0, 0, 0],
+                      [0, 1, 0, 0],
+                      [0, 0, 0, 9]], np.uint16)
+    np.testing.assert_array_equal(fill_transparent(pixels, alpha), [[60, 60, 60, 120],
+                                                                    [60, 60, 60, 120],
+                                                                    [60, 60, 120, 120]])
+    rgb = np.dstack([pixels, pixels + 1, pixels + 2])
+    np.testing.assert_array_equal(fill_transparent(rgb, alpha)[0, 0], [60, 61, 62])
+    assert fill_transparent(pixels, alpha + 1) is pixels  # nothing fully transparent: untouched
+    assert fill_transparent(pixels, alpha * 0) is pixels  # nothing visible: nothing to fill from
