@@ -1,6 +1,8 @@
 """The model zoo: `zoo:NAME` loads shipped weights everywhere a checkpoint is accepted, reproduces MODEL_ZOO.md's
 numbers, and is part of the built package."""
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -106,7 +108,7 @@ def test_the_wheel_ships_the_weights(tmp_path):
     names = zipfile.ZipFile(tmp_path / wheel[0]).namelist()
     for model in zoo.names():
         assert f"rnan_jax/zoo/{model}.msgpack" in names
-    assert "rnan_jax/zoo/small_x2.msgpack" in names
+    assert "rnan_jax/zoo/small_x2.msgpack" in names and "rnan_jax/zoo/sha256.json" in names  # what loads check
     for source in native._SOURCES:  # rnan_jax.native builds them on first use
         assert f"rnan_jax/kernels/{os.path.basename(source)}" in names
 
@@ -175,6 +177,7 @@ def test_make_zoo_records_the_step_and_the_run_of_a_step_folder(tmp_path):
     (workdir / "config.json").write_text('{"total_steps": 9}')
     (workdir / "git_revision.txt").write_text("abc123\n")
     zoo_dir = tmp_path / "zoo"
+    zoo_dir.mkdir()
     driver = ("import runpy, sys\nfrom rnan_jax import zoo\n"
               f"zoo.__file__ = {str(zoo_dir / '__init__.py')!r}\n"
               f"sys.argv = ['make_zoo.py'] + sys.argv[1:]\n"
@@ -189,6 +192,18 @@ def test_make_zoo_records_the_step_and_the_run_of_a_step_folder(tmp_path):
         _, got_config, meta = zoo.read(str(zoo_dir / f"{name}.msgpack"))
         assert got_config == config
         assert (meta["step"], meta["config.json"], meta["git_revision.txt"]) == (step, {"total_steps": 9}, "abc123")
+        recorded = json.loads((zoo_dir / "sha256.json").read_text())[name]
+        assert recorded == hashlib.sha256((zoo_dir / f"{name}.msgpack").read_bytes()).hexdigest()
+        assert f"its SHA-256 recorded in {zoo_dir / 'sha256.json'}" in proc.stdout
+    assert sorted(json.loads((zoo_dir / "sha256.json").read_text())) == ["best", "latest", "seven"]
+    assert sorted(zoo.SHA256) == ["small_x2", "small_x3", "small_x4"]  # the package's own list untouched
+    (zoo_dir / "sha256.json").unlink()
+    (zoo_dir / "sha256.json").mkdir()  # nowhere to record it: one line that says what to do
+    proc = subprocess.run([sys.executable, "-c", driver, "--workdir", str(workdir), "--name", "latest"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"make_zoo: wrote {zoo_dir / 'latest.msgpack'} but could not record its SHA-256 beside it in sha256.json (")
 
 
 def test_write_refuses_parameters_that_do_not_fit_the_config_and_keeps_the_file_there(tmp_path):
@@ -204,3 +219,112 @@ def test_write_refuses_parameters_that_do_not_fit_the_config_and_keeps_the_file_
             zoo.write(path, bad_params, bad_config)
         assert open(path, "rb").read() == good
     assert zoo.read(path)[1] == config
+
+
+def _zoo_folder_at(folder, monkeypatch):
+    """Points the zoo (`zoo:NAME`, and the path of a shipped file) at `folder`, a copy of the shipped files."""
+    import importlib.resources
+    import pathlib
+
+    files = importlib.resources.files
+    monkeypatch.setattr(importlib.resources, "files",
+                        lambda package: pathlib.Path(folder) if package == zoo.__name__ else files(package))
+
+
+def _damaged_copies(tmp_path):
+    """{"cut": a zoo folder whose small_x2 is its first half, "flip": one whose small_x2 has one bit of a float in
+    the middle of its largest array flipped (a 0.8% change to one weight: it loads and its outputs barely move)}."""
+    data = open(zoo.path_of("small_x2"), "rb").read()
+    params, _ = rnan_jax.load("zoo:small_x2")
+    largest = np.asarray(params["groups"]["blocks"]["c1"]["kernel"], np.float32).tobytes()
+    start = data.find(largest)
+    assert start > 0
+    flipped = bytearray(data)
+    flipped[start + len(largest) // 8 * 4 + 2] ^= 0x20
+    folders = {}
+    for what, content in [("cut", data[:len(data) // 2]), ("flip", bytes(flipped)), ("intact", data)]:
+        folder = tmp_path / what
+        folder.mkdir()
+        for name in zoo.names():
+            (folder / f"{name}.msgpack").write_bytes(open(zoo.path_of(name), "rb").read())
+        (folder / "small_x2.msgpack").write_bytes(content)
+        folders[what] = folder
+    return folders
+
+
+def test_every_shipped_model_has_its_sha256_recorded():
+    import hashlib
+
+    assert sorted(zoo.SHA256) == zoo.names() == ["small_x2", "small_x3", "small_x4"]
+    for name in zoo.names():
+        assert hashlib.sha256(open(zoo.path_of(name), "rb").read()).hexdigest() == zoo.SHA256[name]
+
+
+def test_a_damaged_zoo_file_is_refused_in_one_line_naming_it(tmp_path, monkeypatch):
+    """A cut or bit-flipped shipped file: one error naming the file and what to do, by `zoo:NAME`, by the file's
+    path and for its meta (before: msgpack's "incomplete input", and the flipped one loaded and gave other
+    outputs); the intact copy and the other models load as before."""
+    folders = _damaged_copies(tmp_path)
+    params, config = rnan_jax.load("zoo:small_x2")
+    _zoo_folder_at(folders["intact"], monkeypatch)
+    got, got_config = rnan_jax.load("zoo:small_x2")
+    assert got_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, params)
+    for what in ("cut", "flip"):
+        _zoo_folder_at(folders[what], monkeypatch)
+        path = str(folders[what] / "small_x2.msgpack")
+        says = (re.escape(path) + r": damaged file \(a partial copy, a corrupted install or an edited file\): its "
+                r"SHA-256 is [0-9a-f]{12}\.\.\., zoo:small_x2's is 215e4cfeb9eb\.\.\.; reinstall rnan_jax, or in a "
+                r"git checkout run `git checkout -- rnan_jax/zoo/small_x2.msgpack`$")
+        for load in (lambda: rnan_jax.load("zoo:small_x2"), lambda: rnan_jax.load(path)):
+            with pytest.raises(checkpoint.CheckpointError, match=says):
+                load()
+        for load in (lambda: zoo.load("small_x2"), lambda: zoo.meta("zoo:small_x2"), lambda: zoo.read(path)):
+            with pytest.raises(zoo.ZooError, match=says):
+                load()
+        assert rnan_jax.load("zoo:small_x3")[1].scale == 3
+    copy = tmp_path / "elsewhere" / "small_x2.msgpack"  # a copy elsewhere has nothing to be checked against
+    copy.parent.mkdir()
+    copy.write_bytes((folders["flip"] / "small_x2.msgpack").read_bytes())
+    assert rnan_jax.load(str(copy))[1] == config
+
+
+def test_upscale_cli_refuses_a_damaged_zoo_file_in_one_line(tmp_path):
+    from PIL import Image
+
+    folders = _damaged_copies(tmp_path)
+    Image.fromarray(np.full((12, 12, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    driver = ("import importlib.resources, pathlib, runpy, sys\n"
+              "files, folder = importlib.resources.files, pathlib.Path(sys.argv.pop(1))\n"
+              "importlib.resources.files = lambda p: folder if p == 'rnan_jax.zoo' else files(p)\n"
+              "runpy.run_module('rnan_jax.upscale', run_name='__main__')\n")
+    for what in ("flip", "cut"):
+        out = tmp_path / f"out_{what}"
+        proc = subprocess.run([sys.executable, "-c", driver, str(folders[what]), "--checkpoint", "zoo:small_x2",
+                               str(tmp_path / "a.png"), "--output", str(out)], capture_output=True, text=True,
+                              cwd=REPO, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not out.exists()
+        lines = [line for line in proc.stderr.splitlines() if "small_x2" in line]
+        assert lines == [f"upscale: cannot load --checkpoint: {folders[what] / 'small_x2.msgpack'}: damaged file "
+                         f"(a partial copy, a corrupted install or an edited file): its SHA-256 is "
+                         f"{lines[0].split('SHA-256 is ')[1][:12]}..., zoo:small_x2's is 215e4cfeb9eb...; reinstall "
+                         f"rnan_jax, or in a git checkout run `git checkout -- rnan_jax/zoo/small_x2.msgpack`"]
+
+
+def test_record_sha256_adds_to_the_list_beside_the_file(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(zoo, "SHA256", dict(zoo.SHA256))
+    package = dict(zoo.SHA256)
+    model = tmp_path / "m.msgpack"
+    model.write_bytes(b"new model")
+    digest = hashlib.sha256(b"new model").hexdigest()
+    (tmp_path / "sha256.json").write_text(json.dumps({"small_x3": "0" * 64, "old": "1" * 64}))
+    assert zoo.record_sha256("a_new", str(model)) == str(tmp_path / "sha256.json")
+    assert zoo.record_sha256("small_x3", str(model)) == str(tmp_path / "sha256.json")
+    assert json.loads((tmp_path / "sha256.json").read_text()) == {"a_new": digest, "old": "1" * 64, "small_x3": digest}
+    assert zoo.SHA256 == package  # another folder's list: the package's models keep theirs
+    (tmp_path / "sha256.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        zoo.record_sha256("b", str(model))

@@ -3,7 +3,8 @@
     python tools/make_zoo.py --workdir runs/small291_x2 --name small_x2 [--which latest|best|ema]
 
 The file holds the float32 parameters, the RNANConfig and a record of the run (its resolved config.json,
-step, git revision), so `rnan_jax.load("zoo:NAME")` needs nothing else. Score it afterwards with
+step, git revision), so `rnan_jax.load("zoo:NAME")` needs nothing else; its SHA-256 goes into
+rnan_jax/zoo/sha256.json, which every load of zoo:NAME checks (commit the two together). Score it afterwards with
 `python -m rnan_jax.evaluate --checkpoint zoo:NAME` and copy those numbers into MODEL_ZOO.md.
 """
 from __future__ import annotations
@@ -49,8 +50,13 @@ def main(argv):
         size = zoo.write(out, params, config, meta)
     except OSError as e:  # e.g. an installed package's read-only folder
         sys.exit(f"make_zoo: cannot write {out}: {e}")
+    try:
+        source = zoo.record_sha256(_NAME.value, out)
+    except (OSError, ValueError) as e:
+        sys.exit(f"make_zoo: wrote {out} but could not record its SHA-256 beside it in sha256.json ({e}): add "
+                 f"\"{_NAME.value}\": \"<sha256sum of the file>\" there by hand (a stale one refuses the file)")
     print(f"wrote {out} ({size / 2**20:.2f} MiB, {meta['parameters']:,} parameters, x{config.scale}"
-          + (f", step {meta['step']}" if "step" in meta else "") + ")")
+          + (f", step {meta['step']}" if "step" in meta else "") + f"); its SHA-256 recorded in {source}")
 
 
 if __name__ == "__main__":

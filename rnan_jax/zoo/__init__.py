@@ -2,11 +2,14 @@
 
 Each model is one flax msgpack file in this folder, `NAME.msgpack`, holding {"params": the parameter tree,
 "config": the RNANConfig fields, "meta": how it was trained and scored}. MODEL_ZOO.md at the repository root
-gives every model's recipe and its Table 1 numbers. `tools/make_zoo.py` writes a file from a training workdir.
+gives every model's recipe and its Table 1 numbers. `tools/make_zoo.py` writes a file from a training workdir
+and records its SHA-256 in `sha256.json` beside it, which every read of a zoo model checks: a partial copy, a
+damaged install or an edited file would otherwise load (or fail in msgpack's terms) and give wrong outputs.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import os
@@ -21,6 +24,11 @@ from rnan_jax.model import RNANConfig
 
 PREFIX = "zoo:"
 _SUFFIX = ".msgpack"
+
+# {NAME: the SHA-256 of NAME.msgpack}, for the models in this folder; tools/make_zoo.py records each it writes.
+_SHA256_FILE = "sha256.json"
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), _SHA256_FILE), encoding="utf-8") as _f:
+    SHA256: dict[str, str] = json.load(_f)
 
 
 class ZooError(ValueError):
@@ -72,26 +80,76 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree, np.float32)
 
 
-def read(path: str) -> tuple[dict, RNANConfig, dict]:
-    """(params, RNANConfig, meta) from a zoo file."""
+def _recorded_sha256(name: str) -> tuple[str, str | None]:
+    """(model, its recorded SHA-256) for `name` as path_of takes it: a zoo name, or a path that is one of this
+    folder's files (a .msgpack elsewhere: ("", None), nothing to check it against)."""
+    if not name.startswith(PREFIX) and name.endswith(_SUFFIX):
+        model = os.path.basename(name)[:-len(_SUFFIX)]
+        shipped = os.path.join(os.fspath(importlib.resources.files(__name__)), model + _SUFFIX)
+        if model not in SHA256 or os.path.realpath(os.path.expanduser(name)) != os.path.realpath(shipped):
+            return "", None
+        return model, SHA256[model]
+    model = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    return model, SHA256.get(model)
+
+
+def read(path: str, *, sha256: str | None = None, model: str = "") -> tuple[dict, RNANConfig, dict]:
+    """(params, RNANConfig, meta) from a zoo file; a `sha256` given (zoo model `model`'s recorded one) must be
+    the file's, or ZooError says the file is damaged. A path to one of this folder's files is checked against
+    SHA256 without it."""
+    if sha256 is None:
+        model, sha256 = _recorded_sha256(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else ("", None)
     try:
         with open(os.path.expanduser(path), "rb") as f:
-            record = serialization.msgpack_restore(f.read())
+            data = f.read()
+    except FileNotFoundError:
+        raise ZooError(f"{path}: no such file") from None
+    except (OSError, TypeError) as e:
+        raise ZooError(f"{path}: not a readable zoo file ({type(e).__name__}: {e})") from None
+    if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256:
+        model = model or os.path.basename(path)[:-len(_SUFFIX)]
+        raise ZooError(f"{path}: damaged file (a partial copy, a corrupted install or an edited file): its SHA-256 "
+                       f"is {got[:12]}..., {PREFIX}{model}'s is {sha256[:12]}...; reinstall rnan_jax, or in a git "
+                       f"checkout run `git checkout -- rnan_jax/zoo/{model}{_SUFFIX}`")
+    try:
+        record = serialization.msgpack_restore(data)
         config = RNANConfig(**record["config"])  # RNANConfig makes rgb_mean a tuple of floats itself
         check_params(record["params"], config, what="parameters that do not fit its config")
         meta = dict(record.get("meta") or {})
-    except FileNotFoundError:
-        raise ZooError(f"{path}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ZooError(f"{path}: not a readable zoo file ({type(e).__name__}: {e})") from None
     return record["params"], config, meta
 
 
 def load(name: str) -> tuple[dict, RNANConfig]:
-    """(params, RNANConfig) of zoo model `name` ("zoo:small_x2" or "small_x2")."""
-    params, config, _ = read(path_of(name))
+    """(params, RNANConfig) of zoo model `name` ("zoo:small_x2" or "small_x2"), its SHA-256 checked."""
+    model, sha256 = _recorded_sha256(name)
+    params, config, _ = read(path_of(name), sha256=sha256, model=model)
     return params, config
 
 
 def meta(name: str) -> dict:
-    return read(path_of(name))[2]
+    model, sha256 = _recorded_sha256(name)
+    return read(path_of(name), sha256=sha256, model=model)[2]
+
+
+def record_sha256(name: str, path: str) -> str:
+    """Records the SHA-256 of zoo file `path` as model `name`'s in the sha256.json beside it (rewritten whole;
+    SHA256 too when that is this package's folder); returns that file. Raises OSError where it cannot be read or
+    written, ValueError where it holds something else than a JSON object."""
+    with open(path, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    folder = os.path.dirname(os.path.abspath(path))
+    target = os.path.join(folder, _SHA256_FILE)
+    recorded: dict = {}
+    if os.path.exists(target):
+        with open(target, encoding="utf-8") as f:
+            recorded = json.load(f)
+        if not isinstance(recorded, dict):  # json's own errors are ValueErrors too
+            raise ValueError(f"{target}: not a JSON object of model names and SHA-256s")
+    recorded[name] = sha256
+    text = json.dumps(recorded, indent=1, sort_keys=True) + "\n"
+    paths.write_atomically(target, lambda f: f.write(text.encode("utf-8")))
+    if os.path.realpath(folder) == os.path.realpath(os.fspath(importlib.resources.files(__name__))):
+        SHA256[name] = sha256
+    return target
