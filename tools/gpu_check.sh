@@ -5,7 +5,7 @@
 # autotuning cache of its own: XLA's fusion autotuner off then on in one process, off again, and the default;
 # then, if time is left, both dtypes at batch 16 and 64 and the peer at batch 64. (Measured so far:
 # tools/BENCHMARKS.md, from "Measured on one NVIDIA H200" on.)
-# Logs, the JSON records (jax_json.tar), the autotuning caches (autotune.tar)
+# Logs, the JSON records (jax_json.tar), a Perfetto trace (traces.tar), the autotuning caches (autotune.tar)
 # and a markdown table (printed last) land in $OUT.
 #
 # Prepared on the CPU machine, in the repository root (the folders are git-ignored):
@@ -62,10 +62,10 @@ echo "== PyTorch peer, batch 16 ($(left) s left)"
 # compile. So: the fusion autotuner off, then on, in one process on a fresh cache (D): the first compile is the
 # cold one without fusion autotuning, the second adds it on the same convolution picks, and the two steps run
 # the same conv algorithms; a second cold process with it off (cache E: are the compile and the step the
-# same?); the default cold (cache F) as the reference; then, if time is left, both dtypes at batch 16 and 64
+# same?), traced (traces.tar, for tools/trace_breakdown.py: which kernels a block launches); the default cold (cache F) as the reference; then, if time is left, both dtypes at batch 16 and 64
 # with the faster setting, and the peer at batch 64.
 # The caches come back in autotune.tar, to set beside the step times.
-rm -rf /tmp/rnan_autotune_d /tmp/rnan_autotune_e /tmp/rnan_autotune_f
+rm -rf /tmp/rnan_autotune_d /tmp/rnan_autotune_e /tmp/rnan_autotune_f /tmp/rnan_profile
 bench() {  # bench NAME KEEP_SECONDS XLA_FLAGS ARGS...: one benchmark.py process, its JSON in $OUT/jax_NAME.json
   local name=$1 keep=$2 flags=$3; shift 3
   echo "== JAX $name: XLA_FLAGS=$flags $* ($(left) s left)" | tee -a "$OUT/run.log"
@@ -74,7 +74,8 @@ bench() {  # bench NAME KEEP_SECONDS XLA_FLAGS ARGS...: one benchmark.py process
 }
 cache() { echo "--xla_gpu_per_fusion_autotune_cache_dir=/tmp/rnan_autotune_$1"; }
 bench tuner 200 "$(cache d)" --fusion_autotuner=false,true  # the default knobs: unroll 2, cast once, remat convs
-bench tuner_off_again 150 "$(cache e)" --fusion_autotuner=false
+bench tuner_off_again 150 "$(cache e)" --fusion_autotuner=false --profile_dir=/tmp/rnan_profile  # + a trace
+(cd /tmp/rnan_profile 2>/dev/null && find . -name perfetto_trace.json.gz | tar -cf "$OUT/traces.tar" -T -)
 bench default_cold 30 "$(cache f)"
 if [ "$(left)" -ge 150 ]; then  # the Done-when's rows: both dtypes, batch 16 and 64, on cache D's picks
   bench dtypes 60 "$(cache d)" --fusion_autotuner=false --dtypes=float32,bfloat16 --batch_sizes=16,64 \
