@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from rnan_jax import degrade, images, metrics
 from rnan_jax.metrics import SSIM_WINDOW
@@ -107,18 +106,6 @@ _ORIENT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 
 _UNDO = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
 
 
-def exif_orientation(path: str) -> int:
-    """The EXIF orientation tag of an image file (1..8), 1 when it has none or cannot be read; reads the header."""
-    try:
-        with Image.open(path) as im:
-            if im.format == "PNG" and "exif" not in im.info:  # none before the pixels: not worth decoding them for
-                return 1
-            value = im.getexif().get(0x0112, 1)
-    except Exception:  # the decode that follows reports an unreadable file
-        return 1
-    return value if isinstance(value, int) and value in _ORIENT else 1
-
-
 def lr_oriented_as_hr(hr: np.ndarray, hr_orientation: int, lr: np.ndarray, lr_orientation: int,
                       scale: int) -> np.ndarray:
     """A given LR image (decoded: its own EXIF orientation applied) as it lines up with the decoded HR image.
@@ -172,7 +159,7 @@ class Pair:
         if self.lr_path is None:
             return degrade.bicubic_lr(self.hr, self.scale)
         lr = lr_oriented_as_hr(self.hr, self.hr_orientation, images.decode(self.lr_path).pixels,
-                               exif_orientation(self.lr_path), self.scale)
+                               images.exif_orientation(self.lr_path), self.scale)
         h, w = self.hr.shape[0] // self.scale, self.hr.shape[1] // self.scale
         if lr.shape[:2] != (h, w):
             raise images.ImageError(
@@ -204,7 +191,7 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: st
     name = image_name(hr_path)
     if lr_dir is not None:
         return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=find_lr_file(hr_path, lr_dir, scale),
-                    hr_orientation=exif_orientation(hr_path))
+                    hr_orientation=images.exif_orientation(hr_path))
     folder = lr_folder(hr_path, scale)
     if folder is None or not os.path.isdir(folder):
         return Pair(dataset=dataset, name=name, scale=scale, hr=hr)
@@ -213,7 +200,7 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: st
         logging.info("%s: no LR file for %s, making it with bicubic_lr", folder, name)
     return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=lr_path,
                 lr_missing_from=folder if lr_path is None else None,
-                hr_orientation=1 if lr_path is None else exif_orientation(hr_path))
+                hr_orientation=1 if lr_path is None else images.exif_orientation(hr_path))
 
 
 class FolderError(images.ImageError):

@@ -7,12 +7,15 @@ alpha, palette and 16-bit files the same way. The upscaling CLI alone keeps 16-b
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 import sys
+import threading
+import warnings
 import zlib
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
@@ -25,6 +28,51 @@ IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", "
 # What the upscaling CLI's folder scans take: also the formats Pillow reads that SR datasets do not come in
 # (the training and benchmark scans keep to IMAGE_EXTENSIONS). An animated file gives its first frame.
 READABLE_EXTENSIONS = IMAGE_EXTENSIONS + (".gif", ".pbm", ".pnm", ".tga", ".qoi")
+
+_reading = threading.local()  # .path: the file this thread is reading (`_naming_warnings`)
+_warned: set[tuple[str, str]] = set()  # (file, message) already logged: EXIF is parsed by the scan and the decode
+_warned_lock = threading.Lock()
+
+
+class _NamingWarnings:
+    """Stands in for the `warnings` module in Pillow's TIFF and EXIF reader (PIL.TiffImagePlugin), whose warnings
+    ("Corrupt EXIF data.  Expecting to read 12 bytes but only got 2.") named no file, and, shown once per line of
+    Pillow, were said for the first bad file only. While this thread reads a file (`_naming_warnings`), each is
+    logged once naming the file; anywhere else it goes to `warnings.warn` as before. Per thread, which
+    `warnings.catch_warnings` is not (the pipeline decodes in threads)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def warn(self, message, category=None, stacklevel: int = 1, source=None) -> None:
+        path = getattr(_reading, "path", None)
+        if path is None:
+            self._module.warn(message, category, stacklevel + 1, source)
+            return
+        text = " ".join(str(message).split())
+        with _warned_lock:
+            if (path, text) in _warned:
+                return
+            _warned.add((path, text))
+        log.warning("%s: %s (Pillow, reading its metadata)", path, text)
+
+
+if getattr(TiffImagePlugin, "warnings", None) is warnings:
+    TiffImagePlugin.warnings = _NamingWarnings(warnings)
+
+
+@contextlib.contextmanager
+def _naming_warnings(path: str) -> Iterator[None]:
+    """Pillow's metadata warnings while this thread reads `path` are logged naming it (`_NamingWarnings`)."""
+    outer = getattr(_reading, "path", None)
+    _reading.path = path
+    try:
+        yield
+    finally:
+        _reading.path = outer
 
 
 class ImageError(ValueError):
@@ -155,6 +203,47 @@ def _upright(im: Image.Image) -> Image.Image:
         return im if method is None else im.transpose(method)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_exif_after_pixels(path: str) -> bytes | None:
+    """The body of a PNG's eXIf chunk, found by skipping from chunk to chunk (no pixel is decoded); None without
+    one. For an eXIf after the image data (the PNG spec allows it), which Pillow reads only when it decodes."""
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return None
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                body = f.read(length)
+                return body if len(body) == length else None
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, os.SEEK_CUR)  # the body and its CRC
+    return None
+
+
+def exif_orientation(path: str | os.PathLike) -> int:
+    """The EXIF orientation tag of an image file (1..8) that `decode` applies; 1 when it has none or cannot be
+    read. Reads the header, and for a PNG without EXIF there the chunk list (an eXIf chunk may follow the pixels,
+    and Pillow's decode applies it)."""
+    path = os.fspath(path)
+    try:
+        with _naming_warnings(path), Image.open(path) as im:
+            if im.format == "PNG" and "exif" not in im.info:  # Pillow's getexif would decode the pixels for it
+                body = _png_exif_after_pixels(path)
+                if body is None:
+                    return 1
+                exif = Image.Exif()
+                exif.load(body)
+            else:
+                exif = im.getexif()
+            value = exif.get(0x0112, 1)
+    except Exception:  # the decode that follows reports an unreadable file
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def _load_with_rawmodes(path: str, rawmodes: list[str]) -> np.ndarray:
     """A PNG or TIFF decoded by Pillow (filters, compression, interlacing, tiles, EXIF orientation) but with each
     tile unpacked with its raw mode in `rawmodes`."""
@@ -212,6 +301,12 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     more than `max_pixels` pixels (a decompression bomb, or a very large photo: pass a higher limit or None).
     """
     path = os.fspath(path)
+    with _naming_warnings(path):
+        return _decode(path, max_pixels, high_bit_depth)
+
+
+def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
+    """`decode`'s work."""
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -356,9 +451,10 @@ def encode_png16(samples: np.ndarray, rows_per_band: int = 256, *, icc_profile: 
 
 
 def list_images(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
-    """Sorted image files (names ending in one of `extensions`) directly in `folder`, hidden ones (a name starting
-    with '.': the `._photo.png` metadata files macOS leaves on other filesystems and in archives) left out;
-    raises `ImageError` for a missing or empty folder, or one this user may not list (chmod, another user's copy)."""
+    """Sorted image files (names ending in one of `extensions`; not folders) directly in `folder`, hidden ones (a
+    name starting with '.': the `._photo.png` metadata files macOS leaves on other filesystems and in archives) left
+    out; raises `ImageError` for a missing or empty folder, or one this user may not list (chmod, another user's
+    copy)."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ImageError(f"{folder}: no such folder")
@@ -366,18 +462,22 @@ def list_images(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_E
         names = os.listdir(folder)
     except OSError as e:
         raise ImageError(f"{folder}: cannot list the folder ({e.strerror or e})") from None
-    files = sorted(os.path.join(folder, f) for f in names if f.lower().endswith(extensions) and not f.startswith("."))
+    # a folder named like an image (photos.png/) is not one: listed, it was skipped as unreadable, which left a
+    # benchmark set unscored and made upscale exit 1
+    files = sorted(os.path.join(folder, f) for f in names if f.lower().endswith(extensions) and not f.startswith(".")
+                   and not os.path.isdir(os.path.join(folder, f)))
     if not files:
         raise ImageError(f"{folder}: folder holds no image files ({', '.join(extensions)})")
     return files
 
 
 def find_image(folder: str, stems: tuple[str, ...]) -> str | None:
-    """The first file in `folder` whose name without extension is one of `stems` (in that order), or None."""
+    """The first image file (not a folder) in `folder` whose name without extension is one of `stems` (in that
+    order), or None."""
     if not os.path.isdir(folder):
         return None
     by_stem: dict[str, str] = {}
     for f in sorted(os.listdir(folder)):
-        if f.lower().endswith(IMAGE_EXTENSIONS):
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(os.path.join(folder, f)):  # a folder: not one
             by_stem.setdefault(os.path.splitext(f)[0], os.path.join(folder, f))
     return next((by_stem[s] for s in stems if s in by_stem), None)

@@ -396,8 +396,9 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
             try:
                 lr_path = None if lr_dir is None else find_lr_file(hr_path, lr_dir, scale)
                 key = digest(_file_id(hr_path), "bicubic_lr" if lr_path is None else _file_id(lr_path))
-                tags = (1, 1) if lr_path is None else (benchmark_sets.exif_orientation(hr_path),
-                                                       benchmark_sets.exif_orientation(lr_path))
+                # images' reading, which finds a PNG's eXIf chunk after the pixels too (decode applies it)
+                tags = (1, 1) if lr_path is None else (images.exif_orientation(hr_path),
+                                                       images.exif_orientation(lr_path))
                 if tags[0] != tags[1]:  # pairs whose tags differ: entries made before they were lined up are not used
                     key = digest(key, "orientations", *tags)
             except (images.ImageError, OSError) as e:  # no LR file; a broken link, a file gone since the listing

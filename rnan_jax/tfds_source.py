@@ -19,10 +19,15 @@ class _NoVariantWarnings(logging.Filter):
         return "has no dataset_info.json" not in record.getMessage()
 
 
+def _data_root(data_dir: str | None) -> str:
+    """The TFDS data folder read: `data_dir`, else TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets),
+    absolute (a URL as it is)."""
+    return paths.resolve(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
 def _tfds_unprepared(name: str, data_dir: str | None) -> str | None:
     """Why `name` is not prepared under `data_dir` (TFDS's default where None), or None if a version is."""
-    root = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    folder = f"{paths.resolve(root).rstrip('/')}/{name}"
+    folder = f"{_data_root(data_dir).rstrip('/')}/{name}"
     try:
         versions = paths.listdir(folder) if paths.isdir(folder) else []
         if any(paths.exists(f"{folder}/{v}/dataset_info.json") for v in versions):
@@ -68,7 +73,9 @@ def tfds_specs(name: str, split: str, data_dir: str | None) -> list[PairSpec]:
     source = open_tfds(name, split, data_dir)
     n = len(source)
     version = getattr(getattr(source, "dataset_info", None), "version", "")
-    where = paths.resolve(data_dir) if data_dir else ""  # a gs:// URL as it is: abspath made it depend on the cwd
+    # the folder read, also when it is TFDS's default: keyed "" there, a run with another $TFDS_DATA_DIR was served
+    # the first one's images of a dataset of the same name. A gs:// URL as it is: abspath made it depend on the cwd.
+    where = _data_root(data_dir)
     specs = []
     for i in range(n):
         label = f"{name}:{split}[{i}]"

@@ -276,6 +276,28 @@ def test_tfds_cache_keys_of_a_gs_data_dir_do_not_depend_on_the_working_directory
     assert keys(str(tmp_path / "tfds"), tmp_path) == keys("tfds", tmp_path)
 
 
+
+def test_tfds_datasets_of_the_same_name_in_two_default_data_folders_do_not_share_cache_entries(tmp_path, monkeypatch):
+    """Without data.tfds_data_dir, TFDS reads $TFDS_DATA_DIR (else ~/tensorflow_datasets), which the cache keys
+    left out: a run with another $TFDS_DATA_DIR holding a dataset of the same name and size trained on the first
+    one's images. The folder is in the key, the same as data.tfds_data_dir naming it."""
+    def examples(builder, split, **kw):  # each folder's own images: the HR tag says which
+        tag = {"a": 0, "b": 100}[os.path.basename(os.environ["TFDS_DATA_DIR"])]
+        return [{"hr": coordinate_image(32, 32, tag + i), "lr": coordinate_image(8, 8, tag + i)} for i in range(2)]
+
+    def tags(**overrides):
+        cfg = config(4, source="tfds", patch_size=4, cache_dir=str(tmp_path / "cache"), **overrides)
+        with mock_data(as_data_source_fn=examples):
+            pairs = data.training_pairs(cfg)
+        return [int(np.asarray(pairs[i]["hr"])[0, 0, 2]) for i in range(len(pairs))]
+
+    for folder, expected in (("a", [0, 1]), ("b", [100, 101]), ("a", [0, 1])):
+        monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / folder))
+        assert tags() == expected, folder
+    assert len(list((tmp_path / "cache").glob("*.hr.npy"))) == 4
+    assert tags(tfds_data_dir=str(tmp_path / "b")) == [100, 101]  # the same folder named: its entries reused
+    assert len(list((tmp_path / "cache").glob("*.hr.npy"))) == 4
+
 def test_tfds_source_errors_in_one_line(tmp_path, caplog):
     cfg = config(4, source="tfds", tfds_data_dir=str(tmp_path / "none"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(sources.DataError, match="cannot read TFDS dataset 'div2k/bicubic_x4'") as e:
@@ -773,6 +795,49 @@ def test_an_lr_file_written_without_the_hr_photo_s_exif_orientation_lines_up(tmp
     for p in val:
         assert np.abs(p.lr.astype(int) - degrade.bicubic_lr(p.hr, 2)).mean() < 2, p.name
 
+
+
+def test_a_png_whose_exif_orientation_follows_the_pixels_lines_up_with_its_lr_file(tmp_path):
+    """The PNG spec lets the eXIf chunk follow the image data, and Pillow's decode turns such an HR image upright;
+    its orientation was read from the header alone (none), so the LR file made from its stored pixels was not
+    lined up: a square pair trained misaligned (mean |LR - bicubic_lr(HR)| 25 levels), a wide one was skipped."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def late_exif_png(pixels, orientation):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG")
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        body = exif.tobytes()
+        chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+        end = buf.getvalue().rindex(b"IEND") - 4
+        return buf.getvalue()[:end] + chunk + buf.getvalue()[end:]
+
+    (tmp_path / "HR").mkdir()
+    stored = {}
+    for name, (h, w), tag in (("square", (48, 48), 3), ("wide", (40, 64), 6)):
+        stored[name] = smooth_image(h, w, h)
+        (tmp_path / "HR" / f"{name}.png").write_bytes(late_exif_png(stored[name], tag))
+        write_image(tmp_path / "LR" / "X2" / f"{name}x2.png", degrade.bicubic_lr(stored[name], 2))
+    assert sources.images.decode(tmp_path / "HR" / "wide.png").pixels.shape == (64, 40, 3)  # Pillow turns it
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), lr_dirs=str(tmp_path / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "c"))
+    pairs = data.training_pairs(cfg)
+    assert [os.path.basename(n) for n in pairs.names] == ["square.png", "wide.png"]
+    for i, (name, turn) in enumerate((("square", lambda a: a[::-1, ::-1]), ("wide", lambda a: np.rot90(a, -1)))):
+        hr, lr = np.asarray(pairs[i]["hr"]), np.asarray(pairs[i]["lr"])
+        np.testing.assert_array_equal(hr, turn(stored[name]))
+        np.testing.assert_array_equal(lr, degrade.bicubic_lr(hr, 2))
+    # validation (and evaluate) read the orientation apart: the same pairs, the wide one was skipped
+    val = data.validation_images(config(2, val_source="folder", val_dir=str(tmp_path / "HR"),
+                                        val_lr_dir=str(tmp_path / "LR"), val_max_images=0))
+    assert [p.name for p in val] == ["square", "wide"]
+    for p in val:
+        np.testing.assert_array_equal(p.lr, degrade.bicubic_lr(p.hr, 2))
 
 def test_a_rerun_neither_decodes_nor_announces_unusable_images(tmp_path, monkeypatch, caplog):
     """Files that are not images (an HTML error page saved as .png by a failed download, an empty file): every

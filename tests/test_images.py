@@ -263,6 +263,25 @@ def test_folder_scans_leave_out_hidden_files_such_as_macos_appledouble(tmp_path)
     assert images.list_images(tmp_path, images.READABLE_EXTENSIONS) == expected
 
 
+
+def test_folder_scans_leave_out_folders_named_like_images(tmp_path):
+    # A folder named like an image (album.png/, or a link to one) was listed as an image and then skipped as
+    # unreadable ("Is a directory"): evaluate left the set holding it unscored, upscale exited 1, and an LR folder's
+    # X2/0001x2.png/ was taken as 0001's LR file over 0001.png beside it.
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "photo.png")
+    (tmp_path / "album.png").mkdir()
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "album.png" / "inner.png")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "album.png")
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")  # still listed: skipped by name when read
+    expected = [str(tmp_path / "broken.png"), str(tmp_path / "photo.png")]
+    assert images.list_images(tmp_path) == expected
+    assert images.list_images(tmp_path, images.READABLE_EXTENSIONS) == expected
+    (tmp_path / "lr" / "0001x2.png").mkdir(parents=True)
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "lr" / "0001.png")
+    assert images.find_image(str(tmp_path / "lr"), ("0001x2", "0001")) == str(tmp_path / "lr" / "0001.png")
+    with pytest.raises(images.ImageError, match="folder holds no image files"):
+        images.list_images(tmp_path / "lr" / "0001x2.png")
+
 def _broken_second_frame(first: np.ndarray, second: np.ndarray, tag: int, value: int) -> bytes:
     """A two-frame little-endian TIFF (Pillow's) whose second IFD's SHORT `tag` holds `value`; a value of 0 for
     tag 0 empties the IFD."""
@@ -327,3 +346,28 @@ def test_a_malformed_exif_block_still_turns_the_image_upright(tmp_path):
         np.testing.assert_array_equal(images.decode(tmp_path / name).pixels, np.rot90(pixels, -1))
     Image.fromarray(pixels).save(tmp_path / "a.jpg", exif=exif)
     assert images.decode(tmp_path / "a.jpg").pixels.shape == (5, 4, 3)
+
+
+def test_pillow_s_corrupt_exif_warning_names_each_file_also_from_threads(tmp_path, caplog):
+    # Pillow warns "Corrupt EXIF data.  Expecting to read 12 bytes but only got 2." without the file's name, and
+    # Python shows it once per line of Pillow: of a folder of such photos, one line said something was wrong,
+    # not which. The pipeline decodes in threads, where warnings.catch_warnings cannot tell files apart.
+    import concurrent.futures
+
+    exif = (b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + struct.pack("<H", 5) + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)
+            + b"\x00\x00")  # 5 tags announced, 1 there: the orientation (6) is still read
+    paths = [tmp_path / f"p{i}.jpg" for i in range(6)]
+    for i, path in enumerate(paths):
+        Image.fromarray(np.full((4, 6, 3), 40 * i, np.uint8)).save(path, exif=exif if i % 2 else b"")
+    with caplog.at_level(logging.WARNING, logger="rnan_jax.images"), warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            shapes = list(pool.map(lambda p: images.decode(p).pixels.shape, paths * 3))
+        assert [images.exif_orientation(p) for p in paths] == [1, 6] * 3
+    assert shapes == [(4, 6, 3), (6, 4, 3)] * 9
+    assert not [w for w in shown if "EXIF" in str(w.message)]
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"{paths[i]}: Corrupt EXIF data. Expecting to read 12 bytes but only got 2. (Pillow, reading its metadata)"
+        for i in (1, 3, 5)]
+    with pytest.warns(UserWarning, match="Corrupt EXIF data"), Image.open(paths[1]) as im:  # not ours: Pillow's own
+        im.getexif()
