@@ -214,6 +214,13 @@ def bench_train_step(config, batch: int, patch: int, unroll: int | str, depthwis
     return record, carry["state"].params
 
 
+def forward_knobs(config, unroll: int | str, depthwise: str) -> tuple[str, str, str]:
+    """What `bench_forward` measures differs by: (dtype, scan unroll, depthwise) as resolved for the record.
+    The train step's other knobs (remat, cast_params_once, fusion_autotuner, batch_chunks) do not reach it."""
+    _, _, _, unroll_name, impl_name, _ = _knobs(unroll, depthwise, config)
+    return config.dtype, unroll_name, impl_name
+
+
 def bench_forward(config, params: Any, lr_hw: tuple[int, int], unroll: int | str, depthwise: str, *, warmup: int,
                   steps: int, repeats: int) -> dict:
     """The record of `api.apply` on one random [1, h, w, 3] LR image (`lr_hw` = (h, w)): compile time, the

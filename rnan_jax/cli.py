@@ -112,7 +112,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a malformed value or an unknown flag told in one line, exit status 1 ("train:
     error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc' (see --helpshort)";
     absl's `parse_flags_with_usage` prints it after "FATAL Flags parsing error:" and adds a second line).
-    `--help` exits with status 0 (absl's 1 made `tool --help && ...` fail)."""
+    `--help` exits with status 0 (absl's 1 made `tool --help && ...` fail); `-h` is `--help` (absl knows only
+    `-?`, and told "Unknown command line flag 'h'")."""
+    argv = _h_is_help(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -131,10 +133,31 @@ def parse_flags(argv: list[str]) -> list[str]:
             text = (f"{', '.join(names[:-1])} and {names[-1]} are required" if len(names) > 1
                     else f"{names[0]} is required")
         sys.exit(f"{program_name()}: error: {text} (see --helpshort)")
+    except BrokenPipeError:  # `--help | head`: the reader took what it wanted (was a traceback, or for train
+        # "error: --config: [Errno 32] Broken pipe"); stdout to /dev/null, so that the exit's flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except SystemExit as e:  # absl's --help exits with status 1 after its text: asked for, it is a success
         if e.code == 1 and any(a in ("-h", "-?") or a.startswith("--help") for a in argv[1:]):
             sys.exit(0)
         raise
+
+
+def _h_is_help(argv: list[str]) -> list[str]:
+    """argv with a `-h` before any `--` read as `--help`, as argparse and most tools read it (unless a command
+    defines a flag h of its own, or the -h is the value of the flag before it: `--output -h`)."""
+    if "h" in flags.FLAGS:
+        return argv
+    out = list(argv)
+    for i in range(1, len(out)):
+        if out[i] == "--":
+            break
+        prev = out[i - 1].lstrip("-")
+        takes_value = (out[i - 1].startswith("-") and "=" not in prev and prev in flags.FLAGS
+                       and not flags.FLAGS[prev].boolean)
+        if out[i] == "-h" and not takes_value:
+            out[i] = "--help"
+    return out
 
 
 def require_ints(name: str, minimum: int = 1) -> None:

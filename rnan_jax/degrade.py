@@ -25,8 +25,12 @@ def _cubic(x: np.ndarray) -> np.ndarray:
 
 
 def output_length(in_length: int, scale: float) -> int:
-    """ceil(in_length * scale), ignoring float noise such as 255 * (1/3) = 85.00000000000001."""
-    return max(1, math.ceil(round(in_length * scale, 9)))
+    """ceil(in_length * scale) of the plain float64 product, as MATLAB's `ceil(scale .* size)`.
+
+    Float noise is kept, as MATLAB keeps it: 50 * 1.1 = 55.00000000000001 gives 56. The paper's sizes
+    (n * (1/s) and n * s for s = 2, 3, 4) come out exact: ceil(n / s) and n * s.
+    """
+    return max(1, math.ceil(in_length * scale))
 
 
 @functools.lru_cache(maxsize=64)

@@ -55,6 +55,7 @@ def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
     if unknown or not platforms:
         raise ValueError(f"platforms must be some of {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}"
                          + (" (NVIDIA GPUs are 'cuda')" if "gpu" in unknown else ""))
+    platforms = tuple(dict.fromkeys(platforms))  # "cpu,cpu" is cpu once, not a lowering the artifact lists twice
     if fixed_size is not None and (len(fixed_size) != 2 or not all(isinstance(v, numbers.Integral) and v >= 1
                                                                   for v in fixed_size)):
         raise ValueError(f"fixed_size must be (h, w), both positive integers, got {fixed_size}")
@@ -72,7 +73,7 @@ def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
     else:
         shape = (*jax.export.symbolic_shape("b"), *fixed_size, 3)
     with native.disabled():  # XLA's convolutions: jax.export refuses the native kernels' custom calls
-        return jax.export.export(jax.jit(upscale), platforms=tuple(platforms))(
+        return jax.export.export(jax.jit(upscale), platforms=platforms)(
             jax.ShapeDtypeStruct(shape, jnp.float32))
 
 

@@ -59,6 +59,24 @@ def test_tiny_run_writes_every_field(tmp_path):
     assert rows.stdout.count("\n| ") == 3  # separator, one train row, one forward row
 
 
+def test_forward_is_measured_once_per_distinct_forward(tmp_path):
+    """The forward depends on dtype, scan unroll and depthwise only: two remat settings share one forward."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--tiny", "--nopeer",
+                           "--remat=none,convs", "--warmup=0", "--steps=1", "--repeats=1", f"--output={out}"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["remat"] for r in res["train"]] == ["none", "convs"]
+    (forward,) = res["forward"]
+    assert (forward["dtype"], forward["lr_hw"]) == ("float32", [16, 24])
+    assert proc.stdout.count("\nforward ") == 1 and proc.stdout.count("\ntrain ") == 2, proc.stdout
+    cfg = RNANConfig(**bench.PRESETS["tiny"])
+    assert bench.forward_knobs(cfg, "2", "shifted") == ("float32", "2", "shifted")
+    assert bench.forward_knobs(cfg, "1:-1", "grouped") == ("float32", "1+full", "grouped")
+
+
 def test_scan_unroll_values_name_both_scans():
     from rnan_jax.bench import _unroll_name, parse_unroll
 

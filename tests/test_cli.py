@@ -199,3 +199,30 @@ def test_a_config_path_after_equals_has_its_home_expanded(tmp_path):
     code, err, out = _train(["--config=~/exp.py", "--config.model.scale=3", "--workdir", str(tmp_path / "run"),
                              "--dry_run"], repo, HOME=str(home))
     assert code == 0 and "model: RNAN x3, 240,657 parameters" in out.splitlines(), err
+
+
+@pytest.mark.parametrize("module", ["rnan_jax.train", "rnan_jax.upscale"])
+def test_dash_h_prints_the_help_as_help_does(module):
+    """-h was "train: error: Unknown command line flag 'h' (see --helpshort)" (absl knows only -?)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    h, helped = (subprocess.run([sys.executable, "-m", module, flag], cwd=repo, capture_output=True, text=True,
+                                timeout=300, env=env) for flag in ("-h", "--help"))
+    assert (h.returncode, h.stderr) == (0, ""), h.stderr[-3000:]
+    assert h.stdout == helped.stdout and f"--{'workdir' if module.endswith('train') else 'output'}:" in h.stdout
+    # -h as a flag's value stays the value: a folder named -h, not the help
+    r = subprocess.run([sys.executable, "-m", "rnan_jax.upscale", "--output", "-h"], cwd=repo, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert (r.returncode, r.stderr.strip()) == (1, "upscale: error: --checkpoint is required (see --helpshort)")
+
+
+def test_help_into_a_closed_pipe_is_no_error():
+    """`train --help | head -1`: the reader gone, it printed "error: --config: [Errno 32] Broken pipe" (train) or
+    a traceback (the tools)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for args in (["-m", "rnan_jax.train", "--help"], [os.path.join(repo, "tools", "benchmark.py"), "-h"]):
+        proc = subprocess.Popen([sys.executable, *args], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        proc.stdout.close()  # before the child has written anything
+        err = proc.stderr.read().decode()
+        assert (proc.wait(timeout=300), err) == (0, ""), err[-3000:]

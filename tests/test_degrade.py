@@ -132,3 +132,19 @@ def test_channels_are_resized_independently():
     out = degrade.imresize(x, 1 / 3)
     for c in range(3):
         np.testing.assert_array_equal(out[..., c], degrade.imresize(x[..., c], 1 / 3))
+
+
+@pytest.mark.parametrize("s", [2, 3, 4])
+def test_output_length_of_the_paper_scales_is_integer_arithmetic(s):
+    for n in range(1, 2001):
+        assert degrade.output_length(n, 1 / s) == -(-n // s)
+        assert degrade.output_length(n, s) == n * s
+
+
+def test_output_length_keeps_float_noise_as_matlab():
+    # MATLAB's imresize: output_size = ceil(scale .* size) of the plain double product; 50 * 1.1 is
+    # 55.00000000000001 in IEEE double, so MATLAB gives 56 rows (rounding the product first gave 55).
+    assert 50 * 1.1 > 55
+    assert degrade.output_length(50, 1.1) == 56
+    assert degrade.imresize(np.zeros((50, 20), np.uint8), 1.1).shape == (56, 22)
+    assert degrade.output_length(255, 1 / 3) == 85

@@ -127,3 +127,17 @@ def test_a_platform_string_and_a_float_size(params):
         export_model(params, TINY, platforms=("cpu",), fixed_size=(4.5, 4))
     exported = export_model(params, TINY, platforms=("cpu",), fixed_size=(np.int64(5), 4))
     assert str(exported.in_avals[0].shape) == "(b, 5, 4, 3)"
+
+
+def test_a_platform_given_twice_is_lowered_once(params, tmp_path):
+    """--platforms=cpu,cpu: the artifact lists cpu once (it listed ('cpu', 'cpu') and printed "cpu, cpu")."""
+    assert export_model(params, TINY, platforms=("cpu", "cpu")).platforms == ("cpu",)
+    assert export_model(params, TINY, platforms="cpu,cuda,cpu").platforms == ("cpu", "cuda")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), "--checkpoint=zoo:small_x2",
+                           "--output=a.jaxexport", "--platforms=cpu,cpu"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("platforms cpu"), proc.stdout
+    with open(tmp_path / "a.jaxexport", "rb") as f:
+        assert jax.export.deserialize(bytearray(f.read())).platforms == ("cpu",)

@@ -30,8 +30,9 @@ batch 16 is the paper's setting). Per setting:
   float32, eager, NCHW and channels_last, when torch is installed: timed in the same windows, taking turns
   with the float32 train step window by window (a 0.1 s pause before each), so that load from elsewhere on
   a shared machine falls on both.
-- forward: `api.apply` on one LR image of --forward_lr (270x480: a 1920x1080 output at x4), per dtype and
-  knobs, at batch 1, timed the same way (--forward_steps per window).
+- forward: `api.apply` on one LR image of --forward_lr (270x480: a 1920x1080 output at x4), once per dtype,
+  scan unroll and depthwise (what it depends on: not remat, cast_params_once, fusion_autotuner or
+  batch_chunks), at batch 1, timed the same way (--forward_steps per window).
 The measuring, the FLOP count and the table are `rnan_jax.bench`; the HLO, profile and memory summaries are
 `rnan_jax.profiling`. This file holds the flags and runs the settings.
 """
@@ -48,8 +49,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # rnan_jax without an install
 from rnan_jax import cli
-from rnan_jax.bench import (PRESETS, bench_forward, bench_train_step, environment, forward_line,  # noqa: E402
-                            parse_unroll, peer_line, peer_steps, table, train_line)
+from rnan_jax.bench import (PRESETS, bench_forward, bench_train_step, environment, forward_knobs,  # noqa: E402
+                            forward_line, parse_unroll, peer_line, peer_steps, table, train_line)
 
 # What --tiny sets, unless the flag is given too: a run of seconds on a CPU.
 TINY = dict(model="tiny", batch_sizes=["2"], patch_size=12, dtypes=["float32"], warmup=1, steps=2,
@@ -179,6 +180,7 @@ def main(argv):
                "(forward 2, backward 4; bench_torch.py's convention); xla_cost_flops: compiled.cost_analysis()",
                "train": [], "forward": [], "peer": [], "errors": []}
     peer_done: set[tuple[int, int]] = set()
+    forward_done: set[tuple[str, str, str]] = set()  # forward_knobs: one forward for the train settings it serves
     print(json.dumps(results["env"]), flush=True)
     for unroll in _UNROLL.value:
         casts = [ExecutionConfig(cast_params_once=v.strip()).cast_once for v in _CAST_ONCE.value]
@@ -215,7 +217,11 @@ def main(argv):
                             results["peer"].append({"model": _MODEL.value, **r})
                             print(peer_line(r), flush=True)
                     _write(_OUTPUT.value, results)
-                if params is not None and not (_SKIP_FORWARD.value or _COMPILE_ONLY.value):
+                # params: the train step resolved these knobs; a forward that an earlier setting measured is
+                # not measured again
+                if (params is not None and not (_SKIP_FORWARD.value or _COMPILE_ONLY.value)
+                        and forward_knobs(config, unroll, depthwise) not in forward_done):
+                    forward_done.add(forward_knobs(config, unroll, depthwise))
                     record = _attempt(results, {**what, "forward_lr": [h, w]}, partial(
                         bench_forward, config, params, (h, w), unroll, depthwise, warmup=1,
                         steps=_FORWARD_STEPS.value, repeats=3))
