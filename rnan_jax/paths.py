@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import socket
 import threading
 from typing import BinaryIO, Callable
 
@@ -65,10 +66,12 @@ def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
     """Calls `write` on a partial file beside local `path` (its folder made if missing), then renames it to
     `path`: a failure (a full disk, Ctrl-C) leaves no half-written file and an earlier file of that name as it
     was, and a reader meanwhile sees the old file or the whole new one. The partial file's name is unique per
-    process and thread, so concurrent writers of one path do not collide."""
+    host, process and thread, so concurrent writers of one path do not collide, those of several hosts in a
+    shared folder (NFS) included: process ids alone repeat across hosts (a container's are the same on each)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.partial")
+    partial = os.path.join(folder, f".{os.path.basename(path)}.{socket.gethostname()}.{os.getpid()}."
+                                   f"{threading.get_ident()}.partial")
     try:
         with open(partial, "wb") as f:
             write(f)
@@ -81,6 +84,32 @@ def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
 
 def read_text(path: str) -> str:
     return epath.Path(path).read_text()
+
+
+def create_exclusively(path: str, data: bytes) -> None:
+    """Writes `data` to `path` only if nothing is there yet; raises FileExistsError if something is. Atomic for a
+    local file (O_EXCL) and on GCS (one upload with the precondition ifGenerationMatch=0, through gcsfs: of two
+    creators exactly one succeeds). Where the backend cannot (a gcsfs before 2025, TensorFlow's gfile) it checks,
+    then writes: a creator between the two is not seen."""
+    if not is_url(path):
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+            f.write(data)
+        return
+    try:
+        import fsspec
+
+        fsspec.core.url_to_fs(path)[0].pipe_file(path, data, mode="create")
+        return
+    except (ImportError, ValueError, TypeError):  # no fsspec backend for the URL, or one without mode="create"
+        pass
+    if exists(path):
+        raise FileExistsError(path)
+    epath.Path(path).write_bytes(data)
+
+
+def remove(path: str) -> None:
+    """Deletes a file (an object); FileNotFoundError if it is not there."""
+    epath.Path(path).unlink()
 
 
 def write_text(path: str, text: str) -> None:

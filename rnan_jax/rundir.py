@@ -8,8 +8,12 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
+import re
 import socket
+import threading
+import time
 from typing import Any, Iterator
 
 import jax
@@ -71,17 +75,23 @@ def prepare(workdir: str) -> None:
 
 
 LOCK_FILE = "train.lock"
+URL_LOCK_REFRESH_S = 60.0  # how often a URL workdir's lock says its run is alive
+URL_LOCK_STALE_S = 600.0  # a URL workdir's lock not refreshed for this long is of a run that is gone: taken over
 
 
 @contextlib.contextmanager
 def exclusive(workdir: str) -> Iterator[None]:
-    """Holds an exclusive lock on a local workdir while a run trains in it (process 0): a second run started
-    there (the same command in another terminal), whose checkpoints and logs would interleave with the first's,
-    is refused in one line naming the first. A flock on `workdir/train.lock`, which says who holds it: released
-    when the process ends, however it ends. A URL workdir (gs://) is not locked: nothing there can hold one; nor
-    is a file system that does not take locks."""
-    if jax.process_index() != 0 or paths.is_url(workdir):
+    """Holds an exclusive lock on a workdir while a run trains in it (process 0 only): a second run started
+    there (the same command in another terminal or on another VM), whose checkpoints and logs would interleave
+    with the first's, is refused in one line naming the first. Locally a flock on `workdir/train.lock`, which
+    says who holds it: released when the process ends, however it ends; a file system that does not take locks
+    is not locked. A URL workdir (gs://), where nothing holds a lock for a process, gets `_url_lock`'s."""
+    if jax.process_index() != 0:
         yield
+        return
+    if paths.is_url(workdir):
+        with _url_lock(workdir, URL_LOCK_REFRESH_S, URL_LOCK_STALE_S):
+            yield
         return
     path = os.path.join(workdir, LOCK_FILE)
     with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
@@ -89,13 +99,128 @@ def exclusive(workdir: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = f.read().strip() or "its process is not known"
-            raise ValueError(f"--workdir {workdir}: another run is training in it ({holder}); let it finish or stop "
-                             "it first, or use another --workdir") from None
+            raise ValueError(_refusal(workdir, holder)) from None
         except OSError:  # a file system without locks (some network mounts): not locked, as before
             yield
             return
-        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        f.write(_holder() + "\n")
         f.flush()
         yield
+
+
+def _holder() -> str:
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"pid {os.getpid()} on {socket.gethostname()}, started {started}"
+
+
+def _refusal(workdir: str, holder: str, extra: str = "") -> str:
+    return (f"--workdir {workdir}: another run is training in it ({holder}); let it finish or stop it first, or "
+            f"use another --workdir{extra}")
+
+
+_ALIVE = "alive at "  # the second line of a URL lock: when its run last said it was alive (seconds since 1970)
+
+
+def _read_url_lock(path: str) -> tuple[str, float | None] | None:
+    """(the holder line, when it was last refreshed or None if the object does not say) of the lock object at
+    `path`; None when there is none."""
+    try:
+        lines = paths.read_text(path).splitlines()
+    except FileNotFoundError:
+        return None
+    alive = None
+    for line in lines[1:]:
+        if line.startswith(_ALIVE):
+            with contextlib.suppress(ValueError):
+                alive = float(line[len(_ALIVE):].split()[0])
+    return (lines[0].strip() if lines else "") or "its process is not known", alive
+
+
+_HELD: set[str] = set()  # the URL locks this process holds
+
+
+def _gone(holder: str, path: str) -> bool:
+    """Whether the lock's process is known to have ended: it ran on this host and no process has its id now
+    (a killed run rerun on the same VM, or a preempted VM's rerun under its name, need not wait for staleness),
+    or it has this process's id but this process does not hold it (a restarted container's process)."""
+    match = re.fullmatch(r"pid (\d+) on (.+), started .*", holder)
+    if not match or match.group(2) != socket.gethostname():
+        return False
+    if int(match.group(1)) == os.getpid():
+        return path not in _HELD
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        pass
+    return False
+
+
+@contextlib.contextmanager
+def _url_lock(workdir: str, refresh_s: float, stale_s: float) -> Iterator[None]:
+    """A lock object `workdir/train.lock` (GCS), created only where none is (`paths.create_exclusively`: of two
+    runs starting together one gets it), saying who holds it and, refreshed every `refresh_s` by a thread, when
+    it was last alive; deleted when the run ends (an exception, SIGTERM's or Ctrl-C's stop included). A run
+    killed outright leaves it: a lock not refreshed for `stale_s`, or whose process is gone from this host, is
+    taken over (a line says so); the refusal of a live one says how to remove it by hand."""
+    path = os.path.join(workdir, LOCK_FILE)
+    holder = _holder()
+
+    def content() -> bytes:
+        return f"{holder}\n{_ALIVE}{time.time():.0f} (refreshed every {refresh_s:g} s)\n".encode()
+
+    for _ in range(3):  # a lock that went between the create and the read, or stale one taken over: again
+        try:
+            paths.create_exclusively(path, content())
+            break
+        except FileExistsError:
+            pass
+        except OSError as e:  # no such bucket, no permission
+            why = e.strerror or ("not found: is the bucket there?" if isinstance(e, FileNotFoundError) else str(e))
+            raise ValueError(f"--workdir {workdir}: cannot create its lock {path} ({why})") from None
+        if (found := _read_url_lock(path)) is None:
+            continue
+        other, alive = found
+        age = None if alive is None else time.time() - alive
+        if not _gone(other, path) and (age is None or age < stale_s):
+            seen = "" if age is None else f", last seen alive {max(age, 0):.0f} s ago"
+            raise ValueError(_refusal(workdir, other + seen, f"; if it is not running (its VM lost), delete {path} "
+                                      f"or rerun once the lock is {stale_s / 60:g} min stale"))
+        logging.getLogger(__name__).warning(
+            "--workdir %s: taking over the lock of a run that is gone (%s%s)", workdir, other,
+            "" if age is None else f", last seen alive {age:.0f} s ago")
+        with contextlib.suppress(FileNotFoundError):
+            paths.remove(path)
+    else:
+        raise ValueError(_refusal(workdir, "a run that took its lock as this one started", f"; see {path}"))
+
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(refresh_s):
+            try:
+                found = _read_url_lock(path)
+                if found is None or found[0] != holder:  # taken over: the other run's, not to be overwritten
+                    logging.getLogger(__name__).warning(
+                        "--workdir %s: this run's lock %s was %s; another run may be training there", workdir,
+                        path, "deleted" if found is None else f"taken over ({found[0]})")
+                    return
+                paths.write_text(path, content().decode())
+            except Exception:  # a failed refresh (the network): tried again at the next
+                pass
+
+    thread = threading.Thread(target=refresh, name="rnan_jax workdir lock", daemon=True)
+    thread.start()
+    _HELD.add(path)
+    try:
+        yield
+    finally:
+        _HELD.discard(path)
+        stop.set()
+        thread.join(timeout=30)
+        with contextlib.suppress(Exception):  # released if still this run's; a stale lock is taken over anyway
+            found = _read_url_lock(path)
+            if found is not None and found[0] == holder:
+                paths.remove(path)

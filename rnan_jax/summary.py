@@ -169,11 +169,15 @@ class RunLog:
     """`<workdir>/train.log`, as EDSR's log.txt: the trainer's lines and the package's warnings (skipped
     images, remade cache entries; the `rnan_jax` loggers), each line stamped with the UTC time, appended by
     every run in the workdir (a resumed run continues it), written by process 0 only. A URL's log (objects
-    there cannot be appended to) is kept in a local file and copied there after every line. A context
-    manager: the warnings are taken while it is open."""
+    there cannot be appended to) is kept in a local file and copied there whole: with a line when the last copy
+    is `mirror_every_s` old, at `flush` and at `close` (an exception, SIGTERM's or Ctrl-C's stop included). It
+    was copied after every line, its whole size each time (quadratic in the lines; a burst of lines outran
+    GCS's one write a second of an object): a run killed outright (SIGKILL, a lost VM) now loses the lines of
+    at most its last `mirror_every_s`. A context manager: the warnings are taken while it is open."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, mirror_every_s: float = 60.0):
         self._path, self._file, self._handler = path, None, None
+        self._mirror_every_s, self._mirrored_at, self._pending = mirror_every_s, -math.inf, False
         if jax.process_index() != 0:
             return
         self._remote = path if paths.is_url(path) else None
@@ -202,18 +206,30 @@ class RunLog:
             self._file = None
             raise
         if self._remote:
-            with open(self._local) as f:
-                paths.write_text(self._remote, f.read())
+            self._pending = True
+            if time.monotonic() - self._mirrored_at >= self._mirror_every_s:
+                self.flush()
+
+    def flush(self) -> None:
+        """Copies a URL's log there now if lines were written since the last copy."""
+        if self._file is None or not self._remote or not self._pending:
+            return
+        self._mirrored_at, self._pending = time.monotonic(), False
+        with open(self._local) as f:
+            paths.write_text(self._remote, f.read())
 
     def close(self) -> None:
         if self._handler is not None:
             logging.getLogger("rnan_jax").removeHandler(self._handler)
             self._handler = None
         if self._file is not None:
-            self._file.close()
-            self._file = None
-            if self._remote:
-                os.remove(self._local)
+            try:
+                self.flush()
+            finally:
+                self._file.close()
+                self._file = None
+                if self._remote:
+                    os.remove(self._local)
 
     def __enter__(self) -> RunLog:
         return self

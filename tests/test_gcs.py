@@ -101,10 +101,11 @@ def test_gs_workdir_train_kill_resume_load_evaluate_upscale(gcs, images, straigh
     board = paths.listdir(f"{url}/tensorboard")
     assert "metrics.jsonl" in board and any(n.startswith("events.out.tfevents") for n in board)
     assert '"step": 6' in epath.Path(url, "tensorboard", "metrics.jsonl").read_text()
-    # train.log (copied there after every line) holds the three runs, the killed one up to its kill
+    # train.log (copied there with its first line, then at most once a minute, and at the end) holds the three
+    # runs: the one killed outright (SIGKILL) its first line at least
     log = epath.Path(url, "train.log").read_text()
     runs = log.split("  started: ")[1:]
-    assert len(runs) == 3 and "step 4/6" in runs[1] and runs[2].rstrip().splitlines()[-1][21:].startswith("done: 6 ")
+    assert len(runs) == 3 and "step 3/3" in runs[0] and runs[2].rstrip().splitlines()[-1][21:].startswith("done: 6 ")
 
     a, _ = load(straight)
     b, config = load(url)
@@ -149,3 +150,121 @@ def test_a_gs_checkpoint_without_gcsfs_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(checkpoint.CheckpointError, match=r"^gs://bucket/run: gs:// paths need gcsfs"):
         checkpoint.load("gs://bucket/run")
+
+
+def test_a_second_run_on_a_gs_workdir_is_refused_in_one_line_until_the_first_ends(gcs, images, monkeypatch):  # noqa: F811
+    """gs:// workdirs were not locked (a flock does not reach GCS): the same command started on a second VM, or
+    again after a lost SSH session, trained beside the first and both wrote the checkpoints and train.log. The
+    first run holds the object workdir/train.lock (created only where none is), refreshed while it trains."""
+    import re
+
+    from rnan_jax import paths, rundir
+    from rnan_jax.trainer import train_and_evaluate
+    from test_train import x4_config
+
+    url = "gs://bucket/locked"
+    lock = f"{url}/{rundir.LOCK_FILE}"
+    monkeypatch.setattr(rundir, "URL_LOCK_REFRESH_S", 0.2, raising=False)  # (60 s)
+    with rundir.exclusive(url):  # the first run, here in this process
+        holder, alive = paths.read_text(lock).splitlines()
+        assert re.fullmatch(rf"pid {os.getpid()} on {re.escape(socket.gethostname())}, started .* UTC", holder)
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"--workdir {url}: another run is training in it ({holder}, last seen alive ") + r"\d+ s ago\); "
+                + re.escape(f"let it finish or stop it first, or use another --workdir; if it is not running (its VM "
+                            f"lost), delete {lock} or rerun once the lock is 10 min stale") + "$"):
+            train_and_evaluate(x4_config(images, total_steps=1), url)
+        assert paths.listdir(url) == [rundir.LOCK_FILE]  # nothing of the first run's touched, no train.log
+        deadline = time.monotonic() + 60
+        while paths.read_text(lock).splitlines()[1] == alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert paths.read_text(lock).splitlines() != [holder, alive]  # refreshed: the same holder, alive later
+        assert paths.read_text(lock).splitlines()[0] == holder
+    assert not paths.exists(lock)  # released when the run ends
+    train_and_evaluate(x4_config(images, total_steps=1), url)  # once it has ended
+    assert paths.listdir(f"{url}/checkpoints") == ["1"] and not paths.exists(lock)
+
+
+def test_a_gs_workdir_s_lock_of_a_run_that_is_gone_is_taken_over(gcs, monkeypatch, caplog):
+    """A run killed outright (SIGKILL, a lost VM) leaves its lock object: it is taken over once not refreshed
+    for the stale time, or at once when its process is gone from this host (a killed run rerun on its VM); a
+    fresh one of another host is refused, and only process 0 of a multi-host run takes the lock."""
+    import jax
+
+    from rnan_jax import paths, rundir
+
+    url = "gs://bucket/gone"
+    lock = f"{url}/{rundir.LOCK_FILE}"
+    monkeypatch.setattr(rundir, "URL_LOCK_STALE_S", 600, raising=False)
+
+    def left(host, pid, age):
+        paths.write_text(lock, f"pid {pid} on {host}, started 2025-01-01 00:00:00 UTC\n"
+                               f"alive at {time.time() - age:.0f}\n")
+
+    for host, pid, age in (("tpu-vm-2", 123, 601), (socket.gethostname(), 2**22 + 1, 0),  # stale; pid gone here;
+                           (socket.gethostname(), os.getpid(), 0)):  # this pid, not held (a restarted container)
+        left(host, pid, age)
+        with rundir.exclusive(url):
+            assert paths.read_text(lock).startswith(f"pid {os.getpid()} on {socket.gethostname()}, started ")
+        assert not paths.exists(lock)
+    assert caplog.text.count(f"--workdir {url}: taking over the lock of a run that is gone (pid ") == 3
+    for host, pid in (("tpu-vm-2", 123), (socket.gethostname(), os.getppid())):  # fresh elsewhere; alive here
+        left(host, pid, 30)
+        with pytest.raises(ValueError, match=f"another run is training in it \\(pid {pid} on {host}, started "
+                                             "2025-01-01 00:00:00 UTC, last seen alive 3\\d s ago\\)"):
+            with rundir.exclusive(url):
+                pass
+    paths.write_text(lock, "notes")  # says nothing of when it was alive: never stale
+    with pytest.raises(ValueError, match=r"another run is training in it \(notes\)"):
+        with rundir.exclusive(url):
+            pass
+    paths.remove(lock)
+    monkeypatch.setattr(rundir, "URL_LOCK_REFRESH_S", 0.1, raising=False)
+    with rundir.exclusive(url):  # taken over meanwhile (this run looked gone): not deleted at the end
+        left("tpu-vm-2", 123, 0)
+        deadline = time.monotonic() + 60
+        while "this run's lock" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert paths.read_text(lock).startswith("pid 123 on tpu-vm-2")
+    assert f"--workdir {url}: this run's lock {lock} was taken over (pid 123 on tpu-vm-2" in caplog.text
+    paths.remove(lock)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # another host of a multi-host run: process 0 locks
+    with rundir.exclusive(url):
+        assert not paths.exists(lock)
+
+
+def test_create_exclusively_creates_only_where_nothing_is(gcs, tmp_path):
+    """What the gs:// lock is made with: of two creators of one object (GCS: ifGenerationMatch=0) one succeeds."""
+    from rnan_jax import paths
+
+    for path in ("gs://bucket/excl/a.lock", str(tmp_path / "a.lock")):
+        paths.create_exclusively(path, b"first")
+        with pytest.raises(FileExistsError):
+            paths.create_exclusively(path, b"second")
+        assert paths.read_text(path) == "first"
+        paths.remove(path)
+        assert not paths.exists(path)
+
+
+def test_write_atomically_s_partial_file_is_named_by_host_too(tmp_path, monkeypatch):
+    """Two hosts writing one file of a shared folder (an NFS data cache) at once: with the same process and thread
+    ids (containers) their partial files had the same name, and the second's rename found it gone (an OSError: the
+    cache called unwritable) after the first had renamed the second's half-written bytes into place."""
+    import threading
+
+    from rnan_jax import paths
+
+    target = str(tmp_path / "entry.npy")
+    monkeypatch.setattr(os, "getpid", lambda: 7)  # the same in each host's container
+    monkeypatch.setattr(threading, "get_ident", lambda: 140000000000000)
+    monkeypatch.setattr(socket, "gethostname", lambda: "host-0")
+
+    def first(f):  # host 1 writes the whole file while host 0 is halfway through its own
+        f.write(b"half of host 0's")
+        monkeypatch.setattr(socket, "gethostname", lambda: "host-1")
+        paths.write_atomically(target, lambda g: g.write(b"all of host 1's bytes"))
+        monkeypatch.setattr(socket, "gethostname", lambda: "host-0")
+        f.write(b" bytes, then the rest")
+
+    paths.write_atomically(target, first)
+    assert open(target, "rb").read() == b"half of host 0's bytes, then the rest"
+    assert os.listdir(tmp_path) == ["entry.npy"]  # no partial file left
