@@ -31,8 +31,10 @@ per pool thread.
 
 The shared library is compiled from the sources (shipped with the package) by `$CXX` (default `c++`; split as
 a shell would, so "ccache g++" works) with `-O3 -march=native` into `$RNAN_JAX_NATIVE_CACHE` (default
-~/.cache/rnan_jax/native), named by a hash of the sources, the compiler, JAX's version and this CPU, so it is
-built once per machine (again where the cached file was cut short). Without a compiler, or with
+~/.cache/rnan_jax/native), named by a hash of all that decides the binary (`_key`: the sources, the compiler's
+command and version, the instruction set extensions -march=native turns on, jaxlib's FFI headers), so it is
+built once per machine (again where the cached file was cut short) and a home folder shared by machines with
+different CPUs holds one library for each. Without a compiler, or with
 `RNAN_JAX_NATIVE=0` (or false, off, no), or if the build fails (said once in a warning), `available()` is False
 and the model keeps XLA's convolutions and pure-JAX gradients: the same numbers up to float rounding.
 """
@@ -44,11 +46,11 @@ import hashlib
 import logging
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import struct
 import subprocess
-import tempfile
 from typing import Iterator
 
 from rnan_jax import env
@@ -62,17 +64,49 @@ _TARGETS = {"rnan_depthwise_kernel_grad": "RnanDepthwiseKernelGrad",
             "rnan_conv_kernel_grad": "RnanConvKernelGrad",
             "rnan_conv3x3": "RnanConv3x3",
             "rnan_conv3x3_winograd": "RnanConv3x3Winograd"}
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")  # after $CXX's own words
 LANES = 16  # conv_kernel_grad vectorizes one channel axis in blocks of this many floats
 _state: dict[str, bool] = {}
 
 
 def _cpu_id() -> bytes:
+    """This CPU's model and features as /proc/cpuinfo gives them (x86: model name, flags; ARM: Features, the
+    implementer and part numbers)."""
     try:
         with open("/proc/cpuinfo", "rb") as f:
             lines = f.read().splitlines()
-        return b"\n".join(sorted({ln for ln in lines if ln.startswith((b"model name", b"flags"))}))
+        return b"\n".join(sorted({ln for ln in lines if ln.startswith(
+            (b"model name", b"flags", b"Features", b"CPU implementer", b"CPU architecture", b"CPU part"))}))
     except OSError:
         return platform.processor().encode()
+
+
+def _key(cxx: list[str]) -> str:
+    """The cached library's name: a hash of all that decides the binary. The sources; the command (`$CXX`'s
+    words, `_FLAGS`); the compiler's version; the macros it predefines under those flags, which name every
+    instruction set extension -march=native turns on for this CPU (__AVX512F__, __ARM_FEATURE_SVE: a library
+    built where the CPU has them dies of SIGILL where it has not), also where /proc/cpuinfo does not list the
+    CPU's features (macOS); this CPU's model and features; jax's and jaxlib's versions and the XLA FFI headers
+    compiled in. All stable on one machine, so the library is built once there."""
+    import jax
+    import jaxlib
+
+    def run(*args: str) -> bytes:
+        return subprocess.run([*cxx, *args], capture_output=True, check=True, stdin=subprocess.DEVNULL).stdout
+
+    parts = []
+    for name in _SOURCES:
+        with open(name, "rb") as f:
+            parts.append(f.read())
+    parts += ["\x1f".join([*cxx, *_FLAGS]).encode(), run("--version"),
+              run(*_FLAGS, "-dM", "-E", "-x", "c++", os.devnull), _cpu_id(),
+              jax.__version__.encode(), getattr(jaxlib, "__version__", "").encode()]
+    include = jax.ffi.include_dir()
+    for folder, _, files in sorted(os.walk(include)):
+        for name in sorted(files):
+            with open(os.path.join(folder, name), "rb") as f:
+                parts += [os.path.relpath(os.path.join(folder, name), include).encode(), f.read()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
 def _whole(path: str) -> bool:
@@ -96,8 +130,11 @@ def _whole(path: str) -> bool:
 
 def compiler() -> list[str] | None:
     """The C++ compiler's command: `$CXX` as a shell splits it ("ccache g++" is two words), default `c++`; None
-    when its program is not found."""
-    words = shlex.split(os.environ.get("CXX") or "c++")
+    when its program is not found (or `$CXX` does not split: an unclosed quote)."""
+    try:
+        words = shlex.split(os.environ.get("CXX") or "c++")
+    except ValueError:
+        return None
     program = shutil.which(words[0]) if words else None
     return None if program is None else [program, *words[1:]]
 
@@ -115,28 +152,34 @@ def _build() -> str:
     cxx = compiler()
     if cxx is None:
         raise OSError(f"no C++ compiler found (CXX={os.environ.get('CXX', '')!r}; set it to one)")
-    sources = []
-    for name in _SOURCES:
-        with open(name, "rb") as f:
-            sources.append(f.read())
-    version = subprocess.run([*cxx, "--version"], capture_output=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([*sources, version, jax.__version__.encode(), _cpu_id()])).hexdigest()[:16]
     cache = env.cache_folder("native", NATIVE_CACHE_ENV)
-    path = os.path.join(cache, f"kernels_{key}.so")
+    path = os.path.join(cache, f"kernels_{_key(cxx)}.so")
     if _whole(path):
         return path
     os.makedirs(cache, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
+    # A name of its own, which the compiler creates: with the mode it gives a new file (readable by whoever the
+    # umask lets read, for a cache shared between users); a file made beforehand (mkstemp's, 0600) kept its mode.
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         units = [name for name in _SOURCES if name.endswith(".cc")]  # the headers are hashed, not compiled
-        subprocess.run([*cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                        f"-I{jax.ffi.include_dir()}", *units, "-o", tmp], capture_output=True, check=True)
+        subprocess.run([*cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *units, "-o", tmp], capture_output=True,
+                       check=True, stdin=subprocess.DEVNULL)
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _failure(e: Exception) -> str:
+    """One line on why the build failed: a failed command's program, exit status and first error line (a
+    compile error's stderr is many lines: the first error is the cause)."""
+    if not isinstance(e, subprocess.CalledProcessError):
+        return str(e)
+    lines = [ln.strip() for ln in (e.stderr or b"").decode(errors="replace").splitlines() if ln.strip()]
+    line = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "")
+    program = os.path.basename(str(e.cmd[0])) if e.cmd else "the compiler"
+    return f"{program} exited with status {e.returncode}" + (f": {line[:300]}" if line else "")
 
 
 @contextlib.contextmanager
@@ -167,9 +210,9 @@ def available() -> bool:
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
                 _state["ok"] = True
             except (OSError, AttributeError, subprocess.CalledProcessError) as e:
-                detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
                 logging.getLogger(__name__).warning(
-                    "native CPU kernels not built (%s); the conv gradients stay in JAX", detail)
+                    "native CPU kernels not built (%s); XLA's convolutions and JAX's gradients are used instead",
+                    _failure(e))
     return _state["ok"]
 
 

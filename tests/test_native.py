@@ -1,5 +1,6 @@
 """rnan_jax.native: the kernel gradients built from kernels/*.cc and called through jax.ffi."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -232,3 +233,98 @@ def test_a_cached_library_cut_short_is_built_again(tmp_path, monkeypatch):
         with open(path, "r+b") as f:
             f.truncate(cut)
         assert native._build() == path and os.path.getsize(path) == size
+
+
+def _fake_compiler(tmp_path, real, write="cp"):
+    """A compiler script that "builds" by writing the real cached library to its -o argument (`cp` or `cat`, into
+    a file there already keeping its mode as GNU ld does) and logs each build; `--version` prints "fake 1" and
+    the predefined macros (`-dM -E`) name the instruction set extensions in `$FAKE_ISA`."""
+    cxx, log = tmp_path / "cxx", tmp_path / "builds.log"
+    copy = f'cp "{real}" "$a"' if write == "cp" else f'cat "{real}" > "$a"'
+    cxx.write_text(f'#!/bin/sh\nfor a; do [ "$a" = --version ] && echo fake 1 && exit 0; done\n'
+                   f'for a; do [ "$a" = -dM ] && echo "#define __${{FAKE_ISA}}__ 1" && exit 0; done\n'
+                   f'for a; do [ "$prev" = -o ] && {copy} && echo built >> "{log}"; prev="$a"; done\nexit 0\n')
+    cxx.chmod(0o755)
+    return cxx, log
+
+
+@needs_compiler
+def test_the_cache_key_holds_what_decides_the_binary(tmp_path, monkeypatch):
+    """The key held the sources, `--version`, jax's version and /proc/cpuinfo's "model name" and "flags" lines:
+    not $CXX's flags ("c++ -ffast-math" reused the plain build), not the extensions -march=native turns on where
+    /proc/cpuinfo lists none (aarch64 names them "Features", macOS has no /proc/cpuinfo: a library built with
+    SVE or AVX-512, loaded from a home folder shared with a CPU without them, dies of SIGILL), not the XLA FFI
+    headers compiled in (jaxlib's, whose version can differ from jax's). Each now gives its own library, and the
+    same conditions the same one, built once."""
+    assert native.available()
+    cxx, log = _fake_compiler(tmp_path, native._build())
+    monkeypatch.setenv(native.NATIVE_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("FAKE_ISA", "AVX2")
+
+    def builds():
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    first = native._build()
+    assert native._build() == first and builds() == 1  # built once, then reused
+    monkeypatch.setenv("FAKE_ISA", "AVX512F")  # the same /proc/cpuinfo, another CPU for the compiler
+    paths = [native._build()]
+    monkeypatch.setenv("FAKE_ISA", "AVX2")
+    monkeypatch.setenv("CXX", f"{cxx} -ffast-math")
+    paths.append(native._build())
+    monkeypatch.setenv("CXX", str(cxx))
+    headers = tmp_path / "include"
+    shutil.copytree(jax.ffi.include_dir(), headers)
+    with open(headers / "xla" / "ffi" / "api" / "ffi.h", "a") as f:
+        f.write("\n// another jaxlib's FFI\n")
+    with monkeypatch.context() as m:
+        m.setattr(jax.ffi, "include_dir", lambda: str(headers))
+        paths.append(native._build())
+    assert len({first, *paths}) == 4 and builds() == 4
+    assert native._build() == first and builds() == 4  # back to the first conditions: the first library
+    assert all(os.path.getsize(p) == os.path.getsize(first) for p in paths)
+
+
+@needs_compiler
+def test_the_cached_library_is_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    """The build wrote into a file made beforehand by mkstemp (mode 0600), whose mode the linker kept (0711 with
+    GNU ld): in a cache shared between users ($RNAN_JAX_NATIVE_CACHE), another user could not load it, compiled
+    it again in every process, and with the folder's sticky bit could not replace it: kernels off ("Operation
+    not permitted"), the step 1.9x slower."""
+    assert native.available()
+    cxx, _ = _fake_compiler(tmp_path, native._build(), write="cat")
+    monkeypatch.setenv(native.NATIVE_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("FAKE_ISA", "AVX2")
+    before = os.umask(0o022)
+    try:
+        path = native._build()
+    finally:
+        os.umask(before)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # the fake's `cat` makes no executable; read by all
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]  # no temporary file left
+
+
+@pytest.mark.parametrize("cxx, cause", [("false", "false exited with status 1"),
+                                        ('c++ -O2 "', "no C++ compiler found (CXX='c++ -O2 \"'"),
+                                        ("c++ -Dstd=nostd", "c++ exited with status 1: ")],
+                         ids=["failing-program", "unclosed-quote", "compile-error"])
+def test_a_failed_build_says_why_in_one_line_and_leaves_the_kernels_off(cxx, cause, tmp_path, monkeypatch, caplog):
+    """A compiler whose `--version` failed silently gave "native CPU kernels not built ()"; a compile error, the
+    last 500 characters of the compiler's stderr over many lines; an unclosed quote in $CXX, a ValueError
+    traceback out of the first traced model."""
+    if cxx.endswith("nostd") and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler to fail on the sources")
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv(native.NATIVE_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(native.NATIVE_ENV, "1")
+    monkeypatch.setenv("CXX", cxx)
+    with caplog.at_level("WARNING", logger=native.__name__):
+        assert native.available() is False
+    [record] = [r for r in caplog.records if r.name == native.__name__]
+    message = record.getMessage()
+    assert message.startswith(f"native CPU kernels not built ({cause}") and "\n" not in message, message
+    assert message.endswith("XLA's convolutions and JAX's gradients are used instead")
+    if cxx.endswith("nostd"):  # the first error, not the last lines of many
+        assert "error: " in message
+    assert not os.path.exists(tmp_path / "cache") or os.listdir(tmp_path / "cache") == []
