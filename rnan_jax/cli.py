@@ -71,6 +71,29 @@ def _config_path(argv: list[str]) -> str:
     return "?"
 
 
+def _config_values(argv: list[str]) -> list[str]:
+    """Every --config value on the command line (FILE or FILE:ARG), in order, up to a `--`."""
+    values = []
+    for i, a in enumerate(argv[1:], 1):
+        if a == "--":
+            break
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif a.startswith(("--config=", "-config=")):
+            values.append(a.split("=", 1)[1])
+    return values
+
+
+def repeated_config_line(argv: list[str]) -> str | None:
+    """One line when --config names two different files (or FILE:ARGs): absl kept the last one without a word
+    (`--config experiments/demo.py --config experiments/x4.py` trained x4.py), whichever the user meant."""
+    values = list(dict.fromkeys(_config_values(argv)))
+    if len(values) < 2:
+        return None
+    return (f"error: --config names {len(values)} configs ({' and '.join(values)}), of which only the last would be "
+            "read: give one, and change its keys with --config.KEY=VALUE")
+
+
 def _config_file_lines(error: BaseException, path: str) -> list[int]:
     """The lines of the --config file `path` that `error`'s traceback passed through (none: raised elsewhere)."""
     return [f.lineno for f in traceback.extract_tb(error.__traceback__)
@@ -180,6 +203,8 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
 
     def parse(argv: list[str]) -> list[str]:
         argv = _expand_config_path(argv)
+        if (line := repeated_config_line(argv)) is not None:
+            sys.exit(line)
         logger = absl_logging.get_absl_logger()
         logger.addFilter(_no_none_warning)  # a get_config() that returned None is told in parse_flags' one line
         try:

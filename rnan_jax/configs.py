@@ -21,6 +21,8 @@ from rnan_jax.model import REMAT_POLICIES, RNANConfig
 from rnan_jax.step import OptimConfig
 
 SECTIONS = ("model", "optim", "data", "execution")
+# The string keys that hold comma-separated lists ("/a,/b", "Set5,Set14", "200000,400000").
+LIST_KEYS = ("data.hr_dirs", "data.lr_dirs", "data.val_set", "optim.milestones")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +118,36 @@ class TrainConfig:
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> TrainConfig:
         check_keys(c)
+        c = c.copy_and_resolve_references()
+        normalize_lists(c)
         model = RNANConfig(**{**c.model.to_dict(), "rgb_mean": tuple(c.model.rgb_mean)})
         top = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name not in SECTIONS}
         return cls(model=model, optim=OptimConfig(**c.optim.to_dict(), total_steps=c.total_steps),
                    data=data.DataConfig.from_config(c.data, scale=model.scale),
                    execution=ExecutionConfig(**c.execution.to_dict()), **top)
+
+
+def list_text(value: str) -> str:
+    """A list key's value (`LIST_KEYS`) as the config reads it, comma-separated: Python's list syntax, which
+    ml_collections keeps as literal text for a string key (`--config.data.hr_dirs=['/a','/b']`, or `[/a,/b]` once
+    the shell has taken the quotes), is the same list, "/a,/b"; it was split at its commas into the folders
+    "['/a'" and "'/b']" ("no such folder"), the sets "['Set5'" and "'Set14']". Any other text is returned as is."""
+    text = value.strip()
+    if len(text) < 2 or (text[0], text[-1]) not in (("[", "]"), ("(", ")")):
+        return value
+    items = [item.strip() for item in text[1:-1].split(",")]
+    items = [item[1:-1].strip() if len(item) > 1 and item[0] == item[-1] and item[0] in "'\"" else item
+             for item in items]
+    return ",".join(item for item in items if item)
+
+
+def normalize_lists(c: ml_collections.ConfigDict) -> None:
+    """Rewrites, in place, each `LIST_KEYS` value given in Python's list syntax as the comma-separated text it
+    means (`list_text`), so that the dry run, config.json and the run all read "/a,/b"."""
+    for key in LIST_KEYS:
+        section, name = key.split(".")
+        if isinstance(c.get(section), ml_collections.ConfigDict) and isinstance(c[section].get(name), str):
+            c[section][name] = list_text(c[section][name])
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:

@@ -122,7 +122,11 @@ def learning_rate(cfg: OptimConfig) -> optax.Schedule:
         base = optax.constant_schedule(cfg.lr)
     if cfg.warmup_steps <= 0:
         return base
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), base], [cfg.warmup_steps])
+    # BasicSR's linear warmup (warmup_iter): the k-th update of the first warmup_steps at lr * k / warmup_steps,
+    # the last of them at lr. optax reads the schedule at the count of updates already applied (0 for the first):
+    # a ramp from 0 made the first update a step of rate 0 (weights unchanged, "lr 0" logged).
+    warmup = optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps - 1)
+    return optax.join_schedules([warmup, base], [cfg.warmup_steps])
 
 
 def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

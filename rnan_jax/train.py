@@ -38,6 +38,7 @@ def main(argv):
         configs.check_keys(_CONFIG.value)
     except ValueError as e:
         sys.exit(f"error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
+    configs.normalize_lists(_CONFIG.value)  # --config.data.hr_dirs=['/a','/b'] is "/a,/b", in config.json too
 
     host_flags = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
     if host_flags and not _DISTRIBUTED.value:  # they were silently ignored: N processes each trained alone

@@ -63,6 +63,11 @@ _BAD_FLAGS = [
       "--config.val_set=Set14"],
      "error: --config.val_set: the config has no key 'val_set'; did you mean --config.data.val_set? (python -m "
      "rnan_jax.train --config FILE --dry_run lists every key)"),
+    # two configs: absl kept the last without a word (this dry run printed x4.py's config)
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--config=experiments/x4.py", "--workdir",
+      "{tmp}/run", "--dry_run"],
+     "error: --config names 2 configs (experiments/demo.py and experiments/x4.py), of which only the last would be "
+     "read: give one, and change its keys with --config.KEY=VALUE"),
     (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir=", "--dry_run"],  # a run wrote into "."
      "train: error: --workdir is empty: name the run's folder (--workdir=. for the current one) (see --helpshort)"),
     (["tools/benchmark.py", "--dtypes=float64"],
@@ -226,3 +231,20 @@ def test_help_into_a_closed_pipe_is_no_error():
         proc.stdout.close()  # before the child has written anything
         err = proc.stderr.read().decode()
         assert (proc.wait(timeout=300), err) == (0, ""), err[-3000:]
+
+
+def test_list_keys_given_in_python_list_syntax_are_the_comma_separated_list(tmp_path):
+    """--config.data.hr_dirs=['/a','/b'] (Python's list syntax, as people type list-valued fields) was kept as that
+    text and split at its commas: the run stopped with "['/a': no such folder", and val_set=['Set5','Set14'] looked
+    for the set "['Set5'". The dry run (and config.json) show the list the run reads."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, err, out = _train(["--config", "experiments/demo.py", "--workdir", str(tmp_path / "run"), "--dry_run",
+                             "--config.data.source=folder", f"--config.data.hr_dirs=['{a}', '{b}']",
+                             f"--config.data.lr_dirs=[{a},{b}]", "--config.data.val_source=benchmark",
+                             "--config.data.val_set=['Set5','Set14']", "--config.optim.schedule=step",
+                             "--config.optim.milestones=[100,200]"], repo)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert f"  data.hr_dirs = '{a},{b}'" in lines and f"  data.lr_dirs = '{a},{b}'" in lines, out
+    assert "  data.val_set = 'Set5,Set14'" in lines and "  optim.milestones = '100,200'" in lines, out

@@ -142,3 +142,31 @@ def test_a_key_of_another_section_in_a_config_file_is_named_where_it_lives(key, 
     (config[parents[0]] if parents else config)[leaf] = 32
     with pytest.raises(ValueError, match=re.escape(f'nothing reads: {key} (did you mean "{suggested}"?)')):
         TrainConfig.from_config(config)
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("['/a', '/b']", "/a,/b"),  # --config.data.hr_dirs="['/a', '/b']": Python's list syntax
+    ("[/a,/b]", "/a,/b"),  # the same typed without outer quotes: the shell took the inner ones
+    ('("/a", "/b",)', "/a,/b"),
+    ("['/a']", "/a"),
+    ("/a,/b", "/a,/b"),  # the documented form, and text that is no list, stay as they are
+    ("/data/x[1]", "/data/x[1]"),
+])
+def test_list_keys_take_python_list_syntax(given, expected):
+    """`--config.data.hr_dirs=['/a','/b']` (as people type list-valued ml_collections fields) reached the pipeline as
+    the folders "['/a'" and "'/b']" ("no such folder"); data.val_set=['Set5','Set14'] as the sets "['Set5'" and
+    "'Set14']", which the dry run passed; optim.milestones=[100,200] was refused as not integers."""
+    config = _load("demo")
+    config.lock()
+    config.data.update(source="folder", hr_dirs=given, lr_dirs=given)
+    config.optim.update(schedule="step", milestones="[100, 200]")
+    config.data.update(val_source="benchmark", val_set="['Set5', \"Set14\"]")
+    cfg = TrainConfig.from_config(config)
+    assert cfg.data.hr_dirs == cfg.data.lr_dirs == tuple(expected.split(","))
+    assert cfg.optim.milestone_steps == (100, 200) and cfg.data.val_sets == ("Set5", "Set14")
+    assert config.data.hr_dirs == given  # from_config leaves the caller's config as it was
+    from rnan_jax.configs import list_text, normalize_lists
+
+    assert list_text(given) == expected
+    normalize_lists(config)  # what the CLI does, so that the dry run and config.json show the list it reads
+    assert (config.data.hr_dirs, config.data.val_set, config.optim.milestones) == (expected, "Set5,Set14", "100,200")

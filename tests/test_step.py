@@ -86,19 +86,35 @@ def test_schedules():
     assert [float(step(s)) for s in (0, 199_999, 200_000, 400_000, 999_999)] == pytest.approx(
         [1e-4, 1e-4, 5e-5, 2.5e-5, 6.25e-6])
     warm = learning_rate(OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10, total_steps=110))
-    assert [float(warm(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx([0, 5e-4, 1e-3, 5e-4, 0], abs=1e-9)
+    assert [float(warm(s)) for s in (0, 5, 9, 10, 60, 110)] == pytest.approx([1e-4, 6e-4, 1e-3, 1e-3, 5e-4, 0],
+                                                                             abs=1e-9)
     assert float(learning_rate(OptimConfig(lr=3e-4, schedule="constant"))(10**6)) == pytest.approx(3e-4)
     # a warmup does not move the step schedule's milestones (they were warmup_steps late)
     warm_step = learning_rate(OptimConfig(lr=1e-4, decay_every=1000, decay_factor=0.5, warmup_steps=100))
     assert [float(warm_step(s)) for s in (0, 50, 100, 999, 1000, 1099, 2000)] == pytest.approx(
-        [0, 5e-5, 1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5])
+        [1e-6, 5.1e-5, 1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5])
     # explicit milestones (BasicSR's MultiStepLR; SwinIR's recipe), with and without a warmup
     swinir = learning_rate(OptimConfig(lr=2e-4, milestones="250000,400000,450000,475000", decay_factor=0.5))
     assert [float(swinir(s)) for s in (0, 249_999, 250_000, 399_999, 400_000, 450_000, 475_000, 499_999)] == \
         pytest.approx([2e-4, 2e-4, 1e-4, 1e-4, 5e-5, 2.5e-5, 1.25e-5, 1.25e-5])
     warm_ms = learning_rate(OptimConfig(lr=1e-4, milestones=" 300, 700", decay_factor=0.1, warmup_steps=100))
     assert [float(warm_ms(s)) for s in (0, 50, 100, 299, 300, 699, 700)] == pytest.approx(
-        [0, 5e-5, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6])
+        [1e-6, 5.1e-5, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6])
+
+
+def test_a_warmup_s_first_step_moves_the_weights():
+    """BasicSR's linear warmup (warmup_iter W): update k of the first W at lr * k / W (k from 1), the W-th at lr.
+    The ramp started at 0 at the optimizer's count 0, the first update's: that step changed no weight and logged
+    "lr 0", and the ramp reached lr one step late (warmup_steps=1 was a wasted step, nothing more)."""
+    spec = StepSpec(MODEL, OptimConfig(lr=1e-2, schedule="constant", warmup_steps=4))
+    state = create_state(jax.random.key(0), spec=spec)
+    new, acc = _step(spec, state)
+    assert float(acc["lr"]) == pytest.approx(2.5e-3)
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(new.params), _leaves(state.params)))
+    ramp = learning_rate(OptimConfig(lr=1e-2, schedule="constant", warmup_steps=4))
+    assert [float(ramp(s)) for s in range(6)] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+    one = learning_rate(OptimConfig(lr=1e-2, schedule="constant", warmup_steps=1))
+    assert [float(one(s)) for s in range(3)] == pytest.approx([1e-2, 1e-2, 1e-2])
 
 
 @pytest.mark.parametrize("fields,message", [
