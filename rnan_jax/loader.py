@@ -9,6 +9,9 @@ line, a `sources.DataError`, instead of grain's RuntimeError.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
+import os
 import re
 import signal
 import sys
@@ -44,7 +47,74 @@ def worker_options(num_workers: int, buffer_size: int) -> grain.MultiprocessingO
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
+    _spawn_closes_the_childs_pipe_ends()
     return grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer_size)
+
+
+# sha256 of `inspect.getsource(multiprocessing.popen_spawn_posix.Popen._launch)` as CPython 3.11, 3.12 and 3.13
+# have it until gh-118981's fix (3.11.7, 3.12.1, 3.13.0 checked): the one version that is replaced.
+_HANGING_LAUNCH = "3fd508aa79b8aba6267e28e79b08be8985f36a5a389a1da3c39ba4259f515510"
+
+
+def _spawn_closes_the_childs_pipe_ends() -> None:
+    """Makes a worker process that dies while it starts a worker that died, not a run that hangs forever.
+
+    grain starts each worker ("spawn") from a thread, which writes the worker's work (its pickled share of the
+    data set: megabytes for the demo images or a folder of thousands) into a pipe that the worker reads only
+    once its imports are done, seconds later. CPython keeps the worker's end of that pipe open in this process
+    until the write is done (gh-118981, fixed in later 3.13s), so a worker killed meanwhile (the out-of-memory
+    killer, a kill, a script without `if __name__ == "__main__":` that its import re-runs) left the write, then
+    the trainer's wait for a batch, blocked forever at "compiling the train step", deaf to SIGTERM and Ctrl-C,
+    and closing the iterator joined that thread forever. Where `_launch` is exactly that version it is replaced
+    by one that closes the worker's ends once it is started: the write then fails, and the worker is one that
+    exited (grain reads its `exitcode`: `BatchIterator.__next__`'s `DataError`)."""
+    from multiprocessing import popen_spawn_posix
+
+    try:
+        source = inspect.getsource(popen_spawn_posix.Popen._launch)
+    except (OSError, TypeError):  # no source to check: leave it
+        return
+    if hashlib.sha256(source.encode()).hexdigest() == _HANGING_LAUNCH:
+        popen_spawn_posix.Popen._launch = _launch
+
+
+def _launch(self, process_obj) -> None:
+    """CPython 3.11's `popen_spawn_posix.Popen._launch`, but the child's pipe ends closed in this process once
+    it is started, and its work not written when it has died before reading it (its exitcode says how)."""
+    from multiprocessing import popen_spawn_posix as m, resource_tracker
+
+    tracker_fd = resource_tracker.getfd()
+    self._fds.append(tracker_fd)
+    prep_data = m.spawn.get_preparation_data(process_obj._name)
+    fp = m.io.BytesIO()
+    m.set_spawning_popen(self)
+    try:
+        m.reduction.dump(prep_data, fp)
+        m.reduction.dump(process_obj, fp)
+    finally:
+        m.set_spawning_popen(None)
+    parent_r = child_w = child_r = parent_w = None
+    try:
+        parent_r, child_w = os.pipe()
+        child_r, parent_w = os.pipe()
+        cmd = m.spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
+        self._fds.extend([child_r, child_w])
+        self.pid = m.util.spawnv_passfds(m.spawn.get_executable(), cmd, self._fds)
+        self.sentinel = parent_r
+        os.close(child_r)
+        os.close(child_w)
+        child_r = child_w = None
+        data, written = fp.getbuffer(), 0
+        try:
+            while written < len(data):
+                written += os.write(parent_w, data[written:])
+        except BrokenPipeError:  # the child has exited before reading it all
+            pass
+    finally:
+        self.finalizer = m.util.Finalize(self, m.util.close_fds, [fd for fd in (parent_r, parent_w) if fd is not None])
+        for fd in (child_r, child_w):
+            if fd is not None:
+                os.close(fd)
 
 
 def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:

@@ -37,6 +37,7 @@ class Preemption:
     def __init__(self):
         self.requested = False
         self.signum = signal.SIGTERM
+        self._ctrl_c = False  # a Ctrl-C has come: the next one interrupts, whatever requested the stop
         self.before_training: str | None = None  # where the run resumes from, while the set-up runs
         self._previous: dict[int, Any] = {}
 
@@ -59,8 +60,9 @@ class Preemption:
             self.requested, self.signum = True, signum
             raise self._setup_stop(signum, self.before_training)
         if signum == signal.SIGINT:
-            if self.requested and self.signum == signal.SIGINT:
-                raise KeyboardInterrupt
+            if self._ctrl_c:  # also after a SIGTERM's request, which left every Ctrl-C a message (a hang at a
+                raise KeyboardInterrupt  # data worker's death could then be stopped by kill -9 alone)
+            self._ctrl_c = True
             os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now, "
                         b"without one)\n")
         if not self.requested:

@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from rnan_jax import checkpoint, data, inference, loader, paths, preemption, rundir, step, summary, validation
+from rnan_jax import (checkpoint, data, inference, loader, paths, preemption, rundir, sources, step, summary,
+                      validation)
 from rnan_jax.api import build, count_params, init
 from rnan_jax.configs import TrainConfig, flatten_config
 from rnan_jax.model import RNANConfig
@@ -269,7 +270,11 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     signals.training_begins()  # from here a signal is a flag: the step reached is saved
     try:
         for s in range(first + 1, cfg.total_steps + 1):
-            batch = next(it)
+            try:
+                batch = next(it)
+            except sources.DataError as e:  # a worker process died, a cache file changed: the steps trained stay
+                raise sources.DataError(f"{e}; {_keep_reached(mngr, state, acc, first, cfg, best_psnr, results)}"
+                                        ) from None
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             state, acc = train_step(state, batch, acc)
             if s == first + 1:  # the compile's cost, measured (a long compile was announced above)
@@ -357,6 +362,27 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         _log(f"done: {int(state.step)} steps; validation PSNR {results['val/psnr']:.3f} dB vs bicubic "
              f"{results['val/bicubic_psnr']:.3f} dB ({gain:+.3f} dB); checkpoints in {mngr.directory}")
     return results
+
+
+def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any, first: int, cfg: TrainConfig,
+                  best_psnr: float, results: dict[str, float]) -> str:
+    """When the data stops a run between two steps: saves a checkpoint of the step reached, as SIGTERM does, and
+    says where the rerun resumes from. A run of several processes saves none: the others wait in the train step,
+    and a save waits for all of them."""
+    reached, saved, note = int(state.step), False, ""
+    if jax.process_count() == 1 and reached > first and reached % cfg.checkpoint_every:  # else saved already
+        if (nonfinite := int(jax.device_get(acc)["nonfinite"])) == 0:
+            meta = checkpoint.meta_for(cfg.model, reached, best_psnr=best_psnr, **{
+                k: v for k, v in results.items() if k.startswith("val/")})
+            _check_room(mngr, reached, state, mngr)
+            checkpoint.save_train_state(mngr, reached, state, meta)
+            saved = True
+        else:
+            note = f" (step {reached} not saved: {nonfinite} step(s) since the last log had a non-finite loss)"
+    mngr.wait_until_finished()
+    if (latest := mngr.latest_step()) is None:
+        return f"there is no checkpoint yet{note}: a rerun starts afresh"
+    return f"the last checkpoint is step {latest}{', saved now,' * saved} in {mngr.directory}{note}"
 
 
 def _check_same_images(it: loader.BatchIterator) -> None:

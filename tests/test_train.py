@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -581,6 +582,72 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint(images, tmp_path, signum, workers)
 
 
 
+def _spawned_children(pid):
+    """The multiprocessing "spawn" children of process `pid` (grain's worker processes), once they have exec'd."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if ppid == pid and spawned:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc")
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_a_data_worker_that_dies_stops_the_run_in_one_line_and_the_step_reached_is_saved(tmp_path, when):
+    """A grain worker killed (as the out-of-memory killer does) while it starts, before it has read its share of
+    the demo images from the pipe, hung the run forever at "compiling the train step" (CPython's gh-118981),
+    deaf to SIGTERM; killed while training, the run stopped without saving the steps since the last checkpoint.
+    Now both are one line naming the signal, with a checkpoint of the step reached (the batch it died at)."""
+    values = {**{f"model.{k}": v for k, v in TINY_MODEL.items()}, "total_steps": 100000, "log_every": 1,
+              "eval_every": 100000, "checkpoint_every": 100000, "data.patch_size": 8, "data.num_workers": 2}
+    proc = subprocess.Popen([sys.executable, "-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir",
+                             str(tmp_path), *_flags(values)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed = []
+
+    def kill_a_worker():
+        while proc.poll() is None and not killed:
+            if workers := _spawned_children(proc.pid):
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+            time.sleep(0.005)
+
+    try:
+        if when == "starting":  # the moment it exists: it then imports for seconds before reading its work
+            threading.Thread(target=kill_a_worker, daemon=True).start()
+        else:
+            for line in proc.stdout:
+                if line.startswith("step 3/"):
+                    kill_a_worker()
+                    break
+        out = proc.communicate(timeout=150)[0]  # a hang fails here
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert killed and proc.returncode == 1, out
+    assert "Traceback" not in out, out
+    error = [line for line in out.splitlines() if line.startswith("error: ")]
+    match = re.fullmatch(r"error: a data worker process died at batch (\d+) \(killed by SIGKILL, as the kernel's "
+                         r"out-of-memory killer does\); rerun to resume from the last checkpoint, with a lower "
+                         r"data.num_workers or data.worker_buffer_size if memory ran out; (.*)", error[-1])
+    assert len(error) == 1 and match, out
+    reached = int(match.group(1))  # batch n is step n + 1's: n steps were trained
+    assert reached >= 3 if when == "training" else reached <= 1
+    if reached == 0:
+        assert match.group(2) == "there is no checkpoint yet: a rerun starts afresh"
+        assert not os.listdir(tmp_path / "checkpoints")
+    else:
+        assert match.group(2) == f"the last checkpoint is step {reached}, saved now, in {tmp_path}/checkpoints"
+        assert os.listdir(tmp_path / "checkpoints") == [str(reached)]
+        assert checkpoint.read_meta(str(tmp_path / "checkpoints"), reached)["step"] == reached
+
+
 def test_distributed_misuse_is_one_line_and_a_silent_coordinator_times_out(tmp_path):
     """--num_processes without --distributed was ignored (each process trained alone); a --process_id out of
     range was JAX's traceback; a coordinator that never answers aborted the process (SIGABRT, a C++ stack
@@ -676,6 +743,21 @@ def test_a_set_up_signal_whose_exception_was_ignored_still_stops_the_run_before_
             signals.before_training = "start"
             signals.training_begins()
             assert signals.before_training is None and not signals.requested
+
+
+def test_a_second_ctrl_c_interrupts_also_after_a_sigterm_requested_the_stop():
+    """After SIGTERM, every Ctrl-C only printed "Ctrl-C again: stop now" again: nothing but kill -9 stopped a run
+    that hung between steps (a data worker dead at start-up)."""
+    from rnan_jax import preemption
+
+    for first in (signal.SIGTERM, signal.SIGINT):
+        with preemption.Preemption() as signals:
+            signals._handle(first, None)
+            if first == signal.SIGTERM:
+                signals._handle(signal.SIGINT, None)  # the first Ctrl-C: a message, the stop already requested
+            with pytest.raises(KeyboardInterrupt):
+                signals._handle(signal.SIGINT, None)
+            assert signals.requested and signals.signum == first  # what the save's line then names
 
 
 def test_sigterm_twice_while_validating_saves_that_step_and_resumes_exactly(images, straight, tmp_path):
