@@ -248,6 +248,12 @@ def usage_error_line(error: app.UsageError, program: str) -> str:
     return f"{program}: error: {error} (see --helpshort)"
 
 
+class StopNow(KeyboardInterrupt):
+    """A Ctrl-C after which the process must not wait for work it abandoned (the trainer's checkpoint saves in
+    flight at a second Ctrl-C): `run` ends it at once, as the interpreter's exit joins such threads (orbax's
+    save threads: a run that printed its last line was once seen waiting there until killed)."""
+
+
 def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
     """`absl.app.run(main)`, but an `app.UsageError` that `main` raises (a flag combination that cannot work)
     ends the process with one line on stderr and exit status 1: absl prints the module's docstring and every
@@ -263,6 +269,10 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
             sys.exit(usage_error_line(e, program))
         except KeyboardInterrupt as e:  # Ctrl-C: what was written stays; no traceback of wherever it landed
             print(f"\n{program}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+            if isinstance(e, StopNow):  # not waiting for what it left running: out at once
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
             sys.exit(130)
 
     app.run(one_line, flags_parser=flags_parser or parse_flags)

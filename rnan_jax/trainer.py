@@ -26,8 +26,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from rnan_jax import (checkpoint, data, inference, loader, paths, preemption, rundir, sources, step, summary,
-                      validation)
+from rnan_jax import (checkpoint, cli, data, inference, loader, paths, preemption, rundir, sources, step,
+                      summary, validation)
 from rnan_jax.api import build, count_params, init
 from rnan_jax.configs import TrainConfig, flatten_config
 from rnan_jax.model import RNANConfig
@@ -345,8 +345,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, not waiting for a save that may be in flight
         interrupted = True
         checkpoint.abandon_saves()
-        raise KeyboardInterrupt(f"stopped without a checkpoint of the step reached; rerun the same command to "
-                                f"resume from the latest complete one in {mngr.directory}") from None
+        raise cli.StopNow(f"stopped without a checkpoint of the step reached; rerun the same command to "
+                          f"resume from the latest complete one in {mngr.directory}") from None
     finally:
         if not interrupted:  # done already, unless the run failed: that error is the one
             for manager in (mngr, best_mngr):

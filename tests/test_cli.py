@@ -248,3 +248,15 @@ def test_list_keys_given_in_python_list_syntax_are_the_comma_separated_list(tmp_
     lines = out.splitlines()
     assert f"  data.hr_dirs = '{a},{b}'" in lines and f"  data.lr_dirs = '{a},{b}'" in lines, out
     assert "  data.val_set = 'Set5,Set14'" in lines and "  optim.milestones = '100,200'" in lines, out
+
+
+def test_a_stop_now_ends_the_process_without_waiting_for_threads_it_left():
+    """The trainer's second Ctrl-C abandons the checkpoint saves in flight (cli.StopNow): the interpreter's exit
+    joined their threads, and a run that had printed its last line was once seen waiting there until killed."""
+    script = ("import sys, threading, time\nfrom rnan_jax import cli\n"
+              "def main(argv):\n"
+              "    threading.Thread(target=time.sleep, args=(600,)).start()  # a save thread that never ends\n"
+              "    raise cli.StopNow('stopped without a checkpoint')\n"
+              "sys.argv = ['prog']\ncli.run(main)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip() == "prog: interrupted: stopped without a checkpoint"
