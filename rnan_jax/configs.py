@@ -21,6 +21,7 @@ from rnan_jax.model import REMAT_POLICIES, RNANConfig
 from rnan_jax.step import OptimConfig
 
 SECTIONS = ("model", "optim", "data", "execution")
+_TRISTATE = {"auto": None, "true": True, "false": False}  # a knob's text: None is the backend's default
 # The string keys that hold comma-separated lists ("/a,/b", "Set5,Set14", "200000,400000").
 LIST_KEYS = ("data.hr_dirs", "data.lr_dirs", "data.val_set", "optim.milestones")
 
@@ -50,10 +51,9 @@ class ExecutionConfig:
     def __post_init__(self):
         if self.depthwise not in ("auto", *DEPTHWISE_IMPLS):
             raise ValueError(f"execution.depthwise must be auto, grouped or shifted, got {self.depthwise!r}")
-        if str(self.cast_params_once).lower() not in ("auto", "true", "false"):
-            raise ValueError(f"execution.cast_params_once must be auto, true or false, got {self.cast_params_once!r}")
-        if str(self.fusion_autotuner).lower() not in ("auto", "true", "false"):
-            raise ValueError(f"execution.fusion_autotuner must be auto, true or false, got {self.fusion_autotuner!r}")
+        for name in ("cast_params_once", "fusion_autotuner"):
+            if str(getattr(self, name)).lower() not in _TRISTATE:
+                raise ValueError(f"execution.{name} must be auto, true or false, got {getattr(self, name)!r}")
         if self.remat not in ("auto", *REMAT_POLICIES):
             raise ValueError(f"execution.remat must be auto or one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.batch_chunks < 0:
@@ -76,12 +76,12 @@ class ExecutionConfig:
     @property
     def cast_once(self) -> bool | None:
         """cast_params_once as the step takes it: None (the backend's default), True or False."""
-        return {"auto": None, "true": True, "false": False}[str(self.cast_params_once).lower()]
+        return _TRISTATE[str(self.cast_params_once).lower()]
 
     @property
     def autotune_fusions(self) -> bool | None:
         """fusion_autotuner as the step takes it: None (the backend's default), True or False."""
-        return {"auto": None, "true": True, "false": False}[str(self.fusion_autotuner).lower()]
+        return _TRISTATE[str(self.fusion_autotuner).lower()]
 
     @property
     def remat_policy(self) -> str | None:

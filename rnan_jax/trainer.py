@@ -316,10 +316,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 paused_at = paused_at or _synced_time(state)
                 host = jax.device_get(acc)
                 _check_finite(host, s, mngr)
-                meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
-                    k: v for k, v in results.items() if k.startswith("val/")})
-                _check_room(mngr, s, state, mngr)
-                checkpoint.save_train_state(mngr, s, state, meta)
+                _save_step(mngr, s, state, cfg, best_psnr, results)
             if paused_at is not None:
                 t_last += time.time() - paused_at
             if stop and final:  # saved above, and nothing is left to resume: the run ends as a whole one does
@@ -364,6 +361,15 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     return results
 
 
+def _save_step(mngr: ocp.CheckpointManager, s: int, state: step.TrainState, cfg: TrainConfig, best_psnr: float,
+               results: dict[str, float]) -> None:
+    """Saves step `s` (asynchronously), with the best PSNR so far and the last validation scores in its meta."""
+    meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
+        k: v for k, v in results.items() if k.startswith("val/")})
+    _check_room(mngr, s, state, mngr)
+    checkpoint.save_train_state(mngr, s, state, meta)
+
+
 def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any, first: int, cfg: TrainConfig,
                   best_psnr: float, results: dict[str, float]) -> str:
     """When the data stops a run between two steps: saves a checkpoint of the step reached, as SIGTERM does, and
@@ -372,10 +378,7 @@ def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any,
     reached, saved, note = int(state.step), False, ""
     if jax.process_count() == 1 and reached > first and reached % cfg.checkpoint_every:  # else saved already
         if (nonfinite := int(jax.device_get(acc)["nonfinite"])) == 0:
-            meta = checkpoint.meta_for(cfg.model, reached, best_psnr=best_psnr, **{
-                k: v for k, v in results.items() if k.startswith("val/")})
-            _check_room(mngr, reached, state, mngr)
-            checkpoint.save_train_state(mngr, reached, state, meta)
+            _save_step(mngr, reached, state, cfg, best_psnr, results)
             saved = True
         else:
             note = f" (step {reached} not saved: {nonfinite} step(s) since the last log had a non-finite loss)"
