@@ -80,25 +80,20 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree, np.float32)
 
 
-def _recorded_sha256(name: str) -> tuple[str, str | None]:
-    """(model, its recorded SHA-256) for `name` as path_of takes it: a zoo name, or a path that is one of this
-    folder's files (a .msgpack elsewhere: ("", None), nothing to check it against)."""
-    if not name.startswith(PREFIX) and name.endswith(_SUFFIX):
-        model = os.path.basename(name)[:-len(_SUFFIX)]
-        shipped = os.path.join(os.fspath(importlib.resources.files(__name__)), model + _SUFFIX)
-        if model not in SHA256 or os.path.realpath(os.path.expanduser(name)) != os.path.realpath(shipped):
-            return "", None
-        return model, SHA256[model]
-    model = name[len(PREFIX):] if name.startswith(PREFIX) else name
-    return model, SHA256.get(model)
+def _recorded_sha256(path: str) -> tuple[str, str | None]:
+    """(model, its recorded SHA-256) when `path` is one of this folder's model files; ("", None) for any other
+    file (a copy elsewhere: nothing to check it against)."""
+    model = os.path.basename(path)[:-len(_SUFFIX)] if path.endswith(_SUFFIX) else ""
+    shipped = os.path.join(os.fspath(importlib.resources.files(__name__)), model + _SUFFIX)
+    if model not in SHA256 or os.path.realpath(os.path.expanduser(path)) != os.path.realpath(shipped):
+        return "", None
+    return model, SHA256[model]
 
 
-def read(path: str, *, sha256: str | None = None, model: str = "") -> tuple[dict, RNANConfig, dict]:
-    """(params, RNANConfig, meta) from a zoo file; a `sha256` given (zoo model `model`'s recorded one) must be
-    the file's, or ZooError says the file is damaged. A path to one of this folder's files is checked against
-    SHA256 without it."""
-    if sha256 is None:
-        model, sha256 = _recorded_sha256(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else ("", None)
+def read(path: str) -> tuple[dict, RNANConfig, dict]:
+    """(params, RNANConfig, meta) from a zoo file. One of this folder's files must have the SHA-256 that SHA256
+    records for it, or ZooError says the file is damaged."""
+    model, sha256 = _recorded_sha256(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else ("", None)
     try:
         with open(os.path.expanduser(path), "rb") as f:
             data = f.read()
@@ -107,7 +102,6 @@ def read(path: str, *, sha256: str | None = None, model: str = "") -> tuple[dict
     except (OSError, TypeError) as e:
         raise ZooError(f"{path}: not a readable zoo file ({type(e).__name__}: {e})") from None
     if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256:
-        model = model or os.path.basename(path)[:-len(_SUFFIX)]
         raise ZooError(f"{path}: damaged file (a partial copy, a corrupted install or an edited file): its SHA-256 "
                        f"is {got[:12]}..., {PREFIX}{model}'s is {sha256[:12]}...; reinstall rnan_jax, or in a git "
                        f"checkout run `git checkout -- rnan_jax/zoo/{model}{_SUFFIX}`")
@@ -123,14 +117,12 @@ def read(path: str, *, sha256: str | None = None, model: str = "") -> tuple[dict
 
 def load(name: str) -> tuple[dict, RNANConfig]:
     """(params, RNANConfig) of zoo model `name` ("zoo:small_x2" or "small_x2"), its SHA-256 checked."""
-    model, sha256 = _recorded_sha256(name)
-    params, config, _ = read(path_of(name), sha256=sha256, model=model)
+    params, config, _ = read(path_of(name))  # a shipped file: read checks it
     return params, config
 
 
 def meta(name: str) -> dict:
-    model, sha256 = _recorded_sha256(name)
-    return read(path_of(name), sha256=sha256, model=model)[2]
+    return read(path_of(name))[2]
 
 
 def record_sha256(name: str, path: str) -> str:
