@@ -45,7 +45,7 @@ _CAST_PARAMS_ONCE = {"gpu": True}
 # XLA:GPU's fusion autotuner (`xla_gpu_experimental_enable_fusion_autotuner`, on in XLA) times a Triton version
 # of each reduction and transpose fusion against XLA's own emitter when it compiles. On one H200 (jax 0.11.2,
 # tools/BENCHMARKS.md, "Fourth GPU session") it tried 342 fusions of the default train step and kept XLA's
-# emitter for 326; the step's cold compile took 89 s, 7-8 s once the picks were cached. Off is a knob
+# emitter for 320; the step's cold compile took 89 s, 7-8 s once the picks were cached. Off is a knob
 # (`execution.fusion_autotuner`), left at XLA's default on every backend until a GPU session measures it.
 _FUSION_AUTOTUNER: dict[str, bool] = {}
 

@@ -58,7 +58,7 @@ echo "== PyTorch peer, batch 16 ($(left) s left)"
 # A cold compile of the default step took 89-91 s (third and fourth sessions), 7-8 s on cached autotuning picks.
 # The fourth session's caches (tools/BENCHMARKS.md, "Fourth GPU session") hold 376 picks for the step: 34 cuDNN
 # convolution algorithms and 342 fusions on which XLA's fusion autotuner timed Triton against its own emitter
-# (kept its own for 326). Autotuning level 0 compiled in 7 s but ran 11.7 s a step; level 3 was not faster to
+# (kept its own for 320). Autotuning level 0 compiled in 7 s but ran 11.7 s a step; level 3 was not faster to
 # compile. So: the fusion autotuner off, then on, in one process on a fresh cache (D): the first compile is the
 # cold one without fusion autotuning, the second adds it on the same convolution picks, and the two steps run
 # the same conv algorithms; a second cold process with it off (cache E: are the compile and the step the
