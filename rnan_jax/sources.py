@@ -57,13 +57,16 @@ def default_cache_dir() -> str:
 def make_pair(hr: np.ndarray, lr: np.ndarray | None, scale: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(hr, lr) uint8 RGB with hr cropped top-left to scale * lr's size; lr = bicubic_lr(hr) when None.
 
-    Raises `images.ImageError` naming `name` when a given LR image does not match HR // scale.
+    `hr` and `lr` as a TFDS dataset may hold them: [H, W] or [H, W, 1..4] (gray, gray + alpha, RGB, RGBA; alpha
+    dropped), uint8 or uint16 (scaled to 8 bits, as `images.decode` reads a 16-bit file).
+    Raises `images.ImageError` naming `name` when a given LR image does not match HR // scale, or an image has
+    another shape or sample type.
     """
-    hr = images.as_rgb(np.asarray(hr, np.uint8))
+    hr = _rgb_uint8(hr, name, "HR")
     if lr is None:
         hr = degrade.modcrop(hr, scale)
         return hr, degrade.bicubic_lr(hr, scale)
-    lr = images.as_rgb(np.asarray(lr, np.uint8))
+    lr = _rgb_uint8(lr, name, "LR")
     h, w = lr.shape[:2]
     if (hr.shape[0] // scale, hr.shape[1] // scale) != (h, w):
         raise images.ImageError(
@@ -71,6 +74,26 @@ def make_pair(hr: np.ndarray, lr: np.ndarray | None, scale: int, name: str) -> t
             f"(expected {hr.shape[1] // scale}x{hr.shape[0] // scale} at x{scale})"
         )
     return hr[: scale * h, : scale * w], lr
+
+
+def _rgb_uint8(image: np.ndarray, name: str, which: str) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of a uint8/uint16 [H, W] or [H, W, 1..4] image (`make_pair`'s inputs). A [H, W, 1] or
+    RGBA example of a TFDS dataset was kept as it was, then broke the batches (grain's traceback) or the model's
+    input; a uint16 one was cast modulo 256."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] in (1, 2, 4):
+        a = a[..., : 3 if a.shape[2] == 4 else 1]
+        a = a[..., 0] if a.shape[2] == 1 else a
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or min(a.shape[:2]) == 0:
+        raise images.ImageError(f"{name}: the {which} image has shape {a.shape}, not [H, W] or [H, W, 1..4] pixels")
+    if a.dtype == np.uint16:  # by the type's range, as images.decode reads a 16-bit file
+        a = np.rint(a * (255.0 / 65535.0)).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() > 255:
+            raise images.ImageError(f"{name}: the {which} image has {a.dtype} samples; give uint8, uint16 or "
+                                    "integers in 0..255")
+        a = a.astype(np.uint8)
+    return images.as_rgb(a)
 
 
 class ArrayPairs:
@@ -214,10 +237,12 @@ def _open_cached(hr_path: str, lr_path: str) -> tuple[StoredImage, StoredImage] 
     if not (os.path.exists(hr_path) and os.path.exists(lr_path)):
         return None
     try:
-        return StoredImage.open(hr_path), StoredImage.open(lr_path)
+        pair = StoredImage.open(hr_path), StoredImage.open(lr_path)
     except (OSError, ValueError) as e:
         log.warning("remaking cache entry: %s", e)
         return None
+    # an entry of a TFDS example of 1 or 4 channels, stored as it was before `make_pair` made it RGB
+    return pair if all(image.shape[2] == 3 for image in pair) else None
 
 
 def _entry_paths(spec: PairSpec, scale: int, cache_dir: str) -> tuple[str, str]:
@@ -248,11 +273,17 @@ def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tup
     if (cached := _open_cached(hr_path, lr_path)) is not None:
         h, w, _ = cached[0].shape
     elif (reason := _known_unusable(spec, scale, cache_dir)) is not None:
+        if (size := re.fullmatch(r"small\t(\d+)x(\d+)", reason)) is not None:  # not one LR pixel
+            raise _Skip("small", too_small.format(w=size[1], h=size[2]))
         raise _Skip("unreadable", reason)
     else:
         try:
             hr, lr = spec.load()
-            if min(hr.shape[:2]) < scale:  # not one LR pixel
+            if min(hr.shape[:2]) < scale:  # not one LR pixel: nothing to cache, so remembered as unusable (it
+                # was decoded again, and announced as an image to decode, by every run)
+                with contextlib.suppress(OSError):
+                    paths.write_atomically(_unusable_path(spec, scale, cache_dir),
+                                           lambda f: f.write(f"small\t{hr.shape[1]}x{hr.shape[0]}".encode()))
                 raise _Skip("small", too_small.format(w=hr.shape[1], h=hr.shape[0]))
             hr, lr = make_pair(hr, lr, scale, spec.name)
         except images.ImageError as e:

@@ -11,7 +11,7 @@ import pytest
 # "AST constructor recursion depth mismatch" while earlier tests' grain threads are still running.
 from tensorflow_datasets.testing import mock_data
 
-from rnan_jax import data, degrade, ensemble, sources, tfds_source
+from rnan_jax import data, degrade, ensemble, images, sources, tfds_source
 from rnan_jax.images import write_image
 
 
@@ -882,3 +882,89 @@ def test_a_rerun_neither_decodes_nor_announces_unusable_images(tmp_path, monkeyp
         assert len(data.training_pairs(config(4, source="tfds", tfds_data_dir=str(tmp_path / "tfds"), patch_size=6,
                                               cache_dir=str(tfds_cache)))) == 2
     assert len(list(tfds_cache.glob("*.npy"))) == 4 and not list(tfds_cache.glob("*.unusable.txt"))
+
+
+def test_tfds_examples_of_gray_rgba_or_16_bit_pixels_are_made_rgb_uint8(tmp_path):
+    """A TFDS dataset of "hr"/"lr" images whose features are [H, W, 1] (gray) or RGBA was cached with 1 or 4
+    channels, and the first batch mixing them was grain's traceback; uint16 pixels were cast modulo 256."""
+    gray = coordinate_image(32, 32, 7)[..., :1]
+    rgba = np.concatenate([coordinate_image(32, 32, 9), np.full((32, 32, 1), 128, np.uint8)], axis=-1)
+    deep = (coordinate_image(32, 32, 11).astype(np.uint16) * 257)  # 16-bit: x257 of the 8-bit values
+    examples = [{"hr": im, "lr": im[::4, ::4].copy()} for im in (coordinate_image(32, 32, 5), gray, rgba, deep)]
+    cfg = config(4, source="tfds", tfds_data_dir=str(tmp_path / "tfds"), patch_size=4,
+                 cache_dir=str(tmp_path / "cache"))
+
+    def rgb_pairs():
+        with mock_data(as_data_source_fn=lambda builder, split, **kw: examples):
+            pairs = data.training_pairs(cfg)
+            it = data.train_iterator(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1)
+            try:
+                batch = next(it)
+            finally:
+                it.close()
+        assert batch["lr"].shape == (8, 4, 4, 3) and batch["hr"].shape == (8, 16, 16, 3)
+        return [(np.asarray(pairs[i]["hr"]), np.asarray(pairs[i]["lr"])) for i in range(len(pairs))]
+
+    expected = [coordinate_image(32, 32, 5), np.repeat(gray, 3, axis=-1), rgba[..., :3], coordinate_image(32, 32, 11)]
+    for (hr, lr), want in zip(rgb_pairs(), expected, strict=True):
+        np.testing.assert_array_equal(hr, want)
+        np.testing.assert_array_equal(lr, want[::4, ::4])
+    # entries made before (the gray example stored with 1 channel) are made again, not served
+    for path in (tmp_path / "cache").glob("*train_1_*.npy"):
+        np.save(path, np.load(path)[..., :1])
+    np.testing.assert_array_equal(rgb_pairs()[1][0], expected[1])
+    with pytest.raises(images.ImageError, match=r"x: the HR image has float32 samples; give uint8, uint16 or "):
+        sources.make_pair(np.zeros((8, 8, 3), np.float32), None, 2, "x")
+    with pytest.raises(images.ImageError, match=r"x: the LR image has shape \(4, 4, 5\), not \[H, W\]"):
+        sources.make_pair(np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4, 5), np.uint8), 2, "x")
+
+
+def test_a_rerun_neither_decodes_nor_announces_images_narrower_than_the_scale(tmp_path, monkeypatch, caplog):
+    """An image with a side below the scale (not one LR pixel: a 2-pixel strip at x3) has no cache entry to make;
+    every run decoded it again and said "decoding 1 of 2 images ... (later runs reuse them)". It is remembered as
+    too small, and skipped as such, naming its size."""
+    write_image(tmp_path / "HR" / "big.png", smooth_image(40, 40, 0))
+    write_image(tmp_path / "HR" / "strip.png", smooth_image(2, 45, 1))
+    cfg = config(3, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=12, cache_dir=str(tmp_path / "c"))
+    lines = []
+    assert [os.path.basename(n) for n in data.training_pairs(cfg, lines.append).names] == ["big.png"]
+    assert len(lines) == 1 and "decoding 2 of 2 images" in lines[0]
+    decoded = []
+    read_rgb = sources.images.read_rgb
+    monkeypatch.setattr(sources.images, "read_rgb", lambda path: decoded.append(path) or read_rgb(path))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rnan_jax"):
+        for patch in (12, 4):  # another patch size: the size in the line is that run's
+            run = config(3, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=patch,
+                         cache_dir=str(tmp_path / "c"))
+            assert [os.path.basename(n) for n in data.training_pairs(run, lines.append).names] == ["big.png"]
+    assert len(lines) == 1 and decoded == []
+    warnings = [r.getMessage() for r in caplog.records]
+    for hr_patch in (36, 12):
+        assert f"skipping {tmp_path}/HR/strip.png: 45x2 is smaller than the {hr_patch}-pixel HR patch (x3)" in warnings
+        assert (f"training images (folder): skipped 1 of 2 images (1 smaller than the {hr_patch}-pixel HR patch)"
+                in warnings)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's open files in /proc")
+def test_batches_kept_from_worker_processes_hold_no_open_files(tmp_path):
+    """grain hands a worker's batch over as arrays in shared memory, each holding a file descriptor and a mapping
+    until freed: a script keeping its batches failed with "Too many open files" after about 270 (at the common
+    limit of 1024), and each batch still held at exit printed a traceback. The batches are ordinary arrays."""
+    cfg = config(2, source="demo", patch_size=8, num_workers=1)
+    it = data.train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    try:
+        first = next(it)
+        before = len(os.listdir("/proc/self/fd"))
+        kept = take(it, 60)
+        after = len(os.listdir("/proc/self/fd"))
+    finally:
+        it.close()
+    assert after - before < 20, (before, after)  # 2 arrays a batch: about 120 more before
+    assert all(type(v) is np.ndarray for b in [first, *kept] for v in b.values())
+    reference = config(2, source="demo", patch_size=8, num_workers=0)
+    it = data.train_iterator(reference, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    try:
+        assert_batches_equal([first, *kept], take(it, 61))
+    finally:
+        it.close()
