@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 
 import numpy as np
 from absl import logging
@@ -56,7 +57,31 @@ def list_hr(data_dir: str, dataset: str) -> list[str]:
     if not os.path.isdir(folder):
         where = "no such folder" if is_path(dataset) else f"no such folder; {_sets_there(data_dir, dataset)}"
         raise images.ImageError(f"{folder}: {where}")
+    if is_path(dataset) and (error := _lr_folder_error(folder)) is not None:
+        raise images.ImageError(error)
     return images.list_images(folder)
+
+
+def _is_lr_name(name: str) -> bool:
+    """Whether a folder name says low resolution: LR_bicubic, DIV2K_valid_LR_bicubic, LR, lr, LRBI, LRbicx4 (one
+    of its tokens)."""
+    return any(re.fullmatch(r"lr(bi|bd|dn|bic|bicubic)?(x\d+)?", t, re.IGNORECASE)
+               for t in re.split(r"[^A-Za-z0-9]+", name))
+
+
+def _lr_folder_error(folder: str) -> str | None:
+    """A message when a set given as a path is an LR folder (`<set>/LR_bicubic/X2`, `DIV2K_valid_LR_bicubic/X4`,
+    `<set>/LR`): its images scored as HR gave a number for the wrong images, with no word of it."""
+    name, parent = os.path.basename(folder), os.path.dirname(folder)
+    if re.fullmatch(r"[Xx]\d+", name) and _is_lr_name(os.path.basename(parent)):
+        set_folder = os.path.dirname(parent)
+    elif _is_lr_name(name):
+        set_folder = parent
+    else:
+        return None
+    hint = (f": give the set's folder, {set_folder}, which holds HR/" if os.path.isdir(os.path.join(set_folder, "HR"))
+            else ": give the folder of the HR images")
+    return f"{folder}: an LR folder by its name, not the HR images a set is scored against{hint}"
 
 
 def _sets_there(data_dir: str, dataset: str) -> str:

@@ -74,9 +74,14 @@ def evaluate(
 
     A missing dataset folder, an unreadable or too-small image, or a failing `upscale` is recorded in
     `Evaluation.skipped` with its name, and the rest goes on; a set that lost images that way has no score
-    in `Evaluation.summary()` unless `allow_incomplete`. With `save_dir`, SR images are written to
+    in `Evaluation.summary()` unless `allow_incomplete`. `datasets` may be one string ("Set5" or "Set5,Set14"),
+    `scales` one integer. With `save_dir`, SR images are written to
     `<save_dir>/<dataset>/x<scale>/<name>.png`.
     """
+    if isinstance(datasets, str):  # "Set5" was scored as the sets S, e, t and 5; "Set5,Set14" as --datasets takes
+        datasets = _parse_list(datasets)
+    if isinstance(scales, (int, np.integer)):
+        scales = [scales]
     if any(int(s) != s or s < 1 for s in scales):
         raise ValueError(f"scales must be positive integers, got {list(scales)}")
     scales = list(dict.fromkeys(int(s) for s in scales))  # a repeated scale or set would count its images twice

@@ -80,7 +80,10 @@ def luminance_pair(
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = _PEAK) -> float:
     """PSNR in dB of two same-shaped arrays on a 0..peak scale; `math.inf` when they are identical."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:  # broadcast, [H, W] against [H, W, 1] was the mean over [H, H, W] pairs: a wrong number
+        raise ValueError(f"psnr compares two same-shaped arrays, got {a.shape} and {b.shape}")
+    mse = float(np.mean((a - b) ** 2))
     return float("inf") if mse == 0.0 else float(10.0 * np.log10(peak * peak / mse))
 
 

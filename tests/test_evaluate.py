@@ -626,3 +626,47 @@ def test_sr_dir_wrong_size_names_the_sr_file_and_edsr_names_are_found(tmp_path):
                                   "to a multiple of 2, top-left)"]
     [score] = evaluation.scores
     assert score.name == "b" and 40 < score.psnr < 70
+
+
+def test_an_lr_folder_given_as_a_set_is_refused_naming_the_set_folder(tmp_path):
+    """--datasets Set5/LR_bicubic/X2 (or DIV2K's *_LR_bicubic/X4, or a set's LR/ folder) scored the LR images as if
+    they were the HR ones: 30.75 dB for bicubic on Set5 "X2" (a set of the wrong images), without a word."""
+    mine = tmp_path / "Mine"
+    hr = degrade.modcrop(_rgb(40, 36), 2)
+    (mine / "HR").mkdir(parents=True)
+    Image.fromarray(hr).save(mine / "HR" / "a.png")
+    for lr_dir in (mine / "LR_bicubic" / "X2", tmp_path / "DIV2K_valid_LR_bicubic" / "X4", tmp_path / "Own" / "LR",
+                   tmp_path / "Own" / "LRbicx2"):  # the last: BasicSR's name
+        lr_dir.mkdir(parents=True)
+        Image.fromarray(degrade.bicubic_lr(hr, 2)).save(lr_dir / "ax2.png")
+    evaluation = evaluate_bicubic([f"{mine}/LR_bicubic/X2", f"{tmp_path}/DIV2K_valid_LR_bicubic/X4/",
+                                   str(tmp_path / "Own" / "LR"), str(tmp_path / "Own" / "LRbicx2"), str(mine)], (2,),
+                                  data_dir=str(tmp_path), progress=False)
+    assert [(s.dataset, s.name) for s in evaluation.scores] == [("Mine", "a")]  # the set itself is scored
+    assert evaluation.scores[0].psnr == pytest.approx(_bicubic_psnr(hr, 2), abs=1e-12)
+    assert evaluation.skipped == [
+        f"dataset {mine}/LR_bicubic/X2: {mine}/LR_bicubic/X2: an LR folder by its name, not the HR images a set is "
+        f"scored against: give the set's folder, {mine}, which holds HR/ ({benchmark_sets.LAYOUT})",
+        f"dataset {tmp_path}/DIV2K_valid_LR_bicubic/X4/: {tmp_path}/DIV2K_valid_LR_bicubic/X4: an LR folder by its "
+        f"name, not the HR images a set is scored against: give the folder of the HR images ({benchmark_sets.LAYOUT})",
+        f"dataset {tmp_path}/Own/LR: {tmp_path}/Own/LR: an LR folder by its name, not the HR images a set is scored "
+        f"against: give the folder of the HR images ({benchmark_sets.LAYOUT})",
+        f"dataset {tmp_path}/Own/LRbicx2: {tmp_path}/Own/LRbicx2: an LR folder by its name, not the HR images a set "
+        f"is scored against: give the folder of the HR images ({benchmark_sets.LAYOUT})",
+    ]
+    assert list(evaluation.summary()) == ["Mine"]
+
+
+def test_one_set_name_as_a_string_and_one_scale_as_an_int(tmp_path):
+    """evaluate_bicubic("Mine", 2) in a notebook: the string was iterated as the sets M, i, n and e (4 skipped, no
+    score) and the int was a TypeError; a string is the set (or sets, comma-separated, as --datasets takes)."""
+    root = str(tmp_path)
+    hr = _rgb(40, 36)
+    for name in ("Mine", "Own"):
+        Image.fromarray(hr).save(os.path.join(_hr_dir(root, name), "a.png"))
+    for datasets, scales in (("Mine", 2), ("Mine, Own", np.int64(2)), (["Mine", "Own"], [2])):
+        evaluation = evaluate_bicubic(datasets, scales, data_dir=root, progress=False)
+        assert evaluation.skipped == [], datasets
+        expected = ["Mine", "Own"][:len(evaluation.summary())]
+        assert list(evaluation.summary()) == expected and len(expected) == (1 if datasets == "Mine" else 2)
+        assert [s.psnr for s in evaluation.scores] == [pytest.approx(_bicubic_psnr(hr, 2), abs=1e-12)] * len(expected)

@@ -193,3 +193,16 @@ def test_psnr_of_uint8_arrays_and_other_peaks():
                                      use_sample_covariance=False, data_range=1.0)
     assert metrics.ssim(x / 255, y / 255, peak=1.0) == pytest.approx(expected, abs=1e-7)
     assert metrics.ssim(x / 255, y / 255, peak=1.0) == pytest.approx(metrics.ssim(x, y), abs=1e-12)
+
+
+def test_psnr_refuses_arrays_of_different_shapes_rather_than_broadcasting():
+    """[H, W] against [H, W, 1] (a gray plane kept with its channel axis) broadcast to [H, H, W] and gave a number
+    for pixel pairs that do not correspond (9.47 dB here, for planes 12.4 dB apart on average per channel)."""
+    x = np.random.default_rng(0).random((40, 40, 3))
+    gray = x.mean(-1, keepdims=True)
+    with pytest.raises(ValueError, match=r"psnr compares two same-shaped arrays, got \(40, 40\) and \(40, 40, 1\)"):
+        metrics.psnr(x[..., 0], gray, peak=1.0)
+    with pytest.raises(ValueError, match="same-shaped"):
+        metrics.psnr(x, gray, peak=1.0)
+    assert metrics.psnr(x[..., 0], gray[..., 0], peak=1.0) == pytest.approx(
+        10 * math.log10(1 / np.mean((x[..., 0] - gray[..., 0]) ** 2)), abs=1e-12)
