@@ -51,6 +51,7 @@ import shlex
 import shutil
 import struct
 import subprocess
+import threading
 from typing import Iterator
 
 from rnan_jax import env
@@ -67,6 +68,7 @@ _TARGETS = {"rnan_depthwise_kernel_grad": "RnanDepthwiseKernelGrad",
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")  # after $CXX's own words
 LANES = 16  # conv_kernel_grad vectorizes one channel axis in blocks of this many floats
 _state: dict[str, bool] = {}
+_building = threading.Lock()  # held by the thread that builds and registers the library (`available`)
 
 
 def _cpu_id() -> bytes:
@@ -199,20 +201,27 @@ def available() -> bool:
     `disabled()`."""
     if _state.get("off"):
         return False
-    if "ok" not in _state:
-        _state["ok"] = False
-        if enabled_by_environment():
-            try:
-                import jax
+    if "ok" in _state:
+        return _state["ok"]
+    # Another thread that asks meanwhile waits for the answer: it was told False while the first built, and the
+    # model it traced kept XLA's convolutions for good (two threads upscaling their first images).
+    with _building:
+        if "ok" not in _state:
+            ok = False
+            if enabled_by_environment():
+                try:
+                    import jax
 
-                library = ctypes.CDLL(_build())
-                for target, symbol in _TARGETS.items():
-                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-                _state["ok"] = True
-            except (OSError, AttributeError, subprocess.CalledProcessError) as e:
-                logging.getLogger(__name__).warning(
-                    "native CPU kernels not built (%s); XLA's convolutions and JAX's gradients are used instead",
-                    _failure(e))
+                    library = ctypes.CDLL(_build())
+                    for target, symbol in _TARGETS.items():
+                        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                                    platform="cpu")
+                    ok = True
+                except (OSError, AttributeError, subprocess.CalledProcessError) as e:
+                    logging.getLogger(__name__).warning(
+                        "native CPU kernels not built (%s); XLA's convolutions and JAX's gradients are used instead",
+                        _failure(e))
+            _state["ok"] = ok
     return _state["ok"]
 
 

@@ -328,3 +328,36 @@ def test_a_failed_build_says_why_in_one_line_and_leaves_the_kernels_off(cxx, cau
     if cxx.endswith("nostd"):  # the first error, not the last lines of many
         assert "error: " in message
     assert not os.path.exists(tmp_path / "cache") or os.listdir(tmp_path / "cache") == []
+
+
+_RACE = """
+import threading, time
+from rnan_jax import native
+out = {}
+def ask(name):
+    out[name] = native.available()
+first = threading.Thread(target=ask, args=("first",))
+first.start()
+time.sleep(1)  # the first thread is building (the compiler takes 2 s)
+ask("second")
+first.join()
+print(out["first"], out["second"])
+"""
+
+
+@needs_compiler
+def test_a_thread_that_asks_while_another_builds_waits_for_the_kernels(tmp_path):
+    """available() said False to a second thread while the first built the library (its _state already held
+    "ok": False): the model that thread traced kept XLA's convolutions for good, 1.9x slower to train, and no
+    line said so. The second thread now waits for the build."""
+    assert native.available()
+    cxx, log = _fake_compiler(tmp_path, native._build())
+    slow = tmp_path / "slow-cxx"
+    slow.write_text(f'#!/bin/sh\nfor a; do [ "$a" = -o ] && sleep 2; done\nexec "{cxx}" "$@"\n')
+    slow.chmod(0o755)
+    environ = {**os.environ, "CXX": str(slow), "FAKE_ISA": "RACE", native.NATIVE_CACHE_ENV: str(tmp_path / "cache"),
+               native.NATIVE_ENV: "1"}
+    out = subprocess.run([sys.executable, "-c", _RACE], capture_output=True, text=True, env=environ, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
+    assert log.read_text().splitlines() == ["built"]  # built once

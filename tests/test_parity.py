@@ -58,3 +58,26 @@ def test_convert_takes_what_torch_load_returns(torch_rnan, tmp_path):
                              ([sd], "not a PyTorch state_dict: a list")]:
         with pytest.raises(ValueError, match=says):
             from_torch_state_dict(checkpoint, config)
+
+
+def test_a_mean_buffer_must_be_the_configs_at_the_checkpoints_precision(torch_rnan):
+    """A float32 checkpoint whose mean differs from config.rgb_mean by less than 2e-3 (the tolerance meant for
+    bfloat16's rounding of 0.4488 to 0.4492) converted silently, the model off from the peer's by that much;
+    now only the mean's rounding to the checkpoint's dtype passes, and the mean the error suggests converts to
+    the peer's output."""
+    import copy
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    torch.manual_seed(0)
+    model = torch_rnan(scale=2, c=8, n_groups=1, n_blocks=2, r=2).eval()
+    for low in (torch.bfloat16, torch.float16):  # the default mean, rounded to the checkpoint's dtype: accepted
+        from_torch_state_dict(copy.deepcopy(model).to(low).state_dict(), config)
+    model.mean.copy_(torch.tensor([0.45, 0.4371, 0.4040]).view(1, 3, 1, 1))  # 1.2e-3 off the default
+    with pytest.raises(ValueError, match=r"mean is \(0\.45, 0\.4371, 0\.404\).*rgb_mean=\(0\.45, 0\.4371, 0\.404\)"):
+        from_torch_state_dict(model.state_dict(), config)
+    config = RNANConfig(**{**config.__dict__, "rgb_mean": (0.45, 0.4371, 0.404)})
+    params = from_torch_state_dict(model.state_dict(), config)
+    lr = np.random.RandomState(0).rand(1, 7, 9, 3).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(lr).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert np.abs(np.asarray(jax.jit(lambda p, x: apply(p, x, config=config))(params, lr)) - expected).max() < 1e-5

@@ -178,15 +178,12 @@ def test_make_zoo_records_the_step_and_the_run_of_a_step_folder(tmp_path):
     (workdir / "git_revision.txt").write_text("abc123\n")
     zoo_dir = tmp_path / "zoo"
     zoo_dir.mkdir()
-    driver = ("import runpy, sys\nfrom rnan_jax import zoo\n"
-              f"zoo.__file__ = {str(zoo_dir / '__init__.py')!r}\n"
-              f"sys.argv = ['make_zoo.py'] + sys.argv[1:]\n"
-              f"runpy.run_path({os.path.join(REPO, 'tools', 'make_zoo.py')!r}, run_name='__main__')\n")
+    driver = [sys.executable, os.path.join(REPO, "tools", "make_zoo.py"), "--out", str(zoo_dir)]
     for args, name, step in [(["--workdir", str(workdir), "--which", "best"], "best", 7),
                              (["--workdir", str(workdir / checkpoint.CHECKPOINTS / "7")], "seven", 7),
                              (["--workdir", str(workdir)], "latest", 9)]:
-        proc = subprocess.run([sys.executable, "-c", driver, *args, "--name", name], capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
+        proc = subprocess.run([*driver, *args, "--name", name], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"x2, step {step})" in proc.stdout
         _, got_config, meta = zoo.read(str(zoo_dir / f"{name}.msgpack"))
@@ -199,11 +196,40 @@ def test_make_zoo_records_the_step_and_the_run_of_a_step_folder(tmp_path):
     assert sorted(zoo.SHA256) == ["small_x2", "small_x3", "small_x4"]  # the package's own list untouched
     (zoo_dir / "sha256.json").unlink()
     (zoo_dir / "sha256.json").mkdir()  # nowhere to record it: one line that says what to do
-    proc = subprocess.run([sys.executable, "-c", driver, "--workdir", str(workdir), "--name", "latest"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([*driver, "--workdir", str(workdir), "--name", "latest"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"make_zoo: wrote {zoo_dir / 'latest.msgpack'} but could not record its SHA-256 beside it in sha256.json (")
+
+
+def test_make_zoo_writes_into_the_checkout_it_is_in_not_the_installed_package(tmp_path):
+    """tools/make_zoo.py wrote beside the imported package's zoo/__init__.py: with rnan_jax installed by `pip
+    install .` (not -e), into site-packages, and the checkout (whose rnan_jax/zoo MODEL_ZOO.md says to commit)
+    had no file. It writes into its own checkout's rnan_jax/zoo, or the folder --out names."""
+    import shutil
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    source = str(tmp_path / "run.msgpack")
+    zoo.write(source, init(jax.random.key(5), config), config)
+    site = tmp_path / "site"  # an installed copy of the package, which the tool imports
+    shutil.copytree(os.path.dirname(rnan_jax.__file__), site / "rnan_jax",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.msgpack"))
+    checkout = tmp_path / "checkout"  # a checkout: tools/make_zoo.py beside rnan_jax/zoo
+    (checkout / "tools").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "tools", "make_zoo.py"), checkout / "tools")
+    (checkout / "rnan_jax" / "zoo").mkdir(parents=True)
+    (checkout / "rnan_jax" / "zoo" / "__init__.py").write_text("")
+    environ = {**os.environ, "PYTHONPATH": str(site)}
+    for extra, folder in [([], checkout / "rnan_jax" / "zoo"), (["--out", str(tmp_path / "mine")], tmp_path / "mine")]:
+        proc = subprocess.run([sys.executable, str(checkout / "tools" / "make_zoo.py"), "--workdir", source,
+                               "--name", "m", *extra], capture_output=True, text=True, timeout=300, env=environ)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"wrote {folder / 'm.msgpack'} (" in proc.stdout
+        assert zoo.read(str(folder / "m.msgpack"))[1] == config
+        recorded = json.loads((folder / "sha256.json").read_text())
+        assert recorded == {"m": hashlib.sha256((folder / "m.msgpack").read_bytes()).hexdigest()}
+    assert not (site / "rnan_jax" / "zoo" / "m.msgpack").exists()
 
 
 def test_write_refuses_parameters_that_do_not_fit_the_config_and_keeps_the_file_there(tmp_path):

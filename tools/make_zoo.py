@@ -1,11 +1,15 @@
 """Writes a trained workdir's parameters into the package's zoo as `rnan_jax/zoo/NAME.msgpack`.
 
-    python tools/make_zoo.py --workdir runs/small291_x2 --name small_x2 [--which latest|best|ema]
+    python tools/make_zoo.py --workdir runs/small291_x2 --name small_x2 [--which latest|best|ema] [--out DIR]
 
 The file holds the float32 parameters, the RNANConfig and a record of the run (its resolved config.json,
 step, git revision), so `rnan_jax.load("zoo:NAME")` needs nothing else; its SHA-256 goes into
 rnan_jax/zoo/sha256.json, which every load of zoo:NAME checks (commit the two together). Score it afterwards with
 `python -m rnan_jax.evaluate --checkpoint zoo:NAME` and copy those numbers into MODEL_ZOO.md.
+
+It writes into the rnan_jax/zoo of the checkout this tool is in (where rnan_jax was installed with `pip install .`,
+not `-e`, the zoo of the imported package was written, in site-packages, and the checkout was left without the
+file to commit), or with `--out` into that folder (a zoo file loads by its path from anywhere).
 """
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ _NAME = flags.DEFINE_string("name", None, "The zoo name, e.g. small_x2.", requir
 flags.register_validator("name", lambda name: name is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)),
                          "must be a plain file name such as small_x2 (letters, digits, _ . -), no folder")
 _WHICH = flags.DEFINE_enum("which", "latest", list(checkpoint.WHICH), "Which parameters of the workdir.")
+_OUT = flags.DEFINE_string("out", None, "The folder to write NAME.msgpack into, its SHA-256 recorded in the "
+                           "sha256.json there (default: rnan_jax/zoo of the checkout this tool is in).")
+
+
+def _default_out() -> str:
+    """rnan_jax/zoo beside this tool's folder (the checkout's), else the imported package's zoo folder."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rnan_jax", "zoo")
+    return checkout if os.path.isfile(os.path.join(checkout, "__init__.py")) else os.path.dirname(zoo.__file__)
 
 
 def main(argv):
@@ -45,7 +57,7 @@ def main(argv):
             if paths.isfile(path):
                 text = paths.read_text(path)
                 meta[name] = json.loads(text) if name.endswith(".json") else text.strip()
-    out = os.path.join(os.path.dirname(zoo.__file__), f"{_NAME.value}.msgpack")
+    out = os.path.join(os.path.expanduser(_OUT.value) if _OUT.value else _default_out(), f"{_NAME.value}.msgpack")
     try:
         size = zoo.write(out, params, config, meta)
     except OSError as e:  # e.g. an installed package's read-only folder
