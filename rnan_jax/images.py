@@ -308,7 +308,9 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
 def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
     """`decode`'s work."""
     try:
-        with Image.open(path) as im:
+        # from a file object, not the path: Pillow memory-maps an uncompressed one-strip TIFF opened by path (8-bit
+        # gray, RGBA, 16-bit gray) with its size already turned for EXIF orientations 5-8, which scrambled the pixels
+        with open(path, "rb") as f, Image.open(f) as im:
             w, h = im.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageError(f"{path}: {w}x{h} is {w * h / 1e6:.1f} M pixels, above the limit of "
@@ -351,6 +353,8 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
         raise
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:  # Pillow's message names the file object it was given
+        raise ImageError(f"{path}: cannot read image (cannot identify image file)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
     if a.size == 0 or a.shape[0] == 0 or a.shape[1] == 0:

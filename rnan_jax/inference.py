@@ -216,11 +216,13 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
     if isinstance(image, (str, bytes, os.PathLike)):
         raise TypeError(f"image must be an array of pixels, got the path {os.fsdecode(image)!r}: read it first, e.g. "
                         "np.asarray(PIL.Image.open(path).convert('RGB')) (or use python -m rnan_jax.upscale for files)")
-    if isinstance(image, Image.Image) and image.mode not in ("L", "RGB", "I;16", "F"):
+    if isinstance(image, Image.Image) and image.mode not in ("L", "RGB", "I;16", "I;16L", "I;16B", "F"):
         # as an array, a palette image (GIF, many PNGs) is its palette indices, which passed as a gray image
         raise ValueError(f"image is a PIL image of mode {image.mode}, whose array is not RGB or gray pixels: pass "
                          "image.convert('RGB') (python -m rnan_jax.upscale keeps alpha, upscaled apart)")
     image = np.asarray(image)
+    if image.dtype.byteorder not in ("=", "|"):  # big-endian samples (FITS data, a 16-bit PGM's bytes, Pillow's
+        image = image.astype(image.dtype.newbyteorder("="))  # I;16B) are the same values: not "must be uint16, got >u2"
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
         hint = ""
         if image.ndim == 4:

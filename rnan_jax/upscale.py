@@ -188,13 +188,18 @@ def main(argv: Sequence[str]) -> None:
             done += 1
             if frames > 1:
                 tqdm.write(f"note: {src}: has {frames} frames; upscaled the first", file=sys.stderr)
-        except (images.ImageError, OSError, ValueError, jax.errors.JaxRuntimeError) as e:
+        except (images.ImageError, OSError, ValueError, jax.errors.JaxRuntimeError, MemoryError) as e:
             # JaxRuntimeError: typically out of device memory, after upscale_image's own fallback to tiles.
+            # MemoryError: a host array too large for this machine (NumPy's "Unable to allocate 412. MiB for an
+            # array with shape (6000, 6000, 3)", or Pillow's while decoding): one image, not the run.
             message = str(e) if isinstance(e, images.ImageError) else f"{src}: {type(e).__name__}: {e}"
             if isinstance(e, jax.errors.JaxRuntimeError) and inference.is_out_of_memory(e):
                 message = f"{src}: out of device memory " + (
                     f"with --tile {FLAGS.tile}: try a smaller one" if FLAGS.tile
                     else f"even in {min(inference.FALLBACK_TILES)}-pixel windows")
+            elif isinstance(e, MemoryError):
+                message = f"{src}: out of host memory ({str(e) or 'MemoryError'})" + (
+                    "" if FLAGS.tile else "; --tile 512 keeps less of the image in memory at once")
             errors.append(message)
             tqdm.write(f"failed: {message}", file=sys.stderr)
             if isinstance(e, OutputFull):  # every later image would be computed, then fail the same way

@@ -371,3 +371,20 @@ def test_pillow_s_corrupt_exif_warning_names_each_file_also_from_threads(tmp_pat
         for i in (1, 3, 5)]
     with pytest.warns(UserWarning, match="Corrupt EXIF data"), Image.open(paths[1]) as im:  # not ours: Pillow's own
         im.getexif()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_an_uncompressed_tiff_turned_sideways_by_exif_comes_out_upright_not_scrambled(tmp_path, mode, orientation):
+    # Pillow memory-maps a one-strip uncompressed TIFF opened by its path, and (Pillow 13) with the size it has
+    # already turned for orientations 5-8: an 8-bit gray, RGBA or 16-bit gray scan stored sideways came out with
+    # its pixels scrambled, at the unturned size.
+    rng = np.random.default_rng(orientation)
+    shape = (6, 10, 4) if mode == "RGBA" else (6, 10)
+    pixels = rng.integers(0, 65536 if mode == "I;16" else 256, shape).astype(np.uint16 if mode == "I;16" else np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "a.tif", exif=exif.tobytes())  # mode: L, RGBA or I;16
+    upright = np.asarray(Image.fromarray(pixels).transpose(images._UPRIGHT[orientation]))
+    decoded = images.decode(tmp_path / "a.tif", high_bit_depth=True)
+    np.testing.assert_array_equal(_with_alpha(decoded), upright)

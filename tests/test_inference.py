@@ -807,3 +807,58 @@ def test_apply_refuses_a_minus_one_to_one_image_but_takes_an_output_fed_back(par
     again = np.asarray(apply(params, lr - 0.05))
     assert again.shape == (12, 14, 3)
     assert jax.jit(apply)(params, lr * 2 - 1).shape == (12, 14, 3)
+
+
+def test_a_big_endian_16bit_image_is_a_16bit_image(params):
+    # Big-endian samples (FITS data, a 16-bit PGM's bytes, a big-endian TIFF opened by Pillow as I;16B) were
+    # refused with "image must be uint8, uint16 or float, got >u2", and the PIL image with advice, convert('RGB'),
+    # that clips every 16-bit value above 255 to white.
+    deep = _photo(6, 7)[..., 1].astype(np.uint16) * 257 + 99
+    rgb = np.dstack([deep, deep[::-1], deep[:, ::-1]])
+    pil = Image.frombytes("I;16B", (7, 6), deep.astype(">u2").tobytes())
+    for given, native in ((deep.astype(">u2"), deep), (pil, deep), (rgb.astype(">u2"), rgb)):
+        out = upscale_image(params, given)
+        assert out.dtype == np.uint16 and out.shape == (12, 14) + native.shape[2:]
+        np.testing.assert_array_equal(out, upscale_image(params, native))
+    np.testing.assert_array_equal(upscale_image(params, rgb.astype(">f4") / np.float32(65535)),
+                                  upscale_image(params, rgb.astype(np.float32) / 65535))
+
+
+_HOST_MEMORY_SHORT = """
+import runpy, sys
+import numpy as np
+from rnan_jax import inference
+
+upscale_image = inference.upscale_image
+
+def short_of_memory(params, image, **kwargs):  # what NumPy raises for an image too large for the host
+    if np.shape(image)[0] > 20:
+        raise MemoryError(
+            "Unable to allocate 412. MiB for an array with shape (6000, 6000, 3) and data type float32")
+    return upscale_image(params, image, **kwargs)
+
+inference.upscale_image = short_of_memory
+sys.argv = ["upscale", *sys.argv[1:]]
+runpy.run_module("rnan_jax.upscale", run_name="__main__")
+"""
+
+
+def test_cli_an_image_too_large_for_host_memory_is_one_line_and_the_rest_goes_on(tmp_path, workdir, params):
+    """NumPy's MemoryError (a host array too large for the machine: `ulimit -v 2000000` and a 6000 x 6000 photo gave
+    it) ended the run with a traceback, and the images after that one were not attempted."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_photo(24, 16)).save(photos / "a_large.png")
+    Image.fromarray(_photo(12, 16)).save(photos / "b_small.png")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _HOST_MEMORY_SHORT, "--checkpoint", workdir, str(photos),
+                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla")))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("failed: ") == 1
+    assert (f"failed: {photos / 'a_large.png'}: out of host memory (Unable to allocate 412. MiB for an array with "
+            "shape (6000, 6000, 3) and data type float32); --tile 512 keeps less of the image in memory at once"
+            ) in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"wrote 1 image(s) to {out}; 1 failed"
+    with Image.open(out / "b_small_x2.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), upscale_image(params, _photo(12, 16)))
