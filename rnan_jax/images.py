@@ -315,7 +315,7 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageError(f"{path}: {w}x{h} is {w * h / 1e6:.1f} M pixels, above the limit of "
                                  f"{max_pixels / 1e6:.1f} M that guards against decompression bombs "
-                                 f"(raise it with --max_image_pixels, 0 for no limit)")
+                                 f"(the upscale CLI's --max_image_pixels raises it, 0 for no limit; in Python, decode's max_pixels)")
             try:  # counting frames scans a GIF or TIFF; a broken later frame must not lose the first
                 frames = getattr(im, "n_frames", 1)
             except Exception:  # Pillow raises IndexError, TypeError, KeyError, SyntaxError, ... there

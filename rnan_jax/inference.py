@@ -148,16 +148,92 @@ FALLBACK_TILES = (1024, 512, 256, 128, 64)
 HOST_MEMORY_SHARE = 0.7
 
 
+_PROC = "/proc"
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
 def host_memory_available() -> int | None:
-    """Bytes of host memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    """Bytes of host memory available to a new allocation, or None where unknown: the least of Linux's MemAvailable,
+    what this process's memory cgroup and its ancestors can still take (a container's, a SLURM job's or a
+    Kubernetes pod's limit, which MemAvailable does not show: the whole image was judged to fit, and the kernel
+    killed the run or XLA aborted on std::bad_alloc) and, under `ulimit -v`, the address space left."""
+    known = [v for v in (_proc_field("meminfo", "MemAvailable:"), _cgroup_headroom(), _address_space_left())
+             if v is not None]
+    return min(known) if known else None
+
+
+def _proc_field(name: str, key: str) -> int | None:
+    """A `key: N kB` line of /proc/<name> (meminfo, self/status), in bytes."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(os.path.join(_PROC, name)) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _read_number(path: str) -> int | None:
+    """The integer a cgroup file holds; None for "max" (no limit), a missing or unreadable file."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_headroom() -> int | None:
+    """The least, over this process's memory cgroups (v2's unified one, or v1's memory controller) and their
+    ancestors that set a limit, of limit - (usage - inactive file cache, which the kernel reclaims first); None
+    where none is set or readable. A cgroup path that is not under the mount (a container without its own cgroup
+    namespace sees its own cgroup at the mount's root) is looked up from the root."""
+    try:
+        with open(os.path.join(_PROC, "self", "cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    least = None
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            mount, limit_file, usage_file, cache_key = _CGROUP_ROOT, "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):
+            mount, limit_file, usage_file, cache_key = (os.path.join(_CGROUP_ROOT, "memory"), "memory.limit_in_bytes",
+                                                        "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p != ".."]
+        for depth in range(len(parts), -1, -1):
+            folder = os.path.join(mount, *parts[:depth])
+            limit = _read_number(os.path.join(folder, limit_file))
+            usage = _read_number(os.path.join(folder, usage_file))
+            if limit is None or usage is None or limit >= 1 << 60:  # v1 writes "no limit" as about 2**63
+                continue
+            cache = 0
+            try:
+                with open(os.path.join(folder, "memory.stat")) as f:
+                    cache = next((int(v) for k, v in (ln.split() for ln in f if ln.strip()) if k == cache_key), 0)
+            except (OSError, ValueError):
+                pass
+            headroom = max(0, limit - max(0, usage - cache))
+            least = headroom if least is None else min(least, headroom)
+    return least
+
+
+def _address_space_left() -> int | None:
+    """Under `ulimit -v` (RLIMIT_AS), the address space this process has left; None without one."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    used = _proc_field(os.path.join("self", "status"), "VmSize:")
+    return None if used is None else max(0, soft - used)
 
 
 def _host_memory_tile(forward: Any, params: Params, size: tuple[int, int], overlap: int) -> int | None:

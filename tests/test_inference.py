@@ -11,7 +11,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from rnan_jax import RNANConfig, apply, checkpoint, degrade, ensemble, init, metrics, upscale_image
+from rnan_jax import RNANConfig, apply, checkpoint, degrade, ensemble, inference, init, metrics, upscale_image
 from rnan_jax.inference import DEFAULT_OVERLAP, blend_weights, compiled_forward, tile_starts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -385,7 +385,8 @@ def test_cli_large_image_is_one_line_and_the_rest_goes_on(tmp_path, workdir):
                 "--max_image_pixels", "1000", cache=tmp_path / "xla")
     assert proc.returncode == 1
     assert (f"{folder / 'big.png'}: 50x40 is 0.0 M pixels, above the limit of 0.0 M that guards against "
-            "decompression bombs (raise it with --max_image_pixels, 0 for no limit)") in proc.stderr
+            "decompression bombs (the upscale CLI's --max_image_pixels raises it, 0 for no limit; in Python, "
+            "decode's max_pixels)") in proc.stderr
     assert os.listdir(tmp_path / "out") == ["small_x2.png"]
     assert "Traceback" not in proc.stderr
     proc = _cli("--checkpoint", workdir, str(folder), "--output", str(tmp_path / "out"),
@@ -862,3 +863,50 @@ def test_cli_an_image_too_large_for_host_memory_is_one_line_and_the_rest_goes_on
     assert proc.stderr.strip().splitlines()[-1] == f"wrote 1 image(s) to {out}; 1 failed"
     with Image.open(out / "b_small_x2.png") as im:
         np.testing.assert_array_equal(np.asarray(im), upscale_image(params, _photo(12, 16)))
+
+
+def _fake_proc_and_cgroups(tmp_path, cgroup_lines, folders):
+    """A /proc (meminfo: 8 GiB available) and a /sys/fs/cgroup tree: `folders` maps a folder under the cgroup root
+    to its files' texts."""
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal:       16777216 kB\nMemAvailable:    8388608 kB\n")
+    (proc / "self" / "cgroup").write_text("".join(line + "\n" for line in cgroup_lines))
+    (proc / "self" / "status").write_text("Name:\tpython\nVmSize:\t 1048576 kB\n")
+    for folder, files in folders.items():
+        (tmp_path / "cg" / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (tmp_path / "cg" / folder / name).write_text(text)
+    return str(proc), str(tmp_path / "cg")
+
+
+MiB = 1 << 20
+
+
+def test_host_memory_available_is_bounded_by_the_cgroup_limit_and_ulimit(tmp_path, monkeypatch):
+    """A container's, SLURM job's or pod's memory limit (cgroup v2 or v1, set on the process's cgroup or an
+    ancestor) bounds the memory judged available; it read only MemAvailable, so a whole image that did not fit
+    the job's limit was tried and the run killed."""
+    # cgroup v2: the limit on the parent (the job), "max" on the process's own cgroup (the step); file cache that
+    # the kernel reclaims first (inactive_file) does not count as used
+    proc, root = _fake_proc_and_cgroups(tmp_path, ["0::/job/step"], {
+        "job": {"memory.max": str(1024 * MiB), "memory.current": str(800 * MiB),
+                "memory.stat": f"anon 1\ninactive_file {300 * MiB}\n"},
+        "job/step": {"memory.max": "max", "memory.current": str(700 * MiB)}})
+    monkeypatch.setattr(inference, "_PROC", proc)
+    monkeypatch.setattr(inference, "_CGROUP_ROOT", root)
+    assert inference.host_memory_available() == 524 * MiB
+    # cgroup v1, a container seeing its own cgroup at the mount's root (the host path is not under it); v1's "no
+    # limit" (about 2**63) on the others is no limit
+    proc, root = _fake_proc_and_cgroups(tmp_path / "v1", ["5:cpu:/x", "4:memory:/docker/abc"], {
+        "memory": {"memory.limit_in_bytes": str(2048 * MiB), "memory.usage_in_bytes": str(1536 * MiB),
+                   "memory.stat": f"cache 5\ntotal_inactive_file {100 * MiB}\n"}})
+    monkeypatch.setattr(inference, "_PROC", proc)
+    monkeypatch.setattr(inference, "_CGROUP_ROOT", root)
+    assert inference.host_memory_available() == 612 * MiB
+    (tmp_path / "v1" / "cg" / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")
+    assert inference.host_memory_available() == 8192 * MiB  # MemAvailable alone
+    # ulimit -v: the address space left (the limit less VmSize, 1 GiB here)
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1280 * MiB, resource.RLIM_INFINITY))
+    assert inference.host_memory_available() == 256 * MiB
