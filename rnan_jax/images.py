@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # What the upscaling CLI's folder scans take: also the formats Pillow reads that SR datasets do not come in
 # (the training and benchmark scans keep to IMAGE_EXTENSIONS). An animated file gives its first frame.
-READABLE_EXTENSIONS = IMAGE_EXTENSIONS + (".gif", ".pbm", ".pnm", ".tga", ".qoi")
+# .jfif/.jpe (JPEG), .apng and .avif (where this Pillow reads it) were left out of a folder without a word
+READABLE_EXTENSIONS = IMAGE_EXTENSIONS + (".gif", ".pbm", ".pnm", ".tga", ".qoi", ".jfif", ".jpe", ".apng", ".avif")
 
 _reading = threading.local()  # .path: the file this thread is reading (`_naming_warnings`)
 _warned: set[tuple[str, str]] = set()  # (file, message) already logged: EXIF is parsed by the scan and the decode

@@ -388,3 +388,16 @@ def test_an_uncompressed_tiff_turned_sideways_by_exif_comes_out_upright_not_scra
     upright = np.asarray(Image.fromarray(pixels).transpose(images._UPRIGHT[orientation]))
     decoded = images.decode(tmp_path / "a.tif", high_bit_depth=True)
     np.testing.assert_array_equal(_with_alpha(decoded), upright)
+
+
+def test_upscale_folder_scans_take_jfif_jpe_and_apng_files(tmp_path):
+    """Files Pillow reads under the other names of JPEG and PNG were left out of an upscaled folder without a word
+    (the run said it wrote 1 image and exited 0)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3), np.uint8)
+    for name, fmt in (("a.jfif", "JPEG"), ("b.JPE", "JPEG"), ("c.apng", "PNG"), ("d.png", "PNG")):
+        Image.fromarray(rgb).save(tmp_path / name, format=fmt)
+    found = images.list_images(tmp_path, images.READABLE_EXTENSIONS)
+    assert [os.path.basename(p) for p in found] == ["a.jfif", "b.JPE", "c.apng", "d.png"]
+    assert images.decode(found[2]).pixels.tolist() == rgb.tolist()
+    assert images.decode(found[0]).pixels.shape == (12, 10, 3)
+    assert [os.path.basename(p) for p in images.list_images(tmp_path)] == ["d.png"]  # training, benchmark scans
