@@ -116,11 +116,14 @@ def image_name(path: str) -> str:
 
 def lr_folder(hr_path: str, scale: int) -> str | None:
     """`<set>/LR_bicubic/X<scale>` beside the `<set>/HR` folder holding `hr_path`; None when that folder is not
-    named HR (a folder of HR images given as a path: an LR_bicubic beside it belongs to something else)."""
+    named HR (a folder of HR images given as a path: an LR_bicubic beside it belongs to something else). A set that
+    has `LR_bicubic/x<scale>` (lower case, as --sr_dir also takes) and no `X<scale>` gets that one: it was passed
+    over without a word, its LR images made from HR instead."""
     hr_dir = os.path.dirname(os.path.abspath(hr_path))
     if os.path.basename(hr_dir) != "HR":
         return None
-    return os.path.join(os.path.dirname(hr_dir), "LR_bicubic", f"X{scale}")
+    upper, lower = (os.path.join(os.path.dirname(hr_dir), "LR_bicubic", f"{x}{scale}") for x in "Xx")
+    return lower if not os.path.isdir(upper) and os.path.isdir(lower) else upper
 
 
 # The EXIF orientations (1..8) as applied to stored pixels [H, W(, C)] (what `images.decode` does, PIL's

@@ -670,3 +670,19 @@ def test_one_set_name_as_a_string_and_one_scale_as_an_int(tmp_path):
         expected = ["Mine", "Own"][:len(evaluation.summary())]
         assert list(evaluation.summary()) == expected and len(expected) == (1 if datasets == "Mine" else 2)
         assert [s.psnr for s in evaluation.scores] == [pytest.approx(_bicubic_psnr(hr, 2), abs=1e-12)] * len(expected)
+
+
+def test_a_lower_case_lr_bicubic_x_folder_is_read(tmp_path):
+    """A set whose LR images are in LR_bicubic/x2 (lower case, as --sr_dir takes too) had them passed over without
+    a word: scored against LR made from HR."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Mine")
+    hr = _rgb(40, 36)
+    Image.fromarray(hr).save(os.path.join(hr_dir, "a.png"))
+    lr_dir = os.path.join(root, "benchmark", "Mine", "LR_bicubic", "x2")
+    os.makedirs(lr_dir)
+    Image.fromarray(np.full((20, 18, 3), 100, np.uint8)).save(os.path.join(lr_dir, "ax2.png"))
+    evaluation = evaluate_bicubic(["Mine"], (2,), data_dir=root, progress=False)
+    expected = metrics.psnr_y(np.full((40, 36, 3), 100, np.uint8), hr, 2)
+    assert [s.psnr for s in evaluation.scores] == [pytest.approx(expected, abs=1e-12)]
+    assert expected < _bicubic_psnr(hr, 2) - 1  # not the LR made from HR
