@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 import zlib
-from typing import Iterator, NamedTuple
+from typing import BinaryIO, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
@@ -275,6 +275,30 @@ def _unpremultiply(rgba: np.ndarray) -> np.ndarray:
     return np.concatenate([np.minimum(colour, 65535) * (alpha > 0), alpha], axis=-1).astype(np.uint16)
 
 
+def _ppm16_tile(im: Image.Image) -> tuple[int, int] | None:
+    """(data offset, maxval) of a binary colour PPM (P6) of more than 8 bits a sample, which Pillow reads at 8 bits
+    (a 16-bit PPM, as `dcraw -4` and other raw converters write, lost its low bits without a word); else None."""
+    if im.format != "PPM" or im.mode != "RGB" or len(im.tile) != 1 or im.tile[0][0] != "ppm":
+        return None
+    args = im.tile[0][3]
+    maxval = args[1] if isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], int) else 255
+    fp = im.fp
+    fp.seek(0)
+    binary = fp.read(2) == b"P6"
+    return (im.tile[0][2], maxval) if binary and maxval > 255 else None
+
+
+def _read_ppm16(f: BinaryIO, size: tuple[int, int], offset: int, maxval: int) -> np.ndarray:
+    """uint16 RGB [H, W, 3] of a P6 PPM's big-endian 16-bit samples, at full scale (0..maxval -> 0..65535)."""
+    w, h = size
+    f.seek(offset)
+    data = f.read(w * h * 6)
+    if len(data) < w * h * 6:
+        raise ImageError(f"{getattr(f, 'name', 'PPM')}: cannot read image (the file is cut short)")
+    a = np.frombuffer(data, ">u2").reshape(h, w, 3).astype(np.uint16)
+    return a if maxval == 65535 else np.rint(np.minimum(a, maxval) * (65535.0 / maxval)).astype(np.uint16)
+
+
 def _with_colour_key(a: np.ndarray, key: int | tuple[int, ...]) -> np.ndarray:
     """16-bit gray [H, W] or RGB [H, W, 3] samples with an alpha channel appended: 0 where the pixel is the PNG
     colour key (tRNS: a gray value, or an RGB triple, compared at full precision), 65535 elsewhere."""
@@ -316,12 +340,14 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageError(f"{path}: {w}x{h} is {w * h / 1e6:.1f} M pixels, above the limit of "
                                  f"{max_pixels / 1e6:.1f} M that guards against decompression bombs "
-                                 f"(the upscale CLI's --max_image_pixels raises it, 0 for no limit; in Python, decode's max_pixels)")
+                                 "(the upscale CLI's --max_image_pixels raises it, 0 for no limit; in Python, "
+                                 "decode's max_pixels)")
             try:  # counting frames scans a GIF or TIFF; a broken later frame must not lose the first
                 frames = getattr(im, "n_frames", 1)
             except Exception:  # Pillow raises IndexError, TypeError, KeyError, SyntaxError, ... there
                 frames = 1
                 im.seek(0)  # the failed scan left the image set up as the broken frame (its size, its mode)
+            ppm16 = _ppm16_tile(im)
             deep = _deep_rawmodes(im)
             if deep:  # the explicit byte order (Pillow before 11 cannot unpack 'RGBX;16N' itself)
                 im.tile = [_with_rawmode(t, r) for t, r in zip(im.tile, deep, strict=True)]
@@ -340,7 +366,7 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
                 im = im.convert({"1": "LA", "L": "LA", "RGB": "RGBA"}[mode])  # as alpha, which the upscaler scales
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
-            a = np.asarray(im)
+            a = np.asarray(im) if ppm16 is None else _read_ppm16(f, im.size, *ppm16)
         if deep:  # also for 8 bits: rounded from 16 (Pillow truncates) and LA stays gray
             a = _read_deep(path, deep)
         elif 8 < bits < 16 and a.dtype == np.uint16:  # a 10/12/14-bit TIFF: Pillow gives 0..2^bits-1 as I;16,

@@ -401,3 +401,19 @@ def test_upscale_folder_scans_take_jfif_jpe_and_apng_files(tmp_path):
     assert images.decode(found[2]).pixels.tolist() == rgb.tolist()
     assert images.decode(found[0]).pixels.shape == (12, 10, 3)
     assert [os.path.basename(p) for p in images.list_images(tmp_path)] == ["d.png"]  # training, benchmark scans
+
+
+def test_a_16_bit_colour_ppm_keeps_its_low_bits(tmp_path):
+    """A binary PPM of more than 8 bits a sample (what dcraw -4 writes) was read at 8 bits by Pillow: the
+    upscaled 16-bit PNG lost its low bits without a word. maxval below 65535 is scaled to full range."""
+    rgb = np.random.default_rng(0).integers(0, 65536, (4, 5, 3)).astype(">u2")
+    (tmp_path / "a.ppm").write_bytes(b"P6\n5 4\n65535\n" + rgb.tobytes())
+    decoded = images.decode(tmp_path / "a.ppm", high_bit_depth=True)
+    assert decoded.pixels.dtype == np.uint16 and decoded.pixels.tolist() == rgb.tolist()
+    assert images.decode(tmp_path / "a.ppm").pixels.tolist() == np.rint(rgb / 257.0).astype(np.uint8).tolist()
+    ten = np.random.default_rng(1).integers(0, 1024, (3, 2, 3)).astype(">u2")
+    (tmp_path / "b.ppm").write_bytes(b"P6 2 3 1023\n" + ten.tobytes())
+    assert images.decode(tmp_path / "b.ppm", high_bit_depth=True).pixels.tolist() == \
+        np.rint(ten * (65535 / 1023)).astype(np.uint16).tolist()
+    Image.fromarray(rgb[..., 0].astype(np.uint8)).convert("RGB").save(tmp_path / "c.ppm")  # 8-bit: as it was
+    assert images.decode(tmp_path / "c.ppm", high_bit_depth=True).pixels.dtype == np.uint8
