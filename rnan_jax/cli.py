@@ -54,6 +54,22 @@ def _is_key(path: str, known: list[str]) -> bool:
     return any(k == path or k.startswith(path + ".") for k in known)
 
 
+def value_path_error_line(error: BaseException, argv: list[str]) -> str | None:
+    """One line for an override whose path goes on past a key that holds a value (`--config.optim.lr.value=1`,
+    `--config.model.rgb_mean[0]=0.5`, `--config.model.rgb_mean.0=0.5`), when ml_collections' error (raised while it
+    resolved an override's path) is about one; else None. Its KeyError was told as "the config has no key
+    'Attribute'", and its IndexError, TypeError and ValueError as a failure of the --config file's own code."""
+    if not any(os.path.basename(f.filename) == "config_path.py" for f in traceback.extract_tb(error.__traceback__)):
+        return None
+    known = _training_keys()
+    for override in (a.split("=")[0].removeprefix("--config.") for a in argv if a.startswith("--config.")):
+        leaf = next((k for k in known if override.startswith(k) and override[len(k):len(k) + 1] in (".", "[")), None)
+        if leaf is not None:
+            return (f"error: --config.{override}: {leaf} is a value, not a section or a list to index: set it whole "
+                    f"(--config.{leaf}=VALUE; python -m rnan_jax.train --config FILE --dry_run lists every key)")
+    return None
+
+
 def config_file_error_line(error: OSError) -> str:
     """One line for a --config file that could not be read (a wrong path, a folder): ml_collections' error lists
     the attempts over several lines, the last of which says why."""
@@ -217,10 +233,12 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
                 sys.exit(f"error: --config {_config_path(argv)}: the file defines no get_config()")
             if _config_file_lines(e, _config_path(argv)):
                 sys.exit(config_code_error_line(e, argv))
-            sys.exit(config_error_line(e, argv))
+            sys.exit(value_path_error_line(e, argv) or config_error_line(e, argv))
         except OSError as e:
             sys.exit(config_file_error_line(e))
         except Exception as e:  # the config file's own code failed: SyntaxError, NameError, ImportError, ...
+            if not _config_file_lines(e, _config_path(argv)) and (line := value_path_error_line(e, argv)):
+                sys.exit(line)  # ... or an override's path went on past a value
             sys.exit(config_code_error_line(e, argv))
         finally:
             logger.removeFilter(_no_none_warning)
@@ -281,7 +299,11 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
 def local_path(value: str) -> str:
     """An output path as a flag gives it, `~` expanded (no shell expands the one in "--output=~/sr"). Raises
     ValueError for a URL: the CLIs that take this write local files only, and os.makedirs("gs://b/x") would make
-    a folder "gs:" in the current one and report the work written to the bucket."""
+    a folder "gs:" in the current one and report the work written to the bucket. Raises ValueError for an empty
+    value too (`--output=$OUT` with OUT unset): evaluate took it for no --output and wrote no report, without a
+    word, after the scoring; figures failed at the end, naming a partial file."""
+    if not value.strip():
+        raise ValueError("empty (an unset variable?): name where to write (. is the current folder)")
     if paths.is_url(value):
         raise ValueError("a URL, but this command writes local files only (write them here, then copy them, e.g. "
                          "gcloud storage cp -r)")

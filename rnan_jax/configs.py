@@ -119,6 +119,7 @@ class TrainConfig:
     def from_config(cls, c: ml_collections.ConfigDict) -> TrainConfig:
         check_keys(c)
         c = c.copy_and_resolve_references()
+        check_nones(c)
         normalize_lists(c)
         model = RNANConfig(**{**c.model.to_dict(), "rgb_mean": tuple(c.model.rgb_mean)})
         top = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name not in SECTIONS}
@@ -185,6 +186,26 @@ def check_keys(c: ml_collections.ConfigDict) -> None:
     if missing:
         raise ValueError(f"the config lacks {', '.join(missing)}: start it from rnan_jax.configs.default_config() "
                          "(or paper_config(scale)), as experiments/*.py do")
+
+
+def check_nones(c: ml_collections.ConfigDict) -> None:
+    """Sets, in place, each text key that an experiment file set to None (ml_collections takes None for any key) to
+    "", the unset value that None means there (init_from, data.cache_dir, ...); raises ValueError (one line) for
+    None in any other key. It failed in a comparison's TypeError traceback (seed, lr, ...), or was read as a value:
+    data.augment = None turned the augmentation off."""
+    wrong = []
+    for key, default in flatten_config(default_config()):
+        section, _, name = key.rpartition(".")
+        holder = c[section] if section else c
+        if holder.get(name, default) is not None or default is None:
+            continue
+        if default == "":
+            holder[name] = ""
+        else:
+            wrong.append(f"{key} ({type(default).__name__}, default {default!r})")
+    if wrong:
+        raise ValueError(f"the config sets {', '.join(wrong)} to None: give {'each' if len(wrong) > 1 else 'it'} a "
+                         "value of its type")
 
 
 def _check_optim(o: OptimConfig) -> None:

@@ -8,21 +8,39 @@ import glob
 import os
 import struct
 
+from etils import epath
 
-def read_scalars(logdir: str) -> dict[str, dict[int, tuple[float, float]]]:
+from rnan_jax import paths
+
+
+class Scalars(collections.defaultdict):
+    """`read_scalars`' {tag: {step: (value, wall_time)}}, with `sessions`: [(first, last)] wall time of the values
+    that each run (each process that wrote the logdir: the first, then each resume) logged, in order."""
+
+    def __init__(self, *args):
+        super().__init__(dict, *args)
+        self.sessions: list[tuple[float, float]] = []
+
+
+def read_scalars(logdir: str) -> Scalars:
     """{tag: {step: (value, wall_time)}} from every TensorBoard event file under `logdir`.
 
     Event files are TFRecords (length, CRC, an `Event` proto, CRC); tensorboardX's proto reads them
     without TensorFlow. CRCs are not checked. Files are read in the order they were begun; a resumed run's
     file begins with a SessionLog START at the step after the one it resumed from (`summary.Writer`): as
     TensorBoard does, the values that earlier files hold from that step on (steps trained again) are dropped.
+    Every run's first file begins with a START (a first run's at step 1), so they also part the runs' `sessions`.
     """
     from tensorboardX.proto import event_pb2
 
-    scalars: dict[str, dict[int, tuple[float, float]]] = collections.defaultdict(dict)
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        with open(path, "rb") as f:
-            data = f.read()
+    scalars = Scalars()
+    walls: list[list[float]] = [[]]  # per session: the wall times of the values it logged, dropped ones included
+    if paths.is_url(logdir):  # gs://: a glob of the text found nothing, and the runs there were "no values"
+        files = sorted(epath.Path(logdir).glob("events.out.tfevents.*"), key=lambda p: p.name)
+    else:
+        files = [epath.Path(p) for p in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))]
+    for path in files:
+        data = path.read_bytes()
         offset = 0
         while offset + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[offset:offset + 8])
@@ -32,12 +50,16 @@ def read_scalars(logdir: str) -> dict[str, dict[int, tuple[float, float]]]:
                 break  # a record cut off by a running writer
             event = event_pb2.Event.FromString(record)
             if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                if walls[-1]:
+                    walls.append([])
                 for values in scalars.values():
                     for step in [s for s in values if s >= event.step]:
                         del values[step]
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     scalars[value.tag][event.step] = (value.simple_value, event.wall_time)
+                    walls[-1].append(event.wall_time)
+    scalars.sessions = [(min(w), max(w)) for w in walls if w]
     return scalars
 
 
@@ -60,5 +82,11 @@ def comparison_table(runs: dict[str, dict[str, dict[int, tuple[float, float]]]])
         bicubic = runs[n].get("val/bicubic_psnr", {})
         extra = f", bicubic {next(iter(bicubic.values()))[0]:.3f} dB" if bicubic else ""
         span = f"{max(walls) - min(walls):.0f} s from the first to the last logged value" if walls else "no values"
+        sessions = getattr(runs[n], "sessions", [])
+        if walls and len(sessions) > 1:  # a resumed run: the time between its runs (down, waiting) is not training
+            trained = sum(last - first for first, last in sessions)
+            gaps = max(last for _, last in sessions) - min(first for first, _ in sessions) - trained
+            span = (f"{trained:.0f} s from the first to the last logged value of each of its {len(sessions)} runs "
+                    f"(the {gaps:.0f} s between them left out)")
         lines.append(f"{n}: {span}{extra}")
     return "\n".join(lines)

@@ -41,6 +41,10 @@ _BAD_FLAGS = [
      "evaluate: error: --datasets names no set (e.g. Set5,Set14,B100,Urban100) (see --helpshort)"),
     (["-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2", "photo.png"],
      "upscale: error: --output is required (see --helpshort)"),
+    # --output=$OUT with OUT unset: evaluate scored every image, then wrote no report without a word
+    (["-m", "rnan_jax.evaluate", "--method", "bicubic", "--datasets", "Set5", "--scales", "2", "--output="],
+     "evaluate: error: flag --output=: empty (an unset variable?): name where to write (. is the current folder) "
+     "(see --helpshort)"),
     (["-m", "rnan_jax.train"], "train: error: --config and --workdir are required (see --helpshort)"),
     # absl's and ml_collections' boolean parsers: "('Non-boolean argument to boolean flag', 'yes')"
     (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run", "--config.data.augment=yes"],
@@ -63,6 +67,15 @@ _BAD_FLAGS = [
       "--config.val_set=Set14"],
      "error: --config.val_set: the config has no key 'val_set'; did you mean --config.data.val_set? (python -m "
      "rnan_jax.train --config FILE --dry_run lists every key)"),
+    # a path on past a value: "the config has no key 'Attribute'; <class 'float'>.value does not exist ...", and an
+    # index into a tuple told as the config file's own failure ("--config experiments/demo.py: IndexError: ...")
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run", "--config.optim.lr.value=1"],
+     "error: --config.optim.lr.value: optim.lr is a value, not a section or a list to index: set it whole "
+     "(--config.optim.lr=VALUE; python -m rnan_jax.train --config FILE --dry_run lists every key)"),
+    (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--workdir", "{tmp}/run",
+      "--config.model.rgb_mean[0]=0.5"],
+     "error: --config.model.rgb_mean[0]: model.rgb_mean is a value, not a section or a list to index: set it whole "
+     "(--config.model.rgb_mean=VALUE; python -m rnan_jax.train --config FILE --dry_run lists every key)"),
     # two configs: absl kept the last without a word (this dry run printed x4.py's config)
     (["-m", "rnan_jax.train", "--config", "experiments/demo.py", "--config=experiments/x4.py", "--workdir",
       "{tmp}/run", "--dry_run"],
@@ -260,3 +273,35 @@ def test_a_stop_now_ends_the_process_without_waiting_for_threads_it_left():
               "sys.argv = ['prog']\ncli.run(main)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and proc.stderr.strip() == "prog: interrupted: stopped without a checkpoint"
+
+
+def test_compare_dtypes_stopped_by_sigterm_exits_as_train_does_without_a_traceback(tmp_path):
+    """The trainer raises preemption.Preempted after SIGTERM's (or Ctrl-C's) checkpoint; train exits with 143 (130)
+    and its message, but tools/compare_dtypes.py let it through: a 20-line traceback, exit status 1."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import runpy, sys\nfrom rnan_jax import preemption, trainer\n"
+              "def preempted(config, workdir):\n"
+              "    raise preemption.Preempted(f'SIGTERM: saved a checkpoint at step 7 in {workdir}', 15)\n"
+              "trainer.train_and_evaluate = preempted\n"
+              f"sys.argv = ['tools/compare_dtypes.py', '--config=experiments/demo.py', '--workdir={tmp_path}']\n"
+              "runpy.run_path('tools/compare_dtypes.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stdout.splitlines()[-1]
+    assert last == f"float32 stopped: SIGTERM: saved a checkpoint at step 7 in {tmp_path}/float32"
+
+
+def test_compare_dtypes_refuses_an_empty_workdir_in_one_line(tmp_path):
+    """--workdir=$WORKDIR with WORKDIR unset: each dtype trained into ./<dtype> of the current folder (train refuses
+    an empty --workdir)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, "tools", "compare_dtypes.py"),
+                        f"--config={repo}/experiments/demo.py", "--workdir=", "--dtypes=float32",
+                        "--config.total_steps=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = [x for x in r.stderr.splitlines() if "libtpu" not in x]
+    assert (r.returncode, lines) == (1, ["compare_dtypes: error: --workdir is empty: name the runs' parent folder "
+                                         "(--workdir=. for the current one) (see --helpshort)"]), r.stderr[-2000:]
+    assert not os.listdir(tmp_path)

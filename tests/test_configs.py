@@ -170,3 +170,25 @@ def test_list_keys_take_python_list_syntax(given, expected):
     assert list_text(given) == expected
     normalize_lists(config)  # what the CLI does, so that the dry run and config.json show the list it reads
     assert (config.data.hr_dirs, config.data.val_set, config.optim.milestones) == (expected, "Set5,Set14", "100,200")
+
+
+def test_none_in_an_experiment_file_is_one_line_or_the_unset_text():
+    """ml_collections lets an experiment file set any key to None: `config.seed = None` (a random seed?) failed in a
+    TypeError traceback ("'<=' not supported between instances of 'int' and 'NoneType'"), and `data.augment = None`
+    trained without augmentation (bool(None)). A text key whose unset value is "" takes None as that."""
+    config = _load("demo")
+    config.seed = None
+    config.data.augment = None
+    with pytest.raises(ValueError, match=re.escape("the config sets data.augment (bool, default True), seed (int, "
+                                                   "default 0) to None: give each a value of its type")):
+        TrainConfig.from_config(config)
+    config = _load("demo")
+    config.data.augment = None
+    with pytest.raises(ValueError, match=re.escape("data.augment (bool, default True) to None")):
+        TrainConfig.from_config(config)
+    config = _load("demo")
+    config.update(init_from=None)
+    config.data.update(cache_dir=None, tfds_data_dir=None)
+    cfg = TrainConfig.from_config(config)
+    assert cfg.init_from == "" and cfg.data.cache_dir == TrainConfig.from_config(_load("demo")).data.cache_dir
+    assert cfg.data.tfds_data_dir is None and config.init_from is None  # the caller's config as it was

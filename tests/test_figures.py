@@ -1,6 +1,9 @@
 """The MODEL_ZOO.md pictures: a training curve from metrics.jsonl and Figure 3-style crops."""
 import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +12,7 @@ from PIL import Image
 
 from rnan_jax import RNANConfig, figures, init
 from rnan_jax.upscalers import bicubic_upscaler, model_upscaler
+from test_gcs import gcs  # noqa: F401 (fixture)
 
 pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install -e '.[figures]')")
 
@@ -99,7 +103,11 @@ def test_cli_refuses_bad_flags_in_one_line_before_any_work(tmp_path, capsys):
              (["curve", "--workdir", str(tmp_path), "--output", str(tmp_path / "f.png"), "--reference", "37.05"],
               "figures: --reference takes NAME=DB, e.g. 'FSRCNN (paper)=37.05', got '37.05'"),
              (["compare", "--checkpoint", str(tmp_path / "nope"), "--image", "Set5/baby", "--box", "1,2,x",
-               "--output", str(tmp_path / "c.png")], "figures: --box takes x,y,size (integers), got '1,2,x'"))
+               "--output", str(tmp_path / "c.png")], "figures: --box takes x,y,size (integers), got '1,2,x'"),
+             # --output=$OUT with OUT unset: the figure was drawn, then "[Errno 2] No such file or directory:
+             # '/tmp/..host.123.456.partial' -> ''"
+             (["curve", "--workdir", str(tmp_path), "--output", ""],
+              "figures: --output : empty (an unset variable?): name where to write (. is the current folder)"))
     for argv, line in cases:
         assert figures.main(argv) == 1
         assert capsys.readouterr().err.splitlines() == [line]
@@ -114,3 +122,68 @@ def test_cli_refuses_bad_flags_in_one_line_before_any_work(tmp_path, capsys):
             figures.main(argv)
         assert e.value.code == line and capsys.readouterr().err == ""
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_comparison_table_leaves_out_the_time_between_a_killed_run_and_its_resume(tmp_path):
+    """A run logged steps 1-5 over 100 s and was killed; resumed from step 3 an hour later, it logged steps 4-8
+    over 200 s. The table said "4200 s from the first to the last logged value": the downtime counted as
+    training time. Each run's file begins with a START (summary.Writer's purge_step), which parts the runs."""
+    from tensorboardX import SummaryWriter
+
+    from rnan_jax import scalars
+
+    log = tmp_path / "tensorboard"
+    for suffix, purge, steps, t0, dt in ((".a", 1, range(1, 6), 1000.0, 25.0), (".b", 4, range(4, 9), 5000.0, 50.0)):
+        writer = SummaryWriter(str(log), filename_suffix=suffix, purge_step=purge)
+        for i, s in enumerate(steps):
+            writer.add_scalar("train/loss", 1.0 / s + (purge > 1), s, walltime=t0 + dt * i)
+        writer.close()
+    run = scalars.read_scalars(str(log))
+    assert {s: round(v, 4) for s, (v, _) in run["train/loss"].items()} == {1: 1.0, 2: 0.5, 3: 0.3333, 4: 1.25,
+                                                                            5: 1.2, 6: 1.1667, 7: 1.1429, 8: 1.125}
+    assert run.sessions == [(1000.0, 1100.0), (5000.0, 5200.0)]
+    last = scalars.comparison_table({"float32": run}).splitlines()[-1]
+    assert last == ("float32: 300 s from the first to the last logged value of each of its 2 runs "
+                    "(the 3900 s between them left out)")
+    one = {"train/loss": {s: (1.0, 10.0 * s) for s in (1, 2, 3)}}  # plain mappings, as before: first to last value
+    assert scalars.comparison_table({"a": one}).splitlines()[-1] == "a: 20 s from the first to the last logged value"
+
+
+def test_read_scalars_reads_a_gs_logdir(gcs, tmp_path):  # noqa: F811
+    """tools/compare_dtypes.py on a gs:// workdir (a TPU VM's) trained both runs, then read their scalars with a glob
+    of the URL's text, which found nothing: an empty table, "error: no run logged a value to compare"."""
+    from etils import epath
+    from tensorboardX import SummaryWriter
+
+    from rnan_jax import scalars
+
+    local = tmp_path / "tensorboard"
+    for suffix, purge, steps in ((".0001", 1, (1, 2, 3)), (".0002", 3, (3, 4))):  # a run, then its resume
+        writer = SummaryWriter(str(local), filename_suffix=suffix, purge_step=purge)
+        for s in steps:
+            writer.add_scalar("train/loss", s + purge / 10, s, walltime=100.0 * purge + s)
+        writer.close()
+    for path in local.iterdir():
+        epath.Path("gs://bucket/compare/float32/tensorboard", path.name).write_bytes(path.read_bytes())
+    run = scalars.read_scalars("gs://bucket/compare/float32/tensorboard")
+    assert {s: round(v, 4) for s, (v, _) in run["train/loss"].items()} == {1: 1.1, 2: 2.1, 3: 3.3, 4: 4.3}
+    assert run == scalars.read_scalars(str(local)) and run.sessions == [(101.0, 103.0), (303.0, 304.0)]
+
+
+def test_compare_dtypes_reads_back_a_workdir_given_with_a_tilde(tmp_path):
+    """--workdir=~/dt (no shell expands a ~ after "="): the trainer trained in $HOME/dt, then the tool read the scalars
+    of ./~/dt/float32/tensorboard, found none, and ended with "error: no run logged a value to compare", status 1."""
+    from rnan_jax import env, native
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    caches = {variable: env.cache_folder(name, variable)  # this HOME's: the compiled kernels reused
+              for name, variable in (("xla", "RNAN_JAX_CACHE"), ("native", native.NATIVE_CACHE_ENV))}
+    r = subprocess.run([sys.executable, os.path.join(repo, "tools", "compare_dtypes.py"),
+                        f"--config={repo}/experiments/demo.py", "--workdir=~/dt", "--dtypes=float32",
+                        "--config.total_steps=2", "--config.log_every=1", "--config.eval_every=2"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu", **caches})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1 and re.fullmatch(r"\| 2 \| \d\.\d{5} \| \d\d\.\d{3} \|", rows[0]), r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["home"] and os.listdir(tmp_path / "home" / "dt") == ["float32"]

@@ -28,7 +28,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from rnan_jax import configs, env, trainer
+    if not _WORKDIR.value.strip():  # an unset $WORKDIR: the runs went into ./float32 and ./bfloat16, as train's did
+        raise app.UsageError("--workdir is empty: name the runs' parent folder (--workdir=. for the current one)")
+    from rnan_jax import configs, env, preemption, trainer
     from rnan_jax.scalars import comparison_table, read_scalars
 
     try:  # as train does: a key nothing reads stopped every run alike, then an empty table and exit status 0
@@ -42,12 +44,15 @@ def main(argv):
     for dtype in _DTYPES.value:
         config = _CONFIG.value.copy_and_resolve_references()
         config.model.dtype = dtype
-        workdir = os.path.join(_WORKDIR.value, dtype)
+        workdir = os.path.join(os.path.expanduser(_WORKDIR.value), dtype)  # ~ as train's (read back below)
         print(f"== {dtype}: {workdir}", flush=True)
         try:
             trainer.train_and_evaluate(config, workdir)
         except (ValueError, trainer.TrainingError) as e:
             print(f"{dtype} stopped: {e}", flush=True)
+        except preemption.Preempted as e:  # SIGTERM or Ctrl-C, after its checkpoint: out, as train (was a traceback)
+            print(f"{dtype} stopped: {e}", flush=True)
+            sys.exit(128 + e.signum)
         runs[dtype] = read_scalars(os.path.join(workdir, "tensorboard"))
     print(comparison_table(runs))
     if not any(runs.values()):
