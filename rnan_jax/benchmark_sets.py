@@ -98,9 +98,20 @@ def _sets_there(data_dir: str, dataset: str) -> str:
     return f"the sets in {root}: {', '.join(there)}" if there else f"{root} holds no <set>/HR folder"
 
 
+# Other names of the standard sets: the paper's BSD100, BasicSR's BSDS100
+_ALIASES = {"bsd100": "B100", "bsds100": "B100"}
+
+
+def standard_set(dataset: str) -> str | None:
+    """The standard set (a key of STANDARD_SIZES) that a set's name is, in any case or by another name (BSD100 is
+    B100), else None. A folder named so was not checked for its images nor given the paper's rows."""
+    key = dataset.lower()
+    return _ALIASES.get(key) or next((s for s in STANDARD_SIZES if s.lower() == key), None)
+
+
 def completeness_warning(dataset: str, count: int) -> str | None:
     """A message when a standard set holds fewer (or more) images than its published size, else None."""
-    expected = STANDARD_SIZES.get(dataset)
+    expected = STANDARD_SIZES.get(standard_set(dataset) or "")
     if expected is None or count == expected:
         return None
     return (

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from rnan_jax import paths
+from rnan_jax import benchmark_sets, paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,8 @@ class Evaluation:
         }
 
 
-# Table 1 of the paper (PSNR / SSIM on Y), for reference rows beside a result. BSD100 is our B100.
+# Table 1 of the paper (PSNR / SSIM on Y), for reference rows beside a result. BSD100 is our B100
+# (`benchmark_sets.standard_set`).
 PAPER_TABLE1: dict[str, dict[str, dict[int, tuple[float, float]]]] = {
     "Bicubic": {
         "Set5": {2: (33.66, 0.9299), 3: (30.39, 0.8682), 4: (28.42, 0.8104)},
@@ -145,8 +146,10 @@ def markdown_table(evaluation: Evaluation) -> str:
     """Rows: this result, then the paper's Bicubic / RNAN / RNAN+ rows; columns: dataset x scale (Table 1)."""
     summary = evaluation.summary()
     columns = [(ds, key) for ds, by_scale in summary.items() for key in by_scale]
-    if not columns:
-        return "(no images were scored)"
+    if not columns:  # the warnings and skips still said: they are why (results.md held the first line alone)
+        head = ("(no set was scored in full, so none has a score: --allow_incomplete reports the partial means)"
+                if evaluation.scores else "(no images were scored)")
+        return _escaped("\n".join([head, ""] + _notes(evaluation)))
     lines = [
         "| Method | " + " | ".join(_column(ds, key, summary[ds][key]) for ds, key in columns) + " |",
         "| --- |" + " --- |" * len(columns),
@@ -157,7 +160,7 @@ def markdown_table(evaluation: Evaluation) -> str:
     for row, table in PAPER_TABLE1.items():
         cells = []
         for ds, key in columns:
-            ref = table.get(ds, {}).get(int(key[1:]))
+            ref = table.get(benchmark_sets.standard_set(ds) or ds, {}).get(int(key[1:]))
             cells.append(_cell(*ref, 2) if ref else "–")
         lines.append(f"| {row} (paper) | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{ds} {key}: {summary[ds][key]['images']}" for ds, key in columns)
@@ -166,10 +169,15 @@ def markdown_table(evaluation: Evaluation) -> str:
         f"PSNR (dB) / SSIM on {'rounded' if evaluation.rounded_y else 'unrounded'} Y, shave = scale. "
         f"Images scored: {counts}.",
     ] + ([f"Scored: {evaluation.source}."] if evaluation.source else [])
-    notes += [f"Warning: {w}" for w in evaluation.warnings]
+    return _escaped("\n".join(lines + notes + _notes(evaluation)))
+
+
+def _notes(evaluation: Evaluation) -> list[str]:
+    """The table's lines for the warnings and the skipped images."""
+    notes = [f"Warning: {w}" for w in evaluation.warnings]
     if evaluation.skipped:
         notes.append(f"Skipped {len(evaluation.skipped)}: " + "; ".join(evaluation.skipped))
-    return _escaped("\n".join(lines + notes))
+    return notes
 
 
 def _escaped(text: str) -> str:

@@ -539,7 +539,10 @@ def test_a_set_missing_images_gets_no_score_and_exit_1(tmp_path):
     assert "Three" not in results  # never written as the set's score
     warnings = "\n".join(results["run"]["warnings"])
     assert "Three x2: 1 of 3 images scored, so no Three x2 score is reported" in warnings
-    assert "(no images were scored)" in proc.stdout
+    # some images were scored: the table says why no set has a score, and the results.md keeps the reasons
+    assert "(no set was scored in full, so none has a score: --allow_incomplete reports the partial means)" \
+        in proc.stdout
+    assert "Three x2: 1 of 3 images scored" in (out / "results.md").read_text()
     # The missing x4 folder is said once, naming the folder, not once per image.
     x4 = [m for m in results["run"]["skipped"] if "x4" in m]
     assert len(x4) == 1 and "Three/x4: no such folder" in x4[0], x4
@@ -686,3 +689,18 @@ def test_a_lower_case_lr_bicubic_x_folder_is_read(tmp_path):
     expected = metrics.psnr_y(np.full((40, 36, 3), 100, np.uint8), hr, 2)
     assert [s.psnr for s in evaluation.scores] == [pytest.approx(expected, abs=1e-12)]
     assert expected < _bicubic_psnr(hr, 2) - 1  # not the LR made from HR
+
+
+def test_a_set_named_bsd100_is_the_standard_b100(tmp_path):
+    """The paper calls B100 BSD100 (BasicSR BSDS100): a set folder so named was neither checked for its 100 images
+    nor given the paper's rows."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "BSD100")
+    Image.fromarray(_rgb(40, 36)).save(os.path.join(hr_dir, "a.png"))
+    evaluation = evaluate_bicubic(["BSD100"], (2,), data_dir=root, progress=False)
+    assert "BSD100 holds 1 images, the standard set has 100: its numbers are not comparable to published ones" \
+        in evaluation.warnings
+    table = report.markdown_table(evaluation)
+    assert "| Bicubic (paper) | 29.56/.8431 |" in table and "| RNAN (paper) | 33.07/.9021 |" in table
+    assert benchmark_sets.standard_set("bsds100") == "B100" and benchmark_sets.standard_set("set5") == "Set5"
+    assert benchmark_sets.standard_set("Mine") is None
