@@ -7,8 +7,10 @@ it at an emulator). orbax and tensorstore read and write gs:// themselves (`TENS
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import threading
@@ -21,15 +23,34 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
+# The URL schemes etils.epath reaches, and the package (fsspec's backend) each needs.
+_SCHEMES = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}
+# "gs:/bucket/run" (a slash lost) is a relative local path to os.path: a run went into ./gs:/bucket/run.
+_SLASH_MISSING = re.compile(r"(gs|gcs|s3|az|hf):(?!//)", re.IGNORECASE)
+
+
 def resolve(path: str | os.PathLike) -> str:
-    """A URL as it is; a local path made absolute (with ~ expanded). Raises ValueError for a gs:// URL
-    when nothing can reach GCS (neither gcsfs nor TensorFlow, which etils.epath would use, is installed)."""
+    """A URL without trailing slashes (as a local path's: "gs://b/run/checkpoints/3/" names step 3); a local
+    path made absolute (with ~ expanded). Raises ValueError for a URL that nothing installed can reach (a gs://
+    one without gcsfs or TensorFlow, which etils.epath would use; a scheme etils.epath does not know), and for
+    one with a slash missing ("gs:/bucket"), which would be a local folder named "gs:"."""
     path = os.fspath(path)
     if not is_url(path):
+        if _SLASH_MISSING.match(path):
+            scheme = {"gcs": "gs"}.get(path.split(":", 1)[0].lower(), path.split(":", 1)[0].lower())
+            raise ValueError(f"{path}: a URL with a slash missing? (write {scheme}://...; as a local path it "
+                             f"would be a folder named {path.split('/', 1)[0]!r})")
         return os.path.abspath(os.path.expanduser(path))
-    if path.startswith("gs://") and not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
-        raise ValueError(f"{path}: gs:// paths need gcsfs: pip install 'rnan_jax[gcs]' (or [tpu])")
-    return path
+    scheme = path.split("://", 1)[0]
+    if scheme not in _SCHEMES:
+        raise ValueError(f"{path}: unsupported URL scheme {scheme}:// (give a local path, or a URL of "
+                         f"{', '.join(s + '://' for s in _SCHEMES)}, in lower case)")
+    backends = (_SCHEMES[scheme], "tensorflow") if scheme == "gs" else (_SCHEMES[scheme],)
+    if not any(importlib.util.find_spec(m) for m in backends):
+        install = "'rnan_jax[gcs]' (or [tpu])" if scheme == "gs" else _SCHEMES[scheme]
+        raise ValueError(f"{path}: {scheme}:// paths need {_SCHEMES[scheme]}: pip install {install}")
+    stripped = path.rstrip("/")
+    return stripped if stripped != scheme + ":" else scheme + "://"
 
 
 def exists(path: str) -> bool:
@@ -67,7 +88,11 @@ def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
     `path`: a failure (a full disk, Ctrl-C) leaves no half-written file and an earlier file of that name as it
     was, and a reader meanwhile sees the old file or the whole new one. The partial file's name is unique per
     host, process and thread, so concurrent writers of one path do not collide, those of several hosts in a
-    shared folder (NFS) included: process ids alone repeat across hosts (a container's are the same on each)."""
+    shared folder (NFS) included: process ids alone repeat across hosts (a container's are the same on each).
+    Raises OSError (EINVAL) for a URL, writing nothing: os.path made it a local folder named "gs:"."""
+    if is_url(path):
+        raise OSError(errno.EINVAL, "a URL, but only a local file can be written here (write it to a local "
+                                    "folder, then copy it, e.g. gcloud storage cp)", path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     partial = os.path.join(folder, f".{os.path.basename(path)}.{socket.gethostname()}.{os.getpid()}."
@@ -108,8 +133,22 @@ def create_exclusively(path: str, data: bytes) -> None:
 
 
 def remove(path: str) -> None:
-    """Deletes a file (an object); FileNotFoundError if it is not there."""
-    epath.Path(path).unlink()
+    """Deletes a file (an object); FileNotFoundError if it is not there. The object of that very name: fsspec's
+    rm (under epath's unlink) expands glob characters, so that removing "gs://b/run[1]/train.lock" found nothing
+    and removing "gs://b/x [1]" deleted "gs://b/x 1"."""
+    try:
+        epath.Path(_literal(path)).unlink()
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such file or object", path) from None
+
+
+def _literal(path: str) -> str:
+    """`path` with its glob characters escaped ("[" as "[[]") where epath's backend is fsspec, which expands
+    them in rm; as it is elsewhere (a local path; TensorFlow's gfile, which etils picks where TF is installed)."""
+    backend = getattr(epath.Path(path), "_backend", None)
+    if type(backend).__name__ != "_FileSystemSpecBackend":
+        return path
+    return re.sub(r"([*?[])", r"[\1]", path)
 
 
 def write_text(path: str, text: str) -> None:
@@ -120,10 +159,23 @@ def rename(source: str, target: str) -> None:
     """Moves a file or folder (on GCS: copies every object under it, then deletes the originals)."""
     if is_url(source):
         src = epath.Path(source)
-        for file in [p for p in src.rglob("*") if p.is_file()]:
+        if src.is_file():
+            src.copy(epath.Path(target))
+            remove(source)
+            return
+        files = _files_under(src)  # not src.rglob: etils refuses "**" on GCS (NotImplementedError)
+        for file in files:
             dest = epath.Path(target) / file.relative_to(src)
             dest.parent.mkdir(parents=True, exist_ok=True)
             file.copy(dest)
-        src.rmtree()
+        for file in files:  # by name, not src.rmtree(), which expands glob characters in `source`
+            remove(os.fspath(file))
     else:
         os.rename(source, target)
+
+
+def _files_under(folder: epath.Path) -> list[epath.Path]:
+    files = []
+    for child in folder.iterdir():
+        files += _files_under(child) if child.is_dir() else [child]
+    return files

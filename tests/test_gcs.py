@@ -1,6 +1,8 @@
 """gs:// workdirs through a local GCS emulator: train, kill, resume exactly, load, evaluate, upscale."""
+import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -268,3 +270,100 @@ def test_write_atomically_s_partial_file_is_named_by_host_too(tmp_path, monkeypa
     paths.write_atomically(target, first)
     assert open(target, "rb").read() == b"half of host 0's bytes, then the rest"
     assert os.listdir(tmp_path) == ["entry.npy"]  # no partial file left
+
+
+def test_a_damaged_step_of_a_gs_workdir_is_moved_aside(gcs):
+    """Resuming a gs:// workdir whose latest step was damaged stopped with a traceback: moving the step aside
+    (paths.rename) globbed "**", which etils refuses on GCS (NotImplementedError)."""
+    from rnan_jax import checkpoint, paths
+
+    directory = "gs://bucket/moved/checkpoints"
+    files = {"params/_METADATA": "m", "params/d/abc [1]": "a", "params/ocdbt.process_0/d/x#y?": "b", "ema/z": "c"}
+    for name, text in files.items():
+        paths.write_text(f"{directory}/6/{name}", text)
+    paths.write_text(f"{directory}/3/params/_METADATA", "kept")
+    paths.write_text(f"{directory}_damaged/6/params/_METADATA", "an earlier damaged step 6")
+    assert checkpoint.move_aside(directory, 6) == f"{directory}_damaged/6.1"
+    assert paths.listdir(directory) == ["3"] and paths.listdir(f"{directory}_damaged") == ["6", "6.1"]
+    assert {name: paths.read_text(f"{directory}_damaged/6.1/{name}") for name in files} == files
+    assert paths.read_text(f"{directory}_damaged/6/params/_METADATA") == "an earlier damaged step 6"
+    paths.rename(f"{directory}_damaged/6.1/ema/z", f"{directory}_damaged/z [2]")  # one object
+    assert paths.read_text(f"{directory}_damaged/z [2]") == "c" and not paths.exists(f"{directory}_damaged/6.1/ema")
+
+
+def test_removing_a_gs_object_removes_that_object_only(gcs):
+    """fsspec's rm (epath's unlink) expands glob characters: removing "x [1]" deleted "x 1" and kept itself, and
+    a gs:// workdir named with brackets kept its train.lock after the run, so its rerun was refused."""
+    from rnan_jax import paths, rundir
+
+    folder = "gs://bucket/globs"
+    names = ["x [1]", "x 1", "q?", "qa", "st*r", "stxr", "d[2]/f", "d2/f"]
+    for name in names:
+        paths.write_text(f"{folder}/{name}", name)
+    for name in ("x [1]", "q?", "st*r", "d[2]/f"):
+        paths.remove(f"{folder}/{name}")
+    assert paths.listdir(folder) == ["d2", "qa", "stxr", "x 1"]
+    assert all(paths.read_text(f"{folder}/{name}") == name for name in ("x 1", "qa", "stxr", "d2/f"))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder}/x [1]")):
+        paths.remove(f"{folder}/x [1]")
+    workdir = "gs://bucket/runs/x4[lr=2e-4]"
+    for _ in range(2):  # the rerun is not refused
+        with rundir.exclusive(workdir):
+            assert paths.listdir(workdir) == [rundir.LOCK_FILE]
+        assert not paths.exists(f"{workdir}/{rundir.LOCK_FILE}")
+
+
+def test_writing_a_local_file_at_a_url_is_refused_and_makes_no_folder_named_gs(tmp_path, monkeypatch):
+    """os.path made "gs://bucket/x" the local folder ./gs:/bucket: make_zoo --out gs://..., data.cache_dir=gs://...
+    and write_image("gs://...") wrote there, and said they had written to the bucket."""
+    from rnan_jax import paths, zoo
+    from rnan_jax.images import write_image
+    from test_evaluate import TINY_MODEL, tiny_params
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match=r"^\[Errno 22\] a URL, but only a local file can be written here") as e:
+        paths.write_atomically("gs://bucket/a.bin", lambda f: f.write(b"x"))
+    assert e.value.errno == errno.EINVAL and e.value.filename == "gs://bucket/a.bin"
+    with pytest.raises(OSError, match="a URL"):
+        write_image("gs://bucket/sr/a.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(OSError, match="a URL"):
+        zoo.write("gs://bucket/zoo/tiny.msgpack", tiny_params(), TINY_MODEL)
+    assert os.listdir(tmp_path) == []
+
+
+def test_urls_that_nothing_reaches_are_one_line_and_make_no_local_folder(images, tmp_path, monkeypatch):  # noqa: F811
+    """"gs:/bucket/run" (a slash lost) trained into ./gs:/bucket/run; "GS://" stopped with a KeyError traceback
+    and "s3://" without s3fs with an ImportError one. Now one line each (ValueError), before anything is made."""
+    import importlib.util
+
+    from rnan_jax import paths
+    from rnan_jax.trainer import train_and_evaluate
+    from test_train import x4_config
+
+    monkeypatch.chdir(tmp_path)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "s3fs" else find_spec(name))
+    for workdir, line in (
+            ("gs:/bucket/run", "gs:/bucket/run: a URL with a slash missing? (write gs://...; as a local path it "
+                               "would be a folder named 'gs:')"),
+            ("GS://bucket/run", "GS://bucket/run: unsupported URL scheme GS:// (give a local path, or a URL of "
+                                "gs://, s3://, az://, hf://, in lower case)"),
+            ("memory://run", "memory://run: unsupported URL scheme memory:// (give a local path, or a URL of "
+                             "gs://, s3://, az://, hf://, in lower case)"),
+            ("s3://bucket/run", "s3://bucket/run: s3:// paths need s3fs: pip install s3fs")):
+        with pytest.raises(ValueError) as e:
+            train_and_evaluate(x4_config(images, total_steps=1), workdir)
+        assert str(e.value) == line
+    assert os.listdir(tmp_path) == []
+    assert paths.resolve("gsrun") == str(tmp_path / "gsrun") and paths.resolve("c:/x") == str(tmp_path / "c:" / "x")
+
+
+def test_a_gs_url_s_trailing_slash_names_what_it_names_without_it(gcs):
+    """load("gs://b/run/checkpoints/3/") said "a checkpoint step folder must be named by its step number" (its
+    basename was ""), where the local path with the slash loads step 3."""
+    from rnan_jax import checkpoint, paths
+
+    paths.write_text("gs://bucket/slash/checkpoints/3/params/_METADATA", "m")
+    assert checkpoint._locate("gs://bucket/slash/checkpoints/3/", "latest") == ("gs://bucket/slash/checkpoints", 3)
+    assert [paths.resolve(p) for p in ("gs://bucket/run/", "gs://bucket//", "gs://", "gs:///")] == [
+        "gs://bucket/run", "gs://bucket", "gs://", "gs://"]
