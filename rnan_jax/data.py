@@ -20,7 +20,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from rnan_jax import benchmark_sets, degrade, images, loader, sources, tfds_source
+from rnan_jax import benchmark_sets, degrade, images, loader, paths, sources, tfds_source
 from rnan_jax.ensemble import transform  # the 8 dihedral maps, shared with RNAN+
 from rnan_jax.env import default_data_dir
 
@@ -106,6 +106,13 @@ class DataConfig:
             raise ValueError(f"unknown data config keys {unknown}; known: {sorted(defaults)}")
         values = {**defaults, **values}
         _check_read(values)
+        for key in ("hr_dirs", "lr_dirs", "val_dir", "val_lr_dir", "cache_dir"):
+            for value in str(values[key]).split(",") if key.endswith("dirs") else [str(values[key])]:
+                advice = ("the decoded-image cache is on local disk" if key == "cache_dir" else
+                          "copy the images here first, e.g. gcloud storage cp -r; TFDS reads gs:// itself: "
+                          "data.tfds_data_dir")
+                if (error := paths.url_error(f"data.{key}", value.strip(), advice)) is not None:
+                    raise ValueError(error)  # it was "no such folder" (or a local folder named gs:) after setup
         resolved = {name: _RESOLVE.get(name, lambda v, s, d=defaults[name]: type(d)(v))(values[name], scale)
                     for name in defaults}
         return cls(scale=int(scale), **resolved)

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, preemption, report
+from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, paths, preemption, report
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 from rnan_jax.report import Evaluation, ImageScore
@@ -264,6 +264,12 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--self_ensemble applies to a model (--checkpoint)")
     if not _parse_list(FLAGS.datasets):
         raise app.UsageError(f"--datasets names no set (e.g. {','.join(DEFAULT_DATASETS)})")
+    data_dir = env.default_data_dir(FLAGS.data_dir)
+    data_flag = "--data_dir" if FLAGS.data_dir else "$RNAN_DATA_DIR"
+    for what, value in [(data_flag, data_dir), ("--sr_dir", FLAGS.sr_dir)] + [
+            ("--datasets", d) for d in _parse_list(FLAGS.datasets)]:
+        if (error := paths.url_error(what, value)) is not None:  # was "no such folder" of objects that are there
+            sys.exit(f"evaluate: {error}")
     if FLAGS.output and (error := (cli.output_folder_error(FLAGS.output)
                                    or report.output_error(FLAGS.output, save_images=FLAGS.save_images))):
         sys.exit(f"evaluate: {error}")  # before any scoring, which may take hours
@@ -280,7 +286,7 @@ def main(argv: Sequence[str]) -> None:
     except ValueError:
         raise app.UsageError(f"--scales must be integers like 2,3,4, got {FLAGS.scales!r}") from None
     common = dict(
-        data_dir=env.default_data_dir(FLAGS.data_dir),
+        data_dir=data_dir,
         rounded_y=FLAGS.rounded_y,
         save_dir=os.path.join(FLAGS.output, report.IMAGES_FOLDER) if FLAGS.save_images else None,
         progress=FLAGS.progress,

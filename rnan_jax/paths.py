@@ -53,6 +53,15 @@ def resolve(path: str | os.PathLike) -> str:
     return stripped if stripped != scheme + ":" else scheme + "://"
 
 
+def url_error(what: str, value: str, advice: str = "copy the files here first, e.g. gcloud storage cp -r, and give "
+              "the local path") -> str | None:
+    """One line for a URL given where only a local path is read, else None: os.path took "gs://b/x" for a local
+    path that is not there, and said "no such folder" of objects that are."""
+    if value and is_url(value):
+        return f"{what} {value}: a URL, but this takes a local path only ({advice})"
+    return None
+
+
 def exists(path: str) -> bool:
     return epath.Path(path).exists()
 

@@ -36,9 +36,10 @@ def read_scalars(logdir: str) -> Scalars:
     scalars = Scalars()
     walls: list[list[float]] = [[]]  # per session: the wall times of the values it logged, dropped ones included
     if paths.is_url(logdir):  # gs://: a glob of the text found nothing, and the runs there were "no values"
-        files = sorted(epath.Path(logdir).glob("events.out.tfevents.*"), key=lambda p: p.name)
+        names = paths.listdir(logdir) if paths.isdir(logdir) else []  # listed, not a glob: [ ] in a name
+        files = [epath.Path(logdir) / n for n in names if n.startswith("events.out.tfevents.")]
     else:
-        files = [epath.Path(p) for p in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))]
+        files = [epath.Path(p) for p in sorted(glob.glob(os.path.join(glob.escape(logdir), "events.out.tfevents.*")))]
     for path in files:
         data = path.read_bytes()
         offset = 0

@@ -42,7 +42,7 @@ from absl import app, flags
 from scipy import ndimage
 from tqdm import tqdm
 
-from rnan_jax import checkpoint, cli, degrade, env, images, inference
+from rnan_jax import checkpoint, cli, degrade, env, images, inference, paths
 from rnan_jax.checkpoint import WHICH, CheckpointError
 from rnan_jax.model import RNANConfig
 
@@ -51,6 +51,9 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """(image files, error messages): folders are replaced by their image files, in order, without repeats."""
     files, errors, seen = [], [], set()
     for path in inputs:
+        if (error := paths.url_error("input", path)) is not None:  # was "no such file" of an object that is there
+            errors.append(error)
+            continue
         try:
             found = images.list_images(path, images.READABLE_EXTENSIONS) if os.path.isdir(path) else [path]
         except images.ImageError as e:

@@ -968,3 +968,18 @@ def test_batches_kept_from_worker_processes_hold_no_open_files(tmp_path):
         assert_batches_equal([first, *kept], take(it, 61))
     finally:
         it.close()
+
+
+def test_image_folders_and_the_cache_given_as_urls_are_one_line_at_setup():
+    """data.hr_dirs=gs://... (or val_dir, lr_dirs, cache_dir) was "no such folder" of objects that are there, after
+    setup, or (cache_dir) a local folder named gs:."""
+    for key, value, advice in (
+            ("hr_dirs", "/data/a, gs://bucket/b", "copy the images here first, e.g. gcloud storage cp -r; TFDS reads "
+             "gs:// itself: data.tfds_data_dir"),
+            ("cache_dir", "gs://bucket/cache", "the decoded-image cache is on local disk")):
+        url = value.split(",")[-1].strip()
+        with pytest.raises(ValueError) as e:
+            data.DataConfig.from_config({"source": "folder", "hr_dirs": "/data/a", key: value}, scale=2)
+        assert str(e.value) == f"data.{key} {url}: a URL, but this takes a local path only ({advice})"
+    cfg = data.DataConfig.from_config({"source": "tfds", "tfds_data_dir": "gs://bucket/tfds"}, scale=2)
+    assert cfg.tfds_data_dir == "gs://bucket/tfds"  # TFDS reads it

@@ -104,9 +104,14 @@ def test_cli_refuses_a_missing_sr_dir_and_report_files_in_the_way_before_scoring
     (tmp_path / "out" / "results.json").mkdir(parents=True)
     (tmp_path / "out2").mkdir()
     (tmp_path / "out2" / "images").write_text("")
+    url = "a URL, but this takes a local path only (copy the files here first, e.g. gcloud storage cp -r, and give " \
+          "the local path)"  # it was "no such folder" of objects that are there
     cases = ((["--sr_dir", str(tmp_path / "nope")],
               f"evaluate: --sr_dir {tmp_path}/nope: no such folder (expected <dataset>/x<scale>/<HR file name> "
               "inside)"),
+             (["--sr_dir", "gs://bucket/sr"], f"evaluate: --sr_dir gs://bucket/sr: {url}"),
+             (["--method", "bicubic", "--datasets", "Set5,gs://bucket/Set14"],
+              f"evaluate: --datasets gs://bucket/Set14: {url}"),
              (["--method", "bicubic", "--output", str(tmp_path / "out")],
               f"evaluate: --output {tmp_path}/out: {tmp_path}/out/results.json is a folder, in the way of the "
               "report file"),

@@ -168,6 +168,14 @@ def test_read_scalars_reads_a_gs_logdir(gcs, tmp_path):  # noqa: F811
     run = scalars.read_scalars("gs://bucket/compare/float32/tensorboard")
     assert {s: round(v, 4) for s, (v, _) in run["train/loss"].items()} == {1: 1.1, 2: 2.1, 3: 3.3, 4: 4.3}
     assert run == scalars.read_scalars(str(local)) and run.sessions == [(101.0, 103.0), (303.0, 304.0)]
+    # a logdir whose name holds glob characters (runs/x4[a]) was globbed as a pattern: nothing found
+    bracketed = tmp_path / "x4[a]" / "tensorboard"
+    bracketed.mkdir(parents=True)
+    for path in local.iterdir():
+        (bracketed / path.name).write_bytes(path.read_bytes())
+        epath.Path("gs://bucket/runs/x4[a]/tensorboard", path.name).write_bytes(path.read_bytes())
+    assert scalars.read_scalars(str(bracketed)) == run
+    assert scalars.read_scalars("gs://bucket/runs/x4[a]/tensorboard") == run
 
 
 def test_compare_dtypes_reads_back_a_workdir_given_with_a_tilde(tmp_path):

@@ -367,3 +367,16 @@ def test_a_gs_url_s_trailing_slash_names_what_it_names_without_it(gcs):
     assert checkpoint._locate("gs://bucket/slash/checkpoints/3/", "latest") == ("gs://bucket/slash/checkpoints", 3)
     assert [paths.resolve(p) for p in ("gs://bucket/run/", "gs://bucket//", "gs://", "gs:///")] == [
         "gs://bucket/run", "gs://bucket", "gs://", "gs://"]
+
+
+def test_export_refuses_a_gs_folder_as_output_before_loading(gcs):
+    """tools/export.py --output gs://bucket/run (a folder) loaded the checkpoint and exported first, then said it was
+    a folder: minutes lost for the paper-size model."""
+    from etils import epath
+
+    epath.Path("gs://bucket/exports/run/a.txt").write_text("x")
+    proc = subprocess.run([sys.executable, "tools/export.py", "--checkpoint", "/nowhere/run", "--output",
+                           "gs://bucket/exports/run"], cwd=REPO, capture_output=True, text=True, env=gcs, timeout=120)
+    assert proc.returncode == 1 and "--output gs://bucket/exports/run is a folder; give the artifact's file name" \
+        in proc.stderr, proc.stderr
+    assert "cannot load" not in proc.stderr

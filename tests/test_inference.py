@@ -769,6 +769,10 @@ def test_an_unlistable_folder_is_one_error_and_the_other_inputs_go_on(tmp_path, 
     files, errors = upscale.expand_inputs([str(locked), str(photo)])
     assert files == [str(photo)]
     assert errors == [f"{locked}: cannot list the folder (Permission denied)"]
+    # a URL: it was "no such file" of an object that is there
+    assert upscale.expand_inputs(["gs://bucket/in/x.png", str(photo)]) == ([str(photo)], [
+        "input gs://bucket/in/x.png: a URL, but this takes a local path only (copy the files here first, e.g. "
+        "gcloud storage cp -r, and give the local path)"])
 
 
 def test_a_bfloat16_image_is_a_float_image(params):

@@ -11,7 +11,6 @@ and shows how to load and run the artifact with JAX alone, without rnan_jax.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
@@ -36,7 +35,7 @@ def main(argv: Sequence[str]) -> None:
         output = paths.resolve(FLAGS.output)
     except ValueError as e:
         raise app.UsageError(f"--output {e}") from None
-    if os.path.isdir(output):  # found before the minutes an export can take
+    if paths.isdir(output):  # found before the minutes an export can take (a gs:// folder too: it was after)
         raise app.UsageError(f"--output {FLAGS.output} is a folder; give the artifact's file name")
     env.prepare_process()
     try:
