@@ -284,7 +284,7 @@ def main(argv: Sequence[str]) -> None:
         if scales and min(scales) < 1:
             raise ValueError
     except ValueError:
-        raise app.UsageError(f"--scales must be integers like 2,3,4, got {FLAGS.scales!r}") from None
+        raise app.UsageError(f"--scales must be positive integers like 2,3,4, got {FLAGS.scales!r}") from None
     common = dict(
         data_dir=data_dir,
         rounded_y=FLAGS.rounded_y,

@@ -66,6 +66,30 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, errors
 
 
+def left_out_notes(inputs: Sequence[str]) -> list[str]:
+    """A note per input folder holding files of a format Pillow reads whose extension a folder scan does not take
+    (JPEG 2000's .jp2, .ico, .psd, ...): they were left out without a word, the run saying it wrote the others."""
+    from PIL import Image
+
+    Image.init()
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    notes = []
+    for folder in inputs:
+        if paths.is_url(folder) or not os.path.isdir(folder):
+            continue
+        try:
+            names = sorted(n for n in os.listdir(folder) if not n.startswith(".")
+                           and os.path.splitext(n)[1].lower() in readable - set(images.READABLE_EXTENSIONS)
+                           and os.path.isfile(os.path.join(folder, n)))
+        except OSError:
+            continue  # said by expand_inputs
+        if names:
+            notes.append(f"{folder}: left out {len(names)} file(s) of formats a folder scan does not take "
+                         f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): name them as inputs to "
+                         "upscale them")
+    return notes
+
+
 def output_path(input_path: str, output_dir: str, scale: int, *, with_extension: bool = False) -> str:
     """`<output_dir>/<stem>_x<scale>.png`, or `<stem>_<ext>_x<scale>.png` `with_extension`."""
     stem, ext = os.path.splitext(os.path.basename(input_path))
@@ -166,6 +190,7 @@ def main(argv: Sequence[str]) -> None:
     files, errors = expand_inputs(argv[1:])
     jobs, plan_errors, notes = plan(files, FLAGS.output, config.scale)
     errors += plan_errors
+    notes = left_out_notes(argv[1:]) + notes
     for message in errors:
         print(f"failed: {message}", file=sys.stderr)
     for message in notes:

@@ -83,7 +83,7 @@ def test_cli_misuse_is_one_line(tmp_path):
     cases = ((["-m", "rnan_jax.evaluate", "--method", "bicubic", "--self_ensemble"],
               "evaluate: error: --self_ensemble applies to a model (--checkpoint) (see --helpshort)"),
              (["-m", "rnan_jax.evaluate", "--method", "bicubic", "--scales", "2,x"],
-              "evaluate: error: --scales must be integers like 2,3,4, got '2,x' (see --helpshort)"),
+              "evaluate: error: --scales must be positive integers like 2,3,4, got '2,x' (see --helpshort)"),
              (["-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2", "--output", str(tmp_path)],
               "upscale: error: give one or more input images or folders (see --helpshort)"),
              (["tools/export.py", "--checkpoint", "zoo:small_x2", "--fixed_size", "3", "--output", str(tmp_path)],

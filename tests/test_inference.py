@@ -914,3 +914,20 @@ def test_host_memory_available_is_bounded_by_the_cgroup_limit_and_ulimit(tmp_pat
     import resource
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1280 * MiB, resource.RLIM_INFINITY))
     assert inference.host_memory_available() == 256 * MiB
+
+
+def test_a_folder_s_files_of_formats_a_scan_does_not_take_are_named_in_a_note(tmp_path):
+    """A folder holding a.png, b.jp2 and c.ico: the run said 'wrote 1 image(s)' and nothing of the other two,
+    which Pillow reads when named as files."""
+    from rnan_jax import upscale
+
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb).save(tmp_path / "c.ico")
+    (tmp_path / "b.jp2").write_bytes(b"x")  # by its extension: not opened
+    (tmp_path / "notes.txt").write_text("x")  # not an image format: no note
+    (tmp_path / ".hidden.ico").write_bytes(b"x")
+    assert upscale.expand_inputs([str(tmp_path)]) == ([str(tmp_path / "a.png")], [])
+    assert upscale.left_out_notes([str(tmp_path), str(tmp_path / "a.png"), "gs://b/x"]) == [
+        f"{tmp_path}: left out 2 file(s) of formats a folder scan does not take (b.jp2, c.ico): name them as "
+        "inputs to upscale them"]
