@@ -583,11 +583,11 @@ def test_a_first_run_says_how_many_images_it_decodes_into_the_cache(tmp_path, ca
                        "runs reuse them) ..."]
 
 
-def test_a_rerun_neither_decodes_nor_announces_images_too_small_for_the_patch(tmp_path, monkeypatch):
-    """classic291 at x4: every run said "decoding 44 of 291 images ... (later runs reuse them)" and decoded the
-    skipped images again; they are cached like the others, and still skipped by size."""
+def _decoded_once_then_watched(tmp_path, monkeypatch, name, image):
+    """A folder of big.png and `name` trained on at x3 (HR patch 36) once, which decodes both; then (config, the
+    lines said, the paths decoded from now on)."""
     write_image(tmp_path / "HR" / "big.png", smooth_image(40, 40, 0))
-    write_image(tmp_path / "HR" / "small.png", smooth_image(30, 45, 1))
+    write_image(tmp_path / "HR" / name, image)
     cfg = config(3, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=12, cache_dir=str(tmp_path / "c"))
     lines = []
     assert [os.path.basename(n) for n in data.training_pairs(cfg, lines.append).names] == ["big.png"]
@@ -595,6 +595,13 @@ def test_a_rerun_neither_decodes_nor_announces_images_too_small_for_the_patch(tm
     decoded = []
     read_rgb = sources.images.read_rgb
     monkeypatch.setattr(sources.images, "read_rgb", lambda path: decoded.append(path) or read_rgb(path))
+    return cfg, lines, decoded
+
+
+def test_a_rerun_neither_decodes_nor_announces_images_too_small_for_the_patch(tmp_path, monkeypatch):
+    """classic291 at x4: every run said "decoding 44 of 291 images ... (later runs reuse them)" and decoded the
+    skipped images again; they are cached like the others, and still skipped by size."""
+    cfg, lines, decoded = _decoded_once_then_watched(tmp_path, monkeypatch, "small.png", smooth_image(30, 45, 1))
     assert [os.path.basename(n) for n in data.training_pairs(cfg, lines.append).names] == ["big.png"]
     assert len(lines) == 1 and decoded == []
     smaller = config(3, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=10, cache_dir=str(tmp_path / "c"))
@@ -923,15 +930,7 @@ def test_a_rerun_neither_decodes_nor_announces_images_narrower_than_the_scale(tm
     """An image with a side below the scale (not one LR pixel: a 2-pixel strip at x3) has no cache entry to make;
     every run decoded it again and said "decoding 1 of 2 images ... (later runs reuse them)". It is remembered as
     too small, and skipped as such, naming its size."""
-    write_image(tmp_path / "HR" / "big.png", smooth_image(40, 40, 0))
-    write_image(tmp_path / "HR" / "strip.png", smooth_image(2, 45, 1))
-    cfg = config(3, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=12, cache_dir=str(tmp_path / "c"))
-    lines = []
-    assert [os.path.basename(n) for n in data.training_pairs(cfg, lines.append).names] == ["big.png"]
-    assert len(lines) == 1 and "decoding 2 of 2 images" in lines[0]
-    decoded = []
-    read_rgb = sources.images.read_rgb
-    monkeypatch.setattr(sources.images, "read_rgb", lambda path: decoded.append(path) or read_rgb(path))
+    _, lines, decoded = _decoded_once_then_watched(tmp_path, monkeypatch, "strip.png", smooth_image(2, 45, 1))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rnan_jax"):
         for patch in (12, 4):  # another patch size: the size in the line is that run's
