@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -204,11 +205,17 @@ def _drop_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a quota
+
+
 def write_failure(error: BaseException) -> str | None:
     """The reason (e.g. "No space left on device") when `error` is orbax's failure to write a checkpoint's
-    files, as its save raises it (a ValueError from tensorstore), else None."""
+    files, as its save raises it (a ValueError from tensorstore: "Error writing", or "Failed writing" for an
+    array's data file; an OSError for orbax's own metadata files), else None."""
     text = str(error)
-    if not isinstance(error, (ValueError, OSError)) or "Error writing" not in text:
+    if isinstance(error, OSError) and error.errno in _NO_ROOM:
+        return os.strerror(error.errno)
+    if not isinstance(error, (ValueError, OSError)) or not re.search(r"(Error|Failed) writing", text):
         return None
     code = re.search(r"os_error_code='(\d+)'", text)
     return os.strerror(int(code.group(1))) if code else text.splitlines()[0][:200]
@@ -340,8 +347,10 @@ def same_architecture(a: RNANConfig, b: RNANConfig) -> bool:
 def move_aside(directory: str, step: int) -> str:
     """Moves a damaged step out of the manager's folder to `<directory>_damaged/<step>` (kept, not deleted)."""
     target = os.path.join(directory + "_damaged", str(step))
-    if paths.exists(target):
-        target += f".{len(paths.listdir(os.path.dirname(target)))}"
+    n = 0
+    while paths.exists(target if n == 0 else f"{target}.{n}"):  # the same step damaged before: kept too
+        n += 1
+    target = target if n == 0 else f"{target}.{n}"
     paths.makedirs(os.path.dirname(target))
     paths.rename(os.path.join(directory, str(step)), target)
     return target

@@ -51,9 +51,12 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]
 
 
 def problem(workdir: str) -> str | None:
-    """One line when a file is where the workdir, or one of the folders the run writes in it, goes; else None."""
+    """One line when a file is where the workdir, or one of the folders the run writes in it, goes, or the workdir
+    is a symbolic link to nothing (it failed as "cannot create it (File exists)"); else None."""
     if paths.exists(workdir) and not paths.isdir(workdir):
         return f"--workdir {workdir}: a file is in the way (the workdir is a folder)"
+    if not paths.is_url(workdir) and os.path.islink(workdir) and not os.path.exists(workdir):
+        return f"--workdir {workdir}: a symbolic link to {os.readlink(workdir)}, which does not exist"
     for name in (checkpoint.CHECKPOINTS, checkpoint.BEST, "tensorboard", checkpoint.CHECKPOINTS + "_damaged"):
         path = os.path.join(workdir, name)
         if paths.exists(path) and not paths.isdir(path):

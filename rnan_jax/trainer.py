@@ -71,6 +71,9 @@ def _copy_matching(params: Any, source: Any, origin: str) -> Any:
     return out
 
 
+_INIT_FROM_SAME = ("features", "num_groups", "num_blocks", "group_interval", "block_interval", "gc_reduction")
+
+
 def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig, str]:
     """The parameters and architecture that `cfg.init_from` names; raises CheckpointError or ValueError (one line,
     naming init_from) for a path that holds none, or an architecture that differs beyond the scale."""
@@ -79,8 +82,7 @@ def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig, str]:
         source, source_cfg = checkpoint.load(cfg.init_from, which=which)
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"init_from: {e}") from None
-    differs = [f"{k} {getattr(source_cfg, k)} vs {getattr(cfg.model, k)}"
-               for k in ("features", "num_groups", "num_blocks", "group_interval", "block_interval", "gc_reduction")
+    differs = [f"{k} {getattr(source_cfg, k)} vs {getattr(cfg.model, k)}" for k in _INIT_FROM_SAME
                if getattr(source_cfg, k) != getattr(cfg.model, k)]
     if differs:
         raise ValueError(f"init_from {cfg.init_from}: its architecture differs beyond the scale "
@@ -101,10 +103,11 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
         except (checkpoint.CheckpointError, KeyError, TypeError) as e:
             saved, error = None, checkpoint.damaged(directory, at, e, hint=False)
         if saved is not None:
-            if not checkpoint.same_architecture(saved, cfg.model):
+            if not checkpoint.same_architecture(saved, cfg.model):  # init_from takes another scale only
+                init_from = all(getattr(saved, k) == getattr(cfg.model, k) for k in _INIT_FROM_SAME)
                 raise ValueError(f"{workdir} holds an {checkpoint.describe(saved)}; the config asks for an "
-                                 f"{checkpoint.describe(cfg.model)}. Use another --workdir (with "
-                                 f"--config.init_from={workdir} to start from its matching parameters)")
+                                 f"{checkpoint.describe(cfg.model)}. Use another --workdir" + init_from * (
+                                     f" (with --config.init_from={workdir} to start from its matching parameters)"))
             try:
                 state, meta = checkpoint.restore_train_state(mngr, at, target)
                 if target.ema is not None and state.ema is None:  # EMA switched on for this run: start it here

@@ -352,6 +352,23 @@ _ORBAX_WRITE_FAILURE = (
     "space left on device [os_error_code='28']")
 
 
+def _a_failing_save_is_one_line(images, straight, tmp_path, monkeypatch, orbax_error):
+    """A run resumed from step 3 whose next save raises ValueError(orbax_error) stops in one line, saying what is
+    kept."""
+    from rnan_jax import checkpoint
+
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+
+    def save_train_state(mngr, step, state, meta):
+        raise ValueError(orbax_error)
+
+    monkeypatch.setattr(checkpoint, "save_train_state", save_train_state)
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images), str(tmp_path))
+    assert str(e.value) == (f"cannot save a checkpoint in {tmp_path} (No space left on device); the last good "
+                            "checkpoint (step 3) is intact: make room and rerun to resume from it")
+
+
 def test_a_checkpoint_that_fails_to_be_written_is_one_line_and_its_thread_reports_are_dropped(images, straight,
                                                                                               tmp_path, monkeypatch):
     """A save that the room check could not foresee (a user's quota): on a 3 MiB tmpfs orbax's save threads and
@@ -377,16 +394,7 @@ def test_a_checkpoint_that_fails_to_be_written_is_one_line_and_its_thread_report
     assert checkpoint._not_a_failed_write(record(orbax_thread, "another error", (KeyError, KeyError("k"), None)))
     assert checkpoint._not_a_failed_write(record("/work/rnan_jax/trainer.py", "ours", failure))
 
-    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
-
-    def save_train_state(mngr, step, state, meta):
-        raise ValueError(_ORBAX_WRITE_FAILURE)
-
-    monkeypatch.setattr(checkpoint, "save_train_state", save_train_state)
-    with pytest.raises(TrainingError) as e:
-        train_and_evaluate(x4_config(images), str(tmp_path))
-    assert str(e.value) == (f"cannot save a checkpoint in {tmp_path} (No space left on device); the last good "
-                            "checkpoint (step 3) is intact: make room and rerun to resume from it")
+    _a_failing_save_is_one_line(images, straight, tmp_path, monkeypatch, _ORBAX_WRITE_FAILURE)
 
 
 def test_init_from_x2_to_x4(images, tmp_path, capsys, monkeypatch):
@@ -1395,3 +1403,82 @@ def test_a_url_workdir_s_train_log_is_copied_at_most_once_a_minute_and_at_close(
     assert len(copies) == 2 and copies[-1] == len("\n".join(lines)) + 1
     assert lines[0].endswith("an earlier run's line") and [line[21:] for line in lines[1:]] == [
         f"step {i}" for i in range(100)]
+
+
+_TENSORSTORE_DATA_WRITE_FAILURE = (  # an array's data file, as a 520 KiB tmpfs made orbax's commit thread raise it
+    'RESOURCE_EXHAUSTED: Failed writing: "/w/checkpoints/3.orbax-checkpoint-tmp/params.orbax-checkpoint-tmp/d/934d7d":'
+    " Failed to write 5482 bytes to file 15: No space left on device [os_error_code='28']")
+
+
+def test_a_full_disk_under_orbax_s_metadata_and_data_files_is_one_line_too(images, straight, tmp_path, monkeypatch):
+    """On tmpfs disks of 420-700 KiB (the room check passed: the tiny state's files take twice its bytes) a save
+    failed in orbax's commit and metadata threads, not in tensorstore's "Error writing": as "Failed writing" (an
+    array's data file) or a bare OSError [Errno 28] (its _METADATA, _CHECKPOINT_METADATA). Their absl reports
+    (E lines with tracebacks: "Failed to run 5 Handler Commit operations", "_SignalingThread.run() raised an
+    exception", "Save Finalize thread (save_finalize) failed") were printed above the run's one line, and the
+    "Failed writing" raised by the save ended the run with orbax's text alone, nothing about what was kept."""
+    import errno
+    import logging
+
+    from rnan_jax import checkpoint
+
+    assert checkpoint.write_failure(ValueError(_TENSORSTORE_DATA_WRITE_FAILURE)) == "No space left on device"
+    assert checkpoint.write_failure(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
+    assert checkpoint.write_failure(OSError(errno.EDQUOT, "Disk quota exceeded")) == "Disk quota exceeded"
+    assert checkpoint.write_failure(OSError(errno.ENOENT, "No such file or directory")) is None
+    orbax = "/venv/site-packages/orbax/checkpoint/_src/"
+    for where, error in [("checkpoint/async_checkpointer.py", ValueError(_TENSORSTORE_DATA_WRITE_FAILURE)),
+                         ("futures/future.py", OSError(errno.ENOSPC, "No space left on device")),
+                         ("checkpoint_manager.py", OSError(errno.ENOSPC, "No space left on device"))]:
+        record = logging.LogRecord("absl", logging.ERROR, orbax + where, 1, "failed", None,
+                                   (type(error), error, None))
+        assert not checkpoint._not_a_failed_write(record), where
+    _a_failing_save_is_one_line(images, straight, tmp_path, monkeypatch, _TENSORSTORE_DATA_WRITE_FAILURE)
+
+
+def test_a_step_damaged_again_is_moved_beside_the_earlier_ones_whatever_names_are_taken(images, straight, tmp_path):
+    """move_aside named the second copy of a step `<step>.<entries in checkpoints_damaged>`: with 6 and 6.2 there
+    (6.2 named when a third entry was there, since deleted) the next damaged 6 went to 6.2 again, the rename
+    failed ("[Errno 39] Directory not empty") and the run stopped without resuming."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight[0], workdir)
+    _damage(workdir, 6, "_METADATA")
+    for earlier in ("6", "6.2"):
+        (workdir / "checkpoints_damaged" / earlier).mkdir(parents=True)
+        (workdir / "checkpoints_damaged" / earlier / "note").write_text(earlier)
+    train_and_evaluate(x4_config(images), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints_damaged")) == ["6", "6.1", "6.2"]
+    assert [(workdir / "checkpoints_damaged" / n / "note").read_text() for n in ("6", "6.2")] == ["6", "6.2"]
+    assert "_METADATA" not in os.listdir(workdir / "checkpoints_damaged" / "6.1" / "params")
+    assert _equal_trees(load(str(straight[0]))[0], load(str(workdir))[0])
+
+
+def test_a_workdir_that_is_a_symbolic_link_to_nothing_is_named_in_one_line(images, tmp_path):
+    """A workdir linked to a disk not mounted (or a folder not made yet) failed as "--workdir W: cannot create it
+    (File exists)"; dry run said "not created yet; a run creates it"."""
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "scratch" / "run")
+    line = f"--workdir {link}: a symbolic link to {tmp_path}/scratch/run, which does not exist"
+    with pytest.raises(ValueError) as e:
+        train_and_evaluate(x4_config(images), str(link))
+    assert str(e.value) == line
+    assert f"workdir: {link} ({line.split(': ', 1)[1]}: the run would stop)" in dry_run(x4_config(images), str(link))
+    (tmp_path / "scratch" / "run").mkdir(parents=True)  # once it is there, the run trains in it
+    assert "exists, no checkpoint yet" in dry_run(x4_config(images), str(link))
+
+
+def test_a_workdir_of_another_width_is_refused_without_init_from_advice_that_would_fail(images, straight, tmp_path):
+    """The refusal of a workdir of another architecture advised --config.init_from=WORKDIR whatever differed; for
+    another width or depth init_from refuses it in turn ("its architecture differs beyond the scale")."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight[0], workdir)
+    with pytest.raises(ValueError) as e:
+        train_and_evaluate(x4_config(images, **{"model.features": 16}), str(workdir))
+    assert str(e.value) == (f"{workdir} holds an x4 model (features 8, 1 groups x 2 blocks, intervals 1/1, GC "
+                            "reduction 2); the config asks for an x4 model (features 16, 1 groups x 2 blocks, "
+                            "intervals 1/1, GC reduction 2). Use another --workdir")
+    with pytest.raises(ValueError) as e:  # another scale: init_from takes it
+        train_and_evaluate(x4_config(images, **{"model.scale": 2}), str(workdir))
+    assert str(e.value).endswith(f". Use another --workdir (with --config.init_from={workdir} to start from its "
+                                 "matching parameters)")
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]  # nothing lost
