@@ -152,8 +152,19 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     if (problem := rundir.problem(workdir)) is not None:
         state = f"{problem.split(': ', 1)[1]}: the run would stop"
     elif paths.isdir(workdir):
-        steps = checkpoint.complete_steps(os.path.join(workdir, checkpoint.CHECKPOINTS))
+        directory = os.path.join(workdir, checkpoint.CHECKPOINTS)
+        steps = checkpoint.complete_steps(directory)
         state = f"exists; the run resumes from its step {steps[-1]}" if steps else "exists, no checkpoint yet"
+        try:  # what the run would find there (it said "resumes" of a workdir the run refuses or leaves as it is)
+            saved = checkpoint.config_from_meta(checkpoint.read_meta(directory, steps[-1])) if steps else None
+        except (checkpoint.CheckpointError, KeyError, TypeError):
+            saved = None  # damaged: the run moves it aside and tries the step before
+        if saved is not None and not checkpoint.same_architecture(saved, cfg.model):
+            state = (f"holds an {checkpoint.describe(saved)}, the config an {checkpoint.describe(cfg.model)}: "
+                     "the run would stop")
+        elif steps and steps[-1] >= cfg.total_steps:
+            state = (f"already at step {steps[-1]} of total_steps {cfg.total_steps}: the run would do nothing "
+                     "(raise --config.total_steps to train on)")
     else:
         state = "not created yet; a run creates it"
     lines.append(f"workdir: {workdir} ({state}); dry run: nothing read or written")

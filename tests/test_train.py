@@ -1482,3 +1482,20 @@ def test_a_workdir_of_another_width_is_refused_without_init_from_advice_that_wou
     assert str(e.value).endswith(f". Use another --workdir (with --config.init_from={workdir} to start from its "
                                  "matching parameters)")
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]  # nothing lost
+
+
+def test_dry_run_says_when_the_run_would_do_nothing_or_refuse_the_workdir(images, straight):
+    """The dry run said "the run resumes from its step 6" of a workdir at total_steps (the run: "nothing to do")
+    and of one holding another architecture (the run: refused)."""
+    from rnan_jax.configs import TrainConfig
+
+    workdir = str(straight[0])
+    assert f"workdir: {workdir} (already at step 6 of total_steps 6: the run would do nothing (raise " \
+           "--config.total_steps to train on)); dry run" in dry_run(x4_config(images), workdir)
+    assert f"workdir: {workdir} (exists; the run resumes from its step 6)" in dry_run(
+        x4_config(images, total_steps=12), workdir)
+    wider = x4_config(images, **{"model.features": 2 * TINY_MODEL["features"]})
+    saved = checkpoint.config_from_meta(checkpoint.read_meta(os.path.join(workdir, "checkpoints"), 6))
+    wide = TrainConfig.from_config(wider).model
+    assert (f"workdir: {workdir} (holds an {checkpoint.describe(saved)}, the config an {checkpoint.describe(wide)}: "
+            "the run would stop)") in dry_run(wider, workdir)
