@@ -383,6 +383,9 @@ def load(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANC
         raise CheckpointError(f"path must name a workdir, checkpoint folder or zoo model, got {path!r}")
     path = os.fspath(path)
     if zoo.is_zoo(path):  # shipped weights: one set of parameters, `which` does not apply
+        if which != "latest":  # --which ema/best gave those same parameters without a word
+            raise CheckpointError(f"{path}: a zoo model holds one set of parameters (those make_zoo took from its "
+                                  f"run), so which {which!r} (--which) does not apply")
         try:
             return zoo.load(path)
         except zoo.ZooError as e:

@@ -354,3 +354,23 @@ def test_record_sha256_adds_to_the_list_beside_the_file(tmp_path, monkeypatch):
     (tmp_path / "sha256.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object"):
         zoo.record_sha256("b", str(model))
+
+
+def test_which_ema_or_best_of_a_zoo_model_is_refused_in_one_line(tmp_path):
+    """upscale --checkpoint zoo:small_x2 --which ema wrote the image from the zoo's one set of parameters, exit 0,
+    as if they were an EMA."""
+    from rnan_jax import checkpoint
+
+    params, config = checkpoint.load("zoo:small_x2")
+    assert config.scale == 2 and checkpoint.load("zoo:small_x2", which="latest")[1] == config
+    for which in ("ema", "best"):
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load("zoo:small_x2", which=which)
+        assert str(e.value) == (f"zoo:small_x2: a zoo model holds one set of parameters (those make_zoo took from "
+                                f"its run), so which {which!r} (--which) does not apply")
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2", "--which",
+                           "ema", str(tmp_path / "x.png"), "--output", str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "upscale: cannot load --checkpoint: zoo:small_x2: a zoo model holds one set of parameters (those make_zoo "
+        "took from its run), so which 'ema' (--which) does not apply"), proc.stderr
