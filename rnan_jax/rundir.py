@@ -97,7 +97,11 @@ def exclusive(workdir: str) -> Iterator[None]:
             yield
         return
     path = os.path.join(workdir, LOCK_FILE)
-    with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only mount, another user's folder: it was "[Errno 30] ...: '.../train.lock'"
+        raise ValueError(f"--workdir {workdir}: cannot write in it ({e.strerror or e})") from None
+    with open(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1499,3 +1499,25 @@ def test_dry_run_says_when_the_run_would_do_nothing_or_refuse_the_workdir(images
     wide = TrainConfig.from_config(wider).model
     assert (f"workdir: {workdir} (holds an {checkpoint.describe(saved)}, the config an {checkpoint.describe(wide)}: "
             "the run would stop)") in dry_run(wider, workdir)
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line_naming_it(images, tmp_path, monkeypatch):
+    """A run resumed in a workdir on a read-only mount stopped with "[Errno 30] Read-only file system:
+    '.../train.lock'", naming neither the workdir nor what to do."""
+    import errno
+
+    from rnan_jax import rundir
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if os.fspath(path).endswith(rundir.LOCK_FILE):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.os, "open", read_only)
+    with pytest.raises(ValueError) as e:
+        train_and_evaluate(x4_config(images, total_steps=1), str(workdir))
+    assert str(e.value) == f"--workdir {workdir}: cannot write in it (Read-only file system)"
