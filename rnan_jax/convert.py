@@ -61,21 +61,13 @@ def _array(key: str, value: object) -> np.ndarray:
         raise ValueError(f"state_dict: {key} is not a tensor ({type(value).__name__}: {e})") from None
 
 
-def _at_precision_of(mean: np.ndarray, buffer: object) -> np.ndarray:
-    """float32 `mean` rounded as a checkpoint of `buffer`'s dtype stores it (a bfloat16 or float16 `mean`: 0.4488
-    is 0.44921875 in bfloat16), back in float32; `mean` itself for float32 or float64 buffers."""
-    dtype = getattr(buffer, "dtype", None)
-    try:
-        if hasattr(buffer, "detach"):  # torch: float32 -> the buffer's dtype, as `model.bfloat16()` rounds it
-            import torch
+def _mean_roundings(mean: tuple[float, ...]) -> list[np.ndarray]:
+    """`mean` as a checkpoint may hold it: in float32, or rounded to bfloat16 or float16 (0.4488 is 0.44921875 in
+    bfloat16) by a model cast to that dtype, whether it was saved so or cast back to float32 before saving."""
+    import ml_dtypes
 
-            if dtype in (torch.float16, torch.bfloat16):
-                return torch.from_numpy(mean).to(dtype).float().numpy()
-        elif dtype is not None and np.dtype(dtype).name in ("float16", "bfloat16"):  # numpy's, ml_dtypes'
-            return mean.astype(dtype).astype(np.float32)
-    except (TypeError, ValueError):
-        pass
-    return mean
+    exact = np.asarray(mean, np.float32)
+    return [exact] + [exact.astype(low).astype(np.float32) for low in (ml_dtypes.bfloat16, np.float16)]
 
 
 def from_torch_state_dict(state_dict: Mapping[str, object], config: RNANConfig) -> dict:
@@ -86,17 +78,15 @@ def from_torch_state_dict(state_dict: Mapping[str, object], config: RNANConfig) 
     carry a DataParallel ("module.") or torch.compile ("_orig_mod.") prefix, or that of the attribute holding
     the network (PyTorch Lightning's "model.") where every key has it. Raises ValueError naming
     the first key that is missing, left over or of the wrong shape for `config`, and for a `mean` buffer that is
-    not `config.rgb_mean` as the checkpoint's dtype rounds it (a bfloat16 checkpoint holds 0.4488 as 0.44921875;
-    the parameters do not hold the mean: the model would shift by the wrong one)."""
-    raw = _unwrapped(dict(_state_dict_of(state_dict)))
-    sd = {k: _array(k, v) for k, v in raw.items()}
+    not `config.rgb_mean`, in float32 or as bfloat16 or float16 round it (a bfloat16 checkpoint holds 0.4488 as
+    0.44921875; the parameters do not hold the mean: the model would shift by the wrong one)."""
+    sd = _unwrapped({k: _array(k, v) for k, v in _state_dict_of(state_dict).items()})
     missing = [k for k in ("head.weight", "tail.weight", "fuse1.weight") if k not in sd]
     if missing:
         raise ValueError(f"not an RNAN state_dict: missing {', '.join(missing)} (keys start: "
                          f"{', '.join(list(sd)[:3]) or 'none'})")
-    expected = _at_precision_of(np.asarray(config.rgb_mean, np.float32), raw.get("mean"))
-    if "mean" in sd and not (sd["mean"].size == 3 and np.allclose(sd["mean"].ravel(), expected, rtol=_MEAN_RTOL,
-                                                                  atol=0)):
+    if "mean" in sd and not (sd["mean"].size == 3 and any(
+            np.allclose(sd["mean"].ravel(), m, rtol=_MEAN_RTOL, atol=0) for m in _mean_roundings(config.rgb_mean))):
         mean = tuple(float(str(v)) for v in sd["mean"].ravel())  # float32's shortest repr: passed back, it matches
         raise ValueError(f"state_dict: mean is {mean}, but config.rgb_mean is {config.rgb_mean}: pass "
                          f"RNANConfig(..., rgb_mean={mean})")
