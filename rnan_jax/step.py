@@ -23,6 +23,10 @@ from rnan_jax.model import RNANConfig, cast_params
 _LOSS_AVG_DECAY = 0.99
 _SKIP_WARMUP = 100  # steps before loss-spike skipping starts (the running loss must settle first)
 LOSSES = ("l1", "l2", "charbonnier")
+# model.dtype float16: the loss is multiplied by this for the gradient, which is divided by it after (static loss
+# scaling). Unscaled, a mean loss's gradient of each output pixel (1/pixels: 2.3e-6 at batch 16 of 48x48, x2)
+# underflowed float16 in the backward: the attention convs' gradients came out all zero, the rest rounded.
+FLOAT16_LOSS_SCALE = 2.0 ** 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +213,15 @@ def batch_chunks(requested: int, per_device_batch: int, num_devices: int) -> int
     return chunks
 
 
+def _value_and_grad(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> tuple[jax.Array, Any]:
+    """`train_loss` and its gradient; in float16 through a loss scaled by FLOAT16_LOSS_SCALE."""
+    if jnp.dtype(spec.model.dtype) != jnp.float16:
+        return jax.value_and_grad(train_loss)(params, lr, hr, spec)
+    scale = FLOAT16_LOSS_SCALE
+    loss, grads = jax.value_and_grad(lambda p: train_loss(p, lr, hr, spec) * scale)(params)
+    return loss / scale, jax.tree_util.tree_map(lambda g: g / scale, grads)
+
+
 def _loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -> tuple[jax.Array, Any]:
     """The mean loss (optim.loss) and its gradient. With `batch_chunks` n > 1 the batch's n equal parts go through
     separate forward/backward passes whose losses and gradients are averaged: the same numbers (up to the
@@ -216,7 +229,7 @@ def _loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -
     kernels use one thread each at these sizes): 27% off the small model's step on 2 cores."""
     n = spec.batch_chunks
     if n <= 1 or lr.shape[0] % n:
-        return jax.value_and_grad(train_loss)(params, lr, hr, spec)
+        return _value_and_grad(params, lr, hr, spec)
     # Chunk c is samples c, c + n, c + 2n, ...: with the batch sharded over devices in contiguous blocks (of a
     # multiple of n samples), each device holds its own share of every chunk, where contiguous chunks
     # (jnp.split) each lay on a few devices and were moved between them (collective-permutes) every step.
@@ -224,7 +237,7 @@ def _loss_and_grads(params: Any, lr: jax.Array, hr: jax.Array, spec: StepSpec) -
         strided = x.reshape(x.shape[0] // n, n, *x.shape[1:])
         return [strided[:, c] for c in range(n)]
 
-    parts = [jax.value_and_grad(train_loss)(params, a, b, spec) for a, b in zip(split(lr), split(hr))]
+    parts = [_value_and_grad(params, a, b, spec) for a, b in zip(split(lr), split(hr))]
     loss = sum(p[0] for p in parts) / n
     return loss, jax.tree_util.tree_map(lambda *g: sum(g) / n, *[p[1] for p in parts])
 

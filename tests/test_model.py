@@ -349,3 +349,30 @@ def test_convert_round_trip_and_bad_state_dicts_named_by_key(small_params):
         from_torch_state_dict({**sd, "groups.0.blocks.1.c1.weight": np.zeros((8, 8, 1, 1))}, SMALL)
     with pytest.raises(ValueError, match=r"up\.0\.weight has shape"):
         from_torch_state_dict(sd, RNANConfig(**{**SMALL.__dict__, "scale": 3}))
+
+
+def test_bfloat16_bias_gradients_are_summed_in_float32():
+    """Every conv's bias gradient is a sum over the whole batch of the output gradient, whose terms under a mean
+    loss are tiny: summed in bfloat16 (autodiff's sum of a bfloat16 add) it stalled, the reconstruction conv's
+    three bias gradients all near one value (-0.0086 against -0.016, -0.082, -0.064 in float32 at batch 16 of
+    48x48), the other biases' several times too small. Now each is float32's to bfloat16's precision."""
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    params = init(jax.random.key(0), config)
+    lr = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+    hr = jax.random.uniform(jax.random.key(2), (4, 32, 32, 3))
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        model = build(RNANConfig(**{**config.__dict__, "dtype": dtype}), scan_unroll=1, depthwise="grouped")
+        grads[dtype] = jax.jit(jax.grad(lambda p, m=model: jnp.mean(jnp.abs(m.apply({"params": p}, lr) - hr))))(
+            params)
+    errors = {}
+    for (path, b16), f32 in zip(jax.tree_util.tree_leaves_with_path(grads["bfloat16"]),
+                                jax.tree_util.tree_leaves(grads["float32"])):
+        name = jax.tree_util.keystr(path)
+        # the depthwise bias's gradient is dominated by the bfloat16 forward's rounding (4% apart either way); the
+        # GC transform computes in float32, its logits' bias has no gradient (softmax)
+        if name.endswith("['bias']") and "['gc']" not in name and "['dc']" not in name:
+            b16, f32 = np.asarray(b16, np.float64), np.asarray(f32, np.float64)
+            errors[name] = np.linalg.norm(b16 - f32) / np.linalg.norm(f32)
+    assert len(errors) == 10 and max(errors.values()) < 0.02, errors
+    assert errors["['tail']['bias']"] < 0.01  # was 0.68

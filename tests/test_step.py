@@ -326,3 +326,26 @@ def test_an_unknown_loss_is_one_line():
         OptimConfig(loss="L1")
     with pytest.raises(ValueError, match=r"optim.charbonnier_eps must be positive, got 0.0"):
         OptimConfig(loss="charbonnier", charbonnier_eps=0.0)
+
+
+def test_float16_gradients_do_not_underflow():
+    """model.dtype float16 (tools/compare_dtypes.py trains it): a mean loss's gradient of each output pixel
+    (1/pixels) underflowed float16 in the backward, so that the attention convs' gradients came out all zero
+    and the others rounded off; through the scaled loss each gradient is float32's to float16's precision."""
+    config = RNANConfig(scale=2, features=16, num_groups=1, num_blocks=2, gc_reduction=4)
+    params = create_state(jax.random.key(0), spec=StepSpec(config, OptimConfig())).params
+    rng = np.random.RandomState(0)
+    lr = jnp.asarray(rng.rand(8, 32, 32, 3), jnp.float32)
+    hr = jnp.asarray(rng.rand(8, 64, 64, 3), jnp.float32)
+    results = {}
+    for dtype in ("float32", "float16"):
+        spec = StepSpec(dataclasses.replace(config, dtype=dtype), OptimConfig(), scan_unroll=1, depthwise="grouped")
+        results[dtype] = jax.jit(lambda p, a, b, spec=spec: step._loss_and_grads(p, a, b, spec))(params, lr, hr)
+    assert float(results["float16"][0]) == pytest.approx(float(results["float32"][0]), rel=1e-3)
+    errors = {}
+    for (path, g16), g32 in zip(jax.tree_util.tree_leaves_with_path(results["float16"][1]),
+                                _leaves(results["float32"][1])):
+        name = jax.tree_util.keystr(path)
+        if name != "['groups']['gc']['k']['bias']":  # no gradient at all (a constant under the softmax)
+            errors[name] = np.linalg.norm(np.asarray(g16, np.float64) - g32) / np.linalg.norm(g32)
+    assert len(errors) == 29 and max(errors.values()) < 0.02, errors
