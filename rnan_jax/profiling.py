@@ -111,13 +111,9 @@ def hlo_stats(text: str) -> dict[str, Any]:
             "custom_call_targets_per_step": dict(targets), "async_fusion_roots_per_step": dict(async_roots)}
 
 
-def profile_summary(trace: dict, steps: int, top: int = 15) -> dict[str, Any]:
-    """Device kernels in a Perfetto/Chrome trace (`jax.profiler.trace(..., create_perfetto_trace=True)`).
-
-    Device events are those of processes named like "/device:GPU:0" (the host's are left out). Per thread
-    (stream): events and busy milliseconds per step; over the threads named "Stream ..." (all device
-    threads where none is so named): kernels per step, busy time per step and the `top` kernels by time.
-    """
+def _device_spans(trace: dict) -> tuple[dict, dict, list[dict], list[dict]]:
+    """(process names, thread names, the device processes' complete events, and of those the kernels: the events
+    of threads named "Stream ..." (all of them where no thread is so named)) of a Perfetto/Chrome trace."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     processes, threads = {}, {}
     for e in events:
@@ -127,12 +123,23 @@ def profile_summary(trace: dict, steps: int, top: int = 15) -> dict[str, Any]:
             threads[(e["pid"], e["tid"])] = e.get("args", {}).get("name", "")
     device = {p for p, n in processes.items() if n.startswith("/device:")}
     spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in device]
+    streams = [e for e in spans if str(threads.get((e["pid"], e["tid"]), "")).startswith("Stream")] or spans
+    return processes, threads, spans, streams
+
+
+def profile_summary(trace: dict, steps: int, top: int = 15) -> dict[str, Any]:
+    """Device kernels in a Perfetto/Chrome trace (`jax.profiler.trace(..., create_perfetto_trace=True)`).
+
+    Device events are those of processes named like "/device:GPU:0" (the host's are left out). Per thread
+    (stream): events and busy milliseconds per step; over the threads named "Stream ..." (all device
+    threads where none is so named): kernels per step, busy time per step and the `top` kernels by time.
+    """
+    processes, threads, spans, streams = _device_spans(trace)
     per_thread = collections.defaultdict(lambda: [0, 0.0])
     for e in spans:
         key = f"{processes[e['pid']]} {threads.get((e['pid'], e['tid']), e['tid'])}"
         per_thread[key][0] += 1
         per_thread[key][1] += e.get("dur", 0.0)
-    streams = [e for e in spans if str(threads.get((e["pid"], e["tid"]), "")).startswith("Stream")] or spans
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for e in streams:
         by_name[e["name"]][0] += 1
@@ -162,16 +169,11 @@ KERNEL_CATEGORIES = (
 
 def kernel_categories(trace: dict, steps: int) -> dict[str, dict[str, float]]:
     """{category: {"ms_per_step", "kernels_per_step"}} of the device kernels on the streams (as
-    `profile_summary` counts them), by `KERNEL_CATEGORIES`, the rest under "everything else"."""
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device = {p for p, n in processes.items() if n.startswith("/device:")}
+    `profile_summary` counts them: a trace's "XLA Ops" and "XLA Modules" lines, where it has them beside the
+    streams, repeat the streams' work), by `KERNEL_CATEGORIES`, the rest under "everything else"."""
     out = {name: {"ms_per_step": 0.0, "kernels_per_step": 0.0} for name, _ in KERNEL_CATEGORIES}
     out["everything else"] = {"ms_per_step": 0.0, "kernels_per_step": 0.0}
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in device:
-            continue
+    for e in _device_spans(trace)[3]:
         name = next((c for c, keys in KERNEL_CATEGORIES if any(k in e["name"] for k in keys)), "everything else")
         out[name]["ms_per_step"] += e.get("dur", 0.0) / 1e3 / steps
         out[name]["kernels_per_step"] += 1 / steps

@@ -326,3 +326,114 @@ def test_tool_misuse_is_one_line(name, args, says, tmp_path):
              and "libtpu" not in line and line.strip()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert says in proc.stderr + proc.stdout and len(lines) <= 2, proc.stderr[-3000:]
+
+
+def test_autotune_cache_reads_a_dot_prefixed_tar_and_names_a_file_it_cannot_read(tmp_path):
+    """`tar -cf autotune.tar -C /tmp ./rnan_autotune_a ./rnan_autotune_c` (or `-C dir .`): every member's top folder
+    was ".", so the caches merged into one, the later one's picks over the earlier's, and nothing was compared. A
+    file that is no cache entry was told as "autotune_cache: wire type 4", naming no file; an empty one counted as
+    a pick of "backend None"; an empty folder was left out without a word."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import autotune_cache
+
+    conv = lambda engine: _pb(4, _pb(1, engine) + _pb(6, b""))  # noqa: E731
+    caches = {"a": [("f" * 32, 1, conv(58)), ("d" * 32, 10, _pb(6, b""))],
+              "b": [("f" * 32, 1, conv(70)), ("d" * 32, 10, _pb(6, b"")), ("c" * 32, 10, _pb(6, b""))]}
+    for folder, entries in caches.items():
+        (tmp_path / folder / "ed0e56ab8b2a0ecb").mkdir(parents=True)
+        for i, (fingerprint, backend, settings) in enumerate(entries):
+            (tmp_path / folder / "ed0e56ab8b2a0ecb" / f"{i}.pb").write_bytes(_cache_entry(fingerprint, backend, settings))
+    with tarfile.open(tmp_path / "dot.tar", "w") as tar:
+        tar.add(tmp_path / "a", "./a")
+        tar.add(tmp_path / "b", "./b")
+    got = autotune_cache.report(autotune_cache.read_folders([str(tmp_path / "dot.tar")])).splitlines()
+    assert got[:3] == ["a: 2 entries: 1 cuDNN conv, 1 XLA emitter", "b: 3 entries: 2 XLA emitter, 1 cuDNN conv",
+                       "a against b: 2 keys in both, 1 picked differently"]
+    assert got[3].startswith("  " + "f" * 32 + ": cuDNN conv {1:1 2:{4:{1:58 6:}}} | cuDNN conv {1:1 2:{4:{1:70 6:}}}")
+    (tmp_path / "empty").mkdir()
+    got = autotune_cache.report(autotune_cache.read_folders([str(tmp_path / "empty"), str(tmp_path / "a")]))
+    assert got.splitlines()[0] == f"{tmp_path / 'empty'}: 0 entries (no cache files)"
+
+    for name, content in (("notes.txt", b"hello world, these are notes"), ("empty.pb", b""),
+                          ("cut.pb", _cache_entry("e" * 32, 1, conv(58))[:30])):
+        bad = tmp_path / f"bad_{name}"
+        bad.mkdir()
+        (bad / name).write_bytes(content)
+        proc = _tool("autotune_cache", str(bad), tmp_path=tmp_path)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"autotune_cache: {bad / name}: not an XLA autotuning cache entry ("), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
+    with tarfile.open(tmp_path / "nothing.tar", "w"):
+        pass
+    proc = _tool("autotune_cache", "nothing.tar", tmp_path=tmp_path)
+    assert (proc.returncode, proc.stderr) == (1, "autotune_cache: nothing.tar: the tar file holds no files\n")
+
+
+def _gpu_trace(kernels, other_threads=()):
+    """A trace as jax.profiler writes one of a GPU run: a host process, a device process whose "Stream" threads
+    hold `kernels` [(name, us)] and whose `other_threads` [(thread name, [(name, us)])] hold their own events."""
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #14(Memset,Compute)"}}]
+    events = [{"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": 0, "dur": d} for n, d in kernels]
+    for tid, (thread, spans) in enumerate(other_threads, 100):
+        meta.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": thread}})
+        events += [{"ph": "X", "pid": 1, "tid": tid, "name": n, "ts": 0, "dur": d} for n, d in spans]
+    events.append({"ph": "X", "pid": 2, "tid": 1, "name": "host work", "ts": 0, "dur": 5000.0})
+    return {"traceEvents": meta + events}
+
+
+def test_kernel_categories_count_the_streams_kernels_once():
+    """A trace that also holds the device's "XLA Ops" and "XLA Modules" lines (the same work, per HLO op and per
+    program) had them counted as more kernels: twice the kernel time, and the whole step in "everything else"."""
+    kernels = [("sm90_xmma_fprop_implicit_gemm", 300.0), ("loop_convert_fusion", 100.0)]
+    trace = _gpu_trace(kernels, [("XLA Ops", [("convolution.3", 300.0), ("loop_convert_fusion", 100.0)]),
+                                 ("XLA Modules", [("jit_train_step", 450.0)])])
+    got = profiling.kernel_categories(trace, steps=2)
+    assert got == profiling.kernel_categories(_gpu_trace(kernels), steps=2)
+    assert sum(v["ms_per_step"] for v in got.values()) == pytest.approx(
+        profiling.profile_summary(trace, steps=2)["kernel_ms_per_step"]) == pytest.approx(0.2)
+    assert got["3x3 convolutions (cuDNN fprop, dgrad, wgrad)"] == {"ms_per_step": 0.15, "kernels_per_step": 0.5}
+    assert got["everything else"] == {"ms_per_step": 0.0, "kernels_per_step": 0.0}
+
+
+def test_trace_breakdown_tells_traces_of_one_name_apart_and_stops_on_one_without_device_kernels(tmp_path):
+    """jax.profiler names every trace perfetto_trace.json.gz: two of them were two columns of that one name. A
+    trace of a CPU run (no device process) printed a table of zeros, status 0."""
+    import gzip
+
+    for run, ms in (("train_b16_bfloat16", 2.0), ("train_b16_float32", 3.0)):
+        folder = tmp_path / "p" / run / "plugins" / "profile" / "2026_11_29_10_00_00"
+        folder.mkdir(parents=True)
+        with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+            json.dump(_gpu_trace([("sm90_xmma_fprop_implicit_gemm", ms * 1e3)] * 3), f)
+    traces = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("p/*/plugins/profile/*/*.gz"))
+    proc = _tool("trace_breakdown", *traces, "--steps=3", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("| per step | train_b16_bfloat16/plugins/profile/2026_11_29_10_00_00/perfetto_trace.json.gz | "
+                        "train_b16_float32/plugins/profile/2026_11_29_10_00_00/perfetto_trace.json.gz |")
+    assert lines[2] == "| all kernels | 2.0 ms, 1 | 3.0 ms, 1 |"
+
+    (tmp_path / "cpu.json").write_text(json.dumps({"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 701, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 701, "tid": 1, "name": "jit_train_step", "ts": 0, "dur": 900.0}]}))
+    proc = _tool("trace_breakdown", traces[0], "cpu.json", tmp_path=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert proc.stderr == ("cpu.json: no device kernels in the trace (no /device: process with events: a trace of a "
+                           "run on the CPU?)\n")
+
+
+def test_autotune_cache_into_a_closed_pipe_is_no_error(tmp_path):
+    """`autotune_cache.py x.tar | head -3`: the reader leaving early was told as "autotune_cache: [Errno 32] Broken
+    pipe", status 1 (which fails a pipeline under `set -o pipefail`)."""
+    (tmp_path / "a" / "ed0e56ab8b2a0ecb").mkdir(parents=True)
+    (tmp_path / "a" / "ed0e56ab8b2a0ecb" / "0.pb").write_bytes(_cache_entry("f" * 32, 10, _pb(6, b"")))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "autotune_cache.py"), "a"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (0, "")

@@ -88,3 +88,58 @@ def test_largest_fitting_is_the_largest_multiple_of_the_step_that_fits(monkeypat
     # Not even one step fits: 0, not the step (which would claim a 16 x 16 image fits).
     assert tiling.largest_fitting(TINY, fits(16) - 1) == 0
     assert tiling.largest_fitting(TINY, 1) == 0
+
+
+def _tiling_bound(tmp_path, *args):
+    """tools/tiling_bound.py in a subprocess, its part 2 (which compiles the paper's x4 model) stubbed out."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runner = tmp_path / "run_tiling_bound.py"
+    runner.write_text("import runpy, sys\nfrom rnan_jax import tiling\n"
+                      "tiling.forward_memory = lambda config, side: (1, 2, 3)\n"
+                      "tiling.largest_fitting = lambda config, budget: 16\n"
+                      f"sys.argv[0] = {os.path.join(root, 'tools', 'tiling_bound.py')!r}\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    return subprocess.run([sys.executable, str(runner), *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+
+
+def _table_rows(stdout):
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| image", "| ---", "| LR side"))]
+
+
+def test_tiling_bound_scans_at_the_default_overlap_of_the_scan_tile_and_reads_any_image_format(tmp_path):
+    # A set of .bmp HR images (evaluate scores such a set): only <stem>.png was read, "no such file". And a scan
+    # tile of 32 ran at DEFAULT_OVERLAP 32, which is not below the tile: "first 0 images", nothing scanned;
+    # upscale_image's default overlap for a tile of 32 is 16.
+    from PIL import Image
+
+    hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
+    hr_dir.mkdir(parents=True)
+    Image.fromarray(_photo(96, 88)).save(hr_dir / "a.bmp")
+    Image.fromarray(_photo(40, 36)).save(hr_dir / "b.jpg")
+    proc = _tiling_bound(tmp_path, f"--data_dir={tmp_path}", "--images=Mine/a,Mine/b.jpg", "--tiles=32",
+                         "--overlaps=8", "--sets=Mine", "--scan_tile=32", "--sizes=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## At tile 32, overlap 16 (the default overlap)" in proc.stdout
+    assert "Mine, first 2 images, of which 1 came out identical" in proc.stdout  # b: 20 x 18 LR, one window
+    rows = _table_rows(proc.stdout)
+    assert [r[:4] for r in rows[:2]] == [["Mine/a", "44x48", "32", "8"], ["Mine/b.jpg", "18x20", "32", "8"]]
+    assert rows[1][4:7] == ["inf", "inf", "0"]
+    (scanned,) = [r for r in rows[2:] if r[0] == "Mine/a" and r[3] == "16"]
+    assert scanned[4] != "inf"  # tiled: 48 LR rows in windows of 32
+
+
+def test_tiling_bound_stops_on_a_checkpoint_it_was_given_and_cannot_read(tmp_path):
+    # Given --checkpoint (or --which) that cannot be read, it measured init weights of the x2 demo architecture.
+    for args, says in ((["--checkpoint=nope"], "nope: no such file or folder"),
+                       (["--checkpoint=zoo:small_x4", "--which=ema"], "which 'ema' (--which) does not apply")):
+        proc = _tiling_bound(tmp_path, *args, "--images=Set5/baby", "--sizes=8")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("tiling_bound: --checkpoint: ")
+        assert says in proc.stderr and "INIT WEIGHTS" not in proc.stdout

@@ -94,6 +94,8 @@ def entry(b: bytes) -> tuple[str, int | None, str]:
     field 1 holds the backend (its field 1) and the backend's settings."""
     top = dict(fields(b))
     key, result = top.get(1, b""), top.get(2, b"")
+    if not isinstance(key, bytes) or not key:  # an empty file, or another protobuf: its picks counted as "None"
+        raise ValueError("no key (field 1)")
     instruction = dict(fields(dict(fields(key)).get(1, b""))) if key else {}
     fingerprint = instruction.get(3, key)
     pick = dict(fields(result)).get(1, b"") if result else b""
@@ -102,25 +104,39 @@ def entry(b: bytes) -> tuple[str, int | None, str]:
     return name, backend if isinstance(backend, int) else None, canonical(pick)
 
 
+def _entry(name: str, b: bytes) -> tuple[str, int | None, str]:
+    """`entry` of the file `name`, whose name a ValueError names."""
+    try:
+        return entry(b)
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{name}: not an XLA autotuning cache entry ({e})") from None
+
+
 def read_folders(paths: list[str]) -> dict[str, dict[str, tuple[int | None, str]]]:
-    """{folder: {key: (backend, pick)}} from cache folders or tar files of them (one entry per top folder)."""
+    """{folder: {key: (backend, pick)}} from cache folders or tar files of them (one entry per top folder; files
+    at a tar's top level are the tar's own folder)."""
     caches: dict[str, dict[str, tuple[int | None, str]]] = {}
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
         if os.path.isdir(path):
+            caches.setdefault(path, {})  # an empty one is told as 0 entries, not left out
             for root, _, files in os.walk(path):
                 for name in files:
                     with open(os.path.join(root, name), "rb") as f:
-                        key, backend, pick = entry(f.read())
-                    caches.setdefault(path, {})[key] = (backend, pick)
+                        key, backend, pick = _entry(os.path.join(root, name), f.read())
+                    caches[path][key] = (backend, pick)
         elif tarfile.is_tarfile(path):
             with tarfile.open(path) as tar:
-                for member in tar.getmembers():
-                    if member.isfile():
-                        folder = member.name.split("/", 1)[0]
-                        key, backend, pick = entry(tar.extractfile(member).read())
-                        caches.setdefault(folder, {})[key] = (backend, pick)
+                members = [m for m in tar.getmembers() if m.isfile()]
+                if not members:
+                    raise ValueError(f"{path}: the tar file holds no files")
+                for member in members:
+                    # "./a/x.pb" (tar -C dir .) is in folder a, as "a/x.pb" is: every folder was "." and merged
+                    parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                    folder = parts[0] if len(parts) > 1 else os.path.basename(path)
+                    key, backend, pick = _entry(f"{path}: {member.name}", tar.extractfile(member).read())
+                    caches.setdefault(folder, {})[key] = (backend, pick)
         else:
             raise FileNotFoundError(f"{path}: neither a folder nor a tar file")
     return caches
@@ -131,7 +147,7 @@ def report(caches: dict[str, dict[str, tuple[int | None, str]]]) -> str:
     for folder, picks in caches.items():
         counts = collections.Counter(backend for backend, _ in picks.values())
         kinds = ", ".join(f"{n} {BACKENDS.get(b, f'backend {b}')}" for b, n in counts.most_common())
-        lines.append(f"{folder}: {len(picks)} entries: {kinds}")
+        lines.append(f"{folder}: {len(picks)} entries" + (f": {kinds}" if kinds else " (no cache files)"))
     names = list(caches)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -153,6 +169,9 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         print(report(read_folders(argv[1:])))
+    except BrokenPipeError:  # `| head`: the reader took what it wanted (was "autotune_cache: [Errno 32]", status 1)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, ValueError, tarfile.TarError) as e:
         print(f"autotune_cache: {e}", file=sys.stderr)
         return 1

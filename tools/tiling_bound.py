@@ -9,7 +9,8 @@ overlap, and prints the PSNR of tiled against whole-image output (float output, 
 255, with the largest difference in grey levels) and the Y-PSNR of both against HR (what tiling changes in
 a benchmark number); then, at `--scan_tile` and the default overlap, the three worst of the first
 `--per_set` images of each of `--sets`. The weights are the checkpoint's (default: the demo run), or, when
-there is none, init weights of the demo's architecture (the output says which).
+the demo run is not there and no --checkpoint is given, init weights of the demo's architecture (the output says
+which); a --checkpoint given that cannot be read is an error.
 Part 2 compiles the paper's default x4 model (17.3 M parameters; rolled scans and grouped depthwise convs,
 the accelerator settings) with `jax.jit(...).lower(...).compile()` for square LR inputs and prints XLA's
 `memory_analysis()`: temporaries, arguments (the parameters) and output; and the largest square LR image
@@ -43,8 +44,13 @@ def _ints(values: Sequence[str]) -> list[int]:
 
 
 def _hr(data_dir: str, name: str) -> np.ndarray:
+    """The HR image <set>/<name> (name without or with its extension: a set's HR files may be .png, .bmp, ...)."""
     dataset, stem = name.split("/")
-    return images.read_rgb(os.path.join(data_dir, "benchmark", dataset, "HR", f"{stem}.png"))
+    folder = os.path.join(data_dir, "benchmark", dataset, "HR")
+    path = os.path.join(folder, stem)
+    if not os.path.isfile(path):  # only "Set5/baby" was read, as Set5/HR/baby.png
+        path = images.find_image(folder, (stem,)) or os.path.join(folder, f"{stem}.png")
+    return images.read_rgb(path)
 
 
 def _print_rows(name: str, rows: list[dict]) -> None:
@@ -65,6 +71,8 @@ def _report(FLAGS: flags.FlagValues) -> None:
         params, config = load(FLAGS.checkpoint, which=FLAGS.which)
         source = f"{FLAGS.checkpoint} ({FLAGS.which})"
     except CheckpointError as e:
+        if FLAGS["checkpoint"].present or FLAGS["which"].present:  # asked for: not init weights of another model
+            sys.exit(f"tiling_bound: --checkpoint: {e}")
         config = DEMO
         params = api.init(jax.random.key(0), config)
         source = f"INIT WEIGHTS of the demo architecture (no checkpoint: {e})"
@@ -77,13 +85,14 @@ def _report(FLAGS: flags.FlagValues) -> None:
         rows = tiling_rows(params, config, _hr(data_dir, name), _ints(FLAGS.tiles), _ints(FLAGS.overlaps))
         _print_rows(name, rows)
 
-    tile, overlap = FLAGS.scan_tile, inference.DEFAULT_OVERLAP
+    # upscale_image's default for this tile (half the tile below 64: DEFAULT_OVERLAP left no row to scan)
+    tile, overlap = FLAGS.scan_tile, inference.default_overlap(FLAGS.scan_tile)
     print(f"\n## At tile {tile}, overlap {overlap} (the default overlap): the worst images of\n")
     for dataset in FLAGS.sets:
         folder = os.path.join(data_dir, "benchmark", dataset, "HR")
-        names = [f"{dataset}/{os.path.splitext(os.path.basename(f))[0]}" for f in images.list_images(folder)]
-        rows = [(n, r) for n in names[:FLAGS.per_set]
-                for r in tiling_rows(params, config, _hr(data_dir, n), [tile], [overlap])]
+        files = images.list_images(folder)[:FLAGS.per_set]
+        rows = [(f"{dataset}/{os.path.splitext(os.path.basename(f))[0]}", r) for f in files
+                for r in tiling_rows(params, config, images.read_rgb(f), [tile], [overlap])]
         tiled = [(n, r) for n, r in rows if r["uint8_psnr"] != float("inf")]
         print(f"{dataset}, first {len(rows)} images, of which {len(rows) - len(tiled)} came out identical "
               f"(they fit one tile, or tiling changed no pixel):\n\n{header}")

@@ -15,6 +15,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rnan_jax.profiling import kernel_categories  # noqa: E402
 
 
+def labels(paths: list[str]) -> list[str]:
+    """Column heads: the traces' file names, or where two share one (every trace jax.profiler writes is named
+    perfetto_trace.json.gz) their paths below the folder they have in common."""
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) < len(names) and len(set(map(os.path.abspath, paths))) == len(paths):
+        common = os.path.commonpath([os.path.abspath(p) for p in paths])
+        names = [os.path.relpath(os.path.abspath(p), common) for p in paths]
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("traces", nargs="+")
@@ -31,7 +41,10 @@ def main() -> None:
             sys.exit(f"{path}: cannot read the trace ({type(e).__name__}: {e})")
         except (AttributeError, KeyError, TypeError) as e:
             sys.exit(f"{path}: not a Perfetto trace of jax.profiler ({type(e).__name__}: {e})")
-    print("| per step | " + " | ".join(os.path.basename(p) for p in args.traces) + " |")
+        if not any(c["kernels_per_step"] for c in tables[-1].values()):
+            sys.exit(f"{path}: no device kernels in the trace (no /device: process with events: a trace of a run "
+                     "on the CPU?)")
+    print("| per step | " + " | ".join(labels(args.traces)) + " |")
     print("| --- |" + " --- |" * len(args.traces))
     total = [sum(c["ms_per_step"] for c in t.values()) for t in tables]
     count = [sum(c["kernels_per_step"] for c in t.values()) for t in tables]
