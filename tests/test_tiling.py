@@ -143,3 +143,10 @@ def test_tiling_bound_stops_on_a_checkpoint_it_was_given_and_cannot_read(tmp_pat
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines()[-1].startswith("tiling_bound: --checkpoint: ")
         assert says in proc.stderr and "INIT WEIGHTS" not in proc.stdout
+
+
+def test_tiling_bound_refuses_an_infinite_budget(tmp_path):
+    # --budget_gib=inf passed the validator (> 0), and part 2 doubled the image side for ever.
+    proc = _tiling_bound(tmp_path, "--budget_gib=inf", "--images=Set5/baby", "--sizes=8")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "flag --budget_gib=inf: must be a positive finite number" in proc.stderr, proc.stderr[-2000:]

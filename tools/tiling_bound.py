@@ -136,7 +136,8 @@ def _define_flags() -> None:
     flags.register_validator("images", lambda names: all(n.count("/") == 1 and all(n.split("/")) for n in names),
                              "each value must be <set>/<name>, e.g. Set14/baboon")
     flags.register_validator("scan_tile", lambda v: v >= 1, "must be at least 1")
-    flags.register_validator("budget_gib", lambda v: v > 0, "must be positive")
+    # inf (or nan) let part 2 double the image side for ever
+    flags.register_validator("budget_gib", lambda v: 0 < v < float("inf"), "must be a positive finite number")
 
 
 if __name__ == "__main__":
