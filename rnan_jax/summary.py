@@ -259,10 +259,15 @@ def eta(seconds: float) -> str:
 
 
 def log_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
-    """One readable line: step, loss, learning rate, gradient norm, speed, ETA."""
+    """One readable line: step, loss, learning rate, gradient norm, speed, ETA (speed and ETA said to come at the
+    next log when `metrics` has none: a run's first step, whose time is the compile's)."""
     parts = [f"step {step}/{total}", f"loss {metrics['loss']:.5f}", f"lr {metrics['lr']:.3g}",
-             f"grad_norm {metrics['grad_norm']:.4g}", f"{metrics['steps_per_s']:.2f} steps/s",
-             f"{metrics['patches_per_s']:.1f} patches/s", f"ETA {eta(metrics['eta_s'])}"]
+             f"grad_norm {metrics['grad_norm']:.4g}"]
+    if "steps_per_s" in metrics:
+        parts += [f"{metrics['steps_per_s']:.2f} steps/s", f"{metrics['patches_per_s']:.1f} patches/s",
+                  f"ETA {eta(metrics['eta_s'])}"]
+    else:
+        parts.append("steps/s and ETA at the next log (this step compiled)")
     if metrics.get("skipped"):
         parts.append(f"skipped {int(metrics['skipped'])}")
     return "  ".join(parts)
@@ -290,16 +295,19 @@ def comparison_strip(lr_up: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, hr:
 
 
 def git_revision(path: str) -> str:
-    """The git revision of the code at `path` (with '-dirty' for local changes), or 'unknown'."""
+    """The git revision of the code at `path` (with '-dirty' for local changes), or 'unknown', also when `path` is
+    not tracked by the repository around it: a package installed into a virtual environment inside the user's own
+    project (`.venv/lib/.../rnan_jax`, ignored there) was recorded with that project's revision."""
     import subprocess
 
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
+        tracked = subprocess.run(["git", "ls-files", "--", "."], cwd=path, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    if rev.returncode:
+    if rev.returncode or tracked.returncode or not tracked.stdout.strip():
         return "unknown"
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 

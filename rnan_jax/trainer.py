@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -184,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
     rundir.prepare(workdir)
     with rundir.exclusive(workdir), summary.RunLog(os.path.join(workdir, summary.RUN_LOG)) as _run_log:
-        _run_log.write(f"started: {' '.join(sys.argv)} (rnan_jax "
+        _run_log.write(f"started: {shlex.join(sys.argv)} (rnan_jax "  # quoted: a folder with a space reruns as one
                        f"{summary.git_revision(summary.package_dir())}, jax {jax.__version__}, {socket.gethostname()})")
         try:
             with preemption.Preemption() as signals:
@@ -251,7 +252,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     # beat it too, or the one there is kept.
     best_dir_psnr, chosen_on = checkpoint.best_psnr(os.fspath(best_mngr.directory))
     best_psnr = max(best_psnr, best_dir_psnr)
-    if chosen_on is not None and chosen_on != validator.describe():  # its PSNR is of other images: not comparable
+    if chosen_on is not None and not validator.same_first_set(chosen_on):  # its PSNR is of other images
         _log(f"validation changed since {best_mngr.directory} was chosen (on {chosen_on}): the next validation "
              "replaces it")
         best_psnr = -math.inf
@@ -281,6 +282,26 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
          "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
     interrupted, doing, s = False, "train", first
+
+    def log_train(s: int, trained_until: float | None = None) -> None:
+        """Logs the means of the steps since the last log, up to step `s`, the speed and the ETA (the steps' time
+        ends at `trained_until` when a pause followed them)."""
+        nonlocal acc, t_last, s_last
+        host = jax.device_get(acc)
+        acc = jax.device_put(step.empty_metrics(), replicated)
+        _check_finite(host, s, mngr)
+        now = trained_until or time.time()
+        # the run's first step alone since the last log: its time is the compile's, not a speed (a resumed run's
+        # first log at the step after a SIGTERM's checkpoint, or log_every 1, read 0.14 steps/s and an ETA of hours
+        # for a run of seconds)
+        timed = s > s_last and (s_last > first or s == cfg.total_steps)
+        rate = (s - s_last) / max(now - t_last, 1e-9) if timed else None
+        t_last, s_last = now, s
+        train = _train_metrics(host, s, rate, cfg)
+        results.update(train)
+        writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
+        _log(summary.log_line(s, cfg.total_steps, train))
+
     signals.training_begins()  # from here a signal is a flag: the step reached is saved
     try:
         for s in range(first + 1, cfg.total_steps + 1):
@@ -300,16 +321,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 progress.update(1)
             final = s == cfg.total_steps
             if s % cfg.log_every == 0 or final:
-                host = jax.device_get(acc)
-                acc = jax.device_put(step.empty_metrics(), replicated)
-                _check_finite(host, s, mngr)
-                now = time.time()
-                rate = (s - s_last) / max(now - t_last, 1e-9)
-                t_last, s_last = now, s
-                train = _train_metrics(host, s, rate, cfg)
-                results.update(train)
-                writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
-                _log(summary.log_line(s, cfg.total_steps, train))
+                log_train(s)
             paused_at = None  # validation and saves are not training: the next log's steps/s leaves them out
             if s % cfg.eval_every == 0 or final:
                 paused_at = _synced_time(state)
@@ -326,6 +338,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 break
             at_log = jax.process_count() == 1 or s % cfg.log_every == 0
             stop = preemption.agree(signals.requested) if at_log else False
+            if stop and s % cfg.log_every and not final:  # the steps since the last log: the rerun resumes after
+                log_train(s, paused_at)  # them, and their loss was never logged (a gap in the curve)
             if s % cfg.checkpoint_every == 0 or final or stop:
                 paused_at = paused_at or _synced_time(state)
                 host = jax.device_get(acc)
@@ -419,14 +433,17 @@ def _check_same_images(it: loader.BatchIterator) -> None:
                      "(a copy that differs, or an image one of them skipped: see its warnings)")
 
 
-def _train_metrics(host: dict, s: int, rate: float, cfg: TrainConfig) -> dict[str, float]:
+def _train_metrics(host: dict, s: int, rate: float | None, cfg: TrainConfig) -> dict[str, float]:
     """Means over the steps since the last log (non-finite ones excluded), the learning rate of the last
     step (the one it applied: the schedule at the optimizer's count, behind the step after skipped steps),
-    speed and ETA."""
+    speed and ETA; without the speed and ETA when `rate` is None (not measured yet: the first step compiles)."""
     n = max(host["steps"] - host["nonfinite"], 1)
-    return {"loss": host["loss"] / n, "grad_norm": host["grad_norm"] / n, "lr": float(host["lr"]),
-            "steps_per_s": rate, "patches_per_s": rate * cfg.batch_size,
-            "eta_s": (cfg.total_steps - s) / rate if rate > 0 else math.inf, "skipped": host["skipped"]}
+    out = {"loss": host["loss"] / n, "grad_norm": host["grad_norm"] / n, "lr": float(host["lr"]),
+           "skipped": host["skipped"]}
+    if rate is not None:
+        out.update(steps_per_s=rate, patches_per_s=rate * cfg.batch_size,
+                   eta_s=(cfg.total_steps - s) / rate if rate > 0 else math.inf)
+    return out
 
 
 def _synced_time(state: step.TrainState) -> float:

@@ -58,6 +58,14 @@ class Validator:
         return "; ".join(f"{s.name + ' ' if len(self.sets) > 1 else ''}{len(s.pairs)} image(s), bicubic PSNR "
                          f"{s.bicubic_psnr:.3f} dB" for s in self.sets)
 
+    def same_first_set(self, described: str) -> bool:
+        """Whether `described`, the `describe()` of the run that chose a best/ checkpoint, begins with this run's
+        first set: the PSNRs that pick best/ are then of the same images, whatever further sets either run scores
+        (a resumed run that added Set14 to Set5 replaced a better best/ by its next validation)."""
+        first, vset = described.split("; ")[0], self.sets[0]
+        core = f"{len(vset.pairs)} image(s), bicubic PSNR {vset.bicubic_psnr:.3f} dB"
+        return first in (core, f"{vset.name} {core}")
+
     def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         scores, strips = {}, {}
         # one device's copy of a training run's replicated parameters: with them all, every device upscaled

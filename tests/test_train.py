@@ -1521,3 +1521,115 @@ def test_a_workdir_that_cannot_be_written_is_one_line_naming_it(images, tmp_path
     with pytest.raises(ValueError) as e:
         train_and_evaluate(x4_config(images, total_steps=1), str(workdir))
     assert str(e.value) == f"--workdir {workdir}: cannot write in it (Read-only file system)"
+
+
+def test_a_resumed_runs_first_log_at_its_first_step_gives_no_compile_bound_speed_or_eta(images, straight, tmp_path):
+    """Resumed from step 3 with log_every 2, the first log (step 4) timed the run's first step alone, compile
+    included: a real run read "0.14 steps/s ... ETA 5:51:46" where it went on at 135 steps/s (ETA 0:00:22). That
+    log now leaves the speed and ETA to the next one, whose steps ran compiled."""
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    results = train_and_evaluate(x4_config(images, total_steps=8, eval_every=8, checkpoint_every=8), str(tmp_path))
+    logs = {r["step"]: r for r in map(json.loads, (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r}
+    assert sorted(logs) == [4, 6, 8]
+    assert not {"train/steps_per_s", "train/patches_per_s", "train/eta_s"} & set(logs[4])
+    assert logs[4]["train/loss"] > 0 and logs[4]["train/lr"] > 0
+    for s in (6, 8):  # the steps after it, timed without the compile
+        assert logs[s]["train/patches_per_s"] == pytest.approx(4 * logs[s]["train/steps_per_s"])
+    assert logs[6]["train/eta_s"] == pytest.approx(2 / logs[6]["train/steps_per_s"])
+    assert logs[8]["train/eta_s"] == 0 and results["steps_per_s"] == logs[8]["train/steps_per_s"]
+    line = next(x for x in (tmp_path / "train.log").read_text().splitlines() if "  step 4/8  " in x)
+    assert line.endswith("steps/s and ETA at the next log (this step compiled)") and "ETA 0:" not in line
+
+
+def test_adding_a_further_validation_set_at_resume_keeps_the_best_chosen_on_the_first(images, tmp_path):
+    """val/psnr, which picks best/, is the first set's. A run on set A resumed with data.val_set=A,B (as a
+    researcher adds Set14 to Set5) dropped best/'s PSNR as "of other images" and the next validation replaced
+    best/, however much worse. Now only a first set that differs resets it (B,A here)."""
+    bench = tmp_path / "bench"
+    shutil.copytree(images / "val", bench / "A" / "HR")
+    shutil.copytree(images / "train", bench / "B" / "HR")
+    workdir = tmp_path / "run"
+
+    def run(total, val_set):
+        return train_and_evaluate(x4_config(images, total_steps=total, eval_every=3, **{
+            "data.val_source": "benchmark", "data.val_dir": str(bench), "data.val_set": val_set}), str(workdir))
+
+    run(3, "A")
+    _set_meta(workdir / "best" / "3", val_psnr=99.0)  # a best/ that nothing trained here will beat
+    results = run(6, "A,B")
+    assert "val/B/psnr" in results and results["val/psnr"] < 99.0
+    assert os.listdir(workdir / "best") == ["3"] and checkpoint.read_meta(str(workdir / "best"), 3)["val_psnr"] == 99.0
+    assert "validation changed" not in (workdir / "train.log").read_text()
+    results = run(9, "B,A")  # another first set: its PSNRs are of other images, and the next validation replaces it
+    assert os.listdir(workdir / "best") == ["9"]
+    assert checkpoint.read_meta(str(workdir / "best"), 9)["val_psnr"] == results["val/psnr"]
+    assert (workdir / "train.log").read_text().count("validation changed since") == 1
+
+
+def test_the_run_log_records_a_command_that_reruns_as_given(images, tmp_path, monkeypatch):
+    """train.log's "started:" line joined the arguments with spaces: a folder with a space in its name (or a
+    list value in Python's syntax) came back as other arguments when the line was pasted into a shell."""
+    import shlex
+
+    argv = ["rnan_jax/train.py", "--config", "experiments/x4.py", "--config.data.hr_dirs=/my data/T91",
+            "--config.data.val_set=['Set5','Set14']"]
+    monkeypatch.setattr(sys, "argv", argv)
+    train_and_evaluate(x4_config(images, total_steps=1), str(tmp_path))
+    line = next(x for x in (tmp_path / "train.log").read_text().splitlines() if "  started: " in x)
+    assert shlex.split(line.split("  started: ", 1)[1].rsplit(" (rnan_jax ", 1)[0]) == argv
+
+
+def test_the_revision_is_unknown_for_a_package_that_the_repository_around_it_does_not_track(tmp_path):
+    """rnan_jax installed into a virtual environment inside the user's own git project (.venv ignored there):
+    git_revision.txt and train.log recorded that project's commit as the code's revision."""
+    from rnan_jax import summary
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=a", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "code.py").write_text("")
+    git("add", ".gitignore", "mine/code.py")
+    git("commit", "-qm", "the user's project")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    installed = tmp_path / ".venv" / "lib" / "rnan_jax"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    assert summary.git_revision(str(installed)) == "unknown"
+    assert summary.git_revision(str(tmp_path / "mine")) == head  # tracked code: its revision, as before
+
+
+def test_a_stop_between_two_logs_logs_the_steps_since_the_last_one(images, straight, tmp_path, monkeypatch):
+    """SIGTERM at a step that is no log step (here in the step-3 validation, log_every 2): the checkpoint of step 3
+    was saved and the rerun resumed after it, but step 3's loss was never logged (a real run stopped at step 393
+    of log_every 50 had no record of steps 351-393). It is now logged at step 3, once, and resuming writes no step
+    twice: the two records of steps 3 and 4 average to the loss the uninterrupted run logged at step 4."""
+    from rnan_jax import preemption, scalars, validation
+
+    real = validation.Validator.__call__
+
+    def validate(self, *args):
+        monkeypatch.setattr(validation.Validator, "__call__", real)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args)
+
+    monkeypatch.setattr(validation.Validator, "__call__", validate)
+    with pytest.raises(preemption.Preempted, match="saved a checkpoint at step 3 "):
+        train_and_evaluate(x4_config(images), str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
+    train_and_evaluate(x4_config(images), str(tmp_path))
+    loss = {s: v for s, (v, _) in scalars.read_scalars(str(tmp_path / "tensorboard"))["train/loss"].items()}
+    assert sorted(loss) == [2, 3, 4, 6]
+    straight_loss = scalars.read_scalars(str(straight[0] / "tensorboard"))["train/loss"]
+    assert (loss[3] + loss[4]) / 2 == pytest.approx(straight_loss[4][0], rel=1e-5)
+    assert loss[2] == pytest.approx(straight_loss[2][0], rel=1e-6)
+    lines = [json.loads(x) for x in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 3, 4, 6] and train[1]["train/steps_per_s"] > 0
