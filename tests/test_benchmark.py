@@ -108,6 +108,18 @@ def _pb(number: int, payload: bytes | int) -> bytes:
     return bytes([number << 3 | 2, len(payload)]) + payload
 
 
+def _write_caches(tmp_path, caches, tar_name, prefix):
+    """Each {folder: [(fingerprint, backend, settings)]} as a cache folder of .pb entries under tmp_path, and all of
+    them in the tar `tar_name`, each member's path beginning with `prefix`."""
+    for folder, entries in caches.items():
+        (tmp_path / folder / "ed0e56ab8b2a0ecb").mkdir(parents=True)
+        for i, (fingerprint, backend, settings) in enumerate(entries):
+            (tmp_path / folder / "ed0e56ab8b2a0ecb" / f"{i}.pb").write_bytes(_cache_entry(fingerprint, backend, settings))
+    with tarfile.open(tmp_path / tar_name, "w") as tar:
+        for folder in caches:
+            tar.add(tmp_path / folder, prefix + folder)
+
+
 def _cache_entry(fingerprint: str, backend: int, settings: bytes) -> bytes:
     key = _pb(1, _pb(1, b"ed0e56ab8b2a0ecb") + _pb(3, fingerprint.encode())) + _pb(2, _pb(1, b"fe9062d0fff82a66"))
     return _pb(1, key) + _pb(2, _pb(1, _pb(1, backend) + _pb(2, settings)) + _pb(2, b"v1"))
@@ -125,13 +137,7 @@ def test_autotune_cache_counts_picks_per_backend_and_names_those_two_caches_disa
     native = _pb(6, b"")
     caches = {"a": [("f" * 32, 1, conv(58, (0, 1))), ("e" * 32, 1, conv(39, (0, 1))), ("d" * 32, 10, native)],
               "b": [("f" * 32, 1, conv(58, (1, 0))), ("e" * 32, 1, conv(70, (0, 1))), ("d" * 32, 9, _pb(3, b"\x08\x04"))]}
-    for folder, entries in caches.items():
-        (tmp_path / folder / "ed0e56ab8b2a0ecb").mkdir(parents=True)
-        for i, (fingerprint, backend, settings) in enumerate(entries):
-            (tmp_path / folder / "ed0e56ab8b2a0ecb" / f"{i}.pb").write_bytes(_cache_entry(fingerprint, backend, settings))
-    with tarfile.open(tmp_path / "autotune.tar", "w") as tar:
-        tar.add(tmp_path / "a", "a")
-        tar.add(tmp_path / "b", "b")
+    _write_caches(tmp_path, caches, "autotune.tar", "")
     got = autotune_cache.report(autotune_cache.read_folders([str(tmp_path / "autotune.tar")])).splitlines()
     assert got[:3] == ["a: 3 entries: 2 cuDNN conv, 1 XLA emitter", "b: 3 entries: 2 cuDNN conv, 1 Triton block-level",
                        "a against b: 3 keys in both, 2 picked differently"]
@@ -339,13 +345,7 @@ def test_autotune_cache_reads_a_dot_prefixed_tar_and_names_a_file_it_cannot_read
     conv = lambda engine: _pb(4, _pb(1, engine) + _pb(6, b""))  # noqa: E731
     caches = {"a": [("f" * 32, 1, conv(58)), ("d" * 32, 10, _pb(6, b""))],
               "b": [("f" * 32, 1, conv(70)), ("d" * 32, 10, _pb(6, b"")), ("c" * 32, 10, _pb(6, b""))]}
-    for folder, entries in caches.items():
-        (tmp_path / folder / "ed0e56ab8b2a0ecb").mkdir(parents=True)
-        for i, (fingerprint, backend, settings) in enumerate(entries):
-            (tmp_path / folder / "ed0e56ab8b2a0ecb" / f"{i}.pb").write_bytes(_cache_entry(fingerprint, backend, settings))
-    with tarfile.open(tmp_path / "dot.tar", "w") as tar:
-        tar.add(tmp_path / "a", "./a")
-        tar.add(tmp_path / "b", "./b")
+    _write_caches(tmp_path, caches, "dot.tar", "./")
     got = autotune_cache.report(autotune_cache.read_folders([str(tmp_path / "dot.tar")])).splitlines()
     assert got[:3] == ["a: 2 entries: 1 cuDNN conv, 1 XLA emitter", "b: 3 entries: 2 XLA emitter, 1 cuDNN conv",
                        "a against b: 2 keys in both, 1 picked differently"]
