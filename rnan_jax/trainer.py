@@ -186,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     rundir.prepare(workdir)
     with rundir.exclusive(workdir), summary.RunLog(os.path.join(workdir, summary.RUN_LOG)) as _run_log:
         _run_log.write(f"started: {shlex.join(sys.argv)} (rnan_jax "  # quoted: a folder with a space reruns as one
-                       f"{summary.git_revision(summary.package_dir())}, jax {jax.__version__}, {socket.gethostname()})")
+                       f"{summary.git_revision(summary.package_dir())}, {_versions()}, {socket.gethostname()})")
         try:
             with preemption.Preemption() as signals:
                 signals.before_training = "start (or resume from the latest checkpoint)"
@@ -196,6 +196,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             raise
         finally:
             _run_log = None
+
+
+def _versions() -> str:
+    """Python's and the stack's versions, for train.log (it named jax's alone: a run's numbers also follow jaxlib's
+    kernels, flax's and optax's code, orbax's format)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found + [f"Python {sys.version.split()[0]}"])
+
+
+def _images_record(it: loader.BatchIterator) -> str:
+    return f"{it.images.count} images, sha256 of names and sizes {it.images.digest.hex()[:16]}"
 
 
 def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
@@ -219,6 +237,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed, announce=_log)
     if jax.process_count() > 1:
         _check_same_images(it)
+    images = _images_record(it)
+    if _run_log is not None:  # which images, in train.log (the first decode's line alone said how many)
+        _run_log.write(f"training images: {images}")
     mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINTS), max_to_keep=cfg.keep_checkpoints)
     # Synchronous: orbax names its multi-host barrier for an async save by the step alone, so two managers
     # saving the same step asynchronously collide ("Barrier _async_write_complete.<step> is already ongoing").
@@ -233,6 +254,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         state, meta, latest = resumed
         best_psnr = float(meta.get("best_psnr", -math.inf))
         _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
+        if meta.get("training_images", images) != images:  # images added or removed: a silent change of the data
+            _log(f"the training images changed since step {latest} was saved ({meta['training_images']} then, "
+                 f"{images} now): the batches from here are not those the run would have had")
         if cfg.init_from:  # given to a run that exists: it would otherwise seem to have been applied
             _log(f"init_from {cfg.init_from} not read: it starts a new run, and this one resumes its own checkpoint")
         signals.before_training = f"resume from step {latest} again"
@@ -308,8 +332,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             try:
                 batch = next(it)
             except sources.DataError as e:  # a worker process died, a cache file changed: the steps trained stay
-                raise sources.DataError(f"{e}; {_keep_reached(mngr, state, acc, first, cfg, best_psnr, results)}"
-                                        ) from None
+                kept = _keep_reached(mngr, state, acc, first, cfg, best_psnr, results, images)
+                raise sources.DataError(f"{e}; {kept}") from None
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             state, acc = train_step(state, batch, acc)
             if s == first + 1:  # the compile's cost, measured (a long compile was announced above)
@@ -344,7 +368,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 paused_at = paused_at or _synced_time(state)
                 host = jax.device_get(acc)
                 _check_finite(host, s, mngr)
-                _save_step(mngr, s, state, cfg, best_psnr, results)
+                _save_step(mngr, s, state, cfg, best_psnr, results, images)
             if paused_at is not None:
                 t_last += time.time() - paused_at
             if stop and final:  # saved above, and nothing is left to resume: the run ends as a whole one does
@@ -390,23 +414,24 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
 
 
 def _save_step(mngr: ocp.CheckpointManager, s: int, state: step.TrainState, cfg: TrainConfig, best_psnr: float,
-               results: dict[str, float]) -> None:
-    """Saves step `s` (asynchronously), with the best PSNR so far and the last validation scores in its meta."""
-    meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, **{
+               results: dict[str, float], images: str) -> None:
+    """Saves step `s` (asynchronously), with the best PSNR so far, the last validation scores and the training
+    images (`_images_record`) in its meta."""
+    meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, training_images=images, **{
         k: v for k, v in results.items() if k.startswith("val/")})
     _check_room(mngr, s, state, mngr)
     checkpoint.save_train_state(mngr, s, state, meta)
 
 
 def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any, first: int, cfg: TrainConfig,
-                  best_psnr: float, results: dict[str, float]) -> str:
+                  best_psnr: float, results: dict[str, float], images: str) -> str:
     """When the data stops a run between two steps: saves a checkpoint of the step reached, as SIGTERM does, and
     says where the rerun resumes from. A run of several processes saves none: the others wait in the train step,
     and a save waits for all of them."""
     reached, saved, note = int(state.step), False, ""
     if jax.process_count() == 1 and reached > first and reached % cfg.checkpoint_every:  # else saved already
         if (nonfinite := int(jax.device_get(acc)["nonfinite"])) == 0:
-            _save_step(mngr, reached, state, cfg, best_psnr, results)
+            _save_step(mngr, reached, state, cfg, best_psnr, results, images)
             saved = True
         else:
             note = f" (step {reached} not saved: {nonfinite} step(s) since the last log had a non-finite loss)"

@@ -113,7 +113,11 @@ def test_resume_after_a_crash_is_exact(images, straight, tmp_path):
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ", line) for line in lines)
     text = [line[21:] for line in lines]
     starts = [i for i, t in enumerate(text) if t.startswith("started: ")]
-    assert len(starts) == 2 and text[starts[1] + 1] == f"resumed from {crashed}/checkpoints/3 (step 3)"
+    assert len(starts) == 2 and text[starts[1] + 2] == f"resumed from {crashed}/checkpoints/3 (step 3)"
+    # what a rerun needs to know: the stack's versions (jax's alone were said) and which images were trained on
+    assert re.search(r", jax \S+, jaxlib \S+, flax \S+, optax \S+, orbax-checkpoint \S+, grain \S+, numpy \S+, "
+                     r"Python 3\.\d+\.\d+, ", text[starts[1]]), text[starts[1]]
+    assert re.fullmatch(r"training images: \d+ images, sha256 of names and sizes [0-9a-f]{16}", text[starts[1] + 1])
     assert "step 4/6" in " ".join(text[:starts[1]]) and text[-1].startswith("done: 6 steps; validation PSNR")
     assert not any(t.startswith("config changed") for t in text)  # the same config
 
@@ -1633,3 +1637,20 @@ def test_a_stop_between_two_logs_logs_the_steps_since_the_last_one(images, strai
     lines = [json.loads(x) for x in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if "train/loss" in r]
     assert [r["step"] for r in train] == [2, 3, 4, 6] and train[1]["train/steps_per_s"] > 0
+
+
+def test_a_resume_on_other_training_images_says_so(images, tmp_path):
+    """Images added to the training folder before a resume changed the batches from there on, without a word."""
+    folder = tmp_path / "train"
+    shutil.copytree(images / "train", folder)
+    config = x4_config(images, **{"data.hr_dirs": str(folder)})
+    train_and_evaluate(config, str(tmp_path / "run"), stop_after=4)
+    before = checkpoint.read_meta(str(tmp_path / "run" / "checkpoints"), 3)["training_images"]
+    extra = sorted(folder.iterdir())[0]
+    shutil.copy(extra, folder / ("zz_" + extra.name))
+    train_and_evaluate(config, str(tmp_path / "run"))
+    text = [line[21:] for line in (tmp_path / "run" / "train.log").read_text().splitlines()]
+    after = next(t for t in reversed(text) if t.startswith("training images: ")).removeprefix("training images: ")
+    assert before != after and before.split()[0] == str(int(after.split()[0]) - 1)
+    assert (f"the training images changed since step 3 was saved ({before} then, {after} now): the batches from "
+            "here are not those the run would have had") in text
