@@ -43,6 +43,21 @@ def compiled_forward(config: RNANConfig) -> Callable[[Params, jax.Array], jax.Ar
     return jax.jit(functools.partial(api.apply, config=config))
 
 
+# The most whole-image/window programs (one per distinct LR shape) `upscale_image` keeps compiled per architecture.
+# Each holds its executable in host memory (5-10 MB for the small zoo models on CPU, more for deeper ones) until it is
+# dropped, so a folder or benchmark of many distinct sizes (Urban100, a user's photos) grew the process without
+# bound; past this many the architecture's programs are dropped together. Generous, so that a training run's
+# validation sets (each size recompiled at every validation once dropped) normally stay compiled.
+MAX_COMPILED_SHAPES = 64
+
+
+def _bound_compiled(forward: Any) -> None:
+    """Drops `forward`'s compiled programs when it holds more than MAX_COMPILED_SHAPES of them."""
+    size = getattr(forward, "_cache_size", None)  # jax.jit's count of compiled input signatures
+    if size is not None and size() > MAX_COMPILED_SHAPES:
+        forward.clear_cache()
+
+
 def default_overlap(tile: int | None) -> int:
     """DEFAULT_OVERLAP, or half of a tile of 64 LR pixels or less (which the default would not fit)."""
     return DEFAULT_OVERLAP if tile is None else min(DEFAULT_OVERLAP, tile // 2)
@@ -324,15 +339,16 @@ def upscale_image(params: Params, image: np.ndarray, *, config: RNANConfig | Non
         raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap} and tile {tile}")
 
     forward = compiled_forward(config)
+    _bound_compiled(forward)
     # on the device once, not per call; arrays there already stay where they are (a training run's parameters,
     # replicated over the devices of several processes, which device_put to one device refuses)
     params = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
 
     def run(x: np.ndarray) -> np.ndarray:
-        def fn(y):
-            return forward(params, y)
+        def fn(y):  # on the host: undone and summed on the device, the ensemble compiled 7 programs per size
+            return np.asarray(forward(params, y), np.float32)
 
-        return np.asarray(ensemble.self_ensemble(fn, x) if self_ensemble else fn(x), np.float32)
+        return ensemble.self_ensemble(fn, x) if self_ensemble else fn(x)
 
     def finish(sr: np.ndarray) -> np.ndarray:
         if not np.isfinite(sr).all():  # clipped and rounded, a NaN was a black pixel: a black image scored or saved

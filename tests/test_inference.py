@@ -931,3 +931,32 @@ def test_a_folder_s_files_of_formats_a_scan_does_not_take_are_named_in_a_note(tm
     assert upscale.left_out_notes([str(tmp_path), str(tmp_path / "a.png"), "gs://b/x"]) == [
         f"{tmp_path}: left out 2 file(s) of formats a folder scan does not take (b.jp2, c.ico): name them as "
         "inputs to upscale them"]
+
+
+def test_self_ensemble_compiles_only_the_model_for_each_orientation(params, caplog):
+    """The 8 outputs were undone and summed on the device: 7 small programs (rot90, flip, add, divide) compiled for
+    every new image size besides the model's two orientations."""
+    import logging
+
+    image = _photo(23, 19)  # a size no other test upscales
+    with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles():
+        out = upscale_image(params, image, self_ensemble=True)
+    compiles = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert compiles == ["Compiling jit(apply)"] * 2, compiles  # (23, 19) and (19, 23)
+    expected = ensemble.self_ensemble(lambda x: np.asarray(reference(params, x, config=TINY)),
+                                      image.astype(np.float32) / 255)
+    np.testing.assert_array_equal(out, metrics.quantize(expected))
+
+
+def test_compiled_programs_per_architecture_are_bounded(monkeypatch):
+    """Every distinct image size kept its compiled program for good (5-10 MB of host memory each for the small
+    zoo models): a folder of photos of many sizes grew the process without bound."""
+    config = RNANConfig(**{**TINY.__dict__, "features": 6, "gc_reduction": 3})  # a fresh jit cache
+    p = init(jax.random.key(3), config)
+    monkeypatch.setattr(inference, "MAX_COMPILED_SHAPES", 2, raising=False)
+    for size in (8, 9, 10, 11, 12):
+        image = _photo(size, 7)
+        out = upscale_image(p, image, config=config)
+        assert compiled_forward(config)._cache_size() <= 3
+    np.testing.assert_array_equal(
+        out, metrics.quantize(np.asarray(reference(p, image.astype(np.float32) / 255, config=config))))
