@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -107,10 +108,40 @@ class Writer:
                 raise OSError(error.errno, f"{error.strerror}, writing TensorBoard events")
         return self._writer
 
+    def _written(self) -> None:
+        """Waits until the writer thread has written what was added, and flushes the event file: tensorboardX
+        flushes it every `flush_secs` (30) alone, and its `flush` leaves what the thread has not yet taken. A run
+        killed outright (SIGKILL, a lost VM) lost the values of its last 30 s from TensorBoard, also those logged
+        before the checkpoint that the rerun resumed from, which the rerun does not log again (a gap in the curve;
+        metrics.jsonl, appended line by line, had them). A thread that failed is left as it is: its error is
+        raised before the next write (`_events`)."""
+        for events in _event_writers(self._writer):
+            try:  # all that is needed, before the thread is stopped: a tensorboardX whose internals differ is left
+                # to write on its own schedule, never without a thread (its queue would fill and block the run)
+                worker, stop = events._worker, events._worker._shutdown_signal
+                if events._closed:
+                    continue
+                successor = type(worker)(events._event_queue, events._ev_writer, events._flush_secs)
+            except (AttributeError, TypeError):
+                continue
+            while worker.is_alive():  # a stop after the queued events; a thread that died takes none (a full queue)
+                try:
+                    events._event_queue.put(stop, timeout=1)
+                    break
+                except queue.Full:
+                    pass
+            worker.join()
+            if worker in _EVENT_THREAD_ERRORS:
+                continue
+            events._worker = successor
+            successor.start()
+            events._ev_writer.flush()
+
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer:
             for k, v in values.items():
                 self._events().add_scalar(k, float(v), step)
+            self._written()
             with open(self._jsonl, "a") as f:
                 f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
             self._mirror()
@@ -120,6 +151,7 @@ class Writer:
         if self._writer:
             for k, v in images.items():
                 self._events().add_image(k, np.asarray(v), step, dataformats="HWC")
+            self._written()
             if self._remote:  # the images' file is copied once, complete, and never again
                 self._events().close()
                 self._mirror(flush=False, now=True)

@@ -47,3 +47,27 @@ def test_a_line_cut_short_by_a_killed_run_does_not_swallow_the_resumed_runs_firs
     after = [json.loads(line) for line in lines[cut[0] + 1:]]
     assert [r["step"] for r in after if "train/loss" in r] == [3, 4] and after[0] == {"step": 2, "resumed": True}
     assert figures.read_validation(str(workdir))[0] == [2, 4]
+
+
+def test_what_a_killed_run_logged_is_in_its_event_file_at_once(tmp_path):
+    """tensorboardX wrote the event file every 30 s: a run killed outright (SIGKILL, a lost VM) after a checkpoint
+    lost the values logged up to it from TensorBoard for good (the rerun resumes after them and does not log them
+    again). What is on disk while the writer is open is what such a kill leaves."""
+    import numpy as np
+
+    from rnan_jax import summary
+
+    writer = summary.Writer(str(tmp_path), resumed_from=0)
+    try:
+        for s in (1, 2, 3):
+            writer.scalars(s, {"train/loss": 0.5 / s, "train/lr": 1e-3})
+        writer.scalars(3, {"val/psnr": 31.25})
+        writer.images(3, {"val/0": np.zeros((4, 16, 3), np.uint8)})
+        on_disk = scalars.read_scalars(str(tmp_path))
+        assert {s: v for s, (v, _) in on_disk["train/loss"].items()} == pytest.approx({1: 0.5, 2: 0.25, 3: 0.5 / 3})
+        assert {s: v for s, (v, _) in on_disk["val/psnr"].items()} == {3: 31.25}
+        writer.scalars(4, {"train/loss": 0.125})  # still writing after the waits
+        assert scalars.read_scalars(str(tmp_path))["train/loss"][4][0] == 0.125
+    finally:
+        writer.close()
+    assert sorted(scalars.read_scalars(str(tmp_path))["train/loss"]) == [1, 2, 3, 4]
