@@ -5,6 +5,7 @@ add --distributed (and, off TPU, --coordinator_address, --num_processes, --proce
 """
 import os
 import re
+import signal
 import sys
 
 from absl import app, flags
@@ -66,7 +67,11 @@ def main(argv):
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except preemption.Preempted as e:
         print(e, flush=True)
-        sys.exit(128 + e.signum)  # 143 (SIGTERM) or 130 (Ctrl-C), as if the signal had ended the process
+        # its checkpoint is saved: a Ctrl-C while the interpreter exits ends it at once, where it printed JAX's
+        # traceback from its exit callbacks ("Exception ignored in atexit callback ... KeyboardInterrupt")
+        status = 128 + e.signum  # 143 (SIGTERM) or 130 (Ctrl-C), as if the signal had ended the process
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+        sys.exit(status)
     except (ValueError, trainer.TrainingError, OSError, jax.errors.JaxRuntimeError) as e:
         if jax.process_count() > 1:
             _exit_now(e)

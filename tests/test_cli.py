@@ -9,6 +9,8 @@ from absl import app
 
 from rnan_jax import cli
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _run(main, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["/somewhere/rnan_jax/upscale.py"])
@@ -305,3 +307,23 @@ def test_compare_dtypes_refuses_an_empty_workdir_in_one_line(tmp_path):
     assert (r.returncode, lines) == (1, ["compare_dtypes: error: --workdir is empty: name the runs' parent folder "
                                          "(--workdir=. for the current one) (see --helpshort)"]), r.stderr[-2000:]
     assert not os.listdir(tmp_path)
+
+
+def test_a_ctrl_c_while_a_stopped_run_exits_ends_it_without_a_traceback(tmp_path):
+    """After SIGTERM's or Ctrl-C's checkpoint was saved, a (second) Ctrl-C landing in the interpreter's exit printed
+    JAX's exit callback's traceback ("Exception ignored in atexit callback ... KeyboardInterrupt"). The run
+    here is stubbed: it raises Preempted, and an exit callback receives the Ctrl-C."""
+    script = ("import atexit, os, signal, sys, time\n"
+              "from rnan_jax import preemption, train, trainer\n"
+              "def stopped(config, workdir):\n"
+              "    raise preemption.Preempted('SIGTERM: saved a checkpoint at step 3', signal.SIGTERM)\n"
+              "trainer.train_and_evaluate = stopped\n"
+              "def slow_cleanup():\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(5)\n"
+              "atexit.register(slow_cleanup)\n"
+              f"sys.argv = ['train', '--config', 'experiments/demo.py', '--workdir', {str(tmp_path / 'run')!r}]\n"
+              "train.cli.run(train.main, flags_parser=train.parse_flags)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout.strip().splitlines()[-1]) == (143, "SIGTERM: saved a checkpoint at step 3")
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
