@@ -15,8 +15,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Keys under which training scripts save the state_dict inside a larger checkpoint: PyTorch Lightning, BasicSR
 # ("params", "params_ema"), EDSR-PyTorch and many others.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "params", "params_ema")
-# How far (relative) a `mean` buffer may be from RNANConfig.rgb_mean rounded to the buffer's precision (float32
-# at least, the model's): a few float32 units in the last place, for a mean computed rather than typed.
+# How far (relative) a `mean` buffer may be from RNANConfig.rgb_mean in float32 or as bfloat16/float16 round it
+# (`_mean_roundings`): a few float32 units in the last place, for a mean computed rather than typed.
 _MEAN_RTOL = 1e-6
 
 

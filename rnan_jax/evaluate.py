@@ -262,12 +262,12 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--save_images needs --output DIR")
     if FLAGS.self_ensemble and not FLAGS.checkpoint:
         raise app.UsageError("--self_ensemble applies to a model (--checkpoint)")
-    if not _parse_list(FLAGS.datasets):
+    datasets = _parse_list(FLAGS.datasets)
+    if not datasets:
         raise app.UsageError(f"--datasets names no set (e.g. {','.join(DEFAULT_DATASETS)})")
     data_dir = env.default_data_dir(FLAGS.data_dir)
     data_flag = "--data_dir" if FLAGS.data_dir else "$RNAN_DATA_DIR"
-    for what, value in [(data_flag, data_dir), ("--sr_dir", FLAGS.sr_dir)] + [
-            ("--datasets", d) for d in _parse_list(FLAGS.datasets)]:
+    for what, value in [(data_flag, data_dir), ("--sr_dir", FLAGS.sr_dir)] + [("--datasets", d) for d in datasets]:
         if (error := paths.url_error(what, value)) is not None:  # was "no such folder" of objects that are there
             sys.exit(f"evaluate: {error}")
     if FLAGS.output and (error := (cli.output_folder_error(FLAGS.output)
@@ -278,7 +278,6 @@ def main(argv: Sequence[str]) -> None:
                  "inside)")
     env.prepare_process()
     env.enable_compilation_cache()
-    datasets = _parse_list(FLAGS.datasets)
     try:
         scales = list(dict.fromkeys(int(s) for s in _parse_list(FLAGS.scales))) or None
         if scales and min(scales) < 1:

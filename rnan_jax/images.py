@@ -382,7 +382,7 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
         raise ImageError(f"{path}: no such file") from None
     except UnidentifiedImageError:  # Pillow's message names the file object it was given
         raise ImageError(f"{path}: cannot read image (cannot identify image file)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
     if a.size == 0 or a.shape[0] == 0 or a.shape[1] == 0:
         raise ImageError(f"{path}: image is empty")

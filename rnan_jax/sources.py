@@ -257,6 +257,12 @@ def _unusable_path(spec: PairSpec, scale: int, cache_dir: str) -> str:
     return _entry_paths(spec, scale, cache_dir)[0][: -len(".hr.npy")] + ".unusable.txt"
 
 
+def _remember_unusable(spec: PairSpec, scale: int, cache_dir: str, reason: str) -> None:
+    """Keeps why `spec` cannot be used, for `_known_unusable`, if it can be written; else a rerun tries again."""
+    with contextlib.suppress(OSError):
+        paths.write_atomically(_unusable_path(spec, scale, cache_dir), lambda f: f.write(reason.encode()))
+
+
 def _known_unusable(spec: PairSpec, scale: int, cache_dir: str) -> str | None:
     try:
         with open(_unusable_path(spec, scale, cache_dir), encoding="utf-8", errors="replace") as f:
@@ -281,16 +287,13 @@ def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tup
             hr, lr = spec.load()
             if min(hr.shape[:2]) < scale:  # not one LR pixel: nothing to cache, so remembered as unusable (it
                 # was decoded again, and announced as an image to decode, by every run)
-                with contextlib.suppress(OSError):
-                    paths.write_atomically(_unusable_path(spec, scale, cache_dir),
-                                           lambda f: f.write(f"small\t{hr.shape[1]}x{hr.shape[0]}".encode()))
+                _remember_unusable(spec, scale, cache_dir, f"small\t{hr.shape[1]}x{hr.shape[0]}")
                 raise _Skip("small", too_small.format(w=hr.shape[1], h=hr.shape[0]))
             hr, lr = make_pair(hr, lr, scale, spec.name)
         except images.ImageError as e:
             reason = " ".join(str(e).split())
-            with contextlib.suppress(OSError):  # remembered if it can be; else tried again next time
-                if not spec.retry_unusable:
-                    paths.write_atomically(_unusable_path(spec, scale, cache_dir), lambda f: f.write(reason.encode()))
+            if not spec.retry_unusable:
+                _remember_unusable(spec, scale, cache_dir, reason)
             raise _Skip("unreadable", reason) from None
         h, w, _ = hr.shape
         try:

@@ -24,6 +24,11 @@ class ValidationSet:
     bicubic_psnr: float
 
 
+def _described(vset: ValidationSet, named: bool) -> str:
+    """One set as `Validator.describe` says it: "5 image(s), bicubic PSNR 33.649 dB", after its name if `named`."""
+    return f"{vset.name + ' ' if named else ''}{len(vset.pairs)} image(s), bicubic PSNR {vset.bicubic_psnr:.3f} dB"
+
+
 class Validator:
     """PSNR/SSIM of the model on full validation images against bicubic: `data.validation_images`' pairs
     upscaled by `upscalers.model_upscaler` and `bicubic_upscaler` and scored by `benchmark_sets.score`, the
@@ -55,16 +60,13 @@ class Validator:
 
     def describe(self) -> str:
         """What the run validates on, for its log: "5 image(s), bicubic PSNR 33.649 dB" (and per further set)."""
-        return "; ".join(f"{s.name + ' ' if len(self.sets) > 1 else ''}{len(s.pairs)} image(s), bicubic PSNR "
-                         f"{s.bicubic_psnr:.3f} dB" for s in self.sets)
+        return "; ".join(_described(s, named=len(self.sets) > 1) for s in self.sets)
 
     def same_first_set(self, described: str) -> bool:
         """Whether `described`, the `describe()` of the run that chose a best/ checkpoint, begins with this run's
         first set: the PSNRs that pick best/ are then of the same images, whatever further sets either run scores
         (a resumed run that added Set14 to Set5 replaced a better best/ by its next validation)."""
-        first, vset = described.split("; ")[0], self.sets[0]
-        core = f"{len(vset.pairs)} image(s), bicubic PSNR {vset.bicubic_psnr:.3f} dB"
-        return first in (core, f"{vset.name} {core}")
+        return described.split("; ")[0] in (_described(self.sets[0], named=False), _described(self.sets[0], named=True))
 
     def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         scores, strips = {}, {}
