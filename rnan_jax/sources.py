@@ -437,7 +437,8 @@ def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, wha
                     key = digest(key, "orientations", *tags)
             except (images.ImageError, OSError) as e:  # no LR file; a broken link, a file gone since the listing
                 error = e if isinstance(e, images.ImageError) else images.ImageError(f"{e.filename}: {e.strerror}")
-                specs.append(PairSpec(hr_path, digest(hr_path, "missing"), lambda e=error: _unusable(e)))
+                # keyed by the reason too: the one kept for it is said by a rerun (another lr_dirs named the first)
+                specs.append(PairSpec(hr_path, digest(hr_path, "missing", error), lambda e=error: _unusable(e)))
                 continue
             specs.append(PairSpec(hr_path, key, lambda p=hr_path, q=lr_path, t=tags: _load_files(p, q, scale, t)))
     return specs

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 
@@ -26,15 +27,20 @@ def _data_root(data_dir: str | None) -> str:
 
 
 def _tfds_unprepared(name: str, data_dir: str | None) -> str | None:
-    """Why `name` is not prepared under `data_dir` (TFDS's default where None), or None if a version is."""
+    """Why `name` is not prepared under `data_dir` (TFDS's default where None), or None if a version is (the
+    version `name` asks for after a colon, as "div2k/bicubic_x4:2.0.0" or "...:2.*.*", if it does)."""
+    # the version is a folder under the name: "<name>:2.0.0/<version>" was looked for, and said missing when the
+    # version was there and TFDS's reason was another (a damaged dataset_info.json)
+    name, _, version = name.partition(":")
     folder = f"{_data_root(data_dir).rstrip('/')}/{name}"
     try:
         versions = paths.listdir(folder) if paths.isdir(folder) else []
+        versions = [v for v in versions if not version or fnmatch.fnmatchcase(v, version)]
         if any(paths.exists(f"{folder}/{v}/dataset_info.json") for v in versions):
             return None
     except OSError:  # cannot look (permissions, a bucket not reachable): TFDS's own reason stands
         return None
-    return f"not prepared there: no {folder}/<version>/dataset_info.json"
+    return f"not prepared there: no {folder}/{version or '<version>'}/dataset_info.json"
 
 
 def open_tfds(name: str, split: str, data_dir: str | None):

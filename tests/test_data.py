@@ -317,6 +317,21 @@ def test_tfds_source_errors_in_one_line(tmp_path, caplog):
     assert "\n" not in str(e.value)
 
 
+def test_a_tfds_name_with_a_version_is_looked_for_in_that_version_s_folder(tmp_path):
+    """data.tfds_name="div2k/bicubic_x4:2.0.0": the error looked for ".../div2k/bicubic_x4:2.0.0/<version>/..." and
+    said "not prepared" also when 2.0.0 was there and TFDS failed for another reason (here a damaged info)."""
+    info = tmp_path / "tfds" / "div2k" / "bicubic_x4" / "2.0.0" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text("{}")
+    assert tfds_source._tfds_unprepared("div2k/bicubic_x4:2.0.0", str(tmp_path / "tfds")) is None
+    assert tfds_source._tfds_unprepared("div2k/bicubic_x4:2.*.*", str(tmp_path / "tfds")) is None
+    assert tfds_source._tfds_unprepared("div2k/bicubic_x4:1.0.0", str(tmp_path / "tfds")) == (
+        f"not prepared there: no {tmp_path}/tfds/div2k/bicubic_x4/1.0.0/dataset_info.json")
+    with pytest.raises(sources.DataError) as e:
+        tfds_source.open_tfds("div2k/bicubic_x4:2.0.0", "train", str(tmp_path / "tfds"))
+    assert "not prepared there" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_bad_files_are_reported_by_name_and_skipped(tmp_path, caplog):
     hr_dir = tmp_path / "HR"
     good = smooth_image(40, 44, 0)
@@ -364,6 +379,23 @@ def test_missing_or_empty_folders_and_missing_lr_files(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert len(data.training_pairs(cfg)) == 1
     assert "0001.png: no LR image in" in caplog.text
+
+
+def test_a_missing_lr_file_is_reported_in_the_lr_folder_of_this_run(tmp_path, caplog):
+    """The reason a missing LR file is skipped is kept in the cache; a rerun with another data.lr_dirs (in which
+    the file is missing too) said "no LR image in <the first run's folder>"."""
+    write_image(tmp_path / "HR" / "0001.png", smooth_image(40, 40, 0))
+    write_image(tmp_path / "HR" / "0002.png", smooth_image(40, 40, 1))
+    for lr in ("A", "B"):
+        write_image(tmp_path / lr / "X2" / "0002x2.png", smooth_image(20, 20, 1))
+    for lr in ("A", "B", "A"):
+        cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), lr_dirs=str(tmp_path / lr), patch_size=8,
+                     cache_dir=str(tmp_path / "c"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert len(data.training_pairs(cfg)) == 1
+        assert f"0001.png: no LR image in {tmp_path / lr} (looked for" in caplog.text, lr
+        assert f"no LR image in {tmp_path / ('B' if lr == 'A' else 'A')} " not in caplog.text, lr
 
 
 def test_a_broken_link_among_the_images_is_skipped_by_name(tmp_path, caplog):
