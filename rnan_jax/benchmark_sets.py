@@ -190,9 +190,12 @@ class Pair:
     given_lr: np.ndarray | None = dataclasses.field(default=None, repr=False)  # a source's own LR (TFDS)
     lr_missing_from: str | None = None  # an LR_bicubic folder that lacked this image's LR file (LR made instead)
     hr_orientation: int = 1  # the HR file's EXIF orientation tag, to line up an LR file written without it
+    lr_error: str | None = None  # the LR_bicubic folder could not be listed: raised (FolderError) when lr is read
 
     @functools.cached_property
     def lr(self) -> np.ndarray:
+        if self.lr_error is not None:
+            raise FolderError(self.lr_error)
         if self.given_lr is not None:
             return self.given_lr
         if self.lr_path is None:
@@ -217,7 +220,8 @@ class Pair:
 def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: str | None = None) -> Pair:
     """Crops decoded `hr` for `scale` and finds its LR file (in `lr_dir`, which must then hold it, else in
     the optional `LR_bicubic/` beside HR); raises `images.ImageError` naming a too-small image or, with
-    `lr_dir`, a missing LR file. The pair that evaluation and training validation score alike."""
+    `lr_dir`, a missing LR file (an optional `LR_bicubic/` that cannot be listed: `FolderError` when `lr` is read).
+    The pair that evaluation and training validation score alike."""
     h, w = hr.shape[:2]
     if h < scale or w < scale:
         raise images.ImageError(f"{hr_path}: image is {w}x{h}, smaller than the scale x{scale}")
@@ -234,7 +238,10 @@ def make_pair(dataset: str, hr_path: str, hr: np.ndarray, scale: int, lr_dir: st
     folder = lr_folder(hr_path, scale)
     if folder is None or not os.path.isdir(folder):
         return Pair(dataset=dataset, name=name, scale=scale, hr=hr)
-    lr_path = find_lr_file(hr_path, folder, scale, required=False)
+    try:
+        lr_path = find_lr_file(hr_path, folder, scale, required=False)
+    except FolderError as e:  # said when the LR image is read: SR images of --sr_dir are scored without it
+        return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_error=str(e))
     if lr_path is None:
         logging.info("%s: no LR file for %s, making it with bicubic_lr", folder, name)
     return Pair(dataset=dataset, name=name, scale=scale, hr=hr, lr_path=lr_path,

@@ -159,11 +159,18 @@ def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[st
                         _warn(evaluation, f"cannot save SR images in {save_dir} ({e.strerror or e}, at {dataset} "
                               f"x{scale} {pair.name}); scoring goes on without saving them")
                         save_dir = None
-                if pair.lr_missing_from is not None:
+                if pair.lr_missing_from is not None and "lr" in vars(pair):  # made only when read: not by --sr_dir
                     made_lr.setdefault(scale, []).append(pair.name)
                 evaluation.scores.append(score)
                 bar.set_postfix_str(f"x{scale} {score.name} {score.psnr:.2f} dB", refresh=False)
         bar.close()
+        for scale in scales:  # the mean of an infinite PSNR is inf, the set's score in the table: say why
+            exact = [s.name for s in evaluation.scores if s.dataset == dataset and s.scale == scale and
+                     np.isinf(s.psnr)]
+            if exact:
+                _warn(evaluation, f"{dataset} x{scale}: {len(exact)} image(s) reproduced exactly ("
+                      f"{', '.join(exact[:5])}{', ...' if len(exact) > 5 else ''}): PSNR inf (MSE 0, the field's "
+                      "value), so the set's mean PSNR is inf too; each image's is in the per-image scores")
         for scale, names in made_lr.items():
             folder = benchmark_sets.lr_folder(files[0], scale)
             _warn(evaluation, f"{dataset} x{scale}: {folder} lacks the LR file of {len(names)} of {len(files)} "

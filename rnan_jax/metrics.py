@@ -23,7 +23,10 @@ _K1, _K2, _PEAK = 0.01, 0.03, 255.0
 
 def quantize(sr: ArrayLike) -> np.ndarray:
     """Float image in [0, 1] (any shape, numpy or jax) -> uint8: clip to [0, 1], x255, round."""
-    x = np.clip(np.asarray(sr, dtype=np.float64), 0.0, 1.0) * 255.0
+    x = np.asarray(sr, dtype=np.float64)
+    if np.isnan(x).any():  # cast to uint8, a NaN was a black pixel (0): a diverged model's output scored as a number
+        raise ValueError(f"the image holds {int(np.isnan(x).sum())} NaN value(s); it has no uint8 pixels to score")
+    x = np.clip(x, 0.0, 1.0) * 255.0
     return round_half_up(x).astype(np.uint8)
 
 
@@ -55,12 +58,18 @@ def luminance_pair(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The two float64 [H - 2 shave, W - 2 shave] planes that PSNR and SSIM compare.
 
-    `sr` and `hr` are uint8 [H, W, 3] or [H, W] of the same height and width. A gray `hr` is compared on gray
-    values (an RGB `sr` reduced by `rgb_to_gray`); an RGB `hr` on Y (a gray `sr` replicated to RGB first).
-    """
+    `sr` and `hr` are uint8 [H, W, 3] or [H, W] ([H, W, 1] is gray too) of the same height and width. A gray `hr`
+    is compared on gray values (an RGB `sr` reduced by `rgb_to_gray`); an RGB `hr` on Y (a gray `sr` replicated to
+    RGB first)."""
     sr, hr = np.asarray(sr), np.asarray(hr)
     if sr.dtype != np.uint8 or hr.dtype != np.uint8:
         raise TypeError(f"metrics compare uint8 images (quantize float outputs first), got {sr.dtype} and {hr.dtype}")
+    # [H, W, 1] (a gray image with its channel axis, as from a model or torch) is gray: it was an IndexError
+    sr, hr = (x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x for x in (sr, hr))
+    for x in (sr, hr):
+        if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] != 3):
+            raise ValueError(f"metrics compare [H, W, 3] or gray [H, W] (or [H, W, 1]) images, got SR {sr.shape} "
+                             f"and HR {hr.shape}")
     if sr.shape[:2] != hr.shape[:2]:
         raise ValueError(f"SR {sr.shape[:2]} and HR {hr.shape[:2]} differ in size")
     if hr.ndim == 2:

@@ -709,3 +709,65 @@ def test_a_set_named_bsd100_is_the_standard_b100(tmp_path):
     assert "| Bicubic (paper) | 29.56/.8431 |" in table and "| RNAN (paper) | 33.07/.9021 |" in table
     assert benchmark_sets.standard_set("bsds100") == "B100" and benchmark_sets.standard_set("set5") == "Set5"
     assert benchmark_sets.standard_set("Mine") is None
+
+
+def test_sr_dir_beside_a_partial_lr_folder_says_no_lr_was_made(tmp_path):
+    """Scoring --sr_dir images of a set whose LR_bicubic/X2 lacks some LR files warned that their LR images were
+    "made with MATLAB bicubic from HR instead": the saved SR images are scored, no LR image is read or made."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Mine")
+    hr = _rgb(40, 36)
+    for name in ("a", "b"):
+        Image.fromarray(hr).save(os.path.join(hr_dir, f"{name}.png"))
+    lr_dir = os.path.join(root, "benchmark", "Mine", "LR_bicubic", "X2")
+    os.makedirs(lr_dir)
+    Image.fromarray(degrade.bicubic_lr(hr, 2)).save(os.path.join(lr_dir, "ax2.png"))  # none for b
+    saved = str(tmp_path / "sr")
+    bicubic = evaluate_bicubic(["Mine"], (2,), data_dir=root, save_dir=saved, progress=False)
+    assert bicubic.warnings == [f"Mine x2: {lr_dir} lacks the LR file of 1 of 2 images (b); made with MATLAB "
+                                "bicubic from HR instead"]  # for bicubic, which made it, this is said
+    rescored = evaluate_sr_dir(saved, ["Mine"], (2,), data_dir=root, progress=False)
+    assert rescored.scores == bicubic.scores and rescored.skipped == []
+    assert rescored.warnings == []
+
+
+def test_an_exact_image_makes_the_set_mean_inf_and_the_report_says_why(tmp_path):
+    """A flat image (bicubic reproduces it exactly) scores PSNR inf, the field's value for MSE 0, and so does its
+    set's mean: the table printed "inf/.9759" for the set (the other image's 38 dB gone) with no word of it."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Mine")
+    hr = _rgb(40, 36)
+    Image.fromarray(hr).save(os.path.join(hr_dir, "a.png"))
+    Image.fromarray(np.full((40, 36, 3), 128, np.uint8)).save(os.path.join(hr_dir, "flat.png"))
+    evaluation = evaluate_bicubic(["Mine"], (2, 4), data_dir=root, progress=False)
+    assert [(s.name, s.scale, s.psnr) for s in evaluation.scores] == [
+        ("a", 2, pytest.approx(_bicubic_psnr(hr, 2), abs=1e-12)), ("a", 4, pytest.approx(_bicubic_psnr(hr, 4))),
+        ("flat", 2, float("inf")), ("flat", 4, float("inf"))]
+    assert evaluation.summary()["Mine"]["x2"]["psnr"] == float("inf")
+    messages = [f"Mine x{s}: 1 image(s) reproduced exactly (flat): PSNR inf (MSE 0, the field's value), so the "
+                "set's mean PSNR is inf too; each image's is in the per-image scores" for s in (2, 4)]
+    assert evaluation.warnings == messages
+    table = report.markdown_table(evaluation)
+    assert "| Bicubic | inf/" in table and f"Warning: {messages[0]}" in table
+
+
+def test_sr_dir_is_scored_beside_an_lr_folder_that_cannot_be_listed(tmp_path, monkeypatch):
+    """--sr_dir reads no LR image, yet a set whose LR_bicubic/X2 could not be listed was skipped at x2 ("cannot
+    list the LR folder"): no score for SR images that were all there."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Mine")
+    for name in "ab":
+        Image.fromarray(_rgb(40, 36, left=100 + 30 * "ab".index(name))).save(os.path.join(hr_dir, f"{name}.png"))
+    saved = str(tmp_path / "sr")
+    bicubic = evaluate_bicubic(["Mine"], (2,), data_dir=root, save_dir=saved, progress=False)
+    lr_dir = os.path.join(root, "benchmark", "Mine", "LR_bicubic", "X2")
+    os.makedirs(lr_dir)
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path=".": (_ for _ in ()).throw(PermissionError(
+        13, "Permission denied", path)) if os.path.abspath(path) == lr_dir else listdir(path))
+    rescored = evaluate_sr_dir(saved, ["Mine"], (2,), data_dir=root, progress=False)
+    assert rescored.skipped == [] and rescored.scores == bicubic.scores and len(rescored.scores) == 2
+    assert list(rescored.summary()) == ["Mine"]
+    # bicubic, which needs the LR images, still skips the set in one line
+    again = evaluate_bicubic(["Mine"], (2,), data_dir=root, progress=False)
+    assert again.skipped == [f"Mine x2: {lr_dir}: cannot list the LR folder (Permission denied)"] and not again.scores

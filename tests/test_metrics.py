@@ -206,3 +206,28 @@ def test_psnr_refuses_arrays_of_different_shapes_rather_than_broadcasting():
         metrics.psnr(x, gray, peak=1.0)
     assert metrics.psnr(x[..., 0], gray[..., 0], peak=1.0) == pytest.approx(
         10 * math.log10(1 / np.mean((x[..., 0] - gray[..., 0]) ** 2)), abs=1e-12)
+
+
+def test_a_gray_image_with_its_channel_axis_is_scored_as_gray():
+    """[H, W, 1] (a gray output kept with its channel axis, as a model's or torch's) was an IndexError traceback
+    (index 1 out of bounds) from psnr_y/ssim_y, also inside evaluate (which lost every score made before it)."""
+    rng = np.random.default_rng(3)
+    hr = rng.integers(0, 256, (40, 44), dtype=np.uint8)
+    sr = np.clip(hr.astype(np.int16) + rng.integers(-6, 7, hr.shape), 0, 255).astype(np.uint8)
+    expected = peak_signal_noise_ratio(hr[2:-2, 2:-2], sr[2:-2, 2:-2], data_range=255)
+    for a, b in ((sr[..., None], hr), (sr, hr[..., None]), (sr[..., None], hr[..., None])):
+        assert metrics.psnr_y(a, b, 2) == pytest.approx(expected, abs=1e-9)
+        assert metrics.ssim_y(a, b, 2) == pytest.approx(metrics.ssim_y(sr, hr, 2), abs=1e-12)
+    rgb_sr, rgb_hr = _pair()
+    assert metrics.psnr_y(rgb_sr[..., 1:2], rgb_hr, 2) == metrics.psnr_y(rgb_sr[..., 1], rgb_hr, 2)
+    for bad in (np.zeros((40, 44, 2), np.uint8), np.zeros((40, 44, 4), np.uint8), np.zeros((1, 40, 44, 3), np.uint8)):
+        with pytest.raises(ValueError, match=r"metrics compare \[H, W, 3\] or gray \[H, W\] \(or \[H, W, 1\]\) images"):
+            metrics.psnr_y(bad, hr, 2)
+
+
+def test_quantize_refuses_nan_rather_than_making_it_black():
+    """A NaN (a diverged model's output) was cast to 0, a black pixel: scored as a number, with only numpy's
+    RuntimeWarning."""
+    with pytest.raises(ValueError, match=r"the image holds 2 NaN value\(s\)"):
+        metrics.quantize(np.array([[0.5, np.nan], [np.nan, 1.0]]))
+    np.testing.assert_array_equal(metrics.quantize(np.array([np.inf, -np.inf])), [255, 0])  # clipped, as before
