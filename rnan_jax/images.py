@@ -84,12 +84,14 @@ class Decoded(NamedTuple):
     """A decoded image: `pixels` uint8 [H, W, 3] (colour) or [H, W] (gray); `alpha` [H, W] of the same type, or
     None; both uint16 for a 16-bit file decoded with `high_bit_depth`. `frames`: the file's frame count (the
     pixels are the first frame's). `icc_profile`: the embedded ICC profile (a phone's Display P3, Adobe RGB), kept
-    only when its colour space is the pixels' (a CMYK file's profile does not describe the RGB it becomes)."""
+    only when its colour space is the pixels' (a CMYK file's profile does not describe the RGB it becomes). `dpi`:
+    the file's resolution (x, y) in pixels per inch, turned with the pixels, or None where it says none."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None
     frames: int = 1
     icc_profile: bytes | None = None  # the file's embedded colour profile, when it describes `pixels` (RGB or gray)
+    dpi: tuple[float, float] | None = None
 
     @property
     def is_gray(self) -> bool:
@@ -355,7 +357,10 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
             # a 16-bit PNG's colour key (tRNS) is a 16-bit value: matched after the samples are read in full
             key = im.info.get("transparency") if im.format == "PNG" and (deep or im.mode.startswith("I")) else None
             icc = im.info.get("icc_profile") or None
+            dpi = _dpi(im.info.get("dpi"))
             im.load()
+            if dpi is not None and im.getexif().get(0x0112) in (5, 6, 7, 8):  # turned a quarter: x and y swap
+                dpi = dpi[::-1]
             im = _upright(im)
             mode = im.mode
             if mode == "P":
@@ -396,7 +401,16 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
         a = a[..., 0]
     if icc is not None and icc[16:20] != (b"GRAY" if a.ndim == 2 else b"RGB "):  # the data colour space field
         icc = None
-    return Decoded(convert(a), alpha, frames, icc)
+    return Decoded(convert(a), alpha, frames, icc, dpi)
+
+
+def _dpi(value) -> tuple[float, float] | None:
+    """A resolution Pillow read ((x, y) pixels per inch) as two positive finite floats, else None."""
+    try:
+        x, y = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (x, y) if all(0 < v < float("inf") for v in (x, y)) else None
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -410,9 +424,10 @@ def as_rgb(pixels: np.ndarray) -> np.ndarray:
 
 
 def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray | None = None, *,
-                icc_profile: bytes | None = None) -> None:
+                icc_profile: bytes | None = None, dpi: tuple[float, float] | None = None) -> None:
     """Writes uint8 [H, W] or [H, W, 3] (plus optional alpha [H, W]); the format follows the extension.
-    `icc_profile` (e.g. `Decoded.icc_profile`) is embedded where the format holds one (PNG, JPEG, TIFF, WebP).
+    `icc_profile` (e.g. `Decoded.icc_profile`) is embedded where the format holds one (PNG, JPEG, TIFF, WebP),
+    `dpi` ((x, y) pixels per inch, e.g. `Decoded.dpi`) where it holds a resolution (PNG, JPEG, TIFF, BMP).
 
     uint16 pixels (and alpha) are written as a 16-bit PNG, or reduced to 8 bits for any other format. The
     file is written beside `path` and renamed, so that a failure (a full disk) leaves no half-written image
@@ -437,11 +452,13 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray |
     if alpha is not None:
         samples = np.concatenate([samples, convert(alpha)[..., None]], axis=-1)
     if deep and samples.shape[-1] > 1:  # Pillow writes 16-bit gray only
-        paths.write_atomically(path, lambda f: f.write(encode_png16(samples, icc_profile=icc_profile)))
+        paths.write_atomically(path, lambda f: f.write(encode_png16(samples, icc_profile=icc_profile, dpi=dpi)))
         return
     im = Image.fromarray(samples[..., 0] if samples.shape[-1] == 1 else samples,
                          mode={1: None, 2: "LA", 3: None, 4: "RGBA"}[samples.shape[-1]])
     extra = {"icc_profile": icc_profile} if icc_profile and image_format in ("PNG", "JPEG", "TIFF", "WEBP") else {}
+    if dpi is not None and image_format in ("PNG", "JPEG", "TIFF", "BMP"):
+        extra["dpi"] = tuple(dpi)
     paths.write_atomically(path, lambda f: im.save(f, format=image_format, **extra))
 
 
@@ -449,9 +466,10 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def encode_png16(samples: np.ndarray, rows_per_band: int = 256, *, icc_profile: bytes | None = None) -> bytes:
+def encode_png16(samples: np.ndarray, rows_per_band: int = 256, *, icc_profile: bytes | None = None,
+                 dpi: tuple[float, float] | None = None) -> bytes:
     """A 16-bit PNG file of uint16 [H, W, C] samples, C: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA (and an iCCP
-    chunk holding `icc_profile`, if given).
+    chunk holding `icc_profile`, a pHYs chunk holding `dpi` (x, y) in pixels per inch, if given).
 
     Every row is Paeth-filtered (what photographs compress best with), `rows_per_band` rows at a time so that
     the int16 temporaries stay small beside a large image."""
@@ -477,7 +495,9 @@ def encode_png16(samples: np.ndarray, rows_per_band: int = 256, *, icc_profile: 
     idat.append(compressor.flush())
     header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
     iccp = _png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile)) if icc_profile else b""
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + iccp + _png_chunk(b"IDAT", b"".join(idat))
+    # pixels per metre, as Pillow writes them (300 dpi: 11811)
+    phys = _png_chunk(b"pHYs", struct.pack(">IIB", *(int(d / 0.0254 + 0.5) for d in dpi), 1)) if dpi else b""
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + iccp + phys + _png_chunk(b"IDAT", b"".join(idat))
             + _png_chunk(b"IEND", b""))
 
 

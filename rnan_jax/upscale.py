@@ -4,9 +4,10 @@
         [--overlap 32] [--self_ensemble] [--which latest|best|ema]
 
 Inputs are image files (anything Pillow reads) or folders (their files with an `images.READABLE_EXTENSIONS`
-extension, GIF included, not hidden ones such as macOS's `._name.png`, not recursing; of an animated file the
-first frame, with a note). Each `<name>.<ext>` is written as `<output>/<name>_x<scale>.png`: PNG always, so
-outputs are lossless and keep grayscale, alpha and bit depth. Gray stays gray; alpha is upscaled with
+extension, GIF included, not hidden ones such as macOS's `._name.png`, not recursing: subfolders holding images
+are named in a note; of an animated file the first frame, with a note). Each `<name>.<ext>` is written as
+`<output>/<name>_x<scale>.png`: PNG always, so outputs are lossless and keep grayscale, alpha and bit depth,
+and the colour profile (ICC) and resolution (dpi). Gray stays gray; alpha is upscaled with
 MATLAB-style bicubic `imresize`; 16-bit input goes into the model at full precision and comes out as a 16-bit
 PNG (8-bit input as 8-bit). The colour of fully transparent pixels (alpha 0: of a cut-out, a palette's or
 colour key's transparent entry), which no viewer shows and is often black or garbage, is first replaced by
@@ -14,7 +15,9 @@ that of the nearest visible pixel, so that it does not bleed into the visible ed
 visible pixels come out the same whatever colour was hidden, and an image without fully transparent pixels
 (alpha opaque everywhere) comes out exactly as its colour alone would.
 Inputs that differ only in extension (`a.png`, `a.jpg`) are written as `<name>_<ext>_x<scale>.png`, with a
-note. An output path that is one of the inputs is never written (that file is reported as failed), nor is
+note. An input that is where another input's output goes and is that input's size times the scale (an earlier
+run's output, in a rerun with --output the input folder) is not upscaled, with a note, and is replaced. Any other
+output path that is one of the inputs is never written (that file is reported as failed), nor is
 one that another input of the same run produces; outputs of earlier runs are replaced, each only once its
 new file is complete. A file that cannot be read, upscaled or written is reported by name in one line and
 the rest go on (a full disk stops the run there, saying how many were not attempted); the exit status is 1
@@ -66,27 +69,45 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, errors
 
 
-def left_out_notes(inputs: Sequence[str]) -> list[str]:
+def _holds_images(folder: str) -> bool:
+    """Whether `folder` directly holds a file a folder scan takes (`images.list_images`' rule)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.lower().endswith(images.READABLE_EXTENSIONS) and not e.name.startswith(".")
+                       and e.is_file() for e in entries)
+    except OSError:
+        return False
+
+
+def left_out_notes(inputs: Sequence[str], output_dir: str | None = None) -> list[str]:
     """A note per input folder holding files of a format Pillow reads whose extension a folder scan does not take
-    (JPEG 2000's .jp2, .ico, .psd, ...): they were left out without a word, the run saying it wrote the others."""
+    (JPEG 2000's .jp2, .ico, .psd, ...), and one per input folder with subfolders holding images (the scan does not
+    recurse; `output_dir` aside): they were left out without a word, the run saying it wrote the others."""
     from PIL import Image
 
     Image.init()
     readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    output = None if output_dir is None else os.path.realpath(output_dir)
     notes = []
     for folder in inputs:
         if paths.is_url(folder) or not os.path.isdir(folder):
             continue
         try:
-            names = sorted(n for n in os.listdir(folder) if not n.startswith(".")
-                           and os.path.splitext(n)[1].lower() in readable - set(images.READABLE_EXTENSIONS)
-                           and os.path.isfile(os.path.join(folder, n)))
+            listed = sorted(n for n in os.listdir(folder) if not n.startswith("."))
         except OSError:
             continue  # said by expand_inputs
+        names = [n for n in listed if os.path.splitext(n)[1].lower() in readable - set(images.READABLE_EXTENSIONS)
+                 and os.path.isfile(os.path.join(folder, n))]
         if names:
             notes.append(f"{folder}: left out {len(names)} file(s) of formats a folder scan does not take "
                          f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): name them as inputs to "
                          "upscale them")
+        subfolders = [n for n in listed if os.path.isdir(sub := os.path.join(folder, n))
+                      and os.path.realpath(sub) != output and _holds_images(sub)]
+        if subfolders:
+            notes.append(f"{folder}: left out {len(subfolders)} subfolder(s) holding images "
+                         f"({', '.join(subfolders[:5])}{', ...' if len(subfolders) > 5 else ''}): a folder scan "
+                         "does not recurse; name them as inputs to upscale their images")
     return notes
 
 
@@ -98,11 +119,50 @@ def output_path(input_path: str, output_dir: str, scale: int, *, with_extension:
     return os.path.join(output_dir, f"{stem}_x{scale}.png")
 
 
+def _upright_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of an image file as `images.decode` turns it (EXIF orientation), from its header; None for
+    a file that is not an image Pillow reads."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # not an image (or gone): not an earlier output
+        return None
+    return (h, w) if images.exif_orientation(path) in (5, 6, 7, 8) else (w, h)
+
+
+def earlier_outputs(files: Sequence[str], output_dir: str, scale: int) -> dict[str, str]:
+    """{input: the input it is an earlier output of}: inputs that are where this run writes (or, named by extension
+    or not, would write) another input's output, and are that input's size times `scale`. A rerun with --output
+    the input folder took its own outputs as inputs: `a_x2.png` was upscaled to `a_x2_x2.png`, and `a.png`
+    refused (its output an input file)."""
+    by_output: dict[str, list[str]] = collections.defaultdict(list)
+    for f in files:
+        for with_extension in (False, True):
+            by_output[os.path.realpath(output_path(f, output_dir, scale, with_extension=with_extension))].append(f)
+    earlier = {}
+    for f in files:
+        sources = [g for g in by_output.get(os.path.realpath(f), ()) if g != f]
+        if sources and (size := _upright_size(f)) is not None:
+            for g in sources:
+                if (source := _upright_size(g)) is not None and size == (source[0] * scale, source[1] * scale):
+                    earlier[f] = g
+                    break
+    return earlier
+
+
 def plan(files: Sequence[str], output_dir: str, scale: int
          ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """([(input, output)], error messages, notes), refusing any output that is an input or is another input's
     output. Inputs whose plain outputs would be the same file get their extension in the name (a note each)
-    where that tells them apart (a.png and a.jpg; not a.png in two folders, of which the second is refused)."""
+    where that tells them apart (a.png and a.jpg; not a.png in two folders, of which the second is refused).
+    Inputs that are earlier outputs of other inputs (`earlier_outputs`) are left out, with a note."""
+    earlier = earlier_outputs(files, output_dir, scale)
+    names = list(earlier)
+    left_out = [f"left out {len(names)} input(s) that are earlier outputs of other inputs (named after them, "
+                f"{scale}x their size): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"] if names else []
+    files = [f for f in files if f not in earlier]
     inputs = {os.path.realpath(f) for f in files}
     plain = [os.path.realpath(output_path(f, output_dir, scale)) for f in files]
     extended = [os.path.realpath(output_path(f, output_dir, scale, with_extension=True)) for f in files]
@@ -123,7 +183,7 @@ def plan(files: Sequence[str], output_dir: str, scale: int
             if by_extension:
                 others = [g for g, p in zip(files, plain) if p == first and g != f]
                 notes.append(f"{f}: written as {out}, since {', '.join(others)} would have the same output name")
-    return jobs, errors, notes
+    return jobs, errors, left_out + notes
 
 
 def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
@@ -156,7 +216,8 @@ class OutputFull(images.ImageError):
 def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: str, *,
                  max_pixels: int | None = images.DEFAULT_MAX_PIXELS, **kwargs) -> int:
     """Reads `src`, upscales its colour (gray stays gray; fully transparent pixels' colour filled in by
-    `fill_transparent`) and alpha at the file's bit depth, writes `dst` with the file's colour profile.
+    `fill_transparent`) and alpha at the file's bit depth, writes `dst` with the file's colour profile and
+    resolution (its dpi, as image editors keep it when scaling: the print grows by the scale).
     kwargs as `upscale_image`. Returns the file's frame count (its first frame is what was upscaled).
 
     Raises `images.ImageError` naming `src` for an unreadable file, one above `max_pixels` pixels, or an
@@ -166,7 +227,7 @@ def upscale_file(params: inference.Params, config: RNANConfig, src: str, dst: st
     sr = inference.upscale_image(params, pixels, config=config, **kwargs)
     alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, config.scale)
     try:
-        images.write_image(dst, sr, alpha, icc_profile=decoded.icc_profile)
+        images.write_image(dst, sr, alpha, icc_profile=decoded.icc_profile, dpi=decoded.dpi)
     except OSError as e:  # a full disk, a folder in the way: the partial file is gone, an earlier `dst` kept
         error = OutputFull if e.errno in (errno.ENOSPC, errno.EDQUOT) else images.ImageError
         raise error(f"{src}: cannot write {dst} ({e.strerror or e})") from None
@@ -180,6 +241,11 @@ def main(argv: Sequence[str]) -> None:
     overlap = FLAGS.overlap if FLAGS["overlap"].present else inference.default_overlap(FLAGS.tile)
     if FLAGS.tile is not None and overlap >= FLAGS.tile:
         raise app.UsageError(f"--overlap ({overlap}) must be smaller than --tile ({FLAGS.tile})")
+    if not os.path.exists(FLAGS.output) and FLAGS.output.lower().endswith(images.READABLE_EXTENSIONS):
+        # `--output big.jpg` made a folder big.jpg/ holding <name>_x<scale>.png, and said it wrote to big.jpg
+        print(f"upscale: --output {FLAGS.output}: is the folder the upscaled images go into (as "
+              "<name>_x<scale>.png), not an image file; name a folder", file=sys.stderr)
+        sys.exit(2)
     env.prepare_process()
     env.enable_compilation_cache()
     try:
@@ -190,7 +256,7 @@ def main(argv: Sequence[str]) -> None:
     files, errors = expand_inputs(argv[1:])
     jobs, plan_errors, notes = plan(files, FLAGS.output, config.scale)
     errors += plan_errors
-    notes = left_out_notes(argv[1:]) + notes
+    notes = left_out_notes(argv[1:], FLAGS.output) + notes
     for message in errors:
         print(f"failed: {message}", file=sys.stderr)
     for message in notes:

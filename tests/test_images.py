@@ -417,3 +417,73 @@ def test_a_16_bit_colour_ppm_keeps_its_low_bits(tmp_path):
         np.rint(ten * (65535 / 1023)).astype(np.uint16).tolist()
     Image.fromarray(rgb[..., 0].astype(np.uint8)).convert("RGB").save(tmp_path / "c.ppm")  # 8-bit: as it was
     assert images.decode(tmp_path / "c.ppm", high_bit_depth=True).pixels.dtype == np.uint8
+
+
+def test_a_rerun_into_the_input_folder_leaves_out_its_earlier_outputs_rather_than_upscaling_them(tmp_path):
+    """`upscale photos/ --output photos/` run twice: the second run took the first's `a_x2.png` as an input, wrote
+    `a_x2_x2.png` from it, and refused `a.png` (its output an input file). An input that is where another input's
+    output goes (named with the extension or without) and is that input's size times the scale is left out with a
+    note, and replaced; one of another size is a user's own file, still never overwritten."""
+    from rnan_jax import upscale
+
+    def save(name, h, w, **kwargs):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name, **kwargs)
+        return str(tmp_path / name)
+
+    turned = Image.Exif()
+    turned[0x0112] = 6  # stored 10 x 12, upright 12 x 10
+    a_png, a_jpg, b, c = save("a.png", 10, 12), save("a.jpg", 10, 12), save("b.jpg", 10, 12, exif=turned), \
+        save("c.png", 10, 12)
+    earlier = [save("a_png_x2.png", 20, 24), save("a_x2.png", 20, 24), save("b_x2.png", 24, 20)]
+    c_own = save("c_x2.png", 10, 12)  # not c.png's size times 2: the user's own, named so
+    out = str(tmp_path)
+    files = images.list_images(tmp_path, images.READABLE_EXTENSIONS)
+    jobs, errors, notes = upscale.plan(files, out, 2)
+    assert jobs == [(a_jpg, f"{out}/a_jpg_x2.png"), (a_png, f"{out}/a_png_x2.png"), (b, f"{out}/b_x2.png"),
+                    (c_own, f"{out}/c_x2_x2.png")]
+    assert errors == [f"{c}: its output {c_own} is an input file; not overwriting it (choose another --output)"]
+    assert notes[0] == ("left out 3 input(s) that are earlier outputs of other inputs (named after them, 2x their "
+                        f"size): {', '.join(earlier)}")
+
+
+def test_upscale_says_which_subfolders_holding_images_a_folder_scan_left_out(tmp_path):
+    """`upscale photos/` with photos/2023/*.jpg beside photos/cover.jpg said 'wrote 1 image(s)' and nothing of the
+    subfolders, which a folder scan does not enter. A note names them; not the --output folder inside the input
+    folder (a rerun), nor hidden or image-less subfolders."""
+    from rnan_jax import upscale
+
+    pixels = np.zeros((4, 5, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "cover.jpg")
+    for sub in ("2023", "2024", ".git", "notes", "out"):
+        (tmp_path / sub).mkdir()
+    Image.fromarray(pixels).save(tmp_path / "2023" / "a.jpg")
+    Image.fromarray(pixels).save(tmp_path / "2024" / "b.png")
+    Image.fromarray(pixels).save(tmp_path / ".git" / "c.png")
+    (tmp_path / "notes" / "x.txt").write_text("x")
+    Image.fromarray(pixels).save(tmp_path / "out" / "cover_x2.png")
+    assert upscale.left_out_notes([str(tmp_path)], str(tmp_path / "out")) == [
+        f"{tmp_path}: left out 2 subfolder(s) holding images (2023, 2024): a folder scan does not recurse; name them "
+        "as inputs to upscale their images"]
+    assert upscale.left_out_notes([str(tmp_path / "2023")], str(tmp_path / "out")) == []
+
+
+def test_upscale_refuses_an_output_named_like_an_image_file(tmp_path):
+    """`--output big.jpg` (as other upscalers take an output file) made a folder big.jpg/ holding a_x2.png and
+    said 'wrote 1 image(s) to big.jpg'. Refused in one line before any work, nothing made; an existing folder of
+    such a name is still taken."""
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(tmp_path / "a.png")
+
+    def run(output):
+        return subprocess.run([sys.executable, "-m", "rnan_jax.upscale", "--checkpoint", "zoo:small_x2",
+                               str(tmp_path / "a.png"), "--output", str(output)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla")))
+
+    proc = run(tmp_path / "big.jpg")
+    assert proc.returncode == 2 and not (tmp_path / "big.jpg").exists()
+    assert proc.stderr.strip().splitlines() == [
+        f"upscale: --output {tmp_path / 'big.jpg'}: is the folder the upscaled images go into (as "
+        "<name>_x<scale>.png), not an image file; name a folder"]
+    (tmp_path / "album.png").mkdir()
+    proc = run(tmp_path / "album.png")
+    assert proc.returncode == 0, proc.stderr
+    assert images.decode(tmp_path / "album.png" / "a_x2.png").pixels.shape == (12, 14, 3)

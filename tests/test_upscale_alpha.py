@@ -104,3 +104,29 @@ def test_fill_transparent_takes_the_nearest_visible_pixel():
     np.testing.assert_array_equal(fill_transparent(rgb, alpha)[0, 0], [60, 61, 62])
     assert fill_transparent(pixels, alpha + 1) is pixels  # nothing fully transparent: untouched
     assert fill_transparent(pixels, alpha * 0) is pixels  # nothing visible: nothing to fill from
+
+
+def test_upscale_file_keeps_the_resolution_dpi_turned_with_the_pixels(tmp_path, params):
+    """A 300 dpi scan or photo came out without a resolution (no pHYs): editors and layout programs took it as
+    72 or 96 dpi, so it printed at 3-4x the size of the upscaled image at the file's own dpi, which image editors
+    keep when they scale. Kept now, x and y swapped where EXIF turns the image a quarter, also at 16 bits."""
+    rng = np.random.default_rng(2)
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(
+        tmp_path / "scan.jpg", dpi=(300, 200), exif=turned, quality=95)
+    (tmp_path / "deep.png").write_bytes(images.encode_png16(
+        rng.integers(0, 65536, (H, W, 4), dtype=np.uint16), dpi=(600, 600)))
+    Image.fromarray(rng.integers(0, 256, (H, W), dtype=np.uint8)).save(tmp_path / "gray.tif", dpi=(240, 240))
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(tmp_path / "none.png")
+    expected = {"scan": (200, 300), "deep": (600, 600), "gray": (240, 240), "none": None}
+    for src in ("scan.jpg", "deep.png", "gray.tif", "none.png"):
+        name = src.split(".")[0]
+        upscale_file(params, TINY, str(tmp_path / src), str(tmp_path / f"{name}_x2.png"))
+        with Image.open(tmp_path / f"{name}_x2.png") as im:
+            dpi = im.info.get("dpi")
+            assert im.size == ((2 * H, 2 * W) if name == "scan" else (2 * W, 2 * H))
+        if expected[name] is None:
+            assert dpi is None
+        else:
+            np.testing.assert_allclose(dpi, expected[name], atol=0.01)
