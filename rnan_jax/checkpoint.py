@@ -297,11 +297,22 @@ def _locate(path: str, which: str) -> tuple[str, int]:
         step_name = os.path.basename(path)
         if not step_name.isdigit():
             raise CheckpointError(f"{path}: a checkpoint step folder must be named by its step number")
+        if which == "best" and os.path.basename(os.path.dirname(path)) != BEST:  # it gave this step's EMA
+            raise CheckpointError(f"{path}: which 'best' (--which best) reads a workdir's {BEST}/ folder, and this "
+                                  f"step is not in one: pass the workdir, or which 'ema' or 'latest' for this step")
         return os.path.dirname(path), int(step_name)
     if paths.isdir(os.path.join(path, CHECKPOINTS)):  # a training workdir
         path = os.path.join(path, BEST if which == "best" else CHECKPOINTS)
         if not paths.isdir(path):
             raise CheckpointError(f"{path}: no best checkpoint yet (it is written after the first validation)")
+    elif paths.isdir(os.path.join(path, BEST)) and complete_steps(os.path.join(path, BEST)):  # a workdir of best/
+        if which != "best":  # alone (its checkpoints/ removed, or not copied): it was "not an rnan_jax checkpoint"
+            raise CheckpointError(f"{path}: holds only {BEST}/, no {CHECKPOINTS}/: pass which 'best' (--which best) "
+                                  f"or {os.path.join(path, BEST)}")
+        path = os.path.join(path, BEST)
+    elif which == "best" and os.path.basename(path) == CHECKPOINTS:  # it gave the newest step's EMA
+        raise CheckpointError(f"{path}: which 'best' (--which best) reads a workdir's {BEST}/ folder, not its "
+                              f"{CHECKPOINTS}/: pass {os.path.dirname(path)}")
     steps = complete_steps(path)
     if not steps and os.path.basename(path) in (CHECKPOINTS, BEST):
         raise CheckpointError(f"{path}: no complete checkpoint yet (training has not finished its first save, "

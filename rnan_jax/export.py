@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 from rnan_jax import api, native, paths
@@ -63,7 +64,9 @@ def export_model(params: Mapping[str, Any], config: RNANConfig | None = None, *,
         config = api.infer_config(params)
     else:
         api.check_params(params, config)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    # host arrays: constants of no device (parameters replicated over a mesh of explicit axes, as jax.make_mesh
+    # makes it, failed the export: "Length of device assignment 1 is not equal to the size of the mesh")
+    params = jax.tree_util.tree_map(np.asarray, params)
 
     def upscale(lr: jax.Array) -> jax.Array:
         return api.apply(params, lr, config=config, dtype=dtype, scan_unroll=scan_unroll, depthwise=depthwise)

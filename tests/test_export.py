@@ -141,3 +141,28 @@ def test_a_platform_given_twice_is_lowered_once(params, tmp_path):
     assert proc.stdout.rstrip().endswith("platforms cpu"), proc.stdout
     with open(tmp_path / "a.jaxexport", "rb") as f:
         assert jax.export.deserialize(bytearray(f.read())).platforms == ("cpu",)
+
+
+_REPLICATED = """
+import jax, numpy as np
+from rnan_jax import RNANConfig, apply, init
+from rnan_jax.export import export_model
+config = RNANConfig(scale=3, features=8, num_groups=2, num_blocks=2, block_interval=2, gc_reduction=2)
+params = init(jax.random.key(0), config)
+mesh = jax.make_mesh((4,), ("data",))  # explicit axes, jax.make_mesh's default
+replicated = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+exported = jax.export.deserialize(export_model(replicated, config, platforms=("cpu",)).serialize())
+lr = np.random.default_rng(3).random((3, 5, 7, 3), np.float32)
+print("devices", jax.device_count(), "difference", float(np.abs(np.asarray(exported.call(lr))
+                                                                - np.asarray(apply(params, lr, config=config))).max()))
+"""
+
+
+def test_parameters_replicated_over_a_mesh_export():
+    """Parameters as a multi-device session holds them, replicated over jax.make_mesh's mesh, failed the export with
+    jax's "Length of device assignment 1 is not equal to the size of the mesh 4" and its traceback."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _REPLICATED], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    devices, difference = proc.stdout.split()[1::2]
+    assert devices == "4" and float(difference) < 1e-5, proc.stdout

@@ -374,3 +374,90 @@ def test_which_ema_or_best_of_a_zoo_model_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "upscale: cannot load --checkpoint: zoo:small_x2: a zoo model holds one set of parameters (those make_zoo "
         "took from its run), so which 'ema' (--which) does not apply"), proc.stderr
+
+
+def test_a_zoo_file_of_a_bfloat16_run_computes_in_float32(tmp_path):
+    """make_zoo of a run trained with model.dtype=bfloat16 stored dtype bfloat16 in the file's config: its users
+    computed in bfloat16 without a word (apply, evaluate, upscale and export take the config's dtype). The file
+    says float32 (its parameters are float32; dtype="bfloat16" is the user's choice), and a file written so
+    before is read as float32."""
+    import orbax.checkpoint as ocp
+    from flax import serialization
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2, dtype="bfloat16")
+    params = init(jax.random.key(6), config)
+    workdir = tmp_path / "run"
+    mgr = checkpoint.manager(str(workdir / checkpoint.CHECKPOINTS), async_save=False)
+    mgr.save(4, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                        meta=ocp.args.JsonSave(checkpoint.meta_for(config, 4))))
+    mgr.wait_until_finished()
+    mgr.close()
+    assert checkpoint.load(str(workdir))[1].dtype == "bfloat16"  # the run's own checkpoint keeps its dtype
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_zoo.py"), "--workdir", str(workdir),
+                           "--name", "b", "--out", str(tmp_path / "zoo")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    old = tmp_path / "old.msgpack"  # as make_zoo wrote it before
+    old.write_bytes(serialization.msgpack_serialize({"params": jax.tree_util.tree_map(np.asarray, params),
+                                                     "config": {**config.__dict__, "rgb_mean": list(config.rgb_mean)},
+                                                     "meta": {}}))
+    lr = np.random.default_rng(0).random((1, 9, 7, 3), np.float32)
+    float32 = np.asarray(rnan_jax.apply(params, lr, config=RNANConfig(**{**config.__dict__, "dtype": "float32"})))
+    bfloat16 = np.asarray(rnan_jax.apply(params, lr, config=config))
+    assert np.abs(float32 - bfloat16).max() > 1e-4
+    for path in (tmp_path / "zoo" / "b.msgpack", old):
+        got_params, got_config = checkpoint.load(str(path))
+        assert got_config == RNANConfig(**{**config.__dict__, "dtype": "float32"})
+        np.testing.assert_array_equal(np.asarray(rnan_jax.apply(got_params, lr, config=got_config)), float32)
+
+
+def _save_steps(directory, steps, config):
+    """Checkpoints `steps` ({step: seed}) in `directory` as training saves them (params, ema, meta); returns
+    {step: (params, ema)}."""
+    import orbax.checkpoint as ocp
+
+    saved = {}
+    mgr = checkpoint.manager(str(directory), async_save=False)
+    for step, seed in steps.items():
+        params, ema = init(jax.random.key(seed), config), init(jax.random.key(seed + 100), config)
+        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), ema=ocp.args.StandardSave(ema),
+                                               meta=ocp.args.JsonSave(checkpoint.meta_for(config, step))))
+        saved[step] = params, ema
+    mgr.wait_until_finished()
+    mgr.close()
+    return saved
+
+
+def _same(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+
+
+def test_which_best_reads_best_or_says_why_not(tmp_path):
+    """which="best" of a workdir's checkpoints/ folder or of one of its steps gave that step's EMA, not the best/
+    one, without a word; a workdir holding only best/ (its checkpoints/ not copied) was "not an rnan_jax
+    checkpoint", even for which="best"."""
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    workdir = tmp_path / "run"
+    steps = _save_steps(workdir / checkpoint.CHECKPOINTS, {3: 1, 6: 2}, config)
+    best = _save_steps(workdir / checkpoint.BEST, {3: 3}, config)[3]
+    assert _same(checkpoint.load(str(workdir), which="best")[0], best[1])
+    assert _same(checkpoint.load(str(workdir / checkpoint.BEST / "3"), which="best")[0], best[1])
+    assert _same(checkpoint.load(str(workdir / checkpoint.CHECKPOINTS / "6"), which="ema")[0], steps[6][1])
+    step_says = "and this step is not in one: pass the workdir, or which 'ema' or 'latest' for this step"
+    for path, says in [(workdir / checkpoint.CHECKPOINTS, f"not its checkpoints/: pass {workdir}"),
+                       (workdir / checkpoint.CHECKPOINTS / "6", step_says)]:
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load(str(path), which="best")
+        assert str(e.value) == f"{path}: which 'best' (--which best) reads a workdir's best/ folder, {says}"
+    only_best = tmp_path / "shared"
+    only_best.mkdir()
+    os.rename(workdir / checkpoint.BEST, only_best / checkpoint.BEST)
+    params, got_config = checkpoint.load(str(only_best), which="best")
+    assert got_config == config and _same(params, best[1])
+    for which in ("latest", "ema"):
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load(str(only_best), which=which)
+        assert str(e.value) == (f"{only_best}: holds only best/, no checkpoints/: pass which 'best' (--which best) "
+                                f"or {only_best / checkpoint.BEST}")
+    assert _same(checkpoint.load(str(only_best / checkpoint.BEST))[0], best[0])

@@ -60,9 +60,12 @@ def path_of(name: str) -> str:
 
 
 def write(path: str, params: Any, config: RNANConfig, meta: dict | None = None) -> int:
-    """Writes a zoo file (float32 parameters, the config, `meta`); returns its size in bytes. Raises ValueError,
-    writing nothing, for parameters that do not fit `config` (a file that `read` would refuse)."""
+    """Writes a zoo file (float32 parameters, the config, `meta`); returns its size in bytes. The config is stored
+    with compute dtype float32, whatever the run computed in: a zoo file is for its users, who pass
+    dtype="bfloat16" for the faster compute (a bfloat16 run's file made them compute in bfloat16 without a word).
+    Raises ValueError, writing nothing, for parameters that do not fit `config` (a file that `read` would refuse)."""
     check_params(params, config)
+    config = dataclasses.replace(config, dtype="float32")
     data = serialization.msgpack_serialize({"params": _to_numpy(params), "config": _plain(dataclasses.asdict(config)),
                                             "meta": _plain(meta or {})})
     paths.write_atomically(os.path.expanduser(path), lambda f: f.write(data))
@@ -107,7 +110,9 @@ def read(path: str) -> tuple[dict, RNANConfig, dict]:
                        f"checkout run `git checkout -- rnan_jax/zoo/{model}{_SUFFIX}`")
     try:
         record = serialization.msgpack_restore(data)
-        config = RNANConfig(**record["config"])  # RNANConfig makes rgb_mean a tuple of floats itself
+        # RNANConfig makes rgb_mean a tuple of floats itself; float32 compute, as `write` stores it now (a file
+        # written from a bfloat16 run before that holds its dtype)
+        config = RNANConfig(**{**record["config"], "dtype": "float32"})
         check_params(record["params"], config, what="parameters that do not fit its config")
         meta = dict(record.get("meta") or {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
