@@ -149,7 +149,28 @@ def infer_config(params: Params, **overrides) -> RNANConfig:
 
 def _check_unwrapped(params: Params) -> None:
     if isinstance(params, Mapping) and set(params) == {"params"}:
-        raise ValueError("params is a {'params': tree} variables dict: pass variables['params'], the bare tree")
+        path = "".join(f"[{k!r}]" for k in _nested_rnan(params["params"]) or ())  # an RNAN submodule's, nested
+        raise ValueError(f"params is a {{'params': tree}} variables dict: pass variables['params']{path}, the bare "
+                         "tree" + (" of the RNAN submodule" if path else ""))
+    if isinstance(params, Mapping) and "head" not in params:
+        # the parameters of a model that holds RNAN as a submodule (a GAN's generator): they nest under its name
+        path = "".join(f"[{k!r}]" for k in _nested_rnan(params) or ())
+        if path:
+            raise ValueError(f"params holds an RNAN's parameters under params{path} (RNAN as a submodule): pass "
+                             f"params{path}, the RNAN's own tree")
+
+
+def _nested_rnan(tree: Any, depth: int = 6) -> tuple | None:
+    """The keys leading to the first sub-tree of `tree` that holds an RNAN's top-level entries, or None."""
+    if not isinstance(tree, Mapping) or "head" in tree or depth == 0:
+        return None
+    for key, sub in tree.items():
+        if isinstance(sub, Mapping) and {"head", "groups", "tail"} <= set(sub):
+            return (key,)
+        found = _nested_rnan(sub, depth - 1)
+        if found:
+            return (key, *found)
+    return None
 
 
 def param_shapes(config: RNANConfig) -> dict[str, tuple[int, ...]]:

@@ -124,12 +124,33 @@ def _native_3x3(in_features: int, features: int) -> Callable[[jax.Array, jax.Arr
     return None
 
 
+def _differentiable(fast: Callable[..., jax.Array], reference: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`fast` (a native kernel's call, which JAX cannot differentiate) with the derivatives of `reference`, the same
+    function in XLA's operations. A first-order gradient never differentiates these calls (they are the custom VJPs'
+    own rules, its program unchanged); a gradient of a gradient (MAML-style meta-learning, a gradient penalty, a
+    Hessian-vector product) does, and raised "The FFI call to `rnan_conv3x3` cannot be differentiated"."""
+
+    @jax.custom_vjp
+    def f(*args):
+        return fast(*args)
+
+    def f_fwd(*args):
+        return fast(*args), args
+
+    def f_bwd(args, g):
+        return jax.vjp(reference, *args)[1](g)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
 def _native_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`_plain_conv`, except a 3x3 conv that a native kernel takes (`_native_3x3`) on CPU."""
     fast = _native_3x3(kernel.shape[2], kernel.shape[3]) if kernel.shape[0] == 3 else None
     if fast is None:
         return _plain_conv(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, cpu=lambda x, k: fast(x, k).astype(x.dtype), default=_plain_conv)
+    return jax.lax.platform_dependent(
+        x, kernel, cpu=_differentiable(lambda x, k: fast(x, k).astype(x.dtype), _plain_conv), default=_plain_conv)
 
 
 @jax.custom_vjp
@@ -158,17 +179,23 @@ def _native_conv_bwd(residuals, g):
     if fast is None:
         dx = xla_input_grad(g, kernel)
     else:  # the same conv of g with the kernel flipped and transposed
+        dtype = x.dtype
+
+        def transposed(conv3x3):
+            return lambda g, k: conv3x3(g, jnp.flip(k, (0, 1)).swapaxes(2, 3)).astype(dtype)
+
         dx = jax.lax.platform_dependent(
-            g, kernel, cpu=lambda g, k: fast(g, jnp.flip(k, (0, 1)).swapaxes(2, 3)).astype(x.dtype),
-            default=xla_input_grad)
+            g, kernel, cpu=_differentiable(transposed(fast), transposed(_plain_conv)), default=xla_input_grad)
+
+    shape, dtype = kernel.shape, kernel.dtype  # closed over as values: the rules below may be differentiated
 
     def xla_grad(x, g):
-        return jax.vjp(lambda k: _plain_conv(x, k), kernel)[1](g)[0].astype(jnp.float32)
+        return jax.vjp(lambda k: _plain_conv(x, k), jnp.zeros(shape, dtype))[1](g)[0].astype(jnp.float32)
 
     def native_grad(x, g):
-        return native.conv_kernel_grad(x, g, kernel.shape[0])
+        return native.conv_kernel_grad(x, g, shape[0])
 
-    dk = jax.lax.platform_dependent(x, g, cpu=native_grad, default=xla_grad)
+    dk = jax.lax.platform_dependent(x, g, cpu=_differentiable(native_grad, xla_grad), default=xla_grad)
     return dx, dk.astype(kernel.dtype)
 
 
@@ -235,7 +262,8 @@ def _shifted_depthwise_bwd(residuals, g):
     x, kernel = residuals
     dx = _shifted_sum(g, jnp.flip(kernel, (0, 1)))
     if x.ndim == 4 and native.available():  # on CPU, one pass of a native kernel (rnan_jax/native.py)
-        dk = jax.lax.platform_dependent(x, g, cpu=native.depthwise_kernel_grad, default=_shifted_kernel_grad)
+        dk = jax.lax.platform_dependent(
+            x, g, cpu=_differentiable(native.depthwise_kernel_grad, _shifted_kernel_grad), default=_shifted_kernel_grad)
     else:
         dk = _shifted_kernel_grad(x, g)
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)

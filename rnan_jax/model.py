@@ -220,6 +220,14 @@ class RNAN(nn.Module):
     @nn.compact
     def __call__(self, lr: jax.Array) -> jax.Array:
         cfg = self.config
+        # As a submodule of a user's model, nothing else checks lr: a uint8 image came out as garbage near 60..255
+        # without an error, a single [h, w, 3] image as "convolution requires lhs and rhs ndim to be equal".
+        if not jnp.issubdtype(lr.dtype, jnp.floating):
+            raise TypeError(f"RNAN: lr must be floating point with values in [0, 1], got {lr.dtype} (an 8-bit image: "
+                            "divide by 255)")
+        if lr.ndim != 4:
+            raise ValueError(f"RNAN: lr must be [B, h, w, 3], got shape {tuple(lr.shape)}"
+                             + (" (one image: pass lr[None])" if lr.ndim == 3 else ""))
         c, dtype = cfg.features, jnp.dtype(cfg.dtype)
         mean = jnp.asarray(cfg.rgb_mean, jnp.float32)
         # The residual stream (F0, block and group outputs, their sums) stays float32 whatever the compute

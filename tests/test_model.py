@@ -376,3 +376,83 @@ def test_bfloat16_bias_gradients_are_summed_in_float32():
             errors[name] = np.linalg.norm(b16 - f32) / np.linalg.norm(f32)
     assert len(errors) == 10 and max(errors.values()) < 0.02, errors
     assert errors["['tail']['bias']"] < 0.01  # was 0.68
+
+
+def test_a_gradient_of_a_gradient_goes_through_the_native_kernels():
+    """Second-order reverse mode (MAML-style meta-learning: the loss after one inner SGD step, differentiated w.r.t.
+    the parameters before it; a penalty on the input gradient) through the default CPU path, whose convs' forward and
+    gradients are native kernels: it raised "The FFI call to `rnan_conv3x3` cannot be differentiated". Now it equals
+    the pure-XLA path's (native kernels off) to float32 rounding."""
+    from rnan_jax import native
+
+    if not native.available():
+        pytest.skip("the native CPU kernels are not built here (no C++ compiler, or RNAN_JAX_NATIVE=0)")
+    config = RNANConfig(scale=2, features=16, num_groups=1, num_blocks=1, gc_reduction=4)
+    params = init(jax.random.key(0), config)
+    lr = jax.random.uniform(jax.random.key(1), (1, 5, 4, 3))
+    hr = jax.random.uniform(jax.random.key(2), (1, 10, 8, 3))
+
+    def loss(p, x):
+        return jnp.mean((apply(p, x, depthwise="shifted") - hr) ** 2)
+
+    def meta(p):  # the loss after one inner SGD step
+        return loss(jax.tree.map(lambda a, g: a - 0.1 * g, p, jax.grad(loss)(p, lr)), lr)
+
+    def penalty(x):
+        return jnp.sum(jax.grad(loss, argnums=1)(params, x) ** 2)
+
+    for f, arg in ((meta, params), (penalty, lr)):
+        got = jax.jit(jax.grad(f))(arg)
+        with native.disabled():
+            expected = jax.jit(jax.grad(f))(arg)
+        scale = max(float(jnp.abs(e).max()) for e in jax.tree.leaves(expected))
+        assert scale > 0
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale), got, expected)
+
+
+def test_an_rnan_submodule_s_parameters_are_named_where_they_nest(small_params):
+    """RNAN inside a user's module (a GAN's generator wrapper): its parameters nest under the submodule's name, and
+    apply / infer_config / upscale_image given the whole tree said only "not an RNAN parameter tree (missing or odd
+    entry: 'head')". Now they name the sub-tree to pass, which computes what the wrapper computes."""
+    import flax.linen as nn
+
+    from rnan_jax import upscale_image
+    from rnan_jax.model import RNAN
+
+    class Generator(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.clip(RNAN(SMALL, name="rnan")(x), 0.0, 1.0)
+
+    lr = jax.random.uniform(jax.random.key(1), (1, 5, 6, 3))
+    shapes = jax.eval_shape(Generator().init, jax.random.key(0), lr)
+    assert jax.tree.map(lambda s: s.shape, shapes["params"]["rnan"]) == jax.tree.map(np.shape, small_params)
+    variables = {"params": {"rnan": small_params}}
+    np.testing.assert_allclose(Generator().apply(variables, lr), jnp.clip(japply(small_params, lr), 0.0, 1.0),
+                               atol=1e-6)
+    gan = {"generator": variables["params"], "discriminator": {"Dense_0": {"kernel": np.zeros((3, 1))}}}
+    for call in (lambda: apply(gan, lr), lambda: apply(gan, lr, config=SMALL), lambda: infer_config(gan),
+                 lambda: upscale_image(gan, np.zeros((4, 4, 3), np.uint8))):
+        with pytest.raises(ValueError, match=r"^params holds an RNAN's parameters under params\['generator'\]"
+                                             r"\['rnan'\] \(RNAN as a submodule\): pass "
+                                             r"params\['generator'\]\['rnan'\]"):
+            call()
+    with pytest.raises(ValueError, match=r"pass variables\['params'\]\['rnan'\], the bare tree of the RNAN submodule"):
+        apply(variables, lr)
+    assert infer_config(gan["generator"]["rnan"]) == SMALL
+
+
+def test_the_module_refuses_an_8_bit_or_unbatched_lr_in_one_line(small_params):
+    """The linen module used directly (as a user's submodule) has no `apply` in front of it: a uint8 image gave
+    values near 60..255 without an error, an unbatched [h, w, 3] one "convolution requires lhs and rhs ndim to be
+    equal" from inside the head conv."""
+    from rnan_jax.model import RNAN
+
+    module, variables = RNAN(SMALL), {"params": small_params}
+    lr = np.random.default_rng(0).integers(0, 256, (1, 5, 6, 3), dtype=np.uint8)
+    with pytest.raises(TypeError, match=r"^RNAN: lr must be floating point with values in \[0, 1\], got uint8"):
+        module.apply(variables, lr)
+    with pytest.raises(ValueError, match=r"^RNAN: lr must be \[B, h, w, 3\], got shape \(5, 6, 3\) \(one image: "
+                                         r"pass lr\[None\]\)"):
+        module.apply(variables, lr[0] / 255.0)
+    np.testing.assert_allclose(module.apply(variables, lr / 255.0), japply(small_params, lr / 255.0), atol=1e-6)
