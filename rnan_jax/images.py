@@ -8,6 +8,7 @@ alpha, palette and 16-bit files the same way. The upscaling CLI alone keeps 16-b
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import struct
@@ -19,6 +20,11 @@ from typing import BinaryIO, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
+
+try:  # LittleCMS, which a Pillow built without it lacks: a CMYK file is then converted without its profile
+    from PIL import ImageCms
+except ImportError:  # pragma: no cover
+    ImageCms = None
 
 from rnan_jax import paths
 
@@ -83,9 +89,10 @@ class ImageError(ValueError):
 class Decoded(NamedTuple):
     """A decoded image: `pixels` uint8 [H, W, 3] (colour) or [H, W] (gray); `alpha` [H, W] of the same type, or
     None; both uint16 for a 16-bit file decoded with `high_bit_depth`. `frames`: the file's frame count (the
-    pixels are the first frame's). `icc_profile`: the embedded ICC profile (a phone's Display P3, Adobe RGB), kept
-    only when its colour space is the pixels' (a CMYK file's profile does not describe the RGB it becomes). `dpi`:
-    the file's resolution (x, y) in pixels per inch, turned with the pixels, or None where it says none."""
+    pixels are the first frame's; of an MPO, its views only, not a phone photo's gain or depth map). `icc_profile`:
+    the embedded ICC profile (a phone's Display P3, Adobe RGB), kept only when its colour space is the pixels' (a
+    CMYK file is converted to sRGB through its profile instead). `dpi`: the file's resolution (x, y) in pixels per
+    inch, turned with the pixels, or None where it says none."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None
@@ -320,10 +327,12 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
 
     The EXIF orientation is applied, as image viewers do (a phone photo stored sideways comes out upright).
     16-bit samples are scaled to 8 bits (rounded, by the type's range: a dark 16-bit image stays dark), palette
-    images expanded, CMYK/YCbCr converted to RGB. With `high_bit_depth`, a file of more than 8 bits a sample
-    (16-bit PNG or TIFF, 32-bit integer or float TIFF) gives uint16 pixels and alpha at full precision instead;
-    8-bit files give what they give without it. A PNG's colour key (tRNS) becomes alpha, at 16 bits for a 16-bit
-    PNG. A 16-bit TIFF that Pillow reads only at 8 bits (CMYK) is read so, with a warning naming the file.
+    images expanded, CMYK/YCbCr converted to RGB (CMYK through its embedded colour profile, to sRGB, as image
+    viewers show it; Pillow's own conversion ignores the profile). With `high_bit_depth`, a file of more than 8
+    bits a sample (16-bit PNG or TIFF, 32-bit integer or float TIFF) gives uint16 pixels and alpha at full
+    precision instead; 8-bit files give what they give without it. A PNG's colour key (tRNS) becomes alpha, at 16
+    bits for a 16-bit PNG. A 16-bit TIFF that Pillow reads only at 8 bits (CMYK) is read so, with a warning naming
+    the file.
     Raises `ImageError` naming the file for a missing, unreadable, truncated or empty image, and for one of
     more than `max_pixels` pixels (a decompression bomb, or a very large photo: pass a higher limit or None).
     """
@@ -349,6 +358,8 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
             except Exception:  # Pillow raises IndexError, TypeError, KeyError, SyntaxError, ... there
                 frames = 1
                 im.seek(0)  # the failed scan left the image set up as the broken frame (its size, its mode)
+            if im.format == "MPO" and frames > 1:
+                frames = _mpo_views(im, frames)
             ppm16 = _ppm16_tile(im)
             deep = _deep_rawmodes(im)
             if deep:  # the explicit byte order (Pillow before 11 cannot unpack 'RGBX;16N' itself)
@@ -369,6 +380,8 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
                 im = im.convert("RGBA")
             elif mode in ("1", "L", "RGB") and "transparency" in im.info and key is None:  # a colour key (tRNS):
                 im = im.convert({"1": "LA", "L": "LA", "RGB": "RGBA"}[mode])  # as alpha, which the upscaler scales
+            elif mode == "CMYK" and (srgb := _cmyk_to_srgb(im, icc, path)) is not None:
+                im = srgb
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
             a = np.asarray(im) if ppm16 is None else _read_ppm16(f, im.size, *ppm16)
@@ -402,6 +415,39 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
     if icc is not None and icc[16:20] != (b"GRAY" if a.ndim == 2 else b"RGB "):  # the data colour space field
         icc = None
     return Decoded(convert(a), alpha, frames, icc, dpi)
+
+
+def _mpo_views(im: Image.Image, frames: int) -> int:
+    """The frames of an MPO (a JPEG with a Multi-Picture index) that are views of the scene: the first and each
+    later one the index calls a multi-frame image (a stereo pair's other eye, a panorama's or multi-angle
+    shot's next one). A phone photo's gain map or depth map (type Undefined), a large thumbnail, are not photos
+    beside it. `frames` when the index cannot be read."""
+    try:
+        entries = im.mpinfo[0xB002]  # MP Entry: one dict a picture, each's "Attribute" with its "MPType"
+        kinds = [str(e["Attribute"]["MPType"]) for e in entries]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return frames
+    return 1 + sum(kind.startswith("Multi-Frame Image") for kind in kinds[1:])
+
+
+def _cmyk_to_srgb(im: Image.Image, icc: bytes | None, path: str) -> Image.Image | None:
+    """A CMYK image converted to sRGB through its embedded CMYK profile (`icc`), with the profile's own rendering
+    intent, as colour-managed viewers show it; None without such a profile (Pillow's plain conversion then), and
+    with a warning naming the file for a profile LittleCMS cannot use or a Pillow without LittleCMS."""
+    if icc is None or icc[16:20] != b"CMYK":
+        return None
+    if ImageCms is None:  # pragma: no cover
+        log.warning("%s: a CMYK image with a colour profile, which this Pillow (without LittleCMS) cannot apply: "
+                    "converted to RGB without it, so its colours may be off", path)
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"),
+                                         renderingIntent=ImageCms.getDefaultIntent(profile), outputMode="RGB")
+    except (ImageCms.PyCMSError, ImportError, OSError, ValueError, TypeError) as e:  # ImportError: no LittleCMS
+        log.warning("%s: its CMYK colour profile cannot be applied (%s): converted to RGB without it, so its colours "
+                    "may be off", path, " ".join(str(e).split()) or type(e).__name__)
+        return None
 
 
 def _dpi(value) -> tuple[float, float] | None:

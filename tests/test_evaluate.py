@@ -771,3 +771,57 @@ def test_sr_dir_is_scored_beside_an_lr_folder_that_cannot_be_listed(tmp_path, mo
     # bicubic, which needs the LR images, still skips the set in one line
     again = evaluate_bicubic(["Mine"], (2,), data_dir=root, progress=False)
     assert again.skipped == [f"Mine x2: {lr_dir}: cannot list the LR folder (Permission denied)"] and not again.scores
+
+
+def _noisy(hr, seed, amount=12):
+    noise = np.random.default_rng(seed).integers(-amount, amount + 1, hr.shape)
+    return np.clip(hr.astype(np.int64) + noise, 0, 255).astype(np.uint8)
+
+
+def test_sr_dir_finds_edsr_and_basicsr_layouts_and_never_another_scales_file(tmp_path):
+    """--sr_dir found SR images only in <dataset>/x<s>/: EDSR-PyTorch's results-<dataset>/<name>_x<s>_SR.png and
+    BasicSR's <dataset>/<name>_<experiment>.png were "no such folder". Each is scored as its pixels are (by
+    another name of the set too: BasicSR's BSDS100), never an LR/HR copy beside it nor another scale's file."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "B100")
+    hrs = {"a": _rgb(48, 48), "b": _rgb(48, 48, top=200, left=60)}  # 48: the same size at x2, x3 and x4
+    for name, hr in hrs.items():
+        Image.fromarray(hr).save(os.path.join(hr_dir, f"{name}.png"))
+    sr = {(n, s): _noisy(hr, 10 * s + i) for i, (n, hr) in enumerate(hrs.items()) for s in (2, 4)}
+    edsr = tmp_path / "edsr" / "results-B100"
+    basicsr = tmp_path / "basicsr" / "BSDS100"
+    for d in (edsr, basicsr):
+        d.mkdir(parents=True)
+    for (name, s), pixels in sr.items():
+        Image.fromarray(pixels).save(edsr / f"{name}_x{s}_SR.png")
+        Image.fromarray(hrs[name]).save(edsr / f"{name}_x{s}_HR.png")  # --save_gt's copies: never scored
+        Image.fromarray(pixels[::s, ::s]).save(edsr / f"{name}_x{s}_LR.png")
+    for name in hrs:
+        Image.fromarray(sr[name, 4]).save(basicsr / f"{name}_EDSR_Mx4_f64b16_DIV2K_official-0c287733.png")
+
+    def expected(scale):
+        return [(n, pytest.approx(metrics.psnr_y(sr[n, scale], hrs[n], scale), abs=1e-12),
+                 pytest.approx(metrics.ssim_y(sr[n, scale], hrs[n], scale), abs=1e-12)) for n in hrs]
+
+    got = evaluate_sr_dir(str(tmp_path / "edsr"), ["B100"], (2, 4), data_dir=root, progress=False)
+    assert got.skipped == []
+    for scale in (2, 4):
+        assert [(s.name, s.psnr, s.ssim) for s in got.scores if s.scale == scale] == expected(scale)
+    got = evaluate_sr_dir(str(tmp_path / "basicsr"), ["B100"], (2, 3, 4), data_dir=root, progress=False)
+    assert [(s.name, s.psnr, s.ssim) for s in got.scores] == expected(4)
+    assert len(got.skipped) == 2 and all(m.startswith(f"B100 x{s}: {tmp_path}/basicsr/B100/x{s}: no such folder (")
+                                         for m, s in zip(got.skipped, (2, 3))), got.skipped
+    assert "BasicSR's" in got.skipped[0] and "results-<dataset>" in got.skipped[0]
+
+    # BasicSR's images in a scale's folder (RCAN's published results are so too); two that fit are refused
+    x4 = tmp_path / "basicsr" / "BSDS100" / "x4"
+    x4.mkdir()
+    Image.fromarray(sr["a", 4]).save(x4 / "a_RCAN.png")
+    Image.fromarray(sr["b", 4]).save(x4 / "b_RCAN_x4.png")
+    Image.fromarray(hrs["b"]).save(x4 / "b_RCAN_x2.png")  # another scale's by its name
+    Image.fromarray(hrs["a"]).save(x4 / "a_SAN.png")
+    got = evaluate_sr_dir(str(tmp_path / "basicsr"), ["B100"], (4,), data_dir=root, progress=False,
+                          allow_incomplete=True)
+    assert [(s.name, s.psnr, s.ssim) for s in got.scores] == expected(4)[1:]
+    assert got.skipped == [f"B100 x4: 2 files could be the x4 SR image of a ({x4}/a_RCAN.png, {x4}/a_SAN.png): "
+                           "keep one method's images in --sr_dir"]

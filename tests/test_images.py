@@ -487,3 +487,104 @@ def test_upscale_refuses_an_output_named_like_an_image_file(tmp_path):
     proc = run(tmp_path / "album.png")
     assert proc.returncode == 0, proc.stderr
     assert images.decode(tmp_path / "album.png" / "a_x2.png").pixels.shape == (12, 14, 3)
+
+
+def _cmyk_profile(lab_of, *, intent: int = 1) -> bytes:
+    """A CMYK ICC v2 output profile whose A2B0 (lut8, a 2-point grid: exact at 0 and 255 of each ink) gives the Lab
+    (D50) `lab_of(c, m, y, k)` for each ink in {0, 1}; `intent` its rendering intent (1: relative colorimetric)."""
+    def tag(body):
+        return body + b"\0" * (-len(body) % 4)
+
+    def s15(*values):
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    desc = tag(b"desc" + bytes(4) + struct.pack(">I", 5) + b"CMYK\0" + bytes(8) + bytes(3) + bytes(67))
+    white = tag(b"XYZ " + bytes(4) + s15(0.9642, 1.0, 0.8249))
+    clut = bytes(round(v) for c in (0, 1) for m in (0, 1) for y in (0, 1) for k in (0, 1)
+                 for v in (lambda L, a, b: (L * 255 / 100, a + 128, b + 128))(*lab_of(c, m, y, k)))
+    ramp = bytes(range(256))
+    a2b0 = tag(b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + s15(1, 0, 0, 0, 1, 0, 0, 0, 1) + ramp * 4 + clut + ramp * 3)
+    tags = [(b"desc", desc), (b"wtpt", white), (b"A2B0", a2b0)]
+    table, body, offset = struct.pack(">I", len(tags)), b"", 128 + 4 + 12 * len(tags)
+    for sig, data in tags:
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", offset + len(body)) + b"lcms" + struct.pack(">I", 0x02100000) + b"prtr" + b"CMYK"
+              + b"Lab " + bytes(12) + b"acsp" + bytes(24) + struct.pack(">I", intent) + s15(0.9642, 1.0, 0.8249)
+              + bytes(48))
+    assert len(header) == 128
+    return header + table + body
+
+
+def _srgb_of_gray(lightness):
+    """The sRGB value of a neutral CIE L* (relative colorimetric: L* 100 is white)."""
+    y = ((lightness + 16) / 116) ** 3
+    return 255 * (1.055 * y ** (1 / 2.4) - 0.055 if y > 0.0031308 else 12.92 * y)
+
+
+def test_a_cmyk_jpeg_is_converted_through_its_embedded_profile(tmp_path, caplog):
+    """Pillow's CMYK -> RGB conversion (R = 255 - C - K) ignores the file's ICC profile: a print JPEG came out in
+    other colours than any colour-managed viewer shows (here a profile's 20% gray ink read as black, its cyan as
+    (0, 255, 255)). Converted through the profile to sRGB; without a profile, or with one LittleCMS cannot use
+    (a warning names the file), as before."""
+    def lab_of(c, m, y, k):  # K: a gray of L* 20; C: a blue-green of L* 60
+        return (20, 0, 0) if k else (100 - 40 * c - 30 * m - 10 * y, -30 * c + 60 * m, -40 * c + 70 * y)
+
+    profile = _cmyk_profile(lab_of)
+    cmyk = np.zeros((16, 48, 4), np.uint8)  # white (no ink), K, C: flat 8x8 blocks, near exact at quality 100
+    cmyk[:, 16:32, 3] = 255
+    cmyk[:, 32:, 0] = 255
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "print.jpg", icc_profile=profile, quality=100)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "print.tif", icc_profile=profile)
+    for name in ("print.jpg", "print.tif"):
+        decoded = images.decode(tmp_path / name)
+        white, gray, cyan = (decoded.pixels[8, x].astype(int) for x in (8, 24, 40))
+        assert white.tolist() == [255, 255, 255] and decoded.icc_profile is None
+        assert np.abs(gray - _srgb_of_gray(20)).max() <= 1  # 48: what the profile says, not 0
+        assert cyan[2] > cyan[1] + 30 > cyan[0] + 30 and 140 < cyan[1] < 180, cyan  # not (0, 255, 255)
+    assert np.asarray(Image.open(tmp_path / "print.jpg").convert("RGB"))[8, 24].tolist() == [0, 0, 0]  # Pillow's
+
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "plain.jpg", quality=100)  # no profile: Pillow's, as before
+    assert images.decode(tmp_path / "plain.jpg").pixels[8, ::16].tolist() == [[255, 255, 255], [0, 0, 0],
+                                                                             [0, 255, 255]]
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "broken.jpg", icc_profile=profile[:128] + bytes(20), quality=100)
+    with caplog.at_level(logging.WARNING, logger="rnan_jax.images"):
+        assert images.decode(tmp_path / "broken.jpg").pixels[8, ::16].tolist() == [[255, 255, 255], [0, 0, 0],
+                                                                                  [0, 255, 255]]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'broken.jpg'}: its CMYK colour profile cannot be applied (cannot build transform): converted "
+        "to RGB without it, so its colours may be off"]
+
+
+def _mpo_types(path, mp_type):
+    """Rewrites the MP type of every picture in the Multi-Picture index of an MPO that Pillow wrote."""
+    data = bytearray(path.read_bytes())
+    tiff = data.index(b"MPF\0") + 4  # the index is a little-endian TIFF IFD
+    ifd = tiff + struct.unpack_from("<I", data, tiff + 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        tag, _, count, value = struct.unpack_from("<HHII", data, ifd + 2 + 12 * i)
+        if tag == 0xB002:  # MP Entry: 16 bytes a picture, the first 4 its attribute (flags, type)
+            for entry in range(tiff + value, tiff + value + count, 16):
+                attribute = struct.unpack_from("<I", data, entry)[0]
+                struct.pack_into("<I", data, entry, attribute & 0xFF000000 | mp_type)
+    path.write_bytes(bytes(data))
+
+
+def test_a_phone_jpeg_with_a_gain_map_is_one_frame_and_a_stereo_mpo_two(tmp_path):
+    """A phone photo with a gain map or depth map beside it (Pillow opens it as MPO: a primary picture and one of
+    type Undefined) counted 2 frames: upscale said "has 2 frames; upscaled the first" of an ordinary photo. Its
+    frames are its views: 1 there, 2 for a stereo pair (both pictures of type Disparity), whose note holds."""
+    photo = np.random.default_rng(0).integers(0, 256, (16, 24, 3), np.uint8)
+    gain_map = Image.fromarray(np.full((8, 12), 40, np.uint8)).convert("RGB")
+    Image.fromarray(photo).save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[gain_map],
+                                quality=100)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        assert im.format == "MPO" and im.n_frames == 2
+        first = np.asarray(im.convert("RGB"))
+    decoded = images.decode(tmp_path / "phone.jpg")
+    assert decoded.frames == 1 and decoded.pixels.tolist() == first.tolist()
+    (tmp_path / "stereo.mpo").write_bytes((tmp_path / "phone.jpg").read_bytes())
+    _mpo_types(tmp_path / "stereo.mpo", 0x020002)  # Multi-Frame Image: Disparity
+    with Image.open(tmp_path / "stereo.mpo") as im:
+        assert [e["Attribute"]["MPType"] for e in im.mpinfo[0xB002]] == ["Multi-Frame Image: (Disparity)"] * 2
+    assert images.decode(tmp_path / "stereo.mpo").frames == 2
