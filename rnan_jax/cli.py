@@ -218,7 +218,7 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
     ends the process with one line (exit status 1) before `main` runs or writes anything."""
 
     def parse(argv: list[str]) -> list[str]:
-        argv = _expand_config_path(argv)
+        argv = _expand_config_path(_expand_flagfiles(argv))
         if (line := repeated_config_line(argv)) is not None:
             sys.exit(line)
         logger = absl_logging.get_absl_logger()
@@ -245,6 +245,17 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
         return remaining
 
     return parse
+
+
+def _expand_flagfiles(argv: list[str]) -> list[str]:
+    """argv with each --flagfile replaced by the flags its file holds, as absl reads them: a --config (or an override)
+    given there was not seen by the checks above, so that two configs (one in the file, one on the command line)
+    trained the last without a word, and a config's errors said "--config ?" and "a --config override". argv as
+    given when a flagfile cannot be read: absl's parsing then says why."""
+    try:
+        return [*argv[:1], *flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)]
+    except (flags.Error, OSError):
+        return argv
 
 
 def _expand_config_path(argv: list[str]) -> list[str]:

@@ -120,6 +120,7 @@ class TrainConfig:
         check_keys(c)
         c = c.copy_and_resolve_references()
         check_nones(c)
+        normalize_unset(c)
         normalize_lists(c)
         model = RNANConfig(**{**c.model.to_dict(), "rgb_mean": tuple(c.model.rgb_mean)})
         top = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name not in SECTIONS}
@@ -149,6 +150,19 @@ def normalize_lists(c: ml_collections.ConfigDict) -> None:
         section, name = key.split(".")
         if isinstance(c.get(section), ml_collections.ConfigDict) and isinstance(c[section].get(name), str):
             c[section][name] = list_text(c[section][name])
+
+
+def normalize_unset(c: ml_collections.ConfigDict) -> None:
+    """Sets, in place, each text key whose default is "" (unset: init_from, data.cache_dir, data.tfds_data_dir, ...)
+    given as the text "None" to "", the None that `check_nones` reads as unset in a config file: on the command
+    line (`--config.init_from=None`) ml_collections keeps it as the text 'None', and the run looked for the
+    checkpoint ./None, wrote its data cache into a folder ./None, or refused data.tfds_data_dir as "set"."""
+    for key, default in flatten_config(default_config()):
+        section, _, name = key.rpartition(".")
+        holder = c.get(section) if section else c
+        if default == "" and isinstance(holder, ml_collections.ConfigDict) and isinstance(holder.get(name), str) \
+                and holder[name].strip() == "None":
+            holder[name] = ""
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:

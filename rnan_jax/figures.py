@@ -46,28 +46,54 @@ def read_validation(workdir: str) -> tuple[list[int], list[float], float | None]
     order (a resumed run's repeated steps keep the last value, and its line {"step": S, "resumed": true} drops
     the earlier lines' steps after S, of a trajectory that no longer exists; a line that is not a record is
     skipped, with a warning)."""
-    path = workdir if os.path.isfile(workdir) else os.path.join(workdir, "tensorboard", METRICS_FILE)
-    if not os.path.isfile(path):
+    path = metrics_path(workdir)
+    url = paths.is_url(path)  # a gs:// run's (a TPU VM's): os.path said "no such file" of the objects there
+    if not (paths.isfile(path) if url else os.path.isfile(path)):
         raise FigureError(f"{path}: no such file (written by the trainer since metrics.jsonl was added)")
+    if url:
+        text = paths.read_text(path)
+    else:
+        with open(path) as f:
+            text = f.read()
     by_step, bicubic, unreadable = {}, None, []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                if isinstance(record, dict) and record.get("resumed") is True:
-                    by_step = {k: v for k, v in by_step.items() if k <= record["step"]}
-                if "val/psnr" in record:
-                    by_step[record["step"]] = record["val/psnr"]
-                    bicubic = record.get("val/bicubic_psnr", bicubic)
-            except (ValueError, TypeError, KeyError):  # a line cut short when a run was killed mid-write
-                if line.strip():
-                    unreadable.append(number)
+    for number, line in enumerate(text.split("\n"), 1):
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("resumed") is True:
+                by_step = {k: v for k, v in by_step.items() if k <= record["step"]}
+            if "val/psnr" in record:
+                by_step[record["step"]] = record["val/psnr"]
+                bicubic = record.get("val/bicubic_psnr", bicubic)
+        except (ValueError, TypeError, KeyError):  # a line cut short when a run was killed mid-write
+            if line.strip():
+                unreadable.append(number)
     if unreadable:
         log.warning("%s: skipped line(s) %s, not a JSON record with a step", path, ", ".join(map(str, unreadable)))
     if not by_step:
         raise FigureError(f"{path}: holds no validation record")
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps], bicubic
+
+
+def metrics_path(workdir: str) -> str:
+    """The metrics.jsonl of `workdir`: a training workdir's tensorboard/metrics.jsonl, the file itself, or the one in
+    the folder given (the workdir's tensorboard folder, as TensorBoard's --logdir names it: it was looked for in
+    RUN/tensorboard/tensorboard)."""
+    isfile = paths.isfile if paths.is_url(workdir) else os.path.isfile  # a gs:// workdir (a TPU VM's run)
+    if isfile(workdir):
+        return workdir
+    path = os.path.join(workdir, "tensorboard", METRICS_FILE)
+    here = os.path.join(workdir, METRICS_FILE)
+    return here if not isfile(path) and isfile(here) else path
+
+
+def run_name(workdir: str) -> str:
+    """The training run's folder name for a workdir as `metrics_path` takes it ("x2" for runs/x2, runs/x2/tensorboard
+    and runs/x2/tensorboard/metrics.jsonl), not "tensorboard" or "metrics.jsonl"."""
+    path = metrics_path(workdir)
+    path = os.path.normpath(path if paths.is_url(path) else os.path.abspath(path))
+    folder = os.path.dirname(path)
+    return os.path.basename(os.path.dirname(folder) if os.path.basename(folder) == "tensorboard" else folder)
 
 
 def training_curve(workdir: str, output: str, *, title: str = "", references: dict[str, float] | None = None) -> str:
@@ -82,7 +108,7 @@ def training_curve(workdir: str, output: str, *, title: str = "", references: di
         ax.axhline(value, color=f"C{i + 1}", linestyle=":", label=f"{name} {value:.2f} dB")
     ax.set_xlabel("step")
     ax.set_ylabel("validation PSNR (dB, Y)")
-    ax.set_title(title or f"{os.path.basename(os.path.normpath(workdir))}: last {psnrs[-1]:.3f} dB")
+    ax.set_title(title or f"{run_name(workdir)}: last {psnrs[-1]:.3f} dB")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -176,15 +202,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     curve = sub.add_parser("curve", help="validation PSNR against step from a training workdir")
     curve.add_argument("--workdir", required=True, help="a training workdir, or its tensorboard/metrics.jsonl")
-    curve.add_argument("--output", required=True)
-    curve.add_argument("--title", default="")
+    curve.add_argument("--output", required=True,
+                       help="the figure's file: PNG, or the format its extension names (.pdf, .svg, ...)")
+    curve.add_argument("--title", default="", help="default: the run's folder name and its last validation PSNR")
     curve.add_argument("--reference", action="append", default=[],
                        help="NAME=DB, a horizontal line, e.g. 'FSRCNN (paper)=37.05' (repeatable)")
     compare = sub.add_parser("compare", help="Figure 3-style crops of HR, bicubic and a model")
     compare.add_argument("--checkpoint", required=True, help="a workdir, checkpoint folder or zoo:NAME")
     compare.add_argument("--image", required=True, help="DATASET/NAME, e.g. Urban100/img_004")
     compare.add_argument("--box", required=True, help="x,y,size of the zoomed region in HR pixels")
-    compare.add_argument("--output", required=True)
+    compare.add_argument("--output", required=True,
+                         help="the figure's file: PNG, or the format its extension names (.pdf, .svg, ...)")
     compare.add_argument("--label", default="RNAN", help="the model's panel title")
     compare.add_argument("--data_dir", default=None, help="default: $RNAN_DATA_DIR or ../shared/data")
     args = parser.parse_args(argv)

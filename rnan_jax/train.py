@@ -13,7 +13,12 @@ from ml_collections import config_flags
 
 from rnan_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+try:  # it reads the --flagfile files of sys.argv here: one that cannot be read (a typo) was a 20-line traceback
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+except flags.Error as e:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"train: error: {' '.join(str(e).split())} (see --helpshort)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and the config go.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (off TPU).")
@@ -37,9 +42,11 @@ def main(argv):
 
     try:
         configs.check_keys(_CONFIG.value)
+        configs.check_nones(_CONFIG.value)  # before the keys are read below: model.num_blocks = None was a traceback
     except ValueError as e:
         sys.exit(f"error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
     configs.normalize_lists(_CONFIG.value)  # --config.data.hr_dirs=['/a','/b'] is "/a,/b", in config.json too
+    configs.normalize_unset(_CONFIG.value)  # --config.init_from=None is unset, "", not a checkpoint ./None
 
     host_flags = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
     if host_flags and not _DISTRIBUTED.value:  # they were silently ignored: N processes each trained alone

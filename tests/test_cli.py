@@ -327,3 +327,62 @@ def test_a_ctrl_c_while_a_stopped_run_exits_ends_it_without_a_traceback(tmp_path
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout.strip().splitlines()[-1]) == (143, "SIGTERM: saved a checkpoint at step 3")
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
+
+
+def test_none_on_the_command_line_unsets_a_text_key(tmp_path):
+    """`--config.init_from=None` was the text 'None': the dry run showed init_from = 'None' and the run stopped with
+    "error: init_from: <cwd>/None: no such file or folder"; data.cache_dir=None made a folder ./None."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code, err, out = _train(["--config", "experiments/demo.py", "--workdir", str(tmp_path / "run"), "--dry_run",
+                             "--config.init_from=None", "--config.data.cache_dir=None"], repo)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "  init_from = ''" in lines and "  data.cache_dir = ''" in lines, out
+
+
+def test_configs_and_overrides_in_a_flagfile_are_seen_as_on_the_command_line(tmp_path):
+    """absl reads --flagfile's flags as if given in its place, but the config checks looked at argv alone: a --config
+    there beside one on the command line trained the last without a word (this dry run printed x4.py's config), a
+    failing config file was "--config ?" without its line, a mistyped override "a --config override"; and a flagfile
+    that could not be read was a 20-line traceback (ml_collections reads it when train defines --config)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "x4.flags").write_text("--config=experiments/x4.py\n")
+    (tmp_path / "bad.py").write_text("def get_config():\n    raise ValueError('boom')\n")
+    (tmp_path / "bad.flags").write_text(f"--config={tmp_path}/bad.py\n")
+    (tmp_path / "typo.flags").write_text("--config=experiments/demo.py\n--config.model.scal=3\n")
+    workdir = ["--workdir", str(tmp_path / "run"), "--dry_run"]
+    assert _train(["--config", "experiments/demo.py", f"--flagfile={tmp_path}/x4.flags", *workdir], repo)[:2] == (
+        1, ["error: --config names 2 configs (experiments/demo.py and experiments/x4.py), of which only the last would "
+            "be read: give one, and change its keys with --config.KEY=VALUE"])
+    assert _train([f"--flagfile={tmp_path}/bad.flags", *workdir], repo)[:2] == (
+        1, [f"error: --config {tmp_path}/bad.py, line 2: ValueError: boom"])
+    assert _train(["--flagfile", f"{tmp_path}/typo.flags", *workdir], repo)[:2] == (
+        1, ["error: --config.model.scal: the config has no key 'scal'; did you mean \"scale\" instead of \"scal\"? "
+            "(python -m rnan_jax.train --config FILE --dry_run lists every key)"])
+    assert _train([f"--flagfile={tmp_path}/none.flags", *workdir], repo)[:2] == (
+        1, [f"train: error: ERROR:: Unable to open flagfile: [Errno 2] No such file or directory: "
+            f"'{tmp_path}/none.flags' (see --helpshort)"])
+    code, err, out = _train([f"--flagfile={tmp_path}/x4.flags", "--config.model.scale=3", *workdir], repo)
+    assert code == 0 and "model: RNAN x3, 17,340,677 parameters" in out.splitlines(), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_setting_a_number_key_to_none_is_one_line(tmp_path):
+    """A config file's `config.model.num_blocks = None` (or execution.scan_unroll) was a TypeError traceback in
+    train's own checks, before the one line that the conversion says for None (configs.check_nones) was reached;
+    a text key's None is its unset "", in the dry run (and config.json) too."""
+    head = ("from rnan_jax import configs\ndef get_config():\n    c = configs.default_config()\n"
+            "    c.data.update(source='demo', val_source='demo')\n")
+    (tmp_path / "blocks.py").write_text(head + "    c.model.num_blocks = None\n    return c\n")
+    (tmp_path / "unroll.py").write_text(head + "    c.execution.scan_unroll = None\n    return c\n")
+    (tmp_path / "text.py").write_text(head + "    c.init_from = None\n    return c\n")
+    workdir = ["--workdir", str(tmp_path / "run"), "--dry_run"]
+    assert _train(["--config", "blocks.py", *workdir], tmp_path)[:2] == (
+        1, ["error: --config blocks.py: the config sets model.num_blocks (int, default 20) to None: give it a value "
+            "of its type"])
+    assert _train(["--config", "unroll.py", *workdir[:2]], tmp_path)[:2] == (
+        1, ["error: --config unroll.py: the config sets execution.scan_unroll (int, default 0) to None: give it a "
+            "value of its type"])
+    code, err, out = _train(["--config", "text.py", *workdir], tmp_path)
+    assert code == 0 and "  init_from = ''" in out.splitlines(), err
+    assert not (tmp_path / "run").exists()

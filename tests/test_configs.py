@@ -192,3 +192,27 @@ def test_none_in_an_experiment_file_is_one_line_or_the_unset_text():
     cfg = TrainConfig.from_config(config)
     assert cfg.init_from == "" and cfg.data.cache_dir == TrainConfig.from_config(_load("demo")).data.cache_dir
     assert cfg.data.tfds_data_dir is None and config.init_from is None  # the caller's config as it was
+
+
+def test_none_given_as_text_on_the_command_line_is_unset():
+    """`--config.init_from=None` (as people unset a key on the command line) reached the config as the text 'None':
+    the run looked for the checkpoint ./None ("init_from: .../None: no such file or folder"), data.cache_dir=None
+    wrote the data cache into a folder ./None, data.tfds_data_dir=None was refused as set, and optim.milestones=None
+    as not integers. A text key whose unset value is "" takes it as unset, as it takes None in a config file."""
+    config = _load("demo")
+    config.lock()
+    config.update(init_from="None")
+    config.data.update(cache_dir="None", tfds_data_dir=" None", val_dir="None")
+    config.optim.update(schedule="step", milestones="None")
+    cfg = TrainConfig.from_config(config)
+    assert cfg.init_from == "" and cfg.optim.milestone_steps == () and cfg.data.tfds_data_dir is None
+    assert cfg.data.cache_dir == TrainConfig.from_config(_load("demo")).data.cache_dir
+    assert os.path.basename(cfg.data.cache_dir) != "None"
+    assert config.init_from == "None"  # from_config leaves the caller's config as it was
+    from rnan_jax.configs import normalize_unset
+
+    normalize_unset(config)  # what the CLI does, so that the dry run and config.json show the unset key
+    assert (config.init_from, config.data.cache_dir, config.optim.milestones) == ("", "", "")
+    config.data.update(source="folder", hr_dirs="/data/None", tfds_split="None")  # only the whole text, "" keys
+    normalize_unset(config)
+    assert (config.data.hr_dirs, config.data.tfds_split) == ("/data/None", "None")

@@ -195,3 +195,56 @@ def test_compare_dtypes_reads_back_a_workdir_given_with_a_tilde(tmp_path):
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 1 and re.fullmatch(r"\| 2 \| \d\.\d{5} \| \d\d\.\d{3} \|", rows[0]), r.stdout
     assert sorted(os.listdir(tmp_path)) == ["home"] and os.listdir(tmp_path / "home" / "dt") == ["float32"]
+
+
+def test_curve_takes_the_workdirs_tensorboard_folder_and_titles_the_run(tmp_path, monkeypatch):
+    """`figures curve --workdir RUN/tensorboard` (the folder TensorBoard's --logdir names) looked for
+    RUN/tensorboard/tensorboard/metrics.jsonl ("no such file"); given that folder or the file itself, the curve
+    was titled "tensorboard: ..." or "metrics.jsonl: ...", not with the run's name."""
+    log = tmp_path / "x2" / "tensorboard"
+    log.mkdir(parents=True)
+    (log / "metrics.jsonl").write_text('{"step": 100, "val/psnr": 30.5, "val/bicubic_psnr": 29.0}\n'
+                                       '{"step": 200, "val/psnr": 31.25, "val/bicubic_psnr": 29.0}\n')
+    titles = []
+    monkeypatch.setattr(figures, "_save", lambda fig, output: titles.append(fig.axes[0].get_title()))
+    for workdir in (tmp_path / "x2", log, f"{log}/", log / "metrics.jsonl"):
+        assert figures.read_validation(str(workdir)) == ([100, 200], [30.5, 31.25], 29.0), workdir
+        figures.training_curve(str(workdir), str(tmp_path / "c.png"))
+    assert titles == ["x2: last 31.250 dB"] * 4
+
+
+@pytest.mark.parametrize("command", ["curve", "compare"])
+def test_help_describes_every_flag(command, capsys):
+    """`figures curve --help` listed --output and --title with no word on them (what file, which format, what title
+    by default); every option of both commands says what it takes."""
+    with pytest.raises(SystemExit) as e:
+        figures.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    options = out.split("options:\n", 1)[1]
+    entries = re.split(r"\n  (?=-)", "\n" + options.strip("\n"))[1:]  # one per option, its wrapped lines joined
+    flags = [entry.split()[0].rstrip(",") for entry in entries]
+    assert "--output" in flags and len(flags) == (5 if command == "curve" else 7), out
+    for entry in entries:
+        name, *rest = re.split(r"\s{2,}", " ".join(entry.split("\n")).strip(), maxsplit=1)
+        assert rest and rest[0].strip(), f"{name} has no description:\n{out}"
+    assert "--output OUTPUT the figure's file: PNG, or the format its extension names" in " ".join(out.split()), out
+
+
+def test_curve_reads_a_gs_workdir(gcs, tmp_path, monkeypatch):  # noqa: F811
+    """A TPU VM's run keeps its workdir in a bucket (README): `figures curve --workdir gs://BUCKET/runs/x4` said
+    "gs://BUCKET/runs/x4/tensorboard/metrics.jsonl: no such file" of the file that is there (os.path looked for it)."""
+    from etils import epath
+
+    text = ('{"step": 100, "val/psnr": 30.5, "val/bicubic_psnr": 29.0}\n{"step": 200, "val/psnr": 31.0}\n'
+            '{"step": 100, "resumed": true}\n{"step": 200, "val/psnr": 31.25}\n')
+    epath.Path("gs://bucket/runs/x4/tensorboard/metrics.jsonl").write_text(text)
+    titles = []
+    monkeypatch.setattr(figures, "_save", lambda fig, output: titles.append(fig.axes[0].get_title()))
+    for workdir in ("gs://bucket/runs/x4", "gs://bucket/runs/x4/tensorboard", "gs://bucket/runs/x4/tensorboard/"
+                    "metrics.jsonl"):
+        assert figures.read_validation(workdir) == ([100, 200], [30.5, 31.25], 29.0), workdir
+        figures.training_curve(workdir, str(tmp_path / "c.png"))
+    assert titles == ["x4: last 31.250 dB"] * 3
+    with pytest.raises(figures.FigureError, match="^gs://bucket/runs/x5/tensorboard/metrics.jsonl: no such file"):
+        figures.read_validation("gs://bucket/runs/x5")

@@ -16,7 +16,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+try:  # it reads the --flagfile files of sys.argv here: one that cannot be read (a typo) was a 20-line traceback
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+except flags.Error as e:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"compare_dtypes: error: {' '.join(str(e).split())} (see --helpshort)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent folder of one workdir per dtype.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to compare.")
 flags.register_validator("dtypes", lambda values: bool(values) and all(v in ("float32", "bfloat16", "float16")
@@ -35,8 +40,10 @@ def main(argv):
 
     try:  # as train does: a key nothing reads stopped every run alike, then an empty table and exit status 0
         configs.check_keys(_CONFIG.value)
+        configs.check_nones(_CONFIG.value)
     except ValueError as e:
         sys.exit(f"error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
+    configs.normalize_unset(_CONFIG.value)  # as train: --config.init_from=None is unset, in config.json too
     env.prepare_process()
     env.enable_compilation_cache()
     logging.set_verbosity(logging.WARNING)  # the trainer prints its own lines
