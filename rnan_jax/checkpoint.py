@@ -31,6 +31,11 @@ from rnan_jax.model import RNANConfig
 
 CHECKPOINTS, BEST = "checkpoints", "best"
 WHICH = ("latest", "best", "ema")
+# The CLIs' --which: "auto" (their default) is what validation scored, resolved by `resolve_which`.
+CLI_WHICH = ("auto", *WHICH)
+WHICH_HELP = ("Which parameters of --checkpoint: auto (those validation scored: the EMA where the run kept one, "
+              "else latest), latest (the newest checkpoint's), best (best/: those that scored best) or ema (the "
+              "newest checkpoint's EMA).")
 
 
 class CheckpointError(ValueError):
@@ -424,6 +429,17 @@ def scored(path: str | os.PathLike) -> str:
         return "latest"
     directory, step = _locate(os.fspath(path), "latest")
     return "ema" if paths.isdir(os.path.join(directory, str(step), "ema")) else "latest"
+
+
+def resolve_which(path: str | os.PathLike, which: str) -> str:
+    """`which` as `load` takes it: "auto" (the CLIs' default) is `scored(path)`, the parameters validation scored
+    (the EMA of a run trained with it: --which latest scored the raw parameters, and gave other numbers than the
+    run had logged for that step); the others as they are. Raises `CheckpointError`."""
+    if which != "auto":
+        return which
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        return "latest"  # `load` refuses the path in its own words ("" is not the current folder)
+    return scored(path)
 
 
 def _read(directory: str, step: int, which: str) -> tuple[dict, RNANConfig]:

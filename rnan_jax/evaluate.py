@@ -300,13 +300,14 @@ def main(argv: Sequence[str]) -> None:
     )
     if FLAGS.checkpoint:
         try:
-            params, config = checkpoint.load(FLAGS.checkpoint, which=FLAGS.which)
+            which = checkpoint.resolve_which(FLAGS.checkpoint, FLAGS.which)  # auto: what validation scored
+            params, config = checkpoint.load(FLAGS.checkpoint, which=which)
         except (ValueError, OSError) as e:  # CheckpointError is a ValueError naming the path
             sys.exit(f"evaluate: cannot load --checkpoint: {e}")
         if scales and scales != [config.scale]:
             raise app.UsageError(f"the checkpoint is an x{config.scale} model; --scales {FLAGS.scales} does not apply")
         run = functools.partial(evaluate_model, params, config, datasets, self_ensemble=FLAGS.self_ensemble)
-        source = f"--checkpoint {FLAGS.checkpoint} --which {FLAGS.which}" + " --self_ensemble" * FLAGS.self_ensemble
+        source = f"--checkpoint {FLAGS.checkpoint} --which {which}" + " --self_ensemble" * FLAGS.self_ensemble
     elif FLAGS.sr_dir:
         run = functools.partial(evaluate_sr_dir, FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES)
         source = f"--sr_dir {os.path.abspath(FLAGS.sr_dir)}"
@@ -348,7 +349,7 @@ def _define_flags() -> None:
     flags.DEFINE_enum("method", None, ["bicubic"], "A fixed method to score.")
     flags.DEFINE_string("sr_dir", None, "Score the SR images in DIR/<dataset>/x<scale>/<HR file name>.")
     flags.DEFINE_string("checkpoint", None, "Score an RNAN checkpoint (a training workdir or checkpoint path).")
-    flags.DEFINE_enum("which", "latest", ["latest", "best", "ema"], "Which parameters of --checkpoint.")
+    flags.DEFINE_enum("which", "auto", list(checkpoint.CLI_WHICH), checkpoint.WHICH_HELP)
     flags.DEFINE_string("datasets", ",".join(DEFAULT_DATASETS), "Comma-separated benchmark sets: names under "
                         "<data_dir>/benchmark/<name>/HR, or folder paths (holding HR/, or the HR images themselves).")
     flags.DEFINE_string(

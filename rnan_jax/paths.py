@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib.util
 import os
 import re
@@ -98,22 +99,42 @@ def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
     was, and a reader meanwhile sees the old file or the whole new one. The partial file's name is unique per
     host, process and thread, so concurrent writers of one path do not collide, those of several hosts in a
     shared folder (NFS) included: process ids alone repeat across hosts (a container's are the same on each).
-    Raises OSError (EINVAL) for a URL, writing nothing: os.path made it a local folder named "gs:"."""
+    Raises OSError (EINVAL) for a URL, writing nothing: os.path made it a local folder named "gs:". An OSError
+    about the partial file names `path` instead (its errno and strerror as they were)."""
     if is_url(path):
         raise OSError(errno.EINVAL, "a URL, but only a local file can be written here (write it to a local "
                                     "folder, then copy it, e.g. gcloud storage cp)", path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f".{os.path.basename(path)}.{socket.gethostname()}.{os.getpid()}."
-                                   f"{threading.get_ident()}.partial")
+    partial = os.path.join(folder, _partial_name(os.path.basename(path)))
     try:
         with open(partial, "wb") as f:
             write(f)
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(partial)
+        if isinstance(e, OSError) and partial in (e.filename, e.filename2):  # it named the hidden partial file
+            raise OSError(e.errno, e.strerror, path) from None  # (its errno kept: a full disk is still one)
         raise
+
+
+_NAME_MAX = 255  # bytes in a file name on the common filesystems (ext4, XFS, APFS, NTFS's 255 characters)
+
+
+def _partial_name(name: str) -> str:
+    """The partial file's name for a file `name`: `.<name>.<host>.<pid>.<thread>.partial`, unique per host, process
+    and thread; with `name` cut short (and a digest of it added) where the whole would pass `_NAME_MAX` bytes, so
+    that a file whose name fits is not refused as "File name too long" for its partial file's."""
+    suffix = f".{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.partial"
+    partial = f".{name}{suffix}"
+    if len(os.fsencode(partial)) <= _NAME_MAX:
+        return partial
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    room, head = _NAME_MAX - len(os.fsencode(suffix)) - len(digest) - 2, name
+    while head and len(os.fsencode(head)) > room:  # by characters: a multi-byte one is not cut in two
+        head = head[:-1]
+    return f".{head}.{digest}{suffix}"
 
 
 def read_text(path: str) -> str:

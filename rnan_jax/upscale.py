@@ -1,7 +1,7 @@
 """Upscales image files with a trained RNAN checkpoint.
 
     python -m rnan_jax.upscale --checkpoint WORKDIR photos/ extra.jpg --output out/ [--tile 256]
-        [--overlap 32] [--self_ensemble] [--which latest|best|ema]
+        [--overlap 32] [--self_ensemble] [--which auto|latest|best|ema]
 
 Inputs are image files (anything Pillow reads) or folders (their files with an `images.READABLE_EXTENSIONS`
 extension, GIF included, not hidden ones such as macOS's `._name.png`, not recursing: subfolders holding images
@@ -46,7 +46,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from rnan_jax import checkpoint, cli, degrade, env, images, inference, paths
-from rnan_jax.checkpoint import WHICH, CheckpointError
+from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError
 from rnan_jax.model import RNANConfig
 
 
@@ -249,7 +249,8 @@ def main(argv: Sequence[str]) -> None:
     env.prepare_process()
     env.enable_compilation_cache()
     try:
-        params, config = checkpoint.load(FLAGS.checkpoint, which=FLAGS.which)
+        params, config = checkpoint.load(FLAGS.checkpoint, which=checkpoint.resolve_which(FLAGS.checkpoint,
+                                                                                          FLAGS.which))
     except CheckpointError as e:
         print(f"upscale: cannot load --checkpoint: {e}", file=sys.stderr)
         sys.exit(2)
@@ -312,7 +313,7 @@ def main(argv: Sequence[str]) -> None:
 def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A training workdir or one checkpoint step's folder.", required=True)
     cli.define_local_output("output", None, "Folder for the upscaled images (created).", required=True)
-    flags.DEFINE_enum("which", "latest", list(WHICH), "Which parameters of --checkpoint.")
+    flags.DEFINE_enum("which", "auto", list(CLI_WHICH), WHICH_HELP)
     flags.DEFINE_integer("tile", None, "Upscale in overlapping TILE x TILE LR windows, bounding device memory "
                          "(default: whole images).", lower_bound=1)
     flags.DEFINE_integer("overlap", inference.DEFAULT_OVERLAP, "LR pixels shared by neighbouring windows "

@@ -380,3 +380,74 @@ def test_export_refuses_a_gs_folder_as_output_before_loading(gcs):
     assert proc.returncode == 1 and "--output gs://bucket/exports/run is a folder; give the artifact's file name" \
         in proc.stderr, proc.stderr
     assert "cannot load" not in proc.stderr
+
+
+def test_write_atomically_s_errors_name_the_path_asked_for(tmp_path):
+    """Its errors named the hidden partial file: `tools/export.py --output /proc/x.jax` said "cannot write --output:
+    [Errno 2] No such file or directory: '/proc/.x.jax.vm.18657.139914895694720.partial'", a file nobody named. They
+    name the path asked for, with the errno and strerror as they were (callers tell a full disk by its errno)."""
+    from rnan_jax import paths
+
+    folder = tmp_path / "a.bin"  # a folder in the way: the rename fails
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        paths.write_atomically(str(folder), lambda f: f.write(b"x"))
+    assert (e.value.errno, e.value.filename, e.value.filename2) == (errno.EISDIR, str(folder), None)
+    assert str(e.value) == f"[Errno {errno.EISDIR}] {os.strerror(errno.EISDIR)}: '{folder}'"
+    assert os.listdir(tmp_path) == ["a.bin"] and os.listdir(folder) == []  # no partial file left
+
+    def full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as e:  # the write's own error, as it was
+        paths.write_atomically(str(tmp_path / "b.bin"), full)
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOSPC, os.strerror(errno.ENOSPC), None)
+    assert os.listdir(tmp_path) == ["a.bin"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
+def test_export_s_write_error_and_empty_output_are_one_line_naming_output(tmp_path):
+    """export's error for an --output it cannot write named the partial file ('/proc/.x.jax.<host>.<pid>.<thread>
+    .partial'); an empty --output (`--output "$OUT"`, OUT unset) said "--output  is a folder", one of spaces
+    wrote a file named by the spaces, and `--output new/` a file named new."""
+    from rnan_jax import zoo
+    from test_evaluate import TINY_MODEL, tiny_params
+
+    model = str(tmp_path / "tiny.msgpack")
+    zoo.write(model, tiny_params(), TINY_MODEL)
+    driver = [sys.executable, os.path.join(REPO, "tools", "export.py"), "--checkpoint", model, "--platforms", "cpu",
+              "--output"]
+    proc = subprocess.run([*driver, "/proc/x.jax"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("export: cannot write --output: [Errno 2] No such file or "
+                                                    "directory: '/proc/x.jax'")
+    empty = "export: error: --output is empty (an unset variable?): name the artifact's file (see --helpshort)"
+    folder = f"{tmp_path}/new/"  # a folder not there yet: it wrote a file named new
+    for output, line in [("", empty), ("  ", empty), (folder, f"export: error: --output {folder} is a folder; give "
+                                                              "the artifact's file name (see --helpshort)")]:
+        proc = subprocess.run([*driver, output], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and proc.stderr.strip() == line, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["tiny.msgpack"]
+
+
+def test_write_atomically_writes_a_file_whose_name_fits_however_long(tmp_path, monkeypatch):
+    """Its partial file's name adds ~40 bytes (host, process, thread) to the file's: a name of 216-255 bytes, which the
+    filesystem takes, failed with "File name too long" (upscale of `<236 letters>.png` wrote nothing: its output
+    `<236 letters>_x2.png` "cannot be written")."""
+    from rnan_jax import paths
+
+    names = ["a" * 240 + ".png", "é" * 125 + ".png", "b" * 251 + ".png"]  # 244, 254 (2-byte letters), 255 bytes
+    seen = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda file, *a, **k: (seen.append(os.path.basename(file)),
+                                                                real_open(file, *a, **k))[1])
+    for name in names:
+        paths.write_atomically(str(tmp_path / name), lambda f, name=name: f.write(name.encode()))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(names)  # no partial file left
+    assert all((tmp_path / name).read_bytes() == name.encode() for name in names)
+    assert all(len(os.fsencode(p)) <= 255 and p.startswith(".") and p.endswith(
+        f".{socket.gethostname()}.{os.getpid()}.{__import__('threading').get_ident()}.partial") for p in seen)
+    assert len(set(seen)) == 3 and seen[1].startswith(".éé")
+    short = paths._partial_name("x.png")  # a name with room as it was
+    assert short == f".x.png.{socket.gethostname()}.{os.getpid()}.{__import__('threading').get_ident()}.partial"

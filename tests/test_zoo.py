@@ -461,3 +461,95 @@ def test_which_best_reads_best_or_says_why_not(tmp_path):
         assert str(e.value) == (f"{only_best}: holds only best/, no checkpoints/: pass which 'best' (--which best) "
                                 f"or {only_best / checkpoint.BEST}")
     assert _same(checkpoint.load(str(only_best / checkpoint.BEST))[0], best[0])
+
+
+def _save_params_only(directory, step, params, config):
+    """Checkpoint `step` of a run trained without EMA (params and meta only)."""
+    import orbax.checkpoint as ocp
+
+    mgr = checkpoint.manager(str(directory), async_save=False)
+    mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                           meta=ocp.args.JsonSave(checkpoint.meta_for(config, step))))
+    mgr.wait_until_finished()
+    mgr.close()
+
+
+def test_the_clis_read_by_default_the_parameters_validation_scored(tmp_path):
+    """A run trained with EMA validates its EMA (the val/psnr it logs, what best/ keeps), but evaluate, upscale,
+    tools/export.py and tools/make_zoo.py read its raw parameters by default (--which latest): evaluate's numbers
+    were not the run's for that step. Their default, auto, reads the EMA where the run kept one, else latest
+    (checkpoint.scored), and evaluate names the resolved which; an explicit --which is as it was."""
+    from rnan_jax import images, inference
+    from rnan_jax.evaluate import evaluate_model
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    workdir = tmp_path / "run"
+    params, ema = _save_steps(workdir / checkpoint.CHECKPOINTS, {4: 1}, config)[4]
+    plain = tmp_path / "plain"  # a run without EMA
+    _save_params_only(plain / checkpoint.CHECKPOINTS, 4, params, config)
+    assert [checkpoint.resolve_which(str(p), "auto") for p in (workdir, workdir / checkpoint.CHECKPOINTS / "4",
+                                                                 plain, "zoo:small_x2")] == ["ema", "ema", "latest",
+                                                                                             "latest"]
+    assert [checkpoint.resolve_which(str(workdir), w) for w in checkpoint.WHICH] == list(checkpoint.WHICH)
+    mine = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)
+    images.write_image(str(mine / "a.png"), pixels)
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    def psnr(p):
+        evaluation = evaluate_model(p, config, [str(mine)], data_dir=str(tmp_path), progress=False)
+        return evaluation.summary()["mine"]["x2"]["psnr"]
+
+    assert psnr(ema) != psnr(params)
+    cli("-m", "rnan_jax.evaluate", "--checkpoint", str(workdir), "--datasets", str(mine), "--noprogress",
+        "--output", str(tmp_path / "scores"))
+    results = json.loads((tmp_path / "scores" / "results.json").read_text())
+    assert results["mine"]["x2"]["psnr"] == psnr(ema)
+    assert results["run"]["source"] == f"--checkpoint {workdir} --which ema"
+
+    cli("-m", "rnan_jax.upscale", "--checkpoint", str(workdir), str(mine / "a.png"), "--output", str(tmp_path / "up"))
+    got = images.read_rgb(str(tmp_path / "up" / "a_x2.png"))
+    np.testing.assert_array_equal(got, inference.upscale_image(ema, pixels, config=config))
+    assert not np.array_equal(got, inference.upscale_image(params, pixels, config=config))
+
+    cli(os.path.join(REPO, "tools", "export.py"), "--checkpoint", str(workdir), "--output", str(tmp_path / "m.jax"),
+        "--platforms", "cpu")
+    exported = jax.export.deserialize(bytearray((tmp_path / "m.jax").read_bytes()))
+    lr = pixels[None].astype(np.float32) / 255
+    np.testing.assert_allclose(np.asarray(exported.call(lr)), np.asarray(rnan_jax.apply(ema, lr, config=config)),
+                               atol=1e-5)
+
+    for run, which, expected in [(workdir, "ema", ema), (plain, "latest", params)]:
+        cli(os.path.join(REPO, "tools", "make_zoo.py"), "--workdir", str(run), "--name", run.name, "--out",
+            str(tmp_path / "zoo"))
+        got_params, _, meta = zoo.read(str(tmp_path / "zoo" / f"{run.name}.msgpack"))
+        assert meta["which"] == which and _same(got_params, expected)
+
+
+def test_make_zoo_refuses_an_empty_out_or_workdir_in_one_line(tmp_path):
+    """`--out "$DIR"` with DIR unset wrote into the checkout's rnan_jax/zoo (and its sha256.json), the default, not
+    where it was sent; `--workdir ""` read the current folder, which load() refuses for "" ."""
+    import shutil
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    source = str(tmp_path / "run.msgpack")
+    zoo.write(source, init(jax.random.key(5), config), config)
+    checkout = tmp_path / "checkout"  # a checkout's tools/make_zoo.py, whose default --out is its rnan_jax/zoo
+    (checkout / "tools").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "tools", "make_zoo.py"), checkout / "tools")
+    (checkout / "rnan_jax" / "zoo").mkdir(parents=True)
+    (checkout / "rnan_jax" / "zoo" / "__init__.py").write_text("")
+    driver = [sys.executable, str(checkout / "tools" / "make_zoo.py"), "--name", "m"]
+    for args, line in [(["--workdir", source, "--out", ""], "make_zoo: --out is empty (an unset variable?): name the "
+                        "folder to write into, or leave --out out for the checkout's rnan_jax/zoo"),
+                       (["--workdir", " ", "--out", str(tmp_path / "out")], "make_zoo: --workdir is empty (an unset "
+                        "variable?): name the training workdir")]:
+        proc = subprocess.run([*driver, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 1 and proc.stderr.strip() == line, proc.stderr[-2000:]
+    assert os.listdir(checkout / "rnan_jax" / "zoo") == ["__init__.py"]
+    assert sorted(os.listdir(tmp_path)) == ["checkout", "run.msgpack"]

@@ -1,7 +1,7 @@
 """Exports a trained RNAN as a serialized `jax.export` artifact (StableHLO, parameters included).
 
     python tools/export.py --checkpoint WORKDIR --output rnan_x4.jaxexport
-        [--which latest|best|ema] [--platforms cpu,cuda,tpu] [--fixed_size H,W] [--dtype bfloat16]
+        [--which auto|latest|best|ema] [--platforms cpu,cuda,tpu] [--fixed_size H,W] [--dtype bfloat16]
 
 The artifact maps lr float32 [B, h, w, 3] in [0, 1] to sr float32 [B, s*h, s*w, 3] (not clipped) with B, h
 and w symbolic: one file serves every batch and image size; `--fixed_size` pins h and w for runtimes that
@@ -11,13 +11,14 @@ and shows how to load and run the artifact with JAX alone, without rnan_jax.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
 from absl import app, flags
 
 from rnan_jax import cli, env, paths
-from rnan_jax.checkpoint import WHICH, CheckpointError, load
+from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError, load, resolve_which
 from rnan_jax.export import DEFAULT_PLATFORMS, PLATFORMS, export_model, save
 
 
@@ -31,15 +32,18 @@ def main(argv: Sequence[str]) -> None:
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise app.UsageError(f"--fixed_size must be H,W (positive integers), got {FLAGS.fixed_size!r}")
         fixed = (int(parts[0]), int(parts[1]))
+    if not FLAGS.output.strip():  # `--output "$OUT"` with OUT unset: it was "--output  is a folder", and "  " a file
+        raise app.UsageError("--output is empty (an unset variable?): name the artifact's file")
     try:  # --output=~/x: no shell expands a ~ after "="; a gs:// URL stays one (and needs gcsfs)
         output = paths.resolve(FLAGS.output)
     except ValueError as e:
         raise app.UsageError(f"--output {e}") from None
-    if paths.isdir(output):  # found before the minutes an export can take (a gs:// folder too: it was after)
+    if paths.isdir(output) or FLAGS.output.endswith(("/", os.sep)):  # found before the minutes an export can take
+        # (a gs:// folder too: it was after); "new/" made a file named new, and said it wrote it
         raise app.UsageError(f"--output {FLAGS.output} is a folder; give the artifact's file name")
     env.prepare_process()
     try:
-        params, config = load(FLAGS.checkpoint, which=FLAGS.which)
+        params, config = load(FLAGS.checkpoint, which=resolve_which(FLAGS.checkpoint, FLAGS.which))
     except CheckpointError as e:
         print(f"export: cannot load --checkpoint: {e}", file=sys.stderr)
         sys.exit(2)
@@ -60,7 +64,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A training workdir or one checkpoint step's folder.", required=True)
     flags.DEFINE_string("output", None, "Where to write the serialized artifact: a file name or a gs:// URL.",
                         required=True)
-    flags.DEFINE_enum("which", "latest", list(WHICH), "Which parameters of --checkpoint.")
+    flags.DEFINE_enum("which", "auto", list(CLI_WHICH), WHICH_HELP)
     flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for (cpu, cuda, rocm, tpu).")
     flags.register_validator("platforms", lambda values: bool(values) and all(v in PLATFORMS for v in values),
                              f"each value must be one of {', '.join(PLATFORMS)} (NVIDIA GPUs: cuda)")

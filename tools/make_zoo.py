@@ -1,6 +1,6 @@
 """Writes a trained workdir's parameters into the package's zoo as `rnan_jax/zoo/NAME.msgpack`.
 
-    python tools/make_zoo.py --workdir runs/small291_x2 --name small_x2 [--which latest|best|ema] [--out DIR]
+    python tools/make_zoo.py --workdir runs/small291_x2 --name small_x2 [--which auto|latest|best|ema] [--out DIR]
 
 The file holds the float32 parameters, the RNANConfig (compute dtype float32 whatever the run's: users pass
 dtype="bfloat16" for the faster) and a record of the run (its resolved config.json,
@@ -28,7 +28,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.", require
 _NAME = flags.DEFINE_string("name", None, "The zoo name, e.g. small_x2.", required=True)
 flags.register_validator("name", lambda name: name is None or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)),
                          "must be a plain file name such as small_x2 (letters, digits, _ . -), no folder")
-_WHICH = flags.DEFINE_enum("which", "latest", list(checkpoint.WHICH), "Which parameters of the workdir.")
+_WHICH = flags.DEFINE_enum("which", "auto", list(checkpoint.CLI_WHICH),
+                           checkpoint.WHICH_HELP.replace("--checkpoint", "the workdir"))
 _OUT = flags.DEFINE_string("out", None, "The folder to write NAME.msgpack into, its SHA-256 recorded in the "
                            "sha256.json there (default: rnan_jax/zoo of the checkout this tool is in).")
 
@@ -41,16 +42,21 @@ def _default_out() -> str:
 
 def main(argv):
     del argv
+    if not _WORKDIR.value.strip():  # `--workdir "$RUN"` with RUN unset read the current folder (load refuses "")
+        sys.exit("make_zoo: --workdir is empty (an unset variable?): name the training workdir")
+    if _OUT.value is not None and not _OUT.value.strip():  # `--out "$DIR"` with DIR unset wrote into the checkout
+        sys.exit("make_zoo: --out is empty (an unset variable?): name the folder to write into, or leave --out out "
+                 "for the checkout's rnan_jax/zoo")
     env.prepare_process()
     try:
-        directory, step = (None, None) if zoo.is_zoo(_WORKDIR.value) else checkpoint._locate(_WORKDIR.value,
-                                                                                              _WHICH.value)
+        which = checkpoint.resolve_which(_WORKDIR.value, _WHICH.value)  # auto: what validation scored
+        directory, step = (None, None) if zoo.is_zoo(_WORKDIR.value) else checkpoint._locate(_WORKDIR.value, which)
         # that step's folder, so that the step recorded is the one read (a run saving meanwhile moves the newest)
         where = _WORKDIR.value if directory is None else os.path.join(directory, str(step))
-        params, config = checkpoint.load(where, which=_WHICH.value)
+        params, config = checkpoint.load(where, which=which)
     except checkpoint.CheckpointError as e:
         sys.exit(f"make_zoo: {e}")
-    meta = {"which": _WHICH.value, "parameters": count_params(params)}
+    meta = {"which": which, "parameters": count_params(params)}
     if directory is not None:  # the workdir's checkpoints/ or best/ (a step's folder given: the one above it)
         meta["step"] = step
         for name in ("config.json", "git_revision.txt"):

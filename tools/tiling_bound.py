@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 
 from rnan_jax import api, cli, images, inference
-from rnan_jax.checkpoint import CheckpointError, load
+from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError, load, resolve_which
 from rnan_jax.env import default_data_dir
 from rnan_jax.model import RNANConfig
 from rnan_jax.tiling import forward_memory, largest_fitting, tiling_rows
@@ -68,8 +68,9 @@ def main(argv: Sequence[str]) -> None:
 
 def _report(FLAGS: flags.FlagValues) -> None:
     try:
-        params, config = load(FLAGS.checkpoint, which=FLAGS.which)
-        source = f"{FLAGS.checkpoint} ({FLAGS.which})"
+        which = resolve_which(FLAGS.checkpoint, FLAGS.which)  # auto: what validation scored
+        params, config = load(FLAGS.checkpoint, which=which)
+        source = f"{FLAGS.checkpoint} ({which})"
     except CheckpointError as e:
         if FLAGS["checkpoint"].present or FLAGS["which"].present:  # asked for: not init weights of another model
             sys.exit(f"tiling_bound: --checkpoint: {e}")
@@ -118,7 +119,7 @@ def _report(FLAGS: flags.FlagValues) -> None:
 
 def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", os.path.join(_REPO, "workdirs", "demo"), "Weights for part 1.")
-    flags.DEFINE_enum("which", "latest", ["latest", "best", "ema"], "Which parameters of --checkpoint.")
+    flags.DEFINE_enum("which", "auto", list(CLI_WHICH), WHICH_HELP)
     flags.DEFINE_string("data_dir", None, "Folder holding benchmark/<set>/HR (default: the shared data).")
     flags.DEFINE_list("images", ["Set14/baboon", "Set14/comic", "Urban100/img_001", "Urban100/img_004"],
                       "Benchmark images as <set>/<name>.")
