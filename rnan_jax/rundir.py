@@ -192,9 +192,13 @@ def _url_lock(workdir: str, refresh_s: float, stale_s: float) -> Iterator[None]:
         other, alive = found
         age = None if alive is None else time.time() - alive
         if not _gone(other, path) and (age is None or age < stale_s):
-            seen = "" if age is None else f", last seen alive {max(age, 0):.0f} s ago"
-            raise ValueError(_refusal(workdir, other + seen, f"; if it is not running (its VM lost), delete {path} "
-                                      f"or rerun once the lock is {stale_s / 60:g} min stale"))
+            if age is None:  # never stale: it said "rerun once the lock is 10 min stale", which never came
+                raise ValueError(_refusal(workdir, other, f"; its lock {path} does not say when its run was last "
+                                          "alive (a local run's train.lock, copied with the workdir?): if no run is "
+                                          "training there, delete it"))
+            raise ValueError(_refusal(workdir, f"{other}, last seen alive {max(age, 0):.0f} s ago",
+                                      f"; if it is not running (its VM lost), delete {path} or rerun once the lock "
+                                      f"is {stale_s / 60:g} min stale"))
         logging.getLogger(__name__).warning(
             "--workdir %s: taking over the lock of a run that is gone (%s%s)", workdir, other,
             "" if age is None else f", last seen alive {age:.0f} s ago")

@@ -825,3 +825,32 @@ def test_sr_dir_finds_edsr_and_basicsr_layouts_and_never_another_scales_file(tmp
     assert [(s.name, s.psnr, s.ssim) for s in got.scores] == expected(4)[1:]
     assert got.skipped == [f"B100 x4: 2 files could be the x4 SR image of a ({x4}/a_RCAN.png, {x4}/a_SAN.png): "
                            "keep one method's images in --sr_dir"]
+
+
+def test_report_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    """Each report file was written atomically but alone: a full disk at per_image.csv left the new run's
+    results.json and results.md beside the old run's per_image.csv (three files of two runs)."""
+    import builtins
+    import errno
+
+    out = str(tmp_path / "out")
+    report.write_report(_one_score_evaluation(), out)
+    before = {name: open(os.path.join(out, name)).read() for name in report.REPORT_FILES}
+
+    real_open = builtins.open
+
+    def full_disk_at_the_csv(path, *args, **kwargs):
+        if "per_image.csv" in os.path.basename(os.fspath(path)):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk_at_the_csv)
+    with pytest.raises(OSError, match="No space left on device"):
+        report.write_report(_one_score_evaluation(images_scored=2), out)
+    monkeypatch.undo()
+    assert {name: open(os.path.join(out, name)).read() for name in report.REPORT_FILES} == before
+    assert sorted(os.listdir(out)) == sorted(report.REPORT_FILES)  # no partial file left behind
+    report.write_report(_one_score_evaluation(images_scored=2), out)  # and all three are the new run's
+    assert json.load(open(os.path.join(out, "results.json")))["Set5"]["x2"]["images"] == 2
+    assert "Set5 ×2" in open(os.path.join(out, "results.md")).read()
+    assert len(open(os.path.join(out, "per_image.csv")).read().splitlines()) == 3
