@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -252,6 +252,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     resumed = _resume(mngr, target, it, cfg, workdir)
     if resumed is not None:
         state, meta, latest = resumed
+        since_log = _since_log(meta)
         best_psnr = float(meta.get("best_psnr", -math.inf))
         _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
         if meta.get("training_images", images) != images:  # images added or removed: a silent change of the data
@@ -263,7 +264,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         if changes := rundir.config_changes(workdir, config):
             _log(f"config changed since the run that made {workdir} (its config.json): {'; '.join(changes)}")
     else:
-        params = None
+        params, since_log = None, step.empty_metrics()
         if cfg.init_from:
             source_params, source_cfg, which = source or _init_source(cfg)
             params = _copy_matching(init(rng, cfg.model), source_params, f"{cfg.init_from} "
@@ -296,7 +297,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
 
     first = int(state.step)
     writer = summary.Writer(os.path.join(workdir, "tensorboard"), resumed_from=first)
-    acc = jax.device_put(step.empty_metrics(), replicated)
+    acc = jax.device_put(since_log, replicated)  # resumed between two logs: the sums of the steps since the last
     results: dict[str, float] = {}
     t_last, s_last = time.time(), first
     module = build(cfg.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise, remat=spec.remat)  # resolved
@@ -306,6 +307,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
          "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
     interrupted, doing, s = False, "train", first
+    costs = {"validation": 0.0, "save": 0.0}  # the latest measured seconds of each pause, for the ETA
 
     def log_train(s: int, trained_until: float | None = None) -> None:
         """Logs the means of the steps since the last log, up to step `s`, the speed and the ETA (the steps' time
@@ -321,7 +323,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         timed = s > s_last and (s_last > first or s == cfg.total_steps)
         rate = (s - s_last) / max(now - t_last, 1e-9) if timed else None
         t_last, s_last = now, s
-        train = _train_metrics(host, s, rate, cfg)
+        pauses = sum(cost * _pauses_from(s, every, cfg.total_steps) for cost, every in (
+            (costs["validation"], cfg.eval_every), (costs["save"], cfg.checkpoint_every)))
+        train = _train_metrics(host, s, rate, cfg, pauses)
         results.update(train)
         writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
         _log(summary.log_line(s, cfg.total_steps, train))
@@ -332,7 +336,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             try:
                 batch = next(it)
             except sources.DataError as e:  # a worker process died, a cache file changed: the steps trained stay
-                kept = _keep_reached(mngr, state, acc, first, cfg, best_psnr, results, images)
+                kept = _keep_reached(mngr, state, acc, first, cfg, best_psnr, results, images, log_train)
                 raise sources.DataError(f"{e}; {kept}") from None
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             state, acc = train_step(state, batch, acc)
@@ -358,6 +362,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                     checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(
                         cfg.model, s, val_psnr=best_psnr, validation=validator.describe()))
                 doing = "train"
+                costs["validation"] = time.time() - paused_at
             if stop_after is not None and s >= stop_after:
                 break
             at_log = jax.process_count() == 1 or s % cfg.log_every == 0
@@ -366,9 +371,11 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 log_train(s, paused_at)  # them, and their loss was never logged (a gap in the curve)
             if s % cfg.checkpoint_every == 0 or final or stop:
                 paused_at = paused_at or _synced_time(state)
+                saving = time.time()
                 host = jax.device_get(acc)
                 _check_finite(host, s, mngr)
-                _save_step(mngr, s, state, cfg, best_psnr, results, images)
+                _save_step(mngr, s, state, cfg, best_psnr, results, images, host)
+                costs["save"] = time.time() - saving
             if paused_at is not None:
                 t_last += time.time() - paused_at
             if stop and final:  # saved above, and nothing is left to resume: the run ends as a whole one does
@@ -407,31 +414,37 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         if progress is not None:
             progress.close()
     if "val/psnr" in results:
-        gain = results["val/psnr"] - results["val/bicubic_psnr"]
-        _log(f"done: {int(state.step)} steps; validation PSNR {results['val/psnr']:.3f} dB vs bicubic "
-             f"{results['val/bicubic_psnr']:.3f} dB ({gain:+.3f} dB); checkpoints in {mngr.directory}")
+        psnr, bicubic = results["val/psnr"], results["val/bicubic_psnr"]
+        gain = psnr - bicubic if psnr != bicubic else 0.0  # both inf (flat images reproduced exactly): nan
+        _log(f"done: {int(state.step)} steps; validation PSNR {psnr:.3f} dB vs bicubic {bicubic:.3f} dB "
+             f"({gain:+.3f} dB); checkpoints in {mngr.directory}")
     return results
 
 
 def _save_step(mngr: ocp.CheckpointManager, s: int, state: step.TrainState, cfg: TrainConfig, best_psnr: float,
-               results: dict[str, float], images: str) -> None:
-    """Saves step `s` (asynchronously), with the best PSNR so far, the last validation scores and the training
-    images (`_images_record`) in its meta."""
+               results: dict[str, float], images: str, since_log: dict) -> None:
+    """Saves step `s` (asynchronously), with the best PSNR so far, the last validation scores, the training
+    images (`_images_record`) and `since_log` (the host's running sums of the steps since the last log) in its
+    meta."""
     meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, training_images=images, **{
-        k: v for k, v in results.items() if k.startswith("val/")})
+        k: v for k, v in results.items() if k.startswith("val/")}, since_last_log={
+        k: float(v) for k, v in since_log.items()})
     _check_room(mngr, s, state, mngr)
     checkpoint.save_train_state(mngr, s, state, meta)
 
 
 def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any, first: int, cfg: TrainConfig,
-                  best_psnr: float, results: dict[str, float], images: str) -> str:
-    """When the data stops a run between two steps: saves a checkpoint of the step reached, as SIGTERM does, and
-    says where the rerun resumes from. A run of several processes saves none: the others wait in the train step,
-    and a save waits for all of them."""
+                  best_psnr: float, results: dict[str, float], images: str, log: Callable[[int], None]) -> str:
+    """When the data stops a run between two steps: saves a checkpoint of the step reached, as SIGTERM does (after
+    `log` of the steps since the last log, as SIGTERM logs them), and says where the rerun resumes from. A run of
+    several processes saves none: the others wait in the train step, and a save waits for all of them."""
     reached, saved, note = int(state.step), False, ""
     if jax.process_count() == 1 and reached > first and reached % cfg.checkpoint_every:  # else saved already
-        if (nonfinite := int(jax.device_get(acc)["nonfinite"])) == 0:
-            _save_step(mngr, reached, state, cfg, best_psnr, results, images)
+        host = jax.device_get(acc)
+        if (nonfinite := int(host["nonfinite"])) == 0:
+            if host["steps"] > 0:
+                log(reached)
+            _save_step(mngr, reached, state, cfg, best_psnr, results, images, step.empty_metrics())
             saved = True
         else:
             note = f" (step {reached} not saved: {nonfinite} step(s) since the last log had a non-finite loss)"
@@ -439,6 +452,16 @@ def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any,
     if (latest := mngr.latest_step()) is None:
         return f"there is no checkpoint yet{note}: a rerun starts afresh"
     return f"the last checkpoint is step {latest}{', saved now,' * saved} in {mngr.directory}{note}"
+
+
+def _since_log(meta: dict) -> dict[str, Any]:
+    """The running sums of the steps between the last log and a checkpoint, from its meta (`_save_step`): the
+    resumed run's first log is then their mean with its own steps', as the uninterrupted run's was (it was of the
+    resumed steps alone, and those before the checkpoint were in no record). Empty sums for a meta without them."""
+    saved, empty = meta.get("since_last_log"), step.empty_metrics()
+    if not isinstance(saved, dict) or set(saved) != set(empty):
+        return empty
+    return {k: jnp.asarray(saved[k], jnp.float32) for k in empty}
 
 
 def _check_same_images(it: loader.BatchIterator) -> None:
@@ -458,16 +481,23 @@ def _check_same_images(it: loader.BatchIterator) -> None:
                      "(a copy that differs, or an image one of them skipped: see its warnings)")
 
 
-def _train_metrics(host: dict, s: int, rate: float | None, cfg: TrainConfig) -> dict[str, float]:
+def _pauses_from(s: int, every: int, total: int) -> int:
+    """How many of the validations (or saves) every `every` steps and at the last one are still to come at step `s`'s
+    log (which precedes its own)."""
+    return total // every - (s - 1) // every + (total % every != 0)
+
+
+def _train_metrics(host: dict, s: int, rate: float | None, cfg: TrainConfig, pauses: float = 0.0) -> dict[str, float]:
     """Means over the steps since the last log (non-finite ones excluded), the learning rate of the last
     step (the one it applied: the schedule at the optimizer's count, behind the step after skipped steps),
-    speed and ETA; without the speed and ETA when `rate` is None (not measured yet: the first step compiles)."""
+    speed and ETA (with `pauses`, the seconds that the validations and saves still to come take as measured);
+    without the speed and ETA when `rate` is None (not measured yet: the first step compiles)."""
     n = max(host["steps"] - host["nonfinite"], 1)
     out = {"loss": host["loss"] / n, "grad_norm": host["grad_norm"] / n, "lr": float(host["lr"]),
            "skipped": host["skipped"]}
     if rate is not None:
         out.update(steps_per_s=rate, patches_per_s=rate * cfg.batch_size,
-                   eta_s=(cfg.total_steps - s) / rate if rate > 0 else math.inf)
+                   eta_s=(cfg.total_steps - s) / rate + pauses if rate > 0 else math.inf)
     return out
 
 

@@ -1654,3 +1654,93 @@ def test_a_resume_on_other_training_images_says_so(images, tmp_path):
     assert before != after and before.split()[0] == str(int(after.split()[0]) - 1)
     assert (f"the training images changed since step 3 was saved ({before} then, {after} now): the batches from "
             "here are not those the run would have had") in text
+
+
+def test_a_data_worker_that_dies_between_two_logs_logs_the_steps_since_the_last_one(images, straight, tmp_path,
+                                                                                        monkeypatch):
+    """A worker that died at the batch of step 6 (log_every 2): step 5 was saved and the rerun resumed after it, but
+    its loss was never logged (a SIGTERM's stop logs it). It is now logged at step 5, once: the records of steps 5
+    and 6 average to the loss the uninterrupted run logged at step 6."""
+    from rnan_jax import loader, scalars, sources
+
+    real, calls = loader.BatchIterator.__next__, []
+
+    def dying(self):
+        calls.append(1)
+        if len(calls) == 6:
+            raise sources.DataError("a data worker process died at batch 5 (killed by SIGKILL)")
+        return real(self)
+
+    monkeypatch.setattr(loader.BatchIterator, "__next__", dying)
+    with pytest.raises(sources.DataError, match="the last checkpoint is step 5, saved now,"):
+        train_and_evaluate(x4_config(images), str(tmp_path))
+    monkeypatch.undo()
+    train_and_evaluate(x4_config(images), str(tmp_path))
+    loss = {s: v for s, (v, _) in scalars.read_scalars(str(tmp_path / "tensorboard"))["train/loss"].items()}
+    assert sorted(loss) == [2, 4, 5, 6]
+    straight_loss = scalars.read_scalars(str(straight[0] / "tensorboard"))["train/loss"]
+    assert (loss[5] + loss[6]) / 2 == pytest.approx(straight_loss[6][0], rel=1e-5)
+    assert loss[4] == pytest.approx(straight_loss[4][0], rel=1e-6)
+
+
+def test_a_flat_validation_image_reproduced_exactly_ends_with_a_gain_not_nan(images, tmp_path, monkeypatch, capsys):
+    """A flat validation image: bicubic reproduces it exactly (PSNR inf, mse 0), and so does a model that learned
+    it; the last line said "validation PSNR inf dB vs bicubic inf dB (+nan dB)". inf stays the value, in the log,
+    the scores and best/, whose first inf is kept (a tie)."""
+    from rnan_jax import upscalers
+
+    val = tmp_path / "flat"
+    write_image(val / "flat.png", np.full((36, 36, 3), 128, np.uint8))
+    monkeypatch.setattr(upscalers, "model_upscaler", lambda params, config, **kw: upscalers.bicubic_upscaler)
+    results = train_and_evaluate(x4_config(images, total_steps=4, eval_every=2, checkpoint_every=2,
+                                           **{"data.val_dir": str(val)}), str(tmp_path / "run"))
+    assert results["val/psnr"] == results["val/bicubic_psnr"] == float("inf")
+    out = capsys.readouterr().out
+    assert "step 4: validation PSNR inf dB, SSIM 1.0000 (bicubic inf dB)" in out
+    assert (f"done: 4 steps; validation PSNR inf dB vs bicubic inf dB (+0.000 dB); checkpoints in "
+            f"{tmp_path}/run/checkpoints") in out
+    assert os.listdir(tmp_path / "run" / "best") == ["2"]
+    assert checkpoint.best_psnr(str(tmp_path / "run" / "best"))[0] == float("inf")
+
+
+def test_the_eta_includes_the_validations_and_saves_still_to_come_at_their_measured_cost(images, tmp_path,
+                                                                                           monkeypatch):
+    """The ETA was the steps left at the train step's speed alone: low by every validation and save still to come
+    (a paper run validating Set5 every 5000 of 1M steps: 200 of them). Each now counts at its last measured cost:
+    here a validation and a save of at least 1 s each, with validations at 2, 4, 6, 8 and saves at 4, 8."""
+    real_validate, real_save = trainer._validate, trainer._save_step
+
+    def slow_validation(*args):
+        time.sleep(1.0)
+        return real_validate(*args)
+
+    def slow_save(*args):
+        time.sleep(1.0)
+        return real_save(*args)
+
+    monkeypatch.setattr(trainer, "_validate", slow_validation)
+    monkeypatch.setattr(trainer, "_save_step", slow_save)
+    train_and_evaluate(x4_config(images, total_steps=8, log_every=1, eval_every=2, checkpoint_every=4),
+                       str(tmp_path))
+    logs = [json.loads(line) for line in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    eta = {log["step"]: log["train/eta_s"] for log in logs if "train/eta_s" in log}
+    assert eta[5] >= 3.0  # validations at 6 and 8, the save at 8
+    assert eta[7] >= 2.0 and eta[8] >= 2.0  # the last step's own validation and save follow its log
+    assert eta[3] >= 2.0  # validations at 4, 6, 8 (no save measured yet)
+
+
+def test_a_run_resumed_after_a_crash_between_two_logs_logs_what_the_uninterrupted_run_did(images, straight, tmp_path):
+    """Checkpoint at step 3, log_every 2, a crash after step 4: the rerun resumed from step 3 and its step-4 loss was
+    the mean of step 4 alone (the first run's mean of steps 3 and 4 is dropped from the scalars as a step after the
+    resumed one), and step 3's loss was in no record. The checkpoint now keeps the sums since the last log."""
+    from rnan_jax import scalars
+
+    train_and_evaluate(x4_config(images), str(tmp_path), stop_after=4)
+    train_and_evaluate(x4_config(images), str(tmp_path))
+    loss = scalars.read_scalars(str(tmp_path / "tensorboard"))["train/loss"]
+    straight_loss = scalars.read_scalars(str(straight[0] / "tensorboard"))["train/loss"]
+    assert sorted(loss) == [2, 4, 6]
+    for s in (2, 4, 6):
+        assert loss[s][0] == pytest.approx(straight_loss[s][0], rel=1e-6), s
+    assert checkpoint.read_meta(str(tmp_path / "checkpoints"), 3)["since_last_log"]["steps"] == 1
+    assert checkpoint.read_meta(str(tmp_path / "checkpoints"), 6)["since_last_log"]["steps"] == 0
