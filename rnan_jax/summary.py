@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import math
 import os
 import queue
+import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -51,6 +54,56 @@ def _event_writers(writer: Any) -> list[Any]:
     return [w.event_writer for w in (writer.all_writers or {}).values()]
 
 
+def _local_copy_prefix(kind: str) -> str:
+    """The name a URL run's local copy (`kind` tensorboard or train) begins with in the temp folder: whose it is
+    (host and process), so that a later run can remove the copies of runs that are gone (`_remove_dead_copies`)."""
+    return f"rnan_{kind}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _hold(path: str) -> int:
+    """A descriptor of `path` (a file or folder) with a shared flock on it, held while the run keeps the copy: a
+    run that is gone holds none, also one in another process namespace that shares the temp folder."""
+    fd = os.open(path, os.O_RDONLY)
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return fd
+
+
+def _remove_dead_copies() -> None:
+    """Removes the local copies that runs on this host left in the temp folder when killed outright (SIGKILL, the
+    OOM killer): their process is gone and nothing holds their lock."""
+    folder, host = tempfile.gettempdir(), re.escape(socket.gethostname())
+    for name in os.listdir(folder):
+        match = re.match(rf"rnan_(?:tensorboard|train)\.{host}\.(\d+)\.", name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # alive (or its pid taken by another process since): kept
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's process
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # held: a run in another process namespace
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 class Writer:
     """TensorBoard scalars and images under `logdir`, written by process 0 only; the scalars also as JSON
     lines in `logdir/metrics.jsonl` ({"step": s, "train/loss": ...}), readable without TensorBoard.
@@ -77,7 +130,8 @@ class Writer:
         self._mirror_every_s, self._mirrored_at, self._event_files = mirror_every_s, -math.inf, 0
         self._purge_step = None if resumed_from is None else resumed_from + 1
         if jax.process_index() == 0:
-            self._local = tempfile.mkdtemp(prefix="rnan_tensorboard_") if self._remote else logdir
+            self._local = tempfile.mkdtemp(prefix=_local_copy_prefix("tensorboard")) if self._remote else logdir
+            self._held = _hold(self._local) if self._remote else None
 
             _keep_event_thread_errors()
             self._writer = self._new_event_file()
@@ -96,6 +150,9 @@ class Writer:
     def _new_event_file(self) -> Any:
         from tensorboardX import SummaryWriter
 
+        # inf is a value here (PSNR of an image reproduced exactly, bicubic's of a flat one), written as such:
+        # tensorboardX warned "NaN or Inf found in input tensor" at every validation
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
         self._event_files += 1  # tensorboardX names a file by the second it began: the number keeps them apart
         purge = self._purge_step if self._event_files == 1 else None  # a later one's would hide this run's own
         return SummaryWriter(self._local, flush_secs=30, filename_suffix=f".{self._event_files:04d}",
@@ -192,6 +249,7 @@ class Writer:
         self._mirror(flush=False, now=True)
         if self._remote:
             shutil.rmtree(self._local, ignore_errors=True)
+            os.close(self._held)
 
 
 RUN_LOG = "train.log"
@@ -214,7 +272,8 @@ class RunLog:
             return
         self._remote = path if paths.is_url(path) else None
         if self._remote:
-            fd, self._local = tempfile.mkstemp(prefix="rnan_train_", suffix=".log")
+            _remove_dead_copies()
+            fd, self._local = tempfile.mkstemp(prefix=_local_copy_prefix("train"), suffix=".log")
             os.close(fd)
             if paths.exists(path):  # a resumed run continues the log
                 with open(self._local, "w") as f:
@@ -222,6 +281,9 @@ class RunLog:
         else:
             self._local = path
         self._file = open(self._local, "a")
+        if self._remote:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._file, fcntl.LOCK_SH | fcntl.LOCK_NB)
         self._handler = _RunLogHandler(self)
         logging.getLogger("rnan_jax").addHandler(self._handler)
 

@@ -1,5 +1,6 @@
 """A run over many resumes: what the workdir's logs say after each (TensorBoard, metrics.jsonl, the curve)."""
 import json
+import os
 
 import pytest
 
@@ -71,3 +72,51 @@ def test_what_a_killed_run_logged_is_in_its_event_file_at_once(tmp_path):
     finally:
         writer.close()
     assert sorted(scalars.read_scalars(str(tmp_path))["train/loss"]) == [1, 2, 3, 4]
+
+
+def test_an_infinite_psnr_is_written_without_tensorboardx_s_nan_or_inf_warning(tmp_path, caplog):
+    """A flat validation image's bicubic PSNR is inf from the first validation on (its model's too once it
+    reproduces it): tensorboardX warned "NaN or Inf found in input tensor." at every validation."""
+    import logging
+    import math
+
+    from rnan_jax import summary
+
+    with caplog.at_level(logging.WARNING):
+        writer = summary.Writer(str(tmp_path))
+        writer.scalars(1, {"val/psnr": math.inf, "val/bicubic_psnr": math.inf})
+        writer.close()
+    assert "NaN or Inf" not in caplog.text
+    assert scalars.read_scalars(str(tmp_path))["val/psnr"][1][0] == math.inf
+
+
+def test_a_later_url_run_removes_the_local_copies_of_runs_killed_outright(tmp_path, monkeypatch):
+    """A gs:// run keeps its TensorBoard folder and train.log in the temp folder while it runs; killed outright
+    (SIGKILL, the OOM killer) it left them there for good (106 on one machine). Their names now say whose they
+    are (host, pid), and a later run removes those of this host whose process is gone and whose lock nobody
+    holds: not a live run's, not one of another host, not an old unnamed one."""
+    import socket
+    import subprocess
+    import sys
+
+    from rnan_jax import summary
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    try:
+        (tmp_path / f"rnan_tensorboard.{host}.{dead_pid}.abc").mkdir()
+        (tmp_path / f"rnan_tensorboard.{host}.{dead_pid}.abc" / "events.out").write_text("x")
+        (tmp_path / f"rnan_train.{host}.{dead_pid}.def.log").write_text("x")
+        kept = [f"rnan_train.{host}.{live.pid}.ghi.log", f"rnan_train.other-{host}.{dead_pid}.jkl.log",
+                "rnan_train_legacy.log"]
+        for name in kept:
+            (tmp_path / name).write_text("x")
+        summary._remove_dead_copies()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    finally:
+        live.kill()
+        live.wait()
+    assert summary._local_copy_prefix("train") == f"rnan_train.{host}.{os.getpid()}."
