@@ -6,8 +6,10 @@
 
 `--datasets` takes names under `<data_dir>/benchmark/<name>/HR` or folder paths (your own set: a folder
 holding `HR/` and optionally `LR_bicubic/X<s>/`, or the HR images themselves), reported by the folder's name.
-`--sr_dir` holds `<dataset>/x<scale>/<HR file name>` (the layout that `--save_images` writes under
-`<output>/images/`; EDSR's `<name>_x<s>_SR.png` is found too).
+`--sr_dir` holds another method's SR images in one of three layouts: ours, `<dataset>/x<scale>/<HR file name>`
+(what `--save_images` writes under `<output>/images/`); EDSR-PyTorch's `results-<dataset>/<name>_x<scale>_SR.png`;
+or BasicSR's `<dataset>/<name>_<suffix>.png`, its suffix naming the scale (`EDSR_Mx4_...`); see
+`upscalers.sr_dir_upscaler`.
 From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, config, ...)`.
 """
 from __future__ import annotations
@@ -282,7 +284,8 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(f"evaluate: {error}")  # before any scoring, which may take hours
     if FLAGS.sr_dir and not os.path.isdir(FLAGS.sr_dir):
         sys.exit(f"evaluate: --sr_dir {FLAGS.sr_dir}: no such folder (expected <dataset>/x<scale>/<HR file name> "
-                 "inside)")
+                 "inside, or EDSR's results-<dataset>/<name>_x<scale>_SR.png, or BasicSR's <dataset>/<name>_<suffix "
+                 "naming x<scale>>.png)")
     env.prepare_process()
     env.enable_compilation_cache()
     try:
@@ -347,8 +350,11 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
     flags.DEFINE_enum("method", None, ["bicubic"], "A fixed method to score.")
-    flags.DEFINE_string("sr_dir", None, "Score the SR images in DIR/<dataset>/x<scale>/<HR file name>.")
-    flags.DEFINE_string("checkpoint", None, "Score an RNAN checkpoint (a training workdir or checkpoint path).")
+    flags.DEFINE_string("sr_dir", None, "Score the SR images in DIR/<dataset>/x<scale>/<HR file name>, EDSR's "
+                        "DIR/results-<dataset>/<name>_x<scale>_SR.png or BasicSR's DIR/<dataset>/<name>_<suffix "
+                        "naming the scale>.png.")
+    flags.DEFINE_string("checkpoint", None, "Score an RNAN checkpoint: a training workdir, a checkpoint "
+                        "path, or zoo:NAME (shipped weights, e.g. zoo:small_x2) or a zoo file's path.")
     flags.DEFINE_enum("which", "auto", list(checkpoint.CLI_WHICH), checkpoint.WHICH_HELP)
     flags.DEFINE_string("datasets", ",".join(DEFAULT_DATASETS), "Comma-separated benchmark sets: names under "
                         "<data_dir>/benchmark/<name>/HR, or folder paths (holding HR/, or the HR images themselves).")

@@ -209,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="NAME=DB, a horizontal line, e.g. 'FSRCNN (paper)=37.05' (repeatable)")
     compare = sub.add_parser("compare", help="Figure 3-style crops of HR, bicubic and a model")
     compare.add_argument("--checkpoint", required=True, help="a workdir, checkpoint folder or zoo:NAME")
+    compare.add_argument("--which", default="auto", choices=checkpoint.CLI_WHICH,
+                         help=checkpoint.WHICH_HELP[0].lower() + checkpoint.WHICH_HELP[1:])
     compare.add_argument("--image", required=True, help="DATASET/NAME, e.g. Urban100/img_004")
     compare.add_argument("--box", required=True, help="x,y,size of the zoomed region in HR pixels")
     compare.add_argument("--output", required=True,
@@ -248,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 box = []
             if len(box) != 3:
                 raise FigureError(f"--box takes x,y,size (integers), got {args.box!r}")
-            params, config = checkpoint.load(args.checkpoint)
+            # auto: what validation scored (the EMA of a run trained with it), as evaluate prints
+            which = checkpoint.resolve_which(args.checkpoint, args.which)
+            params, config = checkpoint.load(args.checkpoint, which=which)
             scores = comparison({"Bicubic": upscalers.bicubic_upscaler,
                                  args.label: upscalers.model_upscaler(params, config)}, args.image, box,
                                 args.output, scale=config.scale, data_dir=env.default_data_dir(args.data_dir))

@@ -311,7 +311,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("checkpoint", None, "A training workdir or one checkpoint step's folder.", required=True)
+    flags.DEFINE_string("checkpoint", None, "A training workdir, one checkpoint step's folder, or "
+                        "zoo:NAME (shipped weights, e.g. zoo:small_x2) or a zoo file's path.", required=True)
     cli.define_local_output("output", None, "Folder for the upscaled images (created).", required=True)
     flags.DEFINE_enum("which", "auto", list(CLI_WHICH), WHICH_HELP)
     flags.DEFINE_integer("tile", None, "Upscale in overlapping TILE x TILE LR windows, bounding device memory "

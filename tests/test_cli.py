@@ -386,3 +386,59 @@ def test_a_config_file_setting_a_number_key_to_none_is_one_line(tmp_path):
     code, err, out = _train(["--config", "text.py", *workdir], tmp_path)
     assert code == 0 and "  init_from = ''" in out.splitlines(), err
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_ema_run(tmp_path):
+    """A run trained with EMA (checkpoint step 4) and a set Mine of one 48x40 HR image, under tmp_path."""
+    from PIL import Image
+    from test_zoo import _save_steps
+
+    from rnan_jax import RNANConfig, checkpoint
+
+    hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
+    hr_dir.mkdir(parents=True)
+    yy, xx = np.mgrid[0:40, 0:48] / 6.0
+    hr = np.stack([np.sin(xx + c) * np.cos(yy) for c in range(3)], -1) * 100 + 128
+    Image.fromarray(np.clip(hr, 0, 255).astype(np.uint8)).save(hr_dir / "pic.png")
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+    _save_steps(tmp_path / "run" / checkpoint.CHECKPOINTS, {4: 1}, config)
+    return tmp_path / "run"
+
+
+def test_tiling_bound_piped_into_head_ends_quietly(tmp_path):
+    """`tools/tiling_bound.py ... | head -3` ended in a BrokenPipeError traceback (status 1) when head closed the
+    pipe, and loading the checkpoint printed some 40 absl/orbax "I..." lines to stderr, which evaluate does not."""
+    run = _tiny_ema_run(tmp_path)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "tiling_bound.py"), "--checkpoint", str(run),
+                             "--data_dir", str(tmp_path), "--images", "Mine/pic", "--tiles", "16", "--overlaps", "4",
+                             "--sets", "Mine", "--per_set", "1", "--scan_tile", "16", "--sizes", "16",
+                             "--budget_gib", "0.001"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()  # as head does after its lines; part 2 (the x4 model's compilation) still prints after
+        err = proc.stderr.read()
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert first == f"## Tiled vs whole-image output, x2 model from {run} (ema)\n"
+    assert (code, err) == (0, "")
+
+
+def test_make_zoo_out_that_is_a_file_is_one_line_saying_so(tmp_path):
+    """`tools/make_zoo.py --out FILE` loaded the checkpoint, then said "cannot write FILE/NAME.msgpack: [Errno 17]
+    File exists: 'FILE'", which does not say that --out takes a folder."""
+    run = _tiny_ema_run(tmp_path)
+    in_the_way = tmp_path / "zoo.msgpack"
+    in_the_way.write_text("mine")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_zoo.py"), "--workdir", str(run),
+                           "--name", "tiny", "--out", str(in_the_way)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert (proc.returncode, proc.stderr.splitlines(), proc.stdout) == (
+        1, [f"make_zoo: --out {in_the_way}: is a file, not a folder (--out names the folder to write tiny.msgpack "
+            "into)"], "")
+    assert in_the_way.read_text() == "mine"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_zoo.py"), "--workdir", str(run),
+                           "--name", "tiny", "--out", str(tmp_path / "zoo")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and sorted(os.listdir(tmp_path / "zoo")) == ["sha256.json", "tiny.msgpack"], proc.stderr

@@ -108,7 +108,8 @@ def test_cli_refuses_a_missing_sr_dir_and_report_files_in_the_way_before_scoring
           "the local path)"  # it was "no such folder" of objects that are there
     cases = ((["--sr_dir", str(tmp_path / "nope")],
               f"evaluate: --sr_dir {tmp_path}/nope: no such folder (expected <dataset>/x<scale>/<HR file name> "
-              "inside)"),
+              "inside, or EDSR's results-<dataset>/<name>_x<scale>_SR.png, or BasicSR's "
+              "<dataset>/<name>_<suffix naming x<scale>>.png)"),
              (["--sr_dir", "gs://bucket/sr"], f"evaluate: --sr_dir gs://bucket/sr: {url}"),
              (["--method", "bicubic", "--datasets", "Set5,gs://bucket/Set14"],
               f"evaluate: --datasets gs://bucket/Set14: {url}"),

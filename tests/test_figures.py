@@ -224,7 +224,7 @@ def test_help_describes_every_flag(command, capsys):
     options = out.split("options:\n", 1)[1]
     entries = re.split(r"\n  (?=-)", "\n" + options.strip("\n"))[1:]  # one per option, its wrapped lines joined
     flags = [entry.split()[0].rstrip(",") for entry in entries]
-    assert "--output" in flags and len(flags) == (5 if command == "curve" else 7), out
+    assert "--output" in flags and len(flags) == (5 if command == "curve" else 8), out
     for entry in entries:
         name, *rest = re.split(r"\s{2,}", " ".join(entry.split("\n")).strip(), maxsplit=1)
         assert rest and rest[0].strip(), f"{name} has no description:\n{out}"
@@ -248,3 +248,35 @@ def test_curve_reads_a_gs_workdir(gcs, tmp_path, monkeypatch):  # noqa: F811
     assert titles == ["x4: last 31.250 dB"] * 3
     with pytest.raises(figures.FigureError, match="^gs://bucket/runs/x5/tensorboard/metrics.jsonl: no such file"):
         figures.read_validation("gs://bucket/runs/x5")
+
+
+def test_compare_reads_by_default_the_parameters_validation_scored(tmp_path, capsys):
+    """`figures compare --checkpoint RUN` of a run trained with EMA scored (and drew) its raw parameters, while
+    evaluate, upscale and the run's own validation use the EMA (--which auto): the figure's PSNR was not the run's.
+    It takes --which as the other CLIs do, auto by default."""
+    from test_zoo import _save_steps
+
+    from rnan_jax import checkpoint
+    from rnan_jax.evaluate import evaluate_model
+
+    hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
+    hr_dir.mkdir(parents=True)
+    yy, xx = np.mgrid[0:40, 0:48] / 6.0
+    hr = np.stack([np.sin(xx + c) * np.cos(yy) for c in range(3)], -1) * 100 + 128
+    Image.fromarray(np.clip(hr, 0, 255).astype(np.uint8)).save(hr_dir / "pic.png")
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+    workdir = tmp_path / "run"
+    params, ema = _save_steps(workdir / checkpoint.CHECKPOINTS, {4: 1}, config)[4]
+
+    def scored(p):
+        score = evaluate_model(p, config, ["Mine"], data_dir=str(tmp_path), progress=False).scores[0]
+        return f"RNAN {score.psnr:.2f} dB / {score.ssim:.4f}"
+
+    assert scored(ema) != scored(params)
+    for which, expected in ((None, ema), ("ema", ema), ("latest", params)):
+        argv = ["compare", "--checkpoint", str(workdir), "--image", "Mine/pic", "--box", "8,6,20",
+                "--output", str(tmp_path / "c.png"), "--data_dir", str(tmp_path)] + ["--which", which] * bool(which)
+        assert figures.main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"wrote {tmp_path / 'c.png'}: Bicubic ") and out.endswith(f", {scored(expected)}\n"), \
+            (which, out)

@@ -47,6 +47,10 @@ def main(argv):
     if _OUT.value is not None and not _OUT.value.strip():  # `--out "$DIR"` with DIR unset wrote into the checkout
         sys.exit("make_zoo: --out is empty (an unset variable?): name the folder to write into, or leave --out out "
                  "for the checkout's rnan_jax/zoo")
+    out_dir = os.path.expanduser(_OUT.value) if _OUT.value else _default_out()
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # was "[Errno 17] File exists: 'FILE'", after loading
+        sys.exit(f"make_zoo: --out {_OUT.value}: is a file, not a folder (--out names the folder to write "
+                 f"{_NAME.value}.msgpack into)")
     env.prepare_process()
     try:
         which = checkpoint.resolve_which(_WORKDIR.value, _WHICH.value)  # auto: what validation scored
@@ -64,7 +68,7 @@ def main(argv):
             if paths.isfile(path):
                 text = paths.read_text(path)
                 meta[name] = json.loads(text) if name.endswith(".json") else text.strip()
-    out = os.path.join(os.path.expanduser(_OUT.value) if _OUT.value else _default_out(), f"{_NAME.value}.msgpack")
+    out = os.path.join(out_dir, f"{_NAME.value}.msgpack")
     try:
         size = zoo.write(out, params, config, meta)
     except OSError as e:  # e.g. an installed package's read-only folder

@@ -30,7 +30,7 @@ from absl import flags
 
 from rnan_jax import api, cli, images, inference
 from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError, load, resolve_which
-from rnan_jax.env import default_data_dir
+from rnan_jax.env import default_data_dir, prepare_process
 from rnan_jax.model import RNANConfig
 from rnan_jax.tiling import forward_memory, largest_fitting, tiling_rows
 
@@ -60,10 +60,14 @@ def _print_rows(name: str, rows: list[dict]) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+    prepare_process()  # orbax's INFO lines of the checkpoint's loading hidden (--verbosity 0 shows them), as evaluate
     try:
         _report(flags.FLAGS)
     except images.ImageError as e:  # a benchmark image or set that is not there
         sys.exit(f"tiling_bound: {e} (see --data_dir, --images, --sets)")
+    except BrokenPipeError:  # `| head`: the reader took what it wanted (was a traceback); stdout to /dev/null, so
+        # that the exit's flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _report(FLAGS: flags.FlagValues) -> None:
