@@ -2,8 +2,8 @@
 
     python tools/make_zoo.py --workdir runs/small291_x2 --name small_x2 [--which auto|latest|best|ema] [--out DIR]
 
-The file holds the float32 parameters, the RNANConfig (compute dtype float32 whatever the run's: users pass
-dtype="bfloat16" for the faster) and a record of the run (its resolved config.json,
+The file holds the float32 parameters, the RNANConfig (compute dtype float32 whatever the run's: users pass a
+config with dtype="bfloat16" for the faster) and a record of the run (its resolved config.json,
 step, git revision), so `rnan_jax.load("zoo:NAME")` needs nothing else; its SHA-256 goes into
 rnan_jax/zoo/sha256.json, which every load of zoo:NAME checks (commit the two together). Score it afterwards with
 `python -m rnan_jax.evaluate --checkpoint zoo:NAME` and copy those numbers into MODEL_ZOO.md.
