@@ -100,10 +100,35 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> 
     for item in items:
         if item != "meta":
             check_item(os.path.join(step_dir, item))
+    adam_alone = _adam_alone(os.path.join(step_dir, "opt"), target.opt_state)
+    if adam_alone:  # restored into the chain's second state, the first (no arrays) taken from the target
+        items = _state_items(target.replace(opt_state=target.opt_state[1]), None, restore=True)
     r = mngr.restore(step, args=ocp.args.Composite(**items))
-    state = TrainState(step=r["opt"]["step"], params=r["params"], opt_state=r["opt"]["opt_state"],
+    opt_state = r["opt"]["opt_state"]
+    if adam_alone:
+        opt_state = type(target.opt_state)((target.opt_state[0], opt_state))
+    state = TrainState(step=r["opt"]["step"], params=r["params"], opt_state=opt_state,
                        ema=r["ema"] if target.ema is not None else None, loss_avg=r["opt"]["loss_avg"])
     return state, r["meta"]
+
+
+def _adam_alone(opt_dir: str, opt_state: Any) -> bool:
+    """Whether the opt item at `opt_dir` holds the optimizer state of a run before the optimizer became always a
+    chain of two (clipping or `optax.identity()`, then Adam): one trained without clipping saved Adam's state
+    alone, [Adam's {count, mu, nu}, the schedule's {count}], where `opt_state` (the chain's) is (the first's state,
+    which holds no arrays, Adam's). Such a checkpoint failed to restore, was called damaged and moved aside, and
+    the run started again from step 0. False when the metadata cannot be read (the restore then reports it)."""
+    if not (isinstance(opt_state, tuple) and len(opt_state) == 2 and not jax.tree_util.tree_leaves(opt_state[0])):
+        return False
+    try:
+        with quiet():
+            tree = ocp.StandardCheckpointer().metadata(opt_dir).item_metadata.tree
+        saved = tree["opt_state"]
+    except Exception:  # missing or unreadable metadata: the restore reports it
+        return False
+    adam = opt_state[1]
+    return (isinstance(saved, (list, tuple)) and isinstance(adam, tuple) and len(saved) == len(adam)
+            and isinstance(saved[0], dict) and {"mu", "nu"} <= set(saved[0]))
 
 
 def save_best(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:

@@ -29,7 +29,9 @@ def read_scalars(logdir: str) -> Scalars:
     without TensorFlow. CRCs are not checked. Files are read in the order they were begun; a resumed run's
     file begins with a SessionLog START at the step after the one it resumed from (`summary.Writer`): as
     TensorBoard does, the values that earlier files hold from that step on (steps trained again) are dropped.
-    Every run's first file begins with a START (a first run's at step 1), so they also part the runs' `sessions`.
+    Every run's first file begins with a START (a first run's at step 1), so they also part the runs' `sessions`;
+    so does a file that is not a run's second or later one (`_continues`): the files of earlier versions hold no
+    START, and their runs were one session, the time between them counted as training.
     """
     from tensorboardX.proto import event_pb2
 
@@ -41,6 +43,8 @@ def read_scalars(logdir: str) -> Scalars:
     else:
         files = [epath.Path(p) for p in sorted(glob.glob(os.path.join(glob.escape(logdir), "events.out.tfevents.*")))]
     for path in files:
+        if walls[-1] and not _continues(path.name):  # another run's file, from a version that wrote no START
+            walls.append([])
         data = path.read_bytes()
         offset = 0
         while offset + 12 <= len(data):
@@ -62,6 +66,14 @@ def read_scalars(logdir: str) -> Scalars:
                     walls[-1].append(event.wall_time)
     scalars.sessions = [(min(w), max(w)) for w in walls if w]
     return scalars
+
+
+def _continues(name: str) -> bool:
+    """Whether event file `name` continues a run's earlier file: tensorboardX's name ends in the host, then
+    `summary.Writer`'s number of the file in its run (".0002" and on; a run of a version before those numbers wrote
+    one file)."""
+    last = name.rsplit(".", 1)[-1]
+    return len(last) == 4 and last.isdigit() and int(last) > 1
 
 
 def comparison_table(runs: dict[str, dict[str, dict[int, tuple[float, float]]]]) -> str:

@@ -88,3 +88,66 @@ def test_a_local_run_s_train_lock_copied_to_a_gs_workdir_is_not_said_to_go_stale
     with rundir.exclusive(url):
         assert paths.read_text(lock).startswith(f"pid {os.getpid()} on {socket.gethostname()}, started ")
     assert not paths.exists(lock)
+
+
+def test_a_checkpoint_of_adam_state_alone_from_before_the_optimizer_chain_resumes(tmp_path):
+    """Revisions before the optimizer became always a chain of two (clipping or optax.identity(), then Adam)
+    saved, for a run without clipping (the default), Adam's state alone as opt_state. The current code failed to
+    restore it ("tree structures do not match"), the trainer called every such step damaged, moved them all to
+    checkpoints_damaged/ and trained again from step 0. Now it restores into the chain, every array as saved."""
+    import jax
+    import numpy as np
+
+    from rnan_jax import checkpoint
+    from rnan_jax.model import RNANConfig
+    from rnan_jax.step import OptimConfig, StepSpec, create_state
+
+    spec = StepSpec(RNANConfig(scale=2, features=4, num_groups=1, num_blocks=1, gc_reduction=2),
+                    OptimConfig(lr=1e-3, ema_decay=0.9))
+    state = create_state(jax.random.key(0), spec=spec)
+    assert not jax.tree_util.tree_leaves(state.opt_state[0])  # optax.identity()'s state: no arrays
+    adam = jax.tree_util.tree_map(lambda x: np.full(x.shape, 3, x.dtype), state.opt_state[1])  # not zeros
+    old = state.replace(step=np.int32(7), opt_state=adam)  # the old layout: Adam's state alone
+    mngr = checkpoint.manager(str(tmp_path / "checkpoints"), async_save=False)
+    checkpoint.save_train_state(mngr, 7, old, checkpoint.meta_for(spec.model, 7, best_psnr=20.0))
+    mngr.wait_until_finished()
+
+    target = jax.eval_shape(lambda: state)
+    restored, meta = checkpoint.restore_train_state(mngr, 7, target)
+    assert meta["step"] == 7 and int(restored.step) == 7
+    assert jax.tree_util.tree_structure(restored.opt_state) == jax.tree_util.tree_structure(state.opt_state)
+    for got, want in zip(jax.tree_util.tree_leaves(restored.opt_state), jax.tree_util.tree_leaves(adam)):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(jax.tree_util.tree_leaves((restored.params, restored.ema)),
+                         jax.tree_util.tree_leaves((state.params, state.ema))):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_read_scalars_parts_the_runs_of_a_version_that_wrote_no_start(tmp_path):
+    """Versions before summary.Writer's purge_step wrote one event file per run, without a SessionLog START: a run
+    that logged steps 1-3 over 100 s and its resume an hour later (steps 4-6 over 200 s) were one session, and
+    tools/compare_dtypes.py's table said "4200 s from the first to the last logged value". Each such file is a run;
+    a run's later file of the current version (".0002", no START) is not."""
+    from tensorboardX import SummaryWriter
+
+    from rnan_jax import scalars
+
+    log, scratch = tmp_path / "tensorboard", tmp_path / "scratch"
+    log.mkdir()
+    # two runs of an old version (steps 1-3, then 4-6 an hour later), then a resume by this one in two files
+    runs = (("events.out.tfevents.1000.vm", None, {1: 1000.0, 2: 1050.0, 3: 1100.0}),
+            ("events.out.tfevents.5000.vm", None, {4: 5000.0, 5: 5100.0, 6: 5200.0}),
+            ("events.out.tfevents.9000.vm.0001", 7, {7: 9000.0}),
+            ("events.out.tfevents.9010.vm.0002", None, {8: 9010.0}))
+    for name, purge, walls in runs:
+        writer = SummaryWriter(str(scratch), purge_step=purge)
+        for s, wall in walls.items():
+            writer.add_scalar("train/loss", 1.0 / s, s, walltime=wall)
+        writer.close()
+        (scratch / os.listdir(scratch)[0]).rename(log / name)
+    run = scalars.read_scalars(str(log))
+    assert sorted(run["train/loss"]) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert run.sessions == [(1000.0, 1100.0), (5000.0, 5200.0), (9000.0, 9010.0)]
+    assert scalars.comparison_table({"float32": run}).splitlines()[-1] == (
+        "float32: 310 s from the first to the last logged value of each of its 3 runs (the 7700 s between them "
+        "left out)")
