@@ -194,6 +194,18 @@ def test_make_zoo_records_the_step_and_the_run_of_a_step_folder(tmp_path):
         assert f"its SHA-256 recorded in {zoo_dir / 'sha256.json'}" in proc.stdout
     assert sorted(json.loads((zoo_dir / "sha256.json").read_text())) == ["best", "latest", "seven"]
     assert sorted(zoo.SHA256) == ["small_x2", "small_x3", "small_x4"]  # the package's own list untouched
+    (workdir / "config.json").write_text('{"total_st')  # cut short: it was a JSONDecodeError traceback
+    proc = subprocess.run([*driver, "--workdir", str(workdir), "--name", "cut"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"make_zoo: note: {workdir / 'config.json'} is not valid JSON (" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "config.json" not in zoo.read(str(zoo_dir / "cut.msgpack"))[2]
+    (workdir / "config.json").write_text('{"total_steps": 9}')
+    (zoo_dir / "cut.msgpack").unlink()
+    recorded = json.loads((zoo_dir / "sha256.json").read_text())
+    del recorded["cut"]
+    (zoo_dir / "sha256.json").write_text(json.dumps(recorded))
     (zoo_dir / "sha256.json").unlink()
     (zoo_dir / "sha256.json").mkdir()  # nowhere to record it: one line that says what to do
     proc = subprocess.run([*driver, "--workdir", str(workdir), "--name", "latest"], capture_output=True, text=True,

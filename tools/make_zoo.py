@@ -67,7 +67,11 @@ def main(argv):
             path = os.path.join(os.path.dirname(directory), name)
             if paths.isfile(path):
                 text = paths.read_text(path)
-                meta[name] = json.loads(text) if name.endswith(".json") else text.strip()
+                try:
+                    meta[name] = json.loads(text) if name.endswith(".json") else text.strip()
+                except ValueError as e:  # cut short (a full disk as the run began): a traceback, no zoo file
+                    print(f"make_zoo: note: {path} is not valid JSON ({e}); the file records the run without it",
+                          file=sys.stderr)
     out = os.path.join(out_dir, f"{_NAME.value}.msgpack")
     try:
         size = zoo.write(out, params, config, meta)
