@@ -157,12 +157,16 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:
         steps = checkpoint.complete_steps(directory)
         state = f"exists; the run resumes from its step {steps[-1]}" if steps else "exists, no checkpoint yet"
         try:  # what the run would find there (it said "resumes" of a workdir the run refuses or leaves as it is)
-            saved = checkpoint.config_from_meta(checkpoint.read_meta(directory, steps[-1])) if steps else None
+            meta = checkpoint.read_meta(directory, steps[-1]) if steps else {}
+            saved = checkpoint.config_from_meta(meta) if steps else None
         except (checkpoint.CheckpointError, KeyError, TypeError):
-            saved = None  # damaged: the run moves it aside and tries the step before
+            meta, saved = {}, None  # damaged: the run moves it aside and tries the step before
         if saved is not None and not checkpoint.same_architecture(saved, cfg.model):
             state = (f"holds an {checkpoint.describe(saved)}, the config an {checkpoint.describe(cfg.model)}: "
                      "the run would stop")
+        elif meta.get(_UNVALIDATED) is True:  # the run validates it first (it said "would do nothing" of the last)
+            state = (f"exists; a stop ended the validation of its step {steps[-1]}: the run validates it, then "
+                     + ("resumes from it" if steps[-1] < cfg.total_steps else "is done"))
         elif steps and steps[-1] >= cfg.total_steps:
             state = (f"already at step {steps[-1]} of total_steps {cfg.total_steps}: the run would do nothing "
                      "(raise --config.total_steps to train on)")
@@ -237,6 +241,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     it = data.train_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed, announce=_log)
     if jax.process_count() > 1:
         _check_same_images(it)
+    stop_check = _stop_check(validator, signals)
     images = _images_record(it)
     if _run_log is not None:  # which images, in train.log (the first decode's line alone said how many)
         _run_log.write(f"training images: {images}")
@@ -248,10 +253,11 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     rng = jax.random.key(cfg.seed)
     abstract = jax.eval_shape(partial(step.create_state, spec=spec), rng)
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-    best_psnr = -math.inf
+    best_psnr, unvalidated = -math.inf, False
     resumed = _resume(mngr, target, it, cfg, workdir)
     if resumed is not None:
         state, meta, latest = resumed
+        unvalidated = meta.get(_UNVALIDATED) is True  # a stop ended its validation: the rerun does it first
         since_log = _since_log(meta)
         best_psnr = float(meta.get("best_psnr", -math.inf))
         _log(f"resumed from {mngr.directory}/{latest} (step {int(state.step)})")
@@ -289,7 +295,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         _log(f"note: this is a CPU run of a {n_params:,}-parameter model, seconds per step (README, "
              "'Training'); for a GPU install rnan_jax[cuda12], for a Cloud TPU VM rnan_jax[tpu]")
 
-    if int(state.step) >= cfg.total_steps:
+    if int(state.step) >= cfg.total_steps and not unvalidated:
         _log(f"nothing to do: {workdir} is already at step {int(state.step)} of total_steps {cfg.total_steps} "
              f"(use another --workdir, or raise --config.total_steps to train on)")
         it.close()
@@ -303,8 +309,6 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     module = build(cfg.model, scan_unroll=spec.scan_unroll, depthwise=spec.depthwise, remat=spec.remat)  # resolved
     unroll = module.scan_unroll
     off = " fusion autotuner off," if step.compiler_options(spec, mesh.devices.flat[0].platform) else ""
-    _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat {module.remat};{off} "
-         "seconds for small models, minutes for the paper's on a CPU) ...")
     progress = _progress(first, cfg.total_steps)
     interrupted, doing, s = False, "train", first
     costs = {"validation": 0.0, "save": 0.0}  # the latest measured seconds of each pause, for the ETA
@@ -330,8 +334,33 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
         _log(summary.log_line(s, cfg.total_steps, train))
 
+    def validate(s: int) -> bool:
+        """Validates step `s` (to best/ if it scores best so far); False when a stop request ended the validation."""
+        nonlocal best_psnr, doing
+        paused_at, doing = _synced_time(state), "validation"
+        scores = _validate(validator, state, s, cfg, writer, mngr, stop_check)
+        if scores is None:
+            return False
+        results.update(scores)
+        if scores["val/psnr"] > best_psnr:
+            best_psnr = scores["val/psnr"]
+            _check_room(best_mngr, s, (state.params, state.ema), mngr)
+            checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(
+                cfg.model, s, val_psnr=best_psnr, validation=validator.describe()))
+        doing = "train"
+        costs["validation"] = time.time() - paused_at
+        return True
+
     signals.training_begins()  # from here a signal is a flag: the step reached is saved
     try:
+        if unvalidated and not validate(first):  # stopped again: its checkpoint, saved already, is the one to resume
+            raise preemption.Preempted(
+                f"{signal.Signals(signals.signum).name} while validating step {first}: its checkpoint in "
+                f"{mngr.directory} is kept; rerun the same command to validate it and resume", signals.signum)
+        t_last = time.time()  # the first step's time is the compile's, without that validation
+        if first < cfg.total_steps:
+            _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat "
+                 f"{module.remat};{off} seconds for small models, minutes for the paper's on a CPU) ...")
         for s in range(first + 1, cfg.total_steps + 1):
             try:
                 batch = next(it)
@@ -351,22 +380,14 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             if s % cfg.log_every == 0 or final:
                 log_train(s)
             paused_at = None  # validation and saves are not training: the next log's steps/s leaves them out
+            stopped = False  # a validation a stop request ended (every process's, as one decision: `_stop_check`)
             if s % cfg.eval_every == 0 or final:
                 paused_at = _synced_time(state)
-                doing = "validation"
-                scores = _validate(validator, state, s, cfg, writer, mngr)
-                results.update(scores)
-                if scores["val/psnr"] > best_psnr:
-                    best_psnr = scores["val/psnr"]
-                    _check_room(best_mngr, s, (state.params, state.ema), mngr)
-                    checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(
-                        cfg.model, s, val_psnr=best_psnr, validation=validator.describe()))
-                doing = "train"
-                costs["validation"] = time.time() - paused_at
+                stopped = not validate(s)
             if stop_after is not None and s >= stop_after:
                 break
             at_log = jax.process_count() == 1 or s % cfg.log_every == 0
-            stop = preemption.agree(signals.requested) if at_log else False
+            stop = stopped or (preemption.agree(signals.requested) if at_log else False)
             if stop and s % cfg.log_every and not final:  # the steps since the last log: the rerun resumes after
                 log_train(s, paused_at)  # them, and their loss was never logged (a gap in the curve)
             if s % cfg.checkpoint_every == 0 or final or stop:
@@ -374,12 +395,18 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 saving = time.time()
                 host = jax.device_get(acc)
                 _check_finite(host, s, mngr)
-                _save_step(mngr, s, state, cfg, best_psnr, results, images, host)
+                _save_step(mngr, s, state, cfg, best_psnr, results, images, host, stopped)
                 costs["save"] = time.time() - saving
             if paused_at is not None:
                 t_last += time.time() - paused_at
-            if stop and final:  # saved above, and nothing is left to resume: the run ends as a whole one does
+            if stop and final and not stopped:  # saved above, nothing is left to do: the run ends as a whole one does
                 _log(f"{signal.Signals(signals.signum).name} during the last step: the run is complete")
+            elif stopped:
+                mngr.wait_until_finished()
+                raise preemption.Preempted(
+                    f"{signal.Signals(signals.signum).name} while validating step {s}: saved a checkpoint at step {s} "
+                    f"in {mngr.directory}; rerun the same command to validate it" + " and resume" * (not final),
+                    signals.signum)
             elif stop:
                 mngr.wait_until_finished()
                 raise preemption.Preempted(f"{signal.Signals(signals.signum).name}: saved a checkpoint at step {s} "
@@ -421,14 +448,17 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     return results
 
 
+_UNVALIDATED = "validation_stopped"  # in a checkpoint's meta: a stop request ended the step's validation
+
+
 def _save_step(mngr: ocp.CheckpointManager, s: int, state: step.TrainState, cfg: TrainConfig, best_psnr: float,
-               results: dict[str, float], images: str, since_log: dict) -> None:
+               results: dict[str, float], images: str, since_log: dict, unvalidated: bool = False) -> None:
     """Saves step `s` (asynchronously), with the best PSNR so far, the last validation scores, the training
     images (`_images_record`) and `since_log` (the host's running sums of the steps since the last log) in its
-    meta."""
+    meta; `unvalidated`: its validation was stopped, and the run that resumes from it validates it first."""
     meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, training_images=images, **{
         k: v for k, v in results.items() if k.startswith("val/")}, since_last_log={
-        k: float(v) for k, v in since_log.items()})
+        k: float(v) for k, v in since_log.items()}, **{_UNVALIDATED: True} if unvalidated else {})
     _check_room(mngr, s, state, mngr)
     checkpoint.save_train_state(mngr, s, state, meta)
 
@@ -481,6 +511,22 @@ def _check_same_images(it: loader.BatchIterator) -> None:
                      "(a copy that differs, or an image one of them skipped: see its warnings)")
 
 
+def _stop_check(validator: validation.Validator, signals: preemption.Preemption) -> Callable[[], bool] | None:
+    """What the validation asks before each image: whether a stop was requested (SIGTERM, Ctrl-C), so that the
+    stop no longer waits for the whole validation. With several processes it is one decision for all, a reduction
+    per image (each upscales every image: a collective of one flag beside that costs nothing); every process must
+    then ask it as often, so processes whose validation images differ in number keep the stop for after the
+    validation (a mismatch of collectives would hang)."""
+    if jax.process_count() == 1:
+        return lambda: signals.requested
+    counts = np.asarray(multihost_utils.process_allgather(np.array([validator.count], np.int32))).ravel()
+    if np.all(counts == counts[0]):
+        return lambda: preemption.agree(signals.requested)
+    _log(f"the processes' validation images differ in number ({', '.join(map(str, counts))}): a stop request "
+         "during a validation waits for its end")
+    return None
+
+
 def _pauses_from(s: int, every: int, total: int) -> int:
     """How many of the validations (or saves) every `every` steps and at the last one are still to come at step `s`'s
     log (which precedes its own)."""
@@ -508,14 +554,19 @@ def _synced_time(state: step.TrainState) -> float:
 
 
 def _validate(validator: validation.Validator, state: step.TrainState, s: int, cfg: TrainConfig,
-              writer: summary.Writer, mngr: ocp.CheckpointManager) -> dict[str, float]:
-    """Scores the EMA parameters when there are some, else the parameters; logs and writes them."""
+              writer: summary.Writer, mngr: ocp.CheckpointManager,
+              stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """Scores the EMA parameters when there are some, else the parameters; logs and writes them. None, with
+    nothing logged or written, when `stop` ended the validation (`Validator.__call__`)."""
     try:
-        scores, strips = validator(state.ema if state.ema is not None else state.params, cfg.num_val_images_logged)
+        done = validator(state.ema if state.ema is not None else state.params, cfg.num_val_images_logged, stop)
     except inference.NonFiniteOutputError as e:  # diverged between two logs (or an overflow in model.dtype)
         kept, then = _kept(mngr)
         raise TrainingError(f"validating step {s}: {e} (model.dtype {cfg.model.dtype}); stopped without saving: "
                             f"{kept}. float16 overflows where bfloat16 and float32 do not; rerun to {then}") from None
+    if done is None:
+        return None
+    scores, strips = done
     writer.scalars(s, scores)
     writer.images(s, strips)
     _log(f"step {s}: validation PSNR {scores['val/psnr']:.3f} dB, SSIM {scores['val/ssim']:.4f} "

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -68,7 +68,18 @@ class Validator:
         (a resumed run that added Set14 to Set5 replaced a better best/ by its next validation)."""
         return described.split("; ")[0] in (_described(self.sets[0], named=False), _described(self.sets[0], named=True))
 
-    def __call__(self, params: Any, num_logged: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    @property
+    def count(self) -> int:
+        """The images of every set: how many times `__call__` asks `stop`."""
+        return sum(len(s.pairs) for s in self.sets)
+
+    def __call__(self, params: Any, num_logged: int, stop: Callable[[], bool] | None = None
+                 ) -> tuple[dict[str, float], dict[str, np.ndarray]] | None:
+        """(scores, strips), or None when `stop()`, asked before each image, said to stop: a validation that is
+        not done (its partial scores are no one's), which a stop request no longer waits for (a paper-size model's
+        DIV2K or Urban100 validation outlasts a TPU VM's preemption notice, and the steps since the last
+        checkpoint were lost). In a run of several processes `stop` must be one decision for all (`preemption.agree`)
+        and every process ask it as often (`count`)."""
         scores, strips = {}, {}
         # one device's copy of a training run's replicated parameters: with them all, every device upscaled
         # every image (N times the work, and N copies of the memory that a CPU's tile budget counts once)
@@ -77,6 +88,8 @@ class Validator:
         for k, vset in enumerate(self.sets):
             psnrs, ssims = [], []
             for i, (pair, bic) in enumerate(zip(vset.pairs, vset.bicubic)):
+                if stop is not None and stop():
+                    return None
                 sr = upscale(pair)
                 psnr, ssim = benchmark_sets.score(sr, pair)
                 psnrs.append(psnr)

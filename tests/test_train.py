@@ -773,24 +773,41 @@ def test_a_second_ctrl_c_interrupts_also_after_a_sigterm_requested_the_stop():
 
 
 def test_sigterm_twice_while_validating_saves_that_step_and_resumes_exactly(images, straight, tmp_path):
+    """The step-3 validation is stopped (its scores are no one's), step 3 saved, and the rerun validates step 3 first:
+    the curve has the uninterrupted run's values. In the last step too: the run is not complete until validated (it
+    ended with status 0 after the whole validation, which may outlast a preemption notice)."""
+    from rnan_jax import figures
+
     args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path), *_flags(overrides(images))]
     r = subprocess.run([sys.executable, "-c", _SIGTERM_TWICE_WHILE_VALIDATING, *args], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
-    line = f"SIGTERM: saved a checkpoint at step 3 in {tmp_path}/checkpoints; rerun the same command to resume"
+    line = (f"SIGTERM while validating step 3: saved a checkpoint at step 3 in {tmp_path}/checkpoints; rerun the "
+            "same command to validate it and resume")
     assert (r.returncode, r.stdout.strip().splitlines()[-1]) == (143, line), r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "train.log").read_text().splitlines()[-1][21:] == f"stopped: Preempted: {line}"
-    assert os.listdir(tmp_path / "checkpoints") == ["3"]
+    assert os.listdir(tmp_path / "checkpoints") == ["3"] and "validation PSNR" not in r.stdout
     train_and_evaluate(x4_config(images), str(tmp_path))
     assert _equal_trees(load(str(straight[0]))[0], load(str(tmp_path))[0])
-    # in the last step: saved, and the run is complete (it exited 143, "rerun the same command to resume", and
-    # the rerun had nothing to do)
+    assert figures.read_validation(str(tmp_path)) == figures.read_validation(str(straight[0]))  # steps 3 and 6
+    # in the last step: saved, and the rerun validates it and ends as a complete run
     args = ["--config", "experiments/x4.py", "--workdir", str(tmp_path / "last"), *_flags(overrides(images)),
             "--config.total_steps=3"]
     r = subprocess.run([sys.executable, "-c", _SIGTERM_TWICE_WHILE_VALIDATING, *args], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "SIGTERM during the last step: the run is complete\ndone: 3 steps;" in r.stdout
+    line = (f"SIGTERM while validating step 3: saved a checkpoint at step 3 in {tmp_path}/last/checkpoints; rerun "
+            "the same command to validate it")
+    assert (r.returncode, r.stdout.strip().splitlines()[-1]) == (143, line), r.stdout[-2000:] + r.stderr[-2000:]
     assert os.listdir(tmp_path / "last" / "checkpoints") == ["3"]
+    assert checkpoint.complete_steps(str(tmp_path / "last" / "best")) == []
+    assert (f"workdir: {tmp_path}/last (exists; a stop ended the validation of its step 3: the run validates it, "
+            "then is done); dry run") in dry_run(x4_config(images, total_steps=3), str(tmp_path / "last"))
+    results = train_and_evaluate(x4_config(images, total_steps=3), str(tmp_path / "last"))
+    steps, psnrs, _ = figures.read_validation(str(straight[0]))
+    assert results["val/psnr"] == psnrs[steps.index(3)]
+    assert figures.read_validation(str(tmp_path / "last"))[:2] == ([3], [psnrs[steps.index(3)]])
+    assert checkpoint.complete_steps(str(tmp_path / "last" / "best")) == [3]
+    log = (tmp_path / "last" / "train.log").read_text()
+    assert "done: 3 steps;" in log and "nothing to do" not in log
 
 
 def test_the_logged_learning_rate_is_the_one_the_step_applied(images, tmp_path, monkeypatch):
@@ -1744,3 +1761,155 @@ def test_a_run_resumed_after_a_crash_between_two_logs_logs_what_the_uninterrupte
         assert loss[s][0] == pytest.approx(straight_loss[s][0], rel=1e-6), s
     assert checkpoint.read_meta(str(tmp_path / "checkpoints"), 3)["since_last_log"]["steps"] == 1
     assert checkpoint.read_meta(str(tmp_path / "checkpoints"), 6)["since_last_log"]["steps"] == 0
+
+
+def _three_validation_images(images, folder):
+    """The validation image and two training images (48x40: usable at x4) in `folder`."""
+    folder.mkdir()
+    for source in (images / "val" / "0006.png", images / "train" / "0000.png", images / "train" / "0001.png"):
+        shutil.copy(source, folder / source.name)
+    return str(folder)
+
+
+def test_a_stop_during_validation_ends_it_at_the_next_image_and_the_rerun_validates_that_step(images, straight,
+                                                                                              tmp_path, monkeypatch):
+    """SIGTERM in the step-3 validation's second image of three: the stop waited for the whole validation (a paper
+    model's DIV2K or Urban100 validation outlasts a TPU VM's preemption notice, and the steps since the last
+    checkpoint were lost). It now ends before the third image; nothing of it is logged or taken for best/, step 3
+    is saved, and the rerun validates step 3 before it trains on (stopped there again, it keeps the checkpoint)."""
+    from rnan_jax import figures, preemption, upscalers, validation
+    from rnan_jax.configs import TrainConfig
+
+    config = x4_config(images, **{"data.val_dir": _three_validation_images(images, tmp_path / "val")})
+    workdir, real, upscaled = tmp_path / "run", upscalers.model_upscaler, []
+
+    def signal_at(image):
+        def upscaler(params, model_config, **kw):
+            upscale = real(params, model_config, **kw)
+
+            def counted(pair):
+                upscaled.append(pair.name)
+                if len(upscaled) == image:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return upscale(pair)
+            return counted
+        upscaled.clear()
+        monkeypatch.setattr(upscalers, "model_upscaler", upscaler)
+
+    signal_at(2)
+    with pytest.raises(preemption.Preempted) as stopped:
+        train_and_evaluate(config, str(workdir))
+    assert len(upscaled) == 2  # the third image not begun
+    assert str(stopped.value) == (f"SIGTERM while validating step 3: saved a checkpoint at step 3 in {workdir}/"
+                                  "checkpoints; rerun the same command to validate it and resume")
+    assert f"workdir: {workdir} (exists; a stop ended the validation of its step 3: the run validates it, then " \
+           "resumes from it); dry run" in dry_run(config, str(workdir))
+    assert os.listdir(workdir / "checkpoints") == ["3"] and checkpoint.complete_steps(str(workdir / "best")) == []
+    assert checkpoint.read_meta(str(workdir / "checkpoints"), 3)["validation_stopped"] is True
+    assert "val/psnr" not in (workdir / "tensorboard" / "metrics.jsonl").read_text()
+    signal_at(1)  # stopped again, in the rerun's validation of step 3: nothing new to save, the checkpoint kept
+    with pytest.raises(preemption.Preempted, match=f"^SIGTERM while validating step 3: its checkpoint in {workdir}/"
+                       "checkpoints is kept; rerun the same command to validate it and resume$"):
+        train_and_evaluate(config, str(workdir))
+    assert len(upscaled) == 1 and os.listdir(workdir / "checkpoints") == ["3"]
+    assert checkpoint.read_meta(str(workdir / "checkpoints"), 3)["validation_stopped"] is True
+    signal_at(0)
+    results = train_and_evaluate(config, str(workdir))
+    assert len(upscaled) == 6  # steps 3 and 6, three images each
+    assert _equal_trees(load(str(straight[0]))[0], load(str(workdir))[0])
+    validator = validation.Validator(TrainConfig.from_config(config))
+    at_3 = validator(load(str(workdir / "checkpoints" / "3"))[0], 0)[0]["val/psnr"]
+    steps, psnrs, _ = figures.read_validation(str(workdir))
+    assert steps == [3, 6] and psnrs == [at_3, results["val/psnr"]]
+    best, best_psnr = max(zip(psnrs, steps))[1], max(psnrs)
+    assert checkpoint.complete_steps(str(workdir / "best")) == [best]
+    assert checkpoint.best_psnr(str(workdir / "best"))[0] == best_psnr
+    assert "validation_stopped" not in checkpoint.read_meta(str(workdir / "checkpoints"), 6)
+
+
+_SIGTERM_TO_ONE_PROCESS_WHILE_VALIDATING = """
+import os, runpy, signal, sys
+from rnan_jax import upscalers
+real, upscaled = upscalers.model_upscaler, []
+
+def upscaler(*args, **kwargs):  # process 1 alone gets SIGTERM, in its second image of three
+    upscale = real(*args, **kwargs)
+    def counted(pair):
+        upscaled.append(pair.name)
+        if len(upscaled) == 2 and "--process_id=1" in sys.argv:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return upscale(pair)
+    return counted
+
+upscalers.model_upscaler = upscaler
+sys.argv = ["train", *sys.argv[1:]]
+try:
+    runpy.run_module("rnan_jax.train", run_name="__main__")
+finally:
+    print("upscaled", len(upscaled), flush=True)
+"""
+
+
+def test_two_processes_stop_their_validation_at_the_same_image(images, tmp_path):
+    """Two processes, SIGTERM to process 1 alone in its step-2 validation's second image of three: both end the
+    validation before the third image (one decision per image), save step 2 and exit 143, and the rerun (here one
+    process) validates step 2 before training on."""
+    from rnan_jax import figures
+
+    values = overrides(images, **_elastic_values(4), **{"data.val_dir": _three_validation_images(images,
+                                                                                                  tmp_path / "val")})
+    workdir, port = tmp_path / "run", _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # as _start_two_processes, through the wrapper
+    procs = [subprocess.Popen([sys.executable, "-c", _SIGTERM_TO_ONE_PROCESS_WHILE_VALIDATING, "--config",
+                               "experiments/x4.py", "--workdir", str(workdir), "--distributed",
+                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                               *_flags(values)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    report = "\n----\n".join(o[-3000:] for o in outs)
+    line = (f"SIGTERM while validating step 2: saved a checkpoint at step 2 in {workdir}/checkpoints; rerun the same "
+            "command to validate it and resume")
+    assert [p.returncode for p in procs] == [143, 143], report
+    assert [o.strip().splitlines()[-2:] for o in outs] == [[line, "upscaled 2"]] * 2, report
+    assert os.listdir(workdir / "checkpoints") == ["2"] and "val/psnr" not in (
+        workdir / "tensorboard" / "metrics.jsonl").read_text()
+    assert checkpoint.read_meta(str(workdir / "checkpoints"), 2)["validation_stopped"] is True
+    results = train_and_evaluate(x4_config(images, **_elastic_values(4), **{"data.val_dir": str(tmp_path / "val")}),
+                                 str(workdir))
+    steps, psnrs, _ = figures.read_validation(str(workdir))
+    assert steps == [2, 4] and psnrs[1] == results["val/psnr"] and np.isfinite(psnrs[0])
+
+
+def test_processes_whose_validation_images_differ_in_number_keep_the_stop_for_after_the_validation(monkeypatch,
+                                                                                                    capsys):
+    """The validation's stop check is a collective per image: it must be asked as often in every process, so with
+    validation images that differ in number (a copy that differs between hosts) there is none, as before; with the
+    same number it is one decision for all processes."""
+    from types import SimpleNamespace
+
+    from jax.experimental import multihost_utils
+
+    from rnan_jax import preemption
+
+    others = {}  # what the other process gives to each gather
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, others[x.dtype.kind]]))
+    with preemption.Preemption() as signals:
+        others.update(i=np.array([3], np.int32), b=np.array([False]))
+        check = trainer._stop_check(SimpleNamespace(count=3), signals)
+        assert check() is False
+        others["b"] = np.array([True])  # the other process's stop request: this one's too
+        assert check() is True
+        signals.requested, others["b"] = True, np.array([False])
+        assert check() is True
+        others["i"] = np.array([4], np.int32)
+        assert trainer._stop_check(SimpleNamespace(count=3), signals) is None
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "the processes' validation images differ in number (3, 4): a stop request during a validation waits for its "
+        "end")
