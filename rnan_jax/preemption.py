@@ -1,5 +1,6 @@
 """Stopping a run cleanly: SIGTERM (a TPU/GPU preemption notice) or Ctrl-C becomes a flag the training loop
-checks after each step, one decision for all processes (`agree`), and `Preempted` once the step reached is saved.
+checks after each step and before each validation image, one decision for all processes (`agree`), and
+`Preempted` once the step reached is saved.
 Outside training (evaluate), `sigterm_raises` makes SIGTERM raise `Preempted` at once, as Ctrl-C raises
 KeyboardInterrupt, so that what was done is kept.
 """
@@ -27,7 +28,8 @@ class Preempted(BaseException):
 
 class Preemption:
     """Turns SIGTERM (a TPU/GPU preemption notice) and a first Ctrl-C (SIGINT) into a flag the loop checks
-    after each step, which then saves a checkpoint and stops; a second Ctrl-C interrupts at once, as usual.
+    after each step and before each validation image, which then saves a checkpoint and stops; a second Ctrl-C
+    interrupts at once, as usual.
     While `before_training` is set (the set-up: data, resume, validation images), nothing has been trained that
     a checkpoint could keep: SIGTERM raises Preempted at once, Ctrl-C KeyboardInterrupt, where SIGTERM used to
     kill the process with no line in train.log."""
