@@ -118,6 +118,12 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
                 it.set_state({"next_batch": int(state.step)})  # one batch per step: global batch `step` is next
                 return state, meta, at
             except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
+                if _other_layout(e):  # whole, of another version's state: moved aside, each step was, and the run
+                    raise ValueError(  # started again from step 0
+                        f"{directory}/{at}: its saved training state has another structure than this version of "
+                        f"rnan_jax builds ({' '.join(str(e).split())[:200]}); it is not damaged and was left as it "
+                        "is: resume it with the version that wrote it (its git_revision.txt), or use another "
+                        "--workdir (--config.init_from=WORKDIR copies its parameters)") from None
                 error = checkpoint.damaged(directory, at, e, hint=False)
         where = checkpoint.move_aside(directory, at) if jax.process_index() == 0 else "(moved by process 0)"
         if jax.process_count() > 1:
@@ -126,6 +132,13 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
         then = "trying the step before it" if at != steps[-1] else "no checkpoint before it: training starts afresh"
         _log(f"{error}; moved it to {where}; {then}")
     return None
+
+
+def _other_layout(error: BaseException) -> bool:
+    """Whether a restore failed because the checkpoint's tree is not the one this code builds (orbax's words for
+    it), rather than for a missing or corrupt file."""
+    text = str(error)
+    return isinstance(error, ValueError) and ("tree structures do not match" in text or "Structure mismatch" in text)
 
 
 def dry_run(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -1913,3 +1913,29 @@ def test_processes_whose_validation_images_differ_in_number_keep_the_stop_for_af
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         "the processes' validation images differ in number (3, 4): a stop request during a validation waits for its "
         "end")
+
+
+def test_a_checkpoint_of_another_versions_state_is_refused_not_moved_aside(images, tmp_path, monkeypatch):
+    """A checkpoint whose optimizer state has another structure than this code builds (written by a newer version,
+    read by an older one after a downgrade; or the layout of an old one no longer read) failed to restore, was
+    called damaged and moved aside, and so was every step before it: the run started again from step 0. It is now
+    refused in one line, and the checkpoints are left where they are."""
+    import optax
+
+    from rnan_jax import step as step_module
+
+    workdir = tmp_path / "run"
+    train_and_evaluate(x4_config(images, total_steps=3), str(workdir))
+    adam_only = step_module.optimizer
+    monkeypatch.setattr(step_module, "optimizer", lambda cfg: optax.chain(optax.identity(), adam_only(cfg)))
+    with pytest.raises(ValueError) as e:
+        train_and_evaluate(x4_config(images, total_steps=6), str(workdir))
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"{workdir}/checkpoints/3: its saved training state has another structure than this "
+                              "version of rnan_jax builds (")
+    assert message.endswith("it is not damaged and was left as it is: resume it with the version that wrote it "
+                            "(its git_revision.txt), or use another --workdir (--config.init_from=WORKDIR copies "
+                            "its parameters)")
+    assert not (tmp_path / "run" / "checkpoints_damaged").exists()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
