@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import traceback
 from typing import Any, Callable
@@ -288,8 +289,10 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
     ends the process with one line on stderr and exit status 1: absl prints the module's docstring and every
     flag first, which buries the reason. absl's own flag errors (a malformed value, an unknown flag) are told
     in one line by `parse_flags`.
-    Ctrl-C ends it with "<program>: interrupted" and status 130 (the trainer saves a checkpoint first)."""
+    Ctrl-C ends it with "<program>: interrupted" and status 130 (the trainer saves a checkpoint first), also one
+    that landed where Python cannot raise (`_SignalAgain`)."""
     program = program_name()
+    again = _SignalAgain(sys.unraisablehook)
 
     def one_line(argv: list[str]) -> Any:
         try:
@@ -297,6 +300,7 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
         except app.UsageError as e:
             sys.exit(usage_error_line(e, program))
         except KeyboardInterrupt as e:  # Ctrl-C: what was written stays; no traceback of wherever it landed
+            again.close()
             print(f"\n{program}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
             if isinstance(e, StopNow):  # not waiting for what it left running: out at once
                 sys.stdout.flush()
@@ -304,7 +308,50 @@ def run(main: Callable[[list[str]], Any], flags_parser: Callable[[list[str]], li
                 os._exit(130)
             sys.exit(130)
 
-    app.run(one_line, flags_parser=flags_parser or parse_flags)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, again
+    try:
+        app.run(one_line, flags_parser=flags_parser or parse_flags)
+    finally:
+        again.close()
+        sys.unraisablehook = previous_hook
+
+
+class _SignalAgain:
+    """An `sys.unraisablehook` for the interruption a signal handler raised where Python cannot raise (a garbage-
+    collection callback of JAX's, a __del__: "Exception ignored in: <function _xla_gc_callback>" and its traceback,
+    and the Ctrl-C lost): the signal is delivered again to the main thread, whose handler raises it where it can
+    (`KeyboardInterrupt` is SIGINT's; an exception with a `signum` is that signal's). Any other is `hook`'s.
+    Delivered from another thread a moment later (delivered in the hook, the handler ran at once, inside it), and
+    not once `close()` was called: the process is stopping already (a redelivery then killed it during its exit)."""
+
+    def __init__(self, hook: Callable[[Any], Any]):
+        self.hook, self.closed, self._timers = hook, False, []
+
+    def __call__(self, unraisable: Any) -> None:
+        import threading
+
+        error = unraisable.exc_value
+        signum = getattr(error, "signum", None)
+        if isinstance(error, KeyboardInterrupt) and signum is None:
+            signum = signal.SIGINT
+        if not (isinstance(error, BaseException) and not isinstance(error, Exception) and isinstance(signum, int)):
+            self.hook(unraisable)
+        elif not self.closed:
+            timer = threading.Timer(0.01, self._deliver, (signum,))
+            timer.daemon = True
+            self._timers.append(timer)
+            timer.start()
+
+    def _deliver(self, signum: int) -> None:
+        import _thread
+
+        if not self.closed:
+            _thread.interrupt_main(signum)
+
+    def close(self) -> None:
+        self.closed = True
+        for timer in self._timers:
+            timer.cancel()
 
 
 def local_path(value: str) -> str:

@@ -18,10 +18,52 @@ def default_data_dir(given: str | None = None) -> str:
 
 
 def cache_folder(name: str, variable: str) -> str:
-    """`$variable`, else ~/.cache/rnan_jax/<name>: where rnan_jax keeps what it makes once and reuses (the XLA
-    compilation cache, decoded training images, the native kernel's build), one folder per kind. A `~` in the
-    variable is expanded (a quoted "~/cache" made a folder named "~" in the current one)."""
-    return os.path.expanduser(os.environ.get(variable) or os.path.join("~/.cache/rnan_jax", name))
+    """`$variable`, else ~/.cache/rnan_jax/<name> ($XDG_CACHE_HOME/rnan_jax/<name> where that is set): where
+    rnan_jax keeps what it makes once and reuses (the XLA compilation cache, decoded training images, the native
+    kernel's build), one folder per kind. A `~` in the variable is expanded (a quoted "~/cache" made a folder named
+    "~" in the current one). A process without a home folder (HOME unset or empty and a user id that
+    /etc/passwd does not know: a container run with --user) keeps them in a folder of its user's under the
+    temporary folder: ~/.cache stayed unexpanded, and each run made ./~/.cache/rnan_jax in the current folder."""
+    if os.environ.get(variable):
+        return os.path.expanduser(os.environ[variable])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec: a relative value is ignored
+        return os.path.join(xdg, "rnan_jax", name)
+    home = os.environ.get("HOME") or _passwd_home()
+    return os.path.join(os.path.join(home, ".cache") if home else _private_temp_folder(), "rnan_jax", name)
+
+
+def _passwd_home() -> str | None:
+    """The user's home folder as /etc/passwd gives it (what `~` means with HOME unset), else None."""
+    try:
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError, AttributeError):  # off POSIX, or a user id without an entry
+        home = os.path.expanduser("~")
+    return home if os.path.isabs(home) else None
+
+
+_PRIVATE: list[str] = []
+
+
+def _private_temp_folder() -> str:
+    """<temp>/rnan_jax-<uid>, created mode 0700 and checked to be this user's alone (what is loaded from it, the
+    native kernels' library, must be no one else's); a fresh mkdtemp folder where that name is taken."""
+    if not _PRIVATE:
+        import stat
+        import tempfile
+
+        folder = os.path.join(tempfile.gettempdir(), f"rnan_jax-{os.getuid()}")
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            st = os.lstat(folder)
+            if not (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077):
+                folder = tempfile.mkdtemp(prefix="rnan_jax-")
+        except OSError:
+            folder = tempfile.mkdtemp(prefix="rnan_jax-")
+        _PRIVATE.append(folder)
+    return _PRIVATE[0]
 
 
 def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True) -> str | None:
@@ -54,10 +96,44 @@ def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True)
 
 
 def prepare_process() -> None:
-    """What every command-line entry point does first, before JAX starts its backend: `reuse_freed_memory()`
-    and `quiet_logging()`."""
+    """What every command-line entry point does first, before JAX starts its backend: `reuse_freed_memory()`,
+    `quiet_logging()` and `float32_types()`."""
     reuse_freed_memory()
     quiet_logging()
+    float32_types()
+
+
+def float32_types() -> bool:
+    """Turns JAX's 64-bit types off (with a note on stderr) where JAX_ENABLE_X64=1 turned them on, and returns
+    whether it did. rnan_jax computes in float32, and with them on the demo trained to other numbers (0.09 dB
+    below the float32 run's PSNR after 200 steps) without a word, its compilations cached apart."""
+    import jax
+
+    if not jax.config.jax_enable_x64:
+        return False
+    jax.config.update("jax_enable_x64", False)
+    print("note: JAX_ENABLE_X64 is ignored: rnan_jax computes in float32 (with 64-bit types its numbers differ "
+          "from the float32 ones it documents)", file=sys.stderr, flush=True)
+    return True
+
+
+def backend_problem() -> str | None:
+    """None when JAX's backend starts (it starts it), else one line saying why not and what to do: a JAX_PLATFORMS
+    naming a platform this machine lacks (cuda, tpu on a CPU-only machine) was a 20-line traceback, for cuda one
+    ending in a bare AssertionError. Call after `initialize_distributed`, which must come before the backend."""
+    import jax
+
+    platforms = jax.config.jax_platforms or ""
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        text = " ".join(str(e).split())
+        if not text and "cuda" in platforms.split(","):  # JAX skips cuda without a visible NVIDIA GPU, then asserts
+            text = "no NVIDIA GPU is visible (or JAX's CUDA plugin is not installed)"
+        where = f"JAX_PLATFORMS={platforms}" if platforms else "JAX"
+        return (f"{where}: {text or type(e).__name__}" + ("" if "JAX_PLATFORMS=" in text or not platforms else
+                                                         " (set JAX_PLATFORMS=cpu, or unset it, to use what is here)"))
+    return None
 
 
 def quiet_logging() -> None:

@@ -60,6 +60,8 @@ def main(argv):
                                        timeout_s=_DISTRIBUTED_TIMEOUT.value)
         except ValueError as e:
             sys.exit(f"error: {e}")
+    if (problem := env.backend_problem()) is not None:  # JAX_PLATFORMS=cuda on a CPU-only machine: was a traceback
+        sys.exit(f"error: {problem}")
     model = _CONFIG.value.model
     full_unroll = _CONFIG.value.execution.scan_unroll < 0
     big = model.num_groups * model.num_blocks > api.CPU_FULL_UNROLL_MAX_BLOCKS

@@ -442,3 +442,46 @@ def test_make_zoo_out_that_is_a_file_is_one_line_saying_so(tmp_path):
                            "--name", "tiny", "--out", str(tmp_path / "zoo")], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and sorted(os.listdir(tmp_path / "zoo")) == ["sha256.json", "tiny.msgpack"], proc.stderr
+
+
+def _nvidia_gpu_visible() -> bool:
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.has_visible_nvidia_gpu()
+    except (ImportError, AttributeError):
+        return True  # cannot tell: the test below would not know what to expect
+
+
+@pytest.mark.skipif(_nvidia_gpu_visible(), reason="an NVIDIA GPU is visible: JAX_PLATFORMS=cuda may work here")
+def test_a_jax_platforms_this_machine_lacks_is_one_line_saying_what_to_do(tmp_path):
+    """JAX_PLATFORMS=cuda on a machine without an NVIDIA GPU was a 20-line traceback ending in a bare
+    "AssertionError"; a mistyped platform was one ending in JAX's RuntimeError."""
+    args = ["--config", "experiments/demo.py", "--workdir", str(tmp_path / "run"), "--config.total_steps=2"]
+    code, err, out = _train(args, REPO, JAX_PLATFORMS="cuda")
+    assert (code, err) == (1, ["error: JAX_PLATFORMS=cuda: no NVIDIA GPU is visible (or JAX's CUDA plugin is not "
+                               "installed) (set JAX_PLATFORMS=cpu, or unset it, to use what is here)"]), err
+    code, err, out = _train([*args, "--dry_run"], REPO, JAX_PLATFORMS="cdua")
+    assert code == 1 and len(err) == 1 and err[0].startswith(
+        "error: JAX_PLATFORMS=cdua: Unable to initialize backend 'cdua': "), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_that_lands_where_python_cannot_raise_still_interrupts_in_one_line():
+    """A Ctrl-C whose handler ran inside JAX's garbage-collection callback (the trainer's set-up, the first
+    compilation) printed "Exception ignored in: <function _xla_gc_callback ...>" and a traceback, and the
+    KeyboardInterrupt was lost: upscale and evaluate went on; here, a __del__ does what that callback did."""
+    script = ("import signal, sys, time\nfrom rnan_jax import cli\n"
+              "class Collected:\n"
+              "    def __del__(self):\n"
+              "        signal.raise_signal(signal.SIGINT)\n"
+              "        sum(range(10))\n"
+              "def main(argv):\n"
+              "    Collected()\n"
+              "    for _ in range(200):\n"
+              "        time.sleep(0.05)\n"
+              "    print('finished')\n"
+              "sys.argv = ['upscale']\n"
+              "cli.run(main)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "\nupscale: interrupted\n", "")
