@@ -276,11 +276,13 @@ class RunLog:
             fd, self._local = tempfile.mkstemp(prefix=_local_copy_prefix("train"), suffix=".log")
             os.close(fd)
             if paths.exists(path):  # a resumed run continues the log
-                with open(self._local, "w") as f:
+                with open(self._local, "w", encoding="utf-8", errors="surrogateescape") as f:
                     f.write(paths.read_text(path))
         else:
             self._local = path
-        self._file = open(self._local, "a")
+        # UTF-8 whatever the locale: under LANG=C without Python's UTF-8 mode (PYTHONUTF8=0) a workdir named
+        # "données" stopped the run at its first line ("'ascii' codec can't encode characters")
+        self._file = open(self._local, "a", encoding="utf-8", errors="surrogateescape")
         if self._remote:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._file, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -309,7 +311,7 @@ class RunLog:
         if self._file is None or not self._remote or not self._pending:
             return
         self._mirrored_at, self._pending = time.monotonic(), False
-        with open(self._local) as f:
+        with open(self._local, encoding="utf-8", errors="surrogateescape") as f:
             paths.write_text(self._remote, f.read())
 
     def close(self) -> None:

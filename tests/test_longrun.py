@@ -120,3 +120,21 @@ def test_a_later_url_run_removes_the_local_copies_of_runs_killed_outright(tmp_pa
         live.kill()
         live.wait()
     assert summary._local_copy_prefix("train") == f"rnan_train.{host}.{os.getpid()}."
+
+
+def test_train_log_is_utf_8_whatever_the_locale(tmp_path):
+    """Under LANG=C without Python's UTF-8 mode (PYTHONUTF8=0) train.log was opened in ASCII: a run whose workdir is
+    named "données" stopped at its first line with "'ascii' codec can't encode characters"."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "données" / "train.log"
+    path.parent.mkdir()
+    code = ("import sys; from rnan_jax import summary\n"
+            "with summary.RunLog(sys.argv[1]) as log:\n"
+            "    log.write('workdir ' + sys.argv[1])\n")
+    env = {**os.environ, "PYTHONUTF8": "0", "LANG": "C", "LC_ALL": "C"}
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert path.read_text(encoding="utf-8").rstrip().endswith(f"workdir {path}")
