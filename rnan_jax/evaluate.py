@@ -302,6 +302,8 @@ def main(argv: Sequence[str]) -> None:
         allow_incomplete=FLAGS.allow_incomplete,
     )
     if FLAGS.checkpoint:
+        if (problem := env.backend_problem()) is not None:  # JAX_PLATFORMS=cuda without a GPU: the
+            sys.exit(f"evaluate: {problem}")  # checkpoint's restore failed, and was called "damaged"
         try:
             which = checkpoint.resolve_which(FLAGS.checkpoint, FLAGS.which)  # auto: what validation scored
             params, config = checkpoint.load(FLAGS.checkpoint, which=which)

@@ -219,7 +219,8 @@ def available() -> bool:
                     ok = True
                 except (OSError, AttributeError, subprocess.CalledProcessError) as e:
                     logging.getLogger(__name__).warning(
-                        "native CPU kernels not built (%s); XLA's convolutions and JAX's gradients are used instead",
+                        "native CPU kernels not built (%s); XLA's convolutions and JAX's gradients are used instead "
+                        "(slower: set RNAN_JAX_NATIVE_CACHE to a writable folder if the cache was the cause)",
                         _failure(e))
             _state["ok"] = ok
     return _state["ok"]

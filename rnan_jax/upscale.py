@@ -248,6 +248,9 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(2)
     env.prepare_process()
     env.enable_compilation_cache()
+    if (problem := env.backend_problem()) is not None:  # JAX_PLATFORMS=cuda without a GPU: the checkpoint's
+        print(f"upscale: {problem}", file=sys.stderr)  # restore failed, and was called "damaged"
+        sys.exit(2)
     try:
         params, config = checkpoint.load(FLAGS.checkpoint, which=checkpoint.resolve_which(FLAGS.checkpoint,
                                                                                           FLAGS.which))

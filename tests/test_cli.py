@@ -485,3 +485,21 @@ def test_a_ctrl_c_that_lands_where_python_cannot_raise_still_interrupts_in_one_l
               "cli.run(main)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr, proc.stdout) == (130, "\nupscale: interrupted\n", "")
+
+
+@pytest.mark.skipif(_nvidia_gpu_visible(), reason="an NVIDIA GPU is visible: JAX_PLATFORMS=cuda may work here")
+def test_evaluate_and_upscale_say_the_platform_is_missing_not_that_the_checkpoint_is_damaged(tmp_path):
+    """JAX_PLATFORMS=cuda on a machine without an NVIDIA GPU: evaluate and upscale said "cannot load --checkpoint:
+    ...: damaged checkpoint (AssertionError: )", which could have a good checkpoint deleted."""
+    from rnan_jax.images import write_image
+
+    write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    expected = ("JAX_PLATFORMS=cuda: no NVIDIA GPU is visible (or JAX's CUDA plugin is not installed) (set "
+                "JAX_PLATFORMS=cpu, or unset it, to use what is here)")
+    env = {**os.environ, "JAX_PLATFORMS": "cuda"}
+    for program, args, status in (
+            ("evaluate", ["--checkpoint", "zoo:small_x2", "--datasets", "Set5", "--output", str(tmp_path / "e")], 1),
+            ("upscale", ["--checkpoint", "zoo:small_x2", str(tmp_path / "a.png"), "--output", str(tmp_path / "u")], 2)):
+        proc = subprocess.run([sys.executable, "-m", f"rnan_jax.{program}", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert (proc.returncode, proc.stderr.strip().splitlines()) == (status, [f"{program}: {expected}"]), proc.stderr
