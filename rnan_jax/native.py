@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -218,10 +219,12 @@ def available() -> bool:
                                                     platform="cpu")
                     ok = True
                 except (OSError, AttributeError, subprocess.CalledProcessError) as e:
+                    # where the cache cannot be written (a read-only home), say where else it can go
+                    where = (f" (set {NATIVE_CACHE_ENV} to a writable folder)" if isinstance(e, PermissionError) or
+                             getattr(e, "errno", None) == errno.EROFS else "")
                     logging.getLogger(__name__).warning(
-                        "native CPU kernels not built (%s); XLA's convolutions and JAX's gradients are used instead "
-                        "(slower: set RNAN_JAX_NATIVE_CACHE to a writable folder if the cache was the cause)",
-                        _failure(e))
+                        "native CPU kernels not built (%s)%s; XLA's convolutions and JAX's gradients are used instead",
+                        _failure(e), where)
             _state["ok"] = ok
     return _state["ok"]
 

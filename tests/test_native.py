@@ -361,3 +361,20 @@ def test_a_thread_that_asks_while_another_builds_waits_for_the_kernels(tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
     assert log.read_text().splitlines() == ["built"]  # built once
+
+
+def test_a_cache_folder_that_cannot_be_written_names_the_variable_that_moves_it(tmp_path, monkeypatch, caplog):
+    """With a read-only home (~/.cache not writable) the kernels were not built, and the warning gave the error
+    alone: training ran at about half speed with nothing saying what to do."""
+    def refused():
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".cache"))
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv(native.NATIVE_ENV, "1")
+    monkeypatch.setattr(native, "_build", refused)
+    with caplog.at_level("WARNING", logger=native.__name__):
+        assert native.available() is False
+    [record] = [r for r in caplog.records if r.name == native.__name__]
+    assert record.getMessage().startswith("native CPU kernels not built (")
+    assert record.getMessage().endswith(f" (set {native.NATIVE_CACHE_ENV} to a writable folder); XLA's convolutions "
+                                        "and JAX's gradients are used instead")
