@@ -79,6 +79,25 @@ def room_problem(mngr: ocp.CheckpointManager, step: int, items: Any) -> str | No
             f"{free / 2**20:,.1f} MiB are free")
 
 
+def write_problem(directory: str) -> OSError | None:
+    """The OSError of making a folder in the local `directory` (read-only, a full disk), as orbax's save would
+    make its step's folder; None when it can, or for a gs:// URL. A save whose folder cannot be made waited in
+    orbax's other save threads for that folder's signal, 300 s (the process's exit too), then printed their
+    tracebacks."""
+    if paths.is_url(directory):
+        return None
+    probe = os.path.join(directory, f".rnan_jax_write_probe.{os.getpid()}")
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except FileExistsError:  # left by a process killed between the two: it could make it
+        with contextlib.suppress(OSError):
+            os.rmdir(probe)
+    except OSError as e:
+        return e
+    return None
+
+
 def save_train_state(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
     """Saves `state` (a `step.TrainState`) as checkpoint `step`: params, opt, ema, meta. No data item: the
     input pipeline's position is the step (`data.train_dataset`), so a run resumes under any process count."""
@@ -236,6 +255,7 @@ def _drop_closed_loop_callbacks() -> None:
 
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a quota
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)  # a folder made read-only, a read-only mount
 
 
 def write_failure(error: BaseException) -> str | None:
@@ -243,7 +263,7 @@ def write_failure(error: BaseException) -> str | None:
     files, as its save raises it (a ValueError from tensorstore: "Error writing", or "Failed writing" for an
     array's data file; an OSError for orbax's own metadata files), else None."""
     text = str(error)
-    if isinstance(error, OSError) and error.errno in _NO_ROOM:
+    if isinstance(error, OSError) and error.errno in _NO_ROOM + NOT_WRITABLE:
         return os.strerror(error.errno)
     if not isinstance(error, (ValueError, OSError)) or not re.search(r"(Error|Failed) writing", text):
         return None

@@ -9,6 +9,7 @@ Stopping on a signal is `preemption`'s, the workdir's own files and checks `rund
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import shlex
@@ -357,14 +358,16 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         results.update(scores)
         if scores["val/psnr"] > best_psnr:
             best_psnr = scores["val/psnr"]
-            _check_room(best_mngr, s, (state.params, state.ema), mngr)
-            checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(
-                cfg.model, s, val_psnr=best_psnr, validation=validator.describe()))
+            with _saving(mngr):
+                _check_room(best_mngr, s, (state.params, state.ema), mngr)
+                checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(
+                    cfg.model, s, val_psnr=best_psnr, validation=validator.describe()))
         doing = "train"
         costs["validation"] = time.time() - paused_at
         return True
 
     signals.training_begins()  # from here a signal is a flag: the step reached is saved
+    pending = False  # a checkpoint save in flight whose outcome is not checked yet
     try:
         if unvalidated and not validate(first):  # stopped again: its checkpoint, saved already, is the one to resume
             raise preemption.Preempted(
@@ -382,6 +385,10 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 raise sources.DataError(f"{e}; {kept}") from None
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             state, acc = train_step(state, batch, acc)
+            if pending and jax.process_count() == 1 and not mngr.is_saving_in_progress():
+                pending = False  # its failure stops the run now, not at the next save (training on meanwhile)
+                with _saving(mngr):
+                    mngr.wait_until_finished()
             if s == first + 1:  # the compile's cost, measured (a long compile was announced above)
                 jax.block_until_ready(acc)
                 _log(f"first step, compiling included: {time.time() - t_last:.1f} s")
@@ -409,23 +416,27 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 host = jax.device_get(acc)
                 _check_finite(host, s, mngr)
                 _save_step(mngr, s, state, cfg, best_psnr, results, images, host, stopped)
+                pending = True
                 costs["save"] = time.time() - saving
             if paused_at is not None:
                 t_last += time.time() - paused_at
             if stop and final and not stopped:  # saved above, nothing is left to do: the run ends as a whole one does
                 _log(f"{signal.Signals(signals.signum).name} during the last step: the run is complete")
             elif stopped:
-                mngr.wait_until_finished()
+                with _saving(mngr):
+                    mngr.wait_until_finished()
                 raise preemption.Preempted(
                     f"{signal.Signals(signals.signum).name} while validating step {s}: saved a checkpoint at step {s} "
                     f"in {mngr.directory}; rerun the same command to validate it" + " and resume" * (not final),
                     signals.signum)
             elif stop:
-                mngr.wait_until_finished()
+                with _saving(mngr):
+                    mngr.wait_until_finished()
                 raise preemption.Preempted(f"{signal.Signals(signals.signum).name}: saved a checkpoint at step {s} "
                                            f"in {mngr.directory}; rerun the same command to resume", signals.signum)
-        mngr.wait_until_finished()  # the last saves, whose failure is the run's
-        best_mngr.wait_until_finished()
+        with _saving(mngr):
+            mngr.wait_until_finished()  # the last saves, whose failure is the run's
+            best_mngr.wait_until_finished()
         writer.close()  # its last flush may fail: the error is the run's
     except ValueError as e:
         if (reason := checkpoint.write_failure(e)) is None:
@@ -437,7 +448,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             raise
         raise _stopped(_out_of_memory(e, cfg, doing, s, chunks, module.remat), mngr, advice="") from None
     except OSError as e:  # the run's logs (train.log, tensorboard/) on a full disk: nothing after it can be saved
-        raise _stopped(f"cannot write in {workdir} ({e.strerror or e}) at step {s}", mngr) from None
+        raise _stopped(f"cannot write in {workdir} ({e.strerror or e}) at step {s}", mngr,
+                       advice=_advice(e, e.strerror or str(e), workdir)) from None
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, not waiting for a save that may be in flight
         interrupted = True
         checkpoint.abandon_saves()
@@ -472,8 +484,9 @@ def _save_step(mngr: ocp.CheckpointManager, s: int, state: step.TrainState, cfg:
     meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, training_images=images, **{
         k: v for k, v in results.items() if k.startswith("val/")}, since_last_log={
         k: float(v) for k, v in since_log.items()}, **{_UNVALIDATED: True} if unvalidated else {})
-    _check_room(mngr, s, state, mngr)
-    checkpoint.save_train_state(mngr, s, state, meta)
+    with _saving(mngr):
+        _check_room(mngr, s, state, mngr)
+        checkpoint.save_train_state(mngr, s, state, meta)
 
 
 def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any, first: int, cfg: TrainConfig,
@@ -610,6 +623,36 @@ def _check_room(mngr: ocp.CheckpointManager, s: int, items: Any, checkpoints: oc
     """Stops the run in one line, before a save that the disk has no room for (`checkpoint.room_problem`)."""
     if (line := checkpoint.room_problem(mngr, s, items)) is not None:
         raise _stopped(line, checkpoints)
+    if (error := checkpoint.write_problem(os.fspath(mngr.directory))) is not None:
+        raise error  # as orbax's save would raise it, without its 300 s wait (`_saving` words it)
+
+
+_ROOM_REASONS = {os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT)}
+_WRITABLE_REASONS = {os.strerror(code) for code in checkpoint.NOT_WRITABLE}
+
+
+def _advice(error: BaseException, reason: str, directory: str) -> str:
+    """What to do before the rerun, by the reason a write failed: make the folder writable (a permission, a
+    read-only mount; it said "make room" of those too), else make room."""
+    if reason not in _WRITABLE_REASONS:
+        return "make room and "
+    filename = getattr(error, "filename", None)
+    folder = os.path.dirname(filename) if isinstance(filename, str) and filename else directory
+    return f"make {folder} writable and "
+
+
+@contextlib.contextmanager
+def _saving(checkpoints: ocp.CheckpointManager):
+    """Stops the run in one line (`_stopped`) when a checkpoint save, or the wait for one in flight, fails to write
+    (`checkpoint.write_failure`): orbax raises an async save's failure at the next wait or save."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if (reason := checkpoint.write_failure(e)) is None:
+            raise
+        workdir = os.path.dirname(os.fspath(checkpoints.directory))
+        raise _stopped(f"cannot save a checkpoint in {workdir} ({reason})", checkpoints,
+                       advice=_advice(e, reason, os.fspath(checkpoints.directory))) from None
 
 
 def _stopped(line: str, mngr: ocp.CheckpointManager, advice: str = "make room and ") -> TrainingError:
@@ -622,10 +665,14 @@ def _kept(mngr: ocp.CheckpointManager) -> tuple[str, str]:
     """What a run that stops without saving leaves (once the saves in flight are done), and what a rerun does."""
     with contextlib.suppress(ValueError, OSError):  # a save that failed: its step is not among the complete ones
         mngr.wait_until_finished()
-    latest = mngr.latest_step()
-    if latest is None:
-        return "there is no checkpoint yet", "start afresh"
-    return f"the last good checkpoint (step {latest}) is intact", "resume from it"
+    directory = os.fspath(mngr.directory)
+    if steps := checkpoint.complete_steps(directory):
+        return f"the last good checkpoint (step {steps[-1]}) is intact", "resume from it"
+    best = os.path.join(os.path.dirname(directory), checkpoint.BEST)
+    if best_steps := checkpoint.complete_steps(best):  # it said "there is no checkpoint yet" of a run with one there
+        return (f"there is no checkpoint to resume from yet ({best}/{best_steps[-1]} holds the parameters that "
+                "validated best)", "start afresh")
+    return "there is no checkpoint yet", "start afresh"
 
 
 def _check_finite(host: dict, s: int, mngr: ocp.CheckpointManager) -> None:

@@ -1939,3 +1939,76 @@ def test_a_checkpoint_of_another_versions_state_is_refused_not_moved_aside(image
                             "its parameters)")
     assert not (tmp_path / "run" / "checkpoints_damaged").exists()
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+
+
+def _fail_save_at(tmp_path, monkeypatch, at, error):
+    """The save of step `at` fails in orbax's async part, ended before the next step: its wait raises `error` once
+    (as orbax's does), the step's folder not made."""
+    real = checkpoint.save_train_state
+
+    def save_train_state(mngr, step, state, meta):
+        real(mngr, step, state, meta)
+        if step == at:
+            wait = mngr.wait_until_finished
+            wait()  # ended (failed) before the next step
+
+            def failed():
+                wait()
+                mngr.wait_until_finished = wait
+                shutil.rmtree(tmp_path / "checkpoints" / str(at))
+                raise error
+
+            mngr.wait_until_finished = failed
+
+    monkeypatch.setattr(checkpoint, "save_train_state", save_train_state)
+
+
+def test_a_save_failing_in_its_async_part_stops_the_run_at_once_worded_by_its_errno(images, tmp_path, monkeypatch):
+    """checkpoints/ made read-only during a run: the failed save at step 100 printed ~200 lines of orbax's reports,
+    training went on to the next save (100 steps more), and the run ended with "cannot write in W (Permission
+    denied) at step 200; there is no checkpoint yet: make room and rerun" though best/200 was there."""
+    import errno
+
+    tmp = str(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp")
+    _fail_save_at(tmp_path, monkeypatch, 3, PermissionError(errno.EACCES, "Permission denied", tmp))
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images, log_every=1), str(tmp_path))
+    assert str(e.value) == (f"cannot save a checkpoint in {tmp_path} (Permission denied); there is no checkpoint to "
+                            f"resume from yet ({tmp_path}/best/3 holds the parameters that validated best): make "
+                            f"{tmp_path}/checkpoints writable and rerun to start afresh")
+    log = (tmp_path / "train.log").read_text()
+    assert "step 3/6" in log and "step 4/6" not in log  # stopped at the first step after the save ended
+
+    run = tmp_path / "run"  # a full disk, after a good checkpoint: the last save fails, found by the final wait
+    monkeypatch.undo()
+    _fail_save_at(run, monkeypatch, 6, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images), str(run))
+    assert str(e.value) == (f"cannot save a checkpoint in {run} (No space left on device); the last good checkpoint "
+                            "(step 3) is intact: make room and rerun to resume from it")
+    assert checkpoint.complete_steps(str(run / "checkpoints")) == [3]
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_stops_the_run_before_orbax_s_save(images, tmp_path, monkeypatch):
+    """A read-only checkpoints/ failed orbax's making of the step's folder, and its other save threads waited 300 s
+    for it (the process hung that long after the run's error) before printing their tracebacks."""
+    import errno
+
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if os.path.basename(os.path.dirname(path)) == "checkpoints":
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_mkdir(path, *args, **kwargs)
+
+    assert checkpoint.write_problem("gs://bucket/run/checkpoints") is None
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    assert checkpoint.write_problem(str(tmp_path)) is None
+    assert checkpoint.write_problem(str(tmp_path / "checkpoints")).errno == errno.EROFS
+    assert checkpoint.write_failure(PermissionError(errno.EACCES, "Permission denied")) == "Permission denied"
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images), str(tmp_path))
+    assert str(e.value) == (f"cannot save a checkpoint in {tmp_path} (Read-only file system); there is no checkpoint "
+                            f"to resume from yet ({tmp_path}/best/3 holds the parameters that validated best): make "
+                            f"{tmp_path}/checkpoints writable and rerun to start afresh")
+    assert os.listdir(tmp_path / "checkpoints") == []
