@@ -61,8 +61,8 @@ def path_of(name: str) -> str:
 
 def write(path: str, params: Any, config: RNANConfig, meta: dict | None = None) -> int:
     """Writes a zoo file (float32 parameters, the config, `meta`); returns its size in bytes. The config is stored
-    with compute dtype float32, whatever the run computed in: a zoo file is for its users, who pass a
-    config with dtype="bfloat16" for the faster compute (a bfloat16 run's file made them compute in bfloat16 without a word).
+    with compute dtype float32, whatever the run computed in: a zoo file is for its users, who pass a config with
+    dtype="bfloat16" for the faster compute (a bfloat16 run's file made them compute in bfloat16 without a word).
     Raises ValueError, writing nothing, for parameters that do not fit `config` (a file that `read` would refuse)."""
     check_params(params, config)
     config = dataclasses.replace(config, dtype="float32")
