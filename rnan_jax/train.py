@@ -13,12 +13,7 @@ from ml_collections import config_flags
 
 from rnan_jax import cli
 
-try:  # it reads the --flagfile files of sys.argv here: one that cannot be read (a typo) was a 20-line traceback
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-except flags.Error as e:
-    if __name__ != "__main__":
-        raise
-    sys.exit(f"train: error: {' '.join(str(e).split())} (see --helpshort)")
+_CONFIG = cli.define_config_file("train", __name__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and the config go.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (off TPU).")

@@ -16,12 +16,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-try:  # it reads the --flagfile files of sys.argv here: one that cannot be read (a typo) was a 20-line traceback
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-except flags.Error as e:
-    if __name__ != "__main__":
-        raise
-    sys.exit(f"compare_dtypes: error: {' '.join(str(e).split())} (see --helpshort)")
+from rnan_jax import cli
+
+_CONFIG = cli.define_config_file("compare_dtypes", __name__)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent folder of one workdir per dtype.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to compare.")
 flags.register_validator("dtypes", lambda values: bool(values) and all(v in ("float32", "bfloat16", "float16")
@@ -67,7 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from rnan_jax import cli
-
     cli.run(main, flags_parser=cli.config_flags_parser(_CONFIG))
