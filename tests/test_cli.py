@@ -389,7 +389,8 @@ def test_a_config_file_setting_a_number_key_to_none_is_one_line(tmp_path):
 
 
 def _tiny_ema_run(tmp_path):
-    """A run trained with EMA (checkpoint step 4) and a set Mine of one 48x40 HR image, under tmp_path."""
+    """A run trained with EMA (checkpoint step 4) and a set Mine of one 48x40 HR image, under tmp_path: (the run's
+    folder, its RNANConfig, (its parameters, their EMA))."""
     from PIL import Image
     from test_zoo import _save_steps
 
@@ -401,14 +402,14 @@ def _tiny_ema_run(tmp_path):
     hr = np.stack([np.sin(xx + c) * np.cos(yy) for c in range(3)], -1) * 100 + 128
     Image.fromarray(np.clip(hr, 0, 255).astype(np.uint8)).save(hr_dir / "pic.png")
     config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
-    _save_steps(tmp_path / "run" / checkpoint.CHECKPOINTS, {4: 1}, config)
-    return tmp_path / "run"
+    saved = _save_steps(tmp_path / "run" / checkpoint.CHECKPOINTS, {4: 1}, config)[4]
+    return tmp_path / "run", config, saved
 
 
 def test_tiling_bound_piped_into_head_ends_quietly(tmp_path):
     """`tools/tiling_bound.py ... | head -3` ended in a BrokenPipeError traceback (status 1) when head closed the
     pipe, and loading the checkpoint printed some 40 absl/orbax "I..." lines to stderr, which evaluate does not."""
-    run = _tiny_ema_run(tmp_path)
+    run = _tiny_ema_run(tmp_path)[0]
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "tiling_bound.py"), "--checkpoint", str(run),
                              "--data_dir", str(tmp_path), "--images", "Mine/pic", "--tiles", "16", "--overlaps", "4",
                              "--sets", "Mine", "--per_set", "1", "--scan_tile", "16", "--sizes", "16",
@@ -428,7 +429,7 @@ def test_tiling_bound_piped_into_head_ends_quietly(tmp_path):
 def test_make_zoo_out_that_is_a_file_is_one_line_saying_so(tmp_path):
     """`tools/make_zoo.py --out FILE` loaded the checkpoint, then said "cannot write FILE/NAME.msgpack: [Errno 17]
     File exists: 'FILE'", which does not say that --out takes a folder."""
-    run = _tiny_ema_run(tmp_path)
+    run = _tiny_ema_run(tmp_path)[0]
     in_the_way = tmp_path / "zoo.msgpack"
     in_the_way.write_text("mine")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_zoo.py"), "--workdir", str(run),

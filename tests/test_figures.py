@@ -254,19 +254,11 @@ def test_compare_reads_by_default_the_parameters_validation_scored(tmp_path, cap
     """`figures compare --checkpoint RUN` of a run trained with EMA scored (and drew) its raw parameters, while
     evaluate, upscale and the run's own validation use the EMA (--which auto): the figure's PSNR was not the run's.
     It takes --which as the other CLIs do, auto by default."""
-    from test_zoo import _save_steps
+    from test_cli import _tiny_ema_run
 
-    from rnan_jax import checkpoint
     from rnan_jax.evaluate import evaluate_model
 
-    hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
-    hr_dir.mkdir(parents=True)
-    yy, xx = np.mgrid[0:40, 0:48] / 6.0
-    hr = np.stack([np.sin(xx + c) * np.cos(yy) for c in range(3)], -1) * 100 + 128
-    Image.fromarray(np.clip(hr, 0, 255).astype(np.uint8)).save(hr_dir / "pic.png")
-    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
-    workdir = tmp_path / "run"
-    params, ema = _save_steps(workdir / checkpoint.CHECKPOINTS, {4: 1}, config)[4]
+    workdir, config, (params, ema) = _tiny_ema_run(tmp_path)
 
     def scored(p):
         score = evaluate_model(p, config, ["Mine"], data_dir=str(tmp_path), progress=False).scores[0]
