@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import warnings
 from typing import Any
@@ -86,15 +87,17 @@ def write_problem(directory: str) -> OSError | None:
     tracebacks."""
     if paths.is_url(directory):
         return None
-    probe = os.path.join(directory, f".rnan_jax_write_probe.{os.getpid()}")
+    # named by host and process: the processes of a multi-host run probe one shared folder at once (NFS), and
+    # process ids repeat across hosts (a container's are the same on each)
+    probe = os.path.join(directory, f".rnan_jax_write_probe.{socket.gethostname()}.{os.getpid()}")
     try:
         os.mkdir(probe)
-        os.rmdir(probe)
-    except FileExistsError:  # left by a process killed between the two: it could make it
-        with contextlib.suppress(OSError):
-            os.rmdir(probe)
+    except FileExistsError:  # left by a process killed before its rmdir: it could make it
+        pass
     except OSError as e:
         return e
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
     return None
 
 

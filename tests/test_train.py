@@ -2012,3 +2012,18 @@ def test_a_checkpoints_folder_that_cannot_be_written_stops_the_run_before_orbax_
                             f"to resume from yet ({tmp_path}/best/3 holds the parameters that validated best): make "
                             f"{tmp_path}/checkpoints writable and rerun to start afresh")
     assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_the_write_probe_is_named_by_host_and_process_and_a_leftover_is_no_error(tmp_path):
+    """The probe before each save was named by process id alone: two hosts of one run (their ids the same in
+    containers) probing a shared folder removed each other's, and one of them stopped with "No such file"."""
+    import socket
+
+    from rnan_jax import checkpoint
+
+    other_host = tmp_path / f".rnan_jax_write_probe.other-{socket.gethostname()}.{os.getpid()}"
+    other_host.mkdir()  # another host's probe, in flight
+    leftover = tmp_path / f".rnan_jax_write_probe.{socket.gethostname()}.{os.getpid()}"
+    leftover.mkdir()  # this process's, left by a kill between its mkdir and rmdir
+    assert checkpoint.write_problem(str(tmp_path)) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other_host.name]
