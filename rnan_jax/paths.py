@@ -15,7 +15,7 @@ import re
 import shutil
 import socket
 import threading
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 from etils import epath
 
@@ -101,19 +101,33 @@ def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
     shared folder (NFS) included: process ids alone repeat across hosts (a container's are the same on each).
     Raises OSError (EINVAL) for a URL, writing nothing: os.path made it a local folder named "gs:". An OSError
     about the partial file names `path` instead (its errno and strerror as they were)."""
-    if is_url(path):
-        raise OSError(errno.EINVAL, "a URL, but only a local file can be written here (write it to a local "
-                                    "folder, then copy it, e.g. gcloud storage cp)", path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, _partial_name(os.path.basename(path)))
+    write_all_atomically([(path, write)])
+
+
+def write_all_atomically(files: Sequence[tuple[str, Callable[[BinaryIO], object]]]) -> None:
+    """`write_atomically` of several (path, write) together: every partial file is written before any is renamed,
+    so that a failure before the renames leaves each earlier file as it was (files of one run beside those of
+    another: an evaluation's three report files) and no partial file behind."""
+    for path, _ in files:
+        if is_url(path):
+            raise OSError(errno.EINVAL, "a URL, but only a local file can be written here (write it to a local "
+                                        "folder, then copy it, e.g. gcloud storage cp)", path)
+    partials = []
+    for path, _ in files:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        partials.append(os.path.join(folder, _partial_name(os.path.basename(path))))
+    path = partial = None
     try:
-        with open(partial, "wb") as f:
-            write(f)
-        os.replace(partial, path)
+        for (path, write), partial in zip(files, partials):
+            with open(partial, "wb") as f:
+                write(f)
+        for (path, _), partial in zip(files, partials):
+            os.replace(partial, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
+        for p in partials:
+            with contextlib.suppress(OSError):
+                os.remove(p)
         if isinstance(e, OSError) and partial in (e.filename, e.filename2):  # it named the hidden partial file
             raise OSError(e.errno, e.strerror, path) from None  # (its errno kept: a full disk is still one)
         raise

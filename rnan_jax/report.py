@@ -2,16 +2,12 @@
 how it is written: results.json, a Markdown table laid out like the paper's Table 1, per-image CSV."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import errno
 import io
 import json
 import math
 import os
-import socket
-import threading
 
 import numpy as np
 
@@ -222,31 +218,13 @@ def output_error(output_dir: str, *, save_images: bool = False) -> str | None:
 
 def write_report(evaluation: Evaluation, output_dir: str) -> list[str]:
     """Writes results.json, results.md and per_image.csv (UTF-8) into `output_dir`; returns their paths. The three
-    are written together or not at all: each to a partial file first (named as `paths.write_atomically` names
-    them), then all renamed, so that a full disk or Ctrl-C leaves an earlier report's three files as they were
+    are written together or not at all (`paths.write_all_atomically`: each to a partial file first, then all
+    renamed), so that a full disk or Ctrl-C leaves an earlier report's three files as they were
     (results.json had been replaced by the new run's beside the old results.md and per_image.csv) and no partial
     file behind."""
     texts = [json.dumps(results_json(evaluation), indent=2, allow_nan=False) + "\n",
              markdown_table(evaluation) + "\n", per_image_csv(evaluation)]
     files = [os.path.join(output_dir, n) for n in REPORT_FILES]
-    if paths.is_url(output_dir):  # as write_atomically refused it: os.makedirs made a local folder "gs:"
-        raise OSError(errno.EINVAL, "a URL, but only a local folder can be written here (write the report to a "
-                      "local folder, then copy it, e.g. gcloud storage cp)", output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    partials = [os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}."
-                             f"{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.partial")
-                for path in files]
-    path = files[0]
-    try:
-        for path, partial, text in zip(files, partials, texts):
-            with open(partial, "wb") as f:
-                f.write(text.encode("utf-8"))
-        for path, partial in zip(files, partials):
-            os.replace(partial, path)
-    except OSError as e:  # named by the report file, not the hidden partial one (its errno kept: a full disk)
-        raise OSError(e.errno, e.strerror, path) from None
-    finally:
-        for partial in partials:
-            with contextlib.suppress(OSError):
-                os.remove(partial)
+    paths.write_all_atomically([(path, lambda f, text=text: f.write(text.encode("utf-8")))
+                                for path, text in zip(files, texts)])
     return files
