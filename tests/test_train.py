@@ -69,6 +69,13 @@ def x4_config(images, **extra):
     return config
 
 
+def _logged_loss(workdir) -> dict[int, float]:
+    """{step: train/loss} as the run's TensorBoard files hold it."""
+    from rnan_jax import scalars
+
+    return {s: v for s, (v, _) in scalars.read_scalars(str(workdir / "tensorboard"))["train/loss"].items()}
+
+
 def _flags(values):
     return [f"--config.{k}={v}" for k, v in values.items()]
 
@@ -1632,7 +1639,7 @@ def test_a_stop_between_two_logs_logs_the_steps_since_the_last_one(images, strai
     was saved and the rerun resumed after it, but step 3's loss was never logged (a real run stopped at step 393
     of log_every 50 had no record of steps 351-393). It is now logged at step 3, once, and resuming writes no step
     twice: the two records of steps 3 and 4 average to the loss the uninterrupted run logged at step 4."""
-    from rnan_jax import preemption, scalars, validation
+    from rnan_jax import preemption, validation
 
     real = validation.Validator.__call__
 
@@ -1646,11 +1653,11 @@ def test_a_stop_between_two_logs_logs_the_steps_since_the_last_one(images, strai
         train_and_evaluate(x4_config(images), str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
     train_and_evaluate(x4_config(images), str(tmp_path))
-    loss = {s: v for s, (v, _) in scalars.read_scalars(str(tmp_path / "tensorboard"))["train/loss"].items()}
+    loss = _logged_loss(tmp_path)
     assert sorted(loss) == [2, 3, 4, 6]
-    straight_loss = scalars.read_scalars(str(straight[0] / "tensorboard"))["train/loss"]
-    assert (loss[3] + loss[4]) / 2 == pytest.approx(straight_loss[4][0], rel=1e-5)
-    assert loss[2] == pytest.approx(straight_loss[2][0], rel=1e-6)
+    straight_loss = _logged_loss(straight[0])
+    assert (loss[3] + loss[4]) / 2 == pytest.approx(straight_loss[4], rel=1e-5)
+    assert loss[2] == pytest.approx(straight_loss[2], rel=1e-6)
     lines = [json.loads(x) for x in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if "train/loss" in r]
     assert [r["step"] for r in train] == [2, 3, 4, 6] and train[1]["train/steps_per_s"] > 0
@@ -1678,7 +1685,7 @@ def test_a_data_worker_that_dies_between_two_logs_logs_the_steps_since_the_last_
     """A worker that died at the batch of step 6 (log_every 2): step 5 was saved and the rerun resumed after it, but
     its loss was never logged (a SIGTERM's stop logs it). It is now logged at step 5, once: the records of steps 5
     and 6 average to the loss the uninterrupted run logged at step 6."""
-    from rnan_jax import loader, scalars, sources
+    from rnan_jax import loader, sources
 
     real, calls = loader.BatchIterator.__next__, []
 
@@ -1693,11 +1700,11 @@ def test_a_data_worker_that_dies_between_two_logs_logs_the_steps_since_the_last_
         train_and_evaluate(x4_config(images), str(tmp_path))
     monkeypatch.undo()
     train_and_evaluate(x4_config(images), str(tmp_path))
-    loss = {s: v for s, (v, _) in scalars.read_scalars(str(tmp_path / "tensorboard"))["train/loss"].items()}
+    loss = _logged_loss(tmp_path)
     assert sorted(loss) == [2, 4, 5, 6]
-    straight_loss = scalars.read_scalars(str(straight[0] / "tensorboard"))["train/loss"]
-    assert (loss[5] + loss[6]) / 2 == pytest.approx(straight_loss[6][0], rel=1e-5)
-    assert loss[4] == pytest.approx(straight_loss[4][0], rel=1e-6)
+    straight_loss = _logged_loss(straight[0])
+    assert (loss[5] + loss[6]) / 2 == pytest.approx(straight_loss[6], rel=1e-5)
+    assert loss[4] == pytest.approx(straight_loss[4], rel=1e-6)
 
 
 def test_a_flat_validation_image_reproduced_exactly_ends_with_a_gain_not_nan(images, tmp_path, monkeypatch, capsys):
@@ -1750,15 +1757,13 @@ def test_a_run_resumed_after_a_crash_between_two_logs_logs_what_the_uninterrupte
     """Checkpoint at step 3, log_every 2, a crash after step 4: the rerun resumed from step 3 and its step-4 loss was
     the mean of step 4 alone (the first run's mean of steps 3 and 4 is dropped from the scalars as a step after the
     resumed one), and step 3's loss was in no record. The checkpoint now keeps the sums since the last log."""
-    from rnan_jax import scalars
 
     train_and_evaluate(x4_config(images), str(tmp_path), stop_after=4)
     train_and_evaluate(x4_config(images), str(tmp_path))
-    loss = scalars.read_scalars(str(tmp_path / "tensorboard"))["train/loss"]
-    straight_loss = scalars.read_scalars(str(straight[0] / "tensorboard"))["train/loss"]
+    loss, straight_loss = _logged_loss(tmp_path), _logged_loss(straight[0])
     assert sorted(loss) == [2, 4, 6]
     for s in (2, 4, 6):
-        assert loss[s][0] == pytest.approx(straight_loss[s][0], rel=1e-6), s
+        assert loss[s] == pytest.approx(straight_loss[s], rel=1e-6), s
     assert checkpoint.read_meta(str(tmp_path / "checkpoints"), 3)["since_last_log"]["steps"] == 1
     assert checkpoint.read_meta(str(tmp_path / "checkpoints"), 6)["since_last_log"]["steps"] == 0
 
