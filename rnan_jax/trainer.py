@@ -9,7 +9,6 @@ Stopping on a signal is `preemption`'s, the workdir's own files and checks `rund
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import shlex
@@ -627,7 +626,6 @@ def _check_room(mngr: ocp.CheckpointManager, s: int, items: Any, checkpoints: oc
         raise error  # as orbax's save would raise it, without its 300 s wait (`_saving` words it)
 
 
-_ROOM_REASONS = {os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT)}
 _WRITABLE_REASONS = {os.strerror(code) for code in checkpoint.NOT_WRITABLE}
 
 
