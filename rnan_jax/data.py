@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from typing import Any, Callable, Iterable
 
 import grain
@@ -54,6 +55,13 @@ class DataConfig:
     # source="folder": comma-separated LR folders, one per HR folder, in DIV2K's naming (X4/0001x4.png,
     # 0001x4.png or 0001.png); "" = make LR from HR with degrade.bicubic_lr (MATLAB bicubic).
     lr_dirs: tuple[str, ...] | str = ""
+    # source="folder": which images of each hr_dirs folder to train on, by the number that is the file's name
+    # (0801.png is 801; files not named by a number are left out): "FIRST-LAST" (both included) or "N", one per
+    # HR folder, comma-separated as hr_dirs, an empty one for a whole folder ("1-800," for DIV2K then Flickr2K);
+    # "" = every file. EDSR's --data_range 1-800/801-810 on one DIV2K folder of 0001..0900 is hr_range="1-800"
+    # with val_range="801-810" (EDSR counts the sorted files from 1: the same images there). Ranges are tuples
+    # of (first, last) or None once resolved.
+    hr_range: tuple[tuple[int, int] | None, ...] | str = ""
     # Decoded (and bicubic-made) training images as .npy, made once and reused by later runs;
     # "" = $RNAN_CACHE_DIR or ~/.cache/rnan_jax/data. DIV2K needs about 7 GB there at x4, 8.5 GB at x2 (estimated).
     cache_dir: str = ""
@@ -70,6 +78,10 @@ class DataConfig:
     val_set: str = "Set5"
     val_dir: str = ""  # "benchmark": the folder holding <val_set>/HR ("" = <data dir>/benchmark); "folder": HR folder
     val_lr_dir: str = ""  # val_source="folder": LR folder in DIV2K naming; "" = bicubic
+    # val_source="folder": the images of val_dir to validate on, by file-name number as hr_range ("801-810");
+    # "" = every file. A val_dir that is also a training folder must take images its hr_range leaves out: a
+    # run validating on images it trains on is refused (its val/psnr, and best/, would measure memory).
+    val_range: tuple[int, int] | None | str = ""
     val_max_images: int = 10  # use the first N usable validation images (0 = all); unusable ones do not count
 
     @property
@@ -88,14 +100,34 @@ class DataConfig:
             raise ValueError("data.source='folder' needs data.hr_dirs (comma-separated HR image folders)")
         if self.lr_dirs and len(self.lr_dirs) != len(self.hr_dirs):
             raise ValueError(f"data.lr_dirs names {len(self.lr_dirs)} folders for {len(self.hr_dirs)} in data.hr_dirs")
+        if self.hr_range and len(self.hr_range) != len(self.hr_dirs):
+            raise ValueError(f"data.hr_range gives {len(self.hr_range)} ranges for the {len(self.hr_dirs)} folders of "
+                             "data.hr_dirs: give one per folder, comma-separated, an empty one for a whole folder "
+                             "(e.g. '1-800,')")
         if self.val_source == "benchmark" and (not all(self.val_sets) or len(set(self.val_sets)) < len(self.val_sets)):
             raise ValueError(f"data.val_set must name one set or several, comma-separated and each once; got "
                              f"{self.val_set!r}")
         if self.val_source == "folder" and not self.val_dir:
             raise ValueError("data.val_source='folder' needs data.val_dir (a folder of HR images)")
+        if self.source == "folder" and self.val_source == "folder":
+            self._check_disjoint()
         if min(self.num_workers, self.val_max_images) < 0 or min(self.read_threads, self.prefetch_buffer_size,
                                                                  self.worker_buffer_size) < 1:
             raise ValueError("data.num_workers and val_max_images must be >= 0, the buffer and thread counts >= 1")
+
+    def _check_disjoint(self) -> None:
+        """Raises ValueError when val_dir is one of hr_dirs and the two ranges share a number."""
+        val, v = os.path.realpath(self.val_dir), self.val_range
+        for i, hr_dir in enumerate(self.hr_dirs):
+            t = self.hr_range[i] if self.hr_range else None
+            if os.path.realpath(hr_dir) != val or (t is not None and v is not None and (t[1] < v[0] or v[1] < t[0])):
+                continue
+            given = (f"data.val_range {sources.range_text(v)} overlaps data.hr_range {sources.range_text(t)} there"
+                     if t is not None and v is not None else
+                     f"data.{'hr_range' if t is None else 'val_range'} takes the whole folder")
+            raise ValueError(f"data.val_dir {self.val_dir} is also a training folder (data.hr_dirs) and {given}: the "
+                             "run would validate on images it trains on; give disjoint ranges, e.g. "
+                             "data.hr_range='1-800' and data.val_range='801-810' for DIV2K")
 
     @classmethod
     def from_config(cls, cd: ml_collections.ConfigDict | dict[str, Any], *, scale: int) -> DataConfig:
@@ -123,15 +155,41 @@ def _check_read(values: dict[str, Any]) -> None:
     chosen sources do not read: it would be ignored without a word, and the run train on other data."""
     source, val_source = values["source"], values["val_source"]
     unread = [(key, f"data.source is {source!r}; set --config.data.source=folder to train on it")
-              for key in ("hr_dirs", "lr_dirs") if values[key] and source != "folder"]
+              for key in ("hr_dirs", "lr_dirs", "hr_range") if values[key] and source != "folder"]
     unread += [(key, f"data.val_source is {val_source!r}")
-               for key, readers in (("val_dir", ("folder", "benchmark")), ("val_lr_dir", ("folder",)))
+               for key, readers in (("val_dir", ("folder", "benchmark")), ("val_lr_dir", ("folder",)),
+                                    ("val_range", ("folder",)))
                if values[key] and val_source not in readers]
     unread += [(key, f"neither data.source nor data.val_source is 'tfds' (they are {source!r} and {val_source!r})")
                for key in ("tfds_name", "tfds_data_dir") if values[key] and "tfds" not in (source, val_source)]
     if unread:
         key, why = unread[0]
         raise ValueError(f"data.{key} is set but nothing reads it: {why}")
+
+
+_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+
+
+def _parse_range(key: str, text: str) -> tuple[int, int] | None:
+    """(first, last) of "FIRST-LAST" or "N"; None for ""; ValueError (one line, naming data.KEY) otherwise."""
+    if not text.strip():
+        return None
+    match = _RANGE.fullmatch(text)
+    if match is None:
+        halves = text.split("/")
+        edsr = (f"; EDSR's --data_range {text.strip()} is data.hr_range={halves[0].strip()!r} and "
+                f"data.val_range={halves[1].strip()!r}" if len(halves) == 2 and all(map(_RANGE.fullmatch, halves))
+                else "")
+        raise ValueError(f"data.{key} {text!r} is not a range of image numbers: give 'FIRST-LAST' (both included, "
+                         f"e.g. '1-800') or 'N'{edsr}")
+    first, last = int(match[1]), int(match[2] or match[1])
+    if first > last:
+        raise ValueError(f"data.{key} {text!r} is empty: its first number, {first}, is above its last, {last}")
+    return first, last
+
+
+def _parse_ranges(value: str, scale: int) -> tuple[tuple[int, int] | None, ...]:
+    return () if not str(value).strip() else tuple(_parse_range("hr_range", t) for t in str(value).split(","))
 
 
 # How a key's config value becomes its DataConfig value (the rest: cast to the default's type).
@@ -143,6 +201,8 @@ _RESOLVE = {
     "cache_dir": lambda v, scale: os.path.expanduser(v) or sources.default_cache_dir(),
     "val_dir": lambda v, scale: os.path.expanduser(v),
     "val_lr_dir": lambda v, scale: os.path.expanduser(v),
+    "hr_range": _parse_ranges,
+    "val_range": lambda v, scale: _parse_range("val_range", str(v)),
 }
 
 
@@ -205,7 +265,7 @@ def training_pairs(cfg: DataConfig, announce: Callable[[str], None] | None = Non
             raise sources.DataError(f"{what}: no demo image has an LR side of at least {min_lr} pixels")
         return sources.ArrayPairs(pairs)
     if cfg.source == "folder":
-        specs = sources.folder_specs(cfg.hr_dirs, cfg.lr_dirs, cfg.scale)
+        specs = sources.folder_specs(cfg.hr_dirs, cfg.lr_dirs, cfg.scale, ranges=cfg.hr_range)
     else:
         specs = tfds_source.tfds_specs(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
     return sources.prepare_cached(specs, scale=cfg.scale, min_lr_size=min_lr, cache_dir=cfg.cache_dir, what=what,
@@ -337,6 +397,8 @@ def validation_images(cfg: DataConfig) -> list[benchmark_sets.Pair]:
         files = images.list_images(hr_dir)
     except images.ImageError as e:
         raise sources.DataError(f"{what}: {e}") from None
+    if cfg.val_source == "folder":
+        files = sources.numbered(files, cfg.val_range, hr_dir, what, "data.val_range")
     try:
         pairs = _first_usable(files, lambda path: _file_pair(path, dataset, lr_dir, cfg.scale), cfg.val_max_images)
     except benchmark_sets.FolderError as e:

@@ -403,20 +403,53 @@ def _unusable(error: images.ImageError) -> tuple[np.ndarray, np.ndarray | None]:
     raise error
 
 
-def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, what: str = "training images"
-                 ) -> list[PairSpec]:
+def image_number(path: str) -> int | None:
+    """The number a file's name is (801 for .../0801.png, as DIV2K's), None for a name that is not a number."""
+    stem = benchmark_sets.image_name(path)
+    return int(stem) if stem.isascii() and stem.isdigit() else None
+
+
+def range_text(number_range: tuple[int, int]) -> str:
+    """"801-810" for (801, 810), "801" for (801, 801)."""
+    first, last = number_range
+    return f"{first}-{last}" if first != last else f"{first}"
+
+
+def numbered(files: Sequence[str], number_range: tuple[int, int] | None, folder: str, what: str, key: str
+             ) -> list[str]:
+    """The files (in order) whose `image_number` is in `number_range` (first, last; both included), all for None.
+    Raises `DataError` (one line, naming the config `key`) when none is."""
+    if number_range is None:
+        return list(files)
+    first, last = number_range
+    kept = [f for f in files if (n := image_number(f)) is not None and first <= n <= last]
+    if not kept:
+        numbers = sorted(n for f in files if (n := image_number(f)) is not None)
+        there = (f"its {len(numbers)} numbered images are {numbers[0]}-{numbers[-1]}" if numbers else
+                 "no file there is named by a number, as DIV2K's 0001.png")
+        raise DataError(f"{what}: {key} {range_text(number_range)} matches no image in {folder} ({there})")
+    return kept
+
+
+def folder_specs(hr_dirs: Sequence[str], lr_dirs: Sequence[str], scale: int, what: str = "training images",
+                 ranges: Sequence[tuple[int, int] | None] = ()) -> list[PairSpec]:
     """One spec per image file in `hr_dirs` (in order, files sorted), LR from the matching `lr_dirs` entry.
 
-    Empty `lr_dirs`: LR is made with `degrade.bicubic_lr`. Raises `DataError` for a missing or empty folder.
+    Empty `lr_dirs`: LR is made with `degrade.bicubic_lr`. `ranges`: empty, or one per HR folder, the (first, last)
+    file-name numbers to take from it (`numbered`; data.hr_range), None for all. Raises `DataError` for a missing
+    or empty folder, or a range that matches no file in its folder.
     """
     if lr_dirs and len(lr_dirs) != len(hr_dirs):
         raise DataError(f"{what}: {len(lr_dirs)} LR folders for {len(hr_dirs)} HR folders; give one per HR folder")
+    if ranges and len(ranges) != len(hr_dirs):
+        raise DataError(f"{what}: {len(ranges)} ranges for {len(hr_dirs)} HR folders; give one per HR folder")
     specs = []
     for i, hr_dir in enumerate(hr_dirs):
         try:
             files = images.list_images(hr_dir)
         except images.ImageError as e:
             raise DataError(f"{what}: {e}") from None
+        files = numbered(files, ranges[i] if ranges else None, hr_dir, what, "data.hr_range")
         lr_dir = lr_dirs[i] if lr_dirs else None
         if lr_dir is not None and not os.path.isdir(lr_dir):
             raise DataError(f"{what}: {lr_dir}: no such LR folder")

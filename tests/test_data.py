@@ -1014,3 +1014,115 @@ def test_image_folders_and_the_cache_given_as_urls_are_one_line_at_setup():
         assert str(e.value) == f"data.{key} {url}: a URL, but this takes a local path only ({advice})"
     cfg = data.DataConfig.from_config({"source": "tfds", "tfds_data_dir": "gs://bucket/tfds"}, scale=2)
     assert cfg.tfds_data_dir == "gs://bucket/tfds"  # TFDS reads it
+
+
+def _edsr_div2k(root, numbers, scale=2):
+    """EDSR's DIV2K layout: DIV2K_train_HR/0001.png.. (valid images merged in) and
+    DIV2K_train_LR_bicubic/X<s>/0001x<s>.png..; HR of image n is coordinate-coded with tag n, LR its every s-th
+    pixel."""
+    hr_dir, lr_dir = root / "DIV2K_train_HR", root / "DIV2K_train_LR_bicubic"
+    for n in numbers:
+        hr = coordinate_image(32 + 2 * n, 40, tag=n)
+        write_image(hr_dir / f"{n:04d}.png", hr)
+        write_image(lr_dir / f"X{scale}" / f"{n:04d}x{scale}.png", hr[::scale, ::scale])
+    return str(hr_dir), str(lr_dir)
+
+
+def test_hr_range_and_val_range_split_one_div2k_folder_as_edsr_s_data_range(tmp_path):
+    """EDSR's --data_range 1-800/801-810 on its one DIV2K folder: every file of data.hr_dirs was trained on, the
+    validation images too, and val_dir could not take 801-810 of that folder (its first files were the training
+    images). Ranges are by the file name's number; each LR file is the one of the same number after the filter."""
+    hr_dir, lr_dir = _edsr_div2k(tmp_path, range(1, 8))
+    write_image(tmp_path / "DIV2K_train_HR" / "readme.png", coordinate_image(40, 40, 99))  # not a number: left out
+    cfg = config(2, source="folder", hr_dirs=hr_dir, lr_dirs=lr_dir, hr_range="2-4", val_source="folder",
+                 val_dir=hr_dir, val_lr_dir=lr_dir, val_range=" 6 - 7", patch_size=8, cache_dir=str(tmp_path / "c"))
+    assert (cfg.hr_range, cfg.val_range) == (((2, 4),), (6, 7))
+    pairs = data.training_pairs(cfg)
+    assert [os.path.basename(n) for n in pairs.names] == ["0002.png", "0003.png", "0004.png"]
+    for i, n in enumerate((2, 3, 4)):
+        hr, lr = np.asarray(pairs[i]["hr"]), np.asarray(pairs[i]["lr"])
+        assert hr.shape == (32 + 2 * n, 40, 3) and (hr[..., 2] == n).all() and (lr[..., 2] == n).all()
+        np.testing.assert_array_equal(lr, hr[::2, ::2])
+    val = data.validation_images(cfg)
+    assert [p.name for p in val] == ["0006", "0007"]
+    for p, n in zip(val, (6, 7)):
+        assert (p.hr[..., 2] == n).all()
+        np.testing.assert_array_equal(p.lr, p.hr[::2, ::2])
+    # one range per HR folder, an empty one for a whole folder (DIV2K 1-800 then all of Flickr2K)
+    other = tmp_path / "Flickr2K"
+    for n in (1, 2):
+        write_image(other / f"{n:06d}.png", coordinate_image(40, 40, 50 + n))
+    cfg = config(2, source="folder", hr_dirs=f"{hr_dir},{other}", hr_range="1-2,", patch_size=8,
+                 cache_dir=str(tmp_path / "c"))
+    assert cfg.hr_range == ((1, 2), None)
+    assert [os.path.relpath(n, tmp_path) for n in data.training_pairs(cfg).names] == [
+        "DIV2K_train_HR/0001.png", "DIV2K_train_HR/0002.png", "Flickr2K/000001.png", "Flickr2K/000002.png"]
+
+
+def test_image_ranges_that_are_malformed_overlap_or_match_nothing_are_one_line(tmp_path):
+    hr_dir, lr_dir = _edsr_div2k(tmp_path, (801, 802, 803))
+    folder = {"source": "folder", "hr_dirs": hr_dir, "cache_dir": str(tmp_path / "c"), "patch_size": 8}
+    for given, message in (
+            ({"hr_range": "1-800/801-810"}, "data.hr_range '1-800/801-810' is not a range of image numbers: give "
+             "'FIRST-LAST' (both included, e.g. '1-800') or 'N'; EDSR's --data_range 1-800/801-810 is "
+             "data.hr_range='1-800' and data.val_range='801-810'"),
+            ({"hr_range": "800-1"}, "data.hr_range '800-1' is empty: its first number, 800, is above its last, 1"),
+            ({"val_source": "folder", "val_dir": hr_dir, "hr_range": "801", "val_range": "0x10"},
+             "data.val_range '0x10' is not a range of image numbers: give 'FIRST-LAST' (both included, e.g. '1-800') "
+             "or 'N'"),
+            ({"hr_range": "1-800,"}, "data.hr_range gives 2 ranges for the 1 folders of data.hr_dirs: give one per "
+             "folder, comma-separated, an empty one for a whole folder (e.g. '1-800,')"),
+            ({"source": "demo", "hr_dirs": "", "hr_range": "1-800"},
+             "data.hr_range is set but nothing reads it: data.source is 'demo'; set --config.data.source=folder to "
+             "train on it"),
+            ({"val_range": "801-810"}, "data.val_range is set but nothing reads it: data.val_source is 'demo'"),
+            # the same folder through another spelling of its path: still the training images
+            ({"val_source": "folder", "val_dir": hr_dir + "/", "hr_range": "1-801", "val_range": "801-810"},
+             f"data.val_dir {hr_dir}/ is also a training folder (data.hr_dirs) and data.val_range 801-810 overlaps "
+             "data.hr_range 1-801 there: the run would validate on images it trains on"),
+            ({"val_source": "folder", "val_dir": hr_dir},
+             f"data.val_dir {hr_dir} is also a training folder (data.hr_dirs) and data.hr_range takes the whole "
+             "folder: the run would validate on images it trains on"),
+            ({"val_source": "folder", "val_dir": hr_dir, "hr_range": "801"},
+             f"data.val_dir {hr_dir} is also a training folder (data.hr_dirs) and data.val_range takes the whole "
+             "folder: the run would validate on images it trains on"),
+            ({"hr_range": "1-800/801-", "val_range": ""},
+             "data.hr_range '1-800/801-' is not a range of image numbers: give 'FIRST-LAST' (both included, e.g. "
+             "'1-800') or 'N'")):
+        with pytest.raises(ValueError) as e:
+            config(4, **{**folder, **given})
+        disjoint = "; give disjoint ranges, e.g. data.hr_range='1-800' and data.val_range='801-810' for DIV2K"
+        assert str(e.value) == (message + disjoint if message.endswith("trains on") else message)
+    cfg = config(4, **folder, hr_range="1-800", lr_dirs=lr_dir)
+    with pytest.raises(sources.DataError) as e:
+        data.training_pairs(cfg)
+    assert str(e.value) == (f"training images: data.hr_range 1-800 matches no image in {hr_dir} (its 3 numbered "
+                            "images are 801-803)")
+    cfg = config(4, val_source="folder", val_dir=hr_dir, val_lr_dir=lr_dir, val_range="900")
+    with pytest.raises(sources.DataError) as e:
+        data.validation_images(cfg)
+    assert str(e.value) == (f"validation images (folder): data.val_range 900 matches no image in {hr_dir} (its 3 "
+                            "numbered images are 801-803)")
+
+
+def test_an_image_range_gives_every_process_the_same_images(tmp_path):
+    """Each process filters the folder alike: the global batches are the one-process ones, cut only from the
+    range's images, and every process's ImageList (which the trainer compares) is that of a folder holding only
+    those images."""
+    for n in range(1, 9):  # constant images: a patch's value says which image it came from
+        write_image(tmp_path / "HR" / f"{n:04d}.png", np.full((40, 48, 3), 20 * n, np.uint8))
+        if 3 <= n <= 6:
+            write_image(tmp_path / "only" / f"{n:04d}.png", np.full((40, 48, 3), 20 * n, np.uint8))
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), hr_range="3-6", patch_size=8,
+                 cache_dir=str(tmp_path / "c"))
+    one = data.train_iterator(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1)
+    batches = take(one, 4)
+    assert {int(v) // 20 for b in batches for v in b["hr"][:, 0, 0, 0]} == {3, 4, 5, 6}
+    only = config(2, source="folder", hr_dirs=str(tmp_path / "only"), patch_size=8, cache_dir=str(tmp_path / "c"))
+    assert one.images == data.train_iterator(only, global_batch_size=8, seed=0, process_index=0,
+                                             process_count=1).images
+    parts = [data.train_iterator(cfg, global_batch_size=8, seed=0, process_index=i, process_count=2) for i in (0, 1)]
+    assert parts[0].images == parts[1].images == one.images
+    got = [take(p, 4) for p in parts]
+    for k in range(4):
+        assert_batches_equal([{key: np.concatenate([g[k][key] for g in got]) for key in ("lr", "hr")}], [batches[k]])
