@@ -191,6 +191,7 @@ class Pair:
     lr_missing_from: str | None = None  # an LR_bicubic folder that lacked this image's LR file (LR made instead)
     hr_orientation: int = 1  # the HR file's EXIF orientation tag, to line up an LR file written without it
     lr_error: str | None = None  # the LR_bicubic folder could not be listed: raised (FolderError) when lr is read
+    set_names: tuple[str, ...] = ()  # the set's image names, where known (--sr_dir: a_b_EDSR_x4.png is a_b's, not a's)
 
     @functools.cached_property
     def lr(self) -> np.ndarray:

@@ -9,12 +9,15 @@ holding `HR/` and optionally `LR_bicubic/X<s>/`, or the HR images themselves), r
 `--sr_dir` holds another method's SR images in one of three layouts: ours, `<dataset>/x<scale>/<HR file name>`
 (what `--save_images` writes under `<output>/images/`); EDSR-PyTorch's `results-<dataset>/<name>_x<scale>_SR.png`;
 or BasicSR's `<dataset>/<name>_<suffix>.png`, its suffix naming the scale (`EDSR_Mx4_...`); see
-`upscalers.sr_dir_upscaler`.
+`upscalers.sr_dir_upscaler`. An SR image the size of HR cropped to a multiple of 12 (BasicSR's GTmod12 sets) is
+scored against HR cropped so, with a note. `--save_images` removes the images an earlier run left in a set's
+`x<scale>` folder that this run did not write, with a note: the folder holds one run's images.
 From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, config, ...)`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging as std_logging
 import os
@@ -30,7 +33,8 @@ from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inferenc
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 from rnan_jax.report import Evaluation, ImageScore
-from rnan_jax.upscalers import MissingFolderError, Upscaler, bicubic_upscaler, model_upscaler, sr_dir_upscaler
+from rnan_jax.upscalers import (GT_MOD, MissingFolderError, Upscaler, bicubic_upscaler, gt_mod_shape, model_upscaler,
+                                sr_dir_upscaler)
 
 DEFAULT_DATASETS = ("Set5", "Set14", "B100", "Urban100")
 DEFAULT_SCALES = (2, 3, 4)
@@ -78,7 +82,9 @@ def evaluate(
     `Evaluation.skipped` with its name, and the rest goes on; a set that lost images that way has no score
     in `Evaluation.summary()` unless `allow_incomplete`. `datasets` may be one string ("Set5" or "Set5,Set14"),
     `scales` one integer. With `save_dir`, SR images are written to
-    `<save_dir>/<dataset>/x<scale>/<name>.png`.
+    `<save_dir>/<dataset>/x<scale>/<name>.png`, and the .png files an earlier run left in a folder of a set and
+    scale this run scored, that this run did not write (images it skipped, or never reached when stopped), are
+    removed with a warning: the folder holds one run's images, for `--sr_dir` to score.
     """
     if isinstance(datasets, str):  # "Set5" was scored as the sets S, e, t and 5; "Set5,Set14" as --datasets takes
         datasets = _parse_list(datasets)
@@ -114,7 +120,7 @@ class Interrupted(KeyboardInterrupt):
 
 def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[str], scales: list[int], data_dir: str,
                 save_dir: str | None, progress: bool) -> None:
-    rounded_y = evaluation.rounded_y
+    save_root = save_dir  # save_dir is None once saving failed (a full disk); the folders are still cleaned up
     for entry in dict.fromkeys(datasets):
         dataset = benchmark_sets.set_name(entry)
         if dataset in evaluation.listed:
@@ -128,56 +134,109 @@ def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[st
             continue
         files = _one_per_name(files, dataset, evaluation)
         evaluation.listed[dataset] = len(files)
-        missing_folders: set[int] = set()  # scales whose SR folder is missing: said once, not per image
-        made_lr: dict[int, list[str]] = {}  # scale -> images whose LR_bicubic file was missing, so made
-        if (message := benchmark_sets.completeness_warning(dataset, len(files))) is not None:
-            _warn(evaluation, message)
-        bar = tqdm(files, desc=dataset, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        for path in bar:
-            try:
-                hr = images.decode(path).pixels
-            except images.ImageError as e:
-                _skip(evaluation, f"{dataset}: {e}")
+        saved: set[tuple[int, str]] = set()  # (scale, name) of the SR images this run wrote
+        try:
+            save_dir = _score_set(evaluation, upscale, dataset, files, scales, save_dir, progress, saved)
+        finally:  # also when stopped: what an earlier run left of the images not reached is not this run's
+            if save_root is not None:
+                _remove_stale_images(evaluation, save_root, dataset, scales, saved,
+                                     {benchmark_sets.image_name(f) for f in files})
+
+
+def _score_set(evaluation: Evaluation, upscale: Upscaler, dataset: str, files: list[str], scales: list[int],
+               save_dir: str | None, progress: bool, saved: set[tuple[int, str]]) -> str | None:
+    """Scores one set's `files`; adds each SR image written to `saved`. Returns `save_dir`, None once saving failed."""
+    rounded_y = evaluation.rounded_y
+    set_names = tuple(benchmark_sets.image_name(f) for f in files)
+    missing_folders: set[int] = set()  # scales whose SR folder is missing: said once, not per image
+    made_lr: dict[int, list[str]] = {}  # scale -> images whose LR_bicubic file was missing, so made
+    gt_mod: dict[int, list[str]] = {}  # scale -> images whose SR image is HR cropped to a multiple of 12 (BasicSR's)
+    if (message := benchmark_sets.completeness_warning(dataset, len(files))) is not None:
+        _warn(evaluation, message)
+    bar = tqdm(files, desc=dataset, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for path in bar:
+        try:
+            hr = images.decode(path).pixels
+        except images.ImageError as e:
+            _skip(evaluation, f"{dataset}: {e}")
+            continue
+        for scale in scales:
+            if scale in missing_folders:
                 continue
-            for scale in scales:
-                if scale in missing_folders:
-                    continue
+            try:
+                pair = benchmark_sets.make_pair(dataset, path, hr, scale)
+                pair.set_names = set_names
+                with _inference_warnings() as notes:  # windows instead of the whole image: in the report
+                    score, sr = _score_one(upscale, pair, path, rounded_y)
+                evaluation.warnings += [f"{dataset} x{scale} {pair.name}: {note}" for note in notes]
+            except (MissingFolderError, benchmark_sets.FolderError) as e:  # said once for the set
+                missing_folders.add(scale)
+                _skip(evaluation, f"{dataset} x{scale}: {e}")
+                continue
+            except (images.ImageError, ValueError, OSError) as e:
+                _skip(evaluation, f"{dataset} x{scale}: {e}")
+                continue
+            if save_dir is not None:
                 try:
-                    pair = benchmark_sets.make_pair(dataset, path, hr, scale)
-                    with _inference_warnings() as notes:  # windows instead of the whole image: in the report
-                        score, sr = _score_one(upscale, pair, path, rounded_y)
-                    evaluation.warnings += [f"{dataset} x{scale} {pair.name}: {note}" for note in notes]
-                except (MissingFolderError, benchmark_sets.FolderError) as e:  # said once for the set
-                    missing_folders.add(scale)
-                    _skip(evaluation, f"{dataset} x{scale}: {e}")
-                    continue
-                except (images.ImageError, ValueError, OSError) as e:
-                    _skip(evaluation, f"{dataset} x{scale}: {e}")
-                    continue
-                if save_dir is not None:
-                    try:
-                        images.write_image(os.path.join(save_dir, pair.dataset, f"x{scale}", f"{pair.name}.png"), sr)
-                    except OSError as e:  # a full disk: said once; the scores are what was asked for
-                        _warn(evaluation, f"cannot save SR images in {save_dir} ({e.strerror or e}, at {dataset} "
-                              f"x{scale} {pair.name}); scoring goes on without saving them")
-                        save_dir = None
-                if pair.lr_missing_from is not None and "lr" in vars(pair):  # made only when read: not by --sr_dir
-                    made_lr.setdefault(scale, []).append(pair.name)
-                evaluation.scores.append(score)
-                bar.set_postfix_str(f"x{scale} {score.name} {score.psnr:.2f} dB", refresh=False)
-        bar.close()
-        for scale in scales:  # the mean of an infinite PSNR is inf, the set's score in the table: say why
-            exact = [s.name for s in evaluation.scores if s.dataset == dataset and s.scale == scale and
-                     np.isinf(s.psnr)]
-            if exact:
-                _warn(evaluation, f"{dataset} x{scale}: {len(exact)} image(s) reproduced exactly ("
-                      f"{', '.join(exact[:5])}{', ...' if len(exact) > 5 else ''}): PSNR inf (MSE 0, the field's "
-                      "value), so the set's mean PSNR is inf too; each image's is in the per-image scores")
-        for scale, names in made_lr.items():
-            folder = benchmark_sets.lr_folder(files[0], scale)
-            _warn(evaluation, f"{dataset} x{scale}: {folder} lacks the LR file of {len(names)} of {len(files)} "
-                  f"images ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); made with MATLAB bicubic "
-                  "from HR instead")
+                    images.write_image(os.path.join(save_dir, pair.dataset, f"x{scale}", f"{pair.name}.png"), sr)
+                    saved.add((scale, pair.name))
+                except OSError as e:  # a full disk: said once; the scores are what was asked for
+                    _warn(evaluation, f"cannot save SR images in {save_dir} ({e.strerror or e}, at {dataset} "
+                          f"x{scale} {pair.name}); scoring goes on without saving them")
+                    save_dir = None
+            if pair.lr_missing_from is not None and "lr" in vars(pair):  # made only when read: not by --sr_dir
+                made_lr.setdefault(scale, []).append(pair.name)
+            if (score.height, score.width) != pair.hr.shape[:2]:
+                gt_mod.setdefault(scale, []).append(pair.name)
+            evaluation.scores.append(score)
+            bar.set_postfix_str(f"x{scale} {score.name} {score.psnr:.2f} dB", refresh=False)
+    bar.close()
+    for scale in scales:  # the mean of an infinite PSNR is inf, the set's score in the table: say why
+        exact = [s.name for s in evaluation.scores if s.dataset == dataset and s.scale == scale and
+                 np.isinf(s.psnr)]
+        if exact:
+            _warn(evaluation, f"{dataset} x{scale}: {len(exact)} image(s) reproduced exactly ("
+                  f"{', '.join(exact[:5])}{', ...' if len(exact) > 5 else ''}): PSNR inf (MSE 0, the field's "
+                  "value), so the set's mean PSNR is inf too; each image's is in the per-image scores")
+    for scale, names in made_lr.items():
+        folder = benchmark_sets.lr_folder(files[0], scale)
+        _warn(evaluation, f"{dataset} x{scale}: {folder} lacks the LR file of {len(names)} of {len(files)} "
+              f"images ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); made with MATLAB bicubic "
+              "from HR instead")
+    for scale, names in gt_mod.items():
+        _warn(evaluation, f"{dataset} x{scale}: the SR images of {len(names)} of {len(files)} images ("
+              f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) are the HR image cropped to a multiple of "
+              f"{GT_MOD} (BasicSR's GTmod12 test sets): scored against HR cropped so at its top-left (BasicSR's "
+              f"mod_crop), as BasicSR scores them, not against HR cropped to a multiple of {scale}")
+    return save_dir
+
+
+def _remove_stale_images(evaluation: Evaluation, save_dir: str, dataset: str, scales: list[int],
+                         saved: set[tuple[int, str]], names: set[str]) -> None:
+    """Removes the `<name>.png` files of `<save_dir>/<dataset>/x<scale>/` (`name` one of the set's image `names`, as
+    --save_images names them) that this run did not write (`saved`): an earlier run's images of the images this one
+    skipped or did not reach, which `--sr_dir` would score beside this run's (two models' images as one set, with no
+    word of it). A warning names them. Files named otherwise (another tool's) are never touched."""
+    for scale in scales:
+        folder = os.path.join(save_dir, dataset, f"x{scale}")
+        try:
+            stale = sorted(f for f in os.listdir(folder) if f.endswith(".png") and os.path.splitext(f)[0] in names
+                           and (scale, os.path.splitext(f)[0]) not in saved
+                           and os.path.isfile(os.path.join(folder, f)))
+        except OSError:  # no such folder: nothing saved there, by this run or another
+            continue
+        removed = []
+        for f in stale:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, f))
+                removed.append(f)
+        if removed:
+            _warn(evaluation, f"{dataset} x{scale}: removed {len(removed)} SR image(s) an earlier run saved in {folder}"
+                  f" that this run did not write ({', '.join(removed[:5])}{', ...' if len(removed) > 5 else ''}): "
+                  "the folder holds this run's images only")
+        if len(removed) < len(stale):
+            _warn(evaluation, f"{dataset} x{scale}: cannot remove {len(stale) - len(removed)} SR image(s) an earlier "
+                  f"run saved in {folder} that this run did not write: the folder holds two runs' images")
 
 
 class _Notes(std_logging.Handler):
@@ -202,10 +261,13 @@ def _inference_warnings() -> Iterator[list[str]]:
 
 
 def _score_one(upscale: Upscaler, pair: Pair, path: str, rounded_y: bool) -> tuple[ImageScore, np.ndarray]:
-    """The image's score and its SR image."""
+    """The image's score and its SR image. An SR image of HR cropped to a multiple of 12 (`gt_mod_shape`) is scored
+    against HR cropped so; its score's height and width say so."""
     sr = np.asarray(upscale(pair))
     if sr.dtype != np.uint8:
         raise ValueError(f"{path}: the SR function returned {sr.dtype}, expected uint8")
+    if sr.shape[:2] != pair.hr.shape[:2] and sr.shape[:2] == gt_mod_shape(pair):  # BasicSR's GTmod12 output:
+        pair = dataclasses.replace(pair, hr=pair.hr[: sr.shape[0], : sr.shape[1]])  # scored as BasicSR does
     if sr.shape[:2] != pair.hr.shape[:2]:
         raise ValueError(
             f"{path}: SR image is {sr.shape[1]}x{sr.shape[0]}, the HR image cropped to a multiple of {pair.scale} "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -95,12 +95,16 @@ def _image_stems(folder: str) -> dict[str, str]:
     return by_stem
 
 
-def _suffixed(folder: str, name: str, scale: int, *, scale_in_folder: bool) -> list[str]:
+def _suffixed(folder: str, name: str, scale: int, *, scale_in_folder: bool, others: Sequence[str] = ()) -> list[str]:
     """Files `<name>_<suffix>.*` (BasicSR's `<LQ name>_<val.suffix or experiment name>`; also after an LQ name
     `<name>x<s>`) in `folder`: in a scale's own folder, a suffix that names no other scale; in a set's folder
-    (`scale_in_folder` false), one that names this scale and no other. Never an LR, HR, GT or LQ copy."""
+    (`scale_in_folder` false), one that names this scale and no other. Never an LR, HR, GT or LQ copy, nor the file
+    of a longer image name of `others` (the set's names): `a_b_EDSR_x4.png` is image a_b's, not a's."""
+    longer = [o for o in others if len(o) > len(name)]
     found = []
     for stem, path in _image_stems(folder).items():
+        if any(stem == o or stem.startswith((f"{o}_", f"{o}x{scale}")) for o in longer):
+            continue
         for prefix in (f"{name}_", f"{name}x{scale}_"):
             if not stem.startswith(prefix) or len(stem) == len(prefix):
                 continue
@@ -111,6 +115,19 @@ def _suffixed(folder: str, name: str, scale: int, *, scale_in_folder: bool) -> l
             found.append(path)
             break
     return found
+
+
+# BasicSR's test sets (Set5/GTmod12, ...) crop HR to a multiple of 12 before making LR: their SR images are that size
+GT_MOD = 12
+
+
+def gt_mod_shape(pair: Pair) -> tuple[int, int] | None:
+    """(H, W) of `pair.hr` cropped to a multiple of `GT_MOD` at its top-left (BasicSR's `mod_crop`, what its SR images
+    of a GTmod12 set measure) when that is another size that can be scored at the pair's scale, else None."""
+    h, w = pair.hr.shape[0] // GT_MOD * GT_MOD, pair.hr.shape[1] // GT_MOD * GT_MOD
+    if GT_MOD % pair.scale or (h, w) == pair.hr.shape[:2] or min(h, w) < benchmark_sets.min_side(pair.scale):
+        return None
+    return h, w
 
 
 def _says_scale(folder: str, scale: int) -> bool:
@@ -126,11 +143,12 @@ def sr_dir_upscaler(sr_dir: str) -> Upscaler:
     with a suffix that names no other scale, in a set folder with one that names this scale (BasicSR's
     experiment names do: EDSR_Mx4_...): a file that could be another scale's is never taken. The set's folder may
     have its other names (B100, BSD100, BSDS100). Two files that fit are refused, naming both; a file that is not
-    the size of the cropped HR image is refused, naming the file."""
+    the size of the cropped HR image is refused, naming the file, unless it is the size of HR cropped to a multiple
+    of 12 (`gt_mod_shape`: BasicSR's GTmod12 sets), which `evaluate` scores against HR cropped so."""
 
     def read(path: str, pair: Pair) -> np.ndarray:
         sr = images.decode(path).pixels
-        if sr.shape[:2] != pair.hr.shape[:2]:
+        if sr.shape[:2] != pair.hr.shape[:2] and sr.shape[:2] != gt_mod_shape(pair):
             h, w = pair.hr.shape[:2]
             raise images.ImageError(
                 f"{path}: SR image is {sr.shape[1]}x{sr.shape[0]}, expected {w}x{h} (the HR image cropped "
@@ -147,9 +165,11 @@ def sr_dir_upscaler(sr_dir: str) -> Upscaler:
         for folder in set_folders:  # no scale folder between: only a name that says the scale
             if (path := images.find_image(folder, stems[1:])) is not None:
                 return read(path, pair)
-        for candidates in ([p for f in folders for p in _suffixed(f, pair.name, pair.scale, scale_in_folder=True)],
-                           [p for f in set_folders for p in _suffixed(f, pair.name, pair.scale,
-                                                                      scale_in_folder=False)]):
+        others = pair.set_names
+        for candidates in ([p for f in folders for p in _suffixed(f, pair.name, pair.scale, scale_in_folder=True,
+                                                                  others=others)],
+                           [p for f in set_folders for p in _suffixed(f, pair.name, pair.scale, scale_in_folder=False,
+                                                                      others=others)]):
             if len(candidates) == 1:
                 return read(candidates[0], pair)
             if candidates:
@@ -163,8 +183,13 @@ def sr_dir_upscaler(sr_dir: str) -> Upscaler:
             hint = (f"; {unscaled[0][0]} holds {len(unscaled)} image(s) whose names say no scale (e.g. "
                     f"{os.path.basename(unscaled[0][1])}): if they are x{pair.scale}'s, put them in "
                     f"{os.path.join(unscaled[0][0], f'x{pair.scale}')}" if unscaled else "")
+            where = f"{expected}: no such folder (no SR images of {pair.dataset} at x{pair.scale}"
+            if set_folders and set_folders[0] != os.path.join(sr_dir, pair.dataset):  # results-BSD100, BSDS100:
+                # the folder the user has is named, not a <dataset>/x<scale> that is not there
+                where = (f"{set_folders[0]}: no SR images of {pair.dataset} at x{pair.scale} there (no "
+                         f"x{pair.scale} folder, no file name saying x{pair.scale}")
             raise MissingFolderError(
-                f"{expected}: no such folder (no SR images of {pair.dataset} at x{pair.scale}; expected "
+                f"{where}; expected "
                 f"{sr_dir}/<dataset>/x<scale>/<HR file name>, or EDSR's {sr_dir}/results-<dataset>/"
                 f"<name>_x<scale>_SR.png, or BasicSR's {sr_dir}/<dataset>/<name>_<suffix naming x<scale>>.png"
                 f"{hint})")

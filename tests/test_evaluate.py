@@ -810,8 +810,9 @@ def test_sr_dir_finds_edsr_and_basicsr_layouts_and_never_another_scales_file(tmp
         assert [(s.name, s.psnr, s.ssim) for s in got.scores if s.scale == scale] == expected(scale)
     got = evaluate_sr_dir(str(tmp_path / "basicsr"), ["B100"], (2, 3, 4), data_dir=root, progress=False)
     assert [(s.name, s.psnr, s.ssim) for s in got.scores] == expected(4)
-    assert len(got.skipped) == 2 and all(m.startswith(f"B100 x{s}: {tmp_path}/basicsr/B100/x{s}: no such folder (")
-                                         for m, s in zip(got.skipped, (2, 3))), got.skipped
+    assert len(got.skipped) == 2 and all(
+        m.startswith(f"B100 x{s}: {tmp_path}/basicsr/BSDS100: no SR images of B100 at x{s} there (")
+        for m, s in zip(got.skipped, (2, 3))), got.skipped
     assert "BasicSR's" in got.skipped[0] and "results-<dataset>" in got.skipped[0]
 
     # BasicSR's images in a scale's folder (RCAN's published results are so too); two that fit are refused
@@ -855,3 +856,114 @@ def test_report_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch)
     assert json.load(open(os.path.join(out, "results.json")))["Set5"]["x2"]["images"] == 2
     assert "Set5 ×2" in open(os.path.join(out, "results.md")).read()
     assert len(open(os.path.join(out, "per_image.csv")).read().splitlines()) == 3
+
+
+def test_saved_images_are_one_runs_set_and_a_stale_one_is_removed_with_a_note(tmp_path):
+    """A second --save_images run into the same --output kept the first run's images of those it skipped (or never
+    reached, stopped): --sr_dir OUT/images then scored two models' images as one set, with no word of it."""
+    from rnan_jax.evaluate import Interrupted, evaluate
+
+    root, saved = str(tmp_path), str(tmp_path / "out" / "images")
+    hr_dir = _hr_dir(root, "Mine")
+    hrs = {"a": _rgb(30, 30), "b": _rgb(30, 30, top=200), "c": _rgb(30, 30, left=60)}
+    for name, hr in hrs.items():
+        Image.fromarray(hr).save(os.path.join(hr_dir, f"{name}.png"))
+    first = evaluate_bicubic(["Mine"], (2,), data_dir=root, save_dir=saved, progress=False)
+    assert len(first.scores) == 3 and first.warnings == []
+
+    def second_model(pair):  # another model, which fails on b
+        if pair.name == "b":
+            raise ValueError("b: out of memory")
+        return _noisy(pair.hr, 1)
+
+    folder = os.path.join(saved, "Mine", "x2")
+    Image.fromarray(hrs["a"]).save(os.path.join(folder, "a_RCAN_x2.png"))  # another tool's file: never removed
+    second = evaluate(second_model, ["Mine"], (2,), data_dir=root, save_dir=saved, progress=False, method="two")
+    assert sorted(os.listdir(folder)) == ["a.png", "a_RCAN_x2.png", "c.png"]
+    os.remove(os.path.join(folder, "a_RCAN_x2.png"))
+    assert (f"Mine x2: removed 1 SR image(s) an earlier run saved in {folder} that this run did not write (b.png): "
+            "the folder holds this run's images only") in second.warnings
+    rescored = evaluate_sr_dir(saved, ["Mine"], (2,), data_dir=root, progress=False, allow_incomplete=True)
+    assert rescored.scores == second.scores and [s.name for s in rescored.scores] == ["a", "c"]
+    assert rescored.skipped == [f"Mine x2: {folder}: no SR image of b (looked for b.*, b_x2_SR.*, bx2.*, b_x2.*)"]
+
+    def stopped_at_b(pair):  # Ctrl-C at b: c's image of the second run is not this run's either
+        if pair.name == "b":
+            raise KeyboardInterrupt
+        return _noisy(pair.hr, 2)
+
+    with pytest.raises(Interrupted) as stopped:
+        evaluate(stopped_at_b, ["Mine"], (2,), data_dir=root, save_dir=saved, progress=False, method="three")
+    assert sorted(os.listdir(folder)) == ["a.png"]
+    assert f"Mine x2: removed 1 SR image(s) an earlier run saved in {folder} that this run did not write (c.png)" \
+        in "\n".join(stopped.value.evaluation.warnings)
+    assert np.array_equal(np.asarray(Image.open(os.path.join(folder, "a.png"))), _noisy(hrs["a"], 2))
+
+
+def test_sr_dir_takes_the_file_of_a_longer_image_name_for_that_image_only(tmp_path):
+    """With images a and a_b in a set, a_b's SR file (a_b_<suffix>.png, or our a_b.png in a scale's folder) was
+    taken by prefix as a's where a's was missing (a_b's pixels scored as a's), and refused as "2 files could be" a's
+    where both were there."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Mine")
+    hrs = {"a": _rgb(48, 48), "a_b": _rgb(48, 48, top=200, left=60)}
+    for name, hr in hrs.items():
+        Image.fromarray(hr).save(os.path.join(hr_dir, f"{name}.png"))
+    sr = {name: _noisy(hr, i) for i, (name, hr) in enumerate(hrs.items())}
+    basicsr, ours = tmp_path / "basicsr" / "Mine", tmp_path / "ours" / "Mine" / "x4"
+    basicsr.mkdir(parents=True)
+    ours.mkdir(parents=True)
+    Image.fromarray(sr["a_b"]).save(basicsr / "a_b_EDSR_Mx4.png")
+    Image.fromarray(sr["a_b"]).save(ours / "a_b.png")
+    for where, layout in ((basicsr, "basicsr"), (ours, "ours")):
+        got = evaluate_sr_dir(str(tmp_path / layout), ["Mine"], (4,), data_dir=root, progress=False,
+                              allow_incomplete=True)
+        assert [s.name for s in got.scores] == ["a_b"], layout
+        assert got.scores[0].psnr == pytest.approx(metrics.psnr_y(sr["a_b"], hrs["a_b"], 4), abs=1e-12)
+        assert len(got.skipped) == 1 and got.skipped[0].startswith(f"Mine x4: {where}: no SR image of a ")
+    Image.fromarray(sr["a"]).save(basicsr / "a_EDSR_Mx4.png")  # both: each image its own file
+    got = evaluate_sr_dir(str(tmp_path / "basicsr"), ["Mine"], (4,), data_dir=root, progress=False)
+    assert got.skipped == []
+    assert [(s.name, s.psnr) for s in got.scores] == [
+        (n, pytest.approx(metrics.psnr_y(sr[n], hrs[n], 4), abs=1e-12)) for n in hrs]
+
+
+def test_sr_images_of_basicsrs_gtmod12_sets_are_scored_against_hr_cropped_so(tmp_path):
+    """BasicSR's outputs on its GTmod12 sets (HR cropped to a multiple of 12 before the LR was made: up to 11 px
+    smaller than HR cropped to a multiple of the scale) were refused by size. They are scored as BasicSR scores them
+    (HR cropped to a multiple of 12 at its top-left, its mod_crop), with a note; another size is still refused."""
+    root = str(tmp_path)
+    hr_dir = _hr_dir(root, "Set5")
+    hrs = {"baby": _rgb(50, 53), "bird": _rgb(38, 40, top=200, left=60)}  # x4: 48x52 and 36x40; mod 12: 48x48, 36x36
+    for name, hr in hrs.items():
+        Image.fromarray(hr).save(os.path.join(hr_dir, f"{name}.png"))
+    out = tmp_path / "basicsr" / "Set5"
+    out.mkdir(parents=True)
+    sr = {"baby": _noisy(hrs["baby"][:48, :48], 0), "bird": _noisy(hrs["bird"][:36, :36], 1)}
+    for name, pixels in sr.items():
+        Image.fromarray(pixels).save(out / f"{name}_EDSR_Mx4_f64b16_DIV2K.png")
+    got = evaluate_sr_dir(str(tmp_path / "basicsr"), ["Set5"], (4,), data_dir=root, progress=False)
+    assert got.skipped == []
+    assert [(s.name, s.height, s.width, s.psnr, s.ssim) for s in got.scores] == [
+        (n, *sr[n].shape[:2], pytest.approx(metrics.psnr_y(sr[n], hrs[n][:h, :w], 4), abs=1e-12),
+         pytest.approx(metrics.ssim_y(sr[n], hrs[n][:h, :w], 4), abs=1e-12))
+        for n, (h, w) in ((n, sr[n].shape[:2]) for n in hrs)]
+    assert ("Set5 x4: the SR images of 2 of 2 images (baby, bird) are the HR image cropped to a multiple of 12 "
+            "(BasicSR's GTmod12 test sets): scored against HR cropped so at its top-left (BasicSR's mod_crop), as "
+            "BasicSR scores them, not against HR cropped to a multiple of 4") in got.warnings
+    Image.fromarray(hrs["bird"][:36, :32]).save(out / "bird_EDSR_Mx4_f64b16_DIV2K.png")  # neither size
+    got = evaluate_sr_dir(str(tmp_path / "basicsr"), ["Set5"], (4,), data_dir=root, progress=False)
+    assert got.skipped == [f"Set5 x4: {out}/bird_EDSR_Mx4_f64b16_DIV2K.png: SR image is 32x36, expected 40x36 (the "
+                           "HR image cropped to a multiple of 4, top-left)"]
+
+
+def test_an_empty_sr_folder_of_a_set_is_named_as_the_user_has_it(tmp_path):
+    """An empty results-BSD100/ in --sr_dir was reported as "<sr_dir>/B100/x2: no such folder", a folder the user
+    never made."""
+    root = str(tmp_path)
+    Image.fromarray(_rgb(30, 30)).save(os.path.join(_hr_dir(root, "B100"), "3096.png"))
+    (tmp_path / "sr" / "results-BSD100").mkdir(parents=True)
+    got = evaluate_sr_dir(str(tmp_path / "sr"), ["B100"], (2,), data_dir=root, progress=False)
+    assert not got.scores and len(got.skipped) == 1
+    assert got.skipped[0].startswith(f"B100 x2: {tmp_path}/sr/results-BSD100: no SR images of B100 at x2 there (no x2 "
+                                     f"folder, no file name saying x2; expected {tmp_path}/sr/<dataset>/x<scale>/")
