@@ -308,6 +308,32 @@ def _read_ppm16(f: BinaryIO, size: tuple[int, int], offset: int, maxval: int) ->
     return a if maxval == 65535 else np.rint(np.minimum(a, maxval) * (65535.0 / maxval)).astype(np.uint16)
 
 
+def _bmp_alpha_tile(im: Image.Image) -> tuple[int, int, int] | None:
+    """(data offset, row stride, row order: -1 bottom-up) of a 32-bit uncompressed (BI_RGB) BMP, whose 4th byte a
+    pixel Pillow drops as unused (RGB); else None."""
+    if im.format != "BMP" or im.mode != "RGB" or im.info.get("compression") != 0 or len(im.tile) != 1:
+        return None
+    codec, _, offset, args = im.tile[0]
+    if codec != "raw" or not isinstance(args, tuple) or len(args) < 3 or args[0] != "BGRX":
+        return None
+    return offset, args[1], args[2]
+
+
+def _read_bmp_alpha(f: BinaryIO, size: tuple[int, int], offset: int, stride: int, order: int) -> np.ndarray | None:
+    """uint8 [H, W]: the 4th byte of each pixel of a 32-bit BI_RGB BMP where it holds alpha (Pillow writes RGBA
+    so, and browsers show it so); None where it is 0 everywhere (unused, as the format says) or 255 everywhere
+    (opaque)."""
+    w, h = size
+    f.seek(offset)
+    data = f.read(stride * h)
+    if len(data) < stride * h or stride < 4 * w:
+        return None
+    alpha = np.frombuffer(data, np.uint8).reshape(h, stride)[:, 3:4 * w:4]
+    if order < 0:
+        alpha = alpha[::-1]
+    return None if not alpha.any() or (alpha == 255).all() else np.ascontiguousarray(alpha)
+
+
 def _with_colour_key(a: np.ndarray, key: int | tuple[int, ...]) -> np.ndarray:
     """16-bit gray [H, W] or RGB [H, W, 3] samples with an alpha channel appended: 0 where the pixel is the PNG
     colour key (tRNS: a gray value, or an RGB triple, compared at full precision), 65535 elsewhere."""
@@ -331,8 +357,8 @@ def decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     viewers show it; Pillow's own conversion ignores the profile). With `high_bit_depth`, a file of more than 8
     bits a sample (16-bit PNG or TIFF, 32-bit integer or float TIFF) gives uint16 pixels and alpha at full
     precision instead; 8-bit files give what they give without it. A PNG's colour key (tRNS) becomes alpha, at 16
-    bits for a 16-bit PNG. A 16-bit TIFF that Pillow reads only at 8 bits (CMYK) is read so, with a warning naming
-    the file.
+    bits for a 16-bit PNG, and so does a 32-bit BMP's 4th byte where it holds alpha (`_read_bmp_alpha`). A 16-bit
+    TIFF that Pillow reads only at 8 bits (CMYK) is read so, with a warning naming the file.
     Raises `ImageError` naming the file for a missing, unreadable, truncated or empty image, and for one of
     more than `max_pixels` pixels (a decompression bomb, or a very large photo: pass a higher limit or None).
     """
@@ -361,6 +387,7 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
             if im.format == "MPO" and frames > 1:
                 frames = _mpo_views(im, frames)
             ppm16 = _ppm16_tile(im)
+            bmp = _bmp_alpha_tile(im)
             deep = _deep_rawmodes(im)
             if deep:  # the explicit byte order (Pillow before 11 cannot unpack 'RGBX;16N' itself)
                 im.tile = [_with_rawmode(t, r) for t, r in zip(im.tile, deep, strict=True)]
@@ -385,6 +412,8 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
             a = np.asarray(im) if ppm16 is None else _read_ppm16(f, im.size, *ppm16)
+            if bmp is not None and (bmp_alpha := _read_bmp_alpha(f, im.size, *bmp)) is not None:
+                a = np.dstack([a, bmp_alpha])  # a 32-bit BMP's alpha, which Pillow reads as an unused byte
         if deep:  # also for 8 bits: rounded from 16 (Pillow truncates) and LA stays gray
             a = _read_deep(path, deep)
         elif 8 < bits < 16 and a.dtype == np.uint16:  # a 10/12/14-bit TIFF: Pillow gives 0..2^bits-1 as I;16,

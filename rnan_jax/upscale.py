@@ -4,8 +4,10 @@
         [--overlap 32] [--self_ensemble] [--which auto|latest|best|ema]
 
 Inputs are image files (anything Pillow reads) or folders (their files with an `images.READABLE_EXTENSIONS`
-extension, GIF included, not hidden ones such as macOS's `._name.png`, not recursing: subfolders holding images
-are named in a note; of an animated file the first frame, with a note). Each `<name>.<ext>` is written as
+extension, GIF included, not recursing: subfolders holding images are named in a note; not hidden ones such as
+macOS's `._name.png`, nor, with a note, upscaled outputs of the folder's other files at any scale: `a_x4.png`
+beside `a.png`, 4 times its size). Of an animated file the first frame is upscaled, with a note; a file that is
+another input under a second name (a link) once, with a note. Each `<name>.<ext>` is written as
 `<output>/<name>_x<scale>.png`: PNG always, so outputs are lossless and keep grayscale, alpha and bit depth,
 and the colour profile (ICC) and resolution (dpi). Gray stays gray; alpha is upscaled with
 MATLAB-style bicubic `imresize`; 16-bit input goes into the model at full precision and comes out as a 16-bit
@@ -15,13 +17,16 @@ that of the nearest visible pixel, so that it does not bleed into the visible ed
 visible pixels come out the same whatever colour was hidden, and an image without fully transparent pixels
 (alpha opaque everywhere) comes out exactly as its colour alone would.
 Inputs that differ only in extension (`a.png`, `a.jpg`) are written as `<name>_<ext>_x<scale>.png`, with a
-note. An input that is where another input's output goes and is that input's size times the scale (an earlier
-run's output, in a rerun with --output the input folder) is not upscaled, with a note, and is replaced. Any other
+note; outputs whose names differ only in case (`a.png`, `A.png` in two folders), one file on a case-insensitive
+disk (macOS, Windows), are refused as one name in two folders is. An input that is where another input's output
+goes and is that input's size times the scale (an earlier run's output, in a rerun with --output the input folder)
+is not upscaled, with a note, and is replaced. Any other
 output path that is one of the inputs is never written (that file is reported as failed), nor is
 one that another input of the same run produces; outputs of earlier runs are replaced, each only once its
 new file is complete. A file that cannot be read, upscaled or written is reported by name in one line and
 the rest go on (a full disk stops the run there, saying how many were not attempted); the exit status is 1
-if any input failed, 2 for an unusable checkpoint or --output.
+if any input failed, 2 for an unusable checkpoint or --output. The parameters read (`--which auto`: those the
+run's validation scored) are named as evaluate names them: `Upscaling with: --checkpoint RUN --which ema`.
 
 `--overlap` defaults to 32 LR pixels, or half of a `--tile` of 64 or less.
 Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR
@@ -36,6 +41,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -52,7 +58,16 @@ from rnan_jax.model import RNANConfig
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """(image files, error messages): folders are replaced by their image files, in order, without repeats."""
-    files, errors, seen = [], [], set()
+    files, errors, _ = expand(inputs)
+    return files, errors
+
+
+def expand(inputs: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """`expand_inputs`, with notes: a folder scan leaves out the files that are upscaled outputs of its other
+    files (`scanned_outputs`) unless they are named as inputs too, and a file that is another input under a second
+    name (a link to it) is upscaled once, under the first name, with a note."""
+    named = {os.path.realpath(p) for p in inputs if not paths.is_url(p) and not os.path.isdir(p)}
+    files, errors, notes, seen, again = [], [], [], {}, {}
     for path in inputs:
         if (error := paths.url_error("input", path)) is not None:  # was "no such file" of an object that is there
             errors.append(error)
@@ -62,11 +77,37 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
         except images.ImageError as e:
             errors.append(str(e))
             continue
+        if os.path.isdir(path):
+            outputs = [f for f in scanned_outputs(found) if os.path.realpath(f) not in named]
+            if outputs:  # `a_x4.png` beside `a.png` (an earlier run's --output was this folder): upscaled again
+                names = [os.path.basename(f) for f in outputs]
+                notes.append(f"{path}: left out {len(names)} file(s) that are upscaled outputs of its other images "
+                             f"(NAME_x<scale>.png, <scale> times NAME's size: {', '.join(names[:5])}"
+                             f"{', ...' if len(names) > 5 else ''}): name them as inputs to upscale them")
+                found = [f for f in found if f not in outputs]
         for f in found:
-            if os.path.realpath(f) not in seen:
-                seen.add(os.path.realpath(f))
+            real = os.path.realpath(f)
+            if real not in seen:
+                seen[real] = f
                 files.append(f)
-    return files, errors
+            elif os.path.abspath(f) != os.path.abspath(seen[real]):  # b.png -> a.png: b_x2.png was never written
+                again.setdefault(os.path.abspath(f), f"{f} (= {seen[real]})")
+    if again:
+        pairs = list(again.values())
+        notes.append(f"{len(pairs)} input(s) are the same file as an earlier one under another name (a link), and "
+                     f"are upscaled once, under the earlier name: {', '.join(pairs[:5])}{', ...' * (len(pairs) > 5)}")
+    return files, errors, notes
+
+
+def scanned_outputs(files: Sequence[str]) -> list[str]:
+    """Those of a folder's `files` that are upscaled outputs of others of them at any scale: named as
+    `output_path` names them in that folder (`a_x4.png`, `a_png_x4.png` of `a.png`), and that file's size
+    times the scale."""
+    scales = {int(m.group(1)) for f in files if (m := re.search(r"_x(\d+)\.png$", os.path.basename(f)))}
+    outputs: set[str] = set()
+    for scale in sorted(s for s in scales if s >= 2):
+        outputs.update(earlier_outputs(files, os.path.dirname(files[0]), scale))
+    return [f for f in files if f in outputs]
 
 
 def _holds_images(folder: str) -> bool:
@@ -152,33 +193,49 @@ def earlier_outputs(files: Sequence[str], output_dir: str, scale: int) -> dict[s
     return earlier
 
 
+def _folded(path: str) -> str:
+    """`path`'s real path with its name case-folded: the file it names on a case-insensitive disk (macOS, Windows,
+    their shares), where `A_x2.png` is `a_x2.png`."""
+    folder, name = os.path.split(os.path.realpath(path))
+    return os.path.join(folder, name.casefold())
+
+
 def plan(files: Sequence[str], output_dir: str, scale: int
          ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """([(input, output)], error messages, notes), refusing any output that is an input or is another input's
-    output. Inputs whose plain outputs would be the same file get their extension in the name (a note each)
-    where that tells them apart (a.png and a.jpg; not a.png in two folders, of which the second is refused).
-    Inputs that are earlier outputs of other inputs (`earlier_outputs`) are left out, with a note."""
+    output, also where the names differ only in case (one file on a case-insensitive disk, which a run on a
+    case-sensitive one may write to). Inputs whose plain outputs would be the same file get their extension in
+    the name (a note each) where that tells them apart (a.png and A.jpg; not a.png in two folders, of which the
+    second is refused). Inputs that are earlier outputs of other inputs (`earlier_outputs`) are left out, with a
+    note."""
     earlier = earlier_outputs(files, output_dir, scale)
     names = list(earlier)
     left_out = [f"left out {len(names)} input(s) that are earlier outputs of other inputs (named after them, "
                 f"{scale}x their size): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"] if names else []
     files = [f for f in files if f not in earlier]
     inputs = {os.path.realpath(f) for f in files}
-    plain = [os.path.realpath(output_path(f, output_dir, scale)) for f in files]
-    extended = [os.path.realpath(output_path(f, output_dir, scale, with_extension=True)) for f in files]
+    folded_inputs = {_folded(f): os.path.realpath(f) for f in reversed(files)}  # the first of each
+    plain = [_folded(output_path(f, output_dir, scale)) for f in files]
+    extended = [_folded(output_path(f, output_dir, scale, with_extension=True)) for f in files]
     plain_uses, extended_uses = collections.Counter(plain), collections.Counter(extended)  # not a scan per file
-    taken: dict[str, str] = {}
+    taken: dict[str, tuple[str, str]] = {}
     jobs, errors, notes = [], [], []
+    case = ", which a case-insensitive disk (macOS, Windows) takes for the same file"
     for f, first, named in zip(files, plain, extended):
         by_extension = plain_uses[first] > 1 and extended_uses[named] == 1
         out = output_path(f, output_dir, scale, with_extension=by_extension)
-        real = os.path.realpath(out)
-        if real in inputs:
-            errors.append(f"{f}: its output {out} is an input file; not overwriting it (choose another --output)")
-        elif real in taken:
-            errors.append(f"{f}: its output {out} is also that of {taken[real]}; rename one of them")
+        real, key = os.path.realpath(out), _folded(out)
+        if real in inputs or key in folded_inputs:
+            what = ("is an input file" if real in inputs
+                    else f"differs only in case from the input file {folded_inputs[key]}{case}")
+            errors.append(f"{f}: its output {out} {what}; not overwriting it (choose another --output)")
+        elif key in taken:
+            other, other_out = taken[key]
+            what = (f"is also that of {other}" if os.path.realpath(other_out) == real
+                    else f"differs only in case from {other_out}, that of {other}{case}")
+            errors.append(f"{f}: its output {out} {what}; rename one of them")
         else:
-            taken[real] = f
+            taken[key] = f, out
             jobs.append((f, out))
             if by_extension:
                 others = [g for g, p in zip(files, plain) if p == first and g != f]
@@ -252,15 +309,15 @@ def main(argv: Sequence[str]) -> None:
         print(f"upscale: {problem}", file=sys.stderr)  # restore failed, and was called "damaged"
         sys.exit(2)
     try:
-        params, config = checkpoint.load(FLAGS.checkpoint, which=checkpoint.resolve_which(FLAGS.checkpoint,
-                                                                                          FLAGS.which))
+        which = checkpoint.resolve_which(FLAGS.checkpoint, FLAGS.which)  # auto: what validation scored
+        params, config = checkpoint.load(FLAGS.checkpoint, which=which)
     except CheckpointError as e:
         print(f"upscale: cannot load --checkpoint: {e}", file=sys.stderr)
         sys.exit(2)
-    files, errors = expand_inputs(argv[1:])
+    files, errors, scan_notes = expand(argv[1:])
     jobs, plan_errors, notes = plan(files, FLAGS.output, config.scale)
     errors += plan_errors
-    notes = left_out_notes(argv[1:], FLAGS.output) + notes
+    notes = left_out_notes(argv[1:], FLAGS.output) + scan_notes + notes
     for message in errors:
         print(f"failed: {message}", file=sys.stderr)
     for message in notes:
@@ -268,6 +325,7 @@ def main(argv: Sequence[str]) -> None:
     if (error := cli.output_folder_error(FLAGS.output)) is not None:
         print(f"upscale: {error}", file=sys.stderr)
         sys.exit(2)
+    print(f"Upscaling with: --checkpoint {FLAGS.checkpoint} --which {which}", file=sys.stderr)  # evaluate's "Scored:"
     done, not_attempted = 0, 0
     bar = tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr)
     for k, (src, dst) in enumerate(bar):

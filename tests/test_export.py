@@ -166,3 +166,22 @@ def test_parameters_replicated_over_a_mesh_export():
     assert proc.returncode == 0, proc.stderr[-3000:]
     devices, difference = proc.stdout.split()[1::2]
     assert devices == "4" and float(difference) < 1e-5, proc.stdout
+
+
+def test_export_says_which_parameters_auto_chose(tmp_path):
+    """--which auto (the default) exported the EMA of a run trained with one, else the newest parameters, and the
+    line it printed did not say which; evaluate's report says `Scored: --checkpoint RUN --which ema`."""
+    from test_zoo import _save_steps
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+    ema = _save_steps(tmp_path / "run" / "checkpoints", {4: 1}, config)[4][1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), "--checkpoint",
+                           str(tmp_path / "run"), "--output", str(tmp_path / "m.jax"), "--platforms", "cpu"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'm.jax'} (") and proc.stdout.count("\n") == 1
+    assert f" of --checkpoint {tmp_path / 'run'} --which ema: x2, " in proc.stdout, proc.stdout
+    exported = jax.export.deserialize(bytearray((tmp_path / "m.jax").read_bytes()))
+    lr = np.random.default_rng(0).random((1, 5, 6, 3), np.float32)
+    np.testing.assert_allclose(np.asarray(exported.call(lr)), np.asarray(apply(ema, lr, config=config)), atol=1e-5)

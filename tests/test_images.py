@@ -588,3 +588,122 @@ def test_a_phone_jpeg_with_a_gain_map_is_one_frame_and_a_stereo_mpo_two(tmp_path
     with Image.open(tmp_path / "stereo.mpo") as im:
         assert [e["Attribute"]["MPType"] for e in im.mpinfo[0xB002]] == ["Multi-Frame Image: (Disparity)"] * 2
     assert images.decode(tmp_path / "stereo.mpo").frames == 2
+
+
+def test_a_folder_scan_leaves_out_upscaled_outputs_of_any_scale_beside_their_sources(tmp_path):
+    """`upscale photos/` at x2, photos/ holding a.png and a_x4.png (an earlier x4 run's output, --output photos/):
+    a_x4.png was upscaled too, to a_x4_x2.png, without a word (the rerun rule knew only the run's own scale). Our
+    outputs of any scale (NAME_x<s>.png or NAME_<ext>_x<s>.png, s times NAME's size) are left out of a scan with
+    one note; a file named _x4 of another size is the user's own, and a file named as an input is upscaled."""
+    from rnan_jax import upscale
+
+    def save(name, h, w):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
+        return str(tmp_path / name)
+
+    a, b = save("a.png", 10, 12), save("b.jpg", 6, 8)
+    a_x4, a_x4_x2, b_x3 = save("a_x4.png", 40, 48), save("a_x4_x2.png", 80, 96), save("b_jpg_x3.png", 18, 24)
+    c, c_x2 = save("c.png", 5, 5), save("c_x2.png", 7, 7)  # not c's size times 2
+    assert upscale.expand_inputs([str(tmp_path)]) == ([a, b, c, c_x2], [])
+    files, errors, notes = upscale.expand([str(tmp_path)])
+    assert (files, errors) == ([a, b, c, c_x2], [])
+    assert notes == [f"{tmp_path}: left out 3 file(s) that are upscaled outputs of its other images (NAME_x<scale>"
+                     ".png, <scale> times NAME's size: a_x4.png, a_x4_x2.png, b_jpg_x3.png): name them as inputs to "
+                     "upscale them"]
+    files, errors, notes = upscale.expand([str(tmp_path), a_x4])  # named: upscaled, and not counted as left out
+    assert files == [a, a_x4, b, c, c_x2] and notes[0].startswith(f"{tmp_path}: left out 2 file(s)")
+    assert upscale.expand([a_x4, str(tmp_path)])[0] == [a_x4, a, b, c, c_x2]
+    assert upscale.expand([a, a_x4_x2, b_x3]) == ([a, a_x4_x2, b_x3], [], [])  # no folder scan: as named
+
+
+def test_a_link_and_its_target_in_a_scan_are_one_image_with_a_note(tmp_path):
+    """photos/ holding z.png and a.png -> z.png: one output, a_x2.png, and no word of z.png, which the user looks
+    for as z_x2.png. Still one image (the run does not upscale a file twice), now with a note naming both."""
+    from rnan_jax import upscale
+
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "z.png")
+    os.symlink("z.png", tmp_path / "a.png")
+    a, z = str(tmp_path / "a.png"), str(tmp_path / "z.png")
+    assert upscale.expand([str(tmp_path)]) == ([a], [], [
+        f"1 input(s) are the same file as an earlier one under another name (a link), and are upscaled once, under "
+        f"the earlier name: {z} (= {a})"])
+    assert upscale.expand([z, str(tmp_path), z]) == ([z], [], [
+        f"1 input(s) are the same file as an earlier one under another name (a link), and are upscaled once, under "
+        f"the earlier name: {a} (= {z})"])  # the same path twice, or as a file and in its folder: no note
+    assert upscale.expand([str(tmp_path), z])[2] == [
+        f"1 input(s) are the same file as an earlier one under another name (a link), and are upscaled once, under "
+        f"the earlier name: {z} (= {a})"]  # in the folder and named: one note
+    assert upscale.expand([str(tmp_path / "sub" / ".." / "z.png"), z]) == (
+        [str(tmp_path / "sub" / ".." / "z.png")], [], [])  # not a link: the same name, spelled another way
+
+
+def test_outputs_whose_names_differ_only_in_case_are_refused_as_one_file(tmp_path):
+    """x/a.png and y/A.png (or a.png and A.png in one folder of a case-sensitive disk) written to a macOS or Windows
+    disk or share: a_x2.png and A_x2.png are one file there, so the second replaced the first, both reported
+    written. Refused as two inputs with the same output name are, or named by extension where that tells them
+    apart (a.png, A.jpg); an output that is an input file but for case is not written over it."""
+    from rnan_jax import upscale
+
+    a, big_a, big_a_jpg = str(tmp_path / "x" / "a.png"), str(tmp_path / "y" / "A.png"), str(tmp_path / "y" / "A.jpg")
+    out = str(tmp_path / "out")
+    jobs, errors, notes = upscale.plan([a, big_a], out, 2)
+    assert jobs == [(a, f"{out}/a_x2.png")] and notes == []
+    assert errors == [f"{big_a}: its output {out}/A_x2.png differs only in case from {out}/a_x2.png, that of {a}, "
+                      "which a case-insensitive disk (macOS, Windows) takes for the same file; rename one of them"]
+    jobs, errors, notes = upscale.plan([a, big_a_jpg], out, 2)
+    assert jobs == [(a, f"{out}/a_png_x2.png"), (big_a_jpg, f"{out}/A_jpg_x2.png")] and errors == []
+    mine = str(tmp_path / "x" / "A_X2.png")  # the user's file, where a.png's output goes with --output x/
+    jobs, errors, notes = upscale.plan([a, mine], str(tmp_path / "x"), 2)
+    assert jobs == [(mine, str(tmp_path / "x" / "A_X2_x2.png"))]
+    assert errors == [f"{a}: its output {tmp_path / 'x' / 'a_x2.png'} differs only in case from the input file "
+                      f"{mine}, which a case-insensitive disk (macOS, Windows) takes for the same file; not "
+                      "overwriting it (choose another --output)"]
+
+
+def _bmp32(rgba: np.ndarray, *, top_down: bool = False) -> bytes:
+    """A 32-bit BI_RGB BMP (40-byte header) whose 4th byte a pixel is `rgba`'s alpha, as Pillow writes RGBA."""
+    h, w = rgba.shape[:2]
+    rows = rgba[..., [2, 1, 0, 3]]
+    data = (rows if top_down else rows[::-1]).tobytes()
+    header = struct.pack("<IiiHHIIiiII", 40, w, -h if top_down else h, 1, 32, 0, len(data), 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + len(data), 0, 0, 14 + 40) + header + data
+
+
+def test_a_32bit_bmp_whose_fourth_byte_is_alpha_keeps_it(tmp_path):
+    """Pillow saves RGBA as a 32-bit BI_RGB BMP with alpha in the 4th byte and reads it back as RGB: a cut-out
+    upscaled from one came out with its hidden background. That byte is alpha now, as browsers take it, unless it
+    is 0 everywhere (unused, as the format says) or 255 everywhere (opaque)."""
+    rgba = np.random.default_rng(3).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "pillow.bmp")
+    (tmp_path / "top_down.bmp").write_bytes(_bmp32(rgba, top_down=True))
+    for name in ("pillow.bmp", "top_down.bmp"):
+        decoded = images.decode(tmp_path / name)
+        np.testing.assert_array_equal(decoded.pixels, rgba[..., :3])
+        assert decoded.alpha is not None, name
+        np.testing.assert_array_equal(decoded.alpha, rgba[..., 3])
+    for unused in (0, 255):
+        (tmp_path / f"{unused}.bmp").write_bytes(_bmp32(np.dstack([rgba[..., :3], np.full((5, 7), unused, np.uint8)])))
+        decoded = images.decode(tmp_path / f"{unused}.bmp")
+        assert decoded.alpha is None
+        np.testing.assert_array_equal(decoded.pixels, rgba[..., :3])
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "rgb.bmp")  # 24 bits: no 4th byte
+    assert images.decode(tmp_path / "rgb.bmp").alpha is None
+
+
+def test_upscale_says_which_parameters_auto_chose(tmp_path):
+    """--which auto (the default) reads the EMA of a run trained with one, else the newest parameters: evaluate
+    names the choice (`Scored: --checkpoint RUN --which ema`), upscale said nothing of it. It says so, in the same
+    words, once."""
+    from test_zoo import _save_steps
+
+    config = rnan_jax.RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+    _save_steps(tmp_path / "run" / "checkpoints", {4: 1}, config)
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(tmp_path / "a.png")
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.upscale", "--checkpoint", str(tmp_path / "run"),
+                           str(tmp_path / "a.png"), "--output", str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "--which" in line]
+    assert lines == [f"Upscaling with: --checkpoint {tmp_path / 'run'} --which ema"]
+    assert os.listdir(tmp_path / "out") == ["a_x2.png"]

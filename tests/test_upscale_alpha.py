@@ -130,3 +130,19 @@ def test_upscale_file_keeps_the_resolution_dpi_turned_with_the_pixels(tmp_path, 
             assert dpi is None
         else:
             np.testing.assert_allclose(dpi, expected[name], atol=0.01)
+
+
+def test_a_cut_out_saved_as_a_32bit_bmp_keeps_its_transparency(tmp_path, params):
+    """Pillow saves RGBA as a 32-bit BMP with alpha in each pixel's 4th byte, which it reads back as RGB: the
+    upscaled cut-out came out opaque, its hidden background showing. It comes out as the same cut-out saved as PNG
+    does."""
+    alpha = _disc_alpha()
+    rgba = np.dstack([np.where((alpha > 0)[..., None], np.uint8((220, 120, 30)), np.uint8(0)), alpha])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.bmp")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    for name in ("cut.bmp", "cut.png"):
+        upscale_file(params, TINY, str(tmp_path / name), str(tmp_path / f"{name}_x2.png"))
+    bmp, png = (images.decode(tmp_path / f"cut.{ext}_x2.png") for ext in ("bmp", "png"))
+    assert bmp.alpha is not None
+    np.testing.assert_array_equal(bmp.alpha, upscale_alpha(alpha, 2))
+    np.testing.assert_array_equal(bmp.pixels, png.pixels)

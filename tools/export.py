@@ -5,8 +5,9 @@
 
 The artifact maps lr float32 [B, h, w, 3] in [0, 1] to sr float32 [B, s*h, s*w, 3] (not clipped) with B, h
 and w symbolic: one file serves every batch and image size; `--fixed_size` pins h and w for runtimes that
-need static shapes. By default it is lowered for cpu, cuda and tpu at once. Serializing needs the
-`flatbuffers` package. `rnan_jax/export.py` (`export_model`, `save`) does the work; its docstring says more
+need static shapes. By default it is lowered for cpu, cuda and tpu at once. The line it prints names the
+parameters read, as evaluate's report does (`--which auto`: `of --checkpoint RUN --which ema`). Serializing
+needs the `flatbuffers` package. `rnan_jax/export.py` (`export_model`, `save`) does the work; its docstring says more
 and shows how to load and run the artifact with JAX alone, without rnan_jax.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"--output {FLAGS.output} is a folder; give the artifact's file name")
     env.prepare_process()
     try:
-        params, config = load(FLAGS.checkpoint, which=resolve_which(FLAGS.checkpoint, FLAGS.which))
+        which = resolve_which(FLAGS.checkpoint, FLAGS.which)  # auto: what validation scored
+        params, config = load(FLAGS.checkpoint, which=which)
     except CheckpointError as e:
         print(f"export: cannot load --checkpoint: {e}", file=sys.stderr)
         sys.exit(2)
@@ -56,7 +58,8 @@ def main(argv: Sequence[str]) -> None:
     except OSError as e:
         print(f"export: cannot write --output: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {output} ({size / 2**20:.1f} MiB): x{config.scale}, input {exported.in_avals[0]}, "
+    print(f"wrote {output} ({size / 2**20:.1f} MiB) of --checkpoint {FLAGS.checkpoint} --which {which}: "
+          f"x{config.scale}, input {exported.in_avals[0]}, "
           f"output {exported.out_avals[0]}, platforms {', '.join(exported.platforms)}")
 
 
