@@ -102,3 +102,101 @@ def test_read_scalars_parts_the_runs_of_a_version_that_wrote_no_start(tmp_path):
     assert scalars.comparison_table({"float32": run}).splitlines()[-1] == (
         "float32: 310 s from the first to the last logged value of each of its 3 runs (the 7700 s between them "
         "left out)")
+
+
+def _same(a, b):
+    import jax
+    import numpy as np
+
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+
+
+def _flip_a_bit_that_orbax_reads(item_dir, saved):
+    """Flips one bit in a data file (zstd) of the orbax item at `item_dir` where orbax still reads the item, with
+    other values than `saved`: the corruption of a disk, a copy or a bucket that nothing noticed."""
+    import orbax.checkpoint as ocp
+
+    from rnan_jax import checkpoint
+
+    data_dir = item_dir / "ocdbt.process_0" / "d"
+    files = sorted((p for p in data_dir.iterdir() if p.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"),
+                   key=lambda p: -p.stat().st_size)
+    target = checkpoint._single_device_target(str(item_dir))
+    for path in files:
+        data = bytearray(path.read_bytes())
+        for offset in range(len(data) // 2, len(data), 97):
+            data[offset] ^= 1
+            path.write_bytes(data)
+            try:
+                with checkpoint.quiet():
+                    read = ocp.StandardCheckpointer().restore(str(item_dir), target)
+            except Exception:  # noticed (a zstd error): not the case of interest
+                read = None
+            if read is not None and not _same(read, saved):
+                return
+            data[offset] ^= 1
+            path.write_bytes(data)
+    raise AssertionError(f"{item_dir}: no bit found whose flip orbax reads")
+
+
+def test_a_bit_flipped_in_a_checkpoint_s_data_is_refused_naming_the_step_and_the_one_before(tmp_path):
+    """orbax keeps no checksum of the data it writes: a bit flipped in a data file of a step (a disk, a network
+    copy, a bucket) loaded without a word, and evaluate scored, make_zoo shipped and a resumed run trained on
+    wrong weights. Every step's meta now holds the SHA-256 of its items' arrays, computed as they are saved and
+    checked on every read: the damaged step is refused in one line naming it and the step before it (a resumed run
+    moves it aside and takes that one). A step saved without one (an older version's) loads as before."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from rnan_jax import checkpoint
+    from rnan_jax.model import RNANConfig
+    from rnan_jax.step import OptimConfig, StepSpec, create_state
+
+    spec = StepSpec(RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2),
+                    OptimConfig(lr=1e-3, ema_decay=0.9))
+    states = {s: create_state(jax.random.key(s), spec=spec).replace(step=np.int32(s)) for s in (3, 5)}
+    states = {s: st.replace(ema=jax.tree_util.tree_map(lambda x: x * 0.5, st.params)) for s, st in states.items()}
+    workdir = tmp_path / "run"
+    ckpts, best = workdir / checkpoint.CHECKPOINTS, workdir / checkpoint.BEST
+    mngr = checkpoint.manager(str(ckpts))  # asynchronous, as training saves
+    for s, st in states.items():
+        checkpoint.save_train_state(mngr, s, st, checkpoint.meta_for(spec.model, s, best_psnr=20.0))
+    mngr.wait_until_finished()
+    best_mngr = checkpoint.manager(str(best), max_to_keep=1, async_save=False)
+    checkpoint.save_best(best_mngr, 5, states[5], checkpoint.meta_for(spec.model, 5, val_psnr=20.0))
+    assert sorted(checkpoint.read_meta(str(ckpts), 5)[checkpoint.SHA256]) == ["ema", "opt", "params"]
+    assert sorted(checkpoint.read_meta(str(best), 5)[checkpoint.SHA256]) == ["ema", "params"]
+    target = jax.eval_shape(lambda: states[5])
+    assert _same(checkpoint.restore_train_state(mngr, 5, target)[0], states[5])
+    assert _same(checkpoint.load(str(workdir))[0], states[5].params)
+    assert _same(checkpoint.load(str(workdir), which="best")[0], states[5].ema)
+
+    _flip_a_bit_that_orbax_reads(ckpts / "5" / "params", states[5].params)
+    _flip_a_bit_that_orbax_reads(best / "5" / "ema", states[5].ema)
+    said = r"damaged checkpoint \({}: its arrays are not those saved \(SHA-256 [0-9a-f]{{12}}\.\.\., recorded " \
+           r"[0-9a-f]{{12}}\.\.\.\): a file of it changed since it was written\)"
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(str(workdir))
+    assert re.fullmatch(f"{ckpts}/5: {said.format('params')}; the steps before it: 3 \\(pass {ckpts}/3 to use the "
+                        f"newest\\)", str(e.value)), str(e.value)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(str(workdir), which="best")
+    assert re.fullmatch(f"{best}/5: {said.format('ema')}", str(e.value)), str(e.value)
+    with pytest.raises(checkpoint.CheckpointError, match="^params: its arrays are not those saved "):
+        checkpoint.restore_train_state(mngr, 5, target)  # the trainer moves the step aside, and takes step 3
+    assert _same(checkpoint.load(str(workdir), which="ema")[0], states[5].ema)  # the item not damaged
+    assert _same(checkpoint.load(str(ckpts / "3"))[0], states[3].params)
+    assert _same(checkpoint.restore_train_state(mngr, 3, target)[0], states[3])
+    # a state of another version, whose dtype orbax casts to (other bytes, the same values), is not damaged
+    cast = target.replace(loss_avg=jax.ShapeDtypeStruct(target.loss_avg.shape, "bfloat16"))
+    assert checkpoint.restore_train_state(mngr, 3, cast)[0].loss_avg.dtype == "bfloat16"
+
+    old = tmp_path / "old" / checkpoint.CHECKPOINTS  # saved by a version before the digests: read as it was
+    old_mngr = checkpoint.manager(str(old), async_save=False)
+    old_mngr.save(4, args=ocp.args.Composite(params=ocp.args.StandardSave(states[3].params),
+                                             meta=ocp.args.JsonSave(checkpoint.meta_for(spec.model, 4))))
+    old_mngr.wait_until_finished()
+    assert checkpoint.SHA256 not in checkpoint.read_meta(str(old), 4)
+    assert _same(checkpoint.load(str(old))[0], states[3].params)

@@ -565,3 +565,60 @@ def test_make_zoo_refuses_an_empty_out_or_workdir_in_one_line(tmp_path):
         assert proc.returncode == 1 and proc.stderr.strip() == line, proc.stderr[-2000:]
     assert os.listdir(checkout / "rnan_jax" / "zoo") == ["__init__.py"]
     assert sorted(os.listdir(tmp_path)) == ["checkout", "run.msgpack"]
+
+
+def test_make_zoo_names_the_start_of_the_run_that_saved_the_step(tmp_path):
+    """The record held the workdir's config.json and git_revision.txt, which the start that began the run
+    writes: a step saved after a resume with other settings (or by another version of the code) was recorded
+    with the first start's, without a word. The record now says which start saved the step (the last that
+    train.log has before the step's save) and gives train.log's account of it: its command and revision, and the
+    config changes it logged since config.json."""
+    import datetime
+    import time
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    workdir = tmp_path / "run"
+
+    def stamp(t):
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+    first = int(time.time()) - 5
+    _save_steps(workdir / checkpoint.CHECKPOINTS, {3: 1}, config)
+    second = int(json.loads((workdir / checkpoint.CHECKPOINTS / "3" / "_CHECKPOINT_METADATA").read_text())[
+        "commit_timestamp_nsecs"] / 1e9) + 1  # the resumed start, after step 3 was saved
+    while time.time() < second + 0.05:
+        time.sleep(0.05)
+    _save_steps(workdir / checkpoint.CHECKPOINTS, {6: 2}, config)
+    (workdir / "config.json").write_text('{"total_steps": 3, "optim": {"lr": 0.001}}')
+    (workdir / "git_revision.txt").write_text("abc123\n")
+    started = ["train.py --workdir run --config.total_steps=3 (rnan_jax abc123, jax 0.10.2, vm)",
+               "train.py --workdir run --config.total_steps=6 --config.optim.lr=5e-4 (rnan_jax def456, jax 0.11.2, vm)"]
+    changes = "optim.lr 0.001 -> 0.0005; total_steps 3 -> 6"
+    (workdir / "train.log").write_text(
+        f"{stamp(first)}  started: {started[0]}\n{stamp(first)}  step 3/3  loss 0.1\n"
+        f"{stamp(second)}  started: {started[1]}\n{stamp(second)}  resumed from run/checkpoints/3 (step 3)\n"
+        f"{stamp(second)}  config changed since the run that made run (its config.json): {changes}\n")
+    zoo_dir = tmp_path / "zoo"
+    record = "config.json and git_revision.txt are the workdir's, written by the start that began the run; "
+
+    def make(where, name):
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_zoo.py"), "--workdir", str(where),
+                               "--name", name, "--out", str(zoo_dir)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return zoo.read(str(zoo_dir / f"{name}.msgpack"))[2]
+
+    meta = make(workdir, "latest")
+    assert (meta["step"], meta["config.json"], meta["git_revision.txt"]) == (
+        6, {"total_steps": 3, "optim": {"lr": 0.001}}, "abc123")  # the first start's, as before
+    assert meta["record"] == record + ('step 6 was saved by start 2 of the 2 in train.log ("start": its command, '
+                                       'rnan_jax revision and config changes since config.json)')
+    assert meta["start"] == {"started": f"{stamp(second)} UTC: {started[1]}", "config_changes": changes}
+    meta = make(workdir / checkpoint.CHECKPOINTS / "3", "three")
+    assert meta["step"] == 3 and meta["record"] == record + (
+        'step 3 was saved by start 1 of the 2 in train.log ("start": its command, rnan_jax revision and config '
+        'changes since config.json)')
+    assert meta["start"] == {"started": f"{stamp(first)} UTC: {started[0]}", "config_changes": "none"}
+    (workdir / "train.log").unlink()  # not copied with the run: said so
+    meta = make(workdir, "nolog")
+    assert meta["record"] == record + "which start saved step 6 is not known (train.log is missing or holds no start)"
+    assert "start" not in meta

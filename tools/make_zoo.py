@@ -4,7 +4,9 @@
 
 The file holds the float32 parameters, the RNANConfig (compute dtype float32 whatever the run's: users pass a
 config with dtype="bfloat16" for the faster) and a record of the run (its resolved config.json,
-step, git revision), so `rnan_jax.load("zoo:NAME")` needs nothing else; its SHA-256 goes into
+step, git revision; and, from train.log, the start of the run that saved that step: its command, its rnan_jax
+revision and its config changes since config.json, which the start that began the run wrote), so
+`rnan_jax.load("zoo:NAME")` needs nothing else; its SHA-256 goes into
 rnan_jax/zoo/sha256.json, which every load of zoo:NAME checks (commit the two together). Score it afterwards with
 `python -m rnan_jax.evaluate --checkpoint zoo:NAME` and copy those numbers into MODEL_ZOO.md.
 
@@ -14,6 +16,7 @@ file to commit), or with `--out` into that folder (a zoo file loads by its path 
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -38,6 +41,58 @@ def _default_out() -> str:
     """rnan_jax/zoo beside this tool's folder (the checkout's), else the imported package's zoo folder."""
     checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rnan_jax", "zoo")
     return checkout if os.path.isfile(os.path.join(checkout, "__init__.py")) else os.path.dirname(zoo.__file__)
+
+
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)  (.*)")  # a train.log line: its UTC time, its text
+_CHANGED = "config changed since the run that made "  # a resumed start's line: "... (its config.json): CHANGES"
+
+
+def _saved_at(step_dir: str) -> float | None:
+    """When orbax committed the checkpoint at `step_dir` (seconds since 1970), or None where it does not say."""
+    try:
+        record = json.loads(paths.read_text(os.path.join(step_dir, "_CHECKPOINT_METADATA")))
+        return int(record.get("commit_timestamp_nsecs") or record["init_timestamp_nsecs"]) / 1e9
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _starts(log: str) -> list[dict]:
+    """The starts that train.log's text `log` records, in order: {"at": seconds since 1970, "started": the time
+    and the line's text (the command, its rnan_jax revision, versions, host), "config_changes": the keys that a
+    resumed start changed from config.json, or None}."""
+    starts: list[dict] = []
+    for line in log.splitlines():
+        if (match := _STAMP.fullmatch(line)) is None:
+            continue
+        stamp, text = match.groups()
+        if text.startswith("started: "):
+            at = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+            starts.append({"at": at.timestamp(), "started": f"{stamp} UTC: {text[len('started: '):]}",
+                           "config_changes": None})
+        elif text.startswith(_CHANGED) and starts and "(its config.json): " in text:
+            starts[-1]["config_changes"] = text.split("(its config.json): ", 1)[1]
+    return starts
+
+
+def _start_record(workdir: str, step_dir: str, step: int) -> dict:
+    """Which start of the run saved checkpoint `step` (at `step_dir`), for the record: config.json and
+    git_revision.txt are the workdir's, written by the start that began the run; a resumed start (with other
+    settings, or after an upgrade) writes neither, and train.log has each start's command, revision and config
+    changes. {"record": a line that says which start they describe and which saved the step, "start": that
+    start's train.log account (where train.log says)}."""
+    first = "config.json and git_revision.txt are the workdir's, written by the start that began the run"
+    try:
+        starts = _starts(paths.read_text(os.path.join(workdir, "train.log")))
+    except (OSError, UnicodeDecodeError):
+        starts = []
+    saved_at = _saved_at(step_dir)
+    before = [s for s in starts if saved_at is not None and s["at"] <= saved_at]  # the last of them saved it
+    if not before:  # no train.log (not copied with the run), or a step copied from another run
+        why = "holds no start before the step was saved" if starts else "is missing or holds no start"
+        return {"record": f"{first}; which start saved step {step} is not known (train.log {why})"}
+    return {"record": f"{first}; step {step} was saved by start {len(before)} of the {len(starts)} in train.log "
+                      "(\"start\": its command, rnan_jax revision and config changes since config.json)",
+            "start": {"started": before[-1]["started"], "config_changes": before[-1]["config_changes"] or "none"}}
 
 
 def main(argv):
@@ -72,6 +127,7 @@ def main(argv):
                 except ValueError as e:  # cut short (a full disk as the run began): a traceback, no zoo file
                     print(f"make_zoo: note: {path} is not valid JSON ({e}); the file records the run without it",
                           file=sys.stderr)
+        meta.update(_start_record(os.path.dirname(directory), os.path.join(directory, str(step)), step))
     out = os.path.join(out_dir, f"{_NAME.value}.msgpack")
     try:
         size = zoo.write(out, params, config, meta)
