@@ -71,11 +71,15 @@ def value_path_error_line(error: BaseException, argv: list[str]) -> str | None:
     return None
 
 
-def config_file_error_line(error: OSError) -> str:
+def config_file_error_line(error: OSError, path: str | None = None) -> str:
     """One line for a --config file that could not be read (a wrong path, a folder): ml_collections' error lists
-    the attempts over several lines, the last of which says why."""
-    reason = str(error).strip().splitlines()[-1].strip()
-    return f"error: --config: {reason.split('earlier failure to load: ')[-1]}"
+    the attempts over several lines, the last of which says why. A relative `path` (the --config value) that does
+    not exist is named with the folder it was looked for in, the current one: run from another folder,
+    "No such file or directory: 'experiments/x4.py'" did not say why."""
+    reason = str(error).strip().splitlines()[-1].strip().split('earlier failure to load: ')[-1]
+    if path and "[Errno 2]" in reason and not os.path.isabs(path) and not paths.is_url(path):
+        reason += f" (a relative path: looked for in the current folder, {os.getcwd()})"
+    return f"error: --config: {reason}"
 
 
 def _config_path(argv: list[str]) -> str:
@@ -250,7 +254,7 @@ def config_flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
                 sys.exit(config_code_error_line(e, argv))
             sys.exit(value_path_error_line(e, argv) or config_error_line(e, argv))
         except OSError as e:
-            sys.exit(config_file_error_line(e))
+            sys.exit(config_file_error_line(e, _config_path(argv)))
         except Exception as e:  # the config file's own code failed: SyntaxError, NameError, ImportError, ...
             if not _config_file_lines(e, _config_path(argv)) and (line := value_path_error_line(e, argv)):
                 sys.exit(line)  # ... or an override's path went on past a value

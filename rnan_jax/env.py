@@ -97,10 +97,25 @@ def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True)
 
 def prepare_process() -> None:
     """What every command-line entry point does first, before JAX starts its backend: `reuse_freed_memory()`,
-    `quiet_logging()` and `float32_types()`."""
+    `quiet_logging()`, `float32_types()` and `jit_note()`."""
     reuse_freed_memory()
     quiet_logging()
     float32_types()
+    jit_note()
+
+
+def jit_note() -> bool:
+    """A note on stderr where JAX_DISABLE_JIT=1 (left in a shell from debugging) turned JAX's compilation off, and
+    whether it did: every operation then runs on its own, the tiny test model trained at 0.4 steps/s where it trains
+    at 250, and the trainer still said "compiling the train step", without a word of why. Left on: it is a debugging
+    switch, set for a reason."""
+    import jax
+
+    if not jax.config.jax_disable_jit:
+        return False
+    print("note: JAX_DISABLE_JIT is set: JAX compiles nothing and runs each operation on its own, many times "
+          "slower (unset it unless you are debugging)", file=sys.stderr, flush=True)
+    return True
 
 
 def float32_types() -> bool:

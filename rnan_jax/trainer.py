@@ -9,6 +9,7 @@ Stopping on a signal is `preemption`'s, the workdir's own files and checks `rund
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shlex
@@ -28,7 +29,7 @@ from jax.experimental import multihost_utils
 from absl import logging
 
 from rnan_jax import (checkpoint, cli, data, inference, loader, paths, preemption, rundir, sources, step,
-                      summary, validation)
+                      summary, validation, zoo)
 from rnan_jax.api import build, count_params, init
 from rnan_jax.configs import TrainConfig, flatten_config
 from rnan_jax.model import RNANConfig
@@ -76,11 +77,15 @@ _INIT_FROM_SAME = ("features", "num_groups", "num_blocks", "group_interval", "bl
 
 
 def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig, str]:
-    """The parameters and architecture that `cfg.init_from` names; raises CheckpointError or ValueError (one line,
-    naming init_from) for a path that holds none, or an architecture that differs beyond the scale."""
+    """The parameters and architecture that `cfg.init_from` names, and which they are ("its EMA at step 4" or
+    "its parameters at step 4"; "" for a zoo model's); raises CheckpointError or ValueError (one line, naming
+    init_from) for a path that holds none, or an architecture that differs beyond the scale."""
     try:  # a run trained with EMA gives its EMA: the parameters its validation scored
         which = checkpoint.scored(cfg.init_from)
         source, source_cfg = checkpoint.load(cfg.init_from, which=which)
+        what = "" if zoo.is_zoo(cfg.init_from) else (  # the step that load read: the newest in the folder named
+            f"{'its EMA' if which == 'ema' else 'its parameters'} at step "
+            f"{checkpoint._locate(cfg.init_from, which)[1]}, ")
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"init_from: {e}") from None
     differs = [f"{k} {getattr(source_cfg, k)} vs {getattr(cfg.model, k)}" for k in _INIT_FROM_SAME
@@ -88,7 +93,7 @@ def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig, str]:
     if differs:
         raise ValueError(f"init_from {cfg.init_from}: its architecture differs beyond the scale "
                          f"({'; '.join(differs)}); only the upsampler may differ")
-    return source, source_cfg, which
+    return source, source_cfg, what
 
 
 def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: TrainConfig,
@@ -285,9 +290,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     else:
         params, since_log = None, step.empty_metrics()
         if cfg.init_from:
-            source_params, source_cfg, which = source or _init_source(cfg)
+            source_params, source_cfg, what = source or _init_source(cfg)
             params = _copy_matching(init(rng, cfg.model), source_params, f"{cfg.init_from} "
-                                    f"({'its EMA, ' * (which == 'ema')}x{source_cfg.scale} -> x{cfg.model.scale})")
+                                    f"({what}x{source_cfg.scale} -> x{cfg.model.scale})")
         if params is not None:  # committed to one device by the copy: jit refused them for the others' state
             params = jax.device_put(jax.device_get(params), replicated)
         state = jax.jit(partial(step.create_state, spec=spec), out_shardings=replicated)(rng, params)
@@ -347,11 +352,14 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         writer.scalars(s, {f"train/{k}": v for k, v in train.items()})
         _log(summary.log_line(s, cfg.total_steps, train))
 
-    def validate(s: int) -> bool:
-        """Validates step `s` (to best/ if it scores best so far); False when a stop request ended the validation."""
+    def validate(s: int, saved: bool = False) -> bool:
+        """Validates step `s` (to best/ if it scores best so far); False when a stop request ended the validation.
+        `saved`: `s` is the checkpoint a stop saved before its validation (written to TensorBoard unless a rerun
+        did)."""
         nonlocal best_psnr, doing
         paused_at, doing = _synced_time(state), "validation"
-        scores = _validate(validator, state, s, cfg, writer, mngr, stop_check)
+        write = not (saved and _validation_written(os.path.join(workdir, "tensorboard"), s))
+        scores = _validate(validator, state, s, cfg, writer, mngr, stop_check, saved, write)
         if scores is None:
             return False
         results.update(scores)
@@ -368,7 +376,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     signals.training_begins()  # from here a signal is a flag: the step reached is saved
     pending = False  # a checkpoint save in flight whose outcome is not checked yet
     try:
-        if unvalidated and not validate(first):  # stopped again: its checkpoint, saved already, is the one to resume
+        if unvalidated and not validate(first, saved=True):  # stopped again: its checkpoint, saved, is the one
             raise preemption.Preempted(
                 f"{signal.Signals(signals.signum).name} while validating step {first}: its checkpoint in "
                 f"{mngr.directory} is kept; rerun the same command to validate it and resume", signals.signum)
@@ -377,10 +385,12 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat "
                  f"{module.remat};{off} seconds for small models, minutes for the paper's on a CPU) ...")
         for s in range(first + 1, cfg.total_steps + 1):
+            asked = time.time()  # the wait for a batch that never comes (a dead worker, noticed in seconds): no step's
             try:
                 batch = next(it)
             except sources.DataError as e:  # a worker process died, a cache file changed: the steps trained stay
-                kept = _keep_reached(mngr, state, acc, first, cfg, best_psnr, results, images, log_train)
+                kept = _keep_reached(mngr, state, acc, first, cfg, best_psnr, results, images,
+                                     lambda at: log_train(at, asked))
                 raise sources.DataError(f"{e}; {kept}") from None
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             state, acc = train_step(state, batch, acc)
@@ -504,8 +514,8 @@ def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any,
         else:
             note = f" (step {reached} not saved: {nonfinite} step(s) since the last log had a non-finite loss)"
     mngr.wait_until_finished()
-    if (latest := mngr.latest_step()) is None:
-        return f"there is no checkpoint yet{note}: a rerun starts afresh"
+    if (latest := mngr.latest_step()) is None:  # best/ may hold a step (it said "no checkpoint yet" of that too)
+        return f"{_kept(mngr)[0]}{note}: a rerun starts afresh"
     return f"the last checkpoint is step {latest}{', saved now,' * saved} in {mngr.directory}{note}"
 
 
@@ -580,23 +590,78 @@ def _synced_time(state: step.TrainState) -> float:
 
 def _validate(validator: validation.Validator, state: step.TrainState, s: int, cfg: TrainConfig,
               writer: summary.Writer, mngr: ocp.CheckpointManager,
-              stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
-    """Scores the EMA parameters when there are some, else the parameters; logs and writes them. None, with
-    nothing logged or written, when `stop` ended the validation (`Validator.__call__`)."""
+              stop: Callable[[], bool] | None = None, saved: bool = False, write: bool = True
+              ) -> dict[str, float] | None:
+    """Scores the EMA parameters when there are some, else the parameters; logs and writes them (to TensorBoard
+    unless not `write`). None, with nothing logged or written, when `stop` ended the validation
+    (`Validator.__call__`). `saved`: step `s` is the checkpoint that a stop saved before its validation."""
+    scored = state.ema if state.ema is not None else state.params
     try:
-        done = validator(state.ema if state.ema is not None else state.params, cfg.num_val_images_logged, stop)
+        done = validator(scored, cfg.num_val_images_logged, stop)
     except inference.NonFiniteOutputError as e:  # diverged between two logs (or an overflow in model.dtype)
+        if saved and not (cfg.model.dtype == "float16" and _finite(scored)):
+            raise _diverged(f"validating step {s}: {e} (model.dtype {cfg.model.dtype})", s, mngr) from None
+        if saved:  # kept, as it is: each rerun validated it again and stopped again, told to "rerun"
+            raise TrainingError(f"validating step {s}: {e} (model.dtype float16, which overflows where bfloat16 and "
+                                f"float32 do not); its checkpoint in {mngr.directory} is kept: rerun with "
+                                "--config.model.dtype=bfloat16 to validate it and resume") from None
         kept, then = _kept(mngr)
         raise TrainingError(f"validating step {s}: {e} (model.dtype {cfg.model.dtype}); stopped without saving: "
                             f"{kept}. float16 overflows where bfloat16 and float32 do not; rerun to {then}") from None
     if done is None:
         return None
     scores, strips = done
-    writer.scalars(s, scores)
-    writer.images(s, strips)
+    if write:
+        writer.scalars(s, scores)
+        writer.images(s, strips)
     _log(f"step {s}: validation PSNR {scores['val/psnr']:.3f} dB, SSIM {scores['val/ssim']:.4f} "
          f"(bicubic {scores['val/bicubic_psnr']:.3f} dB){validator.others_line(scores)}")
     return scores
+
+
+def _finite(tree: Any) -> bool:
+    """Whether every value of `tree` (replicated arrays: one copy read) is finite."""
+    return all(bool(np.isfinite(np.asarray(x.addressable_shards[0].data if isinstance(x, jax.Array) else x)).all())
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+def _diverged(line: str, s: int, mngr: ocp.CheckpointManager) -> TrainingError:
+    """The error for checkpoint `s`, saved by a stop before its validation, whose parameters that validation found not
+    finite: moved aside (kept, under checkpoints_damaged/, as a damaged step is), so that the rerun resumes from the
+    step before it; left in place, every rerun validated it again and stopped again."""
+    directory = os.fspath(mngr.directory)
+    where = checkpoint.move_aside(directory, s) if jax.process_index() == 0 else "(moved by process 0)"
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"rnan_jax_diverged_{s}")
+    mngr.reload()
+    kept, then = _kept(mngr)
+    return TrainingError(f"{line}; the run diverged before the stop that saved this step: moved its checkpoint to "
+                         f"{where}; {kept}: lower optim.lr or set optim.grad_clip, then rerun to {then}")
+
+
+def _validation_written(logdir: str, s: int) -> bool:
+    """Whether the TensorBoard folder `logdir` holds step `s`'s validation, by its metrics.jsonl (`summary.Writer`
+    writes every scalar there too; a line {"step": S, "resumed": true} drops the lines after S): a rerun that
+    validated the step a stop saved, then was lost before its next checkpoint, wrote it, and the next rerun,
+    validating that step again, wrote a second point at it."""
+    path = os.path.join(logdir, summary.METRICS_FILE)
+    try:
+        text = paths.read_text(path) if paths.exists(path) else ""
+    except (OSError, ValueError):  # unreadable: written again, as before
+        return False
+    written = False
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a killed run
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        if record.get("resumed") is True and record["step"] < s:
+            written = False
+        elif record["step"] == s and "val/psnr" in record:
+            written = True
+    return written
 
 
 def _out_of_memory(error: Exception, cfg: TrainConfig, doing: str, s: int, chunks: int, remat: str) -> str:

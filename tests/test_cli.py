@@ -504,3 +504,14 @@ def test_evaluate_and_upscale_say_the_platform_is_missing_not_that_the_checkpoin
         proc = subprocess.run([sys.executable, "-m", f"rnan_jax.{program}", *args], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300, env=env)
         assert (proc.returncode, proc.stderr.strip().splitlines()) == (status, [f"{program}: {expected}"]), proc.stderr
+
+
+def test_a_relative_config_path_that_does_not_exist_names_the_folder_it_was_looked_for_in(tmp_path):
+    """`--config experiments/x4.py` run from another folder than the repository's: "No such file or directory:
+    'experiments/x4.py'", which did not say that the path was taken from the current folder."""
+    code, err, _ = _train(["--config", "experiments/x9.py", "--workdir", str(tmp_path / "run")], tmp_path)
+    assert (code, err) == (1, [f"error: --config: [Errno 2] No such file or directory: 'experiments/x9.py' (a relative "
+                               f"path: looked for in the current folder, {tmp_path})"])
+    code, err, _ = _train([f"--config={tmp_path}/x9.py", "--workdir", str(tmp_path / "run")], tmp_path)
+    assert (code, err) == (1, [f"error: --config: [Errno 2] No such file or directory: '{tmp_path}/x9.py'"])
+    assert not (tmp_path / "run").exists()

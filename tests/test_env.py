@@ -190,3 +190,17 @@ def test_jax_enable_x64_is_turned_off_with_a_note_by_the_entry_points_preparatio
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "0"})
     assert (r.returncode, r.stdout.split(), "JAX_ENABLE_X64" in r.stderr) == (0, ["int32", "float32", "float32"], False)
+
+
+def test_jax_disable_jit_left_in_the_environment_is_a_note_at_start_up():
+    """JAX_DISABLE_JIT=1, left in a shell from debugging, trained the tiny test model at 0.4 steps/s where it trains
+    at 250, while the trainer said "compiling the train step", without a word of why."""
+    probe = "from rnan_jax import env\nenv.prepare_process()\nimport jax\nprint(jax.config.jax_disable_jit)"
+    notes = {}
+    for value in ("1", "0"):
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_JIT": value})
+        assert r.returncode == 0, r.stderr
+        notes[r.stdout.strip()] = [x for x in r.stderr.splitlines() if "libtpu" not in x]
+    assert notes == {"True": ["note: JAX_DISABLE_JIT is set: JAX compiles nothing and runs each operation on its own, "
+                              "many times slower (unset it unless you are debugging)"], "False": []}

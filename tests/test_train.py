@@ -447,7 +447,7 @@ def test_init_from_a_run_with_ema_copies_its_ema(images, tmp_path, capsys):
     assert not _equal_trees(ema["head"], raw["head"])
     train_and_evaluate(x4_config(images, total_steps=1, init_from=str(tmp_path / "x2"),
                                  **{"optim.lr": 0.0, "optim.schedule": "constant"}), str(tmp_path / "x4"))
-    assert f"init_from {tmp_path}/x2 (its EMA, x2 -> x4): copied " in capsys.readouterr().out
+    assert f"init_from {tmp_path}/x2 (its EMA at step 2, x2 -> x4): copied " in capsys.readouterr().out
     target = load(str(tmp_path / "x4"))[0]
     for name in ("head", "groups", "fuse1", "fuse3", "up_0", "tail"):
         assert _equal_trees(ema[name], target[name]), name
@@ -485,7 +485,8 @@ def test_cli_rejects_a_config_file_it_cannot_read(tmp_path):
     """A wrong --config path (with or without overrides, which meet the load error while the flags are parsed)
     or a folder: one line naming why, and no workdir created."""
     workdir = tmp_path / "run"
-    missing = "[Errno 2] No such file or directory: 'experiments/x5.py'"
+    missing = f"[Errno 2] No such file or directory: 'experiments/x5.py' (a relative path: looked for in the current " \
+              f"folder, {REPO})"
     for args, reason in ((["--config", "experiments/x5.py"], missing),
                          (["--config", "experiments/x5.py", "--config.total_steps=10"], missing),
                          (["--config", str(tmp_path)], f"[Errno 21] Is a directory: '{tmp_path}'")):
@@ -2032,3 +2033,153 @@ def test_the_write_probe_is_named_by_host_and_process_and_a_leftover_is_no_error
     leftover.mkdir()  # this process's, left by a kill between its mkdir and rmdir
     assert checkpoint.write_problem(str(tmp_path)) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [other_host.name]
+
+
+def test_init_from_names_the_step_and_which_parameters_it_copied(images, straight, tmp_path, capsys):
+    """init_from's line said it took the run's parameters, not which step's (the newest in the folder named) or
+    which of them (the raw parameters or the EMA)."""
+    config = x4_config(images, total_steps=1, **{"optim.lr": 0.0, "optim.schedule": "constant"})
+    for source, at in ((straight[0], 6), (straight[0] / "checkpoints" / "3", 3)):
+        config.init_from = str(source)
+        capsys.readouterr()
+        train_and_evaluate(config, str(tmp_path / f"from_{at}"))
+        assert f"init_from {source} (its parameters at step {at}, x4 -> x4): copied 32 parameter arrays" in \
+            capsys.readouterr().out
+        copied = load(str(tmp_path / f"from_{at}"))[0]
+        assert _equal_trees(copied, load(str(source))[0])
+
+
+def test_a_data_error_before_any_checkpoint_names_the_best_one_there(images, tmp_path, monkeypatch):
+    """A run whose only step is in best/ (validated, then lost before its checkpoint) and whose data stops before
+    a checkpoint: "there is no checkpoint yet", as if best/ held nothing."""
+    from rnan_jax import loader, sources
+
+    train_and_evaluate(x4_config(images, eval_every=1), str(tmp_path), stop_after=2)
+    assert os.listdir(tmp_path / "checkpoints") == [] and os.listdir(tmp_path / "best") == ["2"]
+
+    def dying(self):
+        raise sources.DataError("a data worker process died at batch 0 (killed by SIGKILL)")
+
+    monkeypatch.setattr(loader.BatchIterator, "__next__", dying)
+    with pytest.raises(sources.DataError) as e:
+        train_and_evaluate(x4_config(images, eval_every=1), str(tmp_path))
+    assert str(e.value) == (f"a data worker process died at batch 0 (killed by SIGKILL); there is no checkpoint to "
+                            f"resume from yet ({tmp_path}/best/2 holds the parameters that validated best): a rerun "
+                            "starts afresh")
+
+
+def test_a_step_saved_by_a_stop_whose_validation_is_not_finite_is_moved_aside_not_validated_forever(
+        images, straight, tmp_path, monkeypatch):
+    """Step 6 saved by a stop in its validation, with parameters that are not finite (diverged between two logs):
+    each rerun validated it, met the NaN output, and stopped with "the last good checkpoint (step 6) is intact ...
+    rerun to resume from it", for ever. Now the first rerun moves it aside and names the step before it, from which
+    the next rerun trains on; an overflow of float16 keeps it, and says to validate it in bfloat16."""
+    import jax.numpy as jnp
+
+    from rnan_jax import inference
+
+    for at in (3, 6):
+        shutil.copytree(straight[0] / "checkpoints" / str(at), tmp_path / "checkpoints" / str(at))
+    _set_meta(tmp_path / "checkpoints" / "6", validation_stopped=True)
+    real = checkpoint.restore_train_state
+
+    def diverged(mngr, at, target):
+        state, meta = real(mngr, at, target)
+        return state.replace(params=jax.tree_util.tree_map(lambda x: x * jnp.nan, state.params)), meta
+
+    monkeypatch.setattr(checkpoint, "restore_train_state", diverged)
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images), str(tmp_path))
+    assert re.fullmatch(
+        r"validating step 6: the model's output holds \d+ NaN or infinite value\(s\): its parameters are not finite, "
+        r"or its dtype overflowed \(model\.dtype float32\); the run diverged before the stop that saved this step: "
+        f"moved its checkpoint to {re.escape(str(tmp_path))}/checkpoints_damaged/6; the last good checkpoint "
+        r"\(step 3\) is intact: lower optim\.lr or set optim\.grad_clip, then rerun to resume from it", str(e.value))
+    assert os.listdir(tmp_path / "checkpoints") == ["3"] and os.listdir(tmp_path / "checkpoints_damaged") == ["6"]
+    monkeypatch.undo()
+    train_and_evaluate(x4_config(images), str(tmp_path))  # from step 3, as the uninterrupted run did
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert _equal_trees(load(str(tmp_path))[0], load(str(straight[0]))[0])
+
+    # float16's overflow: the parameters are finite, the step kept, and the line says how to validate it
+    _set_meta(tmp_path / "checkpoints" / "6", validation_stopped=True)
+
+    def overflowed(*args, **kwargs):
+        raise inference.NonFiniteOutputError("the model's output holds 12 NaN or infinite value(s): its parameters "
+                                             "are not finite, or its dtype overflowed")
+
+    monkeypatch.setattr(inference, "upscale_image", overflowed)
+    with pytest.raises(TrainingError) as e:
+        train_and_evaluate(x4_config(images, **{"model.dtype": "float16"}), str(tmp_path))
+    assert str(e.value).endswith(f"(model.dtype float16, which overflows where bfloat16 and float32 do not); its "
+                                 f"checkpoint in {tmp_path}/checkpoints is kept: rerun with "
+                                 "--config.model.dtype=bfloat16 to validate it and resume")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    monkeypatch.undo()
+    results = train_and_evaluate(x4_config(images, **{"model.dtype": "bfloat16"}), str(tmp_path))
+    assert np.isfinite(results["val/psnr"]) and sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+
+
+def _events_at(logdir, step):
+    """The tags of every value that the TensorBoard event files in `logdir` hold at `step`, repeats included."""
+    from tensorboardX.proto import event_pb2
+
+    tags = []
+    for path in sorted((logdir).glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset + 12 <= len(data):
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            tags += [v.tag for v in event.summary.value if event.step == step]
+    return sorted(tags)
+
+
+def test_a_step_saved_by_a_stop_is_validated_into_tensorboard_once_across_reruns(images, straight, tmp_path):
+    """Step 3 saved by a stop in its validation; the rerun validated it, then was lost before its next checkpoint;
+    the next rerun validated step 3 again and wrote its scores and images a second time at that step (TensorBoard
+    drew two points there, metrics.jsonl held two lines)."""
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    _set_meta(tmp_path / "checkpoints" / "3", validation_stopped=True)
+    train_and_evaluate(x4_config(images), str(tmp_path), stop_after=4)
+    once = _events_at(tmp_path / "tensorboard", 3)
+    assert [t for t in once if t.startswith("val/")] == ["val/0006__LR___bicubic___SR___HR_", "val/bicubic_psnr",
+                                                         "val/psnr", "val/ssim"]
+    results = train_and_evaluate(x4_config(images), str(tmp_path))
+    assert _events_at(tmp_path / "tensorboard", 3) == once
+    lines = [json.loads(x) for x in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "val/psnr" in r] == [3, 6]
+    assert results["val/psnr"] == pytest.approx(straight[1]["val/psnr"], abs=1e-9)
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("step 3: validation PSNR") == 2  # validated by both reruns, written once
+
+
+def test_a_data_worker_s_death_leaves_the_wait_to_notice_it_out_of_the_logged_speed(images, tmp_path, monkeypatch):
+    """A worker that died at the batch of step 6 (log_every 4): the steps since the last log are logged at step 5,
+    and their steps/s counted the seconds that noticing the death took (2 steps/s and an ETA of 13 hours where the
+    run trained 300 steps/s). Here noticing it takes 1000 s of a clock the trainer reads."""
+    from rnan_jax import loader, sources
+
+    class Clock:
+        offset = 0.0
+
+        def time(self):
+            return time.time() + self.offset
+
+    clock, real, calls = Clock(), loader.BatchIterator.__next__, []
+
+    def dying(self):
+        calls.append(1)
+        if len(calls) == 6:
+            clock.offset += 1000.0
+            raise sources.DataError("a data worker process died at batch 5 (killed by SIGKILL)")
+        return real(self)
+
+    monkeypatch.setattr(trainer, "time", clock)
+    monkeypatch.setattr(loader.BatchIterator, "__next__", dying)
+    with pytest.raises(sources.DataError, match="the last checkpoint is step 5, saved now,"):
+        train_and_evaluate(x4_config(images, log_every=4, eval_every=10, checkpoint_every=10, total_steps=10),
+                           str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    speed = {r["step"]: r["train/steps_per_s"] for r in lines if "train/steps_per_s" in r}
+    assert sorted(speed) == [4, 5] and speed[5] > 0.01  # one step: 0.001 steps/s with the 1000 s counted
