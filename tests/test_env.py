@@ -150,7 +150,7 @@ def test_without_a_home_folder_the_caches_go_to_a_private_temp_folder_not_into_t
     monkeypatch.setattr(env, "_PRIVATE", [], raising=False)
     os.chmod(private, 0o777)
     other = env.cache_folder("xla", "RNAN_JAX_CACHE")
-    assert not other.startswith(str(private)) and other.startswith(str(tmp_path / "tmp" / "rnan_jax-"))
+    assert not other.startswith(str(private) + os.sep) and other.startswith(str(tmp_path / "tmp" / "rnan_jax-"))
     assert os.stat(os.path.dirname(os.path.dirname(other))).st_mode & 0o777 == 0o700
 
     # HOME="" (an unset variable in `HOME=$H cmd`) is no home either: the user's passwd entry's, not /.cache

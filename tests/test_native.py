@@ -378,3 +378,25 @@ def test_a_cache_folder_that_cannot_be_written_names_the_variable_that_moves_it(
     assert record.getMessage().startswith("native CPU kernels not built (")
     assert record.getMessage().endswith(f" (set {native.NATIVE_CACHE_ENV} to a writable folder); XLA's convolutions "
                                         "and JAX's gradients are used instead")
+
+
+def test_setup_cfg_keeps_out_the_flax_releases_that_jax_0_11_breaks():
+    """JAX 0.11 (Python 3.12 and later) removed jax.core.get_opaque_trace_state, which flax 0.12.2-0.12.6 call in
+    every init: with one of those installed, `pip install -e . 'jax==0.11.*'` kept it (setup.cfg allowed it) and the
+    first init was "AttributeError: jax.core.get_opaque_trace_state was deprecated in JAX v0.10.0 and removed in
+    JAX v0.11.0". On Python 3.11, where jax stops at 0.10, the minimum stays tools/min_versions.txt's 0.12.2."""
+    import configparser
+
+    requirements = pytest.importorskip("packaging.requirements")
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.cfg"))
+    flax = [r for r in map(requirements.Requirement, filter(str.strip, cfg["options"]["install_requires"].splitlines()))
+            if r.name == "flax"]
+
+    def allowed(version: str, python: str) -> bool:
+        specs = [r.specifier for r in flax if r.marker is None or r.marker.evaluate({"python_version": python})]
+        return len(specs) > 0 and all(s.contains(version) for s in specs)
+
+    assert [allowed(v, "3.12") for v in ("0.12.2", "0.12.6", "0.12.7", "0.12.12")] == [False, False, True, True]
+    assert not allowed("0.12.6", "3.13") and allowed("0.12.7", "3.13")
+    assert allowed("0.12.2", "3.11")
