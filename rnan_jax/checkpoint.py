@@ -23,7 +23,7 @@ import re
 import socket
 import sys
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -592,3 +592,54 @@ def _read(directory: str, step: int, which: str) -> tuple[dict, RNANConfig]:
     except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
         raise damaged(directory, step, e) from None
     return restored[item], config
+
+
+class Named(NamedTuple):
+    """What `load_named` read, for a report to name: `step`, the checkpoint step the parameters are of (of a zoo file,
+    the step its meta records, None where it records none), and `text`, that in words: "step 8", or a zoo file's
+    record ("the run's ema at step 2000")."""
+
+    step: int | None
+    text: str
+
+
+def zoo_words(meta: dict) -> tuple[int | None, str]:
+    """(step, words) of what a zoo file's `meta` (tools/make_zoo.py's record) says its parameters are: "the run's
+    ema at step 2000", or "the run's latest, its step not recorded" (a file made before make_zoo recorded it)."""
+    which, step = meta.get("which"), meta.get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) else None
+    if not which:
+        return step, "a zoo file that records no run" + (f", step {step}" if step is not None else "")
+    return step, f"the run's {which}" + (f" at step {step}" if step is not None else ", its step not recorded")
+
+
+def load_named(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANConfig, Named]:
+    """`load`, and which parameters it read (`Named`): the step of a checkpoint, the one read (located once and read
+    as located, or, where a run saving meanwhile removed it, the newest then, as `load` does: the step named is the
+    step read), or what a zoo file's meta records. The CLIs' reports named `--which ema` alone, which a live run
+    makes one of several steps, and a zoo file `--which latest` whatever its run's parameters were. Raises
+    `CheckpointError` as `load` does."""
+    if which not in WHICH or not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or (
+            zoo.is_zoo(os.fspath(path)) and which != "latest"):
+        load(path, which=which)  # raises its refusal
+    path = os.fspath(path)
+    if zoo.is_zoo(path):
+        try:
+            params, config, meta = zoo.read(zoo.path_of(path))  # a shipped file: read checks its SHA-256
+        except zoo.ZooError as e:
+            raise CheckpointError(str(e)) from None
+        return params, config, Named(*zoo_words(meta))
+    located = _locate(path, which)
+    while True:
+        try:
+            params, config = _read(*located, which)
+            return params, config, Named(located[1], f"step {located[1]}")
+        except CheckpointError:  # a run saving in the workdir removed the step (see `load`)
+            try:
+                newest = _locate(path, which)
+            except CheckpointError:
+                newest = located
+            if newest == located:
+                raise
+            located = newest
+

@@ -11,7 +11,16 @@ holding `HR/` and optionally `LR_bicubic/X<s>/`, or the HR images themselves), r
 or BasicSR's `<dataset>/<name>_<suffix>.png`, its suffix naming the scale (`EDSR_Mx4_...`); see
 `upscalers.sr_dir_upscaler`. An SR image the size of HR cropped to a multiple of 12 (BasicSR's GTmod12 sets) is
 scored against HR cropped so, with a note. `--save_images` removes the images an earlier run left in a set's
-`x<scale>` folder that this run did not write, with a note: the folder holds one run's images.
+`x<scale>` folder that this run did not write, with a note: the folder holds one run's images. Without `--scales`,
+`--sr_dir` is scored at those of 2, 3, 4 it holds SR images of, the others named in one note (a model's saved images
+are of its scale); `--scales` given, a scale missing is an error (exit 1).
+
+The report names what was scored (`Scored:` under the table, "source" in results.json): `--checkpoint RUN --which ema
+(step 8)`, the step read ("step" in results.json: a live run's newest changes as it saves, and best/'s is an earlier
+one); of a zoo file, what its record says: `--checkpoint zoo:NAME (the run's ema at step 2000)`. per_image.csv's
+`complete` column is 0 for the rows of a set not scored in full (images skipped, or a run stopped by Ctrl-C in it),
+whose mean the table and results.json do not report as its score (--allow_incomplete: labelled). Each skipped image is
+printed once, in the list after the table (results.md and results.json hold them too).
 From Python: `evaluate_bicubic`, `evaluate_sr_dir`, `evaluate_model(params, config, ...)`.
 """
 from __future__ import annotations
@@ -29,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, paths, preemption, report
+from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, paths, preemption, report, zoo
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 from rnan_jax.report import Evaluation, ImageScore
@@ -45,8 +54,35 @@ def _warn(evaluation: Evaluation, message: str) -> None:
 
 
 def _skip(evaluation: Evaluation, message: str) -> None:
-    logging.error("skipped: %s", message)
+    """Records a skip, printed once, in the list at the end (results.md and results.json have them too): not also as
+    a log line when it happened and under the printed table (each was printed three times)."""
     evaluation.skipped.append(message)
+
+
+@dataclasses.dataclass
+class _Folders:
+    """The scales whose SR folder `upscale` found missing (`MissingFolderError`), per set, and the scales at which some
+    image was upscaled or failed otherwise. With `defer`, the missing ones are `_settle`d when the scoring ends."""
+
+    defer: bool = False
+    missing: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)  # scale -> {dataset: message}
+    reached: set[int] = dataclasses.field(default_factory=set)
+
+
+def _settle(evaluation: Evaluation, folders: _Folders, scales: list[int]) -> None:
+    """With `folders.defer` (--sr_dir without --scales): a scale of which no set has SR images, where another scale
+    has some, is left out with one note naming them all; the other missing folders are skipped as without it (and
+    all of them where no scale has images: each says where the images were looked for)."""
+    absent = [s for s in scales if s in folders.missing and s not in folders.reached] if folders.reached else []
+    for scale in scales:
+        if scale not in absent:
+            for message in folders.missing.get(scale, {}).values():
+                _skip(evaluation, message)
+    if absent:
+        sets = list(dict.fromkeys(d for s in absent for d in folders.missing[s]))
+        _warn(evaluation, f"no SR images at {', '.join(f'x{s}' for s in absent)} (of {', '.join(sets)}): "
+              f"scored at {', '.join(f'x{s}' for s in scales if s not in absent)}, the scales --sr_dir holds images of "
+              "(--scales names the scales to require)")
 
 
 def _one_per_name(files: list[str], dataset: str, evaluation: Evaluation) -> list[str]:
@@ -75,6 +111,7 @@ def evaluate(
     save_dir: str | None = None,
     progress: bool = True,
     allow_incomplete: bool = False,
+    scales_present_only: bool = False,
 ) -> Evaluation:
     """Scores `upscale` on every image of `datasets` at every scale in `scales`.
 
@@ -84,7 +121,10 @@ def evaluate(
     `scales` one integer. With `save_dir`, SR images are written to
     `<save_dir>/<dataset>/x<scale>/<name>.png`, and the .png files an earlier run left in a folder of a set and
     scale this run scored, that this run did not write (images it skipped, or never reached when stopped), are
-    removed with a warning: the folder holds one run's images, for `--sr_dir` to score.
+    removed with a warning: the folder holds one run's images, for `--sr_dir` to score. With `scales_present_only`
+    (`--sr_dir` without `--scales`), a scale of which `upscale` finds no SR folder for any set
+    (`MissingFolderError`) is left out, named in one warning, not skipped: an `--sr_dir` of `--save_images` output
+    holds its model's scale only.
     """
     if isinstance(datasets, str):  # "Set5" was scored as the sets S, e, t and 5; "Set5,Set14" as --datasets takes
         datasets = _parse_list(datasets)
@@ -95,14 +135,17 @@ def evaluate(
     scales = list(dict.fromkeys(int(s) for s in scales))  # a repeated scale or set would count its images twice
     evaluation = Evaluation(method=method, rounded_y=rounded_y, self_ensemble=self_ensemble,
                             allow_incomplete=allow_incomplete)
+    folders = _Folders(defer=scales_present_only)
     try:
-        _score_sets(evaluation, upscale, datasets, scales, data_dir, save_dir, progress)
+        _score_sets(evaluation, upscale, datasets, scales, data_dir, save_dir, progress, folders)
     except (KeyboardInterrupt, preemption.Preempted) as e:  # Preempted: SIGTERM, under preemption.sigterm_raises
+        _settle(evaluation, folders, scales)
         signum = getattr(e, "signum", signal.SIGINT)
         _warn(evaluation, f"interrupted ({'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}) "
               f"after {len(evaluation.scores)} image score(s): {', '.join(evaluation.listed) or 'no set'} begun, of "
               f"{', '.join(dict.fromkeys(datasets))}")
         raise Interrupted(evaluation, signum) from None
+    _settle(evaluation, folders, scales)
     for message in evaluation.incomplete():
         _warn(evaluation, message)
     return evaluation
@@ -119,7 +162,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[str], scales: list[int], data_dir: str,
-                save_dir: str | None, progress: bool) -> None:
+                save_dir: str | None, progress: bool, folders: _Folders) -> None:
     save_root = save_dir  # save_dir is None once saving failed (a full disk); the folders are still cleaned up
     for entry in dict.fromkeys(datasets):
         dataset = benchmark_sets.set_name(entry)
@@ -136,7 +179,7 @@ def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[st
         evaluation.listed[dataset] = len(files)
         saved: set[tuple[int, str]] = set()  # (scale, name) of the SR images this run wrote
         try:
-            save_dir = _score_set(evaluation, upscale, dataset, files, scales, save_dir, progress, saved)
+            save_dir = _score_set(evaluation, upscale, dataset, files, scales, save_dir, progress, saved, folders)
         finally:  # also when stopped: what an earlier run left of the images not reached is not this run's
             if save_root is not None:
                 _remove_stale_images(evaluation, save_root, dataset, scales, saved,
@@ -144,7 +187,7 @@ def _score_sets(evaluation: Evaluation, upscale: Upscaler, datasets: Sequence[st
 
 
 def _score_set(evaluation: Evaluation, upscale: Upscaler, dataset: str, files: list[str], scales: list[int],
-               save_dir: str | None, progress: bool, saved: set[tuple[int, str]]) -> str | None:
+               save_dir: str | None, progress: bool, saved: set[tuple[int, str]], folders: _Folders) -> str | None:
     """Scores one set's `files`; adds each SR image written to `saved`. Returns `save_dir`, None once saving failed."""
     rounded_y = evaluation.rounded_y
     set_names = tuple(benchmark_sets.image_name(f) for f in files)
@@ -171,11 +214,16 @@ def _score_set(evaluation: Evaluation, upscale: Upscaler, dataset: str, files: l
                 evaluation.warnings += [f"{dataset} x{scale} {pair.name}: {note}" for note in notes]
             except (MissingFolderError, benchmark_sets.FolderError) as e:  # said once for the set
                 missing_folders.add(scale)
-                _skip(evaluation, f"{dataset} x{scale}: {e}")
+                if isinstance(e, MissingFolderError) and folders.defer:
+                    folders.missing.setdefault(scale, {})[dataset] = f"{dataset} x{scale}: {e}"
+                else:
+                    _skip(evaluation, f"{dataset} x{scale}: {e}")
                 continue
             except (images.ImageError, ValueError, OSError) as e:
+                folders.reached.add(scale)
                 _skip(evaluation, f"{dataset} x{scale}: {e}")
                 continue
+            folders.reached.add(scale)
             if save_dir is not None:
                 try:
                     images.write_image(os.path.join(save_dir, pair.dataset, f"x{scale}", f"{pair.name}.png"), sr)
@@ -294,7 +342,8 @@ def evaluate_bicubic(datasets: Sequence[str], scales: Sequence[int] = DEFAULT_SC
 def evaluate_sr_dir(
     sr_dir: str, datasets: Sequence[str], scales: Sequence[int] = DEFAULT_SCALES, **kwargs
 ) -> Evaluation:
-    """Scores the SR images saved under `sr_dir` (see `sr_dir_upscaler`). kwargs as `evaluate`."""
+    """Scores the SR images saved under `sr_dir` (see `sr_dir_upscaler`). kwargs as `evaluate` (`scales_present_only`:
+    only the scales of `scales` that `sr_dir` holds images of, as `--sr_dir` without `--scales`)."""
     return evaluate(sr_dir_upscaler(sr_dir), datasets, scales, method=f"sr_dir:{sr_dir}", **kwargs)
 
 
@@ -363,20 +412,25 @@ def main(argv: Sequence[str]) -> None:
         progress=FLAGS.progress,
         allow_incomplete=FLAGS.allow_incomplete,
     )
+    step = None  # the checkpoint step scored
     if FLAGS.checkpoint:
         if (problem := env.backend_problem()) is not None:  # JAX_PLATFORMS=cuda without a GPU: the
             sys.exit(f"evaluate: {problem}")  # checkpoint's restore failed, and was called "damaged"
         try:
             which = checkpoint.resolve_which(FLAGS.checkpoint, FLAGS.which)  # auto: what validation scored
-            params, config = checkpoint.load(FLAGS.checkpoint, which=which)
+            # the step read, named in the report: a run saving meanwhile makes --which ema one of several steps
+            params, config, named = checkpoint.load_named(FLAGS.checkpoint, which=which)
         except (ValueError, OSError) as e:  # CheckpointError is a ValueError naming the path
             sys.exit(f"evaluate: cannot load --checkpoint: {e}")
         if scales and scales != [config.scale]:
             raise app.UsageError(f"the checkpoint is an x{config.scale} model; --scales {FLAGS.scales} does not apply")
         run = functools.partial(evaluate_model, params, config, datasets, self_ensemble=FLAGS.self_ensemble)
-        source = f"--checkpoint {FLAGS.checkpoint} --which {which}" + " --self_ensemble" * FLAGS.self_ensemble
-    elif FLAGS.sr_dir:
-        run = functools.partial(evaluate_sr_dir, FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES)
+        source = (f"--checkpoint {FLAGS.checkpoint}" + ("" if zoo.is_zoo(FLAGS.checkpoint) else f" --which {which}")
+                  + " --self_ensemble" * FLAGS.self_ensemble + f" ({named.text})")  # a zoo file: what it records
+        step = named.step
+    elif FLAGS.sr_dir:  # no --scales: the scales it holds images of, the others named in a note
+        run = functools.partial(evaluate_sr_dir, FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES,
+                                scales_present_only=not scales)
         source = f"--sr_dir {os.path.abspath(FLAGS.sr_dir)}"
     else:
         run = functools.partial(evaluate_bicubic, datasets, scales or DEFAULT_SCALES)
@@ -389,15 +443,16 @@ def main(argv: Sequence[str]) -> None:
         evaluation, signum = e.evaluation, e.signum
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C again: stop now (it met JAX's exit with a traceback)
         print(file=sys.stderr)
-    evaluation.source = source  # in the report: which parameters (--which) a result is of
-    print(report.markdown_table(evaluation))
+    evaluation.source = source  # in the report: which parameters (--which, the step) a result is of
+    evaluation.step = step
+    print(report.markdown_table(evaluation, skipped=False))  # the skips are listed below it, once
     if FLAGS.output:
         try:
             for path in report.write_report(evaluation, FLAGS.output):
                 logging.info("wrote %s", path)
         except OSError as e:  # e.g. a full disk; the table above holds the numbers
             sys.exit(f"evaluate: --output {FLAGS.output}: cannot write the report ({e})")
-    if evaluation.skipped:
+    if evaluation.skipped:  # here, one a line; results.md and results.json have them too
         print(f"\n{len(evaluation.skipped)} skipped:", *evaluation.skipped, sep="\n  ", file=sys.stderr)
         for message in evaluation.incomplete():
             print(f"incomplete: {message}", file=sys.stderr)
@@ -425,7 +480,8 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "data_dir", None, "Folder holding benchmark/<set>/HR (default $RNAN_DATA_DIR or ../shared/data)."
     )
-    flags.DEFINE_string("scales", None, "Comma-separated scales (default 2,3,4; a checkpoint uses its own scale).")
+    flags.DEFINE_string("scales", None, "Comma-separated scales (default 2,3,4: with --sr_dir, those of them it holds "
+                        "images of, the others named in a note; a checkpoint uses its own scale).")
     flags.DEFINE_bool("self_ensemble", False, "Average the 8 flips/rotations (RNAN+).")
     flags.DEFINE_bool("allow_incomplete", False, "Report a set scored on fewer images than it holds (some "
                       "skipped), labelled with its image count; by default such a set gets no score.")

@@ -5,7 +5,8 @@
         --box 200,100,80 --output docs/figures/small_x2_img_004.png
 
 `curve` reads the validation scalars that the trainer writes to `<workdir>/tensorboard/metrics.jsonl`
-(validation PSNR against step, bicubic's as a line). `compare` shows a benchmark HR image with a boxed
+(validation PSNR against step, bicubic's as a line); a folder inside the workdir (its checkpoints/, best/) is
+refused naming the workdir to give. `compare` shows a benchmark HR image with a boxed
 region and zoomed crops of HR, bicubic and the model, each labelled with its whole-image PSNR/SSIM on Y
 (the numbers `evaluate` prints for that image). matplotlib is an optional extra: `pip install -e '.[figures]'`.
 """
@@ -49,6 +50,10 @@ def read_validation(workdir: str) -> tuple[list[int], list[float], float | None]
     path = metrics_path(workdir)
     url = paths.is_url(path)  # a gs:// run's (a TPU VM's): os.path said "no such file" of the objects there
     if not (paths.isfile(path) if url else os.path.isfile(path)):
+        # RUN/checkpoints, RUN/best/4: it said "written since metrics.jsonl was added", as if the run were too old
+        if (run := enclosing_run(workdir)) is not None:
+            raise FigureError(f"{path}: no such file: {workdir} is inside the training workdir {run}; give "
+                              f"--workdir {run}")
         raise FigureError(f"{path}: no such file (written by the trainer since metrics.jsonl was added)")
     if url:
         text = paths.read_text(path)
@@ -85,6 +90,23 @@ def metrics_path(workdir: str) -> str:
     path = os.path.join(workdir, "tensorboard", METRICS_FILE)
     here = os.path.join(workdir, METRICS_FILE)
     return here if not isfile(path) and isfile(here) else path
+
+
+def enclosing_run(folder: str) -> str | None:
+    """The training workdir that `folder` is a subfolder of (its checkpoints/, best/, a step's folder in them), up to
+    three levels up: the first folder above it holding tensorboard/metrics.jsonl or checkpoints/; None where there
+    is none."""
+    url = paths.is_url(folder)
+    isfile, isdir = (paths.isfile, paths.isdir) if url else (os.path.isfile, os.path.isdir)
+    here = folder.rstrip("/") if url else os.path.abspath(folder)
+    for _ in range(3):
+        parent = os.path.dirname(here)
+        if parent == here or (url and "/" not in parent.split("://", 1)[-1]):  # the root, or a bucket
+            return None
+        here = parent
+        if isfile(os.path.join(here, "tensorboard", METRICS_FILE)) or isdir(os.path.join(here, "checkpoints")):
+            return here if url or os.path.isabs(folder) else os.path.relpath(here)  # as it was given
+    return None
 
 
 def run_name(workdir: str) -> str:

@@ -38,7 +38,8 @@ class Evaluation:
     warnings: list[str] = dataclasses.field(default_factory=list)
     listed: dict[str, int] = dataclasses.field(default_factory=dict)  # image files found per dataset
     allow_incomplete: bool = False  # report a set scored on fewer images than it holds (labelled as such)
-    source: str = ""  # what was scored, as the command named it ("--checkpoint runs/x4 --which best"), if known
+    source: str = ""  # what was scored, as the command named it ("--checkpoint runs/x4 --which best (step 8)")
+    step: int | None = None  # the checkpoint step scored (a zoo file's: the one it records), if known
 
     def _groups(self) -> dict[str, dict[str, list[ImageScore]]]:
         out: dict[str, dict[str, list[ImageScore]]] = {}
@@ -121,13 +122,14 @@ def json_number(x: float) -> float | str:
 
 
 def results_json(evaluation: Evaluation) -> dict:
-    """{"<dataset>": {"x<scale>": {"psnr", "ssim", "images"}}, "conventions": {...}, "run": {...}}."""
+    """{"<dataset>": {"x<scale>": {"psnr", "ssim", "images"}}, "conventions": {...}, "run": {"source", "step" (the
+    checkpoint step scored, or null), "skipped", "warnings"}}."""
     out: dict = {
         ds: {key: {**v, "psnr": json_number(v["psnr"])} for key, v in by_scale.items()}
         for ds, by_scale in evaluation.summary().items()
     }
     out["conventions"] = evaluation.conventions()
-    out["run"] = {"source": evaluation.source, "skipped": list(evaluation.skipped),
+    out["run"] = {"source": evaluation.source, "step": evaluation.step, "skipped": list(evaluation.skipped),
                   "warnings": list(evaluation.warnings)}
     return out
 
@@ -142,14 +144,16 @@ def _column(dataset: str, key: str, row: dict) -> str:
     return label + (f" ({row['images']} of {row['of']} images)" if partial else "")
 
 
-def markdown_table(evaluation: Evaluation) -> str:
-    """Rows: this result, then the paper's Bicubic / RNAN / RNAN+ rows; columns: dataset x scale (Table 1)."""
+def markdown_table(evaluation: Evaluation, *, skipped: bool = True) -> str:
+    """Rows: this result, then the paper's Bicubic / RNAN / RNAN+ rows; columns: dataset x scale (Table 1). Under it
+    the notes: the warnings and (`skipped`) the skipped images."""
     summary = evaluation.summary()
     columns = [(ds, key) for ds, by_scale in summary.items() for key in by_scale]
     if not columns:  # the warnings and skips still said: they are why (results.md held the first line alone)
         head = ("(no set was scored in full, so none has a score: --allow_incomplete reports the partial means)"
                 if evaluation.scores else "(no images were scored)")
-        return _escaped("\n".join([head, ""] + _notes(evaluation)))
+        scored = [f"Scored: {evaluation.source}."] if evaluation.source else []  # what, though no set has a score
+        return _escaped("\n".join([head, ""] + scored + _notes(evaluation, skipped)))
     lines = [
         "| Method | " + " | ".join(_column(ds, key, summary[ds][key]) for ds, key in columns) + " |",
         "| --- |" + " --- |" * len(columns),
@@ -169,13 +173,13 @@ def markdown_table(evaluation: Evaluation) -> str:
         f"PSNR (dB) / SSIM on {'rounded' if evaluation.rounded_y else 'unrounded'} Y, shave = scale. "
         f"Images scored: {counts}.",
     ] + ([f"Scored: {evaluation.source}."] if evaluation.source else [])
-    return _escaped("\n".join(lines + notes + _notes(evaluation)))
+    return _escaped("\n".join(lines + notes + _notes(evaluation, skipped)))
 
 
-def _notes(evaluation: Evaluation) -> list[str]:
-    """The table's lines for the warnings and the skipped images."""
+def _notes(evaluation: Evaluation, skipped: bool = True) -> list[str]:
+    """The table's lines for the warnings and (`skipped`) the skipped images."""
     notes = [f"Warning: {w}" for w in evaluation.warnings]
-    if evaluation.skipped:
+    if evaluation.skipped and skipped:
         notes.append(f"Skipped {len(evaluation.skipped)}: " + "; ".join(evaluation.skipped))
     return notes
 
@@ -187,13 +191,21 @@ def _escaped(text: str) -> str:
 
 
 def per_image_csv(evaluation: Evaluation) -> str:
-    """One row per (dataset, scale, image): psnr ("inf" when exact), ssim, cropped HR size, gray."""
+    """One row per (dataset, scale, image): psnr ("inf" when exact), ssim, cropped HR size, gray, and complete: 1 where
+    every image of that set was scored at that scale, 0 where some were not (skipped, or not reached when the run
+    was stopped): the mean of those rows is not the set's score, which the table and results.json leave out (or
+    label, with --allow_incomplete). A script averaging the rows per set keeps those with complete 1."""
     f = io.StringIO(newline="")
     writer = csv.writer(f)
-    writer.writerow(["dataset", "scale", "image", "psnr", "ssim", "height", "width", "gray"])
+    writer.writerow(["dataset", "scale", "image", "psnr", "ssim", "height", "width", "gray", "complete"])
+    counts: dict[tuple[str, int], int] = {}
+    for s in evaluation.scores:
+        counts[s.dataset, s.scale] = counts.get((s.dataset, s.scale), 0) + 1
     for s in evaluation.scores:
         psnr = "inf" if math.isinf(s.psnr) else f"{s.psnr:.6f}"
-        writer.writerow([s.dataset, s.scale, s.name, psnr, f"{s.ssim:.6f}", s.height, s.width, int(s.gray)])
+        complete = counts[s.dataset, s.scale] >= evaluation.listed.get(s.dataset, 0)  # as `summary` counts a set
+        writer.writerow([s.dataset, s.scale, s.name, psnr, f"{s.ssim:.6f}", s.height, s.width, int(s.gray),
+                         int(complete)])
     return _escaped(f.getvalue())
 
 

@@ -1,7 +1,7 @@
 """Upscales image files with a trained RNAN checkpoint.
 
     python -m rnan_jax.upscale --checkpoint WORKDIR photos/ extra.jpg --output out/ [--tile 256]
-        [--overlap 32] [--self_ensemble] [--which auto|latest|best|ema]
+        [--overlap 32] [--self_ensemble] [--which auto|latest|best|ema] [--noprogress]
 
 Inputs are image files (anything Pillow reads) or folders (their files with an `images.READABLE_EXTENSIONS`
 extension, GIF included, not recursing: subfolders holding images are named in a note; not hidden ones such as
@@ -26,7 +26,9 @@ one that another input of the same run produces; outputs of earlier runs are rep
 new file is complete. A file that cannot be read, upscaled or written is reported by name in one line and
 the rest go on (a full disk stops the run there, saying how many were not attempted); the exit status is 1
 if any input failed, 2 for an unusable checkpoint or --output. The parameters read (`--which auto`: those the
-run's validation scored) are named as evaluate names them: `Upscaling with: --checkpoint RUN --which ema`.
+run's validation scored) are named as evaluate names them, with the step read: `Upscaling with: --checkpoint RUN
+--which ema (step 8)`; of a zoo file, what it records: `--checkpoint zoo:NAME (the run's ema at step 2000)`.
+`--noprogress` leaves out the progress bars (scripts, CI logs), as evaluate's does.
 
 `--overlap` defaults to 32 LR pixels, or half of a `--tile` of 64 or less.
 Without `--tile` each image is upscaled whole (device memory grows with the image: about 13 KiB per LR
@@ -51,7 +53,7 @@ from absl import app, flags
 from scipy import ndimage
 from tqdm import tqdm
 
-from rnan_jax import checkpoint, cli, degrade, env, images, inference, paths
+from rnan_jax import checkpoint, cli, degrade, env, images, inference, paths, zoo
 from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError
 from rnan_jax.model import RNANConfig
 
@@ -310,7 +312,7 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(2)
     try:
         which = checkpoint.resolve_which(FLAGS.checkpoint, FLAGS.which)  # auto: what validation scored
-        params, config = checkpoint.load(FLAGS.checkpoint, which=which)
+        params, config, named = checkpoint.load_named(FLAGS.checkpoint, which=which)  # and the step read
     except CheckpointError as e:
         print(f"upscale: cannot load --checkpoint: {e}", file=sys.stderr)
         sys.exit(2)
@@ -325,16 +327,18 @@ def main(argv: Sequence[str]) -> None:
     if (error := cli.output_folder_error(FLAGS.output)) is not None:
         print(f"upscale: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"Upscaling with: --checkpoint {FLAGS.checkpoint} --which {which}", file=sys.stderr)  # evaluate's "Scored:"
+    print(f"Upscaling with: --checkpoint {FLAGS.checkpoint}" + ("" if zoo.is_zoo(FLAGS.checkpoint) else
+          f" --which {which}") + f" ({named.text})", file=sys.stderr)  # as evaluate's "Scored:"
     done, not_attempted = 0, 0
-    bar = tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr)
+    bar = tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr, disable=not FLAGS.progress)
     for k, (src, dst) in enumerate(bar):
         windows = None
 
         def progress(count: int, total: int) -> None:  # a tiled image: a second bar counting its windows
             nonlocal windows
             if windows is None:
-                windows = tqdm(total=total, desc=os.path.basename(src), unit="window", leave=False, file=sys.stderr)
+                windows = tqdm(total=total, desc=os.path.basename(src), unit="window", leave=False, file=sys.stderr,
+                               disable=not FLAGS.progress)
             windows.update(count - windows.n)
 
         try:
@@ -384,6 +388,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_image_pixels", images.DEFAULT_MAX_PIXELS, "Refuse (per file, the rest going on) "
                          "images of more pixels than this, a guard against decompression bombs; 0: no limit.",
                          lower_bound=0)
+    flags.DEFINE_bool("progress", True, "Show a progress bar (and one of windows for a tiled image); --noprogress "
+                      "for scripts and CI logs.")
 
 
 if __name__ == "__main__":

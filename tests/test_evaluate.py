@@ -208,7 +208,7 @@ def test_report_of_a_file_name_that_is_not_utf8_is_written_with_the_bytes_escape
     evaluation = _one_score_evaluation("b\udcffx")
     evaluation.skipped.append("Set5: /data/Set5/HR/c\udcffy.png: cannot read image")
     files = report.write_report(evaluation, str(tmp_path / "out"))
-    assert open(files[2], encoding="utf-8").read().splitlines()[1] == r"Set5,2,b\udcffx,36.250000,0.962500,288,288,0"
+    assert open(files[2], encoding="utf-8").read().splitlines()[1] == r"Set5,2,b\udcffx,36.250000,0.962500,288,288,0,1"
     assert r"Skipped 1: Set5: /data/Set5/HR/c\udcffy.png: cannot read image" in open(files[1], encoding="utf-8").read()
     assert json.load(open(files[0]))["run"]["skipped"] == evaluation.skipped
     assert report.markdown_table(evaluation).encode("utf-8").count(rb"c\udcffy.png") == 1  # printable to stdout
@@ -387,7 +387,7 @@ def test_an_image_upscaled_in_windows_is_recorded_in_the_report(tmp_path, params
 
 
 def test_cli_checkpoint_path(tmp_path):
-    # rnan_jax.load (reading a training workdir's checkpoint) is stood in for by a function returning a tiny model.
+    # checkpoint.load_named (reading a workdir's checkpoint) is stood in for by a function returning a tiny model.
     root = str(tmp_path)
     _make_model_dataset(root)
     out = tmp_path / "out"
@@ -398,10 +398,10 @@ def test_cli_checkpoint_path(tmp_path):
         from rnan_jax import evaluate
         from tests.test_evaluate import TINY_MODEL, tiny_params
 
-        def load(path, which):
+        def load_named(path, which):
             assert (path, which) == ("CKPT", "ema"), (path, which)
-            return tiny_params(), TINY_MODEL
-        rnan_jax.checkpoint.load = load
+            return tiny_params(), TINY_MODEL, rnan_jax.checkpoint.Named(8, "step 8")
+        rnan_jax.checkpoint.load_named = load_named
         evaluate._define_flags()
         app.run(evaluate.main, argv=["evaluate", "--checkpoint", "CKPT", "--which", "ema", "--self_ensemble",
                                      "--data_dir", {root!r}, "--datasets", "Tiny", "--output", {str(out)!r},
@@ -418,8 +418,10 @@ def test_cli_checkpoint_path(tmp_path):
     assert results["conventions"]["method"] == "RNAN+" and results["conventions"]["self_ensemble"] is True
     assert "| RNAN+ | " in proc.stdout
     # which parameters were scored (--which best and latest reports could not be told apart)
-    assert results["run"]["source"] == "--checkpoint CKPT --which ema --self_ensemble"
-    assert "Scored: --checkpoint CKPT --which ema --self_ensemble." in (out / "results.md").read_text().splitlines()
+    assert results["run"]["source"] == "--checkpoint CKPT --which ema --self_ensemble (step 8)"
+    assert results["run"]["step"] == 8
+    assert "Scored: --checkpoint CKPT --which ema --self_ensemble (step 8)." in \
+        (out / "results.md").read_text().splitlines()
 
 
 _CTRL_C_AT_THE_THIRD_IMAGE = """
@@ -967,3 +969,155 @@ def test_an_empty_sr_folder_of_a_set_is_named_as_the_user_has_it(tmp_path):
     assert not got.scores and len(got.skipped) == 1
     assert got.skipped[0].startswith(f"B100 x2: {tmp_path}/sr/results-BSD100: no SR images of B100 at x2 there (no x2 "
                                      f"folder, no file name saying x2; expected {tmp_path}/sr/<dataset>/x<scale>/")
+
+
+def test_sr_dir_without_scales_scores_the_scales_it_holds_and_prints_each_skip_once(tmp_path):
+    """`--sr_dir OUT/images` of --save_images output holding x2 alone, without --scales, looked for x2, x3 and x4:
+    x3 and x4 were one "skipped" error per set, exit 1, and each message was printed three times (a log line, under
+    the table, in the list at the end). The scales it holds are scored and the others named in one note, exit 0;
+    --scales given keeps them errors, each printed once."""
+    root = _two_sets(tmp_path)
+    evaluate_bicubic(["One", "Two"], (2,), data_dir=root, save_dir=str(tmp_path / "sr"), progress=False)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rnan_jax.evaluate", "--sr_dir", str(tmp_path / "sr"), "--data_dir", root,
+           "--datasets", "One,Two", "--output", str(out), "--noprogress"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [list(results[s]) for s in ("One", "Two")] == [["x2"], ["x2"]]
+    assert results["One"]["x2"]["images"] == 2 and results["Two"]["x2"]["images"] == 3
+    note = ("no SR images at x3, x4 (of One, Two): scored at x2, the scales --sr_dir holds images of (--scales names "
+            "the scales to require)")
+    assert results["run"]["skipped"] == [] and results["run"]["warnings"] == [note]
+    assert f"Warning: {note}" in proc.stdout and "skipped" not in proc.stderr
+    proc = subprocess.run(cmd + ["--scales", "2,3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    skipped = json.loads((out / "results.json").read_text())["run"]["skipped"]
+    assert [m.split(":")[0] for m in skipped] == ["One x3", "Two x3"]
+    assert all((proc.stdout + proc.stderr).count(m) == 1 for m in skipped), proc.stdout + proc.stderr
+    assert f"2 skipped:\n  {skipped[0]}\n  {skipped[1]}" in proc.stderr
+    assert f"Skipped 2: {skipped[0]}; {skipped[1]}" in (out / "results.md").read_text()  # the file keeps them
+
+
+def test_a_model_of_two_scales_in_sr_dir_scores_both_and_a_set_missing_one_is_an_error(tmp_path):
+    """Without --scales, a scale that some set has images of is required of every set (one lacking it is
+    skipped, as a partial set is); where no scale has images at all, each set's reason is kept (where the
+    images were looked for)."""
+    root = _two_sets(tmp_path)
+    sr = str(tmp_path / "sr")
+    evaluate_bicubic(["One", "Two"], (2,), data_dir=root, save_dir=sr, progress=False)
+    evaluate_bicubic(["One"], (3,), data_dir=root, save_dir=sr, progress=False)
+    got = evaluate_sr_dir(sr, ["One", "Two"], data_dir=root, progress=False, scales_present_only=True)
+    assert sorted({(s.dataset, s.scale) for s in got.scores}) == [("One", 2), ("One", 3), ("Two", 2)]
+    assert [m.split(":")[0] for m in got.skipped] == ["Two x3"]
+    assert got.warnings == ["no SR images at x4 (of One, Two): scored at x2, x3, the scales --sr_dir holds images of "
+                            "(--scales names the scales to require)"]
+    empty = evaluate_sr_dir(str(tmp_path / "nothing"), ["One"], data_dir=root, progress=False,
+                            scales_present_only=True)
+    assert [m.split(":")[0] for m in empty.skipped] == ["One x2", "One x3", "One x4"] and empty.warnings == []
+
+
+def _save_run(workdir, steps, best=None):
+    """A training workdir of the tiny model with EMA: checkpoints/ of `steps` ({step: seed}), best/ of `best`;
+    returns {step: (params, ema)} of checkpoints/ and, under key "best", best/'s."""
+    from test_zoo import _save_steps
+
+    saved = _save_steps(workdir / "checkpoints", steps, TINY_MODEL)
+    if best:
+        saved["best"] = next(iter(_save_steps(workdir / "best", best, TINY_MODEL).values()))
+    return saved
+
+
+def test_the_report_names_the_step_scored_and_what_a_zoo_file_records(tmp_path):
+    """`Scored: --checkpoint RUN --which ema.` named no step (a live run's newest changes as it saves; best/ is an
+    earlier one), nor did results.json; a zoo file was `--which latest` whatever its meta records."""
+    from rnan_jax import zoo
+
+    root = str(tmp_path)
+    _make_model_dataset(root)
+    workdir = tmp_path / "run"
+    saved = _save_run(workdir, {4: 1, 8: 2}, best={4: 3})
+    zoo.write(str(tmp_path / "m.msgpack"), saved[8][1], TINY_MODEL, {"which": "ema", "step": 8})
+
+    def scored(*args):
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", *args, "--data_dir", root, "--datasets",
+                               "Tiny", "--output", str(out), "--noprogress"], cwd=REPO, capture_output=True, text=True,
+                              timeout=180, env=dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla_cache")))
+        assert proc.returncode == 0, proc.stderr
+        results = json.loads((out / "results.json").read_text())
+        line = f"Scored: {results['run']['source']}."
+        assert line in proc.stdout.splitlines() and line in (out / "results.md").read_text().splitlines()
+        return results["run"]["source"], results["run"]["step"], results["Tiny"]["x2"]["psnr"]
+
+    def psnr(p):
+        return evaluate_model(p, TINY_MODEL, ["Tiny"], data_dir=root, progress=False).summary()["Tiny"]["x2"]["psnr"]
+
+    assert scored("--checkpoint", str(workdir)) == (f"--checkpoint {workdir} --which ema (step 8)", 8,
+                                                    psnr(saved[8][1]))
+    assert scored("--checkpoint", str(workdir), "--which", "best") == (
+        f"--checkpoint {workdir} --which best (step 4)", 4, psnr(saved["best"][1]))
+    assert scored("--checkpoint", str(tmp_path / "m.msgpack"))[:2] == (
+        f"--checkpoint {tmp_path / 'm.msgpack'} (the run's ema at step 8)", 8)
+
+
+def test_load_named_names_the_step_it_read_when_a_save_lands_meanwhile(tmp_path, monkeypatch):
+    """The step named is the step read: a save landing between the two (a live run) named one step and loaded
+    another; where the step located is removed before it is read (the run keeps the newest few), the newest then is
+    read and named."""
+    import shutil
+
+    from rnan_jax import checkpoint
+
+    saved = _save_run(tmp_path / "run", {4: 1, 8: 2})
+    step_12 = _save_run(tmp_path / "other", {12: 5})[12]
+    real, calls = checkpoint._read, []
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+    for removes_8, step, ema in ((False, 8, saved[8][1]), (True, 12, step_12[1])):
+        workdir = tmp_path / f"run{int(removes_8)}"
+        shutil.copytree(tmp_path / "run", workdir)
+        calls.clear()
+
+        def read(directory, step, which):
+            calls.append(step)
+            if len(calls) == 1:  # the run saves step 12 (and removes 8) as the step located is about to be read
+                shutil.copytree(tmp_path / "other" / "checkpoints" / "12", os.path.join(directory, "12"))
+                if removes_8:
+                    shutil.rmtree(os.path.join(directory, "8"))
+            return real(directory, step, which)
+
+        monkeypatch.setattr(checkpoint, "_read", read)
+        params, config, named = checkpoint.load_named(str(workdir), which="ema")
+        assert (named, config, calls) == (checkpoint.Named(step, f"step {step}"), TINY_MODEL, [8, 12][:1 + removes_8])
+        assert same(params, ema)
+
+
+def test_an_interrupted_evaluation_marks_its_partial_sets_rows_in_per_image_csv(tmp_path):
+    """Ctrl-C during a set kept that set's rows in per_image.csv with nothing to tell them from a set scored in full,
+    while results.json and the table leave it out: a script averaging per_image.csv per set reported the mean of the
+    images reached as the set's score. Each row says whether its set was scored in full (complete 1)."""
+    root = _two_sets(tmp_path)
+    out = tmp_path / "out"
+    at_the_fourth = _CTRL_C_AT_THE_THIRD_IMAGE.replace("len(scored) == 2", "len(scored) == 3")
+    proc = subprocess.run([sys.executable, "-c", at_the_fourth, "--method", "bicubic", "--data_dir", root,
+                           "--datasets", "One,Two", "--scales", "2", "--output", str(out), "--noprogress"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "Two" not in json.loads((out / "results.json").read_text())
+    with open(out / "per_image.csv") as f:
+        rows = [(r["dataset"], r["image"], r["complete"]) for r in csv.DictReader(f)]
+    assert rows == [("One", "im0", "1"), ("One", "im1", "1"), ("Two", "im0", "0")]
+
+
+def test_a_report_with_no_set_scored_in_full_still_names_what_was_scored():
+    """results.md of a run in which no set was scored in full (an image skipped, Ctrl-C in the first set) said
+    nothing of what was scored: the `Scored:` line was under the table only."""
+    evaluation = _one_score_evaluation(images_scored=1)
+    evaluation.listed["Set5"] = 2  # one of two images scored: no score
+    evaluation.source = "--checkpoint run --which ema (step 8)"
+    assert report.markdown_table(evaluation).splitlines()[:3] == [
+        "(no set was scored in full, so none has a score: --allow_incomplete reports the partial means)", "",
+        "Scored: --checkpoint run --which ema (step 8)."]

@@ -181,7 +181,27 @@ def test_export_says_which_parameters_auto_chose(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(f"wrote {tmp_path / 'm.jax'} (") and proc.stdout.count("\n") == 1
-    assert f" of --checkpoint {tmp_path / 'run'} --which ema: x2, " in proc.stdout, proc.stdout
+    assert f" of --checkpoint {tmp_path / 'run'} --which ema (step 4): x2, " in proc.stdout, proc.stdout
     exported = jax.export.deserialize(bytearray((tmp_path / "m.jax").read_bytes()))
     lr = np.random.default_rng(0).random((1, 5, 6, 3), np.float32)
     np.testing.assert_allclose(np.asarray(exported.call(lr)), np.asarray(apply(ema, lr, config=config)), atol=1e-5)
+
+
+def test_export_names_the_step_it_read(tmp_path):
+    """The line named `--which best` alone, though best/'s step is not the newest (nor is a live run's newest the one
+    it was when the command was typed): it names the step read, as evaluate's report does."""
+    from test_zoo import _save_steps
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+    _save_steps(tmp_path / "run" / "checkpoints", {4: 1, 8: 2}, config)
+    best = _save_steps(tmp_path / "run" / "best", {4: 3}, config)[4][1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), "--checkpoint",
+                           str(tmp_path / "run"), "--which", "best", "--output", str(tmp_path / "m.jax"),
+                           "--platforms", "cpu"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f" of --checkpoint {tmp_path / 'run'} --which best (step 4): x2, " in proc.stdout, proc.stdout
+    exported = jax.export.deserialize(bytearray((tmp_path / "m.jax").read_bytes()))
+    lr = np.random.default_rng(0).random((1, 5, 6, 3), np.float32)
+    np.testing.assert_allclose(np.asarray(exported.call(lr)), np.asarray(apply(best, lr, config=config)), atol=1e-5)

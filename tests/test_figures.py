@@ -272,3 +272,25 @@ def test_compare_reads_by_default_the_parameters_validation_scored(tmp_path, cap
         out = capsys.readouterr().out
         assert out.startswith(f"wrote {tmp_path / 'c.png'}: Bicubic ") and out.endswith(f", {scored(expected)}\n"), \
             (which, out)
+
+
+def test_curve_of_a_folder_inside_the_workdir_names_the_workdir_to_give(tmp_path, capsys, monkeypatch):
+    """`figures curve --workdir RUN/checkpoints` (or RUN/best/4) said "metrics.jsonl: no such file (written by the
+    trainer since metrics.jsonl was added)", as if the run were too old, not that RUN was the folder to give."""
+    run = tmp_path / "x2"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "metrics.jsonl").write_text('{"step": 100, "val/psnr": 30.5}\n')
+    (run / "checkpoints" / "100" / "params").mkdir(parents=True)
+    (run / "best" / "100" / "params").mkdir(parents=True)
+    out = str(tmp_path / "c.png")
+    for given in (run / "checkpoints", run / "best" / "100", f"{run}/checkpoints/"):
+        assert figures.main(["curve", "--workdir", str(given), "--output", out]) == 1
+        assert capsys.readouterr().err == (f"figures: {os.path.join(str(given), 'tensorboard', 'metrics.jsonl')}: no "
+                                           f"such file: {given} is inside the training workdir {run}; give --workdir "
+                                           f"{run}\n")
+    monkeypatch.chdir(tmp_path)  # a relative path is answered with one
+    assert figures.main(["curve", "--workdir", "x2/checkpoints", "--output", out]) == 1
+    assert capsys.readouterr().err.endswith(": x2/checkpoints is inside the training workdir x2; give --workdir x2\n")
+    (tmp_path / "other").mkdir()  # a folder of no run: the message as it was
+    assert figures.main(["curve", "--workdir", str(tmp_path / "other"), "--output", out]) == 1
+    assert capsys.readouterr().err.endswith("no such file (written by the trainer since metrics.jsonl was added)\n")

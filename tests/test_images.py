@@ -705,5 +705,5 @@ def test_upscale_says_which_parameters_auto_chose(tmp_path):
                           env=dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "--which" in line]
-    assert lines == [f"Upscaling with: --checkpoint {tmp_path / 'run'} --which ema"]
+    assert lines == [f"Upscaling with: --checkpoint {tmp_path / 'run'} --which ema (step 4)"]
     assert os.listdir(tmp_path / "out") == ["a_x2.png"]

@@ -185,7 +185,7 @@ def test_make_zoo_records_the_step_and_the_run_of_a_step_folder(tmp_path):
         proc = subprocess.run([*driver, *args, "--name", name], capture_output=True, text=True, timeout=300,
                               cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert f"x2, step {step})" in proc.stdout
+        assert f" (step {step}): x2, " in proc.stdout
         _, got_config, meta = zoo.read(str(zoo_dir / f"{name}.msgpack"))
         assert got_config == config
         assert (meta["step"], meta["config.json"], meta["git_revision.txt"]) == (step, {"total_steps": 9}, "abc123")
@@ -522,7 +522,7 @@ def test_the_clis_read_by_default_the_parameters_validation_scored(tmp_path):
         "--output", str(tmp_path / "scores"))
     results = json.loads((tmp_path / "scores" / "results.json").read_text())
     assert results["mine"]["x2"]["psnr"] == psnr(ema)
-    assert results["run"]["source"] == f"--checkpoint {workdir} --which ema"
+    assert results["run"]["source"] == f"--checkpoint {workdir} --which ema (step 4)"
 
     cli("-m", "rnan_jax.upscale", "--checkpoint", str(workdir), str(mine / "a.png"), "--output", str(tmp_path / "up"))
     got = images.read_rgb(str(tmp_path / "up" / "a_x2.png"))
@@ -622,3 +622,41 @@ def test_make_zoo_names_the_start_of_the_run_that_saved_the_step(tmp_path):
     meta = make(workdir, "nolog")
     assert meta["record"] == record + "which start saved step 6 is not known (train.log is missing or holds no start)"
     assert "start" not in meta
+
+
+def test_make_zoo_upscale_and_export_name_the_parameters_and_step_as_the_file_records(tmp_path):
+    """make_zoo's line named the step but not which parameters (export's the which, not the step); upscale and
+    export called a zoo file `--which latest` whatever its meta records; a zoo file given to make_zoo was recorded
+    as "latest" of no step. Each names `--which W (step N)` of a run, and a zoo file's record; upscale's
+    --noprogress leaves out its bars, as evaluate's does."""
+    from rnan_jax import images
+
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=1, gc_reduction=2)
+    run = tmp_path / "run"
+    _save_steps(run / checkpoint.CHECKPOINTS, {4: 1, 8: 2}, config)
+    environ = dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu")
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env=environ)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    make_zoo = os.path.join(REPO, "tools", "make_zoo.py")
+    first, copy = tmp_path / "zoo" / "m.msgpack", tmp_path / "zoo" / "copy.msgpack"
+    proc = cli(make_zoo, "--workdir", str(run), "--name", "m", "--out", str(tmp_path / "zoo"))
+    assert proc.stdout == (f"wrote {first} (0.02 MiB) of --workdir {run} --which ema (step 8): x2, 5,504 parameters; "
+                           f"its SHA-256 recorded in {tmp_path / 'zoo' / 'sha256.json'}\n")
+    proc = cli(make_zoo, "--workdir", str(first), "--name", "copy", "--out", str(tmp_path / "zoo"))
+    assert f" of --workdir {first} (the run's ema at step 8): x2, " in proc.stdout
+    assert {k: zoo.read(str(copy))[2][k] for k in ("which", "step")} == {"which": "ema", "step": 8}
+    images.write_image(str(tmp_path / "a.png"), np.zeros((6, 7, 3), np.uint8))
+    for path, named in [(str(run), f"{run} --which ema (step 8)"), (str(copy), f"{copy} (the run's ema at step 8)"),
+                        ("zoo:small_x2", "zoo:small_x2 (the run's latest, its step not recorded)")]:
+        proc = cli("-m", "rnan_jax.upscale", "--checkpoint", path, str(tmp_path / "a.png"), "--output",
+                   str(tmp_path / "up"), "--noprogress")
+        assert proc.stderr.splitlines() == [f"Upscaling with: --checkpoint {named}",
+                                            f"wrote 1 image(s) to {tmp_path / 'up'}"], proc.stderr
+    proc = cli(os.path.join(REPO, "tools", "export.py"), "--checkpoint", str(copy), "--output",
+               str(tmp_path / "m.jax"), "--platforms", "cpu")
+    assert f" of --checkpoint {copy} (the run's ema at step 8): x2, " in proc.stdout, proc.stdout

@@ -6,7 +6,8 @@
 The artifact maps lr float32 [B, h, w, 3] in [0, 1] to sr float32 [B, s*h, s*w, 3] (not clipped) with B, h
 and w symbolic: one file serves every batch and image size; `--fixed_size` pins h and w for runtimes that
 need static shapes. By default it is lowered for cpu, cuda and tpu at once. The line it prints names the
-parameters read, as evaluate's report does (`--which auto`: `of --checkpoint RUN --which ema`). Serializing
+parameters read, as evaluate's report does (`--which auto`: `of --checkpoint RUN --which ema (step 8)`; of a zoo
+file what it records: `of --checkpoint zoo:NAME (the run's ema at step 2000)`). Serializing
 needs the `flatbuffers` package. `rnan_jax/export.py` (`export_model`, `save`) does the work; its docstring says more
 and shows how to load and run the artifact with JAX alone, without rnan_jax.
 """
@@ -18,8 +19,8 @@ from typing import Sequence
 
 from absl import app, flags
 
-from rnan_jax import cli, env, paths
-from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError, load, resolve_which
+from rnan_jax import cli, env, paths, zoo
+from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError, load_named, resolve_which
 from rnan_jax.export import DEFAULT_PLATFORMS, PLATFORMS, export_model, save
 
 
@@ -45,7 +46,7 @@ def main(argv: Sequence[str]) -> None:
     env.prepare_process()
     try:
         which = resolve_which(FLAGS.checkpoint, FLAGS.which)  # auto: what validation scored
-        params, config = load(FLAGS.checkpoint, which=which)
+        params, config, named = load_named(FLAGS.checkpoint, which=which)  # and the step read, for the line below
     except CheckpointError as e:
         print(f"export: cannot load --checkpoint: {e}", file=sys.stderr)
         sys.exit(2)
@@ -58,13 +59,15 @@ def main(argv: Sequence[str]) -> None:
     except OSError as e:
         print(f"export: cannot write --output: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {output} ({size / 2**20:.1f} MiB) of --checkpoint {FLAGS.checkpoint} --which {which}: "
+    of = f"--checkpoint {FLAGS.checkpoint}" + ("" if zoo.is_zoo(FLAGS.checkpoint) else f" --which {which}")
+    print(f"wrote {output} ({size / 2**20:.1f} MiB) of {of} ({named.text}): "
           f"x{config.scale}, input {exported.in_avals[0]}, "
           f"output {exported.out_avals[0]}, platforms {', '.join(exported.platforms)}")
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("checkpoint", None, "A training workdir or one checkpoint step's folder.", required=True)
+    flags.DEFINE_string("checkpoint", None, "A training workdir, one checkpoint step's folder, or zoo:NAME (shipped "
+                        "weights, e.g. zoo:small_x2) or a zoo file's path.", required=True)
     flags.DEFINE_string("output", None, "Where to write the serialized artifact: a file name or a gs:// URL.",
                         required=True)
     flags.DEFINE_enum("which", "auto", list(CLI_WHICH), WHICH_HELP)

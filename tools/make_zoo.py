@@ -8,7 +8,9 @@ step, git revision; and, from train.log, the start of the run that saved that st
 revision and its config changes since config.json, which the start that began the run wrote), so
 `rnan_jax.load("zoo:NAME")` needs nothing else; its SHA-256 goes into
 rnan_jax/zoo/sha256.json, which every load of zoo:NAME checks (commit the two together). Score it afterwards with
-`python -m rnan_jax.evaluate --checkpoint zoo:NAME` and copy those numbers into MODEL_ZOO.md.
+`python -m rnan_jax.evaluate --checkpoint zoo:NAME` and copy those numbers into MODEL_ZOO.md. The line it prints
+names the parameters taken as tools/export.py's does: `wrote FILE (SIZE) of --workdir RUN --which ema (step 8): x2,
+...`. A zoo file given as --workdir is copied with its record of its run (its which and step).
 
 It writes into the rnan_jax/zoo of the checkout this tool is in (where rnan_jax was installed with `pip install .`,
 not `-e`, the zoo of the imported package was written, in site-packages, and the checkout was left without the
@@ -112,10 +114,12 @@ def main(argv):
         directory, step = (None, None) if zoo.is_zoo(_WORKDIR.value) else checkpoint._locate(_WORKDIR.value, which)
         # that step's folder, so that the step recorded is the one read (a run saving meanwhile moves the newest)
         where = _WORKDIR.value if directory is None else os.path.join(directory, str(step))
-        params, config = checkpoint.load(where, which=which)
-    except checkpoint.CheckpointError as e:
+        params, config, named = checkpoint.load_named(where, which=which)
+        # a zoo file's own record of its run (its which and step, not the "latest" of its one set of parameters)
+        meta = zoo.read(zoo.path_of(where))[2] if directory is None else {}
+    except (checkpoint.CheckpointError, zoo.ZooError) as e:
         sys.exit(f"make_zoo: {e}")
-    meta = {"which": which, "parameters": count_params(params)}
+    meta = {**meta, "which": meta.get("which", which), "parameters": count_params(params)}
     if directory is not None:  # the workdir's checkpoints/ or best/ (a step's folder given: the one above it)
         meta["step"] = step
         for name in ("config.json", "git_revision.txt"):
@@ -138,8 +142,9 @@ def main(argv):
     except (OSError, ValueError) as e:
         sys.exit(f"make_zoo: wrote {out} but could not record its SHA-256 beside it in sha256.json ({e}): add "
                  f"\"{_NAME.value}\": \"<sha256sum of the file>\" there by hand (a stale one refuses the file)")
-    print(f"wrote {out} ({size / 2**20:.2f} MiB, {meta['parameters']:,} parameters, x{config.scale}"
-          + (f", step {meta['step']}" if "step" in meta else "") + f"); its SHA-256 recorded in {source}")
+    of = f"--workdir {_WORKDIR.value}" + ("" if directory is None else f" --which {which}")  # as export's line
+    print(f"wrote {out} ({size / 2**20:.2f} MiB) of {of} ({named.text}): "
+          f"x{config.scale}, {meta['parameters']:,} parameters; its SHA-256 recorded in {source}")
 
 
 if __name__ == "__main__":
