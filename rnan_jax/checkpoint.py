@@ -643,3 +643,19 @@ def load_named(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict,
                 raise
             located = newest
 
+
+def drop_from_meta(directory: str, step: int, key: str) -> None:
+    """Rewrites the JSON record of checkpoint `step` in `directory` (`read_meta`'s file) without `key`, every other
+    entry (the SHA-256s included) as it was: a local file through a partial one renamed over it, a gs:// object in
+    one upload, so that a reader finds the old record or the new one whole (orbax cannot save a step again). Nothing
+    is written where `key` is absent or the record is in another orbax layout. Raises CheckpointError (unreadable)
+    or OSError."""
+    path = os.path.join(directory, str(step), "meta", "metadata")
+    meta = read_meta(directory, step)
+    if key not in meta or not paths.isfile(path):
+        return
+    text = json.dumps({k: v for k, v in meta.items() if k != key})
+    if paths.is_url(path):
+        paths.write_text(path, text)
+    else:
+        paths.write_atomically(path, lambda f: f.write(text.encode()))

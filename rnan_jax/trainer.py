@@ -82,10 +82,9 @@ def _init_source(cfg: TrainConfig) -> tuple[dict, RNANConfig, str]:
     init_from) for a path that holds none, or an architecture that differs beyond the scale."""
     try:  # a run trained with EMA gives its EMA: the parameters its validation scored
         which = checkpoint.scored(cfg.init_from)
-        source, source_cfg = checkpoint.load(cfg.init_from, which=which)
-        what = "" if zoo.is_zoo(cfg.init_from) else (  # the step that load read: the newest in the folder named
-            f"{'its EMA' if which == 'ema' else 'its parameters'} at step "
-            f"{checkpoint._locate(cfg.init_from, which)[1]}, ")
+        source, source_cfg, named = checkpoint.load_named(cfg.init_from, which=which)  # named: the step read
+        what = "" if zoo.is_zoo(cfg.init_from) else (
+            f"{'its EMA' if which == 'ema' else 'its parameters'} at step {named.step}, ")
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"init_from: {e}") from None
     differs = [f"{k} {getattr(source_cfg, k)} vs {getattr(cfg.model, k)}" for k in _INIT_FROM_SAME
@@ -369,8 +368,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 _check_room(best_mngr, s, (state.params, state.ema), mngr)
                 checkpoint.save_best(best_mngr, s, state, checkpoint.meta_for(
                     cfg.model, s, val_psnr=best_psnr, validation=validator.describe()))
-        doing = "train"
-        costs["validation"] = time.time() - paused_at
+        doing = "train"  # its cost without the compile of image sizes not seen before, which the next do not repeat
+        costs["validation"] = max(time.time() - paused_at - validator.compile_s, 0.0)
         return True
 
     signals.training_begins()  # from here a signal is a flag: the step reached is saved
@@ -380,6 +379,8 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
             raise preemption.Preempted(
                 f"{signal.Signals(signals.signum).name} while validating step {first}: its checkpoint in "
                 f"{mngr.directory} is kept; rerun the same command to validate it and resume", signals.signum)
+        if unvalidated and jax.process_index() == 0:  # validated now: the flag, left, had every rerun validate it
+            checkpoint.drop_from_meta(os.fspath(mngr.directory), first, _UNVALIDATED)  # again (the last step: forever)
         t_last = time.time()  # the first step's time is the compile's, without that validation
         if first < cfg.total_steps:
             _log(f"compiling the train step (scan unroll {'full' if unroll is True else unroll}, remat "
@@ -417,12 +418,14 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 break
             at_log = jax.process_count() == 1 or s % cfg.log_every == 0
             stop = stopped or (preemption.agree(signals.requested) if at_log else False)
+            since_log = None  # the sums a stop logs, kept in its checkpoint too (`_save_step`)
             if stop and s % cfg.log_every and not final:  # the steps since the last log: the rerun resumes after
-                log_train(s, paused_at)  # them, and their loss was never logged (a gap in the curve)
-            if s % cfg.checkpoint_every == 0 or final or stop:
+                since_log = jax.device_get(acc)  # them, and their loss was never logged (a gap in the curve); the
+                log_train(s, paused_at)  # rerun's next log is their mean with its own steps', as the uninterrupted
+            if s % cfg.checkpoint_every == 0 or final or stop:  # run's (it was of the rerun's steps alone: a dip)
                 paused_at = paused_at or _synced_time(state)
                 saving = time.time()
-                host = jax.device_get(acc)
+                host = jax.device_get(acc) if since_log is None else since_log
                 _check_finite(host, s, mngr)
                 _save_step(mngr, s, state, cfg, best_psnr, results, images, host, stopped)
                 pending = True
@@ -509,8 +512,8 @@ def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any,
         if (nonfinite := int(host["nonfinite"])) == 0:
             if host["steps"] > 0:
                 log(reached)
-            _save_step(mngr, reached, state, cfg, best_psnr, results, images, step.empty_metrics())
-            saved = True
+            _save_step(mngr, reached, state, cfg, best_psnr, results, images, host)  # the sums `log` logged, for the
+            saved = True  # rerun's next log (`_since_log`): the uninterrupted run's mean, not its own steps' alone
         else:
             note = f" (step {reached} not saved: {nonfinite} step(s) since the last log had a non-finite loss)"
     mngr.wait_until_finished()

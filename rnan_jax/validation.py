@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Callable
 
 import jax
@@ -11,6 +12,18 @@ import numpy as np
 
 from rnan_jax import benchmark_sets, data, images, summary, upscalers
 from rnan_jax.configs import TrainConfig
+
+
+# What JAX reports of a compile (jax.monitoring): tracing, lowering, the backend's compile (or its cache's read).
+_COMPILE_EVENTS = frozenset(f"/jax/core/compile/{name}_duration"
+                            for name in ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile"))
+_compiling = threading.local()  # .seconds: the compile seconds counted in this thread, None when not counting
+_listening = False
+
+
+def _count_compile(event: str, duration: float, **kwargs: Any) -> None:
+    if event in _COMPILE_EVENTS and getattr(_compiling, "seconds", None) is not None:
+        _compiling.seconds += duration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +61,7 @@ class Validator:
             psnr = float(np.mean([benchmark_sets.score(b, p)[0] for b, p in zip(bicubic, pairs)]))
             self.sets.append(ValidationSet(name, "val/" if i == 0 else f"val/{name}/", pairs, bicubic, psnr))
         self.config = cfg.model
+        self.compile_s = 0.0  # of the latest call: the seconds it spent compiling (`__call__`)
 
     @property
     def pairs(self) -> list[benchmark_sets.Pair]:
@@ -79,7 +93,23 @@ class Validator:
         not done (its partial scores are no one's), which a stop request no longer waits for (a paper-size model's
         DIV2K or Urban100 validation outlasts a TPU VM's preemption notice, and the steps since the last
         checkpoint were lost). In a run of several processes `stop` must be one decision for all (`preemption.agree`)
-        and every process ask it as often (`count`)."""
+        and every process ask it as often (`count`).
+
+        Sets `compile_s` to the seconds this call spent compiling (image sizes not upscaled before, as JAX reports
+        them): a cost the next calls do not repeat, which the trainer's ETA leaves out of a validation's (the first
+        validation's compile, counted for each one to come, overstated it by hours)."""
+        global _listening
+        if not _listening:
+            jax.monitoring.register_event_duration_secs_listener(_count_compile)
+            _listening = True
+        _compiling.seconds = 0.0
+        try:
+            return self._call(params, num_logged, stop)
+        finally:
+            self.compile_s, _compiling.seconds = _compiling.seconds, None
+
+    def _call(self, params: Any, num_logged: int, stop: Callable[[], bool] | None
+              ) -> tuple[dict[str, float], dict[str, np.ndarray]] | None:
         scores, strips = {}, {}
         # one device's copy of a training run's replicated parameters: with them all, every device upscaled
         # every image (N times the work, and N copies of the memory that a CPU's tile budget counts once)
