@@ -344,7 +344,13 @@ def evaluate_sr_dir(
 ) -> Evaluation:
     """Scores the SR images saved under `sr_dir` (see `sr_dir_upscaler`). kwargs as `evaluate` (`scales_present_only`:
     only the scales of `scales` that `sr_dir` holds images of, as `--sr_dir` without `--scales`)."""
+    if kwargs.get("save_dir") and _same_folder(sr_dir, kwargs["save_dir"]):  # its stale-image removal: the inputs
+        raise ValueError(f"save_dir {kwargs['save_dir']} is sr_dir: saving there would replace and remove its images")
     return evaluate(sr_dir_upscaler(sr_dir), datasets, scales, method=f"sr_dir:{sr_dir}", **kwargs)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def evaluate_model(
@@ -393,6 +399,10 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.output and (error := (cli.output_folder_error(FLAGS.output)
                                    or report.output_error(FLAGS.output, save_images=FLAGS.save_images))):
         sys.exit(f"evaluate: {error}")  # before any scoring, which may take hours
+    if FLAGS.sr_dir and FLAGS.save_images and _same_folder(FLAGS.sr_dir, os.path.join(FLAGS.output,
+                                                                                   report.IMAGES_FOLDER)):
+        raise app.UsageError(f"--sr_dir {FLAGS.sr_dir} is --output's images folder, which --save_images rewrites "
+                             "(and clears of the images not scored): give another --output, or leave out --save_images")
     if FLAGS.sr_dir and not os.path.isdir(FLAGS.sr_dir):
         sys.exit(f"evaluate: --sr_dir {FLAGS.sr_dir}: no such folder (expected <dataset>/x<scale>/<HR file name> "
                  "inside, or EDSR's results-<dataset>/<name>_x<scale>_SR.png, or BasicSR's <dataset>/<name>_<suffix "

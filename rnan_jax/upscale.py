@@ -85,7 +85,8 @@ def expand(inputs: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
                 names = [os.path.basename(f) for f in outputs]
                 notes.append(f"{path}: left out {len(names)} file(s) that are upscaled outputs of its other images "
                              f"(NAME_x<scale>.png, <scale> times NAME's size: {', '.join(names[:5])}"
-                             f"{', ...' if len(names) > 5 else ''}): name them as inputs to upscale them")
+                             f"{', ...' if len(names) > 5 else ''}): name them as inputs to upscale them (one "
+                             "that is where an input's output goes, --output this folder, is replaced instead)")
                 found = [f for f in found if f not in outputs]
         for f in found:
             real = os.path.realpath(f)

@@ -1121,3 +1121,23 @@ def test_a_report_with_no_set_scored_in_full_still_names_what_was_scored():
     assert report.markdown_table(evaluation).splitlines()[:3] == [
         "(no set was scored in full, so none has a score: --allow_incomplete reports the partial means)", "",
         "Scored: --checkpoint run --which ema (step 8)."]
+
+
+def test_scoring_sr_dir_into_its_own_folder_with_save_images_is_refused_and_deletes_nothing(tmp_path):
+    """`--sr_dir OUT/images --output OUT --save_images` had the new stale-image removal take --sr_dir's own images
+    that were skipped (or not reached) for an earlier run's, and delete them: a user's input files lost."""
+    root, saved = str(tmp_path), str(tmp_path / "out" / "images")
+    hr_dir = _hr_dir(root, "Mine")
+    for name, top in (("a", 0), ("b", 200)):
+        Image.fromarray(_rgb(30, 30, top=top)).save(os.path.join(hr_dir, f"{name}.png"))
+    evaluate_bicubic(["Mine"], (2,), data_dir=root, save_dir=saved, progress=False)
+    folder = os.path.join(saved, "Mine", "x2")
+    Image.fromarray(_rgb(10, 10)).save(os.path.join(folder, "b.png"))  # the wrong size: skipped when scored
+    with pytest.raises(ValueError, match="is sr_dir: saving there would replace and remove its images"):
+        evaluate_sr_dir(saved, ["Mine"], (2,), data_dir=root, save_dir=saved + "/", progress=False)
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--sr_dir", saved, "--data_dir", root,
+                           "--datasets", "Mine", "--scales", "2", "--output", str(tmp_path / "out"),
+                           "--save_images", "--noprogress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"--sr_dir {saved} is --output's images folder, which --save_images rewrites" in proc.stderr
+    assert sorted(os.listdir(folder)) == ["a.png", "b.png"]

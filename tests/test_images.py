@@ -609,7 +609,8 @@ def test_a_folder_scan_leaves_out_upscaled_outputs_of_any_scale_beside_their_sou
     assert (files, errors) == ([a, b, c, c_x2], [])
     assert notes == [f"{tmp_path}: left out 3 file(s) that are upscaled outputs of its other images (NAME_x<scale>"
                      ".png, <scale> times NAME's size: a_x4.png, a_x4_x2.png, b_jpg_x3.png): name them as inputs to "
-                     "upscale them"]
+                     "upscale them (one that is where an input's output goes, --output this folder, is replaced "
+                     "instead)"]
     files, errors, notes = upscale.expand([str(tmp_path), a_x4])  # named: upscaled, and not counted as left out
     assert files == [a, a_x4, b, c, c_x2] and notes[0].startswith(f"{tmp_path}: left out 2 file(s)")
     assert upscale.expand([a_x4, str(tmp_path)])[0] == [a_x4, a, b, c, c_x2]
