@@ -32,8 +32,14 @@ VAL_SOURCES = ("demo", "benchmark", "folder", "tfds")
 _MIN_SHUFFLE_LENGTH = 16384
 
 
-def _split_dirs(value: str, scale: int = 0) -> tuple[str, ...]:
-    return tuple(os.path.expanduser(d.strip()) for d in value.split(",") if d.strip())
+def _items(value: Any) -> list[Any]:
+    """A list key's items: a text's comma-separated parts, or a tuple's or list's own items (a dict given from Python:
+    hr_dirs=("/a", "/b") was an AttributeError traceback)."""
+    return list(value) if isinstance(value, (tuple, list)) else str(value).split(",")
+
+
+def _split_dirs(value: str | tuple[str, ...], scale: int = 0) -> tuple[str, ...]:
+    return tuple(os.path.expanduser(str(d).strip()) for d in _items(value) if str(d).strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +145,7 @@ class DataConfig:
         values = {**defaults, **values}
         _check_read(values)
         for key in ("hr_dirs", "lr_dirs", "val_dir", "val_lr_dir", "cache_dir"):
-            for value in str(values[key]).split(",") if key.endswith("dirs") else [str(values[key])]:
+            for value in map(str, _items(values[key])) if key.endswith("dirs") else [str(values[key])]:
                 advice = ("the decoded-image cache is on local disk" if key == "cache_dir" else
                           "copy the images here first, e.g. gcloud storage cp -r; TFDS reads gs:// itself: "
                           "data.tfds_data_dir")
@@ -168,10 +174,28 @@ def _check_read(values: dict[str, Any]) -> None:
 
 
 _RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+_FORMS = {"hr_range": "a text of ranges, one per data.hr_dirs folder, comma-separated ('1-800' or '1-800,'), or a "
+                      "tuple of one per folder, each 'FIRST-LAST', 'N', '' (the whole folder), (FIRST, LAST) or None "
+                      "(('1-800', '') or ((1, 800), None))",
+          "val_range": "'FIRST-LAST' (both included, e.g. '801-810'), 'N', (FIRST, LAST) or '' (every file)"}
 
 
-def _parse_range(key: str, text: str) -> tuple[int, int] | None:
-    """(first, last) of "FIRST-LAST" or "N"; None for ""; ValueError (one line, naming data.KEY) otherwise."""
+def _int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _parse_range(key: str, text: Any) -> tuple[int, int] | None:
+    """(first, last) of "FIRST-LAST" or "N" (or, from Python, a (FIRST, LAST) pair or an int N); None for "" (or
+    None); ValueError (one line, naming data.KEY) otherwise."""
+    if text is None:
+        return None
+    if _int(text) or (isinstance(text, (tuple, list)) and len(text) == 2 and all(map(_int, text))):
+        first, last = (int(text), int(text)) if _int(text) else (int(text[0]), int(text[1]))
+        if first < 0:
+            raise ValueError(f"data.{key} {text!r} is not a range of image numbers: give {_FORMS[key]}")
+        text = f"{first}-{last}"
+    elif not isinstance(text, str):
+        raise ValueError(f"data.{key} {text!r} is not a range of image numbers: give {_FORMS[key]}")
     if not text.strip():
         return None
     match = _RANGE.fullmatch(text)
@@ -188,8 +212,20 @@ def _parse_range(key: str, text: str) -> tuple[int, int] | None:
     return first, last
 
 
-def _parse_ranges(value: str, scale: int) -> tuple[tuple[int, int] | None, ...]:
-    return () if not str(value).strip() else tuple(_parse_range("hr_range", t) for t in str(value).split(","))
+def _parse_ranges(value: Any, scale: int) -> tuple[tuple[int, int] | None, ...]:
+    """hr_range's ranges: a text's comma-separated ones, or (from Python) a tuple's or list's items. A bare pair of
+    ints, (1, 800), is refused: one range for one folder or the images 1 and 800 of two."""
+    if isinstance(value, (tuple, list)):
+        if len(value) == 2 and all(map(_int, value)):
+            raise ValueError(f"data.hr_range {value!r} is ambiguous: one range per data.hr_dirs folder, so "
+                             f"'{value[0]}-{value[1]}' or (({value[0]}, {value[1]}),) for one folder; give "
+                             f"{_FORMS['hr_range']}")
+        return tuple(_parse_range("hr_range", t) for t in value)
+    if _int(value):
+        return (_parse_range("hr_range", value),)
+    if not isinstance(value, str):
+        raise ValueError(f"data.hr_range {value!r} is not a range of image numbers: give {_FORMS['hr_range']}")
+    return () if not value.strip() else tuple(_parse_range("hr_range", t) for t in value.split(","))
 
 
 # How a key's config value becomes its DataConfig value (the rest: cast to the default's type).
@@ -202,7 +238,7 @@ _RESOLVE = {
     "val_dir": lambda v, scale: os.path.expanduser(v),
     "val_lr_dir": lambda v, scale: os.path.expanduser(v),
     "hr_range": _parse_ranges,
-    "val_range": lambda v, scale: _parse_range("val_range", str(v)),
+    "val_range": lambda v, scale: _parse_range("val_range", v),
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any, NoReturn, Sequence
 import numpy as np
 
 from rnan_jax import benchmark_sets, cli, images, metrics, paths, upscalers
-from rnan_jax.summary import METRICS_FILE
+from rnan_jax.summary import METRICS_FILE, RUN_LOG
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,9 @@ def metrics_path(workdir: str) -> str:
 
 def enclosing_run(folder: str) -> str | None:
     """The training workdir that `folder` is a subfolder of (its checkpoints/, best/, a step's folder in them), up to
-    three levels up: the first folder above it holding tensorboard/metrics.jsonl or checkpoints/; None where there
-    is none."""
+    three levels up: the first folder above it holding tensorboard/metrics.jsonl, or checkpoints/ with the
+    config.json or train.log a run writes beside it (a checkpoints/ alone, ~/checkpoints or /data/checkpoints of
+    another tool, named its folder the workdir of every run below it); None where there is none."""
     url = paths.is_url(folder)
     isfile, isdir = (paths.isfile, paths.isdir) if url else (os.path.isfile, os.path.isdir)
     here = folder.rstrip("/") if url else os.path.abspath(folder)
@@ -104,7 +105,8 @@ def enclosing_run(folder: str) -> str | None:
         if parent == here or (url and "/" not in parent.split("://", 1)[-1]):  # the root, or a bucket
             return None
         here = parent
-        if isfile(os.path.join(here, "tensorboard", METRICS_FILE)) or isdir(os.path.join(here, "checkpoints")):
+        if isfile(os.path.join(here, "tensorboard", METRICS_FILE)) or (isdir(os.path.join(here, "checkpoints")) and any(
+                isfile(os.path.join(here, name)) for name in ("config.json", RUN_LOG))):
             return here if url or os.path.isabs(folder) else os.path.relpath(here)  # as it was given
     return None
 

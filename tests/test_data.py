@@ -1126,3 +1126,40 @@ def test_an_image_range_gives_every_process_the_same_images(tmp_path):
     got = [take(p, 4) for p in parts]
     for k in range(4):
         assert_batches_equal([{key: np.concatenate([g[k][key] for g in got]) for key in ("lr", "hr")}], [batches[k]])
+
+
+def test_ranges_and_folders_given_from_python_as_tuples_are_read_as_the_text_form(tmp_path):
+    """DataConfig.from_config takes a dict (a notebook, the resolved values of another DataConfig): data.hr_range
+    given as ("1-800", "") was read as the text "('1-800', '')" and refused as "'('1-800'" is not a range", (801, 810)
+    for val_range as "'(801, 810)' is not a range", and hr_dirs as a tuple was an AttributeError traceback. Each is now
+    read as the comma-separated text it means; a bare pair of ints for hr_range (one range, or one image of each of
+    two folders?) and anything else are refused in one line naming the key and the forms it takes."""
+    hr_dir, _ = _edsr_div2k(tmp_path, (1, 2, 3))
+    other = str(tmp_path / "Flickr2K")
+    os.makedirs(other)
+    text = config(2, source="folder", hr_dirs=f"{hr_dir},{other}", hr_range="1-2,", val_source="folder",
+                  val_dir=hr_dir, val_range="3")
+    for given in ({"hr_dirs": (hr_dir, other), "hr_range": ("1-2", ""), "val_range": (3, 3)},
+                  {"hr_dirs": [hr_dir, other], "hr_range": [(1, 2), None], "val_range": 3},
+                  {"hr_dirs": (hr_dir, other), "hr_range": ((1, 2), None), "val_range": [3, 3]}):
+        cfg = config(2, **{"source": "folder", "val_source": "folder", "val_dir": hr_dir, **given})
+        assert (cfg.hr_dirs, cfg.hr_range, cfg.val_range) == ((hr_dir, other), ((1, 2), None), (3, 3)) == (
+            text.hr_dirs, text.hr_range, text.val_range)
+    resolved = {k: getattr(text, k) for k in ("source", "hr_dirs", "hr_range", "val_source", "val_dir", "val_range")}
+    assert config(2, **resolved) == text  # a DataConfig's own values
+    assert config(2, source="folder", hr_dirs=hr_dir, hr_range=2).hr_range == ((2, 2),)
+    forms = ("a text of ranges, one per data.hr_dirs folder, comma-separated ('1-800' or '1-800,'), or a tuple of one "
+             "per folder, each 'FIRST-LAST', 'N', '' (the whole folder), (FIRST, LAST) or None (('1-800', '') or "
+             "((1, 800), None))")
+    for given, message in (
+            ({"hr_range": (1, 800)}, "data.hr_range (1, 800) is ambiguous: one range per data.hr_dirs folder, so "
+             f"'1-800' or ((1, 800),) for one folder; give {forms}"),
+            ({"hr_range": (1.5,)}, f"data.hr_range 1.5 is not a range of image numbers: give {forms}"),
+            ({"hr_range": {"first": 1}}, f"data.hr_range {{'first': 1}} is not a range of image numbers: give {forms}"),
+            ({"hr_range": ((800, 1),)}, "data.hr_range '800-1' is empty: its first number, 800, is above its last, 1"),
+            ({"val_source": "folder", "val_dir": hr_dir, "hr_range": "1", "val_range": ("801-810",)},
+             "data.val_range ('801-810',) is not a range of image numbers: give 'FIRST-LAST' (both included, e.g. "
+             "'801-810'), 'N', (FIRST, LAST) or '' (every file)")):
+        with pytest.raises(ValueError) as e:
+            config(2, **{"source": "folder", "hr_dirs": hr_dir, **given})
+        assert str(e.value) == message

@@ -294,3 +294,28 @@ def test_curve_of_a_folder_inside_the_workdir_names_the_workdir_to_give(tmp_path
     (tmp_path / "other").mkdir()  # a folder of no run: the message as it was
     assert figures.main(["curve", "--workdir", str(tmp_path / "other"), "--output", out]) == 1
     assert capsys.readouterr().err.endswith("no such file (written by the trainer since metrics.jsonl was added)\n")
+
+
+def test_a_checkpoints_folder_of_no_run_above_the_workdir_given_is_not_named_the_workdir(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Any folder holding a checkpoints/ up to three levels up was taken for the run: with a /data/checkpoints (or
+    ~/checkpoints) of another tool, `figures curve --workdir /data/runs/x3` (a typo, or a run not started) said
+    "/data/runs/x3 is inside the training workdir /data; give --workdir /data". A workdir is a checkpoints/ with
+    the config.json or train.log a run writes beside it (or its tensorboard/metrics.jsonl)."""
+    (tmp_path / "checkpoints" / "100").mkdir(parents=True)  # another tool's
+    out = str(tmp_path / "c.png")
+    monkeypatch.chdir(tmp_path)
+    for given in (str(tmp_path / "runs" / "x3"), "runs/x3", str(tmp_path / "runs")):
+        assert figures.main(["curve", "--workdir", given, "--output", out]) == 1
+        assert capsys.readouterr().err == (f"figures: {os.path.join(given, 'tensorboard', 'metrics.jsonl')}: no such "
+                                           "file (written by the trainer since metrics.jsonl was added)\n")
+    for name in ("config.json", "train.log"):  # a run's, whose metrics.jsonl is not written yet (or was lost)
+        run = tmp_path / f"run_{name}"
+        (run / "checkpoints" / "200").mkdir(parents=True)
+        (run / name).write_text("{}\n")
+        given = run / "checkpoints" / "200"
+        assert figures.main(["curve", "--workdir", str(given), "--output", out]) == 1
+        assert capsys.readouterr().err.endswith(f": {given} is inside the training workdir {run}; give --workdir "
+                                                f"{run}\n")
+        assert figures.enclosing_run(f"run_{name}/checkpoints") == f"run_{name}"
+    assert figures.enclosing_run("runs/x3") is None and figures.enclosing_run(str(tmp_path / "checkpoints")) is None
