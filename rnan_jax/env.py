@@ -92,7 +92,53 @@ def enable_compilation_cache(cache_dir: str | None = None, *, safe: bool = True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if "://" not in folder:
+        _write_whole_cache_entries()
     return folder
+
+
+def _write_whole_cache_entries() -> bool:
+    """Makes JAX's compilation cache (a local folder, no size limit) write each entry through a partial file
+    renamed into place, and write again an entry found cut short; returns whether it could (JAX's internals).
+
+    JAX (0.10.2) writes an entry straight to its name and never replaces one that is there: a write cut short (a
+    full disk or quota, a run killed or preempted while it wrote) left a truncated entry that every later run,
+    of every host sharing the folder, failed to read ("Error reading persistent compilation cache entry ...
+    incomplete or truncated stream") and compiled again, for good; a run starting meanwhile read it half
+    written. An entry that is whole is left as it is, as JAX leaves it (another process wrote it meanwhile)."""
+    try:
+        from jax._src import compilation_cache, lru_cache
+
+        put, suffix = lru_cache.LRUCache.put, lru_cache._CACHE_SUFFIX
+    except (ImportError, AttributeError):
+        return False
+    if getattr(put, "_rnan_whole", False):
+        return True
+    from rnan_jax import paths
+
+    def whole_put(self, key: str, value: bytes) -> None:
+        if getattr(self, "eviction_enabled", True) or not key or "://" in str(self.path):
+            return put(self, key, value)  # a size limit (JAX's lock and eviction) or a remote cache: JAX's own
+        path = os.path.join(str(self.path), f"{key}{suffix}")
+        try:
+            with open(path, "rb") as f:
+                there = f.read()
+        except FileNotFoundError:
+            there = None
+        except OSError:  # there, but not readable here (another user's): kept, as JAX keeps it
+            return None
+        if there is not None:
+            try:
+                compilation_cache.decompress_executable(there)
+                return None
+            except Exception:  # cut short (zlib's, zstd's errors): written again
+                pass
+        paths.write_atomically(path, lambda f: f.write(value))
+        return None
+
+    whole_put._rnan_whole = True  # type: ignore[attr-defined]
+    lru_cache.LRUCache.put = whole_put
+    return True
 
 
 def prepare_process() -> None:

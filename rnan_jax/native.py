@@ -167,7 +167,17 @@ def _build() -> str:
         units = [name for name in _SOURCES if name.endswith(".cc")]  # the headers are hashed, not compiled
         subprocess.run([*cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *units, "-o", tmp], capture_output=True,
                        check=True, stdin=subprocess.DEVNULL)
-        os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same file
+        # Put in place only where no whole library is (a link: atomic, NFS's too): one that another process
+        # sharing the folder built meanwhile is kept, not renamed over. On NFS, renamed over, the file that
+        # another host had loaded was deleted under it (its next page of the library read: "Stale file handle",
+        # SIGBUS); a concurrent build of the same key gives the same library.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if not _whole(path):
+                os.replace(tmp, path)  # the one cut short, replaced atomically
+        except OSError:  # a filesystem without hard links
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -292,7 +292,7 @@ def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tup
             hr, lr = make_pair(hr, lr, scale, spec.name)
         except images.ImageError as e:
             reason = " ".join(str(e).split())
-            if not spec.retry_unusable:
+            if not (spec.retry_unusable or _system_error(e)):
                 _remember_unusable(spec, scale, cache_dir, reason)
             raise _Skip("unreadable", reason) from None
         h, w, _ = hr.shape
@@ -307,6 +307,16 @@ def _prepare_one(spec: PairSpec, scale: int, min_lr: int, cache_dir: str) -> tup
     if min(h, w) < scale * min_lr:
         raise _Skip("small", too_small.format(w=w, h=h))
     return spec.name, *(cached or (StoredImage.open(hr_path), StoredImage.open(lr_path)))
+
+
+def _system_error(error: images.ImageError) -> bool:
+    """Whether the system, not the file's content, failed the read: an OSError with an errno behind the
+    ImageError (EIO or ESTALE from a loaded NFS or gcsfuse mount, EMFILE, EACCES), which the next run may not
+    meet. Remembered as unusable, the image was skipped by every later run (of every host sharing the cache)
+    for good, with "[Errno 5] Input/output error", although it read well. Pillow's errors about the content
+    ("image file is truncated", "cannot identify image file") carry no errno."""
+    cause = error.__cause__ or error.__context__
+    return isinstance(cause, OSError) and cause.errno is not None
 
 
 def _unwritable(cache_dir: str, error: OSError) -> DataError:

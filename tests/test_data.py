@@ -1163,3 +1163,36 @@ def test_ranges_and_folders_given_from_python_as_tuples_are_read_as_the_text_for
         with pytest.raises(ValueError) as e:
             config(2, **{"source": "folder", "hr_dirs": hr_dir, **given})
         assert str(e.value) == message
+
+
+def test_an_image_that_a_passing_system_error_failed_is_read_again_by_the_next_run(tmp_path, monkeypatch, caplog):
+    """A read that the system failed once (EIO from a loaded NFS or gcsfuse mount) was kept in the cache as the
+    image's reason to be unusable: every later run, of every host sharing the cache, skipped the image for good
+    ("cannot read image ([Errno 5] Input/output error)") although it read well. Such a failure is now tried
+    again; a file whose content cannot be read (not an image, cut short) is still remembered."""
+    import errno
+
+    for i in range(3):
+        write_image(tmp_path / "HR" / f"{i}.png", smooth_image(40, 40, i))
+    (tmp_path / "HR" / "bad.png").write_bytes(b"<html>404 Not Found</html>")
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8, cache_dir=str(tmp_path / "cache"))
+    real = images.Image.open
+
+    def failing_once(f, *args, **kwargs):
+        if os.path.basename(getattr(f, "name", "")) == "1.png":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(f, *args, **kwargs)
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="rnan_jax.sources"):
+        m.setattr(images.Image, "open", failing_once)
+        assert sorted(os.path.basename(n) for n in data.training_pairs(cfg).names) == ["0.png", "2.png"]
+    assert f"skipping {tmp_path / 'HR' / '1.png'}: cannot read image ([Errno 5] Input/output error)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rnan_jax.sources"):
+        pairs = data.training_pairs(cfg)
+    assert sorted(os.path.basename(n) for n in pairs.names) == ["0.png", "1.png", "2.png"]
+    hr = np.asarray(pairs[[os.path.basename(n) for n in pairs.names].index("1.png")]["hr"])
+    np.testing.assert_array_equal(hr, smooth_image(40, 40, 1))
+    assert "Errno 5" not in caplog.text and "skipped 1 of 4 images" in caplog.text  # bad.png, from the cache
+    [kept] = (tmp_path / "cache").glob("*.unusable.txt")  # bad.png's reason alone
+    assert kept.read_text().endswith("bad.png: cannot read image (cannot identify image file)")

@@ -204,3 +204,48 @@ def test_jax_disable_jit_left_in_the_environment_is_a_note_at_start_up():
         notes[r.stdout.strip()] = [x for x in r.stderr.splitlines() if "libtpu" not in x]
     assert notes == {"True": ["note: JAX_DISABLE_JIT is set: JAX compiles nothing and runs each operation on its own, "
                               "many times slower (unset it unless you are debugging)"], "False": []}
+
+
+_CACHED_RUN = r"""
+import resource, sys
+import jax, jax.numpy as jnp
+from rnan_jax import env
+if len(sys.argv) > 2:  # a full disk (or quota): a write past this many bytes fails
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+env.enable_compilation_cache(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+print(jax.jit(lambda x: jnp.sin(x) @ x.T + 1)(jnp.ones((4, 4)))[0, 0])
+"""
+
+
+def test_a_compilation_cache_entry_cut_short_is_not_left_to_fail_every_later_run(tmp_path):
+    """JAX wrote an entry straight to its name and never replaced one that was there: a write that a full disk
+    (or a run killed meanwhile) cut short left a truncated entry, and every later run, of every host sharing the
+    folder, warned "Error reading persistent compilation cache entry ... incomplete or truncated stream" and
+    compiled again, for good. The entry is now written through a partial file, and one found cut short again."""
+    import numpy as np
+    from jax._src import compilation_cache
+
+    cache = tmp_path / "xla"
+
+    def run(*limit: str) -> str:
+        r = subprocess.run([sys.executable, "-c", _CACHED_RUN, str(cache), *limit], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert r.returncode == 0 and abs(float(r.stdout) - (4 * np.sin(1) + 1)) < 1e-5, r.stderr[-2000:]
+        return r.stderr
+
+    def entries() -> dict[str, bytes]:
+        return {name: (cache / name).read_bytes() for name in os.listdir(cache)}
+
+    assert "Error writing persistent compilation cache entry" in run("1000")  # each entry over 1000 bytes
+    assert entries() == {}  # nothing cut short, no partial file left
+    assert "Error reading persistent compilation cache entry" not in run()
+    written = entries()
+    assert len(written) > 1 and all(name.endswith("-cache") for name in written)
+    for value in written.values():
+        compilation_cache.decompress_executable(value)  # whole
+    name = sorted(written)[0]
+    (cache / name).write_bytes(written[name][:500])  # as a cut-short write left it
+    assert "Error reading persistent compilation cache entry" in run()
+    compilation_cache.decompress_executable((cache / name).read_bytes())  # written again
+    assert "Error reading persistent compilation cache entry" not in run()

@@ -400,3 +400,38 @@ def test_setup_cfg_keeps_out_the_flax_releases_that_jax_0_11_breaks():
     assert [allowed(v, "3.12") for v in ("0.12.2", "0.12.6", "0.12.7", "0.12.12")] == [False, False, True, True]
     assert not allowed("0.12.6", "3.13") and allowed("0.12.7", "3.13")
     assert allowed("0.12.2", "3.11")
+
+
+@needs_compiler
+def test_a_library_built_meanwhile_by_another_process_is_kept_not_renamed_over(tmp_path, monkeypatch):
+    """Two hosts sharing the cache (an NFS home) that build the same library at once: the later one renamed its
+    build over the one the first had already loaded, which on NFS deletes that file under the first host (its
+    next page of the library read: "Stale file handle", SIGBUS, no Python error). The later build is now
+    dropped where a whole library is there; one cut short is still replaced."""
+    assert native.available()
+    real = native._build()
+    cxx = tmp_path / "cxx"
+    # "builds" by copying the real library, once another process has put its own (marked at the end, where the
+    # linker writes nothing) at the final name; with $CUT set, the other's is cut short
+    cxx.write_text(f'#!/bin/sh\nfor a; do [ "$a" = --version ] && echo fake 1 && exit 0; done\n'
+                   f'for a; do [ "$a" = -dM ] && echo "#define __OTHER__ 1" && exit 0; done\n'
+                   f'for a; do if [ "$prev" = -o ]; then final="${{a%.*.*.tmp}}"\n'
+                   f'  if [ -n "$CUT" ]; then head -c 1000 "{real}" > "$final.o"; else cp "{real}" "$final.o"; fi\n'
+                   f'  printf OTHER >> "$final.o" && mv "$final.o" "$final" && cp "{real}" "$a"; fi\n'
+                   f'prev="$a"; done\nexit 0\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv(native.NATIVE_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv("CUT", raising=False)
+    with open(real, "rb") as f:
+        library = f.read()
+    path = native._build()
+    with open(path, "rb") as f:
+        assert f.read() == library + b"OTHER"  # the other process's library, as it loaded it
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]  # ours removed
+    os.remove(path)
+    monkeypatch.setenv("CUT", "1")  # the other process's library cut short (a crash): ours replaces it
+    assert native._build() == path
+    with open(path, "rb") as f:
+        assert f.read() == library
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]
