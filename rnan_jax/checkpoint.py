@@ -537,13 +537,19 @@ def load(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANC
             return zoo.load(path)
         except zoo.ZooError as e:
             raise CheckpointError(str(e)) from None
+    params, config, _ = _read_newest(path, which)
+    return params, config
+
+
+def _read_newest(path: str, which: str) -> tuple[dict, RNANConfig, int]:
+    """(params, config, step) of the step `_locate` finds at `path`, read as located: a run training in the
+    workdir removes its older steps (and the best/ step a better one replaces) as it saves, so a read that fails
+    while that happened is made again of the newest step then. Raises CheckpointError."""
     located = _locate(path, which)
     while True:
         try:
-            return _read(*located, which)
+            return (*_read(*located, which), located[1])
         except CheckpointError:
-            # A run training in the workdir removes its older steps (and the best/ step a better one replaces)
-            # as it saves: one read while that happened fails, and the newest step then is another.
             try:
                 newest = _locate(path, which)
             except CheckpointError:
@@ -629,19 +635,8 @@ def load_named(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict,
         except zoo.ZooError as e:
             raise CheckpointError(str(e)) from None
         return params, config, Named(*zoo_words(meta))
-    located = _locate(path, which)
-    while True:
-        try:
-            params, config = _read(*located, which)
-            return params, config, Named(located[1], f"step {located[1]}")
-        except CheckpointError:  # a run saving in the workdir removed the step (see `load`)
-            try:
-                newest = _locate(path, which)
-            except CheckpointError:
-                newest = located
-            if newest == located:
-                raise
-            located = newest
+    params, config, step = _read_newest(path, which)
+    return params, config, Named(step, f"step {step}")
 
 
 def drop_from_meta(directory: str, step: int, key: str) -> None:
