@@ -12,6 +12,15 @@ from rnan_jax import cli
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _home_caches():
+    """This HOME's XLA and native-kernel caches, for a subprocess given another HOME: without them each such run built
+    the native kernels anew (about 6 s) and compiled cold; the ~ that the test reads still is the other HOME."""
+    from rnan_jax import env, native
+
+    return {variable: env.cache_folder(name, variable)
+            for name, variable in (("xla", "RNAN_JAX_CACHE"), ("native", native.NATIVE_CACHE_ENV))}
+
+
 def _run(main, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["/somewhere/rnan_jax/upscale.py"])
     with pytest.raises(SystemExit) as e:
@@ -117,7 +126,7 @@ def test_output_flags_expand_home_and_refuse_a_url(tmp_path):
     for folder in (home, work, hr):
         folder.mkdir(parents=True)
     Image.fromarray((np.arange(24 * 24 * 3) % 251).astype(np.uint8).reshape(24, 24, 3)).save(hr / "a.png")
-    env = {**os.environ, "HOME": str(home), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "HOME": str(home), "JAX_PLATFORMS": "cpu", **_home_caches()}
 
     def run(module, *args):
         r = subprocess.run([sys.executable, "-m", module, *args], cwd=work, capture_output=True, text=True,
@@ -189,7 +198,8 @@ def test_dry_run_resolves_the_workdir_as_the_run_does(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     home = tmp_path / "home"
     (home / "run" / "checkpoints" / "40" / "params").mkdir(parents=True)
-    code, err, out = _train(["--config", "experiments/demo.py", "--workdir=~/run", "--dry_run"], repo, HOME=str(home))
+    code, err, out = _train(["--config", "experiments/demo.py", "--workdir=~/run", "--dry_run"], repo, HOME=str(home),
+                            **_home_caches())
     assert code == 0, err
     assert out.splitlines()[-1] == (f"workdir: {home}/run (exists; the run resumes from its step 40); dry run: nothing "
                                     "read or written")
@@ -217,7 +227,7 @@ def test_a_config_path_after_equals_has_its_home_expanded(tmp_path):
     home.mkdir()
     (home / "exp.py").write_text(open(os.path.join(repo, "experiments", "demo.py")).read())
     code, err, out = _train(["--config=~/exp.py", "--config.model.scale=3", "--workdir", str(tmp_path / "run"),
-                             "--dry_run"], repo, HOME=str(home))
+                             "--dry_run"], repo, HOME=str(home), **_home_caches())
     assert code == 0 and "model: RNAN x3, 240,657 parameters" in out.splitlines(), err
 
 

@@ -134,7 +134,7 @@ def test_jit_vmap_grad():
     np.testing.assert_allclose(jax.jit(apply)(params, lr), eager, atol=1e-5)
     np.testing.assert_allclose(jax.jit(jax.vmap(lambda x: apply(params, x)))(lr), eager, atol=1e-5)
     grads = jax.jit(jax.grad(lambda p: jnp.abs(apply(p, lr) - 0.5).mean()))(params)
-    norms = [float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)]
+    norms = [float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)]  # numpy: no compile per shape
     assert all(np.isfinite(norms)) and max(norms) > 0
 
 
@@ -181,7 +181,8 @@ def test_remat_recomputes_the_same_gradients_from_fewer_stacked_activations():
             return jnp.mean(jnp.abs(model.apply({"params": p}, lr) - hr))
 
         results[remat] = jax.jit(jax.value_and_grad(loss))(params)
-        residuals = jax.tree.leaves(jax.vjp(loss, params)[1])
+        # the residuals' shapes and dtypes, traced (as the jitted backward holds them) rather than run op by op
+        residuals = jax.tree.leaves(jax.eval_shape(lambda p, loss=loss: jax.vjp(loss, p)[1], params))
         stacked[remat] = sorted(str(r.dtype) for r in residuals if r.shape[:4] == (2, 3, 2, 12))
     assert stacked == {"none": ["bfloat16"] * 6 + ["bool"] * 2, "block": ["float32"],
                        "convs": ["bfloat16", "bfloat16", "float32"]}
@@ -211,14 +212,16 @@ def test_init_draws_the_modules_own_distribution():
 
     config = RNANConfig(scale=2, features=32, num_groups=2, num_blocks=3, gc_reduction=4)
     fast = init(jax.random.key(0), config)
-    reference = RNAN(config, scan_unroll=1).init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))["params"]
+    # the module's own init, jitted: the same draws as op by op, compiled once instead of per op
+    reference = jax.jit(RNAN(config, scan_unroll=1).init)(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))["params"]
     pairs = zip(jax.tree_util.tree_leaves_with_path(fast), jax.tree_util.tree_leaves(reference))
     for (path, a), b in pairs:
         assert a.shape == b.shape and a.dtype == b.dtype == jnp.float32, path
+        a, b = np.asarray(a), np.asarray(b)  # numpy's statistics: no jnp op compiled per leaf shape
         if b.size >= 512:
-            assert float(jnp.std(a)) == pytest.approx(float(jnp.std(b)), rel=0.15), path
-            assert float(jnp.abs(a).max()) <= float(jnp.abs(b).max()) * 1.02 + 1e-7, path
-        elif float(jnp.std(b)) == 0:
+            assert float(np.std(a)) == pytest.approx(float(np.std(b)), rel=0.15), path
+            assert float(np.abs(a).max()) <= float(np.abs(b).max()) * 1.02 + 1e-7, path
+        elif float(np.std(b)) == 0:
             np.testing.assert_array_equal(a, b, err_msg=str(path))  # LayerNorm scale 1, bias 0
 
 
@@ -405,7 +408,7 @@ def test_a_gradient_of_a_gradient_goes_through_the_native_kernels():
         got = jax.jit(jax.grad(f))(arg)
         with native.disabled():
             expected = jax.jit(jax.grad(f))(arg)
-        scale = max(float(jnp.abs(e).max()) for e in jax.tree.leaves(expected))
+        scale = max(float(np.abs(e).max()) for e in jax.tree.leaves(expected))  # numpy: no compile per shape
         assert scale > 0
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale), got, expected)
 

@@ -281,8 +281,9 @@ def test_batch_chunks_give_the_loss_and_gradient_of_the_whole_batch():
     b = _batch()
     b = {k: np.concatenate([v, v[::-1] // 2]) for k, v in b.items()}  # 4 samples, 2 chunks of 2
     lr, hr = (jnp.asarray(b[k], jnp.float32) / 255.0 for k in ("lr", "hr"))
-    whole = step._loss_and_grads(params, lr, hr, StepSpec(MODEL, OptimConfig()))
-    chunked = step._loss_and_grads(params, lr, hr, StepSpec(MODEL, OptimConfig(), batch_chunks=2))
+    # jitted as the train step runs it: op by op, each chunk's forward and backward took seconds of dispatch
+    whole, chunked = (jax.jit(lambda p, a, b, spec=spec: step._loss_and_grads(p, a, b, spec))(params, lr, hr)
+                      for spec in (StepSpec(MODEL, OptimConfig()), StepSpec(MODEL, OptimConfig(), batch_chunks=2)))
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
     for a, c in zip(_leaves(whole[1]), _leaves(chunked[1])):
         np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-7)
