@@ -128,13 +128,20 @@ def _as_saved(item_dir: str, tree: Any) -> bool:
     """Whether the arrays of `tree`, restored from the item at `item_dir`, have the dtypes and shapes they were saved
     with: a train state of another version (a dtype changed) has orbax cast them, which changes their bytes and not
     their values. True when the item's metadata cannot be read."""
+    if (saved := _saved_tree(item_dir)) is None:
+        return True
+    kinds = sorted(f"{np.dtype(m.dtype).str}{tuple(m.shape)}" for m in jax.tree_util.tree_leaves(saved))
+    return kinds == sorted(f"{np.dtype(x.dtype).str}{tuple(x.shape)}" for x in jax.tree_util.tree_leaves(tree))
+
+
+def _saved_tree(item_dir: str) -> Any:
+    """The tree of array metadata (dtypes, shapes) orbax recorded for the item at `item_dir`; None where that
+    metadata is missing or unreadable."""
     try:
         with quiet():
-            saved = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
-        kinds = sorted(f"{np.dtype(m.dtype).str}{tuple(m.shape)}" for m in jax.tree_util.tree_leaves(saved))
-    except Exception:  # missing or unreadable metadata
-        return True
-    return kinds == sorted(f"{np.dtype(x.dtype).str}{tuple(x.shape)}" for x in jax.tree_util.tree_leaves(tree))
+            return ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+    except Exception:  # orbax raises many kinds for missing or corrupt files
+        return None
 
 
 def room_problem(mngr: ocp.CheckpointManager, step: int, items: Any) -> str | None:
@@ -225,10 +232,8 @@ def _adam_alone(opt_dir: str, opt_state: Any) -> bool:
     if not (isinstance(opt_state, tuple) and len(opt_state) == 2 and not jax.tree_util.tree_leaves(opt_state[0])):
         return False
     try:
-        with quiet():
-            tree = ocp.StandardCheckpointer().metadata(opt_dir).item_metadata.tree
-        saved = tree["opt_state"]
-    except Exception:  # missing or unreadable metadata: the restore reports it
+        saved = _saved_tree(opt_dir)["opt_state"]
+    except (TypeError, KeyError):  # missing or unreadable metadata: the restore reports it
         return False
     adam = opt_state[1]
     return (isinstance(saved, (list, tuple)) and isinstance(adam, tuple) and len(saved) == len(adam)
@@ -522,41 +527,10 @@ def load(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANC
 
     which: "latest" (the newest checkpoint's parameters), "best" (those that scored the best validation PSNR:
     with EMA on, the EMA, which validation scores), or "ema" (the newest checkpoint's exponential moving average
-    of the parameters). Raises `CheckpointError`.
+    of the parameters). Raises `CheckpointError`. `load_named` also says which step it read.
     """
-    if which not in WHICH:
-        raise CheckpointError(f"which must be one of {WHICH}, got {which!r}")
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):  # "" would be the current folder
-        raise CheckpointError(f"path must name a workdir, checkpoint folder or zoo model, got {path!r}")
-    path = os.fspath(path)
-    if zoo.is_zoo(path):  # shipped weights: one set of parameters, `which` does not apply
-        if which != "latest":  # --which ema/best gave those same parameters without a word
-            raise CheckpointError(f"{path}: a zoo model holds one set of parameters (those make_zoo took from its "
-                                  f"run), so which {which!r} (--which) does not apply")
-        try:
-            return zoo.load(path)
-        except zoo.ZooError as e:
-            raise CheckpointError(str(e)) from None
-    params, config, _ = _read_newest(path, which)
+    params, config, _ = load_named(path, which=which)
     return params, config
-
-
-def _read_newest(path: str, which: str) -> tuple[dict, RNANConfig, int]:
-    """(params, config, step) of the step `_locate` finds at `path`, read as located: a run training in the
-    workdir removes its older steps (and the best/ step a better one replaces) as it saves, so a read that fails
-    while that happened is made again of the newest step then. Raises CheckpointError."""
-    located = _locate(path, which)
-    while True:
-        try:
-            return (*_read(*located, which), located[1])
-        except CheckpointError:
-            try:
-                newest = _locate(path, which)
-            except CheckpointError:
-                newest = located
-            if newest == located:
-                raise
-            located = newest
 
 
 def scored(path: str | os.PathLike) -> str:
@@ -619,24 +593,45 @@ def zoo_words(meta: dict) -> tuple[int | None, str]:
     return step, f"the run's {which}" + (f" at step {step}" if step is not None else ", its step not recorded")
 
 
+def named_source(path: str, which: str, flag: str = "--checkpoint") -> str:
+    """How a CLI names the parameters it read, in its flags' words: "--checkpoint runs/x4 --which ema"; of a zoo
+    file "--checkpoint zoo:NAME" alone (`which` does not apply: `Named.text` says what its record holds)."""
+    return f"{flag} {path}" + ("" if zoo.is_zoo(path) else f" --which {which}")
+
+
 def load_named(path: str | os.PathLike, *, which: str = "latest") -> tuple[dict, RNANConfig, Named]:
     """`load`, and which parameters it read (`Named`): the step of a checkpoint, the one read (located once and read
-    as located, or, where a run saving meanwhile removed it, the newest then, as `load` does: the step named is the
-    step read), or what a zoo file's meta records. The CLIs' reports named `--which ema` alone, which a live run
-    makes one of several steps, and a zoo file `--which latest` whatever its run's parameters were. Raises
-    `CheckpointError` as `load` does."""
-    if which not in WHICH or not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or (
-            zoo.is_zoo(os.fspath(path)) and which != "latest"):
-        load(path, which=which)  # raises its refusal
+    as located; where a run training in the workdir removed it meanwhile, as it removes its older steps and the
+    best/ step a better one replaces, the newest then: the step named is the step read), or what a zoo file's meta
+    records. The CLIs' reports named `--which ema` alone, which a live run makes one of several steps, and a zoo
+    file `--which latest` whatever its run's parameters were. Raises `CheckpointError`."""
+    if which not in WHICH:
+        raise CheckpointError(f"which must be one of {WHICH}, got {which!r}")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):  # "" would be the current folder
+        raise CheckpointError(f"path must name a workdir, checkpoint folder or zoo model, got {path!r}")
     path = os.fspath(path)
-    if zoo.is_zoo(path):
+    if zoo.is_zoo(path):  # shipped weights: one set of parameters, `which` does not apply
+        if which != "latest":  # --which ema/best gave those same parameters without a word
+            raise CheckpointError(f"{path}: a zoo model holds one set of parameters (those make_zoo took from its "
+                                  f"run), so which {which!r} (--which) does not apply")
         try:
             params, config, meta = zoo.read(zoo.path_of(path))  # a shipped file: read checks its SHA-256
         except zoo.ZooError as e:
             raise CheckpointError(str(e)) from None
         return params, config, Named(*zoo_words(meta))
-    params, config, step = _read_newest(path, which)
-    return params, config, Named(step, f"step {step}")
+    located = _locate(path, which)
+    while True:
+        try:
+            params, config = _read(*located, which)
+            return params, config, Named(located[1], f"step {located[1]}")
+        except CheckpointError:
+            try:
+                newest = _locate(path, which)
+            except CheckpointError:
+                newest = located
+            if newest == located:
+                raise
+            located = newest
 
 
 def drop_from_meta(directory: str, step: int, key: str) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, paths, preemption, report, zoo
+from rnan_jax import api, benchmark_sets, checkpoint, cli, env, images, inference, paths, preemption, report
 from rnan_jax.benchmark_sets import Pair
 from rnan_jax.model import RNANConfig
 from rnan_jax.report import Evaluation, ImageScore
@@ -435,8 +435,8 @@ def main(argv: Sequence[str]) -> None:
         if scales and scales != [config.scale]:
             raise app.UsageError(f"the checkpoint is an x{config.scale} model; --scales {FLAGS.scales} does not apply")
         run = functools.partial(evaluate_model, params, config, datasets, self_ensemble=FLAGS.self_ensemble)
-        source = (f"--checkpoint {FLAGS.checkpoint}" + ("" if zoo.is_zoo(FLAGS.checkpoint) else f" --which {which}")
-                  + " --self_ensemble" * FLAGS.self_ensemble + f" ({named.text})")  # a zoo file: what it records
+        source = (checkpoint.named_source(FLAGS.checkpoint, which) + " --self_ensemble" * FLAGS.self_ensemble
+                  + f" ({named.text})")  # a zoo file: what it records
         step = named.step
     elif FLAGS.sr_dir:  # no --scales: the scales it holds images of, the others named in a note
         run = functools.partial(evaluate_sr_dir, FLAGS.sr_dir, datasets, scales or DEFAULT_SCALES,

@@ -9,7 +9,6 @@ Stopping on a signal is `preemption`'s, the workdir's own files and checks `rund
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shlex
@@ -28,7 +27,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from rnan_jax import (checkpoint, cli, data, inference, loader, paths, preemption, rundir, sources, step,
+from rnan_jax import (checkpoint, cli, data, figures, inference, loader, paths, preemption, rundir, sources, step,
                       summary, validation, zoo)
 from rnan_jax.api import build, count_params, init
 from rnan_jax.configs import TrainConfig, flatten_config
@@ -129,13 +128,20 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
                         "is: resume it with the version that wrote it (its git_revision.txt), or use another "
                         "--workdir (--config.init_from=WORKDIR copies its parameters)") from None
                 error = checkpoint.damaged(directory, at, e, hint=False)
-        where = checkpoint.move_aside(directory, at) if jax.process_index() == 0 else "(moved by process 0)"
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"rnan_jax_damaged_{at}")
-        mngr.reload()
+        where = _move_aside(mngr, at)
         then = "trying the step before it" if at != steps[-1] else "no checkpoint before it: training starts afresh"
         _log(f"{error}; moved it to {where}; {then}")
     return None
+
+
+def _move_aside(mngr: ocp.CheckpointManager, at: int) -> str:
+    """Moves checkpoint `at` of `mngr` under checkpoints_damaged/ (process 0 moves it, every process waits for that)
+    and reloads `mngr`; returns where it went."""
+    where = checkpoint.move_aside(os.fspath(mngr.directory), at) if jax.process_index() == 0 else "(moved by process 0)"
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"rnan_jax_moved_aside_{at}")
+    mngr.reload()
+    return where
 
 
 def _other_layout(error: BaseException) -> bool:
@@ -357,7 +363,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         did)."""
         nonlocal best_psnr, doing
         paused_at, doing = _synced_time(state), "validation"
-        write = not (saved and _validation_written(os.path.join(workdir, "tensorboard"), s))
+        write = not (saved and _validation_written(workdir, s))
         scores = _validate(validator, state, s, cfg, writer, mngr, stop_check, saved, write)
         if scores is None:
             return False
@@ -632,39 +638,22 @@ def _diverged(line: str, s: int, mngr: ocp.CheckpointManager) -> TrainingError:
     """The error for checkpoint `s`, saved by a stop before its validation, whose parameters that validation found not
     finite: moved aside (kept, under checkpoints_damaged/, as a damaged step is), so that the rerun resumes from the
     step before it; left in place, every rerun validated it again and stopped again."""
-    directory = os.fspath(mngr.directory)
-    where = checkpoint.move_aside(directory, s) if jax.process_index() == 0 else "(moved by process 0)"
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"rnan_jax_diverged_{s}")
-    mngr.reload()
+    where = _move_aside(mngr, s)
     kept, then = _kept(mngr)
     return TrainingError(f"{line}; the run diverged before the stop that saved this step: moved its checkpoint to "
                          f"{where}; {kept}: lower optim.lr or set optim.grad_clip, then rerun to {then}")
 
 
-def _validation_written(logdir: str, s: int) -> bool:
-    """Whether the TensorBoard folder `logdir` holds step `s`'s validation, by its metrics.jsonl (`summary.Writer`
-    writes every scalar there too; a line {"step": S, "resumed": true} drops the lines after S): a rerun that
-    validated the step a stop saved, then was lost before its next checkpoint, wrote it, and the next rerun,
-    validating that step again, wrote a second point at it."""
-    path = os.path.join(logdir, summary.METRICS_FILE)
+def _validation_written(workdir: str, s: int) -> bool:
+    """Whether the workdir's metrics.jsonl (`summary.Writer` writes every scalar there too) holds step `s`'s
+    validation, as `figures.read_validation` reads it (a resumed run's marker drops the lines after its step): a
+    rerun that validated the step a stop saved, then was lost before its next checkpoint, wrote it, and the next
+    rerun, validating that step again, wrote a second point at it."""
     try:
-        text = paths.read_text(path) if paths.exists(path) else ""
-    except (OSError, ValueError):  # unreadable: written again, as before
+        steps, _, _ = figures.read_validation(workdir)
+    except (figures.FigureError, OSError):  # none yet, or unreadable: written again, as before
         return False
-    written = False
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a killed run
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            continue
-        if record.get("resumed") is True and record["step"] < s:
-            written = False
-        elif record["step"] == s and "val/psnr" in record:
-            written = True
-    return written
+    return s in steps
 
 
 def _out_of_memory(error: Exception, cfg: TrainConfig, doing: str, s: int, chunks: int, remat: str) -> str:

@@ -53,7 +53,7 @@ from absl import app, flags
 from scipy import ndimage
 from tqdm import tqdm
 
-from rnan_jax import checkpoint, cli, degrade, env, images, inference, paths, zoo
+from rnan_jax import checkpoint, cli, degrade, env, images, inference, paths
 from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError
 from rnan_jax.model import RNANConfig
 
@@ -328,8 +328,8 @@ def main(argv: Sequence[str]) -> None:
     if (error := cli.output_folder_error(FLAGS.output)) is not None:
         print(f"upscale: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"Upscaling with: --checkpoint {FLAGS.checkpoint}" + ("" if zoo.is_zoo(FLAGS.checkpoint) else
-          f" --which {which}") + f" ({named.text})", file=sys.stderr)  # as evaluate's "Scored:"
+    print(f"Upscaling with: {checkpoint.named_source(FLAGS.checkpoint, which)} ({named.text})",
+          file=sys.stderr)  # as evaluate's "Scored:"
     done, not_attempted = 0, 0
     bar = tqdm(jobs, desc=f"x{config.scale}", unit="image", file=sys.stderr, disable=not FLAGS.progress)
     for k, (src, dst) in enumerate(bar):

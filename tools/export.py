@@ -19,8 +19,8 @@ from typing import Sequence
 
 from absl import app, flags
 
-from rnan_jax import cli, env, paths, zoo
-from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError, load_named, resolve_which
+from rnan_jax import cli, env, paths
+from rnan_jax.checkpoint import CLI_WHICH, WHICH_HELP, CheckpointError, load_named, named_source, resolve_which
 from rnan_jax.export import DEFAULT_PLATFORMS, PLATFORMS, export_model, save
 
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str]) -> None:
     except OSError as e:
         print(f"export: cannot write --output: {e}", file=sys.stderr)
         sys.exit(2)
-    of = f"--checkpoint {FLAGS.checkpoint}" + ("" if zoo.is_zoo(FLAGS.checkpoint) else f" --which {which}")
+    of = named_source(FLAGS.checkpoint, which)
     print(f"wrote {output} ({size / 2**20:.1f} MiB) of {of} ({named.text}): "
           f"x{config.scale}, input {exported.in_avals[0]}, "
           f"output {exported.out_avals[0]}, platforms {', '.join(exported.platforms)}")

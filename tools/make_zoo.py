@@ -142,7 +142,7 @@ def main(argv):
     except (OSError, ValueError) as e:
         sys.exit(f"make_zoo: wrote {out} but could not record its SHA-256 beside it in sha256.json ({e}): add "
                  f"\"{_NAME.value}\": \"<sha256sum of the file>\" there by hand (a stale one refuses the file)")
-    of = f"--workdir {_WORKDIR.value}" + ("" if directory is None else f" --which {which}")  # as export's line
+    of = checkpoint.named_source(_WORKDIR.value, which, flag="--workdir")  # as export's line
     print(f"wrote {out} ({size / 2**20:.2f} MiB) of {of} ({named.text}): "
           f"x{config.scale}, {meta['parameters']:,} parameters; its SHA-256 recorded in {source}")
 
