@@ -65,7 +65,9 @@ def resize_matrix(in_length: int, out_length: int, scale: float, antialias: bool
 
 @functools.lru_cache(maxsize=64)
 def _sparse_resize_matrix(in_length: int, out_length: int, scale: float, antialias: bool) -> sparse.csr_array:
-    return sparse.csr_array(resize_matrix(in_length, out_length, scale, antialias))
+    # From a dense matrix of its own, not resize_matrix's cached one: those, out * in * 8 bytes each (128 MB for
+    # 2000 -> 8000), stayed in memory for every image size resized, up to 64 of them.
+    return sparse.csr_array(resize_matrix.__wrapped__(in_length, out_length, scale, antialias))
 
 
 def _resize_axis(x: np.ndarray, matrix: sparse.csr_array, axis: int) -> np.ndarray:
@@ -91,6 +93,8 @@ def imresize(image: np.ndarray, scale: float, *, antialias: bool = True) -> np.n
     image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"imresize expects [H, W] or [H, W, C], got shape {image.shape}")
+    if 0 in image.shape[:2]:  # it was an IndexError (index 0 is out of bounds for axis 0 with size 0)
+        raise ValueError(f"imresize: the image has no pixels, shape {image.shape}")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     h, w = image.shape[:2]
@@ -110,4 +114,7 @@ def modcrop(image: np.ndarray, scale: int) -> np.ndarray:
 
 def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
     """The field's LR image: `imresize(modcrop(hr, scale), 1 / scale)`; uint8 [H, W(, C)] -> [H/s, W/s(, C)]."""
+    h, w = hr.shape[:2]
+    if h < scale or w < scale:  # cropped to nothing: it was an IndexError from imresize
+        raise ValueError(f"bicubic_lr: image is {w}x{h}, smaller than the scale x{scale}")
     return imresize(modcrop(hr, scale), 1.0 / scale)

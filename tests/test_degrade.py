@@ -148,3 +148,64 @@ def test_output_length_keeps_float_noise_as_matlab():
     assert degrade.output_length(50, 1.1) == 56
     assert degrade.imresize(np.zeros((50, 20), np.uint8), 1.1).shape == (56, 22)
     assert degrade.output_length(255, 1 / 3) == 85
+
+
+def test_antialias_false_downscales_with_the_plain_cubic_kernel():
+    # MATLAB imresize(x, 1/2, 'bicubic', 'Antialiasing', false): output 1 sits at input 1.5 (1-based) and the
+    # kernel keeps its width 4: cubic(1.5) = -0.0625 and cubic(0.5) = 0.5625 at inputs 0..3, input 0 folding onto
+    # 1 (the antialiased weights are 0.546875, 0.3984375, ... as above). The flag was not pinned: ignoring it (for
+    # one axis or both) went unnoticed.
+    m = degrade.resize_matrix(8, 4, 0.5, False)
+    np.testing.assert_array_equal(m[0], [0.5, 0.5625, -0.0625, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(m[1], [0, -0.0625, 0.5625, 0.5625, -0.0625, 0, 0, 0])
+    np.testing.assert_array_equal(m[3], m[0][::-1])
+    # x1/4: output 1 sits at input 2.5, between inputs 2 and 3
+    np.testing.assert_array_equal(degrade.resize_matrix(12, 3, 0.25, False)[0],
+                                  [-0.0625, 0.5625, 0.5625, -0.0625] + [0] * 8)
+    x = np.random.default_rng(7).random((8, 8, 2))
+    expected = np.einsum("ai,bj,ijc->abc", m, m, x)
+    np.testing.assert_allclose(degrade.imresize(x, 0.5, antialias=False), expected, atol=1e-14)
+    assert np.abs(degrade.imresize(x, 0.5) - expected).max() > 0.01
+    u8 = (x[..., 0] * 255).astype(np.uint8)
+    np.testing.assert_array_equal(degrade.imresize(u8, 0.5, antialias=False),
+                                  np.clip(np.floor(m @ u8.astype(np.float64) @ m.T + 0.5), 0, 255))
+    # Upscaling never antialiases: the flag changes nothing there.
+    np.testing.assert_array_equal(degrade.imresize(x, 3, antialias=False), degrade.imresize(x, 3))
+
+
+def test_a_zero_scale_and_a_batch_are_refused_in_one_line():
+    # A [1, H, W, 3] batch (a model's input) was resized along its batch and height axes without the check.
+    with pytest.raises(ValueError, match=r"^scale must be positive, got 0$"):
+        degrade.imresize(np.zeros((8, 8), np.uint8), 0)
+    with pytest.raises(ValueError, match=r"^imresize expects \[H, W\] or \[H, W, C\], got shape \(1, 8, 8, 3\)$"):
+        degrade.imresize(np.zeros((1, 8, 8, 3), np.uint8), 0.5)
+
+
+def test_an_image_smaller_than_the_scale_is_refused_in_one_line():
+    # Cropped to a multiple of the scale, a 1x5 image at x2 has no pixels left: it was an IndexError (index 0 is
+    # out of bounds for axis 0 with size 0) from deep inside the resize.
+    with pytest.raises(ValueError, match=r"^bicubic_lr: image is 5x1, smaller than the scale x2$"):
+        degrade.bicubic_lr(np.zeros((1, 5, 3), np.uint8), 2)
+    with pytest.raises(ValueError, match=r"^bicubic_lr: image is 3x4, smaller than the scale x4$"):
+        degrade.bicubic_lr(np.zeros((4, 3), np.uint8), 4)
+    with pytest.raises(ValueError, match=r"^imresize: the image has no pixels, shape \(0, 4\)$"):
+        degrade.imresize(np.zeros((0, 4), np.uint8), 0.5)
+    np.testing.assert_array_equal(degrade.bicubic_lr(np.full((4, 5), 9, np.uint8), 4), [[9]])  # one pixel is enough
+
+
+def test_resizing_keeps_no_dense_matrix_in_memory():
+    # Each image size resized kept its dense [out, in] float64 matrices cached (up to 64 sizes): 27 MB here, 416 MB
+    # for a 3000x2000 image at x4 (an RGBA photo's alpha in upscale), all kept for the rest of the run.
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out = degrade.imresize(np.zeros((611, 703), np.uint8), 4)
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before - out.nbytes
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (2444, 2812)
+    assert retained < 2 * 2**20, retained

@@ -231,3 +231,33 @@ def test_quantize_refuses_nan_rather_than_making_it_black():
     with pytest.raises(ValueError, match=r"the image holds 2 NaN value\(s\)"):
         metrics.quantize(np.array([[0.5, np.nan], [np.nan, 1.0]]))
     np.testing.assert_array_equal(metrics.quantize(np.array([np.inf, -np.inf])), [255, 0])  # clipped, as before
+
+
+def test_ssim_of_an_11_pixel_plane_is_its_one_window():
+    """The smallest plane SSIM takes (benchmark_sets.min_side: scale shaved from each border of 2 * scale + 11
+    pixels): one window, Wang et al.'s formula with the Gaussian weights summed by hand. Refusing it went unnoticed."""
+    sr, hr = _pair(4, shape=(15, 15))
+    a, b = (_exact_rounded_y(x)[2:-2, 2:-2].astype(np.float64) for x in (sr, hr))
+    r = np.arange(11) - 5.0
+    w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * 1.5**2))
+    w /= w.sum()
+    mu_a, mu_b = (w * a).sum(), (w * b).sum()
+    var_a, var_b = (w * a * a).sum() - mu_a**2, (w * b * b).sum() - mu_b**2
+    cov = (w * a * b).sum() - mu_a * mu_b
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    expected = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    assert metrics.ssim_y(sr, hr, 2) == pytest.approx(expected, abs=1e-12)
+    assert metrics.ssim_y(sr, hr, 2) == pytest.approx(_skimage_ssim(b, a), abs=1e-7)
+    assert 0.5 < expected < 0.999
+
+
+def test_luminance_pair_compares_rounded_y_unless_told():
+    """figures.py scores through luminance_pair's default: it must be the rounded Y of psnr_y's default (and of
+    Table 1), not RCAN's fractional Y."""
+    sr, hr = _pair(5)
+    a, b = metrics.luminance_pair(sr, hr, 3)
+    np.testing.assert_array_equal(a, _exact_rounded_y(sr)[3:-3, 3:-3])
+    np.testing.assert_array_equal(b, _exact_rounded_y(hr)[3:-3, 3:-3])
+    a, b = metrics.luminance_pair(sr, hr, 3, rounded_y=False)
+    np.testing.assert_allclose(a, color.rgb2ycbcr(sr)[3:-3, 3:-3, 0], atol=1e-9)
+    np.testing.assert_allclose(b, color.rgb2ycbcr(hr)[3:-3, 3:-3, 0], atol=1e-9)
