@@ -7,6 +7,7 @@ import collections
 import glob
 import os
 import struct
+from typing import Any, Iterator
 
 from etils import epath
 
@@ -31,41 +32,57 @@ def read_scalars(logdir: str) -> Scalars:
     TensorBoard does, the values that earlier files hold from that step on (steps trained again) are dropped.
     Every run's first file begins with a START (a first run's at step 1), so they also part the runs' `sessions`;
     so does a file that is not a run's second or later one (`_continues`): the files of earlier versions hold no
-    START, and their runs were one session, the time between them counted as training.
+    START, and their runs were one session, the time between them counted as training. The values that a resumed run
+    writes again after its START from the earlier files (`summary.Writer`: the values it dropped, with their wall
+    times) are values of the runs before it, not of its session.
     """
     from tensorboardX.proto import event_pb2
 
     scalars = Scalars()
     walls: list[list[float]] = [[]]  # per session: the wall times of the values it logged, dropped ones included
-    if paths.is_url(logdir):  # gs://: a glob of the text found nothing, and the runs there were "no values"
-        names = paths.listdir(logdir) if paths.isdir(logdir) else []  # listed, not a glob: [ ] in a name
-        files = [epath.Path(logdir) / n for n in names if n.startswith("events.out.tfevents.")]
-    else:
-        files = [epath.Path(p) for p in sorted(glob.glob(os.path.join(glob.escape(logdir), "events.out.tfevents.*")))]
-    for path in files:
+    dropped: set[tuple[str, int, float, float]] = set()  # what the latest START dropped: a copy of one is no value
+    for path in event_files(logdir):                    # its session logged (`summary.Writer` writes them again)
         if walls[-1] and not _continues(path.name):  # another run's file, from a version that wrote no START
             walls.append([])
-        data = path.read_bytes()
-        offset = 0
-        while offset + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            record = data[offset + 12:offset + 12 + length]
-            offset += 12 + length + 4
-            if len(record) < length:
-                break  # a record cut off by a running writer
-            event = event_pb2.Event.FromString(record)
+        for event in events(path):
             if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
                 if walls[-1]:
                     walls.append([])
-                for values in scalars.values():
+                dropped = set()
+                for tag, values in scalars.items():
                     for step in [s for s in values if s >= event.step]:
-                        del values[step]
+                        dropped.add((tag, step, *values.pop(step)))
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     scalars[value.tag][event.step] = (value.simple_value, event.wall_time)
-                    walls[-1].append(event.wall_time)
+                    if (value.tag, event.step, value.simple_value, event.wall_time) not in dropped:
+                        walls[-1].append(event.wall_time)
     scalars.sessions = [(min(w), max(w)) for w in walls if w]
     return scalars
+
+
+def event_files(logdir: str) -> list[epath.Path]:
+    """The TensorBoard event files in `logdir` (a folder or a gs:// URL), in the order they were begun."""
+    if paths.is_url(logdir):  # gs://: a glob of the text found nothing, and the runs there were "no values"
+        names = paths.listdir(logdir) if paths.isdir(logdir) else []  # listed, not a glob: [ ] in a name
+        return [epath.Path(logdir) / n for n in sorted(names) if n.startswith("events.out.tfevents.")]
+    return [epath.Path(p) for p in sorted(glob.glob(os.path.join(glob.escape(logdir), "events.out.tfevents.*")))]
+
+
+def events(path: epath.Path) -> Iterator[Any]:
+    """The `Event` protos of event file `path`, in order, up to a record cut off by a running writer. CRCs are not
+    checked."""
+    from tensorboardX.proto import event_pb2
+
+    data = path.read_bytes()
+    offset = 0
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        record = data[offset + 12:offset + 12 + length]
+        offset += 12 + length + 4
+        if len(record) < length:
+            return  # a record cut off by a running writer
+        yield event_pb2.Event.FromString(record)
 
 
 def _continues(name: str) -> bool:

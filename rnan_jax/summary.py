@@ -104,6 +104,37 @@ def _remove_dead_copies() -> None:
                 os.remove(path)
 
 
+def _replay(logdir: str, resumed_from: int) -> tuple[int, list[tuple[float, int, Any]]]:
+    """(purge step, [(wall time, step, Summary.Value)] to write again after its START) for a run that resumes from
+    step `resumed_from` in `logdir` (`Writer`): the values that the earlier event files hold, as TensorBoard keeps
+    them (each START drops the values before it from its step on), from the last step up to `resumed_from` of each
+    tag that has values after it, in the order written. Files that cannot be read leave the START at
+    `resumed_from` + 1, with a warning: the run is not stopped for its curves."""
+    from tensorboardX.proto import event_pb2
+
+    from rnan_jax import scalars
+
+    try:
+        kept: list[tuple[float, int, Any]] = []
+        for path in scalars.event_files(logdir):
+            for event in scalars.events(path):
+                if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                    kept = [k for k in kept if k[1] < event.step]
+                kept += [(event.wall_time, event.step, value) for value in event.summary.value]
+    except Exception as e:  # a damaged file of the runs before (protobuf, gcsfs errors): curves, not the run
+        logging.getLogger(__name__).warning(
+            "%s: the earlier event files could not be read (%s: %s); TensorBoard's default loader may show their "
+            "values after step %d until this run logs those tags again", logdir, type(e).__name__, e, resumed_from)
+        return resumed_from + 1, []
+    last: dict[str, int] = {}  # per tag, its last step up to resumed_from
+    for _, step, value in kept:
+        if step <= resumed_from:
+            last[value.tag] = max(step, last.get(value.tag, step))
+    stale = {value.tag for _, step, value in kept if step > resumed_from}
+    purge = min([last[tag] for tag in stale if tag in last], default=resumed_from + 1)
+    return purge, [k for k in kept if purge <= k[1] <= resumed_from]
+
+
 class Writer:
     """TensorBoard scalars and images under `logdir`, written by process 0 only; the scalars also as JSON
     lines in `logdir/metrics.jsonl` ({"step": s, "train/loss": ...}), readable without TensorBoard.
@@ -117,10 +148,17 @@ class Writer:
     A run that resumes from step `resumed_from` (the trainer gives its first step) logs the steps after it again:
     what the runs before it logged past that step (up to the crash or kill, beyond the last checkpoint) is of a
     trajectory that no longer exists. The first event file begins with tensorboardX's `purge_step` (a SessionLog
-    START at `resumed_from` + 1: TensorBoard hides the earlier files' values from that step on, as
-    `scalars.read_scalars` does), and metrics.jsonl, when runs before wrote it, gets the line {"step": resumed_from,
-    "resumed": true} (readers drop the earlier lines with a step after it, as `figures.read_validation` does). A
-    last line cut short (a killed run) is ended first, so that the next record is a line of its own."""
+    START at `resumed_from` + 1: TensorBoard's Python loader, `--load_fast=false`, hides the earlier files' values
+    from that step on, as `scalars.read_scalars` does). TensorBoard's default loader (RustBoard) reads no START: a
+    value at step s hides only its own tag's values from s on, so the old trajectory's points past `resumed_from`
+    stayed on until the run logged that tag again (its validation PSNR and images until the next validation; for
+    good if it stopped first, a NaN or a second crash). So where the earlier files hold values past `resumed_from`,
+    the START is at the last step up to `resumed_from` of such a tag, and the values from there up to `resumed_from`
+    are written again after it, as they were (step, wall time): both loaders then show what the runs before left up
+    to `resumed_from`, and nothing after it. metrics.jsonl, when runs before wrote it, gets the line
+    {"step": resumed_from, "resumed": true} (readers drop the earlier lines with a step after it, as
+    `figures.read_validation` does). A last line cut short (a killed run) is ended first, so that the next record is
+    a line of its own."""
 
     def __init__(self, logdir: str, mirror_every_s: float = 60.0, *, resumed_from: int | None = None):
         self._writer = None
@@ -129,7 +167,10 @@ class Writer:
         self._copied: dict[str, int] = {}
         self._mirror_every_s, self._mirrored_at, self._event_files = mirror_every_s, -math.inf, 0
         self._purge_step = None if resumed_from is None else resumed_from + 1
+        self._replay: list[tuple[float, int, Any]] = []  # values written again after the START (see above)
         if jax.process_index() == 0:
+            if resumed_from is not None:
+                self._purge_step, self._replay = _replay(logdir, resumed_from)
             self._local = tempfile.mkdtemp(prefix=_local_copy_prefix("tensorboard")) if self._remote else logdir
             self._held = _hold(self._local) if self._remote else None
 
@@ -155,8 +196,15 @@ class Writer:
         logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
         self._event_files += 1  # tensorboardX names a file by the second it began: the number keeps them apart
         purge = self._purge_step if self._event_files == 1 else None  # a later one's would hide this run's own
-        return SummaryWriter(self._local, flush_secs=30, filename_suffix=f".{self._event_files:04d}",
-                             purge_step=purge)
+        writer = SummaryWriter(self._local, flush_secs=30, filename_suffix=f".{self._event_files:04d}",
+                               purge_step=purge)
+        if purge is not None:
+            from tensorboardX.proto import summary_pb2
+
+            for wall_time, step, value in self._replay:
+                writer.file_writer.add_summary(summary_pb2.Summary(value=[value]), step, wall_time)
+            self._replay = []
+        return writer
 
     def _events(self) -> Any:
         """The SummaryWriter; raises the OSError that ended one of its writer threads, if one did."""

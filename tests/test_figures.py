@@ -1,9 +1,11 @@
 """The MODEL_ZOO.md pictures: a training curve from metrics.jsonl and Figure 3-style crops."""
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -319,3 +321,93 @@ def test_a_checkpoints_folder_of_no_run_above_the_workdir_given_is_not_named_the
                                                 f"{run}\n")
         assert figures.enclosing_run(f"run_{name}/checkpoints") == f"run_{name}"
     assert figures.enclosing_run("runs/x3") is None and figures.enclosing_run(str(tmp_path / "checkpoints")) is None
+
+
+def _as_tensorboard_shows(logdir):
+    """{loader: {tag: {step: value}}} (a scalar's value, an image's PNG bytes) as TensorBoard's two loaders keep the
+    event files of `logdir`, read in name order: "python" (`--load_fast=false`: a SessionLog START drops every tag's
+    values from its step on) and "rust" (RustBoard, the default: it reads no START; a value at step s drops its own
+    tag's values from s on)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    shown = {"python": {}, "rust": {}}
+    for name in sorted(n for n in os.listdir(logdir) if n.startswith("events.out.tfevents.")):
+        data, offset = (logdir / name).read_bytes(), 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 16 + length
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                for values in shown["python"].values():
+                    for step in [s for s in values if s >= event.step]:
+                        del values[step]
+            for value in event.summary.value:
+                payload = value.simple_value if value.HasField("simple_value") else value.image.encoded_image_string
+                shown["python"].setdefault(value.tag, {})[event.step] = payload
+                values = shown["rust"].setdefault(value.tag, {})
+                for step in [s for s in values if s >= event.step]:
+                    del values[step]
+                values[event.step] = payload
+    return shown
+
+
+def test_tensorboards_default_loader_shows_no_point_of_the_steps_a_resumed_run_trains_again(tmp_path):
+    """A run validated (PSNR and image strips) at steps 3, 6, 9 and died after its checkpoint of step 7; its rerun
+    stopped before logging (a NaN, a second crash). TensorBoard's default loader (RustBoard) reads no SessionLog START
+    (the purge_step of the rerun's file, which `--load_fast=false` and read_scalars honour): it kept showing the
+    dead trajectory's points at steps 8, 9 and 10 (validation ones until the next validation, train ones until the
+    next log; here for good). The rerun's file now rewrites the values from the last step up to 7 of each such tag
+    after its START, as they were: both loaders show the same points, none past 7, until the rerun logs its own."""
+    from PIL import Image
+
+    from rnan_jax import scalars, summary
+
+    log = tmp_path / "tensorboard"
+
+    def strip(step):
+        return np.full((4, 8, 3), step * 20, np.uint8)
+
+    def begun(run):  # a run's files named as if begun at second `run` (tensorboardX names them by the second)
+        for name in os.listdir(log):
+            prefix, _, rest = name.partition(".out.tfevents.")
+            if rest and not rest.startswith("000000000"):
+                os.rename(log / name, log / f"{prefix}.out.tfevents.{run:010d}.{rest.split('.', 1)[1]}")
+
+    first = summary.Writer(str(log), resumed_from=0)
+    for s in range(1, 11):
+        if s % 2 == 0:
+            first.scalars(s, {"train/loss": 1.0 / s})
+        if s % 3 == 0:
+            first.scalars(s, {"val/psnr": 30.0 + s})
+            first.images(s, {"val/pic": strip(s)})
+    first.close()
+    begun(1)
+    expected = {"train/loss": {2: 0.5, 4: 0.25, 6: 1 / 6}, "val/psnr": {3: 33.0, 6: 36.0}}
+
+    def check(extra):
+        shown = _as_tensorboard_shows(log)
+        for loader in ("python", "rust"):
+            values = {tag: {s: round(v, 5) for s, v in shown[loader][tag].items()} for tag in expected}
+            assert values == {tag: {s: round(v, 5) for s, v in {**expected[tag], **extra.get(tag, {})}.items()}
+                              for tag in expected}, loader
+            images = {s: np.asarray(Image.open(io.BytesIO(png))) for s, png in shown[loader]["val/pic"].items()}
+            assert sorted(images) == sorted({3, 6, *extra.get("val/pic", ())}), loader
+            for s, image in images.items():
+                np.testing.assert_array_equal(image, strip(extra.get("val/pic", {}).get(s, s)))
+
+    summary.Writer(str(log), resumed_from=7).close()  # the rerun, stopped before its first log
+    begun(2)
+    check({})
+    began = time.time()
+    rerun = summary.Writer(str(log), resumed_from=7)
+    rerun.scalars(8, {"train/loss": 0.75})
+    rerun.scalars(9, {"val/psnr": 40.0})
+    rerun.images(9, {"val/pic": strip(11)})  # not the dead run's
+    rerun.close()
+    begun(3)
+    check({"train/loss": {8: 0.75}, "val/psnr": {9: 40.0}, "val/pic": {9: 11}})
+    run = scalars.read_scalars(str(log))  # the values the stopped rerun wrote again are not a session of its own
+    assert {s: round(v, 5) for s, (v, _) in run["val/psnr"].items()} == {3: 33.0, 6: 36.0, 9: 40.0}
+    assert len(run.sessions) == 2 and run.sessions[0][1] < began <= run.sessions[1][0]
