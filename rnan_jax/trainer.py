@@ -108,17 +108,22 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
             saved, error = None, checkpoint.damaged(directory, at, e, hint=False)
         if saved is not None:
             if not checkpoint.same_architecture(saved, cfg.model):  # init_from takes another scale only
-                init_from = all(getattr(saved, k) == getattr(cfg.model, k) for k in _INIT_FROM_SAME)
-                raise ValueError(f"{workdir} holds an {checkpoint.describe(saved)}; the config asks for an "
-                                 f"{checkpoint.describe(cfg.model)}. Use another --workdir" + init_from * (
-                                     f" (with --config.init_from={workdir} to start from its matching parameters)"))
+                raise ValueError(_other_architecture(saved, cfg, workdir))
             try:
                 state, meta = checkpoint.restore_train_state(mngr, at, target)
                 if target.ema is not None and state.ema is None:  # EMA switched on for this run: start it here
                     state = state.replace(ema=jax.tree_util.tree_map(jnp.copy, state.params))
                     _log(f"{directory}/{at} holds no EMA (saved with optim.ema_decay 0): the EMA starts from "
                          "its parameters")
-                it.set_state({"next_batch": int(state.step)})  # one batch per step: global batch `step` is next
+                elif target.ema is None and paths.exists(os.path.join(directory, str(at), "ema")):  # switched off:
+                    _log(f"{directory}/{at} holds an EMA, which optim.ema_decay 0 drops: validation and best/ "
+                         "score the parameters from here")  # it was dropped without a word
+                next_batch, saved_batch = _next_batch(meta, int(state.step), cfg.batch_size)
+                if saved_batch != cfg.batch_size:
+                    _log(f"batch_size changed from {saved_batch} to {cfg.batch_size}: the training data goes on at "
+                         f"patch {next_batch * cfg.batch_size:,} (global batch {next_batch:,} of {cfg.batch_size}), "
+                         "past the patches trained on")
+                it.set_state({"next_batch": next_batch})
                 return state, meta, at
             except Exception as e:  # orbax/tensorstore raise many kinds for missing or corrupt files
                 if _other_layout(e):  # whole, of another version's state: moved aside, each step was, and the run
@@ -132,6 +137,45 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
         then = "trying the step before it" if at != steps[-1] else "no checkpoint before it: training starts afresh"
         _log(f"{error}; moved it to {where}; {then}")
     return None
+
+
+def _other_architecture(saved: RNANConfig, cfg: TrainConfig, workdir: str) -> str:
+    """The one-line refusal of a workdir whose checkpoints are of another architecture than `cfg.model`."""
+    init_from = all(getattr(saved, k) == getattr(cfg.model, k) for k in _INIT_FROM_SAME)  # init_from takes another
+    return (f"{workdir} holds an {checkpoint.describe(saved)}; the config asks for an "  # scale only
+            f"{checkpoint.describe(cfg.model)}. Use another --workdir" + init_from * (
+                f" (with --config.init_from={workdir} to start from its matching parameters)"))
+
+
+def _check_architecture(directory: str, cfg: TrainConfig, workdir: str) -> None:
+    """Raises ValueError (`_other_architecture`) when the newest checkpoint in `directory` with a readable record is
+    of another architecture: before the data, whose first decode (into a cache of the new scale) can take many
+    minutes; `_resume` refused it only after them. A damaged record is left for `_resume` to report."""
+    for at in reversed(checkpoint.complete_steps(directory)):
+        try:
+            saved = checkpoint.config_from_meta(checkpoint.read_meta(directory, at))
+        except (checkpoint.CheckpointError, KeyError, TypeError):
+            continue
+        if not checkpoint.same_architecture(saved, cfg.model):
+            raise ValueError(_other_architecture(saved, cfg, workdir))
+        return
+
+
+# In a checkpoint's meta: the training patches taken so far (global batches of each run's batch_size, in order from
+# patch 0) and the batch_size of the run that saved it, so that a run resumed with another batch_size goes on where
+# the data left off. Global batch `step` of the new size (as before) trained again on patches already trained on
+# (a smaller batch: the last steps' own patches, in the same order) or skipped some (a larger).
+_NEXT_PATCH, _BATCH_SIZE = "next_patch", "batch_size"
+
+
+def _next_batch(meta: dict, at: int, batch_size: int) -> tuple[int, int]:
+    """(the global batch of `batch_size` that the run resumed from checkpoint `at` reads first: the first that holds no
+    patch trained on, the batch size that saved it). A checkpoint saved without the record (before it was kept)
+    resumes at global batch `at`, as it did: its batch size is not known (config.json's is the start's)."""
+    patch, saved = meta.get(_NEXT_PATCH), meta.get(_BATCH_SIZE)
+    if not (type(patch) is int and type(saved) is int and patch >= 0 and saved > 0):
+        return at, batch_size
+    return -(-patch // batch_size), saved
 
 
 def _move_aside(mngr: ocp.CheckpointManager, at: int) -> str:
@@ -254,7 +298,9 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                          cfg.execution.cast_once, cfg.execution.remat_policy, cfg.execution.autotune_fusions)
     train_step, replicated, batch_sharding = step.jit_train_step(spec, mesh)
 
-    # init_from is read before the data, whose first decode can take many minutes, unless the run resumes
+    # init_from is read before the data, whose first decode can take many minutes, unless the run resumes (a
+    # checkpoint of another architecture is refused before them too)
+    _check_architecture(os.path.join(workdir, checkpoint.CHECKPOINTS), cfg, workdir)
     fresh = cfg.init_from and not checkpoint.complete_steps(os.path.join(workdir, checkpoint.CHECKPOINTS))
     source = _init_source(cfg) if fresh else None
     # The data before the checkpoint managers (a workdir that cannot be written has failed already, in
@@ -325,6 +371,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
         return {}
 
     first = int(state.step)
+    offset = it.get_state()["next_batch"] - first  # the data's global batch minus the step (`_next_batch`)
     writer = summary.Writer(os.path.join(workdir, "tensorboard"), resumed_from=first)
     acc = jax.device_put(since_log, replicated)  # resumed between two logs: the sums of the steps since the last
     results: dict[str, float] = {}
@@ -397,7 +444,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 batch = next(it)
             except sources.DataError as e:  # a worker process died, a cache file changed: the steps trained stay
                 kept = _keep_reached(mngr, state, acc, first, cfg, best_psnr, results, images,
-                                     lambda at: log_train(at, asked))
+                                     lambda at: log_train(at, asked), offset=offset)
                 raise sources.DataError(f"{e}; {kept}") from None
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             state, acc = train_step(state, batch, acc)
@@ -433,7 +480,7 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
                 saving = time.time()
                 host = jax.device_get(acc) if since_log is None else since_log
                 _check_finite(host, s, mngr)
-                _save_step(mngr, s, state, cfg, best_psnr, results, images, host, stopped)
+                _save_step(mngr, s, state, cfg, best_psnr, results, images, host, stopped, offset=offset)
                 pending = True
                 costs["save"] = time.time() - saving
             if paused_at is not None:
@@ -495,20 +542,24 @@ _UNVALIDATED = "validation_stopped"  # in a checkpoint's meta: a stop request en
 
 
 def _save_step(mngr: ocp.CheckpointManager, s: int, state: step.TrainState, cfg: TrainConfig, best_psnr: float,
-               results: dict[str, float], images: str, since_log: dict, unvalidated: bool = False) -> None:
+               results: dict[str, float], images: str, since_log: dict, unvalidated: bool = False, *,
+               offset: int) -> None:
     """Saves step `s` (asynchronously), with the best PSNR so far, the last validation scores, the training
-    images (`_images_record`) and `since_log` (the host's running sums of the steps since the last log) in its
-    meta; `unvalidated`: its validation was stopped, and the run that resumes from it validates it first."""
+    images (`_images_record`), `since_log` (the host's running sums of the steps since the last log) and the data's
+    position (`_NEXT_PATCH`: global batch `s + offset` is the next) in its meta; `unvalidated`: its validation was
+    stopped, and the run that resumes from it validates it first."""
     meta = checkpoint.meta_for(cfg.model, s, best_psnr=best_psnr, training_images=images, **{
         k: v for k, v in results.items() if k.startswith("val/")}, since_last_log={
-        k: float(v) for k, v in since_log.items()}, **{_UNVALIDATED: True} if unvalidated else {})
+        k: float(v) for k, v in since_log.items()}, **{_UNVALIDATED: True} if unvalidated else {},
+        **{_NEXT_PATCH: (s + offset) * cfg.batch_size, _BATCH_SIZE: cfg.batch_size})
     with _saving(mngr):
         _check_room(mngr, s, state, mngr)
         checkpoint.save_train_state(mngr, s, state, meta)
 
 
 def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any, first: int, cfg: TrainConfig,
-                  best_psnr: float, results: dict[str, float], images: str, log: Callable[[int], None]) -> str:
+                  best_psnr: float, results: dict[str, float], images: str, log: Callable[[int], None], *,
+                  offset: int) -> str:
     """When the data stops a run between two steps: saves a checkpoint of the step reached, as SIGTERM does (after
     `log` of the steps since the last log, as SIGTERM logs them), and says where the rerun resumes from. A run of
     several processes saves none: the others wait in the train step, and a save waits for all of them."""
@@ -518,8 +569,9 @@ def _keep_reached(mngr: ocp.CheckpointManager, state: step.TrainState, acc: Any,
         if (nonfinite := int(host["nonfinite"])) == 0:
             if host["steps"] > 0:
                 log(reached)
-            _save_step(mngr, reached, state, cfg, best_psnr, results, images, host)  # the sums `log` logged, for the
-            saved = True  # rerun's next log (`_since_log`): the uninterrupted run's mean, not its own steps' alone
+            # the sums `log` logged, for the rerun's next log (`_since_log`): the uninterrupted run's mean, not its
+            _save_step(mngr, reached, state, cfg, best_psnr, results, images, host, offset=offset)  # own steps' alone
+            saved = True
         else:
             note = f" (step {reached} not saved: {nonfinite} step(s) since the last log had a non-finite loss)"
     mngr.wait_until_finished()

@@ -143,3 +143,85 @@ def test_train_log_is_utf_8_whatever_the_locale(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert path.read_text(encoding="utf-8").rstrip().endswith(f"workdir {path}")
+
+
+def _recorded_batches(monkeypatch):
+    """The LR patches of every batch the training iterators give, in order (one list for all the runs after it)."""
+    from rnan_jax import loader
+
+    taken, real = [], loader.BatchIterator.__next__
+
+    def record(self):
+        batch = real(self)
+        taken.append(batch["lr"].copy())
+        return batch
+
+    monkeypatch.setattr(loader.BatchIterator, "__next__", record)
+    return taken
+
+
+def test_a_run_resumed_with_another_batch_size_goes_on_with_the_patches_it_has_not_trained_on(images, tmp_path,  # noqa: F811
+                                                                                               monkeypatch):
+    """Halving batch_size on a resume (less memory) had the run read global batch `step` of the new size: patches it
+    had trained on in its last steps, the same crops in the same order (a larger batch skipped as many). The data now
+    goes on at the first patch not trained on, and the line says so; the checkpoints record the position."""
+    import numpy as np
+
+    from rnan_jax import checkpoint, data
+    from rnan_jax.configs import TrainConfig
+
+    workdir = tmp_path / "run"
+    taken = _recorded_batches(monkeypatch)
+    train_and_evaluate(x4_config(images, total_steps=2, eval_every=2, checkpoint_every=2, **FAST), str(workdir))
+    first = np.concatenate(taken)
+    del taken[:]
+    train_and_evaluate(x4_config(images, total_steps=4, eval_every=4, checkpoint_every=2, batch_size=2, **FAST),
+                       str(workdir))
+    resumed = np.concatenate(taken)
+    cfg = TrainConfig.from_config(x4_config(images))
+    it = data.train_iterator(cfg.data, global_batch_size=4, seed=cfg.seed)
+    try:
+        it.set_state({"next_batch": 2})  # patches 8..11: the next ones of the run at batch 4
+        following = next(it)["lr"]
+    finally:
+        it.close()
+    assert first.shape[0] == 8  # patches 0..7
+    assert resumed.shape[0] == 4 and np.array_equal(resumed, following)
+    assert not any(np.array_equal(p, q) for p in resumed for q in first)  # none trained on again
+    assert [checkpoint.read_meta(str(workdir / "checkpoints"), s)["next_patch"] for s in (2, 4)] == [8, 12]
+    log = (workdir / "train.log").read_text()
+    assert ("batch_size changed from 4 to 2: the training data goes on at patch 8 (global batch 4 of 2), past the "
+            "patches trained on") in log
+
+
+def test_a_resume_with_another_architecture_is_refused_before_the_data_is_read(images, tmp_path):  # noqa: F811
+    """model.scale=2 given by mistake to an x4 workdir was refused only after the training images were decoded into a
+    cache for the new scale (many minutes and gigabytes for DIV2K): the refusal comes first now, and the workdir's
+    checkpoint is kept as it was."""
+    from rnan_jax import checkpoint
+
+    workdir, cache = tmp_path / "run", tmp_path / "cache_x2"
+    train_and_evaluate(x4_config(images, total_steps=1, eval_every=1, checkpoint_every=1, **FAST), str(workdir))
+    with pytest.raises(ValueError, match=r"holds an x4 model .*; the config asks for an x2 model .* Use another "
+                                         r"--workdir \(with --config.init_from="):
+        train_and_evaluate(x4_config(images, total_steps=2, **{"model.scale": 2, "data.cache_dir": str(cache)},
+                                     **FAST), str(workdir))
+    assert not cache.exists()
+    assert "decoding" not in (workdir / "train.log").read_text().split("started: ")[-1]
+    assert checkpoint.complete_steps(str(workdir / "checkpoints")) == [1]
+
+
+def test_a_resume_with_the_ema_switched_off_says_that_it_drops_it(images, tmp_path):  # noqa: F811
+    """Switching the EMA on at a resume was said in a line; switching it off dropped the checkpoint's EMA without a
+    word (validation and best/ then score the parameters, not the EMA), and the config line, which compares with
+    the start's config.json, named no change when that start had it off too."""
+    workdir = tmp_path / "run"
+    train_and_evaluate(x4_config(images, total_steps=1, eval_every=1, checkpoint_every=1, **FAST), str(workdir))
+    train_and_evaluate(x4_config(images, total_steps=2, eval_every=2, checkpoint_every=1,
+                                 **{"optim.ema_decay": 0.5}, **FAST), str(workdir))
+    train_and_evaluate(x4_config(images, total_steps=3, eval_every=3, checkpoint_every=1, **FAST), str(workdir))
+    text = [line[21:] for line in (workdir / "train.log").read_text().splitlines()]
+    third = text[max(i for i, t in enumerate(text) if t.startswith("started: ")):]
+    assert f"{workdir}/checkpoints/2 holds an EMA, which optim.ema_decay 0 drops: validation and best/ score the " \
+           "parameters from here" in third
+    assert "ema" in os.listdir(workdir / "checkpoints" / "2") and "ema" not in os.listdir(workdir / "checkpoints" / "3")
