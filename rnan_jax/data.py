@@ -143,6 +143,9 @@ class DataConfig:
         if unknown := sorted(set(values) - set(defaults)):
             raise ValueError(f"unknown data config keys {unknown}; known: {sorted(defaults)}")
         values = {**defaults, **values}
+        # None in a text key is its unset "", as configs.check_nones reads an experiment file; in another key a
+        # ValueError (`_typed`): augment=None turned the augmentation off, "False" on, as bool() read them.
+        values = {k: "" if v is None and defaults[k] == "" else v for k, v in values.items()}
         _check_read(values)
         for key in ("hr_dirs", "lr_dirs", "val_dir", "val_lr_dir", "cache_dir"):
             for value in map(str, _items(values[key])) if key.endswith("dirs") else [str(values[key])]:
@@ -151,7 +154,7 @@ class DataConfig:
                           "data.tfds_data_dir")
                 if (error := paths.url_error(f"data.{key}", value.strip(), advice)) is not None:
                     raise ValueError(error)  # it was "no such folder" (or a local folder named gs:) after setup
-        resolved = {name: _RESOLVE.get(name, lambda v, s, d=defaults[name]: type(d)(v))(values[name], scale)
+        resolved = {name: _RESOLVE.get(name, lambda v, s, n=name: _typed(n, v, defaults[n]))(values[name], scale)
                     for name in defaults}
         return cls(scale=int(scale), **resolved)
 
@@ -182,6 +185,16 @@ _FORMS = {"hr_range": "a text of ranges, one per data.hr_dirs folder, comma-sepa
 
 def _int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """`value` as the type of the key's default (bool, int or str), as a ConfigDict takes it; ValueError (one line)
+    for a value of another kind: a dict's "False" or None was read by bool() as True or False."""
+    kind = type(default)
+    if isinstance(value, (bool, np.bool_)) if kind is bool else _int(value) if kind is int else isinstance(value, kind):
+        return kind(value)
+    what = {bool: "a bool (True or False)", int: "an int", str: "a str"}[kind]
+    raise ValueError(f"data.{key} must be {what} (default {default!r}); got {value!r}")
 
 
 def _parse_range(key: str, text: Any) -> tuple[int, int] | None:
@@ -360,8 +373,9 @@ def train_iterator(cfg: DataConfig, *, global_batch_size: int, seed: int, proces
 
     Yields {"lr": uint8 [b, p, p, 3], "hr": uint8 [b, s*p, s*p, 3]} with b = global_batch_size //
     process_count: this process's part of each global batch (`train_dataset`), read from the images as
-    needed. The state is the number of batches taken, which the trainer sets to the global step on resume
-    (`set_state({"next_batch": step})`): exact also with another num_workers or process count. Its `images`
+    needed. The state is the number of batches taken, which the trainer sets on resume to the global step (to the
+    first batch past the patches trained on after a batch_size change: `trainer._next_batch`): exact also with
+    another num_workers or process count. Its `images`
     is the `ImageList` of this process, for the trainer to check that every process has the same. Call
     `close()` when done to stop worker processes. `announce` (process 0's only): see `training_pairs`.
     """

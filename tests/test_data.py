@@ -1196,3 +1196,209 @@ def test_an_image_that_a_passing_system_error_failed_is_read_again_by_the_next_r
     assert "Errno 5" not in caplog.text and "skipped 1 of 4 images" in caplog.text  # bad.png, from the cache
     [kept] = (tmp_path / "cache").glob("*.unusable.txt")  # bad.png's reason alone
     assert kept.read_text().endswith("bad.png: cannot read image (cannot identify image file)")
+
+
+def test_patches_come_from_every_place_also_in_an_image_of_exactly_the_patch_s_size(tmp_path):
+    """An LR image of exactly the patch size is used (its one patch at (0, 0)), and in an LR image one pixel larger
+    each way the patch starts at all 4 places, the last row and column included (LR = HR's every 2nd pixel)."""
+    for n, side in ((1, 16), (2, 18)):  # x2, patch 8: LR 8x8 and 9x9
+        hr = coordinate_image(side, side, tag=10 * n)
+        write_image(tmp_path / "HR" / f"{n:04d}.png", hr)
+        write_image(tmp_path / "LR" / "X2" / f"{n:04d}x2.png", hr[::2, ::2])
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), lr_dirs=str(tmp_path / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "c"))
+    places = {10: set(), 20: set()}
+    for batch in take(data.train_iterator(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1), 12):
+        for lr, hr in zip(batch["lr"], batch["hr"]):
+            tag = int(lr[0, 0, 2])
+            side = {10: 16, 20: 18}[tag]
+            full_hr = coordinate_image(side, side, tag)
+            y, x, _ = match_patch(lr, hr, full_hr[::2, ::2], full_hr, 2)
+            places[tag].add((y, x))
+    assert places == {10: {(0, 0)}, 20: {(0, 0), (0, 1), (1, 0), (1, 1)}}
+
+
+def test_each_epoch_shows_every_image_its_number_of_copies_in_a_new_order(tmp_path, monkeypatch):
+    """The shuffled unit (an epoch) is every image repeated ceil(_MIN_SHUFFLE_LENGTH / count) times: with more
+    images than that length (a folder of 30k pre-cut sub-images), one copy each; each epoch in another order."""
+    for i in range(7):  # constant images: a patch's value says which image it came from
+        write_image(tmp_path / "HR" / f"{i}.png", np.full((40, 48, 3), 30 * (i + 1), np.uint8))
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=8, cache_dir=str(tmp_path / "c"))
+    for length, copies in ((4, 1), (7, 1), (8, 2)):
+        monkeypatch.setattr(data, "_MIN_SHUFFLE_LENGTH", length)
+        it = data.train_iterator(cfg, global_batch_size=7 * copies, seed=0, process_index=0, process_count=1)
+        orders = [tuple(int(v) // 30 - 1 for v in b["hr"][:, 0, 0, 0]) for b in take(it, 4)]  # a batch per epoch
+        for order in orders:
+            assert sorted(order) == sorted(list(range(7)) * copies), (length, order)
+        assert len(set(orders)) == 4 and tuple(sorted(orders[0])) not in orders, (length, orders)
+
+
+def test_tfds_pixels_of_16_bits_or_gray_and_alpha_and_an_hr_larger_than_scale_times_lr(tmp_path):
+    """A 16-bit example reads as the same image in a 16-bit PNG file does (rounded, not its high byte); a gray +
+    alpha example is its gray channel; an HR image larger than scale x LR is cut to it top-left (DIV2K's
+    convention) in both sides, for training and for validation."""
+    deep = np.random.default_rng(0).integers(0, 65536, (24, 20, 3), dtype=np.uint16)
+    write_image(tmp_path / "deep.png", deep)  # a 16-bit PNG
+    from_file = images.read_rgb(tmp_path / "deep.png")
+    hr, lr = sources.make_pair(deep, deep[::4, ::4], 4, "deep")
+    np.testing.assert_array_equal(hr, from_file)
+    assert np.array_equal(from_file, np.rint(deep / 257.0).astype(np.uint8)) and not np.array_equal(hr, deep >> 8)
+    gray = smooth_image(16, 16, 1)[..., 0]
+    alpha = np.full_like(gray, 200)
+    hr, lr = sources.make_pair(np.stack([gray, alpha], -1), np.stack([gray, alpha], -1)[::2, ::2], 2, "gray+alpha")
+    np.testing.assert_array_equal(hr, np.repeat(gray[..., None], 3, -1))
+    np.testing.assert_array_equal(lr, np.repeat(gray[::2, ::2, None], 3, -1))
+    big = smooth_image(67, 98, 2)  # x4 LR 16x24 of HR 64x96, 3 rows and 2 columns over
+    hr, lr = sources.make_pair(big, big[:64:4, :96:4], 4, "big")
+    np.testing.assert_array_equal(hr, big[:64, :96])
+    examples = [{"hr": big, "lr": big[:64:4, :96:4].copy()}]
+    cfg = config(4, source="tfds", tfds_data_dir=str(tmp_path / "tfds"), patch_size=4,
+                 cache_dir=str(tmp_path / "cache"), val_source="tfds")
+    with mock_data(as_data_source_fn=lambda builder, split, **kw: examples):
+        np.testing.assert_array_equal(np.asarray(data.training_pairs(cfg)[0]["hr"]), big[:64, :96])
+        [pair] = data.validation_images(cfg)
+    np.testing.assert_array_equal(pair.hr, big[:64, :96])
+
+
+def test_one_cache_folder_serves_each_scale_its_own_lr_images(tmp_path):
+    """Runs at x2 then x4 (or x4 then x2) sharing data.cache_dir: each gets its own bicubic LR of the HR cut to a
+    multiple of its scale, none the other's entries."""
+    hr_full = smooth_image(50, 62, 3)
+    write_image(tmp_path / "HR" / "a.png", hr_full)
+    for scale in (2, 4, 2):
+        cfg = config(scale, source="folder", hr_dirs=str(tmp_path / "HR"), patch_size=4,
+                     cache_dir=str(tmp_path / "cache"))
+        [hr, lr] = (np.asarray(data.training_pairs(cfg)[0][k]) for k in ("hr", "lr"))
+        h, w = 50 // scale * scale, 62 // scale * scale
+        np.testing.assert_array_equal(hr, hr_full[:h, :w])
+        np.testing.assert_array_equal(lr, degrade.imresize(hr_full[:h, :w], 1 / scale))
+
+
+def test_the_demo_validation_image_is_the_centre_of_the_left_motorcycle_view():
+    """The centre 320x240 of stereo_motorcycle()[0] (741x500): rows 130..369, columns 210..529 (x3: 318 wide)."""
+    import skimage.data
+
+    left = skimage.data.stereo_motorcycle()[0]
+    assert left.shape == (500, 741, 3)
+    [pair] = data.validation_images(config(3))
+    np.testing.assert_array_equal(pair.hr, left[130: 370, 210: 528])
+
+
+def test_image_lists_differ_for_files_of_the_same_names_and_other_sizes(tmp_path):
+    """Two hosts whose folders hold files of the same names but other images (another copy of the data set) make
+    different global batches: their ImageLists, which the trainer compares, differ; a copy in another folder is
+    the same list."""
+    for folder, shape in (("a", (40, 48)), ("b", (48, 40)), ("c", (40, 48))):
+        for i in range(2):
+            write_image(tmp_path / folder / f"{i}.png", smooth_image(*shape, i))
+    lists = {f: data.ImageList.of(data.training_pairs(config(2, source="folder", hr_dirs=str(tmp_path / f),
+                                                                patch_size=8, cache_dir=str(tmp_path / "c"))))
+             for f in "abc"}
+    assert lists["a"].count == 2 and lists["a"] == lists["c"] != lists["b"]
+
+
+def test_setting_the_state_of_an_iterator_already_read_goes_back_to_that_batch(div2k_folder, tmp_path):
+    """set_state on an iterator that has made batches (or started reading ahead) restarts at the batch it names,
+    as a fresh one set to it does: not where the old read-ahead had got to."""
+    root, _ = div2k_folder
+    cfg = config(2, source="folder", hr_dirs=str(root / "HR"), lr_dirs=str(root / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "cache"))
+    it = data.train_iterator(cfg, global_batch_size=4, seed=2, process_index=0, process_count=1)
+    first = take(it, 5)
+    it.set_state({"next_batch": 1})
+    assert_batches_equal(take(it, 2), first[1:3])
+    assert it.get_state() == {"next_batch": 3}
+    it.start_prefetch()
+    it.set_state({"next_batch": 0})
+    assert_batches_equal(take(it, 5), first)
+    it.close()
+
+
+def test_config_values_of_another_type_are_one_line_and_none_in_a_text_key_is_unset():
+    """DataConfig.from_config given a dict (or a ConfigDict, which takes None for any key): bool() read augment="False"
+    as True and augment=None as False, int() cut patch_size=48.5 to 48, and tfds_split=None became the split "None";
+    each is now refused in one line naming the key, as a ConfigDict refuses a value of another type. None in a key
+    whose unset value is "" is that "" (as configs.check_nones reads an experiment file): cache_dir=None was a
+    TypeError traceback."""
+    for given, message in (({"augment": "False"}, "data.augment must be a bool (True or False) (default True); got "
+                            "'False'"),
+                           ({"augment": None}, "data.augment must be a bool (True or False) (default True); got None"),
+                           ({"patch_size": 48.5}, "data.patch_size must be an int (default 48); got 48.5"),
+                           ({"val_max_images": None}, "data.val_max_images must be an int (default 10); got None"),
+                           ({"tfds_split": None}, "data.tfds_split must be a str (default 'train'); got None")):
+        with pytest.raises(ValueError) as e:
+            data.DataConfig.from_config({"val_source": "demo", **given}, scale=2)
+        assert str(e.value) == message
+    import ml_collections
+
+    cd = data.default_config()
+    cd.augment = None  # a ConfigDict takes None for any key
+    with pytest.raises(ValueError, match=r"^data.augment must be a bool"):
+        data.DataConfig.from_config(cd, scale=2)
+    cfg = config(2, augment=np.bool_(False), patch_size=np.int64(32), cache_dir=None, tfds_data_dir=None)
+    assert (cfg.augment, cfg.patch_size, cfg.tfds_data_dir) == (False, 32, None)
+    assert type(cfg.augment) is bool and type(cfg.patch_size) is int
+    unset = data.DataConfig.from_config(ml_collections.ConfigDict({"val_source": "demo"}), scale=2)
+    assert cfg.cache_dir == unset.cache_dir
+    assert config(2, source="folder", hr_dirs="a", val_source="folder", val_dir="b", val_lr_dir=None).val_lr_dir == ""
+
+
+def test_a_cache_entry_made_before_exif_orientations_were_lined_up_is_not_served(tmp_path):
+    """A pair whose HR photo has an EXIF orientation its LR file lacks was cached misaligned by versions before
+    they were lined up, under the key of its two files: such an entry is not used (the key holds the tags)."""
+    from PIL import Image
+
+    stored = smooth_image(48, 48, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # turned 180 degrees
+    (tmp_path / "HR").mkdir()
+    Image.fromarray(stored).save(tmp_path / "HR" / "a.png", exif=exif.tobytes())
+    write_image(tmp_path / "LR" / "X2" / "ax2.png", degrade.bicubic_lr(stored, 2))  # from the stored pixels, no tag
+    hr_path, lr_path = str(tmp_path / "HR" / "a.png"), str(tmp_path / "LR" / "X2" / "ax2.png")
+    upright = stored[::-1, ::-1]
+    old_key = sources.digest(sources._file_id(hr_path), sources._file_id(lr_path))
+    old = sources._entry_paths(sources.PairSpec(hr_path, old_key, lambda: None), 2, str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cache")
+    np.save(old[0], upright)  # what those versions cached: the HR turned upright, its LR not
+    np.save(old[1], degrade.bicubic_lr(stored, 2))
+    cfg = config(2, source="folder", hr_dirs=str(tmp_path / "HR"), lr_dirs=str(tmp_path / "LR"), patch_size=8,
+                 cache_dir=str(tmp_path / "cache"))
+    pair = data.training_pairs(cfg)[0]
+    np.testing.assert_array_equal(np.asarray(pair["hr"]), upright)
+    np.testing.assert_array_equal(np.asarray(pair["lr"]), degrade.bicubic_lr(stored, 2)[::-1, ::-1])
+
+
+def test_an_lr_file_one_pixel_larger_than_hr_over_the_scale_is_skipped_by_name(tmp_path, caplog):
+    """An LR file of ceil(HR / scale) pixels (MATLAB's imresize of an HR image that is not a multiple of the scale)
+    does not line up with any HR crop: that pair is skipped, naming both sizes, and the others are used."""
+    for n, (h, w) in ((1, (66, 98)), (2, (64, 96))):
+        hr = smooth_image(h, w, n)
+        write_image(tmp_path / "HR" / f"{n:04d}.png", hr)
+        write_image(tmp_path / "LR" / "X4" / f"{n:04d}x4.png", degrade.imresize(hr, 0.25))
+    assert degrade.imresize(smooth_image(66, 98, 1), 0.25).shape == (17, 25, 3)
+    cfg = config(4, source="folder", hr_dirs=str(tmp_path / "HR"), lr_dirs=str(tmp_path / "LR"), patch_size=4,
+                 cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="rnan_jax.sources"):
+        pairs = data.training_pairs(cfg)
+    assert [os.path.basename(n) for n in pairs.names] == ["0002.png"]
+    assert (f"{tmp_path / 'HR' / '0001.png'}: LR image is 25x17 but the HR image is 98x66 (expected 24x16 at x4)"
+            in caplog.text)
+
+
+def test_a_demo_image_whose_lr_side_is_exactly_the_patch_is_used():
+    """chelsea (451x300) at x2 is 225x150: a 150-pixel patch takes it, a 151-pixel one leaves it out."""
+    names = [data.training_pairs(config(2, source="demo", patch_size=p)).names for p in (150, 151)]
+    assert "chelsea" in names[0] and "chelsea" not in names[1] and len(names[0]) == len(names[1]) + 1 == 6
+
+
+def test_a_tfds_validation_example_too_small_to_score_is_skipped_by_name(tmp_path, caplog):
+    """A 12x12 HR example at x4 leaves 4x4 pixels once 4 are shaved from each border, less than an SSIM window:
+    it is skipped with a warning naming it, and does not count towards val_max_images."""
+    tiny = coordinate_image(12, 12, 1)
+    big = coordinate_image(64, 96, 2)
+    examples = [{"hr": tiny, "lr": tiny[::4, ::4].copy()}, {"hr": big, "lr": big[::4, ::4].copy()}]
+    cfg = config(4, source="demo", tfds_data_dir=str(tmp_path / "tfds"), val_source="tfds", val_max_images=1)
+    with mock_data(as_data_source_fn=lambda builder, split, **kw: examples), caplog.at_level(logging.WARNING):
+        val = data.validation_images(cfg)
+    assert [(p.name, p.hr.shape) for p in val] == [("div2k/bicubic_x4:validation[1]", (64, 96, 3))]
+    assert "skipping div2k/bicubic_x4:validation[0]: image is 12x12, too small to score at x4" in caplog.text
