@@ -200,3 +200,97 @@ def test_a_bit_flipped_in_a_checkpoint_s_data_is_refused_naming_the_step_and_the
     old_mngr.wait_until_finished()
     assert checkpoint.SHA256 not in checkpoint.read_meta(str(old), 4)
     assert _same(checkpoint.load(str(old))[0], states[3].params)
+
+
+def test_a_restored_train_state_keeps_its_running_loss_step_and_ema(tmp_path):
+    """restore_train_state gives back every array of the state saved, the running loss (`loss_avg`, the reference of
+    optim.skip_threshold) included: restored as 0, a resumed run with skip_threshold > 0 took every step's loss
+    for a spike above 0 x threshold and skipped every step from there on."""
+    import jax
+    import numpy as np
+
+    from rnan_jax import checkpoint
+    from rnan_jax.model import RNANConfig
+    from rnan_jax.step import OptimConfig, StepSpec, create_state
+
+    spec = StepSpec(RNANConfig(scale=2, features=4, num_groups=1, num_blocks=1, gc_reduction=2),
+                    OptimConfig(lr=1e-3, ema_decay=0.9, skip_threshold=10.0))
+    state = create_state(jax.random.key(0), spec=spec)
+    state = state.replace(step=np.int32(7), loss_avg=np.float32(0.0625),
+                          ema=jax.tree_util.tree_map(lambda x: x * 0.5 + 1, state.params))
+    mngr = checkpoint.manager(str(tmp_path / "checkpoints"), async_save=False)
+    checkpoint.save_train_state(mngr, 7, state, checkpoint.meta_for(spec.model, 7, best_psnr=20.0))
+    mngr.wait_until_finished()
+    restored, meta = checkpoint.restore_train_state(mngr, 7, jax.eval_shape(lambda: state))
+    assert float(restored.loss_avg) == 0.0625 and int(restored.step) == 7 and meta["best_psnr"] == 20.0
+    assert _same((restored.params, restored.ema, restored.opt_state), (state.params, state.ema, state.opt_state))
+
+
+def test_a_step_folder_without_params_is_not_the_newest_checkpoint(tmp_path):
+    """A step folder holding no params/ (a copy of the workdir cut off, a save on a store without orbax's tmp folders)
+    is not a complete checkpoint: `load` reads the newest step that holds them, and says which."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from rnan_jax import checkpoint
+    from rnan_jax.model import RNANConfig
+    from rnan_jax.step import OptimConfig, StepSpec, create_state
+
+    spec = StepSpec(RNANConfig(scale=2, features=4, num_groups=1, num_blocks=1, gc_reduction=2), OptimConfig(lr=1e-3))
+    state = create_state(jax.random.key(0), spec=spec).replace(step=np.int32(5))
+    ckpts = tmp_path / checkpoint.CHECKPOINTS
+    mngr = checkpoint.manager(str(ckpts), async_save=False)
+    checkpoint.save_train_state(mngr, 5, state, checkpoint.meta_for(spec.model, 5))
+    mngr.wait_until_finished()
+    shutil.copytree(ckpts / "5" / "meta", ckpts / "9" / "meta")  # step 9's copy cut off after its meta
+    assert checkpoint.complete_steps(str(ckpts)) == [5]
+    params, _, named = checkpoint.load_named(str(tmp_path))
+    assert named == checkpoint.Named(5, "step 5") and _same(params, state.params)
+
+
+def test_a_file_where_the_run_writes_any_of_its_folders_is_named_before_it_starts(tmp_path):
+    """`problem` names a file at each folder a run writes in its workdir (checkpoints_damaged/ too, where a damaged
+    step is moved aside mid-run), not only at the workdir itself."""
+    from rnan_jax import rundir
+
+    for name in ("checkpoints", "best", "tensorboard", "checkpoints_damaged"):
+        workdir = tmp_path / name / "run"
+        workdir.mkdir(parents=True)
+        (workdir / name).write_text("notes")
+        assert rundir.problem(str(workdir)) == (f"--workdir {workdir}: a file is in the way at {workdir}/{name} (the "
+                                                "run writes a folder there)")
+    assert rundir.problem(str(tmp_path / "checkpoints")) is None
+
+
+def test_load_reads_the_newest_step_when_the_one_located_is_removed_while_it_reads(tmp_path, monkeypatch):
+    """A run training in the workdir removes its older steps as it saves new ones: a step located and then removed
+    before it was read is not an error; `load_named` reads the newest then, and names it."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from rnan_jax import checkpoint
+    from rnan_jax.model import RNANConfig
+    from rnan_jax.step import OptimConfig, StepSpec, create_state
+
+    spec = StepSpec(RNANConfig(scale=2, features=4, num_groups=1, num_blocks=1, gc_reduction=2), OptimConfig(lr=1e-3))
+    state = create_state(jax.random.key(0), spec=spec).replace(step=np.int32(5))
+    ckpts = tmp_path / checkpoint.CHECKPOINTS
+    mngr = checkpoint.manager(str(ckpts), async_save=False)
+    checkpoint.save_train_state(mngr, 5, state, checkpoint.meta_for(spec.model, 5))
+    mngr.wait_until_finished()
+    real, read = checkpoint._read, []
+
+    def saved_meanwhile(directory, at, which):
+        read.append(at)
+        if at == 5:  # the run saved step 9 and removed step 5 as this read began
+            shutil.copytree(ckpts / "5", ckpts / "9")
+            shutil.rmtree(ckpts / "5")
+        return real(directory, at, which)
+
+    monkeypatch.setattr(checkpoint, "_read", saved_meanwhile)
+    params, _, named = checkpoint.load_named(str(tmp_path))
+    assert read == [5, 9] and named == checkpoint.Named(9, "step 9") and _same(params, state.params)

@@ -2331,3 +2331,50 @@ def test_init_from_names_the_step_it_read_while_its_run_saves_a_newer_one(images
     config.init_from = str(source)
     train_and_evaluate(config, str(tmp_path / "run"))
     assert f"init_from {source} (its parameters at step 6, x4 -> x4): copied 32" in capsys.readouterr().out
+
+
+def test_validation_scores_each_set_on_rounded_y_shaved_by_the_scale_and_keeps_the_first_sets_images(images,
+                                                                                                     tmp_path):
+    """The validator's numbers against a direct numpy/scikit-image reading of the rule (the model's output clipped,
+    x255 and rounded; MATLAB's Y, rounded; `scale` pixels shaved; the mean of the images' PSNRs), per set: the
+    first set's val/*, a further set's val/<set>/* with its own bicubic PSNR; the image strips of the first set
+    only; and `same_first_set` true of the run's own `describe()`, which names both sets."""
+    from skimage.color import rgb2ycbcr
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from rnan_jax import upscalers, validation
+    from rnan_jax.configs import TrainConfig
+
+    bench = tmp_path / "bench"
+    shutil.copytree(images / "val", bench / "A" / "HR")
+    shutil.copy(images / "train" / "0003.png", bench / "A" / "HR")  # two: one strip of the two logged
+    (bench / "B" / "HR").mkdir(parents=True)
+    for i in range(3):  # three: a median is not their mean
+        shutil.copy(images / "train" / f"000{i}.png", bench / "B" / "HR")
+    config = x4_config(images, **{"model.features": 4, "data.val_source": "benchmark", "data.val_dir": str(bench),
+                                  "data.val_set": "A,B"})
+    validator = validation.Validator(TrainConfig.from_config(config))
+    params = jax.tree_util.tree_map(np.asarray, trainer.init(jax.random.key(0), validator.config))
+    scores, strips = validator(params, 1)
+
+    def y(rgb):
+        return np.round(rgb2ycbcr(rgb.astype(np.float64) / 255.0)[..., 0])
+
+    def reference_psnr(sr, hr):
+        return peak_signal_noise_ratio(y(hr)[4:-4, 4:-4], y(sr)[4:-4, 4:-4], data_range=255)
+
+    for vset, prefix in zip(validator.sets, ("val/", "val/B/")):
+        srs = [np.floor(np.clip(np.asarray(apply(params, p.lr.astype(np.float32) / 255.0), np.float64), 0, 1) * 255
+                        + 0.5).astype(np.uint8) for p in vset.pairs]
+        bicubic = [upscalers.bicubic_upscaler(p) for p in vset.pairs]
+        assert scores[prefix + "psnr"] == pytest.approx(
+            np.mean([reference_psnr(s, p.hr) for s, p in zip(srs, vset.pairs)]), abs=1e-6)
+        assert scores[prefix + "bicubic_psnr"] == pytest.approx(
+            np.mean([reference_psnr(b, p.hr) for b, p in zip(bicubic, vset.pairs)]), abs=1e-6)
+    assert [len(s.pairs) for s in validator.sets] == [2, 3]
+    assert scores["val/bicubic_psnr"] != scores["val/B/bicubic_psnr"]
+    assert list(strips) == ["val/0003 (LR | bicubic | SR | HR)"]  # A's first image alone
+    assert validator.same_first_set(validator.describe())
+    other = validation.Validator(TrainConfig.from_config(x4_config(images, **{
+        "model.features": 4, "data.val_source": "benchmark", "data.val_dir": str(bench), "data.val_set": "B,A"})))
+    assert not validator.same_first_set(other.describe()) and not other.same_first_set(validator.describe())
