@@ -351,6 +351,10 @@ def _train(cfg: TrainConfig, config: ml_collections.ConfigDict, workdir: str,
     # best/ may hold a step past the resumed one (validated, then lost before its checkpoint): a new best must
     # beat it too, or the one there is kept.
     best_dir_psnr, chosen_on = checkpoint.best_psnr(os.fspath(best_mngr.directory))
+    if best_psnr > -math.inf and not checkpoint.complete_steps(os.fspath(best_mngr.directory)):
+        _log(f"{best_mngr.directory} holds no checkpoint (removed, or not copied with the run): the next validation "
+             f"writes it, not only one above the {best_psnr:.3f} dB recorded")  # it stayed empty until one beat it
+        best_psnr = -math.inf
     best_psnr = max(best_psnr, best_dir_psnr)
     if chosen_on is not None and not validator.same_first_set(chosen_on):  # its PSNR is of other images
         _log(f"validation changed since {best_mngr.directory} was chosen (on {chosen_on}): the next validation "

@@ -1331,6 +1331,17 @@ def test_a_stale_best_from_a_lost_run_is_replaced_by_a_better_one(images, straig
     assert checkpoint.read_meta(str(tmp_path / "best"), 4)["val_psnr"] == 1000.0
 
 
+
+def test_a_resume_without_best_writes_best_at_its_next_validation(images, straight, tmp_path):
+    """A workdir resumed without its best/ (deleted, or only checkpoints/ copied) kept the checkpoint's recorded
+    best PSNR: best/ was written only by a validation above it, and stayed empty for the rest of the run."""
+    shutil.copytree(straight[0] / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+    _set_meta(tmp_path / "checkpoints" / "3", best_psnr=1000.0)
+    results = train_and_evaluate(x4_config(images, total_steps=4, eval_every=4), str(tmp_path))
+    assert os.listdir(tmp_path / "best") == ["4"]
+    assert checkpoint.read_meta(str(tmp_path / "best"), 4)["val_psnr"] == results["val/psnr"] < 1000.0
+    assert "holds no checkpoint (removed, or not copied with the run)" in (tmp_path / "train.log").read_text()
+
 def test_no_complete_checkpoint_yet(tmp_path):
     (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
     with pytest.raises(checkpoint.CheckpointError, match="checkpoints: no complete checkpoint yet"):
