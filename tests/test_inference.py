@@ -960,3 +960,30 @@ def test_compiled_programs_per_architecture_are_bounded(monkeypatch):
         assert compiled_forward(config)._cache_size() <= 3
     np.testing.assert_array_equal(
         out, metrics.quantize(np.asarray(reference(p, image.astype(np.float32) / 255, config=config))))
+
+
+def test_float_input_below_zero_is_refused_but_rounding_noise_is_not(params):
+    # A [-0.2, 1] image (a normalisation gone wrong) is not an image in [0, 1]: refused before the model sees it
+    # (apply itself only refuses values below -0.5).
+    image = _photo(8, 8).astype(np.float32) / 255
+    image[2, 3, 1], image[4, 5, 0] = -0.2, 1.0
+    with pytest.raises(ValueError, match=r"^float image values span \[-0\.2, 1\]; expected \[0, 1\]$"):
+        upscale_image(params, image)
+    ok = np.clip(image, 0, 1) - 1e-5
+    np.testing.assert_allclose(upscale_image(params, ok), np.asarray(reference(params, ok, config=TINY)), atol=1e-6)
+
+
+def test_on_cpu_the_window_for_host_memory_is_the_largest_whose_share_fits(params, monkeypatch, caplog):
+    """The whole image's memory, spread over its area, says what a window needs: with 0.5 of it available (after
+    HOST_MEMORY_SHARE), 128 x 128 windows of a 150 x 140 image need 0.78 of it and do not fit, 64 x 64 ones (0.2) do."""
+    image = _photo(150, 140)
+    memory = compiled_forward(TINY).lower(jax.device_put(params), jax.ShapeDtypeStruct((150, 140, 3), np.float32)
+                                          ).compile().memory_analysis()
+    need = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+    monkeypatch.setattr(inference, "FALLBACK_TILES", (256, 128, 64, 48))
+    monkeypatch.setattr(inference, "host_memory_available", lambda: int(need / inference.HOST_MEMORY_SHARE * 0.5))
+    calls = []
+    with caplog.at_level("WARNING"):
+        upscale_image(params, image, progress=lambda done, total: calls.append(total))
+    assert "upscaling it in 64-pixel windows" in caplog.text
+    assert calls[-1] == len(tile_starts(150, 64, DEFAULT_OVERLAP)) * len(tile_starts(140, 64, DEFAULT_OVERLAP)) == 16

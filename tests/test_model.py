@@ -459,3 +459,39 @@ def test_the_module_refuses_an_8_bit_or_unbatched_lr_in_one_line(small_params):
                                          r"pass lr\[None\]\)"):
         module.apply(variables, lr[0] / 255.0)
     np.testing.assert_allclose(module.apply(variables, lr / 255.0), japply(small_params, lr / 255.0), atol=1e-6)
+
+
+def test_group_and_block_interval_2_match_the_pytorch_peer(torch_rnan):
+    """Every N-th group's output (groups N, 2N, ...) enters global fusion, not groups 1, N + 1, ...: the same
+    parameter count either way, so only the numbers tell (the parity tests' configs used N = 1)."""
+    import torch
+
+    from rnan_jax.convert import from_torch_state_dict
+
+    config = RNANConfig(scale=2, features=8, num_groups=4, num_blocks=4, group_interval=2, block_interval=2,
+                        gc_reduction=2)
+    torch.manual_seed(0)
+    model = torch_rnan(scale=2, c=8, n_groups=4, n_blocks=4, group_interval=2, block_interval=2, r=2).eval()
+    params = from_torch_state_dict(model.state_dict(), config)
+    lr = np.random.RandomState(0).rand(1, 9, 11, 3).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(lr).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(japply(params, lr, config=config)), expected, atol=1e-5)
+
+
+def test_the_module_s_own_init_draws_every_block_and_group_apart():
+    """RNAN(config).init (the module as a user's submodule) draws each stacked block and group with its own key:
+    with one key shared along a scan, every block of a group (or every group) starts as the same function."""
+    from rnan_jax.model import RNAN
+
+    config = RNANConfig(scale=2, features=8, num_groups=2, num_blocks=3, gc_reduction=2)
+    params = jax.jit(RNAN(config, scan_unroll=1).init)(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))["params"]
+    for name, leaf in (("c1", params["groups"]["blocks"]["c1"]["kernel"]),
+                       ("dc", params["groups"]["blocks"]["na"]["dc"]["kernel"])):
+        flat = np.asarray(leaf).reshape(6, -1)  # [G * B, ...]
+        for i, j in itertools.combinations(range(6), 2):
+            assert not np.allclose(flat[i], flat[j]), (name, i, j)
+    groups = params["groups"]
+    for name, leaf in (("k", groups["gc"]["k"]["kernel"]), ("v1", groups["gc"]["v1"]["kernel"]),
+                       ("fuse1", groups["fuse1"]["kernel"])):
+        assert not np.allclose(leaf[0], leaf[1]), name  # [G, ...]

@@ -150,3 +150,32 @@ def test_tiling_bound_refuses_an_infinite_budget(tmp_path):
     proc = _tiling_bound(tmp_path, "--budget_gib=inf", "--images=Set5/baby", "--sizes=8")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "flag --budget_gib=inf: must be a positive finite number" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shape", [(20, 100), (100, 20)])
+def test_a_tile_shorter_than_only_one_side_still_tiles_that_side(params, shape):
+    # A 20 x 100 image with tile 32: the short side fits one window, the long one needs four. Tiling only when the
+    # tile was shorter than both sides would run a panorama whole, unbounded by the tile, and report no progress.
+    image = _photo(*shape)
+    calls = []
+    tiled = upscale_image(params, image, tile=32, overlap=8, progress=lambda done, total: calls.append((done, total)))
+    starts = tile_starts(100, 32, 8)
+    assert starts == [0, 23, 45, 68]
+    assert calls == [(i + 1, 4) for i in range(4)]
+    # Blended by hand along the long side from each window's whole output (one window across the short side).
+    axis = 0 if shape[0] > shape[1] else 1
+    lr = image.astype(np.float32) / 255
+    acc = np.zeros((2 * shape[0], 2 * shape[1], 3))
+    weight = np.zeros((2 * shape[0], 2 * shape[1], 1))
+    for start, w in zip(starts, blend_weights(starts, 32, 8, 2)):
+        window = np.take(lr, range(start, start + 32), axis=axis)
+        sr = np.asarray(test_inference.reference(params, window, config=TINY), np.float64)
+        w = (w[:, None, None] if axis == 0 else w[None, :, None]).astype(np.float64)
+        span = slice(2 * start, 2 * start + 64)
+        where = (span, slice(None)) if axis == 0 else (slice(None), span)
+        acc[where] += w * sr
+        weight[where] += w
+    expected = np.floor(np.clip(acc / weight, 0, 1) * 255 + 0.5)
+    assert np.abs(tiled.astype(int) - expected).max() <= 1
+    # The whole image differs: each window's GC context is its own.
+    assert np.abs(tiled.astype(int) - upscale_image(params, image).astype(int)).max() > 0
