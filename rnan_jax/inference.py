@@ -78,8 +78,9 @@ def blend_weights(starts: list[int], tile: int, overlap: int, scale: int) -> lis
     Between neighbouring windows the weight ramps linearly over overlap - 2 * (overlap // 4) LR pixels (a
     hard step when that is 0) centred in the middle of their overlap, so the outer overlap // 4 LR pixels of
     each inner edge get weight 0. The two ramps sum to 1, so the weights of all windows sum to 1 at every
-    pixel when a window's two ramps do not meet (windows spaced at least overlap / 2 apart, as with
-    tile >= 1.5 x overlap); `_tiled` divides by the summed weights in any case.
+    pixel when a window's two ramps do not meet (windows spaced at least overlap / 2 apart: `tile_starts` may
+    space them closer, [0, 12, 25] for 89 pixels in tiles of 64 with overlap 40, where they sum to up to 1.035);
+    `_tiled` divides by the summed weights in any case.
     """
     x = np.arange(scale * tile, dtype=np.float64) + 0.5  # pixel centres, relative to the window's start
     ramp = scale * (overlap - 2 * (overlap // 4))  # overlap // 4 LR pixels at each edge get weight 0
@@ -141,7 +142,7 @@ def check_float_image(lr: np.ndarray, tolerance: float = 1e-3) -> None:
     if not finite.all():
         raise ValueError(f"image holds {int((~finite).sum())} NaN or infinite value(s); the model needs finite "
                          "values in [0, 1]")
-    low, high = float(lr.min(initial=0.0)), float(lr.max(initial=0.0))
+    low, high = (float(lr.min()), float(lr.max())) if lr.size else (0.0, 0.0)  # the span shown: not widened to 0
     if low < -tolerance or high > 1 + tolerance:
         hint = " (a 0..255 image? divide it by 255, or pass it as uint8)" if high > 1.5 else ""
         raise ValueError(f"float image values span [{low:.4g}, {high:.4g}]; expected [0, 1]{hint}")

@@ -987,3 +987,10 @@ def test_on_cpu_the_window_for_host_memory_is_the_largest_whose_share_fits(param
         upscale_image(params, image, progress=lambda done, total: calls.append(total))
     assert "upscaling it in 64-pixel windows" in caplog.text
     assert calls[-1] == len(tile_starts(150, 64, DEFAULT_OVERLAP)) * len(tile_starts(140, 64, DEFAULT_OVERLAP)) == 16
+
+
+def test_a_refused_float_image_names_its_own_span():
+    """The span in the refusal was widened to 0 (min/max with initial=0): an image in [0.2, 200] read [0, 200]."""
+    lr = np.full((2, 2, 3), 0.2, np.float32) * np.array([1, 1, 1000], np.float32)
+    with pytest.raises(ValueError, match=r"float image values span \[0\.2, 200\]; expected \[0, 1\]"):
+        inference.check_float_image(lr)
