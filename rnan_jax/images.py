@@ -387,6 +387,9 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
             if im.format == "MPO" and frames > 1:
                 frames = _mpo_views(im, frames)
             ppm16 = _ppm16_tile(im)
+            # a PGM of more than 8 bits: Pillow's mode I, at 0..65535 whatever its maxval, which `_to_uint8` took
+            # for 8-bit where every sample was <= 255 (a dark 16-bit PGM came out up to 257 times too bright)
+            pgm16 = im.format == "PPM" and im.mode == "I"
             bmp = _bmp_alpha_tile(im)
             deep = _deep_rawmodes(im)
             if deep:  # the explicit byte order (Pillow before 11 cannot unpack 'RGBX;16N' itself)
@@ -412,6 +415,8 @@ def _decode(path: str, max_pixels: int | None, high_bit_depth: bool) -> Decoded:
             elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
                 im = im.convert("RGB")
             a = np.asarray(im) if ppm16 is None else _read_ppm16(f, im.size, *ppm16)
+            if pgm16:
+                a = np.clip(a, 0, 65535).astype(np.uint16)
             if bmp is not None and (bmp_alpha := _read_bmp_alpha(f, im.size, *bmp)) is not None:
                 a = np.dstack([a, bmp_alpha])  # a 32-bit BMP's alpha, which Pillow reads as an unused byte
         if deep:  # also for 8 bits: rounded from 16 (Pillow truncates) and LA stays gray

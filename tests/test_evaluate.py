@@ -1141,3 +1141,152 @@ def test_scoring_sr_dir_into_its_own_folder_with_save_images_is_refused_and_dele
     assert proc.returncode != 0
     assert f"--sr_dir {saved} is --output's images folder, which --save_images rewrites" in proc.stderr
     assert sorted(os.listdir(folder)) == ["a.png", "b.png"]
+
+
+PAPER = os.path.join(REPO, "..", "shared", "rnan_paper.txt")
+
+
+def test_the_paper_rows_of_the_table_are_the_papers_table_1():
+    """The reference rows printed under every result (report.PAPER_TABLE1): each of their 72 numbers as Table 1 of
+    the paper (../shared/rnan_paper.txt) has it: a mistyped one (0.8437 for 0.8473) was printed beside every
+    result as the paper's, and only two of them were checked."""
+    if not os.path.exists(PAPER):
+        pytest.skip(f"the paper's text is not at {PAPER}")
+    with open(PAPER, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    sets = ("Set5", "Set14", "B100", "Urban100")
+    for method, table in report.PAPER_TABLE1.items():
+        (k,) = [i for i, line in enumerate(lines) if line.split("\t")[0].strip() == method]
+        psnrs = [float(t.strip(" /")) for t in lines[k].split("\t")[1:] if t.strip()]
+        ssims = [float(re.sub(r"<[^>]*>", "", t)) for t in lines[k + 1].split("\t") if t.strip()]
+        assert len(psnrs) == len(ssims) == 12, method
+        expected = {ds: {s: (psnrs[3 * i + s - 2], ssims[3 * i + s - 2]) for s in (2, 3, 4)}
+                    for i, ds in enumerate(sets)}
+        assert table == expected, method
+
+
+def _unrounded_y_psnr(sr, hr, shave):
+    """PSNR (skimage) on MATLAB rgb2ycbcr's Y left unrounded, the `--norounded_y` convention, computed here."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    def y(rgb):
+        return 16 + (rgb.astype(np.float64) @ np.array([65.481, 128.553, 24.966])) / 255
+
+    sl = slice(shave, -shave)
+    return peak_signal_noise_ratio(y(hr)[sl, sl], y(sr)[sl, sl], data_range=255)
+
+
+def test_norounded_y_scores_on_unrounded_y(tmp_path):
+    """--norounded_y (evaluate's rounded_y=False, RCAN's script's convention) scores on Y left unrounded: the run
+    said "unrounded" and gave the rounded numbers, or the other way round."""
+    hr_dir = _hr_dir(str(tmp_path), "Tiny")
+    rgb = _rgb(40, 38)
+    Image.fromarray(rgb).save(os.path.join(hr_dir, "rgb.png"))
+    sr = degrade.imresize(degrade.bicubic_lr(rgb, 2), 2)
+    unrounded, rounded = _unrounded_y_psnr(sr, rgb, 2), _bicubic_psnr(rgb, 2)
+    assert abs(unrounded - rounded) > 0.01  # the two conventions tell apart here
+    for rounded_y, expected in [(False, unrounded), (True, rounded)]:
+        evaluation = evaluate_bicubic("Tiny", 2, data_dir=str(tmp_path), rounded_y=rounded_y, progress=False)
+        assert evaluation.scores[0].psnr == pytest.approx(expected, abs=1e-9), rounded_y
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.evaluate", "--method", "bicubic", "--data_dir",
+                           str(tmp_path), "--datasets", "Tiny", "--scales", "2", "--norounded_y", "--output", str(out),
+                           "--noprogress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["conventions"]["y_rounding"] == "unrounded"
+    assert results["Tiny"]["x2"]["psnr"] == pytest.approx(unrounded, abs=1e-9)
+    assert "on unrounded Y" in (out / "results.md").read_text()
+
+
+def test_the_lr_file_is_found_in_the_documented_order(tmp_path):
+    """find_lr_file takes X<s>/<stem>x<s>, then X<s>/<stem>, then <stem>x<s>, then <stem> (EDSR's and DIV2K's
+    names first): with several there, the LR image scored is the first of these, whatever else the folder holds."""
+    hr = str(tmp_path / "HR" / "baby.png")
+    lr_dir = tmp_path / "LR_bicubic"
+    order = [lr_dir / "X2" / "babyx2.png", lr_dir / "X2" / "baby.png", lr_dir / "babyx2.png", lr_dir / "baby.png"]
+    for path in order:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    for path in order:
+        assert benchmark_sets.find_lr_file(hr, str(lr_dir), 2) == str(path)
+        path.unlink()
+    assert benchmark_sets.find_lr_file(hr, str(lr_dir), 2, required=False) is None
+
+
+def _tagged_png(path, pixels, orientation=1):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("hr_tag, lr_tag", [(6, 1), (8, 1), (5, 1), (1, 6), (1, 8), (3, 6)])
+def test_an_lr_bicubic_file_of_the_hr_files_stored_pixels_lines_up_with_the_upright_hr(tmp_path, hr_tag, lr_tag):
+    """A set's LR_bicubic file made from the HR file's stored pixels (MATLAB's imread ignores EXIF), written
+    with another orientation tag than the HR's (none, or one a tool copied): the LR image scored is
+    bicubic_lr of the upright HR, exactly (imresize commutes with flips and quarter turns), for a wide image and
+    each tag, both the HR's (read by make_pair) and the LR's (turned back)."""
+    stored = _rgb(40, 64)
+    _tagged_png(str(tmp_path / "Phone" / "HR" / "a.png"), stored, hr_tag)
+    _tagged_png(str(tmp_path / "Phone" / "LR_bicubic" / "X2" / "ax2.png"), degrade.bicubic_lr(stored, 2), lr_tag)
+    hr_path = str(tmp_path / "Phone" / "HR" / "a.png")
+    hr = images.decode(hr_path).pixels
+    assert hr.shape == ((64, 40, 3) if hr_tag >= 5 else (40, 64, 3))
+    pair = benchmark_sets.make_pair("Phone", hr_path, hr, 2)
+    np.testing.assert_array_equal(pair.lr, degrade.bicubic_lr(hr, 2))
+
+
+def test_a_colour_lr_file_of_a_gray_hr_image_is_read_in_colour(tmp_path):
+    """A gray HR image whose LR_bicubic file is RGB: read as gray only when its three channels are equal (a gray
+    image saved as RGB), else as the colour it holds (not its red channel)."""
+    gray = np.ascontiguousarray(data.camera()[200:236, 220:250])
+    lr = degrade.bicubic_lr(gray, 2)
+    hr_path = str(tmp_path / "G" / "HR" / "g.png")
+    _tagged_png(hr_path, gray)
+    for channels, expected in [((lr, lr, lr), lr), ((lr, lr // 2, lr), np.dstack([lr, lr // 2, lr]))]:
+        _tagged_png(str(tmp_path / "G" / "LR_bicubic" / "X2" / "gx2.png"), np.dstack(channels))
+        pair = benchmark_sets.make_pair("G", hr_path, images.decode(hr_path).pixels, 2)
+        np.testing.assert_array_equal(pair.lr, expected)
+
+
+def test_an_sr_image_of_hr_cropped_to_12_is_not_taken_at_a_scale_that_does_not_divide_12(tmp_path):
+    """At x8 an SR image the size of HR cropped to a multiple of 12 (108x108 of a 112x112 HR) is not an x8 output
+    (no LR image gives it) nor a GTmod12 set's: refused by size, not scored against HR cropped to 108."""
+    root = str(tmp_path)
+    hr = _rgb(112, 112)
+    Image.fromarray(hr).save(os.path.join(_hr_dir(root, "Big"), "a.png"))
+    (tmp_path / "sr" / "Big" / "x8").mkdir(parents=True)
+    Image.fromarray(hr[:108, :108]).save(tmp_path / "sr" / "Big" / "x8" / "a.png")
+    got = evaluate_sr_dir(str(tmp_path / "sr"), ["Big"], (8,), data_dir=root, progress=False)
+    assert got.scores == []
+    assert got.skipped == [f"Big x8: {tmp_path}/sr/Big/x8/a.png: SR image is 108x108, expected 112x112 (the HR image "
+                           "cropped to a multiple of 8, top-left)"]
+
+
+def test_an_image_named_as_its_hr_file_in_a_set_folder_is_not_taken_for_a_scale(tmp_path):
+    """<sr_dir>/<set>/<HR name>.png, with no x<scale> folder between, says no scale: it is not scored as the x2 SR
+    image (nor as x3's or x4's), and the message says where such images go."""
+    root = str(tmp_path)
+    hr = _rgb(40, 40)
+    Image.fromarray(hr).save(os.path.join(_hr_dir(root, "Mine"), "a.png"))
+    (tmp_path / "sr" / "Mine").mkdir(parents=True)
+    Image.fromarray(_noisy(hr, 0)).save(tmp_path / "sr" / "Mine" / "a.png")
+    got = evaluate_sr_dir(str(tmp_path / "sr"), ["Mine"], (2,), data_dir=root, progress=False)
+    assert got.scores == [] and len(got.skipped) == 1
+    assert (f"{tmp_path}/sr/Mine holds 1 image(s) whose names say no scale (e.g. a.png): if they are x2's, put them "
+            f"in {tmp_path}/sr/Mine/x2") in got.skipped[0]
+
+
+def test_a_number_with_a_digit_before_its_x_is_no_scale_in_an_sr_file_name(tmp_path):
+    """In an SR file's suffix, x followed by digits names a scale only where no digit comes before it: a size such
+    as 1920x1080 in a method's output name is not x1080, so such a file in the x2 folder is the x2 SR image."""
+    root = str(tmp_path)
+    hr = _rgb(40, 40)
+    Image.fromarray(hr).save(os.path.join(_hr_dir(root, "Mine"), "a.png"))
+    (tmp_path / "sr" / "Mine" / "x2").mkdir(parents=True)
+    sr = _noisy(hr, 0)
+    Image.fromarray(sr).save(tmp_path / "sr" / "Mine" / "x2" / "a_render_1920x1080.png")
+    got = evaluate_sr_dir(str(tmp_path / "sr"), ["Mine"], (2,), data_dir=root, progress=False)
+    assert got.skipped == [] and [s.psnr for s in got.scores] == [pytest.approx(metrics.psnr_y(sr, hr, 2), abs=1e-12)]

@@ -708,3 +708,160 @@ def test_upscale_says_which_parameters_auto_chose(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "--which" in line]
     assert lines == [f"Upscaling with: --checkpoint {tmp_path / 'run'} --which ema (step 4)"]
     assert os.listdir(tmp_path / "out") == ["a_x2.png"]
+
+
+def _pgm(path, samples: np.ndarray, maxval: int) -> None:
+    h, w = samples.shape
+    with open(path, "wb") as f:
+        f.write(f"P5\n{w} {h}\n{maxval}\n".encode() + samples.astype(">u2" if maxval > 255 else "u1").tobytes())
+
+
+def test_a_dark_16bit_pgm_stays_dark_and_16_bits(tmp_path):
+    """A 16-bit PGM (Pillow's mode I, which does not say its depth) whose samples were all <= 255 was taken for an
+    8-bit image: 100/65535 read as 100/255, and upscaled as an 8-bit PNG. Its maxval says 16 bits."""
+    dark = np.array([[0, 100, 200, 255], [128, 129, 50, 7]], np.uint16)
+    _pgm(tmp_path / "dark.pgm", dark, 65535)
+    np.testing.assert_array_equal(images.decode(tmp_path / "dark.pgm").pixels, np.rint(dark / 257.0))
+    deep = images.decode(tmp_path / "dark.pgm", high_bit_depth=True).pixels
+    assert deep.dtype == np.uint16
+    np.testing.assert_array_equal(deep, dark)
+    bright = dark * 250  # above 255: read as 16-bit before too
+    _pgm(tmp_path / "bright.pgm", bright, 65535)
+    np.testing.assert_array_equal(images.decode(tmp_path / "bright.pgm").pixels, np.rint(bright / 257.0))
+    ten = np.array([[0, 1, 2, 1023]], np.uint16)  # a 10-bit PGM: Pillow scales maxval to 65535
+    _pgm(tmp_path / "ten.pgm", ten, 1023)
+    np.testing.assert_array_equal(images.decode(tmp_path / "ten.pgm").pixels, np.rint(ten * 255.0 / 1023))
+    eight = np.array([[0, 100, 255]], np.uint8)  # an 8-bit PGM as it was
+    _pgm(tmp_path / "eight.pgm", eight, 255)
+    np.testing.assert_array_equal(images.decode(tmp_path / "eight.pgm").pixels, eight)
+    assert images.decode(tmp_path / "eight.pgm", high_bit_depth=True).pixels.dtype == np.uint8
+    (tmp_path / "plain.pgm").write_bytes(b"P2\n3 1\n65535\n0 100 255\n")  # a plain (ASCII) 16-bit PGM
+    assert images.decode(tmp_path / "plain.pgm").pixels.tolist() == [[0, 0, 1]]
+    assert images.decode(tmp_path / "plain.pgm", high_bit_depth=True).pixels.tolist() == [[0, 100, 255]]
+
+
+def test_8bit_alpha_beside_16bit_pixels_is_written_at_full_scale(tmp_path):
+    """`write_image` of uint16 pixels with a uint8 alpha: the alpha goes to 16 bits x257, so that 255 (opaque) is
+    65535, not 65280 (x256: every pixel slightly transparent), and 128 is 32896."""
+    pixels = np.array([[[0, 1000, 65535], [300, 40000, 7]]], np.uint16)
+    alpha = np.array([[255, 128]], np.uint8)
+    images.write_image(tmp_path / "a.png", pixels, alpha)
+    decoded = images.decode(tmp_path / "a.png", high_bit_depth=True)
+    np.testing.assert_array_equal(decoded.pixels, pixels)
+    assert decoded.alpha.dtype == np.uint16 and decoded.alpha.tolist() == [[65535, 32896]]
+
+
+def test_16bit_pixels_written_to_an_8bit_format_are_rounded_from_16_bits(tmp_path):
+    """`write_image` of uint16 to a format without 16-bit colour (BMP here): each sample round(x / 257), the
+    inverse of x257 (200 -> 1, 60000 -> 233, 65535 -> 255), not its high byte (200 -> 0, 60000 -> 234)."""
+    pixels = np.array([[[200, 60000, 65535], [0, 32896, 128]]], np.uint16)
+    alpha = np.array([[60000, 200]], np.uint16)
+    images.write_image(tmp_path / "a.bmp", pixels)
+    assert images.decode(tmp_path / "a.bmp").pixels.tolist() == [[[1, 233, 255], [0, 128, 0]]]
+    images.write_image(tmp_path / "a.tif", pixels, alpha)
+    decoded = images.decode(tmp_path / "a.tif")
+    assert decoded.pixels.tolist() == [[[1, 233, 255], [0, 128, 0]]] and decoded.alpha.tolist() == [[233, 1]]
+
+
+def test_the_resolution_is_turned_with_every_quarter_turn_and_written_at_16_bits_as_pillow_writes_it(tmp_path):
+    """EXIF orientations 5 to 8 turn the image a quarter (5 and 7 with a flip), so x and y dpi swap: 6 and 8 only
+    were swapped. encode_png16's pHYs holds the pixels per metre rounded, as Pillow writes them: 72 dpi is 2835
+    (72.009 dpi read back), not 2834 (71.98)."""
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tmp_path / "a.jpg", dpi=(300, 200), exif=exif)
+        decoded = images.decode(tmp_path / "a.jpg")
+        turned = orientation >= 5
+        assert decoded.pixels.shape[:2] == ((12, 8) if turned else (8, 12))
+        np.testing.assert_allclose(decoded.dpi, (200, 300) if turned else (300, 200), atol=0.01)
+    for dpi in [(72, 96), (300, 150.5)]:
+        (tmp_path / "deep.png").write_bytes(images.encode_png16(np.zeros((2, 3, 3), np.uint16), dpi=dpi))
+        Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "pillow.png", dpi=dpi)
+        with Image.open(tmp_path / "deep.png") as deep, Image.open(tmp_path / "pillow.png") as pillow:
+            assert deep.info["dpi"] == pillow.info["dpi"]
+        np.testing.assert_allclose(images.decode(tmp_path / "deep.png").dpi, dpi, atol=0.02)
+
+
+def test_a_colour_profile_is_kept_only_for_pixels_of_its_colour_space(tmp_path):
+    """An embedded ICC profile goes with the pixels only where its colour space (bytes 16-20 of its header) is
+    theirs: an RGB profile in a gray image (or a gray one in an RGB image), which a PNG may not hold (libpng:
+    "RGB color space not permitted on grayscale PNG"), is dropped, not written into the upscaled file."""
+    from PIL import ImageCms
+
+    rgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    gray_profile = rgb_profile[:16] + b"GRAY" + rgb_profile[20:]
+    rgb, gray = np.zeros((4, 5, 3), np.uint8), np.zeros((4, 5), np.uint8)
+    for pixels, profile, kept in [(rgb, rgb_profile, True), (gray, gray_profile, True),
+                                  (gray, rgb_profile, False), (rgb, gray_profile, False)]:
+        Image.fromarray(pixels).save(tmp_path / "a.jpg", icc_profile=profile)
+        assert images.decode(tmp_path / "a.jpg").icc_profile == (profile if kept else None), (pixels.ndim, kept)
+
+
+def test_a_32bit_integer_tiff_is_8_bit_up_to_255_and_16_bit_above(tmp_path):
+    """Pillow's mode I (a 32-bit integer TIFF) does not say its depth: samples up to 255 (255 included) are 8-bit
+    values, any above 255 make it 16-bit."""
+    for samples, expected in [([[0, 128, 255]], [[0, 128, 255]]), ([[0, 128, 256]], [[0, 0, 1]]),
+                              ([[0, 32896, 65535]], [[0, 128, 255]])]:
+        Image.fromarray(np.array(samples, np.int32), "I").save(tmp_path / "i.tif")
+        assert images.decode(tmp_path / "i.tif").pixels.tolist() == expected, samples
+
+
+def test_a_16bit_gray_and_alpha_png_keeps_both_low_bytes(tmp_path):
+    """A 16-bit gray + alpha PNG (Pillow unpacks LA;16B to 8 bits) is read at full precision: gray and alpha each
+    from their own high and low byte; at 8 bits each rounded from 16."""
+    rng = np.random.default_rng(4)
+    samples = rng.integers(0, 65536, (5, 7, 2), dtype=np.uint16)
+    (tmp_path / "la.png").write_bytes(images.encode_png16(samples))
+    deep = images.decode(tmp_path / "la.png", high_bit_depth=True)
+    assert deep.pixels.dtype == np.uint16 and deep.alpha.dtype == np.uint16
+    np.testing.assert_array_equal(deep.pixels, samples[..., 0])
+    np.testing.assert_array_equal(deep.alpha, samples[..., 1])
+    shallow = images.decode(tmp_path / "la.png")
+    np.testing.assert_array_equal(shallow.pixels, np.rint(samples[..., 0] / 257.0))
+    np.testing.assert_array_equal(shallow.alpha, np.rint(samples[..., 1] / 257.0))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_write_image_embeds_the_colour_profile_in_every_png_it_writes(tmp_path, dtype, channels):
+    """The colour profile given to `write_image` (the upscale CLI's: the input's Display P3 or Adobe RGB) is in the
+    file, read back by Pillow as it was given, at 8 and 16 bits, gray or colour, with or without alpha."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    if channels <= 2:
+        profile = profile[:16] + b"GRAY" + profile[20:]
+    samples = np.random.default_rng(5).integers(0, np.iinfo(dtype).max, (3, 4, channels), dtype=dtype)
+    colour = samples[..., 0] if channels in (1, 2) else samples[..., :3]
+    images.write_image(tmp_path / "a.png", colour, samples[..., -1] if channels in (2, 4) else None,
+                       icc_profile=profile)
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.info.get("icc_profile") == profile
+    decoded = images.decode(tmp_path / "a.png", high_bit_depth=True)
+    assert decoded.icc_profile == profile
+    np.testing.assert_array_equal(decoded.pixels, colour)
+
+
+def test_inputs_told_apart_by_extension_are_named_with_it_in_lower_case(tmp_path):
+    """`a.PNG` and `a.JPG` (a camera's upper-case extensions) beside each other: written as a_png_x2.png and
+    a_jpg_x2.png, as the README says, whatever the case of the extension."""
+    from rnan_jax import upscale
+
+    a_png, a_jpg = str(tmp_path / "a.PNG"), str(tmp_path / "a.JPG")
+    out = str(tmp_path / "out")
+    jobs, errors, notes = upscale.plan([a_png, a_jpg], out, 2)
+    assert errors == [] and jobs == [(a_png, f"{out}/a_png_x2.png"), (a_jpg, f"{out}/a_jpg_x2.png")]
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif", ".pbm"])
+def test_a_1bit_image_is_black_and_white_not_black(tmp_path, ext):
+    """A bilevel image (a 1-bit scan, fax or PBM: Pillow's mode 1, booleans) reads as 0 and 255, and at 16 bits
+    as 8-bit does (0 and 255: one bit is not deep)."""
+    bits = np.array([[0, 1, 1], [1, 0, 0]], bool)
+    Image.fromarray(bits).save(tmp_path / f"a{ext}")
+    with Image.open(tmp_path / f"a{ext}") as im:
+        assert im.mode == "1"
+    for high_bit_depth in (False, True):
+        decoded = images.decode(tmp_path / f"a{ext}", high_bit_depth=high_bit_depth)
+        assert decoded.pixels.dtype == np.uint8 and decoded.pixels.tolist() == [[0, 255, 255], [255, 0, 0]]
