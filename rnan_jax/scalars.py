@@ -74,15 +74,16 @@ def events(path: epath.Path) -> Iterator[Any]:
     checked."""
     from tensorboardX.proto import event_pb2
 
-    data = path.read_bytes()
-    offset = 0
-    while offset + 12 <= len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        record = data[offset + 12:offset + 12 + length]
-        offset += 12 + length + 4
-        if len(record) < length:
-            return  # a record cut off by a running writer
-        yield event_pb2.Event.FromString(record)
+    with path.open("rb") as f:
+        while len(header := f.read(12)) == 12:
+            (length,) = struct.unpack("<Q", header[:8])
+            if length > 1 << 31:  # a damaged length: not read (and allocated) as one record
+                return
+            record = f.read(length)
+            if len(record) < length:
+                return  # a record cut off by a running writer
+            f.read(4)  # its CRC
+            yield event_pb2.Event.FromString(record)
 
 
 def _continues(name: str) -> bool:

@@ -108,30 +108,43 @@ def _replay(logdir: str, resumed_from: int) -> tuple[int, list[tuple[float, int,
     """(purge step, [(wall time, step, Summary.Value)] to write again after its START) for a run that resumes from
     step `resumed_from` in `logdir` (`Writer`): the values that the earlier event files hold, as TensorBoard keeps
     them (each START drops the values before it from its step on), from the last step up to `resumed_from` of each
-    tag that has values after it, in the order written. Files that cannot be read leave the START at
-    `resumed_from` + 1, with a warning: the run is not stopped for its curves."""
+    tag that has values after it, in the order written (one per tag and step: the last). The files are read twice,
+    the values themselves held only the second time and only from the purge step (a long run's image strips are
+    not all held). Files that cannot be read leave the START at `resumed_from` + 1, with a warning: the run is not
+    stopped for its curves."""
     from tensorboardX.proto import event_pb2
 
     from rnan_jax import scalars
 
-    try:
-        kept: list[tuple[float, int, Any]] = []
+    def kept_values(keep: Any) -> list[tuple[float, int, Any]]:
+        # as TensorBoard keeps them: each START drops the values from its step on; a later value at the same
+        # (tag, step) replaces the earlier (an earlier version's resumed run wrote no START); the value itself only
+        # where keep(step), so that a long run's image strips are not all held
+        kept: dict[tuple[str, int], tuple[float, int, Any]] = {}
         for path in scalars.event_files(logdir):
             for event in scalars.events(path):
                 if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-                    kept = [k for k in kept if k[1] < event.step]
-                kept += [(event.wall_time, event.step, value) for value in event.summary.value]
+                    kept = {k: v for k, v in kept.items() if k[1] < event.step}
+                for value in event.summary.value:
+                    kept.pop((value.tag, event.step), None)
+                    held = value if keep(event.step) else value.tag
+                    kept[value.tag, event.step] = (event.wall_time, event.step, held)
+        return list(kept.values())
+
+    try:
+        kept = kept_values(lambda step: False)
+        last: dict[str, int] = {}  # per tag, its last step up to resumed_from
+        for _, step, tag in kept:
+            if step <= resumed_from:
+                last[tag] = max(step, last.get(tag, step))
+        stale = {tag for _, step, tag in kept if step > resumed_from}
+        purge = min([last[tag] for tag in stale if tag in last], default=resumed_from + 1)
+        kept = kept_values(lambda step: purge <= step <= resumed_from) if purge <= resumed_from else []
     except Exception as e:  # a damaged file of the runs before (protobuf, gcsfs errors): curves, not the run
         logging.getLogger(__name__).warning(
             "%s: the earlier event files could not be read (%s: %s); TensorBoard's default loader may show their "
             "values after step %d until this run logs those tags again", logdir, type(e).__name__, e, resumed_from)
         return resumed_from + 1, []
-    last: dict[str, int] = {}  # per tag, its last step up to resumed_from
-    for _, step, value in kept:
-        if step <= resumed_from:
-            last[value.tag] = max(step, last.get(value.tag, step))
-    stale = {value.tag for _, step, value in kept if step > resumed_from}
-    purge = min([last[tag] for tag in stale if tag in last], default=resumed_from + 1)
     return purge, [k for k in kept if purge <= k[1] <= resumed_from]
 
 
@@ -155,7 +168,9 @@ class Writer:
     good if it stopped first, a NaN or a second crash). So where the earlier files hold values past `resumed_from`,
     the START is at the last step up to `resumed_from` of such a tag, and the values from there up to `resumed_from`
     are written again after it, as they were (step, wall time): both loaders then show what the runs before left up
-    to `resumed_from`, and nothing after it. metrics.jsonl, when runs before wrote it, gets the line
+    to `resumed_from`, and nothing after it, except a tag with no value up to `resumed_from` (a first validation
+    after the last checkpoint): RustBoard shows its later points until the run logs that tag again, as any value
+    written to hide them would itself be shown. metrics.jsonl, when runs before wrote it, gets the line
     {"step": resumed_from, "resumed": true} (readers drop the earlier lines with a step after it, as
     `figures.read_validation` does). A last line cut short (a killed run) is ended first, so that the next record is
     a line of its own."""

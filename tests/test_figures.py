@@ -411,3 +411,30 @@ def test_tensorboards_default_loader_shows_no_point_of_the_steps_a_resumed_run_t
     run = scalars.read_scalars(str(log))  # the values the stopped rerun wrote again are not a session of its own
     assert {s: round(v, 5) for s, (v, _) in run["val/psnr"].items()} == {3: 33.0, 6: 36.0, 9: 40.0}
     assert len(run.sessions) == 2 and run.sessions[0][1] < began <= run.sessions[1][0]
+
+
+def test_a_resume_over_files_of_a_version_without_start_writes_each_step_again_once(tmp_path):
+    """Files of a version that wrote no START hold a step trained twice (run 2 resumed from 50 and logged 60
+    again). `summary._replay` wrote both values of step 60 again, and `read_scalars` took the dead run's copy (a day
+    earlier) for a value of the new session: a run of 96,022,512 s in the timing table, or a made-up session."""
+    from tensorboardX import SummaryWriter
+
+    from rnan_jax import scalars, summary
+
+    day, t0 = 86400.0, 1.7e9
+    for run, first, last, psnr in ((1, 10, 60, 30.0), (2, 60, 100, 31.0)):
+        w = SummaryWriter(str(tmp_path), filename_suffix="")
+        for s in range(first, last + 1, 10):
+            w.add_scalar("train/loss", run / s, s, walltime=t0 + (run - 1) * day + s)
+        w.add_scalar("val/psnr", psnr, last if run == 2 else 50, walltime=t0 + (run - 1) * day + last)
+        w.close()
+        time.sleep(1.1)  # tensorboardX names a file by its second
+    purge, replay = summary._replay(str(tmp_path), 80)
+    assert purge == 50  # val/psnr's last value up to 80 (its value at 100 is stale)
+    assert [(v.tag, s, round(v.simple_value, 5)) for _, s, v in replay] == [
+        ("train/loss", 50, round(1 / 50, 5)), ("val/psnr", 50, 30.0), ("train/loss", 60, round(2 / 60, 5)),
+        ("train/loss", 70, round(2 / 70, 5)), ("train/loss", 80, round(2 / 80, 5))]  # step 60 once: run 2's
+    summary.Writer(str(tmp_path), resumed_from=80).close()  # a rerun that stops before its first log
+    read = scalars.read_scalars(str(tmp_path))
+    assert [(a - t0, b - t0) for a, b in read.sessions] == [(10.0, 60.0), (day + 60, day + 100)]
+    assert read["train/loss"][60][0] == pytest.approx(2 / 60) and 90 not in read["train/loss"]
