@@ -525,3 +525,95 @@ def test_a_relative_config_path_that_does_not_exist_names_the_folder_it_was_look
     code, err, _ = _train([f"--config={tmp_path}/x9.py", "--workdir", str(tmp_path / "run")], tmp_path)
     assert (code, err) == (1, [f"error: --config: [Errno 2] No such file or directory: '{tmp_path}/x9.py'"])
     assert not (tmp_path / "run").exists()
+
+
+def test_preemption_gives_back_the_handlers_it_replaced_and_keeps_an_ignored_ctrl_c():
+    """The training loop's SIGTERM/Ctrl-C handlers last while it trains: after it (a notebook's `api` run, a test
+    process) Ctrl-C interrupts again and SIGTERM is what it was; a process started with Ctrl-C ignored (`nohup`, a
+    background job of a shell without job control) keeps ignoring it, as the handler's comment says."""
+    import signal
+
+    from rnan_jax import preemption
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with preemption.Preemption() as signals:
+            assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signals._handle
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.default_int_handler,
+                                                                                      mine)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with preemption.Preemption() as signals:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == signals._handle
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.SIG_IGN, mine)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
+def test_sigterm_raises_preempted_with_its_signal_and_gives_back_the_previous_handler():
+    """evaluate's long scoring under `sigterm_raises`: SIGTERM raises Preempted (signum 15, so the exit status is
+    143) where the program is; on leaving, a handler the program had installed is back, not SIGTERM's default."""
+    import signal
+
+    from rnan_jax import preemption
+
+    seen = []
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+        mine = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(preemption.Preempted) as raised:
+            with preemption.sigterm_raises():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs at the next bytecode boundary
+                    pass
+        assert (raised.value.signum, str(raised.value)) == (signal.SIGTERM, "SIGTERM")
+        assert signal.getsignal(signal.SIGTERM) is mine
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_an_integer_list_flag_takes_its_minimum_itself():
+    """`require_ints(name, 0)` (tiling_bound's --overlaps, data_throughput's --workers): 0 is a value it takes, -1
+    the one line; `require_ints(name)`: 1 and up."""
+    from absl import flags
+
+    for name, minimum in (("cli_test_ints_min0", 0), ("cli_test_ints_min1", 1)):
+        if name not in flags.FLAGS:
+            flags.DEFINE_list(name, None, "a test's list of integers")
+            cli.require_ints(name, minimum)
+        setattr(flags.FLAGS, name, [str(minimum), "3"])
+        assert flags.FLAGS[name].value == [str(minimum), "3"]
+        with pytest.raises(flags.IllegalFlagValueError, match=f"each value must be an integer of at least {minimum}"):
+            setattr(flags.FLAGS, name, [str(minimum - 1)])
+
+
+def test_dash_h_as_the_value_of_a_flag_is_that_value_not_help():
+    """`-h` is --help, except as the value of a flag that takes one (`--output -h`: the folder "-h")."""
+    from absl import flags
+
+    if "cli_test_text" not in flags.FLAGS:
+        flags.DEFINE_string("cli_test_text", None, "a test's text flag")
+    assert cli._h_is_help(["p", "--cli_test_text", "-h", "-h"]) == ["p", "--cli_test_text", "-h", "--help"]
+    assert cli._h_is_help(["p", "--cli_test_text=x", "-h", "--", "-h"]) == ["p", "--cli_test_text=x", "--help", "--",
+                                                                            "-h"]
+
+
+def test_train_refuses_a_stray_argument_in_one_line(tmp_path):
+    """A word that is no flag (`--workdir runs/a runs/b`, a value after a boolean flag: `--dry_run false`) was
+    dropped without a word by absl; the run would have gone on with what it did not say."""
+    for extra, word in ((["runs/b"], "runs/b"), (["--dry_run", "false"], "false")):
+        code, err, out = _train(["--config", "experiments/demo.py", "--workdir", str(tmp_path / "run"), *extra,
+                                 "--dry_run"], REPO)
+        assert (code, err, out) == (1, [f"train: error: unexpected arguments: {word} (see --helpshort)"], "")
+    assert not (tmp_path / "run").exists()

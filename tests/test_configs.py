@@ -216,3 +216,94 @@ def test_none_given_as_text_on_the_command_line_is_unset():
     config.data.update(source="folder", hr_dirs="/data/None", tfds_split="None")  # only the whole text, "" keys
     normalize_unset(config)
     assert (config.data.hr_dirs, config.data.tfds_split) == ("/data/None", "None")
+
+
+@pytest.mark.parametrize("name", ["x2", "x3", "x4"])
+def test_paper_recipe_keeps_the_rest_of_section_3_1_and_halves_the_rate_every_200k_steps(name):
+    """What test_paper_recipe leaves open of section 3.1 ("augment ... rotating 90, 180, 270 and horizontally
+    flipping", L_1, Adam(0.9, 0.999), 0.0001 halved every 200 epochs = 200k steps of 1M, DESIGN.md): the loss, the
+    augmentation and nothing the paper does not do (no warmup, EMA, clipping or spike skipping), the optimizer's run
+    length, and the rate the schedule gives at the steps around each halving."""
+    from rnan_jax import step
+
+    cfg = TrainConfig.from_config(_load(name))
+    o, d = cfg.optim, cfg.data
+    assert (o.loss, d.augment, o.warmup_steps, o.ema_decay, o.grad_clip, o.skip_threshold, o.milestones) == (
+        "l1", True, 0, 0.0, 0.0, 0.0, "")
+    assert o.eps == 1e-8  # the paper names none: PyTorch's and optax's Adam default, which EDSR/RCAN train with
+    assert o.total_steps == cfg.total_steps == 1_000_000 and cfg.model.dtype == "float32"
+    rate = step.learning_rate(o)
+    got = [float(rate(s)) for s in (0, 199_999, 200_000, 399_999, 400_000, 600_000, 800_000, 999_999)]
+    assert got == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 1.25e-5, 6.25e-6, 6.25e-6], rel=1e-6)
+
+
+def test_the_optimizer_runs_as_long_as_the_config_and_its_cosine_follows_it():
+    """optim's total_steps is the top-level one (the run's): the demo's cosine over 600 steps is half way at step
+    300 (lr/2) and zero at 600; over OptimConfig's default 1M steps it stayed at the full rate all run."""
+    from rnan_jax import step
+
+    cfg = TrainConfig.from_config(_load("demo"))
+    assert cfg.optim.total_steps == cfg.total_steps == 600
+    rate = step.learning_rate(cfg.optim)
+    assert [float(rate(s)) for s in (0, 300, 600)] == pytest.approx([1e-3, 5e-4, 0.0], abs=1e-9)
+    config = _load("demo")
+    config.total_steps = 1200
+    assert float(step.learning_rate(TrainConfig.from_config(config).optim)(600)) == pytest.approx(5e-4, rel=1e-6)
+
+
+def test_demo_small291_and_classic291_are_the_recipes_their_documents_give():
+    """demo: DESIGN.md's "small model (batch 8 of 24x24, Adam 1e-3 with cosine decay over 600 steps)", x2, C 32,
+    2 x 3. small291: the training config recorded in zoo:small_x2 (the run that made it). classic291: the x2 paper
+    recipe with the folder source."""
+    from rnan_jax import zoo
+
+    demo = TrainConfig.from_config(_load("demo"))
+    assert (demo.batch_size, demo.data.patch_size, demo.optim.lr, demo.optim.schedule, demo.total_steps) == (
+        8, 24, 1e-3, "cosine", 600)
+    assert (demo.model.scale, demo.model.features, demo.model.num_groups, demo.model.num_blocks) == (2, 32, 2, 3)
+    small = _load("small291")
+    recorded = zoo.meta("small_x2")["config.json"]
+    for section in ("model", "optim"):
+        given = {k: v for k, v in small[section].items() if k in recorded[section]}
+        assert given == {k: tuple(v) if isinstance(v, list) else v for k, v in recorded[section].items()}, section
+    for key in ("batch_size", "total_steps", "seed"):
+        assert small[key] == recorded[key], key
+    for key in ("patch_size", "augment", "val_set", "val_max_images"):
+        assert small.data[key] == recorded["data"][key], key
+    assert [os.path.basename(d) for d in small.data.hr_dirs.split(",")] == ["T91", "BSD200"]
+    c291, x2 = _load("classic291").to_dict(), _load("x2").to_dict()
+    for config in (c291, x2):
+        config["data"] = {k: v for k, v in config["data"].items() if k not in ("source", "hr_dirs", "num_workers")}
+    assert c291 == x2
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.b2", 1.0, r"optim.b1, b2 and ema_decay must be in \[0, 1\); got 0.9, 1.0 and 0.0"),
+    ("optim.eps", -1e-8, "optim.lr, grad_clip, skip_threshold and eps must be >= 0"),
+    ("optim.decay_factor", 0.0,
+     "optim.schedule 'step' needs a positive decay_every and decay_factor; got 200000 and 0.0"),
+    ("optim.decay_factor", -0.5, "optim.schedule 'step' needs a positive decay_every and decay_factor"),
+    ("execution.batch_chunks", -1, "execution.batch_chunks must be 0 .the default. or positive, got -1"),
+])
+def test_optimizer_and_execution_values_that_cannot_work_are_refused(key, value, message):
+    """b2 = 1 (Adam's second moment never moves), a negative eps, a decay factor of 0 (the rate 0 after the first
+    halving) or below, a negative number of batch parts: each refused in one line before the run."""
+    config = _load("x4")
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_config(config)
+
+
+def test_milestones_replace_decay_every_and_the_execution_knobs_reach_the_run():
+    """With optim.milestones the step schedule decays there, so decay_every 0 is no "schedule that never decays";
+    execution.depthwise and remat reach the model as the implementation and policy named."""
+    from rnan_jax import step
+
+    config = _load("x4")
+    config.optim.update(milestones="100,300", decay_every=0)
+    config.execution.update(depthwise="shifted", remat="block")
+    cfg = TrainConfig.from_config(config)
+    assert [float(step.learning_rate(cfg.optim)(s)) for s in (99, 100, 299, 300)] == pytest.approx(
+        [1e-4, 5e-5, 5e-5, 2.5e-5], rel=1e-6)
+    assert (cfg.execution.depthwise_impl, cfg.execution.remat_policy) == ("shifted", "block")
