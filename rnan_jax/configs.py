@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any
 
 import ml_collections
@@ -224,7 +225,11 @@ def check_nones(c: ml_collections.ConfigDict) -> None:
 
 def _check_optim(o: OptimConfig) -> None:
     """Raises ValueError (one line) for optimizer values that would train silently wrong: a negative rate, a
-    warmup that never ends inside the run, a step schedule that never decays, an EMA that never moves."""
+    warmup that never ends inside the run, a step schedule that never decays, an EMA that never moves, a NaN or
+    infinite value (`nan < 0` is False: --config.optim.lr=nan trained on NaN)."""
+    if bad := [f"{f.name}={getattr(o, f.name)}" for f in dataclasses.fields(o)
+               if isinstance(getattr(o, f.name), float) and not math.isfinite(getattr(o, f.name))]:
+        raise ValueError(f"optim values must be finite numbers; got {', '.join(bad)}")
     if o.lr < 0 or o.grad_clip < 0 or o.skip_threshold < 0 or o.eps < 0:
         raise ValueError(f"optim.lr, grad_clip, skip_threshold and eps must be >= 0; got {o.lr}, {o.grad_clip}, "
                          f"{o.skip_threshold} and {o.eps}")

@@ -307,3 +307,14 @@ def test_milestones_replace_decay_every_and_the_execution_knobs_reach_the_run():
     assert [float(step.learning_rate(cfg.optim)(s)) for s in (99, 100, 299, 300)] == pytest.approx(
         [1e-4, 5e-5, 5e-5, 2.5e-5], rel=1e-6)
     assert (cfg.execution.depthwise_impl, cfg.execution.remat_policy) == ("shifted", "block")
+
+
+@pytest.mark.parametrize("key", ["lr", "eps", "decay_factor", "grad_clip", "skip_threshold", "charbonnier_eps"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_nan_or_infinite_optimizer_value_is_refused(key, value):
+    """`nan < 0` is False: --config.optim.lr=nan (an unset shell variable's float('nan')) passed every check and the
+    run trained on NaN until its first log stopped it; inf likewise."""
+    config = _load("x4")
+    config.optim[key] = value
+    with pytest.raises(ValueError, match=f"optim values must be finite numbers; got {key}={value}$"):
+        TrainConfig.from_config(config)
