@@ -451,3 +451,29 @@ def test_write_atomically_writes_a_file_whose_name_fits_however_long(tmp_path, m
     assert len(set(seen)) == 3 and seen[1].startswith(".éé")
     short = paths._partial_name("x.png")  # a name with room as it was
     assert short == f".x.png.{socket.gethostname()}.{os.getpid()}.{__import__('threading').get_ident()}.partial"
+
+
+def test_tfds_specs_key_each_example_of_each_split_apart(tmp_path):
+    """(rnan_jax/tfds_source.py.) A spec's key names its cache entry: examples of a split, and the same index of two
+    splits (train[0] and validation[0] of DIV2K, in one cache_dir), are different images and have different keys; a
+    key shared by all of a split's examples would train on its first image cached 800 times. Each spec loads its own
+    example, HR then LR."""
+    from tensorflow_datasets.testing import mock_data
+
+    from rnan_jax import tfds_source
+
+    def examples(builder, split, **kw):  # constant images: the value says which example of which split
+        tag = {"train": 0, "validation": 100}[str(split)]
+        return [{"hr": np.full((16 + 4 * i, 20, 3), tag + i, np.uint8), "lr": np.full((4 + i, 5, 3), tag + i, np.uint8)}
+                for i in range(3)]
+
+    with mock_data(as_data_source_fn=examples):
+        specs = {split: tfds_source.tfds_specs("div2k/bicubic_x4", split, str(tmp_path / "tfds"))
+                 for split in ("train", "validation")}
+        loaded = {split: [spec.load() for spec in specs[split]] for split in specs}
+    keys = [spec.key for split in specs for spec in specs[split]]
+    assert len(set(keys)) == 6, keys
+    assert [s.name for s in specs["validation"]] == [f"div2k/bicubic_x4:validation[{i}]" for i in range(3)]
+    for split, tag in (("train", 0), ("validation", 100)):
+        assert [(int(hr[0, 0, 0]), hr.shape, int(lr[0, 0, 0]), lr.shape) for hr, lr in loaded[split]] == [
+            (tag + i, (16 + 4 * i, 20, 3), tag + i, (4 + i, 5, 3)) for i in range(3)]

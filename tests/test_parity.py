@@ -1,4 +1,6 @@
 """Parity with an independent PyTorch reading of the same spec (../shared/peers/rnan_torch.py)."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -81,3 +83,27 @@ def test_a_mean_buffer_must_be_the_configs_at_the_checkpoints_precision(torch_rn
     with torch.no_grad():
         expected = model(torch.from_numpy(lr).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     assert np.abs(np.asarray(jax.jit(lambda p, x: apply(p, x, config=config))(params, lr)) - expected).max() < 1e-5
+
+
+def test_a_conv_kernel_of_the_right_size_in_another_layout_is_refused(torch_rnan):
+    """Only the GC block's LayerNorm ([C/r, 1, 1] in torch) converts from another shape of its size (a flat [C/r]); a
+    conv kernel of the right size in another layout (HWIO, as a JAX or TensorFlow port holds it) would be reshaped
+    into scrambled weights without a word: it is refused naming the key and both shapes."""
+    config = RNANConfig(scale=2, features=8, num_groups=1, num_blocks=2, gc_reduction=2)
+    torch.manual_seed(0)
+    sd = torch_rnan(scale=2, c=8, n_groups=1, n_blocks=2, r=2).state_dict()
+    expected = from_torch_state_dict(sd, config)
+    flat = {**sd, "groups.0.gc.ln.weight": sd["groups.0.gc.ln.weight"].flatten(),
+            "groups.0.gc.ln.bias": sd["groups.0.gc.ln.bias"].flatten()}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_torch_state_dict(flat, config), expected)
+    np.testing.assert_array_equal(expected["groups"]["gc"]["ln"]["scale"][0], sd["groups.0.gc.ln.weight"].flatten())
+    for key, layout, shape in [("head.weight", (2, 3, 1, 0), r"\(3, 3, 3, 8\), expected \(8, 3, 3, 3\)"),
+                               ("groups.0.blocks.1.c1.weight", (0, 1, 3, 2), None),  # a kernel's h and w swapped
+                               ("groups.0.gc.v1.weight", (1, 0, 2, 3), r"\(8, 4, 1, 1\), expected \(4, 8, 1, 1\)")]:
+        moved = {**sd, key: sd[key].permute(*layout)}
+        if shape is None:  # same shape: converted as given (no way to tell), and the numbers follow the tensor
+            kernel = from_torch_state_dict(moved, config)["groups"]["blocks"]["c1"]["kernel"][0, 1]
+            np.testing.assert_array_equal(kernel, sd[key].numpy().transpose(3, 2, 1, 0))
+            continue
+        with pytest.raises(ValueError, match=rf"state_dict: {re.escape(key)} has shape {shape} for "):
+            from_torch_state_dict(moved, config)
