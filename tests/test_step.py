@@ -350,3 +350,65 @@ def test_float16_gradients_do_not_underflow():
         if name != "['groups']['gc']['k']['bias']":  # no gradient at all (a constant under the softmax)
             errors[name] = np.linalg.norm(np.asarray(g16, np.float64) - g32) / np.linalg.norm(g32)
     assert len(errors) == 29 and max(errors.values()) < 0.02, errors
+
+
+def test_two_steps_are_adam_with_the_configured_betas_and_eps_against_numpy():
+    """Adam's first update is lr * sign-like g / (|g| + eps) whatever b1 and b2 are (bias correction): the second
+    step is where they show. Both steps against Adam written out in numpy on the network's own gradients."""
+    b1, b2, eps, lr = 0.5, 0.8, 1e-3, 1e-2
+    spec = StepSpec(MODEL, OptimConfig(lr=lr, b1=b1, b2=b2, eps=eps, schedule="constant"))
+    state = create_state(jax.random.key(0), spec=spec)
+    batch = _batch()
+    a, b = batch["lr"] / 255.0, batch["hr"] / 255.0
+    grad = jax.jit(lambda p: jax.grad(step.train_loss)(p, a, b, spec))
+    one, _ = _step(spec, state)
+    two, _ = _step(spec, one)
+    g1 = [np.asarray(g, np.float64) for g in _leaves(grad(state.params))]
+    g2 = [np.asarray(g, np.float64) for g in _leaves(grad(one.params))]
+    for p0, p1, p2, x1, x2 in zip(_leaves(state.params), _leaves(one.params), _leaves(two.params), g1, g2):
+        m, v = (1 - b1) * x1, (1 - b2) * x1 ** 2
+        np.testing.assert_allclose(p1, p0 - lr * (m / (1 - b1)) / (np.sqrt(v / (1 - b2)) + eps), rtol=0, atol=2e-5)
+        m, v = b1 * m + (1 - b1) * x2, b2 * v + (1 - b2) * x2 ** 2
+        np.testing.assert_allclose(p2, p1 - lr * (m / (1 - b1 ** 2)) / (np.sqrt(v / (1 - b2 ** 2)) + eps), rtol=0,
+                                   atol=2e-5)
+    assert max(np.abs(np.asarray(p2) - p1).max() for p1, p2 in zip(_leaves(one.params), _leaves(two.params))) > 1e-3
+
+
+def test_the_ema_moves_from_its_own_value_not_from_the_parameters():
+    """A fresh state's EMA equals its parameters, which hid an EMA computed from the parameters before the step: an
+    EMA that differs (a resumed run's) moves to decay * ema + (1 - decay) * the new parameters."""
+    spec = StepSpec(MODEL, OptimConfig(lr=1e-2, ema_decay=0.9))
+    state = create_state(jax.random.key(0), spec=spec)
+    state = state.replace(ema=jax.tree_util.tree_map(lambda p: p * 0 + 0.5, state.params))
+    new, _ = _step(spec, state)
+    for e, p1 in zip(_leaves(new.ema), _leaves(new.params)):
+        np.testing.assert_allclose(e, 0.9 * 0.5 + 0.1 * p1, rtol=1e-6, atol=1e-7)
+
+
+def test_a_skipped_spike_leaves_the_optimizer_state_and_its_schedule_where_they_were():
+    """A spike's gradient must not enter Adam's moments, nor advance its count (the schedule's position)."""
+    spec = StepSpec(MODEL, OptimConfig(lr=1e-2, skip_threshold=2.0))
+    state = create_state(jax.random.key(0), spec=spec)
+    state = state.replace(step=jnp.asarray(500, jnp.int32), loss_avg=jnp.asarray(1e-4, jnp.float32))
+    new, acc = _step(spec, state)
+    assert float(acc["skipped"]) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(new.opt_state), _leaves(state.opt_state)))
+    assert int(step.updates_applied(new.opt_state)) == 0
+    # its loss is still in the logged sums (as the steps it counts are): the loss the step took had it gone through
+    _, through = _step(spec, state.replace(loss_avg=jnp.asarray(1.0, jnp.float32)))
+    assert float(through["skipped"]) == 0 and float(acc["loss"]) == pytest.approx(float(through["loss"]), rel=1e-6)
+    assert float(acc["loss"]) > 0.05 and float(acc["steps"]) == 1  # the mean's count too
+
+
+def test_the_running_loss_starts_at_the_first_loss_then_decays_and_skipping_waits_for_step_100():
+    spec = StepSpec(MODEL, OptimConfig(lr=1e-2, skip_threshold=2.0))
+    state = create_state(jax.random.key(0), spec=spec)
+    new, acc = _step(spec, state)  # step 0: the running loss is the first loss, not 1% of it
+    assert float(new.loss_avg) == pytest.approx(float(acc["loss"]), rel=1e-6) and float(acc["loss"]) > 0.05
+    new, acc = _step(spec, state.replace(step=jnp.asarray(5, jnp.int32), loss_avg=jnp.asarray(0.3, jnp.float32)))
+    assert float(new.loss_avg) == pytest.approx(0.99 * 0.3 + 0.01 * float(acc["loss"]), rel=1e-6)
+    # a loss far above the running loss is a spike from step 100 on (counted from 0), not before
+    low = jnp.asarray(1e-4, jnp.float32)
+    for at, skipped in ((99, 0), (100, 1)):
+        _, acc = _step(spec, state.replace(step=jnp.asarray(at, jnp.int32), loss_avg=low))
+        assert float(acc["skipped"]) == skipped, at

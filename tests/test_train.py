@@ -2389,3 +2389,97 @@ def test_validation_scores_each_set_on_rounded_y_shaved_by_the_scale_and_keeps_t
     other = validation.Validator(TrainConfig.from_config(x4_config(images, **{
         "model.features": 4, "data.val_source": "benchmark", "data.val_dir": str(bench), "data.val_set": "B,A"})))
     assert not validator.same_first_set(other.describe()) and not other.same_first_set(validator.describe())
+
+
+def _recording_steps(monkeypatch):
+    """Wraps the trainer's jitted train step: the list it returns gets each step's own loss and gradient norm (the
+    step's addition to the running sums, read before and after it)."""
+    from rnan_jax import step
+
+    real, steps = step.jit_train_step, []
+
+    def jit_train_step(spec, mesh):
+        f, replicated, batch = real(spec, mesh)
+
+        def recorded(state, b, acc):
+            before = {k: float(v) for k, v in jax.device_get(acc).items()}  # read before the step donates it
+            state, acc = f(state, b, acc)
+            after = jax.device_get(acc)
+            steps.append({k: float(after[k]) - before[k] for k in ("loss", "grad_norm", "steps")})
+            return state, acc
+
+        return recorded, replicated, batch
+
+    monkeypatch.setattr(step, "jit_train_step", jit_train_step)
+    return steps
+
+
+def test_logs_validations_and_checkpoints_follow_their_schedules_and_the_logged_means_are_the_steps_since_the_last_log(
+        images, tmp_path, monkeypatch):
+    """A run of 5 steps, log_every 2, eval_every 3, checkpoint_every 2: logs at 2, 4 and the last step 5, each the mean
+    of its own steps' losses and gradient norms (as the step computed them, recorded apart); validations at 3 and 5,
+    checkpoints at 2, 4 and 5; the results are the last log's and the last validation's."""
+    steps = _recording_steps(monkeypatch)
+    results = train_and_evaluate(x4_config(images, total_steps=5, log_every=2, eval_every=3, checkpoint_every=2),
+                                 str(tmp_path))
+    assert len(steps) == 5 and all(s["steps"] == 1 for s in steps)
+    losses = [s["loss"] for s in steps]
+    assert len(set(losses)) == 5 and all(0 < x < 1 for x in losses)
+    lines = [json.loads(x) for x in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in lines if "train/loss" in r}
+    assert sorted(train) == [2, 4, 5]
+    for at, ran in ((2, steps[0:2]), (4, steps[2:4]), (5, steps[4:5])):
+        assert train[at]["train/loss"] == pytest.approx(np.mean([s["loss"] for s in ran]), rel=1e-5), at
+        assert train[at]["train/grad_norm"] == pytest.approx(np.mean([s["grad_norm"] for s in ran]), rel=1e-5), at
+    assert results["loss"] == pytest.approx(steps[4]["loss"], rel=1e-5)
+    assert results["grad_norm"] == pytest.approx(steps[4]["grad_norm"], rel=1e-5)
+    val = {r["step"]: r["val/psnr"] for r in lines if "val/psnr" in r}
+    assert sorted(val) == [3, 5] and results["val/psnr"] == val[5]
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["2", "4", "5"]
+
+
+def test_a_resume_with_a_batch_size_that_does_not_divide_the_patches_trained_goes_on_past_all_of_them():
+    """8 patches trained at batch 4, resumed at batch 3: global batch 3 (patches 9-11) is the first that holds none
+    trained on; batch 2 (patches 6-8) trained on 6 and 7 again. A meta without the record resumes at the step."""
+    assert trainer._next_batch({"next_patch": 8, "batch_size": 4}, 2, 3) == (3, 4)
+    assert trainer._next_batch({"next_patch": 8, "batch_size": 4}, 2, 2) == (4, 4)
+    assert trainer._next_batch({"next_patch": 8, "batch_size": 4}, 2, 8) == (1, 4)
+    assert trainer._next_batch({}, 5, 3) == (5, 3)
+
+
+def test_a_single_non_finite_step_since_the_last_log_stops_the_run(images, tmp_path):
+    """log_every 1: each log holds one step, and its one non-finite step stops the run there, saving nothing."""
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient in 1 step\(s\) up to step 1; stopped without "
+                                            r"saving: there is no checkpoint yet"):
+        train_and_evaluate(x4_config(images, total_steps=2, log_every=1, eval_every=2, checkpoint_every=1,
+                                     **{"optim.lr": 1e30}), str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+    # a checkpoint step before the log step: the save checks the steps since the last log too, and saves nothing
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient in 1 step\(s\) up to step 1; "):
+        train_and_evaluate(x4_config(images, total_steps=2, log_every=2, eval_every=2, checkpoint_every=1,
+                                     **{"optim.lr": 1e30}), str(tmp_path / "saving"))
+    assert not (tmp_path / "saving" / "checkpoints").exists() or not os.listdir(tmp_path / "saving" / "checkpoints")
+
+
+def test_a_stop_at_a_log_step_logs_that_step_once_and_saves_no_sums(images, tmp_path, monkeypatch):
+    """SIGTERM while step 4 (a log step of log_every 2) trains: step 4's log is the mean of steps 3 and 4, written
+    once (no second record of the emptied sums), and its checkpoint keeps no steps for the rerun's next log."""
+    from rnan_jax import loader, preemption
+
+    steps = _recording_steps(monkeypatch)
+    real, calls = loader.BatchIterator.__next__, []
+
+    def stopping(self):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # a flag until step 4 is trained
+        return real(self)
+
+    monkeypatch.setattr(loader.BatchIterator, "__next__", stopping)
+    with pytest.raises(preemption.Preempted, match="saved a checkpoint at step 4 "):
+        train_and_evaluate(x4_config(images, eval_every=6, checkpoint_every=6), str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 4] and len(steps) == 4
+    assert train[1]["train/loss"] == pytest.approx((steps[2]["loss"] + steps[3]["loss"]) / 2, rel=1e-5)
+    assert checkpoint.read_meta(str(tmp_path / "checkpoints"), 4)["since_last_log"]["steps"] == 0
