@@ -233,6 +233,10 @@ def _check_optim(o: OptimConfig) -> None:
     if o.lr < 0 or o.grad_clip < 0 or o.skip_threshold < 0 or o.eps < 0:
         raise ValueError(f"optim.lr, grad_clip, skip_threshold and eps must be >= 0; got {o.lr}, {o.grad_clip}, "
                          f"{o.skip_threshold} and {o.eps}")
+    if 0 < o.skip_threshold <= 1:  # a loss at or under the running mean half the time: most steps skipped, and
+        raise ValueError(  # the mean, updated by kept steps only, falls to the lowest: training stops, unsaid
+            f"optim.skip_threshold skips a step whose loss exceeds it times the running loss: 0 (off) or above 1 "
+            f"(EDSR: a spike many times the mean); got {o.skip_threshold}")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and 0 <= o.ema_decay < 1):
         raise ValueError(f"optim.b1, b2 and ema_decay must be in [0, 1); got {o.b1}, {o.b2} and {o.ema_decay}")
     if not 0 <= o.warmup_steps < o.total_steps:

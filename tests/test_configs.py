@@ -318,3 +318,15 @@ def test_a_nan_or_infinite_optimizer_value_is_refused(key, value):
     config.optim[key] = value
     with pytest.raises(ValueError, match=f"optim values must be finite numbers; got {key}={value}$"):
         TrainConfig.from_config(config)
+
+
+@pytest.mark.parametrize("value", [0.5, 1.0])
+def test_a_skip_threshold_at_or_below_one_is_refused(value):
+    """skip_threshold 0.5 (0 < t <= 1 was accepted) skips every step whose loss is above half the running loss: most
+    of them, and the running loss, updated by kept steps only, sinks until every step is skipped."""
+    config = _load("x4")
+    config.optim.skip_threshold = value
+    with pytest.raises(ValueError, match=rf"optim.skip_threshold .* 0 \(off\) or above 1 .*; got {value}$"):
+        TrainConfig.from_config(config)
+    config.optim.skip_threshold = 1.5
+    assert TrainConfig.from_config(config).optim.skip_threshold == 1.5
