@@ -435,3 +435,75 @@ def test_a_library_built_meanwhile_by_another_process_is_kept_not_renamed_over(t
     with open(path, "rb") as f:
         assert f.read() == library
     assert os.listdir(tmp_path / "cache") == [os.path.basename(path)]
+
+
+def test_the_cache_key_changes_with_every_kernel_source_and_the_cpu(tmp_path, monkeypatch):
+    """A library is reused only for the sources it was built from: an edited kernel (any .cc, or the header they
+    share) or another CPU model gives another key, so the stale binary is never loaded for new code. Every file of
+    kernels/ is hashed."""
+    folder = os.path.join(os.path.dirname(native.__file__), "kernels")
+    assert sorted(map(os.path.basename, native._SOURCES)) == sorted(os.listdir(folder))
+    copies = []
+    for name in native._SOURCES:
+        copy = tmp_path / os.path.basename(name)
+        shutil.copy(name, copy)
+        copies.append(str(copy))
+    monkeypatch.setattr(native, "_SOURCES", tuple(copies))
+    cxx = [shutil.which("true")]  # `--version` and `-dM -E` print nothing: the key is the files' and the CPU's
+    base = native._key(cxx)
+    assert native._key(cxx) == base
+    keys = set()
+    for copy in copies:
+        with open(copy, "rb") as f:
+            text = f.read()
+        with open(copy, "ab") as f:
+            f.write(b"\n// edited\n")
+        keys.add(native._key(cxx))
+        with open(copy, "wb") as f:
+            f.write(text)
+    assert native._key(cxx) == base and len(keys) == len(copies) and base not in keys
+    monkeypatch.setattr(native, "_cpu_id", lambda: b"model name\t: another CPU")
+    assert native._key(cxx) not in keys | {base}
+
+
+def test_nested_disabled_keeps_the_kernels_off_until_the_outermost_exits(monkeypatch):
+    """`disabled()` inside `disabled()` (an export helper called within a caller's own block): the inner one's exit
+    gives back what was before it, not "on"."""
+    monkeypatch.setattr(native, "_state", {"ok": True})
+    with native.disabled():
+        with native.disabled():
+            assert native.available() is False
+        assert native.available() is False
+    assert native.available() is True
+
+
+@needs_compiler
+@pytest.mark.parametrize("channels", [(16, 32), (3, 16), (16, 3)])
+def test_native_conv_in_bfloat16_keeps_bfloat16(channels):
+    """The native kernels compute in float32; the conv's output and input gradient are given back in the input's
+    dtype (bfloat16), as XLA's conv gives them, with the same values up to bfloat16 rounding."""
+    assert native.available()
+    ci, co = channels
+    kx, kk, kg = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (2, 6, 5, ci)).astype(jnp.bfloat16)
+    k = (jax.random.normal(kk, (3, 3, ci, co)) / 4).astype(jnp.bfloat16)
+    g = jax.random.normal(kg, (2, 6, 5, co)).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(jax.jit(convs.native_conv), x, k)
+    dx, dk = vjp(g)
+    assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16,) * 3
+    ref = _conv3x3_reference(x, k)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=0, atol=0.02 * np.abs(ref).max())
+
+
+@needs_compiler
+def test_native_depthwise_kernel_gradient_sums_many_rows_to_float32_rounding():
+    """Rows' sums are totalled in double: over 4,096 image rows of positive products (x, g near 1) a float total
+    drifted by 3e-6 of the result, 30 times XLA's own sums (1e-7); the kernel is within 6e-8 of float64."""
+    assert native.available()
+    kx, kg = jax.random.split(jax.random.key(8))
+    x = 1 + 0.1 * jax.random.normal(kx, (64, 64, 4, 16))
+    g = 1 + 0.1 * jax.random.normal(kg, (64, 64, 4, 16))
+    got = np.asarray(jax.jit(native.depthwise_kernel_grad)(x, g), np.float64)
+    ref = _reference(x, g)
+    assert abs(ref[1, 1, 0, 0] - 64 * 64 * 4) < 0.01 * 64 * 64 * 4  # the centre tap: every pixel, each ~1
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
