@@ -249,3 +249,30 @@ def test_a_compilation_cache_entry_cut_short_is_not_left_to_fail_every_later_run
     assert "Error reading persistent compilation cache entry" in run()
     compilation_cache.decompress_executable((cache / name).read_bytes())  # written again
     assert "Error reading persistent compilation cache entry" not in run()
+
+
+def test_a_data_dir_flag_wins_over_rnan_data_dir_which_wins_over_the_default(tmp_path, monkeypatch):
+    """--data_dir names the data the run scores (evaluate, figures, the tools); RNAN_DATA_DIR, left in a shell from
+    another project, must not replace it (the benchmark numbers would be those of other images), and the default
+    beside the repository is used only without either."""
+    from rnan_jax import env
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RNAN_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert env.default_data_dir(str(tmp_path / "mine")) == str(tmp_path / "mine")
+    assert env.default_data_dir("~/mine") == str(tmp_path / "home" / "mine")
+    assert env.default_data_dir() == env.default_data_dir("") == str(tmp_path / "elsewhere")
+    monkeypatch.delenv("RNAN_DATA_DIR")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(env.__file__)))
+    assert env.default_data_dir() == os.path.join(os.path.dirname(repo), "shared", "data")
+
+
+def test_a_coordinator_port_outside_1_to_65535_is_refused():
+    """Port 0 asks the OS for any free port, which the other processes cannot know; 65536 is no port."""
+    from rnan_jax.env import distributed_flags_problem
+
+    for port in (0, 65536):
+        assert distributed_flags_problem(f"10.0.0.1:{port}", 2, 0) == (
+            f"--coordinator_address '10.0.0.1:{port}' is not HOST:PORT (process 0's host, a free port)")
+    assert distributed_flags_problem("10.0.0.1:1", 2, 0) is None
+    assert distributed_flags_problem("10.0.0.1:65535", 2, 0) is None

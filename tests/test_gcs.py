@@ -477,3 +477,57 @@ def test_tfds_specs_key_each_example_of_each_split_apart(tmp_path):
     for split, tag in (("train", 0), ("validation", 100)):
         assert [(int(hr[0, 0, 0]), hr.shape, int(lr[0, 0, 0]), lr.shape) for hr, lr in loaded[split]] == [
             (tag + i, (16 + 4 * i, 20, 3), tag + i, (4 + i, 5, 3)) for i in range(3)]
+
+
+def test_a_report_labels_only_the_columns_of_sets_scored_in_part(tmp_path):
+    """results.md's header says "(2 of 3 images)" of a set scored in part (--allow_incomplete), and nothing of one
+    scored in full: "(2 of 2 images)" would read as a partial score. Written beside results.json and per_image.csv,
+    whose rows say the same."""
+    from rnan_jax import report
+
+    def score(ds, name, psnr, ssim):
+        return report.ImageScore(ds, 2, name, psnr, ssim, 8, 8, False)
+
+    evaluation = report.Evaluation(method="Mine", allow_incomplete=True, listed={"Full": 2, "Part": 3},
+                                   scores=[score("Full", "a", 30.0, 0.9), score("Full", "b", 32.0, 0.8),
+                                           score("Part", "c", 20.0, 0.5), score("Part", "d", 21.0, 0.75)])
+    written = report.write_report(evaluation, str(tmp_path))
+    assert written == [str(tmp_path / name) for name in ("results.json", "results.md", "per_image.csv")]
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0] == "| Method | Full ×2 | Part ×2 (2 of 3 images) |"
+    assert table[2] == "| Mine | 31.000/.8500 | 20.500/.6250 |"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["Full"]["x2"] == {"psnr": 31.0, "ssim": pytest.approx(0.85), "images": 2, "of": 2}
+    assert results["Part"]["x2"] == {"psnr": 20.5, "ssim": pytest.approx(0.625), "images": 2, "of": 3}
+    rows = (tmp_path / "per_image.csv").read_text().splitlines()
+    assert [row.rsplit(",", 1)[1] for row in rows[1:]] == ["1", "1", "0", "0"]
+
+
+def test_a_local_train_lock_left_by_an_earlier_run_says_only_who_holds_it_now(tmp_path):
+    """train.lock outlives its run (the flock goes, the file stays): the next run's holder line was written over the
+    start of the old text, whose tail stayed behind it, and a third run's refusal named both runs' text."""
+    import re as re_
+
+    from rnan_jax import rundir
+
+    lock = tmp_path / rundir.LOCK_FILE
+    lock.write_text("pid 4242424242 on an-earlier-host-with-a-long-name, started 2020-01-01 00:00:00 UTC\n" * 3)
+    with rundir.exclusive(str(tmp_path)):
+        text = lock.read_text()
+        assert re_.fullmatch(rf"pid {os.getpid()} on {re_.escape(socket.gethostname())}, started [0-9-]+ "
+                             r"[0-9:]+ UTC\n", text), text
+
+
+def test_report_output_error_names_only_what_is_in_the_way_of_what_is_written(tmp_path, monkeypatch):
+    """A file named images/ beside the report is in the way of --save_images' folder only; a report file that cannot
+    be overwritten is named before the scoring (hours), not at its end."""
+    from rnan_jax import report
+
+    (tmp_path / "images").write_text("my notes")
+    assert report.output_error(str(tmp_path)) is None
+    assert report.output_error(str(tmp_path), save_images=True) == (
+        f"--output {tmp_path}: {tmp_path}/images is a file, in the way of --save_images' folder")
+    (tmp_path / "results.md").write_text("an earlier report")
+    monkeypatch.setattr(report.os, "access", lambda path, mode: os.path.basename(path) != "results.md")
+    assert report.output_error(str(tmp_path)) == (
+        f"--output {tmp_path}: {tmp_path}/results.md exists and cannot be overwritten (permission denied)")

@@ -178,3 +178,62 @@ def test_upscale_file_keeps_the_colour_profile(tmp_path, params, gray):
     upscale_file(params, TINY, str(tmp_path / "p3.png"), str(tmp_path / "p3_x2.png"))
     with Image.open(tmp_path / "p3_x2.png") as im:
         assert im.info.get("icc_profile") == profile and im.size == (2 * W, 2 * H)
+
+
+@pytest.mark.parametrize("orientation", [5, 7])
+def test_an_earlier_output_of_a_transposed_photo_is_recognised_by_its_upright_size(tmp_path, orientation):
+    """EXIF orientations 5 and 7 (transpose, transverse) turn a photo sideways as 6 and 8 do: its upright size is its
+    stored size swapped, and that times the scale is the size of its earlier output (a rerun with --output the input
+    folder leaves it out and replaces it, rather than refusing the photo for an output that is an input file)."""
+    from rnan_jax import upscale
+
+    turned = Image.Exif()
+    turned[0x0112] = orientation
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "b.jpg", exif=turned)  # upright 12 x 10
+    Image.fromarray(np.zeros((24, 20, 3), np.uint8)).save(tmp_path / "b_x2.png")
+    b, b_x2 = str(tmp_path / "b.jpg"), str(tmp_path / "b_x2.png")
+    assert upscale.earlier_outputs([b, b_x2], str(tmp_path), 2) == {b_x2: b}
+    jobs, errors, notes = upscale.plan([b, b_x2], str(tmp_path), 2)
+    assert (jobs, errors) == ([(b, b_x2)], [])
+    assert upscale.expand([str(tmp_path)])[0] == [b]
+
+
+def test_a_folder_scan_keeps_a_same_size_file_named_x1_which_no_upscale_writes(tmp_path):
+    """Scales are 2 to 4: `a_x1.png` the size of `a.png` (a user's copy so named) is no upscaled output, and a folder
+    scan upscales it, without a note; `a_x3.png` 3 times the size is one, and is left out."""
+    from rnan_jax import upscale
+
+    for name, (h, w) in {"a.png": (5, 6), "a_x1.png": (5, 6), "a_x3.png": (15, 18)}.items():
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
+    files, errors, notes = upscale.expand([str(tmp_path)])
+    assert files == [str(tmp_path / "a.png"), str(tmp_path / "a_x1.png")] and errors == []
+    assert len(notes) == 1 and "left out 1 file(s)" in notes[0] and "a_x3.png" in notes[0]
+
+
+def test_a_rerun_into_an_output_folder_inside_the_input_folder_names_no_subfolder_left_out(tmp_path):
+    """`upscale photos/ --output photos/out`, run again: photos/out holds the first run's outputs, and is where this
+    run writes, not a subfolder of images the folder scan left out; one that is (photos/2024) is still named."""
+    import os
+    import subprocess
+    import sys
+
+    from test_zoo import _save_steps
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _save_steps(tmp_path / "run" / "checkpoints", {4: 1}, TINY)
+    photos = tmp_path / "photos"
+    for folder in (photos / "out", photos / "2024"):
+        folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(photos / "a.png")
+    Image.fromarray(np.zeros((12, 14, 3), np.uint8)).save(photos / "out" / "a_x2.png")
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(photos / "2024" / "b.png")
+    proc = subprocess.run([sys.executable, "-m", "rnan_jax.upscale", "--checkpoint", str(tmp_path / "run"),
+                           str(photos), "--output", str(photos / "out"), "--noprogress"], cwd=repo,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, RNAN_JAX_CACHE=str(tmp_path / "xla")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {photos}: left out 1 subfolder(s) holding images (2024): a folder scan does not "
+                     "recurse; name them as inputs to upscale their images"]
+    assert proc.stderr.splitlines()[-1] == f"wrote 1 image(s) to {photos / 'out'}"
+    assert sorted(os.listdir(photos / "out")) == ["a_x2.png"]
