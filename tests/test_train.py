@@ -1750,9 +1750,9 @@ def test_the_eta_includes_the_validations_and_saves_still_to_come_at_their_measu
         time.sleep(1.0)
         return real_validate(*args)
 
-    def slow_save(*args):
+    def slow_save(*args, **kwargs):
         time.sleep(1.0)
-        return real_save(*args)
+        return real_save(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "_validate", slow_validation)
     monkeypatch.setattr(trainer, "_save_step", slow_save)
