@@ -231,19 +231,9 @@ def test_a_step_folder_without_params_is_not_the_newest_checkpoint(tmp_path):
     is not a complete checkpoint: `load` reads the newest step that holds them, and says which."""
     import shutil
 
-    import jax
-    import numpy as np
-
     from rnan_jax import checkpoint
-    from rnan_jax.model import RNANConfig
-    from rnan_jax.step import OptimConfig, StepSpec, create_state
 
-    spec = StepSpec(RNANConfig(scale=2, features=4, num_groups=1, num_blocks=1, gc_reduction=2), OptimConfig(lr=1e-3))
-    state = create_state(jax.random.key(0), spec=spec).replace(step=np.int32(5))
-    ckpts = tmp_path / checkpoint.CHECKPOINTS
-    mngr = checkpoint.manager(str(ckpts), async_save=False)
-    checkpoint.save_train_state(mngr, 5, state, checkpoint.meta_for(spec.model, 5))
-    mngr.wait_until_finished()
+    state, ckpts = _a_tiny_run_saved_at_step_5(tmp_path)
     shutil.copytree(ckpts / "5" / "meta", ckpts / "9" / "meta")  # step 9's copy cut off after its meta
     assert checkpoint.complete_steps(str(ckpts)) == [5]
     params, _, named = checkpoint.load_named(str(tmp_path))
@@ -269,6 +259,25 @@ def test_load_reads_the_newest_step_when_the_one_located_is_removed_while_it_rea
     before it was read is not an error; `load_named` reads the newest then, and names it."""
     import shutil
 
+    from rnan_jax import checkpoint
+
+    state, ckpts = _a_tiny_run_saved_at_step_5(tmp_path)
+    real, read = checkpoint._read, []
+
+    def saved_meanwhile(directory, at, which):
+        read.append(at)
+        if at == 5:  # the run saved step 9 and removed step 5 as this read began
+            shutil.copytree(ckpts / "5", ckpts / "9")
+            shutil.rmtree(ckpts / "5")
+        return real(directory, at, which)
+
+    monkeypatch.setattr(checkpoint, "_read", saved_meanwhile)
+    params, _, named = checkpoint.load_named(str(tmp_path))
+    assert read == [5, 9] and named == checkpoint.Named(9, "step 9") and _same(params, state.params)
+
+
+def _a_tiny_run_saved_at_step_5(tmp_path):
+    """(the train state of a tiny x2 model at step 5, the checkpoints/ folder of `tmp_path` holding it)."""
     import jax
     import numpy as np
 
@@ -282,15 +291,4 @@ def test_load_reads_the_newest_step_when_the_one_located_is_removed_while_it_rea
     mngr = checkpoint.manager(str(ckpts), async_save=False)
     checkpoint.save_train_state(mngr, 5, state, checkpoint.meta_for(spec.model, 5))
     mngr.wait_until_finished()
-    real, read = checkpoint._read, []
-
-    def saved_meanwhile(directory, at, which):
-        read.append(at)
-        if at == 5:  # the run saved step 9 and removed step 5 as this read began
-            shutil.copytree(ckpts / "5", ckpts / "9")
-            shutil.rmtree(ckpts / "5")
-        return real(directory, at, which)
-
-    monkeypatch.setattr(checkpoint, "_read", saved_meanwhile)
-    params, _, named = checkpoint.load_named(str(tmp_path))
-    assert read == [5, 9] and named == checkpoint.Named(9, "step 9") and _same(params, state.params)
+    return state, ckpts
