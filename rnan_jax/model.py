@@ -15,6 +15,7 @@ Layout is NHWC. Three execution knobs change how, not what, is computed, over th
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -59,6 +60,12 @@ class RNANConfig:
             object.__setattr__(self, "rgb_mean", tuple(float(v) for v in self.rgb_mean))
         except (TypeError, ValueError):  # --config.model.rgb_mean=abc: "could not convert string to float"
             raise ValueError(f"RNANConfig: rgb_mean must be 3 numbers, got {self.rgb_mean!r}") from None
+        sizes = ("scale", "features", "num_groups", "num_blocks", "group_interval", "block_interval", "gc_reduction")
+        if bad := [f"{k}={getattr(self, k)!r}" for k in sizes  # scale=2.0 passed, then failed deep in JAX
+                   if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), numbers.Integral)]:
+            raise ValueError(f"RNANConfig: {', '.join(sizes)} must be integers, got {', '.join(bad)}")
+        for k in sizes:  # numpy integers as Python ints (hashable the same, JSON-writable)
+            object.__setattr__(self, k, int(getattr(self, k)))
         checks = [
             (self.scale in (2, 3, 4), f"scale must be 2, 3 or 4, got {self.scale}"),
             (self.features > 0 and self.num_groups > 0 and self.num_blocks > 0,

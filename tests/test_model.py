@@ -495,3 +495,15 @@ def test_the_module_s_own_init_draws_every_block_and_group_apart():
     for name, leaf in (("k", groups["gc"]["k"]["kernel"]), ("v1", groups["gc"]["v1"]["kernel"]),
                        ("fuse1", groups["fuse1"]["kernel"])):
         assert not np.allclose(leaf[0], leaf[1]), name  # [G, ...]
+
+
+def test_architecture_sizes_must_be_integers():
+    """RNANConfig(scale=2.0) or features=32.0 passed the checks and failed deep in JAX ("Shapes must be 1D sequences
+    of concrete values of integer type, got (3, 3, 8, 32.0)"); numpy integers are taken as Python ints."""
+    import numpy as np
+
+    for bad in ({"scale": 2.0}, {"features": 32.0}, {"num_blocks": True}):
+        with pytest.raises(ValueError, match=rf"RNANConfig: scale, .* must be integers, got {list(bad)[0]}="):
+            RNANConfig(**bad)
+    config = RNANConfig(scale=np.int64(2), features=np.int32(32))
+    assert (type(config.scale), type(config.features)) == (int, int) and config == RNANConfig(scale=2, features=32)
