@@ -23,6 +23,9 @@ _K1, _K2, _PEAK = 0.01, 0.03, 255.0
 
 def quantize(sr: ArrayLike) -> np.ndarray:
     """Float image in [0, 1] (any shape, numpy or jax) -> uint8: clip to [0, 1], x255, round."""
+    kind = np.asarray(sr).dtype
+    if np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.bool_):  # uint8 came back as 0 or 255
+        raise TypeError(f"quantize takes a float image in [0, 1], got {kind} (an integer image is quantized already)")
     x = np.asarray(sr, dtype=np.float64)
     if np.isnan(x).any():  # cast to uint8, a NaN was a black pixel (0): a diverged model's output scored as a number
         raise ValueError(f"the image holds {int(np.isnan(x).sum())} NaN value(s); it has no uint8 pixels to score")

@@ -261,3 +261,11 @@ def test_luminance_pair_compares_rounded_y_unless_told():
     a, b = metrics.luminance_pair(sr, hr, 3, rounded_y=False)
     np.testing.assert_allclose(a, color.rgb2ycbcr(sr)[3:-3, 3:-3, 0], atol=1e-9)
     np.testing.assert_allclose(b, color.rgb2ycbcr(hr)[3:-3, 3:-3, 0], atol=1e-9)
+
+
+def test_quantize_refuses_an_integer_image():
+    """quantize(uint8 [0, 128, 255]) gave [0, 255, 255]: an image quantized already, clipped to [0, 1] and x255."""
+    with pytest.raises(TypeError, match=r"quantize takes a float image in \[0, 1\], got uint8"):
+        metrics.quantize(np.array([0, 128, 255], np.uint8))
+    np.testing.assert_array_equal(metrics.quantize(np.array([0, 0.5, 1], np.float32)), [0, 128, 255])
+    np.testing.assert_array_equal(metrics.quantize(jnp.array([0, 0.5, 1], jnp.bfloat16)), [0, 128, 255])
