@@ -338,9 +338,10 @@ class RunLog:
             _remove_dead_copies()
             fd, self._local = tempfile.mkstemp(prefix=_local_copy_prefix("train"), suffix=".log")
             os.close(fd)
-            if paths.exists(path):  # a resumed run continues the log
-                with open(self._local, "w", encoding="utf-8", errors="surrogateescape") as f:
-                    f.write(paths.read_text(path))
+            if paths.exists(path):  # a resumed run continues the log (bytes not UTF-8 as they are: a local log's
+                # copied there; read as text, a UnicodeDecodeError stopped the resumed run at its start)
+                with open(self._local, "wb") as f:
+                    f.write(epath.Path(path).read_bytes())
         else:
             self._local = path
         # UTF-8 whatever the locale: under LANG=C without Python's UTF-8 mode (PYTHONUTF8=0) a workdir named
@@ -374,8 +375,11 @@ class RunLog:
         if self._file is None or not self._remote or not self._pending:
             return
         self._mirrored_at, self._pending = time.monotonic(), False
+        # a byte that is not UTF-8 (a Latin-1 file name in a warning or the command) as an escape, \xe9: written
+        # as is, its surrogate stopped the run at the copy ("surrogates not allowed")
         with open(self._local, encoding="utf-8", errors="surrogateescape") as f:
-            paths.write_text(self._remote, f.read())
+            text = f.read().encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        paths.write_text(self._remote, text)
 
     def close(self) -> None:
         if self._handler is not None:

@@ -438,3 +438,235 @@ def test_a_resume_over_files_of_a_version_without_start_writes_each_step_again_o
     read = scalars.read_scalars(str(tmp_path))
     assert [(a - t0, b - t0) for a, b in read.sessions] == [(10.0, 60.0), (day + 60, day + 100)]
     assert read["train/loss"][60][0] == pytest.approx(2 / 60) and 90 not in read["train/loss"]
+
+
+def test_parameter_table_counts_each_modules_parameters_and_the_total():
+    """The table the run log begins with: each top-level module's parameter count (the product of its arrays'
+    shapes, summed) and the total, as the model's own count."""
+    from rnan_jax import summary
+    from rnan_jax.api import count_params
+
+    params = {"head": {"kernel": np.zeros((3, 3, 3, 8)), "bias": np.zeros(8)},
+              "groups": {"a": {"kernel": np.zeros((2, 5))}, "b": np.zeros(7)}, "tail": {"bias": np.zeros(1000)}}
+    assert summary.parameter_table(params).splitlines() == [
+        "module    parameters", "groups            17", "head             224", "tail           1,000",
+        "total          1,241"]
+    tiny = init(jax.random.key(0), RNANConfig(scale=2, features=16, num_groups=1, num_blocks=1))
+    last = summary.parameter_table(tiny).splitlines()[-1]
+    assert last.split() == ["total", f"{count_params(tiny):,}"] and count_params(tiny) == sum(
+        int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tiny))
+
+
+def test_log_line_gives_each_number_of_the_step():
+    """The trainer's line: loss, lr, gradient norm, steps/s, patches/s and the ETA as h:mm:ss."""
+    from rnan_jax import summary
+
+    metrics = {"loss": 0.0123456, "lr": 1e-4, "grad_norm": 0.5, "steps_per_s": 2.5, "patches_per_s": 40.0,
+               "eta_s": 3725.9, "skipped": 2.0}
+    assert summary.log_line(5, 100, metrics) == (
+        "step 5/100  loss 0.01235  lr 0.0001  grad_norm 0.5  2.50 steps/s  40.0 patches/s  ETA 1:02:05  skipped 2")
+    assert summary.eta(90061.0) == "1 day, 1:01:01" and summary.eta(float("inf")) == "?"
+
+
+def test_comparison_strip_is_the_centre_crop_of_lr_bicubic_sr_hr_in_that_order():
+    """The validation image strip: LR (nearest-upscaled) | bicubic | SR | HR, the same centre crop of each."""
+    from rnan_jax import summary
+
+    h, w = 300, 400
+    panels = [np.full((h, w, 3), 10 * (i + 1), np.uint8) for i in range(4)]
+    for p in panels:
+        p[:, :, 0] = np.arange(h)[:, None] % 256
+        p[:, :, 1] = np.arange(w)[None, :] % 256
+    strip = summary.comparison_strip(*panels, max_side=256)
+    assert strip.shape == (256, 4 * 256, 3)
+    for i, p in enumerate(panels):
+        np.testing.assert_array_equal(strip[:, 256 * i:256 * (i + 1)], p[22:278, 72:328])
+    assert [int(strip[0, 256 * i, 2]) for i in range(4)] == [10, 20, 30, 40]
+    small = summary.comparison_strip(*[p[:20, :30] for p in panels])  # smaller than max_side: whole
+    np.testing.assert_array_equal(small, np.concatenate([p[:20, :30] for p in panels], axis=1))
+
+
+def test_a_resumed_url_run_keeps_its_own_values_across_the_event_files_its_images_end(tmp_path, monkeypatch):
+    """A URL logdir's writes of images each end an event file; only a resumed run's first file begins with the
+    START that drops the steps trained again. Had each file begun with it, the resumed run's own values logged
+    before its first images (step 3 here) would be dropped by its second file."""
+    from rnan_jax import scalars, summary
+
+    remote = tmp_path / "bucket" / "tensorboard"  # a local folder taken for a URL: epath writes it alike
+    monkeypatch.setattr(summary.paths, "is_url", lambda p: str(p).startswith(str(tmp_path / "bucket")))
+    remote.mkdir(parents=True)
+    writer = summary.Writer(str(remote))
+    for s in (1, 2, 3, 4):
+        writer.scalars(s, {"train/loss": 1.0 * s})
+    writer.close()
+    began = int(time.time())  # tensorboardX names a file by its second: the rerun's is another second's, as ever
+    while int(time.time()) == began:
+        time.sleep(0.05)
+    writer = summary.Writer(str(remote), resumed_from=2)  # killed after its step-2 checkpoint: 3 and 4 again
+    writer.scalars(3, {"train/loss": 30.0})
+    writer.images(3, {"val/strip": np.zeros((4, 16, 3), np.uint8)})
+    writer.scalars(4, {"train/loss": 40.0})
+    writer.images(4, {"val/strip": np.zeros((4, 16, 3), np.uint8)})
+    writer.close()
+    run = scalars.read_scalars(str(remote))
+    assert {s: v for s, (v, _) in run["train/loss"].items()} == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0}
+    assert len(run.sessions) == 2
+    lines = [json.loads(line) for line in (remote / summary.METRICS_FILE).read_text().splitlines()]
+    assert [(r["step"], r.get("train/loss", r.get("resumed"))) for r in lines] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (2, True), (3, 30.0), (4, 40.0)]
+
+
+def test_comparison_table_gives_each_runs_loss_and_validation_psnr_per_step_and_its_time():
+    """tools/compare_dtypes.py's table: per step, each run's train loss and validation PSNR (not its bicubic's),
+    an empty cell where a run logged none; then each run's time from its first to its last logged value, of any
+    tag (its last validation included), and the bicubic PSNR of its validation set."""
+    from rnan_jax import scalars
+
+    runs = {"float32": {"train/loss": {1: (0.5, 100.0), 2: (0.25, 110.0)}, "val/psnr": {2: (30.12345, 130.0)},
+                        "val/bicubic_psnr": {2: (28.0, 130.0)}},
+            "bfloat16": {"train/loss": {1: (0.6, 200.0), 3: (0.3, 260.0)}, "val/psnr": {3: (29.5, 300.0)},
+                         "val/bicubic_psnr": {3: (28.0, 300.0)}}}
+    assert scalars.comparison_table(runs).splitlines() == [
+        "| step | loss float32 | loss bfloat16 | val PSNR float32 | val PSNR bfloat16 |",
+        "| --- | --- | --- | --- | --- |",
+        "| 1 | 0.50000 | 0.60000 |  |  |",
+        "| 2 | 0.25000 |  | 30.123 |  |",
+        "| 3 |  | 0.30000 |  | 29.500 |",
+        "",
+        "float32: 30 s from the first to the last logged value, bicubic 28.000 dB",
+        "bfloat16: 100 s from the first to the last logged value, bicubic 28.000 dB"]
+
+
+def test_kernel_categories_put_a_kernel_under_the_first_rule_that_matches_it():
+    """KERNEL_CATEGORIES: first match wins (a cutlass GEMM whose name also says convert is a 1x1 convolution's)."""
+    from rnan_jax import profiling
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+    events += [{"ph": "X", "pid": 1, "tid": 7, "name": n, "dur": d}
+               for n, d in (("cutlass_80_tensorop_bf16_s16816gemm_convert_64x64", 400.0),
+                            ("loop_convert_fusion", 100.0), ("MemcpyD2D_convert", 200.0))]
+    got = profiling.kernel_categories({"traceEvents": events}, steps=4)
+    assert {k: v["ms_per_step"] for k, v in got.items() if v["kernels_per_step"]} == {
+        "1x1 and depthwise convolutions": 0.1, "device-to-device copies": 0.05, "dtype converts": 0.025}
+
+
+def test_memory_analysis_peak_counts_a_donated_argument_and_the_output_it_becomes_once():
+    """peak_bytes: arguments + outputs + temporaries - donated aliases. x * 2 + y with x donated: the output is
+    written into x's buffer, so the peak is the two f32[256] arguments (2 KiB), not 3 KiB."""
+    import jax.numpy as jnp
+
+    from rnan_jax import profiling
+
+    compiled = jax.jit(lambda x, y: x * 2 + y, donate_argnums=0).lower(jnp.ones(256), jnp.ones(256)).compile()
+    got = profiling.memory_analysis(compiled)
+    assert (got["argument_size_in_bytes"], got["output_size_in_bytes"], got["alias_size_in_bytes"]) == (
+        2048, 1024, 1024)
+    assert got["peak_bytes"] == 2 * 256 * 4 + got["temp_size_in_bytes"]
+
+
+def test_hlo_stats_counts_a_loop_of_unknown_trip_count_once():
+    """A while loop whose trip count XLA does not know: its body counted once per step (its condition twice), and
+    the loop counted among the unknown ones; with the count known (10), 10 bodies and 11 conditions."""
+    from rnan_jax import profiling
+    from test_benchmark import HLO
+
+    known = ', backend_config={"known_trip_count":{"n":"10"}}'
+    assert known in HLO
+    s = profiling.hlo_stats(HLO.replace(known, ""))
+    # ENTRY: the convolution; the body: fusion, fusion-start, fusion-done, custom-call, add; the condition: compare
+    assert (s["static"], s["per_step"], s["unknown_trip_counts"], s["while_loops"]) == (7, 1 + 5 + 2, 1, 1)
+    assert profiling.hlo_stats(HLO)["per_step"] == 1 + 5 * 10 + 11
+
+
+def test_compare_dtypes_trains_each_run_in_its_own_dtype_and_folder(tmp_path):
+    """Each --dtypes value is the compute dtype (`model.dtype`) of its own run, in WORKDIR/<dtype>."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tool = os.path.join(repo, "tools", "compare_dtypes.py")
+    driver = ("import runpy, sys\nfrom rnan_jax import trainer\n"
+              "trainer.train_and_evaluate = lambda config, workdir: print('TRAIN', config.model.dtype, workdir, "
+              "flush=True)\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", driver, tool, f"--config={repo}/experiments/demo.py",
+                        f"--workdir={tmp_path}", "--dtypes=bfloat16,float32"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert [line for line in r.stdout.splitlines() if line.startswith("TRAIN")] == [
+        f"TRAIN bfloat16 {tmp_path / 'bfloat16'}", f"TRAIN float32 {tmp_path / 'float32'}"], r.stdout + r.stderr
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: no run logged a value to compare (each one's reason is above)")
+
+
+def test_tiling_bound_lists_the_three_worst_images_and_their_scores_and_takes_the_budget_in_gib(tmp_path):
+    """The scan's table: the three images whose tiled output differs most from the whole (lowest uint8 PSNR first),
+    each with the Y-PSNR against HR of its whole and of its tiled output; part 2's budget: --budget_gib GiB."""
+    from PIL import Image
+
+    from rnan_jax import tiling
+    from test_tiling import _photo, _table_rows
+
+    hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
+    hr_dir.mkdir(parents=True)
+    shapes = {"a": (96, 88), "b": (100, 120), "c": (80, 140), "d": (130, 70)}
+    for name, shape in shapes.items():
+        Image.fromarray(_photo(*shape)).save(hr_dir / f"{name}.png")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(repo, "workdirs", "demo")):
+        pytest.skip("the demo run is there: the tool measures its weights, not the init weights computed here")
+    runner = tmp_path / "run_tiling_bound.py"
+    runner.write_text("import runpy, sys\nfrom rnan_jax import tiling\n"
+                      "tiling.forward_memory = lambda config, side: (1, 2, 3)\n"
+                      "tiling.largest_fitting = lambda config, budget: print('BUDGET', budget) or 16\n"
+                      f"sys.argv[0] = {os.path.join(repo, 'tools', 'tiling_bound.py')!r}\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, str(runner), f"--data_dir={tmp_path}", "--images=Mine/a", "--tiles=32",
+                           "--overlaps=16", "--sets=Mine", "--scan_tile=32", "--sizes=8", "--budget_gib=1.5"],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BUDGET 1610612736.0" in proc.stdout.splitlines()
+    config = RNANConfig(scale=2, features=32, num_groups=2, num_blocks=3)  # the tool's DEMO, its init weights
+    params = init(jax.random.key(0), config)
+    want = {name: tiling.tiling_rows(params, config, _photo(*shape), [32], [16])[0] for name, shape in shapes.items()}
+    worst = sorted(want, key=lambda n: want[n]["uint8_psnr"])[:3]
+    rows = [r for r in _table_rows(proc.stdout) if r[0].startswith("Mine/")]  # not part 2's
+    assert rows[0][0] == "Mine/a" and [r[0] for r in rows[1:]] == [f"Mine/{n}" for n in worst]
+    for r in rows[1:]:
+        w = want[r[0].split("/")[1]]
+        assert r[5:] == [f"{w['uint8_psnr']:.1f}", str(w["max_levels"]),
+                         f"{w['hr_whole']:.4f} / {w['hr_tiled']:.4f}"]
+
+
+def test_data_throughput_prints_the_median_rate_of_the_repeats_and_batches_per_second(tmp_path):
+    """Per worker count: the median first-batch time and patch rate of --repeats runs, the rate in batches/s
+    (patches/s / --batch_size) and the runs' range."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runner = tmp_path / "run_data_throughput.py"
+    runner.write_text("import runpy, sys\nfrom rnan_jax import bench\n"
+                      "runs = iter([(0.5, 100.0), (0.9, 400.0), (0.6, 130.0)])\n"
+                      "bench.data_throughput = lambda cfg, batches, warmup, batch: next(runs)\n"
+                      f"sys.argv[0] = {os.path.join(repo, 'tools', 'data_throughput.py')!r}\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, str(runner), "--source=demo", "--scale=2", "--workers=0", "--repeats=3",
+                           "--batch_size=4"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[1] == "workers=0: first batch after 0.60 s, 130 patches/s (32.5 batches/s; runs 100..400)", lines
+    # 4 LR patches of 48 x 48 x 3 and their x2 HR: 138,240 bytes
+    assert lines[2].startswith("one batch: 0.13 MiB as uint8, 0.53 MiB as float32; "), lines
+
+
+def test_a_url_run_log_takes_a_line_with_a_byte_that_is_not_utf_8(tmp_path, monkeypatch):
+    """RunLog writes a name's byte that is not UTF-8 (a Latin-1 file name in a warning or the command: a surrogate
+    in Python) as it is. On a URL workdir the copy there raised "surrogates not allowed" and stopped the run at its
+    first line; a resumed run's read of a log with such a byte (a local run's log copied there) raised a
+    UnicodeDecodeError. The copy has the byte as an escape; the resumed run keeps the lines before it."""
+    from rnan_jax import summary
+
+    remote = tmp_path / "bucket"  # a local folder taken for a URL: epath writes it alike
+    monkeypatch.setattr(summary.paths, "is_url", lambda p: str(p).startswith(str(remote)))
+    remote.mkdir()
+    (remote / "train.log").write_bytes(b"2025-01-01 00:00:00  skipped caf\xe9.png\n")  # a local run's, copied
+    with summary.RunLog(str(remote / "train.log")) as log:
+        log.write("started: train.py --config.data.hr_dirs=" + os.fsdecode(b"/data/caf\xe9"))
+    lines = (remote / "train.log").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "2025-01-01 00:00:00  skipped caf\\xe9.png"
+    assert lines[1][21:] == "started: train.py --config.data.hr_dirs=/data/caf\\xe9" and len(lines) == 2

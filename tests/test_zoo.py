@@ -660,3 +660,36 @@ def test_make_zoo_upscale_and_export_name_the_parameters_and_step_as_the_file_re
     proc = cli(os.path.join(REPO, "tools", "export.py"), "--checkpoint", str(copy), "--output",
                str(tmp_path / "m.jax"), "--platforms", "cpu")
     assert f" of --checkpoint {copy} (the run's ema at step 8): x2, " in proc.stdout, proc.stdout
+
+
+def test_make_zoo_reads_train_logs_times_as_utc_whatever_the_local_time_zone():
+    """train.log's stamps are UTC: read as local time (TZ=America/New_York here, 5 h behind in January), every start
+    would seem 5 h later than it was, and no start would have saved a step saved within 5 h of it."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import make_zoo\n"
+            "print(make_zoo._starts('2026-01-02 03:04:05  started: train.py (rnan_jax abc)\\n')[0]['at'])")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "tools")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TZ": "America/New_York", "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout) == 1767323045.0  # calendar.timegm((2026, 1, 2, 3, 4, 5)): seconds since 1970, UTC
+
+
+def test_make_zoo_reads_the_starts_of_a_train_log_with_a_byte_that_is_not_utf_8(tmp_path):
+    """RunLog writes a Latin-1 file name's byte as it is: make_zoo's read of train.log as UTF-8 text failed, and the
+    record said that train.log "is missing or holds no start"."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    (workdir / "checkpoints" / "3" / "_CHECKPOINT_METADATA").write_text(
+        json.dumps({"commit_timestamp_nsecs": (1767323045 + 60) * 10**9}))  # a minute after the start below
+    (workdir / "train.log").write_bytes(b"2026-01-02 03:04:05  started: train.py --workdir caf\xe9 (rnan_jax abc)\n"
+                                        b"2026-01-02 03:04:06  warning: skipped caf\xe9.png\n")
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import make_zoo\n"
+            "print(json.dumps(make_zoo._start_record(sys.argv[2], sys.argv[3], 3)))")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "tools"), str(workdir),
+                           str(workdir / "checkpoints" / "3")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout)
+    assert record["record"].endswith("step 3 was saved by start 1 of the 1 in train.log (\"start\": its command, "
+                                     "rnan_jax revision and config changes since config.json)")
+    assert record["start"] == {"started": "2026-01-02 03:04:05 UTC: train.py --workdir caf\ufffd (rnan_jax abc)",
+                               "config_changes": "none"}

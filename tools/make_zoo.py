@@ -25,6 +25,7 @@ import re
 import sys
 
 from absl import flags
+from etils import epath
 
 from rnan_jax import checkpoint, cli, env, paths, zoo
 from rnan_jax.api import count_params
@@ -83,9 +84,10 @@ def _start_record(workdir: str, step_dir: str, step: int) -> dict:
     changes. {"record": a line that says which start they describe and which saved the step, "start": that
     start's train.log account (where train.log says)}."""
     first = "config.json and git_revision.txt are the workdir's, written by the start that began the run"
-    try:
-        starts = _starts(paths.read_text(os.path.join(workdir, "train.log")))
-    except (OSError, UnicodeDecodeError):
+    try:  # a byte that is not UTF-8 (RunLog writes a Latin-1 file name's as it is): read as text, a
+        # UnicodeDecodeError said that train.log "is missing or holds no start"
+        starts = _starts(epath.Path(workdir, "train.log").read_bytes().decode("utf-8", "replace"))
+    except OSError:
         starts = []
     saved_at = _saved_at(step_dir)
     before = [s for s in starts if saved_at is not None and s["at"] <= saved_at]  # the last of them saved it
