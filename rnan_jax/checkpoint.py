@@ -539,7 +539,12 @@ def scored(path: str | os.PathLike) -> str:
     if zoo.is_zoo(os.fspath(path)):
         return "latest"
     directory, step = _locate(os.fspath(path), "latest")
-    return "ema" if paths.isdir(os.path.join(directory, str(step), "ema")) else "latest"
+    return "ema" if holds_ema(directory, step) else "latest"
+
+
+def holds_ema(directory: str, step: int) -> bool:
+    """Whether checkpoint `step` in `directory` holds an EMA of its parameters (saved with optim.ema_decay > 0)."""
+    return paths.isdir(os.path.join(directory, str(step), "ema"))
 
 
 def resolve_which(path: str | os.PathLike, which: str) -> str:
@@ -555,7 +560,7 @@ def resolve_which(path: str | os.PathLike, which: str) -> str:
 
 def _read(directory: str, step: int, which: str) -> tuple[dict, RNANConfig]:
     """The parameters and architecture of checkpoint `step` in `directory`, as `load` names them."""
-    validated = which == "best" and paths.isdir(os.path.join(directory, str(step), "ema"))  # what scored best
+    validated = which == "best" and holds_ema(directory, step)  # what scored best
     item = "ema" if which == "ema" or validated else "params"
     item_dir = os.path.join(directory, str(step), item)
     if not paths.isdir(item_dir):

@@ -115,7 +115,7 @@ def _resume(mngr: ocp.CheckpointManager, target: step.TrainState, it: Any, cfg: 
                     state = state.replace(ema=jax.tree_util.tree_map(jnp.copy, state.params))
                     _log(f"{directory}/{at} holds no EMA (saved with optim.ema_decay 0): the EMA starts from "
                          "its parameters")
-                elif target.ema is None and paths.exists(os.path.join(directory, str(at), "ema")):  # switched off:
+                elif target.ema is None and checkpoint.holds_ema(directory, at):  # switched off:
                     _log(f"{directory}/{at} holds an EMA, which optim.ema_decay 0 drops: validation and best/ "
                          "score the parameters from here")  # it was dropped without a word
                 next_batch, saved_batch = _next_batch(meta, int(state.step), cfg.batch_size)
