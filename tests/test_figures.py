@@ -600,7 +600,7 @@ def test_tiling_bound_lists_the_three_worst_images_and_their_scores_and_takes_th
     from PIL import Image
 
     from rnan_jax import tiling
-    from test_tiling import _photo, _table_rows
+    from test_tiling import _photo, _table_rows, _tiling_bound
 
     hr_dir = tmp_path / "benchmark" / "Mine" / "HR"
     hr_dir.mkdir(parents=True)
@@ -610,16 +610,8 @@ def test_tiling_bound_lists_the_three_worst_images_and_their_scores_and_takes_th
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.exists(os.path.join(repo, "workdirs", "demo")):
         pytest.skip("the demo run is there: the tool measures its weights, not the init weights computed here")
-    runner = tmp_path / "run_tiling_bound.py"
-    runner.write_text("import runpy, sys\nfrom rnan_jax import tiling\n"
-                      "tiling.forward_memory = lambda config, side: (1, 2, 3)\n"
-                      "tiling.largest_fitting = lambda config, budget: print('BUDGET', budget) or 16\n"
-                      f"sys.argv[0] = {os.path.join(repo, 'tools', 'tiling_bound.py')!r}\n"
-                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, str(runner), f"--data_dir={tmp_path}", "--images=Mine/a", "--tiles=32",
-                           "--overlaps=16", "--sets=Mine", "--scan_tile=32", "--sizes=8", "--budget_gib=1.5"],
-                          capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo})
+    proc = _tiling_bound(tmp_path, f"--data_dir={tmp_path}", "--images=Mine/a", "--tiles=32", "--overlaps=16",
+                         "--sets=Mine", "--scan_tile=32", "--sizes=8", "--budget_gib=1.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "BUDGET 1610612736.0" in proc.stdout.splitlines()
     config = RNANConfig(scale=2, features=32, num_groups=2, num_blocks=3)  # the tool's DEMO, its init weights
@@ -637,16 +629,12 @@ def test_tiling_bound_lists_the_three_worst_images_and_their_scores_and_takes_th
 def test_data_throughput_prints_the_median_rate_of_the_repeats_and_batches_per_second(tmp_path):
     """Per worker count: the median first-batch time and patch rate of --repeats runs, the rate in batches/s
     (patches/s / --batch_size) and the runs' range."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runner = tmp_path / "run_data_throughput.py"
-    runner.write_text("import runpy, sys\nfrom rnan_jax import bench\n"
-                      "runs = iter([(0.5, 100.0), (0.9, 400.0), (0.6, 130.0)])\n"
-                      "bench.data_throughput = lambda cfg, batches, warmup, batch: next(runs)\n"
-                      f"sys.argv[0] = {os.path.join(repo, 'tools', 'data_throughput.py')!r}\n"
-                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, str(runner), "--source=demo", "--scale=2", "--workers=0", "--repeats=3",
-                           "--batch_size=4"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    from test_tiling import _run_tool
+
+    proc = _run_tool(tmp_path, "data_throughput.py", "from rnan_jax import bench\n"
+                     "runs = iter([(0.5, 100.0), (0.9, 400.0), (0.6, 130.0)])\n"
+                     "bench.data_throughput = lambda cfg, batches, warmup, batch: next(runs)\n",
+                     "--source=demo", "--scale=2", "--workers=0", "--repeats=3", "--batch_size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[1] == "workers=0: first batch after 0.60 s, 130 patches/s (32.5 batches/s; runs 100..400)", lines

@@ -90,22 +90,28 @@ def test_largest_fitting_is_the_largest_multiple_of_the_step_that_fits(monkeypat
     assert tiling.largest_fitting(TINY, 1) == 0
 
 
-def _tiling_bound(tmp_path, *args):
-    """tools/tiling_bound.py in a subprocess, its part 2 (which compiles the paper's x4 model) stubbed out."""
+def _run_tool(tmp_path, tool, stubs, *args):
+    """tools/`tool` run in a subprocess (in `tmp_path`, on the CPU) after the Python lines `stubs` (which stand in
+    for the parts of rnan_jax it should not run)."""
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runner = tmp_path / "run_tiling_bound.py"
-    runner.write_text("import runpy, sys\nfrom rnan_jax import tiling\n"
-                      "tiling.forward_memory = lambda config, side: (1, 2, 3)\n"
-                      "tiling.largest_fitting = lambda config, budget: 16\n"
-                      f"sys.argv[0] = {os.path.join(root, 'tools', 'tiling_bound.py')!r}\n"
+    runner = tmp_path / f"run_{os.path.splitext(tool)[0]}.py"
+    runner.write_text(f"import runpy, sys\n{stubs}sys.argv[0] = {os.path.join(root, 'tools', tool)!r}\n"
                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
     return subprocess.run([sys.executable, str(runner), *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
+
+
+def _tiling_bound(tmp_path, *args):
+    """tools/tiling_bound.py in a subprocess, its part 2 (which compiles the paper's x4 model) stubbed out: the stub
+    prints the budget it is given ("BUDGET <bytes>") and fits a side of 16."""
+    return _run_tool(tmp_path, "tiling_bound.py", "from rnan_jax import tiling\n"
+                     "tiling.forward_memory = lambda config, side: (1, 2, 3)\n"
+                     "tiling.largest_fitting = lambda config, budget: print('BUDGET', budget) or 16\n", *args)
 
 
 def _table_rows(stdout):
